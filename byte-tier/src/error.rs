@@ -1,0 +1,218 @@
+//! The error type of byte-tier.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong while reading, checking or writing a GGUF file.
+///
+/// Variants about a file's content carry the absolute byte offset where the problem was
+/// found, so that a user can look at it with a hex dump.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system call on a file failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done ("open", "map", "write", ...).
+        action: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The file does not start with the four bytes `GGUF`.
+    #[error("not a GGUF file: magic is {found:02x?}, expected \"GGUF\"")]
+    BadMagic {
+        /// The first four bytes found.
+        found: [u8; 4],
+    },
+    /// The version field names a version this reader does not handle.
+    #[error("unsupported GGUF version {version} at offset {offset}")]
+    UnsupportedVersion {
+        /// The version read.
+        version: u32,
+        /// Offset of the version field.
+        offset: u64,
+    },
+    /// The version field reads as a byte-swapped small number: a big-endian GGUF.
+    #[error("big-endian GGUF (version {version}) is not supported")]
+    BigEndian {
+        /// The version, once byte-swapped.
+        version: u32,
+    },
+    /// The file ends before a field that must be there.
+    #[error("file truncated: {what} at offset {offset} needs {needed} bytes, {available} left")]
+    Truncated {
+        /// What was being read.
+        what: &'static str,
+        /// Where the field starts.
+        offset: u64,
+        /// Bytes the field needs.
+        needed: u64,
+        /// Bytes left in the file from `offset`.
+        available: u64,
+    },
+    /// A count or length read from the file cannot fit in what is left of the file.
+    #[error("{what} of {count} at offset {offset} cannot fit in the {available} bytes left")]
+    CountTooLarge {
+        /// What the count counts.
+        what: &'static str,
+        /// The count read.
+        count: u64,
+        /// Offset of the count field.
+        offset: u64,
+        /// Bytes left in the file after the count field.
+        available: u64,
+    },
+    /// A string is not valid UTF-8.
+    #[error("string at offset {offset} is not valid UTF-8")]
+    InvalidUtf8 {
+        /// Offset of the string's bytes.
+        offset: u64,
+    },
+    /// A metadata value type id is not one of the thirteen GGUF value types.
+    #[error("unknown metadata value type {type_id} at offset {offset}")]
+    UnknownValueType {
+        /// The id read.
+        type_id: u32,
+        /// Offset of the type field.
+        offset: u64,
+    },
+    /// A boolean byte is neither 0 nor 1.
+    #[error("boolean at offset {offset} holds {byte}, expected 0 or 1")]
+    InvalidBool {
+        /// The byte read.
+        byte: u8,
+        /// Its offset.
+        offset: u64,
+    },
+    /// Arrays are nested deeper than the reader allows.
+    #[error("arrays nested deeper than {limit} levels at offset {offset}")]
+    NestingTooDeep {
+        /// The nesting limit.
+        limit: usize,
+        /// Offset of the array that crossed it.
+        offset: u64,
+    },
+    /// A metadata key appears twice.
+    #[error("duplicate metadata key {key:?} at offset {offset}")]
+    DuplicateKey {
+        /// The key.
+        key: String,
+        /// Offset of the second occurrence.
+        offset: u64,
+    },
+    /// `general.alignment` is zero, not a power of two, or not a UINT32.
+    #[error("invalid general.alignment at offset {offset}: {reason}")]
+    InvalidAlignment {
+        /// Why it was refused.
+        reason: String,
+        /// Offset of the value.
+        offset: u64,
+    },
+    /// Two tensor infos share a name.
+    #[error("duplicate tensor name {name:?} at offset {offset}")]
+    DuplicateTensor {
+        /// The name.
+        name: String,
+        /// Offset of the second tensor info.
+        offset: u64,
+    },
+    /// A tensor has more dimensions than ggml supports.
+    #[error("tensor {tensor:?} at offset {offset} has {n_dims} dimensions, at most 4 are allowed")]
+    TooManyDims {
+        /// The tensor.
+        tensor: String,
+        /// The dimension count read.
+        n_dims: u32,
+        /// Offset of the n_dims field.
+        offset: u64,
+    },
+    /// A tensor names a ggml type id that does not exist.
+    #[error("tensor {tensor:?} has unknown ggml type id {type_id} at offset {offset}")]
+    UnknownTensorType {
+        /// The tensor.
+        tensor: String,
+        /// The id read.
+        type_id: u32,
+        /// Offset of the type field.
+        offset: u64,
+    },
+    /// A tensor's shape is invalid: its element or byte count overflows, or its first
+    /// dimension is not a whole number of blocks of its type.
+    #[error("tensor {tensor:?} at offset {offset} has an invalid shape {dims:?}: {reason}")]
+    InvalidShape {
+        /// The tensor.
+        tensor: String,
+        /// Its dimensions, fastest first.
+        dims: Vec<u64>,
+        /// Why it was refused.
+        reason: &'static str,
+        /// Offset of the tensor info.
+        offset: u64,
+    },
+    /// A tensor's data offset is not a multiple of the alignment.
+    #[error("tensor {tensor:?} data at offset {offset} is not aligned to {alignment} bytes")]
+    MisalignedTensor {
+        /// The tensor.
+        tensor: String,
+        /// Its absolute data offset.
+        offset: u64,
+        /// The file's alignment.
+        alignment: u64,
+    },
+    /// A tensor's data extends past the end of the file.
+    #[error("tensor {tensor:?} data [{start}, {end}) runs past the end of the file ({file_len} bytes)")]
+    TensorOutOfBounds {
+        /// The tensor.
+        tensor: String,
+        /// Absolute start of its data.
+        start: u64,
+        /// Absolute end of its data.
+        end: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// Two tensors' data ranges overlap.
+    #[error("tensor {second:?} data at offset {offset} overlaps tensor {first:?}")]
+    OverlappingTensors {
+        /// The tensor that starts first.
+        first: String,
+        /// The tensor that starts inside it.
+        second: String,
+        /// Absolute start of the second tensor's data.
+        offset: u64,
+    },
+    /// A value given to the writer cannot be encoded.
+    #[error("cannot write: {0}")]
+    InvalidWrite(String),
+    /// No tensor has this name.
+    #[error("no tensor named {0:?}")]
+    NoSuchTensor(String),
+    /// No metadata key has this name.
+    #[error("no metadata key {0:?}")]
+    NoSuchKey(String),
+    /// A metadata value has another type than the one asked for.
+    #[error("metadata key {key:?} is {found}, not {expected}")]
+    WrongValueType {
+        /// The key.
+        key: String,
+        /// The type asked for.
+        expected: &'static str,
+        /// The type found.
+        found: &'static str,
+    },
+}
+
+/// The result type of byte-tier.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! byte-tier: the GGUF format and byte-level work on GGUF files.
+//!
+//! It parses every GGUF version (1, 2 and 3) from a byte slice or a read-only memory map
+//! without copying tensor data, checks every count, length and range before trusting it,
+//! knows every ggml tensor type's block layout, and writes GGUF v3 files atomically with
+//! tensor data streamed from its source. It never speaks HTTP, never prints and knows
+//! nothing of live regions, presets or pipelines.
+
+#![deny(unsafe_code)]
+
+mod error;
+mod file;
+mod gguf;
+mod types;
+mod value;
+mod writer;
+
+pub use error::{Error, Result};
+pub use file::MappedFile;
+pub use gguf::{
+    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, Gguf, LayoutDiagnostic, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS,
+    MetadataEntry, TensorInfo, align_up,
+};
+pub use types::GgmlType;
+pub use value::{Array, ArrayIter, ArrayRef, Value, ValueRef, ValueType};
+pub use writer::{GgufWriter, Layout, TensorData, TensorSpec, WRITE_VERSION, sync_dir};

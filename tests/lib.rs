@@ -1,0 +1,1 @@
+//! Cross-crate integration tests of the hotpatch workspace; the tests live in `it/`.
