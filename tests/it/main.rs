@@ -1,1 +1,2 @@
 //! The integration-test binary.
+mod support;
