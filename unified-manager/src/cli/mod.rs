@@ -1,0 +1,14 @@
+//! One module per subcommand.
+
+pub mod demo;
+pub mod inspect;
+
+/// Whether the error is a write to a closed pipe (`hotpatch inspect | head`), which is
+/// not a failure of the command.
+pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
