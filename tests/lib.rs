@@ -47,7 +47,11 @@ pub fn real_model() -> PathBuf {
         )
     });
     let path = PathBuf::from(path.trim());
-    assert!(path.exists(), "the real model at {} is gone: run `cargo xtask real-model`", path.display());
+    assert!(
+        path.exists(),
+        "the real model at {} is gone: run `cargo xtask real-model`",
+        path.display()
+    );
     path
 }
 

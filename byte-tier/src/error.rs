@@ -162,7 +162,9 @@ pub enum Error {
         alignment: u64,
     },
     /// A tensor's data extends past the end of the file.
-    #[error("tensor {tensor:?} data [{start}, {end}) runs past the end of the file ({file_len} bytes)")]
+    #[error(
+        "tensor {tensor:?} data [{start}, {end}) runs past the end of the file ({file_len} bytes)"
+    )]
     TensorOutOfBounds {
         /// The tensor.
         tensor: String,

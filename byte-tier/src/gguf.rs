@@ -182,7 +182,9 @@ impl<'a> Gguf<'a> {
     /// The string value of `key`: an error if it is absent or not a string.
     pub fn get_str(&self, key: &str) -> Result<&'a str> {
         let value = self.require(key)?;
-        value.as_str().ok_or_else(|| wrong_type(key, "STRING", value))
+        value
+            .as_str()
+            .ok_or_else(|| wrong_type(key, "STRING", value))
     }
 
     /// The value of `key` as an unsigned integer (any integer type holding a value >= 0).
@@ -196,17 +198,22 @@ impl<'a> Gguf<'a> {
     /// The value of `key` as a float (`FLOAT32` or `FLOAT64`).
     pub fn get_f64(&self, key: &str) -> Result<f64> {
         let value = self.require(key)?;
-        value.as_f64().ok_or_else(|| wrong_type(key, "a float", value))
+        value
+            .as_f64()
+            .ok_or_else(|| wrong_type(key, "a float", value))
     }
 
     /// The array value of `key`.
     pub fn get_array(&self, key: &str) -> Result<ArrayRef<'a>> {
         let value = self.require(key)?;
-        value.as_array().ok_or_else(|| wrong_type(key, "ARRAY", value))
+        value
+            .as_array()
+            .ok_or_else(|| wrong_type(key, "ARRAY", value))
     }
 
     fn require(&self, key: &str) -> Result<ValueRef<'a>> {
-        self.get(key).ok_or_else(|| Error::NoSuchKey(key.to_owned()))
+        self.get(key)
+            .ok_or_else(|| Error::NoSuchKey(key.to_owned()))
     }
 
     /// `general.architecture`, if present and a string.
@@ -318,7 +325,9 @@ impl<'a> Parser<'a> {
 
     fn u64(&mut self, what: &'static str) -> Result<u64> {
         let b = self.take(8, what)?;
-        Ok(u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        Ok(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
     }
 
     /// Reads a length or count field, 32 or 64 bits wide by version.
@@ -506,7 +515,10 @@ impl<'a> Parser<'a> {
         let mut tensor_index = HashMap::with_capacity(tensor_count as usize);
         for _ in 0..tensor_count {
             let tensor = self.tensor_info()?;
-            if tensor_index.insert(tensor.name.clone(), tensors.len()).is_some() {
+            if tensor_index
+                .insert(tensor.name.clone(), tensors.len())
+                .is_some()
+            {
                 return Err(Error::DuplicateTensor {
                     name: tensor.name,
                     offset: tensor.info_offset,
@@ -575,7 +587,9 @@ impl<'a> Parser<'a> {
             .ok_or_else(|| shape_error("element count overflows"))?;
         let first_dim = dims.first().copied().unwrap_or(1);
         if first_dim % ggml_type.block_len() != 0 {
-            return Err(shape_error("first dimension is not a whole number of blocks"));
+            return Err(shape_error(
+                "first dimension is not a whole number of blocks",
+            ));
         }
         let n_bytes = ggml_type
             .bytes_for(n_elements)
@@ -626,7 +640,9 @@ fn check_tensor_data(
             }
         }
     }
-    let mut order: Vec<usize> = (0..tensors.len()).filter(|&i| tensors[i].n_bytes > 0).collect();
+    let mut order: Vec<usize> = (0..tensors.len())
+        .filter(|&i| tensors[i].n_bytes > 0)
+        .collect();
     order.sort_unstable_by_key(|&i| tensors[i].data_offset);
     for pair in order.windows(2) {
         let (first, second) = (&tensors[pair[0]], &tensors[pair[1]]);
@@ -665,3 +681,6 @@ fn layout_diagnostics(tensors: &[TensorInfo], alignment: u64) -> Vec<LayoutDiagn
     }
     diagnostics
 }
+
+#[cfg(test)]
+mod tests;

@@ -380,8 +380,7 @@ impl<'a> ArrayRef<'a> {
 
     /// Iterates over the elements of a string array; `None` for other element types.
     pub fn strings(&self) -> Option<impl Iterator<Item = &'a str> + 'a> {
-        (self.element_type == ValueType::String)
-            .then(|| self.iter().filter_map(|v| v.as_str()))
+        (self.element_type == ValueType::String).then(|| self.iter().filter_map(|v| v.as_str()))
     }
 
     /// An owned copy of the whole array.
@@ -469,7 +468,8 @@ fn decode_checked<'a>(
             Some((ValueRef::String(s), w + len))
         }
         ValueType::Array => {
-            let element_type = ValueType::from_id(u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?))?;
+            let element_type =
+                ValueType::from_id(u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?))?;
             let len = width.read(bytes.get(4..4 + w)?);
             let body = bytes.get(4 + w..)?;
             let used = encoded_elements_len(element_type, len, body, width)?;

@@ -215,7 +215,9 @@ impl<'a> GgufWriter<'a> {
         let mut seen = HashSet::new();
         for (key, _) in &self.metadata {
             if !seen.insert(key.as_str()) {
-                return Err(Error::InvalidWrite(format!("duplicate metadata key {key:?}")));
+                return Err(Error::InvalidWrite(format!(
+                    "duplicate metadata key {key:?}"
+                )));
             }
         }
         let mut header = Vec::with_capacity(4096);
@@ -237,7 +239,10 @@ impl<'a> GgufWriter<'a> {
         let overflow = || Error::InvalidWrite("file size overflows".into());
         for t in &self.tensors {
             if !names.insert(t.name.as_str()) {
-                return Err(Error::InvalidWrite(format!("duplicate tensor name {:?}", t.name)));
+                return Err(Error::InvalidWrite(format!(
+                    "duplicate tensor name {:?}",
+                    t.name
+                )));
             }
             let n_bytes = t.n_bytes()?;
             encode_str(&t.name, &mut header);

@@ -177,7 +177,10 @@ fn assert_same_description(ours: &Json, theirs: &Json) {
         assert_eq!(ours[key], theirs[key], "{key} differs");
     }
     for list in ["fields", "tensors"] {
-        let (a, b) = (ours[list].as_array().unwrap(), theirs[list].as_array().unwrap());
+        let (a, b) = (
+            ours[list].as_array().unwrap(),
+            theirs[list].as_array().unwrap(),
+        );
         for (x, y) in a.iter().zip(b) {
             assert_eq!(x, y, "{list} entry differs (ours left, gguf-py right)");
         }
@@ -205,7 +208,10 @@ fn files_written_by_gguf_py_parse_as_its_reader_reports_and_rewrite_identically(
     let original = std::fs::read(&path).unwrap();
     let rewritten = std::fs::read(&copy).unwrap();
     assert_eq!(original.len(), rewritten.len());
-    assert!(original == rewritten, "the rewrite differs from gguf-py's file");
+    assert!(
+        original == rewritten,
+        "the rewrite differs from gguf-py's file"
+    );
 }
 
 /// A file covering every value type and every tensor type, written by us.
@@ -230,7 +236,10 @@ fn write_everything(path: &Path, alignment: u32) -> BTreeMap<String, Vec<u8>> {
             Array::new(
                 ValueType::Array,
                 vec![
-                    Value::Array(Array::new(ValueType::I16, vec![Value::I16(1), Value::I16(-2)])),
+                    Value::Array(Array::new(
+                        ValueType::I16,
+                        vec![Value::I16(1), Value::I16(-2)],
+                    )),
                     Value::Array(Array::new(ValueType::I16, vec![Value::I16(3)])),
                 ],
             ),
@@ -276,7 +285,10 @@ fn files_we_write_read_back_identically_through_gguf_py() {
             assert_eq!(gguf.tensor_data(t), &bytes[..], "{name}");
             assert_eq!(t.data_offset % u64::from(alignment), 0);
         }
-        assert_same_description(&describe_with_byte_tier(&gguf), &describe_with_gguf_py(&path));
+        assert_same_description(
+            &describe_with_byte_tier(&gguf),
+            &describe_with_gguf_py(&path),
+        );
     }
 }
 
@@ -286,13 +298,22 @@ fn the_real_model_parses_as_gguf_py_reads_it_and_rewrites_byte_for_byte() {
     let file = MappedFile::open(&model).unwrap();
     let gguf = file.parse().unwrap();
     assert_eq!(gguf.tensors().len(), 236);
-    assert_eq!(gguf.get_array("tokenizer.ggml.tokens").unwrap().len(), 262_144);
-    assert_same_description(&describe_with_byte_tier(&gguf), &describe_with_gguf_py(&model));
+    assert_eq!(
+        gguf.get_array("tokenizer.ggml.tokens").unwrap().len(),
+        262_144
+    );
+    assert_same_description(
+        &describe_with_byte_tier(&gguf),
+        &describe_with_gguf_py(&model),
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("copy.gguf");
     let written = GgufWriter::from_gguf(&gguf).write_to_path(&copy).unwrap();
     assert_eq!(written, gguf.file_len());
     let rewritten = MappedFile::open(&copy).unwrap();
-    assert!(rewritten.bytes() == file.bytes(), "the rewrite differs from the model");
+    assert!(
+        rewritten.bytes() == file.bytes(),
+        "the rewrite differs from the model"
+    );
 }

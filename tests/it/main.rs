@@ -1,3 +1,3 @@
 //! The integration-test binary.
-mod support;
 mod gguf_oracle;
+mod support;

@@ -84,7 +84,9 @@ pub fn write_demo_model(dir: &Path, shape: DemoShape) -> byte_tier::Result<PathB
         "tokenizer.ggml.scores",
         Array::new(
             ValueType::F32,
-            (0..shape.vocab_size).map(|i| Value::F32(-(i as f32))).collect(),
+            (0..shape.vocab_size)
+                .map(|i| Value::F32(-(i as f32)))
+                .collect(),
         ),
     );
     w.set(
@@ -118,9 +120,19 @@ pub fn write_demo_model(dir: &Path, shape: DemoShape) -> byte_tier::Result<PathB
             w.add_tensor(matrix(format!("blk.{b}.{proj}.weight"), d, d, &mut noise));
         }
         w.add_tensor(norm("ffn_norm.weight", &mut noise));
-        w.add_tensor(matrix(format!("blk.{b}.ffn_gate.weight"), d, ff, &mut noise));
+        w.add_tensor(matrix(
+            format!("blk.{b}.ffn_gate.weight"),
+            d,
+            ff,
+            &mut noise,
+        ));
         w.add_tensor(matrix(format!("blk.{b}.ffn_up.weight"), d, ff, &mut noise));
-        w.add_tensor(matrix(format!("blk.{b}.ffn_down.weight"), ff, d, &mut noise));
+        w.add_tensor(matrix(
+            format!("blk.{b}.ffn_down.weight"),
+            ff,
+            d,
+            &mut noise,
+        ));
     }
     w.add_tensor(TensorSpec::from_bytes(
         "output_norm.weight",

@@ -1,1 +1,127 @@
-fn main() {}
+//! Automation for the hotpatch workspace, one subcommand per task: `cargo xtask <task>`.
+//!
+//! Everything the tests need from outside (a Python venv with gguf-py, the real model)
+//! is installed here, idempotently, in a cache outside the repository:
+//! `$XDG_CACHE_HOME/hotpatch` or `~/.cache/hotpatch`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+mod bench_parse;
+mod env;
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  ci            format check, clippy (warnings are errors), every test, docs
+  oracle-env    create the Python venv with gguf-py and numpy (cached); print its python
+  real-model    install the real model (gemma-3-270m-q4_k_m.gguf, cached); print its path
+  bench-parse   time parsing the real model against gguf-py's GGUFReader, same run";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("oracle-env") => {
+            println!("{}", env::oracle_python()?.display());
+            Ok(())
+        }
+        Some("real-model") => {
+            println!("{}", env::real_model()?.display());
+            Ok(())
+        }
+        Some("bench-parse") => bench_parse::run(),
+        Some("help" | "--help" | "-h") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown task {other:?}\n\n{USAGE}"),
+    }
+}
+
+/// The workspace root (the parent of this crate's folder).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in a folder of the workspace")
+        .to_owned()
+}
+
+/// Runs a command in the workspace root, failing with its status when it fails.
+pub fn run(command: &mut Command) -> Result<()> {
+    command.current_dir(workspace_root());
+    eprintln!("$ {}", render(command));
+    let status = command
+        .status()
+        .with_context(|| format!("failed to start {}", render(command)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", render(command));
+    }
+    Ok(())
+}
+
+fn render(command: &Command) -> String {
+    let mut text = command.get_program().to_string_lossy().into_owned();
+    for arg in command.get_args() {
+        text.push(' ');
+        text.push_str(&arg.to_string_lossy());
+    }
+    text
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn has_nextest() -> bool {
+    Command::new("cargo-nextest")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ci() -> Result<()> {
+    // Tools first, so a missing install fails fast rather than after a long build.
+    let python = env::oracle_python()?;
+    let model = env::real_model()?;
+
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    let mut test = cargo();
+    if has_nextest() {
+        test.args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--locked",
+            "--no-fail-fast",
+        ]);
+    } else {
+        test.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
+    }
+    test.env("HOTPATCH_ORACLE_PYTHON", &python)
+        .env("HOTPATCH_REAL_MODEL", &model);
+    run(&mut test)?;
+    if has_nextest() {
+        // nextest does not run doctests.
+        run(cargo().args(["test", "--workspace", "--locked", "--doc"]))?;
+    }
+
+    run(cargo()
+        .args(["doc", "--workspace", "--no-deps", "--locked"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
+    eprintln!("ci: all checks passed");
+    Ok(())
+}

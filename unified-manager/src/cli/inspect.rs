@@ -128,12 +128,26 @@ fn metadata_json(index: usize, entry: &MetadataEntry<'_>, full: bool) -> Json {
 /// offset as gguf-dump gives it) plus absolute data offsets and sizes.
 fn json_report(filename: &str, gguf: &Gguf<'_>, full: bool) -> Json {
     let mut metadata = Map::new();
-    let count_type = if gguf.version() == 1 { "UINT32" } else { "UINT64" };
+    let count_type = if gguf.version() == 1 {
+        "UINT32"
+    } else {
+        "UINT64"
+    };
     let count_len = if gguf.version() == 1 { 4 } else { 8 };
     let header_fields = [
         ("GGUF.version", "UINT32", 4u64, u64::from(gguf.version())),
-        ("GGUF.tensor_count", count_type, 8, gguf.tensors().len() as u64),
-        ("GGUF.kv_count", count_type, 8 + count_len, gguf.metadata().len() as u64),
+        (
+            "GGUF.tensor_count",
+            count_type,
+            8,
+            gguf.tensors().len() as u64,
+        ),
+        (
+            "GGUF.kv_count",
+            count_type,
+            8 + count_len,
+            gguf.metadata().len() as u64,
+        ),
     ];
     for (index, (name, ty, offset, value)) in header_fields.into_iter().enumerate() {
         metadata.insert(
@@ -190,7 +204,11 @@ fn text_value(value: &ValueRef<'_>, full: bool) -> String {
                 .take(ARRAY_HEAD_LEN)
                 .map(|v| text_value(&v, false))
                 .collect();
-            format!("[{}, ...] ({} more)", head.join(", "), a.len() - ARRAY_HEAD_LEN as u64)
+            format!(
+                "[{}, ...] ({} more)",
+                head.join(", "),
+                a.len() - ARRAY_HEAD_LEN as u64
+            )
         }
         ValueRef::Array(a) => {
             let items: Vec<String> = a.iter().map(|v| text_value(&v, full)).collect();
@@ -220,7 +238,11 @@ fn write_text(out: &mut dyn Write, filename: &str, gguf: &Gguf<'_>, full: bool) 
         writeln!(out, "note: {d}")?;
     }
     writeln!(out, "\nMetadata")?;
-    let types: Vec<String> = gguf.metadata().iter().map(|e| pretty_type(&e.value)).collect();
+    let types: Vec<String> = gguf
+        .metadata()
+        .iter()
+        .map(|e| pretty_type(&e.value))
+        .collect();
     let type_width = types.iter().map(String::len).max().unwrap_or(4).max(4);
     writeln!(out, "  {:>4}  {:type_width$}  key = value", "#", "type")?;
     for (i, (entry, ty)) in gguf.metadata().iter().zip(&types).enumerate() {
@@ -260,6 +282,10 @@ fn write_text(out: &mut dyn Write, filename: &str, gguf: &Gguf<'_>, full: bool) 
         )?;
     }
     let total: u64 = gguf.tensors().iter().map(|t| t.n_bytes).sum();
-    writeln!(out, "\n{} tensors, {total} bytes of tensor data", gguf.tensors().len())?;
+    writeln!(
+        out,
+        "\n{} tensors, {total} bytes of tensor data",
+        gguf.tensors().len()
+    )?;
     Ok(())
 }
