@@ -1,0 +1,3 @@
+//! The `hotpatch` binary, run as a user runs it.
+
+mod inspect;
