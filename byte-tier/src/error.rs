@@ -280,7 +280,9 @@ pub enum Error {
     AlreadyReverted(u64),
     /// The bytes a transaction wrote have changed since: reverting would destroy
     /// someone else's change.
-    #[error("cannot revert transaction {transaction}: the bytes at offset {offset} changed since it wrote them")]
+    #[error(
+        "cannot revert transaction {transaction}: the bytes at offset {offset} changed since it wrote them"
+    )]
     RevertMismatch {
         /// The transaction.
         transaction: u64,

@@ -10,7 +10,7 @@ use crate::file::MappedFile;
 use crate::gguf::Gguf;
 use crate::journal::{Journal, Transaction, TransactionState, failpoint};
 use crate::ops::sha256;
-use crate::patcher::{ByteWrite, BytePatcher, EditReceipt, check_writes, receipt};
+use crate::patcher::{BytePatcher, ByteWrite, EditReceipt, check_writes, receipt};
 
 /// What recovery did to a file with an unfinished transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,9 +43,11 @@ fn open_rw(path: &Path) -> Result<File> {
         .write(true)
         .open(path)
         .map_err(|e| match e.kind() {
-            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => Error::ReadOnly {
-                path: path.to_owned(),
-            },
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+                Error::ReadOnly {
+                    path: path.to_owned(),
+                }
+            }
             _ => Error::io("open for writing", path, e),
         })
 }
@@ -170,7 +172,10 @@ impl InPlaceFile {
         failpoint("after-file-sync");
         self.journal.commit(id)?;
         failpoint("after-commit");
-        Ok(receipt(Some(id), writes.iter().map(|w| (w.offset, w.bytes.len() as u64))))
+        Ok(receipt(
+            Some(id),
+            writes.iter().map(|w| (w.offset, w.bytes.len() as u64)),
+        ))
     }
 
     fn write_all(&self, writes: &[ByteWrite]) -> Result<()> {
@@ -179,7 +184,9 @@ impl InPlaceFile {
             if i == 0 {
                 // Split the first write so a crash can land in the middle of one.
                 let half = w.bytes.len() / 2;
-                self.file.write_all_at(&w.bytes[..half], w.offset).map_err(io)?;
+                self.file
+                    .write_all_at(&w.bytes[..half], w.offset)
+                    .map_err(io)?;
                 failpoint("mid-write");
                 self.file
                     .write_all_at(&w.bytes[half..], w.offset + half as u64)
@@ -194,20 +201,13 @@ impl InPlaceFile {
     }
 }
 
-impl BytePatcher for InPlaceFile {
-    fn bytes(&self) -> &[u8] {
-        self.map.bytes()
-    }
-
-    fn commit(&mut self, name: &str, writes: Vec<ByteWrite>) -> Result<EditReceipt> {
-        self.run_transaction(name, None, writes)
-    }
-
-    fn revert(&mut self, transaction: u64) -> Result<EditReceipt> {
+impl InPlaceFile {
+    /// The writes that would revert `transaction`, after checking that it committed, was
+    /// not reverted yet, and that the bytes it wrote are still there.
+    pub fn plan_revert(&self, transaction: u64) -> Result<Vec<ByteWrite>> {
         let txn = self
             .journal
             .transaction(transaction)
-            .cloned()
             .ok_or(Error::NoSuchTransaction(transaction))?;
         if !matches!(txn.state, TransactionState::Committed(_)) {
             return Err(Error::NotCommitted(transaction));
@@ -235,6 +235,26 @@ impl BytePatcher for InPlaceFile {
                 bytes: self.journal.original_bytes(entry)?,
             });
         }
+        Ok(writes)
+    }
+}
+
+impl BytePatcher for InPlaceFile {
+    fn bytes(&self) -> &[u8] {
+        self.map.bytes()
+    }
+
+    fn commit(&mut self, name: &str, writes: Vec<ByteWrite>) -> Result<EditReceipt> {
+        self.run_transaction(name, None, writes)
+    }
+
+    fn revert(&mut self, transaction: u64) -> Result<EditReceipt> {
+        let writes = self.plan_revert(transaction)?;
+        let txn = self
+            .journal
+            .transaction(transaction)
+            .cloned()
+            .ok_or(Error::NoSuchTransaction(transaction))?;
         let name = format!("revert {transaction} ({})", txn.name);
         let receipt = self.run_transaction(&name, Some(transaction), writes)?;
         // Check what is there now against the checksums taken before the first change.
@@ -313,7 +333,10 @@ mod tests {
         let mut f = InPlaceFile::open(&path).unwrap();
         assert!(matches!(
             f.revert(1),
-            Err(Error::RevertMismatch { transaction: 1, offset: 0 })
+            Err(Error::RevertMismatch {
+                transaction: 1,
+                offset: 0
+            })
         ));
         assert_eq!(f.read(0..8).unwrap(), &[1, 1, 1, 9, 1, 1, 1, 1]);
     }
@@ -322,13 +345,28 @@ mod tests {
     fn out_of_range_and_overlapping_writes_write_nothing() {
         let (_dir, path) = file_with(&[7u8; 32]);
         let mut f = InPlaceFile::open(&path).unwrap();
-        assert!(matches!(f.fill(30..40, 0), Err(Error::OutOfRange { limit: 32, .. })));
+        assert!(matches!(
+            f.fill(30..40, 0),
+            Err(Error::OutOfRange { limit: 32, .. })
+        ));
         let overlapping = vec![
-            ByteWrite { offset: 0, bytes: vec![1; 8] },
-            ByteWrite { offset: 4, bytes: vec![2; 8] },
+            ByteWrite {
+                offset: 0,
+                bytes: vec![1; 8],
+            },
+            ByteWrite {
+                offset: 4,
+                bytes: vec![2; 8],
+            },
         ];
-        assert!(matches!(f.write_batch(overlapping), Err(Error::OverlappingWrites { .. })));
-        assert!(matches!(f.search(&[7; 33], None), Err(Error::BadPattern { .. })));
+        assert!(matches!(
+            f.write_batch(overlapping),
+            Err(Error::OverlappingWrites { .. })
+        ));
+        assert!(matches!(
+            f.search(&[7; 33], None),
+            Err(Error::BadPattern { .. })
+        ));
         assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 32]);
         assert!(f.journal().transactions().is_empty());
     }
@@ -353,7 +391,10 @@ mod tests {
     impl Drop for Unwritable<'_> {
         fn drop(&mut self) {
             if self.1 {
-                let _ = std::process::Command::new("chattr").arg("-i").arg(self.0).status();
+                let _ = std::process::Command::new("chattr")
+                    .arg("-i")
+                    .arg(self.0)
+                    .status();
             }
         }
     }
@@ -362,7 +403,10 @@ mod tests {
     fn a_read_only_file_is_a_typed_error() {
         let (_dir, path) = file_with(&[0u8; 8]);
         let _guard = Unwritable::new(&path);
-        assert!(matches!(InPlaceFile::open(&path), Err(Error::ReadOnly { .. })));
+        assert!(matches!(
+            InPlaceFile::open(&path),
+            Err(Error::ReadOnly { .. })
+        ));
         assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; 8]);
     }
 
@@ -371,7 +415,9 @@ mod tests {
         let (_dir, path) = file_with(&[5u8; 16]);
         {
             let mut journal = Journal::open(&path).unwrap();
-            let id = journal.begin("half done", None, &[(4, &[5u8; 4], &[6u8; 4])]).unwrap();
+            let id = journal
+                .begin("half done", None, &[(4, &[5u8; 4], &[6u8; 4])])
+                .unwrap();
             assert_eq!(id, 1);
             // The write lands but the commit never does.
             let file = OpenOptions::new().write(true).open(&path).unwrap();
@@ -381,7 +427,10 @@ mod tests {
         let report = f.recovered().unwrap();
         assert_eq!((report.transaction, report.bytes), (1, 4));
         assert_eq!(f.bytes(), &[5u8; 16]);
-        assert!(matches!(f.journal().transactions()[0].state, TransactionState::RolledBack(_)));
+        assert!(matches!(
+            f.journal().transactions()[0].state,
+            TransactionState::RolledBack(_)
+        ));
         assert!(recover(&path).unwrap().is_none());
     }
 
@@ -412,7 +461,10 @@ mod tests {
     fn a_corrupt_journal_header_is_refused() {
         let (_dir, path) = file_with(&[0u8; 16]);
         std::fs::write(journal_path(&path), b"not a journal").unwrap();
-        assert!(matches!(InPlaceFile::open(&path), Err(Error::CorruptJournal { .. })));
+        assert!(matches!(
+            InPlaceFile::open(&path),
+            Err(Error::CorruptJournal { .. })
+        ));
         assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; 16]);
     }
 

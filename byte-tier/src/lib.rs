@@ -27,7 +27,9 @@ pub use gguf::{
 };
 pub use inplace::{InPlaceFile, RecoveryReport, recover};
 pub use journal::{Journal, Transaction, TransactionState, UndoEntry, journal_path};
-pub use patcher::{BufferPatcher, ByteWrite, BytePatcher, EditReceipt, check_range, tensor_range};
+pub use patcher::{
+    BufferPatcher, BytePatcher, ByteWrite, DryRun, EditReceipt, check_range, tensor_range,
+};
 pub use types::GgmlType;
 pub use value::{Array, ArrayIter, ArrayRef, Value, ValueRef, ValueType};
 pub use writer::{GgufWriter, Layout, TensorData, TensorSpec, WRITE_VERSION, sync_dir};

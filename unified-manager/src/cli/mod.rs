@@ -1,7 +1,11 @@
 //! One module per subcommand.
 
+pub mod args;
+pub mod bytes;
 pub mod demo;
 pub mod inspect;
+pub mod journal;
+pub mod view;
 
 /// Whether the error is a write to a closed pipe (`hotpatch inspect | head`), which is
 /// not a failure of the command.

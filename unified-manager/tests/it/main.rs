@@ -1,3 +1,4 @@
 //! The `hotpatch` binary, run as a user runs it.
 
+mod crash;
 mod inspect;

@@ -1,0 +1,165 @@
+//! `hotpatch history`, `hotpatch revert`, `hotpatch recover`: the journal of in-place edits.
+
+use std::path::PathBuf;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use byte_tier::{BytePatcher, InPlaceFile, Journal, TransactionState};
+use serde_json::json;
+
+/// Arguments of `hotpatch history`.
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    /// The file.
+    pub file: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `hotpatch revert`.
+#[derive(Debug, clap::Args)]
+pub struct RevertArgs {
+    /// The file.
+    pub file: PathBuf,
+    /// The transaction to revert (see `hotpatch history`).
+    #[arg(required_unless_present = "last", conflicts_with = "last")]
+    pub id: Option<u64>,
+    /// Revert the last transaction that is not reverted yet.
+    #[arg(long)]
+    pub last: bool,
+    /// Say what would be restored and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Arguments of `hotpatch recover`.
+#[derive(Debug, clap::Args)]
+pub struct RecoverArgs {
+    /// The file.
+    pub file: PathBuf,
+}
+
+fn time(ms: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(ms);
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    // UTC, from the Unix time, without a date crate: days since 1970 → civil date.
+    let days = secs / 86_400;
+    let (h, m, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    let (y, mo, d) = civil_from_days(days as i64);
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{m:02}:{s:02}Z")
+}
+
+/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+pub fn history(args: &HistoryArgs) -> anyhow::Result<()> {
+    if !byte_tier::journal_path(&args.file).exists() {
+        if args.json {
+            println!("[]");
+        } else {
+            println!(
+                "no journal: {} was never edited in place",
+                args.file.display()
+            );
+        }
+        return Ok(());
+    }
+    let journal = Journal::open(&args.file)?;
+    let mut rows = Vec::new();
+    for t in journal.transactions() {
+        let (state, ended) = match t.state {
+            TransactionState::Unfinished => ("unfinished", None),
+            TransactionState::Committed(at) => ("committed", Some(at)),
+            TransactionState::RolledBack(at) => ("rolled back", Some(at)),
+        };
+        let reverted_by = journal.reverted_by(t.id);
+        if args.json {
+            let writes: Vec<_> = t
+                .writes
+                .iter()
+                .map(|w| {
+                    json!({"offset": w.offset, "len": w.len,
+                    "original_sha256": byte_tier::ops::to_hex(&w.original_sha256),
+                    "new_sha256": byte_tier::ops::to_hex(&w.new_sha256)})
+                })
+                .collect();
+            rows.push(
+                json!({"id": t.id, "name": t.name, "state": state, "started_ms": t.started_ms,
+                "ended_ms": ended, "reverts": t.reverts, "reverted_by": reverted_by,
+                "bytes": t.bytes(), "writes": writes}),
+            );
+        } else {
+            let mut note = String::new();
+            if let Some(r) = reverted_by {
+                note = format!("  (reverted by {r})");
+            }
+            println!(
+                "{:>4}  {}  {:<11}  {:>10} bytes  {}{note}",
+                t.id,
+                time(t.started_ms),
+                state,
+                t.bytes(),
+                t.name
+            );
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else if journal.transactions().is_empty() {
+        println!("the journal is empty");
+    }
+    Ok(())
+}
+
+pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
+    let mut file = InPlaceFile::open(&args.file)
+        .with_context(|| format!("open {} for in-place editing", args.file.display()))?;
+    let id = match (args.id, args.last) {
+        (Some(id), _) => id,
+        (None, _) => match file.last_revertible() {
+            Some(t) => t.id,
+            None => bail!("nothing to revert: no committed transaction is left unreverted"),
+        },
+    };
+    if args.dry_run {
+        let writes = file.plan_revert(id)?;
+        let bytes: usize = writes.iter().map(|w| w.bytes.len()).sum();
+        println!(
+            "dry run: reverting transaction {id} would restore {bytes} bytes in {} ranges",
+            writes.len()
+        );
+        return Ok(());
+    }
+    let receipt = file.revert(id)?;
+    println!(
+        "transaction {}: reverted transaction {id}, restored {} bytes (checked against the original SHA-256)",
+        receipt
+            .transaction
+            .map_or_else(|| "-".to_owned(), |t| t.to_string()),
+        receipt.bytes
+    );
+    Ok(())
+}
+
+pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
+    match byte_tier::recover(&args.file)? {
+        Some(report) => println!(
+            "rolled back unfinished transaction {} ({}): restored {} bytes in {} writes",
+            report.transaction, report.name, report.bytes, report.writes
+        ),
+        None => println!("nothing to recover: no unfinished transaction"),
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Crash consistency of in-place edits: a child process is stopped between every durable
+//! step (failpoints) and killed with SIGKILL at arbitrary times; after recovery the file
+//! is always byte-identical to the original or to the fully patched file.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const HOTPATCH: &str = env!("CARGO_BIN_EXE_hotpatch");
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    original: Vec<u8>,
+    patched: Vec<u8>,
+    model: PathBuf,
+    work: PathBuf,
+}
+
+/// The edit under test: two disjoint writes in one transaction, large enough (2 x 1 MiB)
+/// that a kill can land while the file is being written.
+fn edit_args(file: &Path) -> Vec<String> {
+    vec![
+        "bytes".into(),
+        file.to_str().unwrap().into(),
+        "swap".into(),
+        "--first".into(),
+        "8192".into(),
+        "--second".into(),
+        "2105344".into(),
+        "--len".into(),
+        "1048576".into(),
+    ]
+}
+
+fn run_hotpatch(args: &[String], failpoint: Option<&str>) -> std::process::ExitStatus {
+    let mut command = Command::new(HOTPATCH);
+    command.args(args).stdout(std::process::Stdio::null());
+    match failpoint {
+        Some(point) => command.env("HOTPATCH_FAILPOINT", point),
+        None => command.env_remove("HOTPATCH_FAILPOINT"),
+    };
+    command.status().expect("failed to run hotpatch")
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new(HOTPATCH)
+        .args(["demo", "--keep"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let model = dir.path().join("demo-llama.gguf");
+    let original = std::fs::read(&model).unwrap();
+    let work = dir.path().join("work.gguf");
+    std::fs::write(&work, &original).unwrap();
+    assert!(run_hotpatch(&edit_args(&work), None).success());
+    let patched = std::fs::read(&work).unwrap();
+    assert_ne!(original, patched);
+    Fixture {
+        _dir: dir,
+        original,
+        patched,
+        model,
+        work,
+    }
+}
+
+impl Fixture {
+    /// A fresh copy of the original, with no journal.
+    fn reset(&self) {
+        std::fs::copy(&self.model, &self.work).unwrap();
+        let _ = std::fs::remove_file(byte_tier::journal_path(&self.work));
+    }
+
+    fn recover(&self) -> Vec<u8> {
+        let status = Command::new(HOTPATCH)
+            .arg("recover")
+            .arg(&self.work)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read(&self.work).unwrap()
+    }
+}
+
+#[test]
+fn a_crash_at_every_durable_step_leaves_the_old_or_the_new_file() {
+    let f = fixture();
+    // Where the process dies, and which file recovery must give back.
+    let cases = [
+        ("after-journal-sync", false),
+        ("mid-write", false),
+        ("after-file-sync", false),
+        ("after-commit", true),
+    ];
+    for (point, committed) in cases {
+        f.reset();
+        let status = run_hotpatch(&edit_args(&f.work), Some(point));
+        assert_eq!(status.signal(), Some(libc_sigabrt()), "{point}: {status:?}");
+        let after = f.recover();
+        let expected = if committed { &f.patched } else { &f.original };
+        assert!(
+            after == *expected,
+            "{point}: the file is neither as expected"
+        );
+
+        // A crash in the middle of recovery is recovered by the next recovery.
+        if !committed {
+            f.reset();
+            run_hotpatch(&edit_args(&f.work), Some("mid-write"));
+            let status = Command::new(HOTPATCH)
+                .arg("recover")
+                .arg(&f.work)
+                .env("HOTPATCH_FAILPOINT", "recovery-after-first-restore")
+                .status()
+                .unwrap();
+            assert_eq!(status.signal(), Some(libc_sigabrt()));
+            assert!(
+                f.recover() == f.original,
+                "{point}: recovery after a crashed recovery"
+            );
+        }
+    }
+}
+
+/// SIGABRT, which `std::process::abort` raises at a failpoint.
+fn libc_sigabrt() -> i32 {
+    6
+}
+
+#[test]
+fn sigkill_at_arbitrary_times_leaves_the_old_or_the_new_file() {
+    let f = fixture();
+    const TRIALS: u64 = 40;
+    let (mut old, mut new) = (0, 0);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..TRIALS {
+        f.reset();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_micros(seed % 40_000);
+        let mut child = Command::new(HOTPATCH)
+            .args(edit_args(&f.work))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        // SIGKILL: no destructor, no flush, no chance to finish.
+        let _ = child.kill();
+        child.wait().unwrap();
+        let after = f.recover();
+        if after == f.original {
+            old += 1;
+        } else if after == f.patched {
+            new += 1;
+        } else {
+            panic!("after a kill {delay:?} in, the file is neither the old nor the new one");
+        }
+    }
+    assert_eq!(old + new, TRIALS);
+    eprintln!("{TRIALS} kills: {old} rolled back to the original, {new} fully patched");
+}
