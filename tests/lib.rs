@@ -72,3 +72,148 @@ pub fn run_python(script: &str, args: &[&std::ffi::OsStr]) -> Vec<u8> {
     );
     output.stdout
 }
+
+/// The llama-server binary built by `cargo xtask llama-server`.
+pub fn llama_server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOTPATCH_LLAMA_SERVER") {
+        return PathBuf::from(p);
+    }
+    let binary = cache_dir()
+        .join("llama-server")
+        .join("bin")
+        .join("llama-server");
+    assert!(
+        binary.exists(),
+        "llama-server is not built at {}: run `cargo xtask llama-server`",
+        binary.display()
+    );
+    binary
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// A minimal HTTP/1.1 exchange over a fresh connection: returns the status code and the
+/// body. Enough for health checks and JSON requests to a local server in tests.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = match text.split_once("\r\n\r\n") {
+        Some((head, rest))
+            if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked") =>
+        {
+            dechunk(rest)
+        }
+        Some((_, rest)) => rest.to_owned(),
+        None => String::new(),
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A llama-server on 127.0.0.1 serving one model on CPU, stopped when dropped.
+#[derive(Debug)]
+pub struct LlamaServer {
+    child: std::process::Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl LlamaServer {
+    /// Starts llama-server on `model` (`--no-repack -ngl 0 -c 512 -t 2`, so that weights
+    /// are read straight from the shared mapping) plus `extra` arguments, and waits until
+    /// `/health` answers 200. Panics with the server's log if it does not within 120 s.
+    pub fn start(model: &std::path::Path, extra: &[&str]) -> LlamaServer {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("llama-server-{port}.log"));
+        let log_file = std::fs::File::create(&log).expect("create the server log");
+        let child = Command::new(llama_server_binary())
+            .arg("-m")
+            .arg(model)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--no-repack",
+                "-ngl",
+                "0",
+                "-c",
+                "512",
+                "-t",
+                "2",
+                "--no-webui",
+            ])
+            .args(extra)
+            .stdout(log_file.try_clone().expect("clone the log handle"))
+            .stderr(log_file)
+            .spawn()
+            .expect("failed to start llama-server");
+        let mut server = LlamaServer { child, port };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "llama-server exited with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if matches!(http_request(port, "GET", "/health", None), Ok((200, _))) {
+                return server;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = server.child.kill();
+                panic!(
+                    "llama-server did not become healthy in 120 s:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

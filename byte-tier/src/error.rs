@@ -289,6 +289,9 @@ pub enum Error {
         /// The first write whose bytes changed.
         offset: u64,
     },
+    /// A structural edit cannot be made.
+    #[error("invalid edit: {0}")]
+    InvalidEdit(String),
 }
 
 /// The result type of byte-tier.

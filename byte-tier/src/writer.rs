@@ -272,17 +272,29 @@ impl<'a> GgufWriter<'a> {
     /// Writes the file to `out`, streaming tensor data from the sources. Returns the
     /// number of bytes written.
     pub fn write_to(&mut self, out: &mut dyn Write) -> Result<u64> {
+        self.write_reporting(out, &mut |_, _| {})
+    }
+
+    /// Like [`write_to`](Self::write_to), calling `progress(bytes written, total)` after
+    /// the header and after each tensor.
+    pub fn write_reporting(
+        &mut self,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64> {
         let layout = self.layout()?;
         let alignment = self.alignment()?;
         let io_error = |e: io::Error| Error::io("write", "<output>", e);
         out.write_all(&layout.header).map_err(io_error)?;
         write_zeros(out, layout.data_offset - layout.header.len() as u64).map_err(io_error)?;
         let mut written = layout.data_offset;
+        progress(written, layout.file_len);
         for (tensor, &n_bytes) in self.tensors.iter_mut().zip(&layout.tensor_bytes) {
             copy_tensor_data(tensor, n_bytes, out)?;
             let padded = align_up(n_bytes, alignment).unwrap_or(n_bytes);
             write_zeros(out, padded - n_bytes).map_err(io_error)?;
             written += padded;
+            progress(written, layout.file_len);
         }
         debug_assert_eq!(written, layout.file_len);
         Ok(written)
@@ -292,6 +304,16 @@ impl<'a> GgufWriter<'a> {
     /// over `path` and syncs the directory: `path` is the old file or the new one, never
     /// a partial one. Returns the number of bytes written.
     pub fn write_to_path(&mut self, path: &Path) -> Result<u64> {
+        self.write_to_path_reporting(path, &mut |_, _| {})
+    }
+
+    /// Like [`write_to_path`](Self::write_to_path), reporting progress as
+    /// [`write_reporting`](Self::write_reporting) does.
+    pub fn write_to_path_reporting(
+        &mut self,
+        path: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64> {
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -303,10 +325,20 @@ impl<'a> GgufWriter<'a> {
             .map_err(|e| Error::io("create a temporary file in", dir, e))?;
         let written = {
             let mut out = BufWriter::with_capacity(1 << 20, temp.as_file_mut());
-            let written = self.write_to(&mut out).map_err(|e| with_path(e, path))?;
+            let written = self
+                .write_reporting(&mut out, progress)
+                .map_err(|e| with_path(e, path))?;
             out.flush().map_err(|e| Error::io("write", path, e))?;
             written
         };
+        // The new file keeps the permissions of the one it replaces; a new file gets the
+        // usual rw-r--r-- instead of the temporary file's private mode.
+        let permissions = std::fs::metadata(path)
+            .map(|m| m.permissions())
+            .unwrap_or_else(|_| std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        temp.as_file()
+            .set_permissions(permissions)
+            .map_err(|e| Error::io("set permissions of", temp.path(), e))?;
         temp.as_file()
             .sync_all()
             .map_err(|e| Error::io("sync", temp.path(), e))?;

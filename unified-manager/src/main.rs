@@ -39,6 +39,13 @@ enum Command {
     Hexdump(cli::view::HexdumpArgs),
     /// Find every occurrence of a byte pattern.
     Search(cli::view::SearchArgs),
+    /// Read and change metadata.
+    Meta(cli::meta::MetaArgs),
+    /// Remove transformer blocks: drop blk.N.*, renumber, trim per-layer arrays.
+    Prune(cli::structure::PruneArgs),
+    /// Tensor-level commands.
+    #[command(subcommand)]
+    Tensor(cli::structure::StructureCommand),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +59,9 @@ fn main() -> ExitCode {
         Command::Recover(args) => cli::journal::recover(&args),
         Command::Hexdump(args) => cli::view::hexdump(&args),
         Command::Search(args) => cli::view::search(&args),
+        Command::Meta(args) => cli::meta::run(&args),
+        Command::Prune(args) => cli::structure::prune(&args),
+        Command::Tensor(command) => cli::structure::run(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -93,6 +93,7 @@ fn ci() -> Result<()> {
     // Tools first, so a missing install fails fast rather than after a long build.
     let python = env::oracle_python()?;
     let model = env::real_model()?;
+    let server = llama_server::llama_server()?;
 
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
@@ -123,7 +124,8 @@ fn ci() -> Result<()> {
         test.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
     }
     test.env("HOTPATCH_ORACLE_PYTHON", &python)
-        .env("HOTPATCH_REAL_MODEL", &model);
+        .env("HOTPATCH_REAL_MODEL", &model)
+        .env("HOTPATCH_LLAMA_SERVER", &server);
     run(&mut test)?;
 
     run(cargo()

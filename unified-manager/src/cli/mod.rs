@@ -5,6 +5,9 @@ pub mod bytes;
 pub mod demo;
 pub mod inspect;
 pub mod journal;
+pub mod meta;
+pub mod progress;
+pub mod structure;
 pub mod view;
 
 /// Whether the error is a write to a closed pipe (`hotpatch inspect | head`), which is

@@ -1,4 +1,5 @@
 //! The `hotpatch` binary, run as a user runs it.
 
 mod crash;
+mod edit;
 mod inspect;

@@ -1,0 +1,389 @@
+//! Edits of a GGUF file's structure: metadata values, tensor names, tensor removal and
+//! layer pruning. Same-size metadata changes are planned as in-place writes; everything
+//! else is planned as a rewrite through [`GgufWriter`].
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::gguf::Gguf;
+use crate::patcher::ByteWrite;
+use crate::value::{Value, ValueRef};
+use crate::writer::GgufWriter;
+
+/// What a rewrite did.
+#[derive(Debug)]
+pub struct RewriteOutcome<R> {
+    /// What the edit returned.
+    pub result: R,
+    /// The file written.
+    pub output: PathBuf,
+    /// Its length.
+    pub bytes_written: u64,
+    /// The input's length.
+    pub input_len: u64,
+    /// Where the input's journal was moved, when the rewrite replaced the input: its
+    /// offsets describe the old layout, so its transactions can no longer be reverted.
+    pub archived_journal: Option<PathBuf>,
+}
+
+/// Rewrites `input` through `edit` into `output` (or over `input` itself, atomically,
+/// when `output` is `None`). Tensor data is streamed from a read-only map of the input.
+/// An unfinished in-place transaction is rolled back first.
+pub fn rewrite_file<R>(
+    input: &Path,
+    output: Option<&Path>,
+    progress: &mut dyn FnMut(u64, u64),
+    edit: impl FnOnce(&Gguf<'_>, &mut GgufWriter<'_>) -> Result<R>,
+) -> Result<RewriteOutcome<R>> {
+    let journal = crate::journal::journal_path(input);
+    if journal.exists() && output.is_none() {
+        crate::inplace::recover(input)?;
+    }
+    let map = crate::file::MappedFile::open(input)?;
+    let gguf = map.parse()?;
+    let mut writer = GgufWriter::from_gguf(&gguf);
+    let result = edit(&gguf, &mut writer)?;
+    let target = output.unwrap_or(input);
+    let bytes_written = writer.write_to_path_reporting(target, progress)?;
+    let mut archived_journal = None;
+    let empty_journal = journal.exists()
+        && crate::journal::Journal::open(input)?
+            .transactions()
+            .is_empty();
+    if output.is_none() && empty_journal {
+        std::fs::remove_file(&journal)
+            .map_err(|e| Error::io("remove empty journal", &journal, e))?;
+    } else if output.is_none() && journal.exists() {
+        let mut archived = journal.clone().into_os_string();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        archived.push(format!(".before-rewrite-{stamp}"));
+        let archived = PathBuf::from(archived);
+        std::fs::rename(&journal, &archived)
+            .map_err(|e| Error::io("archive journal", &journal, e))?;
+        archived_journal = Some(archived);
+    }
+    Ok(RewriteOutcome {
+        result,
+        output: target.to_owned(),
+        bytes_written,
+        input_len: gguf.file_len(),
+        archived_journal,
+    })
+}
+
+/// The in-place writes that set `key` to `value`, when the new encoding (type tag and
+/// value) has exactly the length of the old one: what `gguf-set-metadata` does, extended
+/// to strings and arrays of the same encoded length. `None` when a rewrite is needed
+/// (a new key, another length, or a version-1 file whose lengths are 32-bit).
+pub fn in_place_metadata_write(
+    gguf: &Gguf<'_>,
+    key: &str,
+    value: &Value,
+) -> Result<Option<ByteWrite>> {
+    let Some(entry) = gguf.entry(key) else {
+        return Ok(None);
+    };
+    if gguf.version() < 2 {
+        return Ok(None);
+    }
+    let mut encoded = Vec::with_capacity(4 + value.encoded_len() as usize);
+    encoded.extend_from_slice(&value.value_type().id().to_le_bytes());
+    value
+        .encode(&mut encoded)
+        .map_err(|e| Error::InvalidWrite(format!("metadata {key:?}: {e}")))?;
+    let old_len = entry.value_offset - entry.type_offset + entry.value_len;
+    if encoded.len() as u64 != old_len {
+        return Ok(None);
+    }
+    if key == crate::gguf::ALIGNMENT_KEY
+        && !matches!(value, Value::U32(a) if u64::from(*a) == gguf.alignment())
+    {
+        // A new alignment moves every tensor: only a rewrite can do that.
+        return Ok(None);
+    }
+    Ok(Some(ByteWrite {
+        offset: entry.type_offset,
+        bytes: encoded,
+    }))
+}
+
+/// What pruning layers changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// The block count before.
+    pub blocks_before: u64,
+    /// The block count after.
+    pub blocks_after: u64,
+    /// Tensors removed.
+    pub tensors_removed: Vec<String>,
+    /// Tensors renamed (old name, new name).
+    pub tensors_renamed: Vec<(String, String)>,
+    /// Per-layer array keys trimmed.
+    pub arrays_trimmed: Vec<String>,
+}
+
+/// The block index and the rest of a `blk.N.rest` tensor name.
+fn split_block_name(name: &str) -> Option<(u64, &str)> {
+    let rest = name.strip_prefix("blk.")?;
+    let (index, tail) = rest.split_once('.')?;
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((index.parse().ok()?, tail))
+}
+
+/// Removes the blocks `layers` from a rewrite of `gguf`: drops their `blk.N.*` tensors,
+/// renumbers the blocks after them, sets `{arch}.block_count`, and trims every
+/// `{arch}.*` array that has one entry per block.
+pub fn prune_layers(
+    gguf: &Gguf<'_>,
+    writer: &mut GgufWriter<'_>,
+    layers: &[u64],
+) -> Result<PruneReport> {
+    let arch = gguf
+        .architecture()
+        .ok_or_else(|| Error::InvalidEdit("the file has no general.architecture".into()))?;
+    let block_key = format!("{arch}.block_count");
+    let blocks = gguf.get_u64(&block_key)?;
+    let removed: BTreeSet<u64> = layers.iter().copied().collect();
+    if let Some(&bad) = removed.iter().find(|&&l| l >= blocks) {
+        return Err(Error::InvalidEdit(format!(
+            "layer {bad} does not exist: the model has {blocks} blocks"
+        )));
+    }
+    if removed.len() as u64 >= blocks {
+        return Err(Error::InvalidEdit(
+            "pruning would remove every block".into(),
+        ));
+    }
+    let mut report = PruneReport {
+        blocks_before: blocks,
+        blocks_after: blocks - removed.len() as u64,
+        ..PruneReport::default()
+    };
+    let new_index = |old: u64| old - removed.range(..old).count() as u64;
+
+    writer
+        .tensors_mut()
+        .retain(|t| match split_block_name(&t.name) {
+            Some((index, _)) if removed.contains(&index) => {
+                report.tensors_removed.push(t.name.clone());
+                false
+            }
+            _ => true,
+        });
+    for t in writer.tensors_mut() {
+        if let Some((index, tail)) = split_block_name(&t.name) {
+            let renamed = format!("blk.{}.{tail}", new_index(index));
+            if renamed != t.name {
+                report
+                    .tensors_renamed
+                    .push((t.name.clone(), renamed.clone()));
+                t.name = renamed;
+            }
+        }
+    }
+
+    let prefix = format!("{arch}.");
+    for (key, value) in writer.metadata_mut().iter_mut() {
+        if *key == block_key {
+            *value = match value {
+                Value::U64(_) => Value::U64(report.blocks_after),
+                Value::I32(_) => Value::I32(report.blocks_after as i32),
+                Value::I64(_) => Value::I64(report.blocks_after as i64),
+                _ => Value::U32(report.blocks_after as u32),
+            };
+        } else if let Value::Array(array) = value
+            && key.starts_with(&prefix)
+            && array.items.len() as u64 == blocks
+        {
+            let mut index = 0u64;
+            array.items.retain(|_| {
+                let keep = !removed.contains(&index);
+                index += 1;
+                keep
+            });
+            report.arrays_trimmed.push(key.clone());
+        }
+    }
+    Ok(report)
+}
+
+/// Renames a tensor in a rewrite.
+pub fn rename_tensor(writer: &mut GgufWriter<'_>, from: &str, to: &str) -> Result<()> {
+    if writer.tensors().iter().any(|t| t.name == to) {
+        return Err(Error::InvalidEdit(format!(
+            "a tensor named {to:?} already exists"
+        )));
+    }
+    let tensor = writer
+        .tensors_mut()
+        .iter_mut()
+        .find(|t| t.name == from)
+        .ok_or_else(|| Error::NoSuchTensor(from.to_owned()))?;
+    tensor.name = to.to_owned();
+    Ok(())
+}
+
+/// Removes a tensor from a rewrite.
+pub fn remove_tensor(writer: &mut GgufWriter<'_>, name: &str) -> Result<()> {
+    let before = writer.tensors().len();
+    writer.tensors_mut().retain(|t| t.name != name);
+    if writer.tensors().len() == before {
+        return Err(Error::NoSuchTensor(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Parses a command-line value for `key`: with the type given, or else the type the key
+/// has in `gguf`, or else a string.
+pub fn parse_metadata_value(
+    gguf: &Gguf<'_>,
+    key: &str,
+    text: &str,
+    value_type: Option<crate::value::ValueType>,
+) -> Result<Value> {
+    let t = match (value_type, gguf.get(key)) {
+        (Some(t), _) => t,
+        (None, Some(ValueRef::Array(_))) => {
+            return Err(Error::InvalidEdit(format!(
+                "{key:?} is an array: arrays cannot be set from the command line"
+            )));
+        }
+        (None, Some(existing)) => existing.value_type(),
+        (None, None) => crate::value::ValueType::String,
+    };
+    Value::parse_scalar(t, text)
+        .ok_or_else(|| Error::InvalidEdit(format!("{text:?} is not a valid {t}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::GgmlType;
+    use crate::value::{Array, ValueType};
+    use crate::writer::TensorSpec;
+
+    fn model(blocks: u32) -> Vec<u8> {
+        let mut w = GgufWriter::new();
+        w.set("general.architecture", "toy")
+            .set("toy.block_count", blocks)
+            .set(
+                "toy.attention.head_count_kv",
+                Array::new(ValueType::U32, (0..blocks).map(Value::U32).collect()),
+            )
+            .set("toy.other", Array::new(ValueType::U32, vec![Value::U32(9)]));
+        for b in 0..blocks {
+            let bytes = vec![b as u8; 8];
+            w.add_tensor(TensorSpec::from_bytes(
+                format!("blk.{b}.w"),
+                vec![2],
+                GgmlType::F32,
+                bytes,
+            ));
+        }
+        w.add_tensor(TensorSpec::from_bytes(
+            "output.weight",
+            vec![2],
+            GgmlType::F32,
+            vec![0xee; 8],
+        ));
+        let mut out = Vec::new();
+        w.write_to(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn pruning_renumbers_blocks_and_trims_per_layer_arrays() {
+        let bytes = model(5);
+        let gguf = Gguf::parse(&bytes).unwrap();
+        let mut writer = GgufWriter::from_gguf(&gguf);
+        let report = prune_layers(&gguf, &mut writer, &[1, 3]).unwrap();
+        assert_eq!((report.blocks_before, report.blocks_after), (5, 3));
+        assert_eq!(
+            report.arrays_trimmed,
+            vec!["toy.attention.head_count_kv".to_owned()]
+        );
+        let mut out = Vec::new();
+        writer.write_to(&mut out).unwrap();
+        let pruned = Gguf::parse(&out).unwrap();
+        assert_eq!(pruned.get_u64("toy.block_count").unwrap(), 3);
+        let kv: Vec<u64> = pruned
+            .get_array("toy.attention.head_count_kv")
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .collect();
+        assert_eq!(kv, vec![0, 2, 4]);
+        assert_eq!(pruned.get_array("toy.other").unwrap().len(), 1);
+        let names: Vec<&str> = pruned.tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["blk.0.w", "blk.1.w", "blk.2.w", "output.weight"]);
+        // blk.1 of the result is blk.2 of the original.
+        assert_eq!(
+            pruned.tensor_data(pruned.tensor("blk.1.w").unwrap()),
+            &[2u8; 8]
+        );
+        assert_eq!(
+            pruned.tensor_data(pruned.tensor("blk.2.w").unwrap()),
+            &[4u8; 8]
+        );
+    }
+
+    #[test]
+    fn pruning_refuses_missing_or_all_layers() {
+        let bytes = model(2);
+        let gguf = Gguf::parse(&bytes).unwrap();
+        let mut writer = GgufWriter::from_gguf(&gguf);
+        assert!(matches!(
+            prune_layers(&gguf, &mut writer, &[2]),
+            Err(Error::InvalidEdit(_))
+        ));
+        assert!(matches!(
+            prune_layers(&gguf, &mut writer, &[0, 1]),
+            Err(Error::InvalidEdit(_))
+        ));
+    }
+
+    #[test]
+    fn in_place_metadata_writes_only_for_equal_sizes() {
+        let bytes = model(2);
+        let gguf = Gguf::parse(&bytes).unwrap();
+        let write = in_place_metadata_write(&gguf, "toy.block_count", &Value::U32(7))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            write.offset,
+            gguf.entry("toy.block_count").unwrap().type_offset
+        );
+        assert_eq!(write.bytes[4..], 7u32.to_le_bytes());
+        // Same size, another type: still in place (the type tag is rewritten too).
+        assert!(
+            in_place_metadata_write(&gguf, "toy.block_count", &Value::I32(7))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            in_place_metadata_write(&gguf, "toy.block_count", &Value::U64(7))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            in_place_metadata_write(&gguf, "general.architecture", &Value::from("abc"))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            in_place_metadata_write(&gguf, "general.architecture", &Value::from("abcd"))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            in_place_metadata_write(&gguf, "new.key", &Value::U8(1))
+                .unwrap()
+                .is_none()
+        );
+    }
+}
