@@ -289,6 +289,24 @@ pub enum Error {
         /// The first write whose bytes changed.
         offset: u64,
     },
+    /// A named patch overlaps an applied one of equal or higher priority.
+    #[error("patch {patch:?} conflicts with applied patch {applied:?} on bytes {start}..{end}")]
+    PatchConflict {
+        /// The patch refused.
+        patch: String,
+        /// The applied patch in the way.
+        applied: String,
+        /// Start of the overlap.
+        start: u64,
+        /// End of the overlap.
+        end: u64,
+    },
+    /// The bytes a named patch expects are not there.
+    #[error("patch {patch:?}: the target bytes are not the expected ones")]
+    UnexpectedBytes {
+        /// The patch.
+        patch: String,
+    },
     /// A structural edit cannot be made.
     #[error("invalid edit: {0}")]
     InvalidEdit(String),

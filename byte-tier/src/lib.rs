@@ -14,6 +14,7 @@ mod file;
 mod gguf;
 mod inplace;
 mod journal;
+pub mod named;
 pub mod ops;
 mod patcher;
 mod types;
