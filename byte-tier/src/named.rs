@@ -280,7 +280,13 @@ impl PatchBook {
             displaced.push(c.applied.clone());
         }
         let before = patcher.read(range.clone())?.to_vec();
-        check_expected(&patch, &before)?;
+        if let Err(error) = check_expected(&patch, &before) {
+            // All or nothing: put the displaced patches back.
+            for name in &displaced {
+                self.apply(name, patcher)?;
+            }
+            return Err(error);
+        }
         let new_bytes = compute(&patch, &before)?;
         let receipt = patcher.commit(
             &transaction_name(name),
