@@ -8,6 +8,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod codec;
 mod error;
 mod file;
 mod gguf;

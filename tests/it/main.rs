@@ -1,2 +1,3 @@
 //! The integration-test binary.
+mod codecs;
 mod support;
