@@ -26,6 +26,9 @@ mod lut;
 mod scan;
 mod transform;
 
+#[cfg(test)]
+mod tests;
+
 use std::ops::Range;
 
 use rayon::prelude::*;
