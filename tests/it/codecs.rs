@@ -332,3 +332,52 @@ fn quantize_matches_gguf_py_bit_for_bit() {
     }
     assert!(failures.is_empty(), "mismatches:\n{}", failures.join("\n"));
 }
+
+#[test]
+fn npy_round_trips_through_numpy() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A tensor with GGUF dims [ne0 = 5, ne1 = 3, ne2 = 2]: numpy must see shape (2, 3, 5)
+    // with ne0 as the fastest axis.
+    let dims = [5u64, 3, 2];
+    let values: Vec<f32> = (0..30).map(|i| i as f32 * 0.25 - 3.0).collect();
+    let ours = dir.path().join("ours.npy");
+    codec::write_tensor_npy(&ours, &dims, &values).expect("write npy");
+    let script = r#"
+import sys
+import numpy as np
+a = np.load(sys.argv[1])
+assert a.dtype == np.float32, a.dtype
+assert a.shape == (2, 3, 5), a.shape
+assert a[1, 2, 4] == 29 * 0.25 - 3.0
+assert a[0, 1, 0] == 5 * 0.25 - 3.0
+out = sys.argv[2]
+np.save(out + "/f32.npy", (a * 2).astype(np.float32))
+np.save(out + "/f16.npy", a.astype(np.float16))
+np.save(out + "/f64.npy", a.astype(np.float64) / 3)
+np.save(out + "/big.npy", a.astype(">f4"))
+np.save(out + "/vector.npy", np.arange(7, dtype=np.float32))
+print("ok")
+"#;
+    let out = support::run_python(script, &[ours.as_os_str(), dir.path().as_os_str()]);
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "ok");
+
+    let read = |name: &str| codec::read_npy_file(&dir.path().join(name)).expect(name);
+    let f32s = read("f32.npy");
+    assert_eq!(f32s.shape, vec![2, 3, 5]);
+    assert_eq!(f32s.gguf_dims(), dims.to_vec());
+    assert_eq!(
+        f32s.values,
+        values.iter().map(|v| v * 2.0).collect::<Vec<_>>()
+    );
+    // Multiples of 0.25 below 8 are exact in f16.
+    assert_eq!(read("f16.npy").values, values);
+    let thirds: Vec<f32> = values
+        .iter()
+        .map(|v| (f64::from(*v) / 3.0) as f32)
+        .collect();
+    assert_eq!(read("f64.npy").values, thirds);
+    assert_eq!(read("big.npy").values, values);
+    let vector = read("vector.npy");
+    assert_eq!(vector.shape, vec![7]);
+    assert_eq!(vector.values, (0..7).map(|i| i as f32).collect::<Vec<_>>());
+}

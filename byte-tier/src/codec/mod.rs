@@ -23,6 +23,7 @@ mod float;
 mod kquants;
 mod legacy;
 mod lut;
+mod npy;
 mod scan;
 mod transform;
 
@@ -36,8 +37,9 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::types::GgmlType;
 
-pub use scan::{NonFiniteReport, scan_non_finite};
-pub use transform::{Transform, TransformReport, transform_range};
+pub use npy::{NpyArray, npy_shape, parse_npy, read_npy_file, write_npy_f32, write_tensor_npy};
+pub use scan::{MAX_REPORTED_OFFSETS, NonFiniteReport, scan_non_finite};
+pub use transform::{Transform, TransformPath, TransformReport, transform_range};
 
 /// Elements handled by one parallel work item (rounded up to whole blocks).
 pub const CHUNK_ELEMENTS: usize = 16 * 1024;
