@@ -346,7 +346,31 @@ pub(crate) fn quantize_span(span: &Span, values: &[f32]) -> Result<Vec<u8>> {
 /// Reads the little-endian f16 at `bytes[at..at + 2]` as f32.
 #[inline(always)]
 pub(crate) fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
+    f16_to_f32(u16::from_le_bytes([bytes[at], bytes[at + 1]]))
+}
+
+/// Converts f16 bits to f32, exactly.
+///
+/// Written out rather than calling `half` because it is on the hot path of every block
+/// and inlines to a few instructions with no CPU-feature check. Normal and subnormal
+/// values alike are the f16 bits moved into an f32's place and multiplied by 2^112;
+/// infinities keep an all-ones exponent, and NaNs are made quiet as F16C and `half` do.
+#[inline(always)]
+pub(crate) fn f16_to_f32(bits: u16) -> f32 {
+    let sign = u32::from(bits & 0x8000) << 16;
+    let magnitude = u32::from(bits & 0x7fff) << 13;
+    let value = if bits & 0x7c00 == 0x7c00 {
+        let quiet = if magnitude & 0x007f_e000 != 0 {
+            0x0040_0000
+        } else {
+            0
+        };
+        magnitude | 0x7f80_0000 | quiet
+    } else {
+        // 0x7780_0000 is 2^112 as an f32.
+        (f32::from_bits(magnitude) * f32::from_bits(0x7780_0000)).to_bits()
+    };
+    f32::from_bits(value | sign)
 }
 
 /// Rounds `value` to f16 (round to nearest even, as numpy and ggml do) and returns its

@@ -535,3 +535,21 @@ fn integer_types_dequantize_but_do_not_quantize() {
     );
     assert!(can_dequantize(GgmlType::I64) && !can_quantize(GgmlType::I64));
 }
+
+#[test]
+fn f16_conversion_matches_half_for_every_bit_pattern() {
+    for bits in 0..=u16::MAX {
+        let ours = f16_to_f32(bits);
+        let theirs = half::f16::from_bits(bits).to_f32();
+        if theirs.is_nan() {
+            assert!(ours.is_nan(), "{bits:04x}");
+            assert_eq!(
+                ours.to_bits() & 0xffc0_0000,
+                theirs.to_bits() & 0xffc0_0000,
+                "{bits:04x}"
+            );
+        } else {
+            assert_eq!(ours.to_bits(), theirs.to_bits(), "{bits:04x}");
+        }
+    }
+}
