@@ -11,9 +11,12 @@
 //! - Q6_K (210): ql[128] @0, qh[64] @128, scales[16] (i8) @192, d @208;
 //!   x = d * sc * (q - 32).
 //!
-//! The quantizers follow ggml's `quantize_row_q{4,5,6}_K_ref` (no importance matrix):
-//! the same search for sub-block scales (`make_qkx2_quants`, `make_qx_quants`), the
-//! same float operations in the same order, and ggml's `nearest_int` rounding.
+//! The quantizers follow ggml's `quantize_row_q{2,3,4,5,6}_K_ref` (no importance
+//! matrix): the same search for sub-block scales (`make_qkx2_quants`, `make_q3_quants`,
+//! `make_qx_quants`), the same float operations in the same order, and ggml's
+//! `nearest_int` rounding. Their bytes equal ggml's reference built without fused
+//! multiply-add contraction (`-ffp-contract=off`); a build that lets the compiler fuse
+//! `a * b + c` rounds differently in a small fraction of blocks.
 
 use super::{BlockOverflow, f16_at, f16_bits};
 
@@ -198,25 +201,27 @@ fn nearest_int(x: f32) -> i32 {
     (bits & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
-/// ggml's `make_qkx2_quants` with `use_mad = false` on a 32-element sub-block: finds a
-/// scale and a (non-positive) min for codes `0..=nmax` minimizing the weighted squared
-/// error, trying `nstep + 1` candidate scales around the min-max one. Returns
-/// `(scale, -min)` and leaves the codes in `codes`.
+/// ggml's `make_qkx2_quants` on an `N`-element sub-block: finds a scale and a
+/// (non-positive) min for codes `0..=nmax` minimizing the weighted squared (or, with
+/// `use_mad`, absolute) error, trying `nstep + 1` candidate scales around the min-max
+/// one. Returns `(scale, -min)` and leaves the codes in `codes`.
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+fn make_qkx2_quants<const N: usize>(
     nmax: i32,
-    x: &[f32; 32],
-    weights: &[f32; 32],
-    codes: &mut [u8; 32],
+    x: &[f32; N],
+    weights: &[f32; N],
+    codes: &mut [u8; N],
     rmin: f32,
     rdelta: f32,
     nstep: i32,
+    use_mad: bool,
 ) -> (f32, f32) {
+    let error = |diff: f32| if use_mad { diff.abs() } else { diff * diff };
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = weights[0];
     let mut sum_x = sum_w * x[0];
-    for i in 1..32 {
+    for i in 1..N {
         if x[i] < min {
             min = x[i];
         }
@@ -231,24 +236,24 @@ fn make_qkx2_quants(
         min = 0.0;
     }
     if max == min {
-        *codes = [0; 32];
+        *codes = [0; N];
         return (0.0, -min);
     }
     let nmax_f = nmax as f32;
     let mut iscale = nmax_f / (max - min);
     let mut scale = 1.0 / iscale;
     let mut best_error = 0.0f32;
-    for i in 0..32 {
+    for i in 0..N {
         let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
         codes[i] = l as u8;
         let diff = scale * l as f32 + min - x[i];
-        best_error += weights[i] * (diff * diff);
+        best_error += weights[i] * error(diff);
     }
-    let mut aux = [0u8; 32];
+    let mut aux = [0u8; N];
     for is in 0..=nstep {
         iscale = (rmin + rdelta * is as f32 + nmax_f) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
-        for i in 0..32 {
+        for i in 0..N {
             let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
             aux[i] = l as u8;
             let w = weights[i];
@@ -266,9 +271,9 @@ fn make_qkx2_quants(
                 this_scale = sum_xl / sum_l2;
             }
             let mut cur_error = 0.0f32;
-            for i in 0..32 {
+            for i in 0..N {
                 let diff = this_scale * f32::from(aux[i]) + this_min - x[i];
-                cur_error += weights[i] * (diff * diff);
+                cur_error += weights[i] * error(diff);
             }
             if cur_error < best_error {
                 *codes = aux;
@@ -330,7 +335,7 @@ fn quant_k4_common(
         for (w, v) in weights.iter_mut().zip(xj) {
             *w = av_x + v.abs();
         }
-        let (scale, min) = make_qkx2_quants(nmax, xj, &weights, cj, rmin, 0.1, nstep);
+        let (scale, min) = make_qkx2_quants(nmax, xj, &weights, cj, rmin, 0.1, nstep, false);
         scales[j] = scale;
         mins[j] = min;
         if scale > max_scale {
@@ -563,6 +568,216 @@ pub(super) fn quant_q6_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
                 qh[l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
             }
         }
+    }
+    Ok(())
+}
+
+/// Packs 256 two-bit codes as Q2_K and Q3_K store them: byte `l` of each 32-byte half
+/// holds elements `l`, `l + 32`, `l + 64` and `l + 96` of that half, lowest bits first.
+fn pack_2bit(codes: &[u8; QK_K], qs: &mut [u8]) {
+    for half in 0..2 {
+        let c = &codes[128 * half..128 * half + 128];
+        for l in 0..32 {
+            qs[32 * half + l] = c[l] | (c[l + 32] << 2) | (c[l + 64] << 4) | (c[l + 96] << 6);
+        }
+    }
+}
+
+pub(super) fn quant_q2_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
+    const Q4SCALE: f32 = 15.0;
+    let (xs, _) = src.as_chunks::<QK_K>();
+    let (blocks, _) = dst.as_chunks_mut::<84>();
+    for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
+        let mut codes = [0u8; QK_K];
+        let mut scales = [0f32; 16];
+        let mut mins = [0f32; 16];
+        let mut max_scale = 0.0f32;
+        let mut max_min = 0.0f32;
+        let (groups, _) = x.as_chunks::<16>();
+        let (cs, _) = codes.as_chunks_mut::<16>();
+        for (j, (g, c)) in groups.iter().zip(cs.iter_mut()).enumerate() {
+            let mut weights = [0f32; 16];
+            for (w, v) in weights.iter_mut().zip(g) {
+                *w = v.abs();
+            }
+            let (scale, min) = make_qkx2_quants(3, g, &weights, c, -0.5, 0.1, 15, true);
+            scales[j] = scale;
+            mins[j] = min;
+            if scale > max_scale {
+                max_scale = scale;
+            }
+            if min > max_min {
+                max_min = min;
+            }
+        }
+        let mut packed = [0u8; 16];
+        let mut d_value = 0.0f32;
+        if max_scale > 0.0 {
+            let iscale = Q4SCALE / max_scale;
+            for (p, &scale) in packed.iter_mut().zip(&scales) {
+                // ggml stores the int into a uint8_t, wrapping.
+                *p = nearest_int(iscale * scale) as u8;
+            }
+            d_value = max_scale / Q4SCALE;
+        }
+        let mut dmin_value = 0.0f32;
+        if max_min > 0.0 {
+            let iscale = Q4SCALE / max_min;
+            for (p, &min) in packed.iter_mut().zip(&mins) {
+                *p |= (nearest_int(iscale * min) << 4) as u8;
+            }
+            dmin_value = max_min / Q4SCALE;
+        }
+        let d_bits = f16_bits(d_value).ok_or(BlockOverflow {
+            block: i,
+            value: d_value,
+        })?;
+        let dmin_bits = f16_bits(dmin_value).ok_or(BlockOverflow {
+            block: i,
+            value: dmin_value,
+        })?;
+        let d_super = half::f16::from_bits(d_bits).to_f32();
+        let dmin_super = half::f16::from_bits(dmin_bits).to_f32();
+        for (j, (g, c)) in groups.iter().zip(cs.iter_mut()).enumerate() {
+            let d = d_super * f32::from(packed[j] & 0x0f);
+            if d == 0.0 {
+                continue;
+            }
+            let dm = dmin_super * f32::from(packed[j] >> 4);
+            for (code, v) in c.iter_mut().zip(g) {
+                *code = nearest_int((v + dm) / d).clamp(0, 3) as u8;
+            }
+        }
+        b[..16].copy_from_slice(&packed);
+        pack_2bit(&codes, &mut b[16..80]);
+        b[80..82].copy_from_slice(&d_bits.to_le_bytes());
+        b[82..84].copy_from_slice(&dmin_bits.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// ggml's `make_q3_quants` with `do_rmse = true` on a 16-element group: a signed scale
+/// for codes `-nmax..nmax` (returned offset by `nmax`), refined by up to five passes
+/// that move single codes while the x²-weighted fit improves.
+fn make_q3_quants(nmax: i32, x: &[f32; 16], codes: &mut [i8; 16]) -> f32 {
+    let mut max = 0.0f32;
+    let mut amax = 0.0f32;
+    for &v in x {
+        let ax = v.abs();
+        if ax > amax {
+            amax = ax;
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        *codes = [0; 16];
+        return 0.0;
+    }
+    let iscale = -(nmax as f32) / max;
+    let mut sumlx = 0.0f32;
+    let mut suml2 = 0.0f32;
+    for (c, &v) in codes.iter_mut().zip(x) {
+        let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        *c = l as i8;
+        let w = v * v;
+        let lf = l as f32;
+        sumlx += w * v * lf;
+        suml2 += w * lf * lf;
+    }
+    for _ in 0..5 {
+        let mut changed = false;
+        for (c, &v) in codes.iter_mut().zip(x) {
+            let w = v * v;
+            let old = f32::from(*c);
+            let mut slx = sumlx - w * v * old;
+            if slx > 0.0 {
+                let mut sl2 = suml2 - w * old * old;
+                let new_l = nearest_int(v * sl2 / slx).clamp(-nmax, nmax - 1);
+                if new_l != i32::from(*c) {
+                    let nf = new_l as f32;
+                    slx += w * v * nf;
+                    sl2 += w * nf * nf;
+                    if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        *c = new_l as i8;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for c in codes.iter_mut() {
+        *c += nmax as i8;
+    }
+    if suml2 > 0.0 { sumlx / suml2 } else { 0.0 }
+}
+
+pub(super) fn quant_q3_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
+    let (xs, _) = src.as_chunks::<QK_K>();
+    let (blocks, _) = dst.as_chunks_mut::<110>();
+    for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
+        let mut signed = [0i8; QK_K];
+        let mut scales = [0f32; 16];
+        let mut max_scale = 0.0f32;
+        let mut amax = 0.0f32;
+        let (groups, _) = x.as_chunks::<16>();
+        let (cs, _) = signed.as_chunks_mut::<16>();
+        for (j, (g, c)) in groups.iter().zip(cs.iter_mut()).enumerate() {
+            scales[j] = make_q3_quants(4, g, c);
+            if scales[j].abs() > amax {
+                amax = scales[j].abs();
+                max_scale = scales[j];
+            }
+        }
+        let mut packed = [0u8; 12];
+        let mut d_value = 0.0f32;
+        if max_scale != 0.0 {
+            let iscale = -32.0 / max_scale;
+            for (j, &scale) in scales.iter().enumerate() {
+                // ggml stores the int into an int8_t (wrapping) before clamping.
+                let l = ((nearest_int(iscale * scale) as i8).clamp(-32, 31) + 32) as u8;
+                if j < 8 {
+                    packed[j] = l & 0x0f;
+                } else {
+                    packed[j - 8] |= (l & 0x0f) << 4;
+                }
+                packed[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
+            }
+            d_value = 1.0 / iscale;
+        }
+        let d_bits = f16_bits(d_value).ok_or(BlockOverflow {
+            block: i,
+            value: d_value,
+        })?;
+        let d_super = half::f16::from_bits(d_bits).to_f32();
+        let sc = scales_q3_k(&packed);
+        for (j, (g, c)) in groups.iter().zip(cs.iter_mut()).enumerate() {
+            let d = d_super * f32::from(sc[j]);
+            if d == 0.0 {
+                continue;
+            }
+            for (code, v) in c.iter_mut().zip(g) {
+                *code = (nearest_int(v / d).clamp(-4, 3) + 4) as i8;
+            }
+        }
+        let mut codes = [0u8; QK_K];
+        let mut hmask = [0u8; 32];
+        for (j, (code, &s)) in codes.iter_mut().zip(&signed).enumerate() {
+            let mut l = s as u8;
+            if l > 3 {
+                hmask[j % 32] |= 1 << (j / 32);
+                l -= 4;
+            }
+            *code = l;
+        }
+        b[..32].copy_from_slice(&hmask);
+        pack_2bit(&codes, &mut b[32..96]);
+        b[96..108].copy_from_slice(&packed);
+        b[108..110].copy_from_slice(&d_bits.to_le_bytes());
     }
     Ok(())
 }

@@ -102,6 +102,8 @@ fn quant_kernel(ggml_type: GgmlType) -> Option<QuantKernel> {
         T::Q5_0 => legacy::quant_q5_0,
         T::Q5_1 => legacy::quant_q5_1,
         T::Q8_0 => legacy::quant_q8_0,
+        T::Q2_K => kquants::quant_q2_k,
+        T::Q3_K => kquants::quant_q3_k,
         T::Q4_K => kquants::quant_q4_k,
         T::Q5_K => kquants::quant_q5_k,
         T::Q6_K => kquants::quant_q6_k,

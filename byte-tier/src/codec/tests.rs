@@ -505,7 +505,13 @@ fn k_quants_round_trip_closely() {
         assert!(rms > 0.0, "{t}");
     }
     // All-zero super-blocks stay all zeros.
-    for t in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+    for t in [
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ] {
         let back = dequantize(t, &quantize(t, &[0.0; 256]).unwrap()).unwrap();
         assert!(back.iter().all(|v| *v == 0.0), "{t}");
     }
