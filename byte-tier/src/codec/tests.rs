@@ -559,3 +559,60 @@ fn f16_conversion_matches_half_for_every_bit_pattern() {
         }
     }
 }
+
+/// The inputs of the K-quant reference vectors: eight super-blocks of weight-like,
+/// uniform, all-zero, constant, outlier and tiny values from a fixed-seed generator.
+fn golden_input() -> Vec<f32> {
+    let mut state = 0x853c_49e6_748f_ea9bu64;
+    let mut unit = move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let mut values = Vec::with_capacity(8 * 256);
+    for _ in 0..512 {
+        values.push((unit() + unit() + unit()) * 0.02);
+    }
+    for _ in 0..256 {
+        values.push(unit());
+    }
+    values.extend([0.0f32; 256]);
+    values.extend([-0.75f32; 256]);
+    for i in 0..256 {
+        values.push(if i % 41 == 7 { 3.0 } else { unit() * 0.01 });
+    }
+    for _ in 0..256 {
+        values.push(unit() * 1e-6);
+    }
+    for i in 0..256 {
+        values.push((i % 17) as f32 * 0.125 - 1.0);
+    }
+    values
+}
+
+#[test]
+fn k_quants_match_the_reference_vectors() {
+    let expected = include_bytes!("test_data/kquants_ref.bin");
+    let input = golden_input();
+    let mut at = 0;
+    for t in [
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ] {
+        let ours = quantize(t, &input).unwrap();
+        let theirs = &expected[at..at + ours.len()];
+        at += ours.len();
+        for (b, (o, r)) in ours
+            .chunks(t.block_bytes() as usize)
+            .zip(theirs.chunks(t.block_bytes() as usize))
+            .enumerate()
+        {
+            assert_eq!(o, r, "{t} super-block {b}");
+        }
+    }
+    assert_eq!(at, expected.len());
+}
