@@ -381,3 +381,71 @@ print("ok")
     assert_eq!(vector.shape, vec![7]);
     assert_eq!(vector.values, (0..7).map(|i| i as f32).collect::<Vec<_>>());
 }
+
+/// Elements of each tensor whose requantization is also compared with gguf-py's.
+const REQUANT_SAMPLE: usize = 1 << 16;
+
+#[test]
+fn requantizing_the_real_models_q8_0_and_q5_0_tensors_gives_their_bytes_back() {
+    // ggml's Q8_0 and Q5_0 quantizers leave, in every block, an element at the extreme
+    // code (+-127, or code 0 for Q5_0), so dequantized values requantize to the same
+    // scale and codes: the whole tensor must come back byte for byte.
+    let path = support::real_model();
+    let file = MappedFile::open(&path).expect("open model");
+    let gguf = file.parse().expect("parse model");
+    let mut checked = BTreeMap::new();
+    let mut samples = Vec::new();
+    for tensor in gguf.tensors() {
+        let t = tensor.ggml_type;
+        if t != GgmlType::Q8_0 && t != GgmlType::Q5_0 {
+            continue;
+        }
+        let data = gguf.tensor_data(tensor);
+        let values = codec::dequantize(t, data).expect("dequantize");
+        let again = codec::quantize(t, &values).expect("quantize");
+        let bb = t.block_bytes() as usize;
+        let bad = again
+            .chunks(bb)
+            .zip(data.chunks(bb))
+            .position(|(a, b)| a != b);
+        assert_eq!(bad, None, "{}: first differing block", tensor.name);
+        *checked.entry(t).or_insert(0) += 1;
+        let n = values.len().min(REQUANT_SAMPLE);
+        samples.push((
+            tensor.name.clone(),
+            t,
+            values[..n].to_vec(),
+            again[..n / 32 * bb].to_vec(),
+        ));
+    }
+    assert!(checked.get(&GgmlType::Q8_0) > Some(&0) && checked.get(&GgmlType::Q5_0) > Some(&0));
+
+    // gguf-py quantizes the same dequantized values to the same bytes.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut list = String::new();
+    for (i, (name, t, values, _)) in samples.iter().enumerate() {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(dir.path().join(format!("{i}.f32")), bytes).expect("write sample");
+        list.push_str(&format!("{i} {} {name}\n", t.name()));
+    }
+    std::fs::write(dir.path().join("list"), list).expect("write list");
+    let script = r#"
+import sys, os
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf.quants import quantize
+d = sys.argv[1]
+for line in open(os.path.join(d, "list")):
+    i, name, _ = line.split(" ", 2)
+    values = np.fromfile(os.path.join(d, i + ".f32"), dtype="<f4")
+    quantize(values, T[name]).tofile(os.path.join(d, i + ".q"))
+"#;
+    support::run_python(script, &[dir.path().as_os_str()]);
+    for (i, (name, t, _, ours)) in samples.iter().enumerate() {
+        let theirs = std::fs::read(dir.path().join(format!("{i}.q"))).expect("read gguf-py output");
+        assert!(
+            theirs == *ours,
+            "{name} ({t}): gguf-py's requantization differs"
+        );
+    }
+}
