@@ -47,6 +47,9 @@ const QUANT_TYPES: &[GgmlType] = &[
     GgmlType::Q5_0,
     GgmlType::Q5_1,
     GgmlType::Q8_0,
+    GgmlType::MXFP4,
+    GgmlType::TQ1_0,
+    GgmlType::TQ2_0,
 ];
 
 /// gguf-py's dequantization of a flat byte file; the plain integer and F64 types, which

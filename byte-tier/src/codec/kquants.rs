@@ -196,7 +196,7 @@ pub(super) fn dequant_q6_k(src: &[u8], dst: &mut [f32]) {
 /// `x + 1.5 * 2^23`. Exact for |x| <= 2^22, which the quantizers stay within; outside
 /// it gives ggml's (meaningless but deterministic) answer rather than panicking.
 #[inline(always)]
-fn nearest_int(x: f32) -> i32 {
+pub(super) fn nearest_int(x: f32) -> i32 {
     let bits = (x + 12_582_912.0).to_bits();
     (bits & 0x007f_ffff) as i32 - 0x0040_0000
 }

@@ -131,7 +131,7 @@ fn inverse(d: f32) -> f32 {
 /// those cases; their f16 scale is zero, so the codes do not change any value, but the
 /// bytes still match the reference.
 #[inline(always)]
-fn numpy_cast_i32(x: f32) -> i32 {
+pub(super) fn numpy_cast_i32(x: f32) -> i32 {
     if x.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&x) {
         i32::MIN
     } else {

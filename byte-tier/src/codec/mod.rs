@@ -107,6 +107,11 @@ fn quant_kernel(ggml_type: GgmlType) -> Option<QuantKernel> {
         T::Q4_K => kquants::quant_q4_k,
         T::Q5_K => kquants::quant_q5_k,
         T::Q6_K => kquants::quant_q6_k,
+        T::IQ4_NL => lut::quant_iq4_nl,
+        T::IQ4_XS => lut::quant_iq4_xs,
+        T::MXFP4 => lut::quant_mxfp4,
+        T::TQ1_0 => lut::quant_tq1_0,
+        T::TQ2_0 => lut::quant_tq2_0,
         _ => return None,
     })
 }
@@ -260,8 +265,10 @@ fn run_dequant(kernel: DequantKernel, ggml_type: GgmlType, src: &[u8], dst: &mut
 /// field with [`Error::ScaleOverflow`]; in both cases nothing is written. The reference
 /// quantizers would store NaN or infinite scales that poison every value of the block.
 ///
-/// Bytes are identical to gguf-py's `gguf.quants.quantize` for the types it quantizes,
-/// and to ggml's `quantize_row_*_ref` (no importance matrix) for the K-quants.
+/// Bytes are identical to gguf-py's `gguf.quants.quantize` for the types it quantizes
+/// (BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, TQ1_0, TQ2_0), and to ggml's
+/// `quantize_row_*_ref` (no importance matrix, built without fused multiply-add) for
+/// Q2_K..Q6_K, IQ4_NL and IQ4_XS. F16 rounds to nearest even, as numpy does.
 pub fn quantize_range(
     ggml_type: GgmlType,
     values: &[f32],
