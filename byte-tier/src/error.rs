@@ -301,12 +301,32 @@ pub enum Error {
         /// Why it was refused.
         reason: &'static str,
     },
+    /// A codec error, with the name of the tensor it happened in.
+    #[error("tensor {tensor:?}: {source}")]
+    InTensor {
+        /// The tensor.
+        tensor: String,
+        /// What went wrong.
+        source: Box<Error>,
+    },
 }
 
 /// The result type of byte-tier.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Names the tensor this error happened in, for errors from functions that see only
+    /// a tensor's bytes (the codecs). An error that already names a tensor is kept.
+    pub fn in_tensor(self, tensor: impl Into<String>) -> Error {
+        match self {
+            Error::InTensor { .. } => self,
+            other => Error::InTensor {
+                tensor: tensor.into(),
+                source: Box::new(other),
+            },
+        }
+    }
+
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
         Error::Io {
             action,

@@ -452,3 +452,28 @@ for line in open(os.path.join(d, "list")):
         );
     }
 }
+
+#[test]
+fn the_real_model_scans_clean_and_errors_name_the_tensor() {
+    let path = support::real_model();
+    let file = MappedFile::open(&path).expect("open model");
+    let gguf = file.parse().expect("parse model");
+    for tensor in gguf.tensors() {
+        let report = codec::scan_tensor(&gguf, tensor).expect("scan");
+        assert!(report.is_clean(), "{}: {report:?}", tensor.name);
+    }
+    let tensor = gguf
+        .tensors()
+        .iter()
+        .find(|t| t.ggml_type == GgmlType::Q4_K)
+        .expect("a Q4_K tensor");
+    let err = codec::dequantize_tensor(&gguf, tensor, 0..100).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&tensor.name) && text.contains("0..100") && text.contains("Q4_K"),
+        "{text}"
+    );
+    let head = codec::dequantize_tensor(&gguf, tensor, 256..512).expect("dequantize");
+    let whole = codec::dequantize(GgmlType::Q4_K, gguf.tensor_data(tensor)).expect("whole");
+    assert_eq!(head, whole[256..512]);
+}

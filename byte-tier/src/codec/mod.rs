@@ -41,6 +41,35 @@ pub use npy::{NpyArray, npy_shape, parse_npy, read_npy_file, write_npy_f32, writ
 pub use scan::{MAX_REPORTED_OFFSETS, NonFiniteReport, scan_non_finite};
 pub use transform::{Transform, TransformPath, TransformReport, transform_range};
 
+/// Dequantizes the elements `range` of a tensor of a parsed file; errors name the
+/// tensor.
+pub fn dequantize_tensor(
+    gguf: &crate::Gguf<'_>,
+    tensor: &crate::TensorInfo,
+    range: Range<u64>,
+) -> Result<Vec<f32>> {
+    let run = || {
+        let len = range.end.saturating_sub(range.start);
+        let data = gguf.tensor_data(tensor);
+        // Checked before allocating: the range must lie inside the tensor.
+        check_range(tensor.ggml_type, data.len(), &range)?;
+        let mut out = vec![0f32; len as usize];
+        dequantize_range(tensor.ggml_type, data, range.clone(), &mut out)?;
+        Ok(out)
+    };
+    run().map_err(|e: Error| e.in_tensor(&tensor.name))
+}
+
+/// Scans a whole tensor of a parsed file for NaN and infinity; errors name the tensor.
+pub fn scan_tensor(gguf: &crate::Gguf<'_>, tensor: &crate::TensorInfo) -> Result<NonFiniteReport> {
+    scan_non_finite(
+        tensor.ggml_type,
+        gguf.tensor_data(tensor),
+        0..tensor.n_elements,
+    )
+    .map_err(|e| e.in_tensor(&tensor.name))
+}
+
 /// Elements handled by one parallel work item (rounded up to whole blocks).
 pub const CHUNK_ELEMENTS: usize = 16 * 1024;
 

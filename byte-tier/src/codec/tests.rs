@@ -151,6 +151,28 @@ proptest! {
     }
 
     #[test]
+    fn legacy_quantization_error_is_bounded_by_the_step(
+        values in prop::collection::vec(-100f32..100.0, 32 * 4),
+    ) {
+        // Q8_0: round to the nearest of 255 steps of d = amax / 127, plus one f16
+        // rounding of d applied to codes up to 127. Q4_0: truncation after adding half
+        // a step is rounding, except the top value +8|d| which is clamped a whole step.
+        for (t, step_bound) in [(GgmlType::Q8_0, 0.5 + 127.0 / 2048.0), (GgmlType::Q4_0, 1.0 + 16.0 / 2048.0)] {
+            let back = dequantize(t, &quantize(t, &values).unwrap()).unwrap();
+            for (block, (x, y)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
+                let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = if t == GgmlType::Q8_0 { amax / 127.0 } else { amax / 8.0 };
+                for (a, b) in x.iter().zip(y) {
+                    prop_assert!(
+                        (a - b).abs() <= d * step_bound * 1.0001,
+                        "{} block {}: {} -> {} (d {})", t, block, a, b, d
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn quantize_range_writes_only_its_blocks(
         raw in prop::collection::vec(any::<u8>(), 34 * 8),
         first in 0u64..8,
