@@ -3,6 +3,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::types::GgmlType;
+
 /// Everything that can go wrong while reading, checking or writing a GGUF file.
 ///
 /// Variants about a file's content carry the absolute byte offset where the problem was
@@ -310,12 +312,129 @@ pub enum Error {
     /// A structural edit cannot be made.
     #[error("invalid edit: {0}")]
     InvalidEdit(String),
+    /// A codec operation is not available for this ggml type.
+    #[error("{operation} is not supported for ggml type {ggml_type}")]
+    UnsupportedType {
+        /// The tensor's type.
+        ggml_type: GgmlType,
+        /// What was asked ("dequantize", "quantize", ...).
+        operation: &'static str,
+    },
+    /// Tensor data is not a whole number of blocks of its type.
+    #[error("{len} bytes of {ggml_type} data are not a whole number of {block_bytes}-byte blocks")]
+    PartialBlock {
+        /// The tensor's type.
+        ggml_type: GgmlType,
+        /// Length of the data given.
+        len: u64,
+        /// Bytes per block of the type.
+        block_bytes: u64,
+    },
+    /// An element range does not start and end on block boundaries.
+    #[error(
+        "element range {start}..{end} of a {ggml_type} tensor is not aligned to its {block_len}-element blocks"
+    )]
+    UnalignedRange {
+        /// The tensor's type.
+        ggml_type: GgmlType,
+        /// First element of the range.
+        start: u64,
+        /// One past the last element of the range.
+        end: u64,
+        /// Elements per block of the type.
+        block_len: u64,
+    },
+    /// An element range is reversed or runs past the end of the tensor.
+    #[error(
+        "element range {start}..{end} is outside the {n_elements} elements of a {ggml_type} tensor"
+    )]
+    RangeOutOfBounds {
+        /// The tensor's type.
+        ggml_type: GgmlType,
+        /// First element of the range.
+        start: u64,
+        /// One past the last element of the range.
+        end: u64,
+        /// Elements in the tensor.
+        n_elements: u64,
+    },
+    /// A buffer of values does not hold as many elements as the range it goes with.
+    #[error("{what} holds {found} elements, the range {start}..{end} needs {expected}")]
+    LengthMismatch {
+        /// Which buffer.
+        what: &'static str,
+        /// Elements the range needs.
+        expected: u64,
+        /// Elements the buffer holds.
+        found: u64,
+        /// First element of the range.
+        start: u64,
+        /// One past the last element of the range.
+        end: u64,
+    },
+    /// A value to be quantized (or written) is NaN or infinite; nothing was written.
+    #[error("value at element {index} is not finite ({value}); nothing was written")]
+    NonFiniteInput {
+        /// Element offset of the value in the tensor.
+        index: u64,
+        /// The value.
+        value: f32,
+    },
+    /// A scale field would not fit in its storage format (f16 overflows to infinity, or
+    /// an 8-bit exponent leaves its range); nothing was written.
+    #[error(
+        "{ggml_type} block {block} scale {value} does not fit in its field; nothing was written"
+    )]
+    ScaleOverflow {
+        /// The tensor's type.
+        ggml_type: GgmlType,
+        /// Index of the block in the tensor.
+        block: u64,
+        /// The scale that did not fit.
+        value: f32,
+    },
+    /// A `.npy` file cannot be read or written by this codec.
+    #[error("npy {}: {reason}", path.display())]
+    Npy {
+        /// The file concerned (empty for an in-memory buffer).
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A transform's parameters are invalid (a non-finite factor, a reversed clamp).
+    #[error("invalid {ggml_type} transform: {reason}")]
+    InvalidTransform {
+        /// The tensor's type.
+        ggml_type: GgmlType,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// A codec error, with the name of the tensor it happened in.
+    #[error("tensor {tensor:?}: {source}")]
+    InTensor {
+        /// The tensor.
+        tensor: String,
+        /// What went wrong.
+        source: Box<Error>,
+    },
 }
 
 /// The result type of byte-tier.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Names the tensor this error happened in, for errors from functions that see only
+    /// a tensor's bytes (the codecs). An error that already names a tensor is kept.
+    pub fn in_tensor(self, tensor: impl Into<String>) -> Error {
+        match self {
+            Error::InTensor { .. } => self,
+            other => Error::InTensor {
+                tensor: tensor.into(),
+                source: Box::new(other),
+            },
+        }
+    }
+
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
         Error::Io {
             action,

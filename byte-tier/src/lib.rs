@@ -8,6 +8,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod codec;
 pub mod edit;
 mod error;
 mod file;

@@ -1,3 +1,4 @@
 //! The integration-test binary.
+mod codecs;
 mod gguf_oracle;
 mod support;

@@ -1,0 +1,322 @@
+//! Value transforms on a block-aligned range of a tensor, in place.
+//!
+//! Three paths, chosen per type and transform, reported in [`TransformReport::path`]:
+//!
+//! - [`TransformPath::Scales`]: scaling a block type multiplies its f16 scale fields (d;
+//!   d and m for Q4_1 / Q5_1; d and dmin for the K-quants) and leaves its codes alone, so
+//!   no requantization error is added. Each new scale is rounded once to f16: in the
+//!   normal f16 range its relative error is at most 2^-11 (half an ulp), so an element
+//!   `x = d * q` (or `x = d * q + m`, `d * q - dmin * m`) ends within
+//!   `2^-11 * (|s * d * q| + |s * m|)` of `s * x`; a scale that lands in the subnormal
+//!   range is off by at most 2^-25 absolute. A scale that would overflow f16 is refused
+//!   with [`Error::ScaleOverflow`]. Zeroing writes zero bytes, which every block type
+//!   decodes as zeros (possibly -0.0).
+//! - [`TransformPath::Elementwise`]: the plain types (F32, F64, F16, BF16) are decoded,
+//!   transformed and rounded back one element at a time; F32 and F64 are exact, F16 and
+//!   BF16 add one rounding (round to nearest even).
+//! - [`TransformPath::Requantized`]: anything else dequantizes each chunk, applies the
+//!   transform, and quantizes it again with the reference quantizer.
+//!
+//! In every path the report gives the error of the result against the intended values
+//! (the transform applied to the exact dequantized old values), and nothing is written
+//! unless every chunk succeeded.
+
+use std::fmt;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::scan::scale_fields;
+use super::{
+    Span, check_len, check_range, chunk_blocks, dequant_kernel, f16_bits, first_non_finite,
+    quant_kernel,
+};
+use crate::error::{Error, Result};
+use crate::types::GgmlType;
+
+/// A change to a tensor's values.
+#[derive(Clone, Copy)]
+#[non_exhaustive]
+pub enum Transform<'a> {
+    /// Multiply every value by a finite factor.
+    Scale(f32),
+    /// Add a finite constant to every value.
+    Offset(f32),
+    /// Clamp every value into `min..=max`.
+    Clamp {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound (at least `min`).
+        max: f32,
+    },
+    /// Set every value to zero.
+    Zero,
+    /// Replace the values by these, one per element of the range.
+    Set(&'a [f32]),
+    /// Replace every value `x` by `f(x)`; a non-finite result is refused.
+    Map(&'a (dyn Fn(f32) -> f32 + Sync)),
+}
+
+impl fmt::Debug for Transform<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Transform::Scale(s) => write!(f, "Scale({s})"),
+            Transform::Offset(o) => write!(f, "Offset({o})"),
+            Transform::Clamp { min, max } => write!(f, "Clamp {{ min: {min}, max: {max} }}"),
+            Transform::Zero => f.write_str("Zero"),
+            Transform::Set(values) => write!(f, "Set([{} values])", values.len()),
+            Transform::Map(_) => f.write_str("Map(..)"),
+        }
+    }
+}
+
+/// How a transform was carried out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransformPath {
+    /// Only the block scale fields changed (or the blocks were zeroed): the codes are
+    /// untouched.
+    Scales,
+    /// A plain float type, rounded back element by element.
+    Elementwise,
+    /// Dequantized, transformed and quantized again.
+    Requantized,
+}
+
+/// The outcome of [`transform_range`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TransformReport {
+    /// The path taken.
+    pub path: TransformPath,
+    /// Elements transformed.
+    pub n_elements: u64,
+    /// Root mean square of (stored value - intended value) over the range.
+    pub rms_error: f64,
+    /// Largest |stored value - intended value| over the range.
+    pub max_abs_error: f64,
+}
+
+impl TransformReport {
+    /// Whether the work was done without requantizing (scale fields or element-wise).
+    pub fn quantized_domain(&self) -> bool {
+        self.path != TransformPath::Requantized
+    }
+}
+
+/// Error sums of one chunk.
+#[derive(Clone, Copy, Debug, Default)]
+struct ErrorSums {
+    sum_sq: f64,
+    max_abs: f64,
+}
+
+impl ErrorSums {
+    fn add(&mut self, stored: &[f32], intended: &[f32]) {
+        for (s, i) in stored.iter().zip(intended) {
+            let e = (f64::from(*s) - f64::from(*i)).abs();
+            self.sum_sq += e * e;
+            if e > self.max_abs {
+                self.max_abs = e;
+            }
+        }
+    }
+
+    fn merge(self, other: ErrorSums) -> ErrorSums {
+        ErrorSums {
+            sum_sq: self.sum_sq + other.sum_sq,
+            max_abs: self.max_abs.max(other.max_abs),
+        }
+    }
+}
+
+/// Applies `transform` to the elements `range` of a tensor of `ggml_type` whose bytes are
+/// `data`, in place, and reports the path taken and the error against the intended
+/// values. On error nothing is written.
+pub fn transform_range(
+    ggml_type: GgmlType,
+    data: &mut [u8],
+    range: Range<u64>,
+    transform: &Transform<'_>,
+) -> Result<TransformReport> {
+    let span = check_range(ggml_type, data.len(), &range)?;
+    check_transform(&span, transform)?;
+    let dequant = dequant_kernel(ggml_type).ok_or(Error::UnsupportedType {
+        ggml_type,
+        operation: "transform",
+    })?;
+    let old = &data[span.bytes.clone()];
+    let fields = scale_fields(ggml_type);
+    let plain = matches!(
+        ggml_type,
+        GgmlType::F32 | GgmlType::F64 | GgmlType::F16 | GgmlType::BF16
+    );
+    let (path, new) = match transform {
+        Transform::Zero if !plain => (TransformPath::Scales, vec![0u8; old.len()]),
+        Transform::Scale(factor) if !plain && !fields.is_empty() => (
+            TransformPath::Scales,
+            scale_fields_of(&span, old, fields, *factor)?,
+        ),
+        _ => {
+            if quant_kernel(ggml_type).is_none() {
+                return Err(Error::UnsupportedType {
+                    ggml_type,
+                    operation: "transform (requantize)",
+                });
+            }
+            let path = if plain {
+                TransformPath::Elementwise
+            } else {
+                TransformPath::Requantized
+            };
+            (path, requantize(&span, old, transform)?)
+        }
+    };
+    let sums = measure(&span, dequant, old, &new, transform);
+    data[span.bytes.clone()].copy_from_slice(&new);
+    let n = span.len() as u64;
+    Ok(TransformReport {
+        path,
+        n_elements: n,
+        rms_error: if n == 0 {
+            0.0
+        } else {
+            (sums.sum_sq / n as f64).sqrt()
+        },
+        max_abs_error: sums.max_abs,
+    })
+}
+
+fn check_transform(span: &Span, transform: &Transform<'_>) -> Result<()> {
+    let invalid = |reason| Error::InvalidTransform {
+        ggml_type: span.ggml_type,
+        reason,
+    };
+    match *transform {
+        Transform::Scale(s) if !s.is_finite() => Err(invalid("scale factor is not finite")),
+        Transform::Offset(o) if !o.is_finite() => Err(invalid("offset is not finite")),
+        Transform::Clamp { min, max } if !(min.is_finite() && max.is_finite()) => {
+            Err(invalid("clamp bounds are not finite"))
+        }
+        Transform::Clamp { min, max } if min > max => Err(invalid("clamp minimum exceeds maximum")),
+        Transform::Set(values) => check_len("values to set", span, values.len()),
+        _ => Ok(()),
+    }
+}
+
+/// The intended value of the element at `index` in the range, whose old value is `x`.
+#[inline]
+fn intended(transform: &Transform<'_>, index: usize, x: f32) -> f32 {
+    match *transform {
+        Transform::Scale(s) => x * s,
+        Transform::Offset(o) => x + o,
+        Transform::Clamp { min, max } => x.max(min).min(max),
+        Transform::Zero => 0.0,
+        Transform::Set(values) => values.get(index).copied().unwrap_or(f32::NAN),
+        Transform::Map(f) => f(x),
+    }
+}
+
+/// New bytes for a scale transform done on the f16 scale fields alone.
+fn scale_fields_of(span: &Span, old: &[u8], fields: &[usize], factor: f32) -> Result<Vec<u8>> {
+    let ggml_type = span.ggml_type;
+    let block_bytes = ggml_type.block_bytes() as usize;
+    let mut new = old.to_vec();
+    for (b, block) in new.chunks_exact_mut(block_bytes).enumerate() {
+        for &at in fields {
+            let old_scale = super::f16_at(block, at);
+            let scaled = old_scale * factor;
+            // A NaN or infinite scale stays what it was times the factor; only a finite
+            // scale that overflows is refused.
+            let bits = if old_scale.is_finite() {
+                f16_bits(scaled).ok_or(Error::ScaleOverflow {
+                    ggml_type,
+                    block: (span.first_block() + b) as u64,
+                    value: scaled,
+                })?
+            } else {
+                half::f16::from_f32(scaled).to_bits()
+            };
+            block[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+        }
+    }
+    Ok(new)
+}
+
+/// New bytes for a transform done by dequantizing, transforming and quantizing again.
+fn requantize(span: &Span, old: &[u8], transform: &Transform<'_>) -> Result<Vec<u8>> {
+    let ggml_type = span.ggml_type;
+    let dequant = dequant_kernel(ggml_type).ok_or(Error::UnsupportedType {
+        ggml_type,
+        operation: "dequantize",
+    })?;
+    let quant = quant_kernel(ggml_type).ok_or(Error::UnsupportedType {
+        ggml_type,
+        operation: "quantize",
+    })?;
+    let blocks = chunk_blocks(ggml_type);
+    let block_len = ggml_type.block_len() as usize;
+    let block_bytes = ggml_type.block_bytes() as usize;
+    let src_chunk = blocks * block_bytes;
+    let mut new = vec![0u8; old.len()];
+    let results: Vec<Result<()>> = old
+        .par_chunks(src_chunk)
+        .zip(new.par_chunks_mut(src_chunk))
+        .enumerate()
+        .map(|(c, (src, dst))| {
+            let first = c * blocks * block_len;
+            let mut values = vec![0f32; dst.len() / block_bytes * block_len];
+            dequant(src, &mut values);
+            for (i, v) in values.iter_mut().enumerate() {
+                *v = intended(transform, first + i, *v);
+            }
+            if let Some(i) = first_non_finite(&values) {
+                return Err(Error::NonFiniteInput {
+                    index: (span.elements.start + first + i) as u64,
+                    value: values[i],
+                });
+            }
+            quant(&values, dst).map_err(|e| Error::ScaleOverflow {
+                ggml_type,
+                block: (span.first_block() + c * blocks + e.block) as u64,
+                value: e.value,
+            })
+        })
+        .collect();
+    for r in results {
+        r?;
+    }
+    Ok(new)
+}
+
+/// Error of the new bytes against the intended values, chunk by chunk.
+fn measure(
+    span: &Span,
+    dequant: super::DequantKernel,
+    old: &[u8],
+    new: &[u8],
+    transform: &Transform<'_>,
+) -> ErrorSums {
+    let ggml_type = span.ggml_type;
+    let blocks = chunk_blocks(ggml_type);
+    let block_len = ggml_type.block_len() as usize;
+    let block_bytes = ggml_type.block_bytes() as usize;
+    let chunk = blocks * block_bytes;
+    old.par_chunks(chunk)
+        .zip(new.par_chunks(chunk))
+        .enumerate()
+        .map(|(c, (o, n))| {
+            let len = o.len() / block_bytes * block_len;
+            let first = c * blocks * block_len;
+            let mut want = vec![0f32; len];
+            let mut got = vec![0f32; len];
+            dequant(o, &mut want);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v = intended(transform, first + i, *v);
+            }
+            dequant(n, &mut got);
+            let mut sums = ErrorSums::default();
+            sums.add(&got, &want);
+            sums
+        })
+        .reduce(ErrorSums::default, ErrorSums::merge)
+}
