@@ -34,7 +34,7 @@ pub fn rewrite_file<R>(
     input: &Path,
     output: Option<&Path>,
     progress: &mut dyn FnMut(u64, u64),
-    edit: impl FnOnce(&Gguf<'_>, &mut GgufWriter<'_>) -> Result<R>,
+    edit: impl for<'a> FnOnce(&Gguf<'a>, &mut GgufWriter<'a>) -> Result<R>,
 ) -> Result<RewriteOutcome<R>> {
     let journal = crate::journal::journal_path(input);
     if journal.exists() && output.is_none() {
@@ -386,4 +386,122 @@ mod tests {
                 .is_none()
         );
     }
+}
+
+/// One tensor requantized by [`requantize_tensors`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Requantized {
+    /// The tensor.
+    pub name: String,
+    /// Its type before.
+    pub from: crate::types::GgmlType,
+    /// Its byte count before.
+    pub bytes_before: u64,
+    /// Its byte count after.
+    pub bytes_after: u64,
+}
+
+/// Elements converted per step by a requantizing reader: a multiple of every block size
+/// (256 for K-quants and IQ types, 32, 64 or 128 for the others).
+const REQUANTIZE_CHUNK: u64 = 256 * 256;
+
+/// Reads a tensor's data converted to another type, one chunk at a time: the writer
+/// pulls from it, so a whole tensor is never held dequantized in memory.
+struct RequantizeReader<'a> {
+    source: &'a [u8],
+    from: crate::types::GgmlType,
+    to: crate::types::GgmlType,
+    n_elements: u64,
+    next_element: u64,
+    buffer: Vec<u8>,
+    position: usize,
+}
+
+impl std::io::Read for RequantizeReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.position == self.buffer.len() {
+            if self.next_element == self.n_elements {
+                return Ok(0);
+            }
+            let end = (self.next_element + REQUANTIZE_CHUNK).min(self.n_elements);
+            let mut values = vec![0f32; (end - self.next_element) as usize];
+            crate::codec::dequantize_range(
+                self.from,
+                self.source,
+                self.next_element..end,
+                &mut values,
+            )
+            .and_then(|()| crate::codec::quantize(self.to, &values))
+            .map(|bytes| self.buffer = bytes)
+            .map_err(std::io::Error::other)?;
+            self.position = 0;
+            self.next_element = end;
+        }
+        let n = out.len().min(self.buffer.len() - self.position);
+        out[..n].copy_from_slice(&self.buffer[self.position..self.position + n]);
+        self.position += n;
+        Ok(n)
+    }
+}
+
+/// Converts every tensor whose name `select` accepts to `target` in a rewrite, streaming
+/// through the codecs. Each must be dequantizable, and its first dimension a whole number
+/// of the target's blocks. Tensors already of the target type are left alone.
+pub fn requantize_tensors<'a>(
+    gguf: &Gguf<'a>,
+    writer: &mut GgufWriter<'a>,
+    select: &dyn Fn(&str) -> bool,
+    target: crate::types::GgmlType,
+) -> Result<Vec<Requantized>> {
+    if !crate::codec::can_quantize(target) {
+        return Err(Error::UnsupportedType {
+            ggml_type: target,
+            operation: "quantize",
+        });
+    }
+    let mut done = Vec::new();
+    for spec in writer.tensors_mut() {
+        if !select(&spec.name) {
+            continue;
+        }
+        let info = gguf.require_tensor(&spec.name)?;
+        if info.ggml_type == target {
+            continue;
+        }
+        if !crate::codec::can_dequantize(info.ggml_type) {
+            return Err(Error::UnsupportedType {
+                ggml_type: info.ggml_type,
+                operation: "dequantize",
+            }
+            .in_tensor(&info.name));
+        }
+        let first_dim = info.dims.first().copied().unwrap_or(1);
+        if !first_dim.is_multiple_of(target.block_len()) {
+            return Err(Error::InvalidEdit(format!(
+                "tensor {:?}: its rows of {first_dim} elements are not whole {target} blocks of {}",
+                info.name,
+                target.block_len()
+            )));
+        }
+        let bytes_after = target
+            .bytes_for(info.n_elements)
+            .ok_or_else(|| Error::InvalidEdit(format!("tensor {:?} is too large", info.name)))?;
+        spec.ggml_type = target;
+        spec.data = crate::writer::TensorData::Reader(Box::new(RequantizeReader {
+            source: gguf.tensor_data(info),
+            from: info.ggml_type,
+            to: target,
+            n_elements: info.n_elements,
+            next_element: 0,
+            buffer: Vec::new(),
+            position: 0,
+        }));
+        done.push(Requantized {
+            name: info.name.clone(),
+            from: info.ggml_type,
+            bytes_before: info.n_bytes,
+            bytes_after,
+        });
+    }
+    Ok(done)
 }

@@ -13,7 +13,7 @@ use crate::types::GgmlType;
 #[non_exhaustive]
 pub enum Error {
     /// An operating-system call on a file failed.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         /// What was being done ("open", "map", "write", ...).
         action: &'static str,
@@ -309,6 +309,14 @@ pub enum Error {
         /// The patch.
         patch: String,
     },
+    /// A manifest line cannot be read.
+    #[error("manifest line {line}: {reason}")]
+    InvalidManifest {
+        /// The line number, from 1.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
     /// A structural edit cannot be made.
     #[error("invalid edit: {0}")]
     InvalidEdit(String),
@@ -410,7 +418,7 @@ pub enum Error {
         reason: &'static str,
     },
     /// A codec error, with the name of the tensor it happened in.
-    #[error("tensor {tensor:?}: {source}")]
+    #[error("tensor {tensor:?}")]
     InTensor {
         /// The tensor.
         tensor: String,

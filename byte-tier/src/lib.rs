@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod codec;
+pub mod diff;
 pub mod edit;
 mod error;
 mod file;
@@ -18,8 +19,10 @@ mod journal;
 pub mod named;
 pub mod ops;
 mod patcher;
+pub mod tensor_edit;
 mod types;
 mod value;
+pub mod verify;
 mod writer;
 
 pub use error::{Error, Result};

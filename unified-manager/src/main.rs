@@ -43,6 +43,14 @@ enum Command {
     Meta(cli::meta::MetaArgs),
     /// Remove transformer blocks: drop blk.N.*, renumber, trim per-layer arrays.
     Prune(cli::structure::PruneArgs),
+    /// Change a tensor's values in place (scale, offset, clamp, zero, set from .npy).
+    Patch(cli::patch::PatchArgs),
+    /// Convert tensors selected by a regular expression to another type (a rewrite).
+    Requantize(cli::structure::RequantizeArgs),
+    /// Check structure, scan every tensor for NaN and infinity, write or check a manifest.
+    Verify(cli::check::VerifyArgs),
+    /// Compare two files: keys and tensors added, removed and changed.
+    Diff(cli::check::DiffArgs),
     /// Tensor-level commands.
     #[command(subcommand)]
     Tensor(cli::structure::StructureCommand),
@@ -62,6 +70,10 @@ fn main() -> ExitCode {
         Command::Meta(args) => cli::meta::run(&args),
         Command::Prune(args) => cli::structure::prune(&args),
         Command::Tensor(command) => cli::structure::run(&command),
+        Command::Patch(args) => cli::patch::patch(&args),
+        Command::Requantize(args) => cli::structure::requantize(&args),
+        Command::Verify(args) => cli::check::verify(&args),
+        Command::Diff(args) => cli::check::run_diff(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

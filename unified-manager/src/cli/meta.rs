@@ -208,7 +208,10 @@ fn set(file: &Path, key: &str, value: Value, output: &Output) -> anyhow::Result<
 pub fn rewrite<R>(
     file: &Path,
     output: &Output,
-    edit: impl FnOnce(&byte_tier::Gguf<'_>, &mut byte_tier::GgufWriter<'_>) -> byte_tier::Result<R>,
+    edit: impl for<'a> FnOnce(
+        &byte_tier::Gguf<'a>,
+        &mut byte_tier::GgufWriter<'a>,
+    ) -> byte_tier::Result<R>,
 ) -> anyhow::Result<byte_tier::edit::RewriteOutcome<R>> {
     let len = std::fs::metadata(file)
         .with_context(|| format!("stat {}", file.display()))?

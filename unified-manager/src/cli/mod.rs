@@ -2,10 +2,12 @@
 
 pub mod args;
 pub mod bytes;
+pub mod check;
 pub mod demo;
 pub mod inspect;
 pub mod journal;
 pub mod meta;
+pub mod patch;
 pub mod progress;
 pub mod structure;
 pub mod view;

@@ -94,6 +94,32 @@ pub enum StructureCommand {
         #[command(flatten)]
         output: Output,
     },
+    /// Write a tensor's dequantized values to a float32 .npy with the GGUF shape.
+    Export {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        name: String,
+        /// The .npy to write.
+        #[arg(short = 'o', long = "output", value_name = "OUT.npy")]
+        output: PathBuf,
+    },
+    /// Replace a tensor's values from a .npy of its shape (quantized to its type), in
+    /// place through the journal.
+    Import {
+        /// The file.
+        file: PathBuf,
+        /// The tensor.
+        name: String,
+        /// The .npy to read (float16, float32 or float64).
+        input: PathBuf,
+        /// Say what would change and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Convert the tensors whose names match a regular expression to another type (a
+    /// rewrite).
+    Requantize(RequantizeArgs),
     /// Remove a tensor (a rewrite).
     Remove {
         /// The file.
@@ -109,6 +135,16 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
     let (file, output) = match command {
         StructureCommand::Rename { file, output, .. }
         | StructureCommand::Remove { file, output, .. } => (file, output),
+        StructureCommand::Export { file, name, output } => {
+            return super::patch::export(file, name, output);
+        }
+        StructureCommand::Import {
+            file,
+            name,
+            input,
+            dry_run,
+        } => return super::patch::import(file, name, input, *dry_run),
+        StructureCommand::Requantize(args) => return requantize(args),
     };
     {
         let map = MappedFile::open(file)?;
@@ -116,6 +152,7 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
         let name = match command {
             StructureCommand::Rename { from, .. } => from,
             StructureCommand::Remove { name, .. } => name,
+            _ => unreachable!("handled above"),
         };
         if gguf.tensor(name).is_none() {
             bail!("no tensor named {name:?} in {}", file.display());
@@ -131,6 +168,7 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
     let outcome = rewrite(file, output, |_, writer| match command {
         StructureCommand::Rename { from, to, .. } => rename_tensor(writer, from, to),
         StructureCommand::Remove { name, .. } => remove_tensor(writer, name),
+        _ => unreachable!("handled above"),
     })?;
     println!(
         "wrote {} ({} -> {} bytes)",
@@ -138,6 +176,84 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
         outcome.input_len,
         outcome.bytes_written
     );
+    note_archived(outcome.archived_journal.as_deref());
+    Ok(())
+}
+
+/// Arguments of `hotpatch requantize` and `hotpatch tensor requantize`.
+#[derive(Debug, clap::Args)]
+pub struct RequantizeArgs {
+    /// The file.
+    pub file: PathBuf,
+    /// A regular expression: tensors whose names match it are converted.
+    #[arg(long, value_name = "REGEX")]
+    pub tensors: String,
+    /// The target type (Q8_0, Q4_K, F16, ...).
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_ggml_type)]
+    pub target: byte_tier::GgmlType,
+    #[command(flatten)]
+    pub output: Output,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_ggml_type(text: &str) -> Result<byte_tier::GgmlType, String> {
+    byte_tier::GgmlType::from_name(text).ok_or_else(|| format!("unknown ggml type {text:?}"))
+}
+
+pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
+    let pattern = regex::Regex::new(&args.tensors)?;
+    let select = |name: &str| pattern.is_match(name);
+    if args.output.dry_run {
+        let map = MappedFile::open(&args.file)?;
+        let gguf = map.parse()?;
+        let mut writer = byte_tier::GgufWriter::from_gguf(&gguf);
+        let done = byte_tier::edit::requantize_tensors(&gguf, &mut writer, &select, args.target)?;
+        let layout = writer.layout()?;
+        println!(
+            "dry run: would convert {} tensors to {}; size {} -> {} bytes",
+            done.len(),
+            args.target,
+            gguf.file_len(),
+            layout.file_len
+        );
+        return Ok(());
+    }
+    let outcome = rewrite(&args.file, &args.output, |gguf, writer| {
+        byte_tier::edit::requantize_tensors(gguf, writer, &select, args.target)
+    })?;
+    if outcome.result.is_empty() {
+        println!(
+            "no tensor matched {:?} (or all are {} already): the file was rewritten unchanged",
+            args.tensors, args.target
+        );
+    }
+    if args.json {
+        let tensors: Vec<_> = outcome
+            .result
+            .iter()
+            .map(|r| json!({"name": r.name, "from": r.from.name(), "bytes_before": r.bytes_before, "bytes_after": r.bytes_after}))
+            .collect();
+        println!(
+            "{}",
+            json!({"output": outcome.output, "target": args.target.name(), "tensors": tensors,
+                "bytes_before": outcome.input_len, "bytes_after": outcome.bytes_written})
+        );
+    } else {
+        for r in &outcome.result {
+            println!(
+                "{}: {} -> {} ({} -> {} bytes)",
+                r.name, r.from, args.target, r.bytes_before, r.bytes_after
+            );
+        }
+        println!(
+            "wrote {} ({} -> {} bytes)",
+            outcome.output.display(),
+            outcome.input_len,
+            outcome.bytes_written
+        );
+    }
     note_archived(outcome.archived_journal.as_deref());
     Ok(())
 }

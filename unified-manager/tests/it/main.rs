@@ -3,3 +3,4 @@
 mod crash;
 mod edit;
 mod inspect;
+mod tensor;

@@ -1,0 +1,168 @@
+//! Differences between two GGUF files: metadata keys and tensors, with the size of each
+//! tensor's change in bytes and in dequantized values.
+
+use rayon::prelude::*;
+
+use crate::codec;
+use crate::gguf::{Gguf, TensorInfo};
+use crate::value::ValueRef;
+
+/// How one tensor present in both files differs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorChange {
+    /// The tensor.
+    pub name: String,
+    /// Type and shape in A, then in B, when either differs.
+    pub layout_change: Option<(String, String)>,
+    /// Bytes that differ (when type and shape are equal).
+    pub bytes_changed: u64,
+    /// Largest |b - a| of the dequantized values (when both dequantize and shapes match).
+    pub max_abs: Option<f64>,
+    /// Root mean square of b - a.
+    pub rms: Option<f64>,
+    /// Root mean square of a, to put `rms` in proportion.
+    pub rms_a: Option<f64>,
+}
+
+/// Everything that differs between two files.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Diff {
+    /// Keys only in B.
+    pub keys_added: Vec<String>,
+    /// Keys only in A.
+    pub keys_removed: Vec<String>,
+    /// Keys in both with different values (or types).
+    pub keys_changed: Vec<String>,
+    /// Tensors only in B.
+    pub tensors_added: Vec<String>,
+    /// Tensors only in A.
+    pub tensors_removed: Vec<String>,
+    /// Tensors in both that differ.
+    pub tensors_changed: Vec<TensorChange>,
+    /// Tensors in both, identical.
+    pub tensors_unchanged: usize,
+}
+
+impl Diff {
+    /// Whether the files hold the same metadata and tensors.
+    pub fn is_empty(&self) -> bool {
+        self.keys_added.is_empty()
+            && self.keys_removed.is_empty()
+            && self.keys_changed.is_empty()
+            && self.tensors_added.is_empty()
+            && self.tensors_removed.is_empty()
+            && self.tensors_changed.is_empty()
+    }
+}
+
+fn same_value(a: &ValueRef<'_>, b: &ValueRef<'_>) -> bool {
+    match (a, b) {
+        (ValueRef::Array(x), ValueRef::Array(y)) => {
+            x.element_type() == y.element_type()
+                && x.len() == y.len()
+                && x.raw_bytes() == y.raw_bytes()
+        }
+        // Compare floats by bits, so NaN equals itself and -0 differs from 0.
+        (ValueRef::F32(x), ValueRef::F32(y)) => x.to_bits() == y.to_bits(),
+        (ValueRef::F64(x), ValueRef::F64(y)) => x.to_bits() == y.to_bits(),
+        _ => a == b,
+    }
+}
+
+fn layout(t: &TensorInfo) -> String {
+    format!("{} {:?}", t.ggml_type, t.dims)
+}
+
+/// Compares `a` with `b`.
+pub fn diff(a: &Gguf<'_>, b: &Gguf<'_>) -> Diff {
+    let mut d = Diff::default();
+    for e in a.metadata() {
+        match b.get(e.key) {
+            None => d.keys_removed.push(e.key.to_owned()),
+            Some(v) if !same_value(&e.value, &v) => d.keys_changed.push(e.key.to_owned()),
+            Some(_) => {}
+        }
+    }
+    d.keys_added = b
+        .metadata()
+        .iter()
+        .filter(|e| a.get(e.key).is_none())
+        .map(|e| e.key.to_owned())
+        .collect();
+    d.tensors_removed = a
+        .tensors()
+        .iter()
+        .filter(|t| b.tensor(&t.name).is_none())
+        .map(|t| t.name.clone())
+        .collect();
+    d.tensors_added = b
+        .tensors()
+        .iter()
+        .filter(|t| a.tensor(&t.name).is_none())
+        .map(|t| t.name.clone())
+        .collect();
+    let pairs: Vec<(&TensorInfo, &TensorInfo)> = a
+        .tensors()
+        .iter()
+        .filter_map(|t| b.tensor(&t.name).map(|u| (t, u)))
+        .collect();
+    let changes: Vec<Option<TensorChange>> = pairs
+        .par_iter()
+        .map(|(ta, tb)| compare_tensor(a, b, ta, tb))
+        .collect();
+    for change in changes {
+        match change {
+            Some(c) => d.tensors_changed.push(c),
+            None => d.tensors_unchanged += 1,
+        }
+    }
+    d
+}
+
+fn compare_tensor(
+    a: &Gguf<'_>,
+    b: &Gguf<'_>,
+    ta: &TensorInfo,
+    tb: &TensorInfo,
+) -> Option<TensorChange> {
+    let (da, db) = (a.tensor_data(ta), b.tensor_data(tb));
+    let same_layout = ta.ggml_type == tb.ggml_type && ta.dims == tb.dims;
+    if same_layout && da == db {
+        return None;
+    }
+    let bytes_changed = if same_layout {
+        crate::ops::differences(da, db)
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum()
+    } else {
+        0
+    };
+    let mut change = TensorChange {
+        name: ta.name.clone(),
+        layout_change: (!same_layout).then(|| (layout(ta), layout(tb))),
+        bytes_changed,
+        max_abs: None,
+        rms: None,
+        rms_a: None,
+    };
+    if ta.n_elements == tb.n_elements
+        && let (Ok(va), Ok(vb)) = (
+            codec::dequantize(ta.ggml_type, da),
+            codec::dequantize(tb.ggml_type, db),
+        )
+    {
+        let (mut max_abs, mut sum_sq, mut sum_sq_a) = (0f64, 0f64, 0f64);
+        for (x, y) in va.iter().zip(&vb) {
+            let delta = f64::from(*y) - f64::from(*x);
+            max_abs = max_abs.max(delta.abs());
+            sum_sq += delta * delta;
+            sum_sq_a += f64::from(*x) * f64::from(*x);
+        }
+        let n = va.len().max(1) as f64;
+        change.max_abs = Some(max_abs);
+        change.rms = Some((sum_sq / n).sqrt());
+        change.rms_a = Some((sum_sq_a / n).sqrt());
+    }
+    Some(change)
+}

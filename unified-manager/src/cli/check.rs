@@ -1,0 +1,252 @@
+//! `hotpatch verify` and `hotpatch diff`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use byte_tier::MappedFile;
+use byte_tier::codec;
+use byte_tier::diff::diff;
+use byte_tier::verify::Manifest;
+use rayon::prelude::*;
+use serde_json::json;
+
+use super::progress::bytes_bar;
+
+/// Arguments of `hotpatch verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The file.
+    pub file: PathBuf,
+    /// Write the per-tensor SHA-256 manifest (gguf-hash's format) to this file.
+    #[arg(long, value_name = "MANIFEST")]
+    pub write_manifest: Option<PathBuf>,
+    /// Check the tensors against a manifest (ours or gguf-hash's output).
+    #[arg(long, value_name = "MANIFEST")]
+    pub check: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
+    let map = MappedFile::open(&args.file)?;
+    let gguf = map
+        .parse()
+        .with_context(|| format!("{} is not a valid GGUF file", args.file.display()))?;
+    let bar = bytes_bar("scanning", gguf.file_len());
+    // Every tensor is scanned for NaN and infinity; types without a decoder are listed.
+    let scans: Vec<(String, Result<codec::NonFiniteReport, byte_tier::Error>)> = gguf
+        .tensors()
+        .par_iter()
+        .map(|t| {
+            let r = codec::scan_tensor(&gguf, t);
+            bar.inc(t.n_bytes);
+            (t.name.clone(), r)
+        })
+        .collect();
+    bar.finish_and_clear();
+    let mut non_finite = Vec::new();
+    let mut unscanned = Vec::new();
+    for (name, scan) in &scans {
+        match scan {
+            Ok(r) if !r.is_clean() => non_finite.push((name.clone(), r.clone())),
+            Ok(_) => {}
+            Err(e) => unscanned.push((name.clone(), e.to_string())),
+        }
+    }
+    let manifest =
+        (args.write_manifest.is_some() || args.check.is_some()).then(|| Manifest::of(&gguf));
+    let label = args.file.display().to_string();
+    if let (Some(path), Some(m)) = (&args.write_manifest, &manifest) {
+        std::fs::write(path, m.to_text(&label))
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    let check = match (&args.check, &manifest) {
+        (Some(path), Some(m)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            Some(m.check(&text)?)
+        }
+        _ => None,
+    };
+    let ok = non_finite.is_empty() && check.as_ref().is_none_or(|c| c.is_ok());
+    if args.json {
+        let nf: Vec<_> = non_finite
+            .iter()
+            .map(|(n, r)| json!({"tensor": n, "nan": r.nan_count, "inf": r.inf_count, "nan_scales": r.nan_scales,
+                "inf_scales": r.inf_scales, "first_offsets": r.first_offsets}))
+            .collect();
+        let un: Vec<_> = unscanned
+            .iter()
+            .map(|(n, e)| json!({"tensor": n, "reason": e}))
+            .collect();
+        let check_json = check.as_ref().map(|c| {
+            json!({"matched": c.matched, "mismatched": c.mismatched, "missing": c.missing,
+                "unlisted": c.unlisted, "whole_matches": c.whole_matches})
+        });
+        let diagnostics: Vec<String> = gguf.diagnostics().iter().map(ToString::to_string).collect();
+        println!(
+            "{}",
+            json!({"ok": ok, "structure": "valid", "diagnostics": diagnostics, "tensors": gguf.tensors().len(),
+                "non_finite": nf, "unscanned": un, "manifest": check_json})
+        );
+    } else {
+        println!(
+            "structure: valid (GGUF v{}, {} tensors, {} bytes)",
+            gguf.version(),
+            gguf.tensors().len(),
+            gguf.file_len()
+        );
+        for d in gguf.diagnostics() {
+            println!("note: {d}");
+        }
+        if non_finite.is_empty() {
+            println!(
+                "values: no NaN or infinity in {} scanned tensors",
+                scans.len() - unscanned.len()
+            );
+        }
+        for (name, r) in &non_finite {
+            println!(
+                "values: {name}: {} NaN, {} inf, {} bad scales; first at elements {:?}",
+                r.nan_count,
+                r.inf_count,
+                r.nan_scales + r.inf_scales,
+                r.first_offsets
+            );
+        }
+        for (name, reason) in &unscanned {
+            println!("values: {name} not scanned: {reason}");
+        }
+        if let Some(path) = &args.write_manifest {
+            println!(
+                "manifest: wrote {} tensor digests to {}",
+                gguf.tensors().len(),
+                path.display()
+            );
+        }
+        if let Some(c) = &check {
+            println!(
+                "manifest: {} match, {} differ {:?}, {} missing, {} unlisted, whole file {}",
+                c.matched,
+                c.mismatched.len(),
+                c.mismatched,
+                c.missing.len(),
+                c.unlisted.len(),
+                match c.whole_matches {
+                    Some(true) => "matches",
+                    Some(false) => "differs",
+                    None => "not listed",
+                }
+            );
+        }
+    }
+    if !ok {
+        bail!("verification failed");
+    }
+    Ok(())
+}
+
+/// Arguments of `hotpatch diff`.
+#[derive(Debug, clap::Args)]
+pub struct DiffArgs {
+    /// The first file.
+    pub a: PathBuf,
+    /// The second file.
+    pub b: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_diff(args: &DiffArgs) -> anyhow::Result<()> {
+    let (map_a, map_b) = (MappedFile::open(&args.a)?, MappedFile::open(&args.b)?);
+    let (a, b) = (map_a.parse()?, map_b.parse()?);
+    let d = diff(&a, &b);
+    if args.json {
+        let changed: Vec<_> = d
+            .tensors_changed
+            .iter()
+            .map(|c| json!({"name": c.name, "layout_change": c.layout_change, "bytes_changed": c.bytes_changed,
+                "max_abs": c.max_abs, "rms": c.rms, "rms_a": c.rms_a}))
+            .collect();
+        println!(
+            "{}",
+            json!({"identical": d.is_empty(), "keys_added": d.keys_added, "keys_removed": d.keys_removed,
+                "keys_changed": d.keys_changed, "tensors_added": d.tensors_added, "tensors_removed": d.tensors_removed,
+                "tensors_changed": changed, "tensors_unchanged": d.tensors_unchanged})
+        );
+        return Ok(());
+    }
+    if d.is_empty() {
+        println!(
+            "identical metadata and tensors ({} tensors)",
+            d.tensors_unchanged
+        );
+        return Ok(());
+    }
+    for (label, keys) in [
+        ("+ key", &d.keys_added),
+        ("- key", &d.keys_removed),
+        ("~ key", &d.keys_changed),
+    ] {
+        for k in keys {
+            let value = |g: &byte_tier::Gguf<'_>| {
+                g.get(k)
+                    .map(|v| truncate(&v.to_string()))
+                    .unwrap_or_default()
+            };
+            match label {
+                "+ key" => println!("{label} {k} = {}", value(&b)),
+                "- key" => println!("{label} {k} = {}", value(&a)),
+                _ => println!("{label} {k}: {} -> {}", value(&a), value(&b)),
+            }
+        }
+    }
+    for t in &d.tensors_added {
+        println!("+ tensor {t}");
+    }
+    for t in &d.tensors_removed {
+        println!("- tensor {t}");
+    }
+    for c in &d.tensors_changed {
+        let layout = c
+            .layout_change
+            .as_ref()
+            .map(|(x, y)| format!(" ({x} -> {y})"))
+            .unwrap_or_default();
+        let values = match (c.max_abs, c.rms, c.rms_a) {
+            (Some(m), Some(r), Some(ra)) if ra > 0.0 => {
+                format!(
+                    ", values: max |d| {m:.4e}, rms {r:.4e} ({:.2}% of rms)",
+                    100.0 * r / ra
+                )
+            }
+            (Some(m), Some(r), _) => format!(", values: max |d| {m:.4e}, rms {r:.4e}"),
+            _ => String::new(),
+        };
+        println!(
+            "~ tensor {}{layout}: {} bytes differ{values}",
+            c.name, c.bytes_changed
+        );
+    }
+    println!(
+        "{} keys added, {} removed, {} changed; {} tensors added, {} removed, {} changed, {} identical",
+        d.keys_added.len(),
+        d.keys_removed.len(),
+        d.keys_changed.len(),
+        d.tensors_added.len(),
+        d.tensors_removed.len(),
+        d.tensors_changed.len(),
+        d.tensors_unchanged
+    );
+    Ok(())
+}
+
+fn truncate(text: &str) -> String {
+    if text.chars().count() > 80 {
+        format!("{}...", text.chars().take(77).collect::<String>())
+    } else {
+        text.to_owned()
+    }
+}
