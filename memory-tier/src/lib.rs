@@ -1,7 +1,25 @@
 //! memory-tier: a live model region guarded by the operating system.
 //!
-//! This crate will hold `LiveModel` (a shared or private mapping of a GGUF file, an owned
-//! buffer, or an engine's raw region) kept read-only and opened only in page-aligned
-//! writable windows, with patches, conflict checks, transactions, delta storage and
-//! history behind the `MemoryPatcher` trait. It never speaks HTTP and knows nothing of
-//! presets or pipelines. Nothing is implemented yet: its issue is still open.
+//! A [`LiveModel`] attaches to a GGUF model in memory (a shared or private mapping of the
+//! file, an owned copy, or a region an engine owns), keeps its pages read-only and opens
+//! page-aligned writable windows only for the bytes a patch writes. Patches are checked
+//! before any byte moves (inside the region, inside their tensor, whole blocks), settle
+//! overlaps by priority, apply all-or-nothing, keep compact undo data, and are recorded
+//! in a history; a shared file mapping also journals every change through byte-tier, so
+//! a crash leaves the file old or new. It never speaks HTTP and knows nothing of presets
+//! or pipelines. Unsafe code lives only in `sys`.
+
+#![deny(unsafe_code)]
+
+mod error;
+mod live;
+mod patch;
+mod sys;
+
+pub use error::{Error, Result};
+pub use live::{
+    Action, AttachMode, ConflictReport, Event, HistoryEntry, LiveModel, ReadGuard, Stats,
+    WindowPolicy,
+};
+pub use patch::{MemoryPatch, PatchKind, PatchTarget, Payload, ValueTransform};
+pub use sys::page_size;

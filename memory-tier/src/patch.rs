@@ -1,0 +1,131 @@
+//! Memory patches: what to change in a live region, and how.
+
+use std::ops::Range;
+
+use uuid::Uuid;
+
+/// What a patch is for (informational: every kind is applied the same way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PatchKind {
+    /// A change of weight values.
+    WeightModification,
+    /// A change of a tensor's quantized representation.
+    QuantizationChange,
+    /// Making a block add nothing to the residual stream.
+    LayerBypass,
+    /// A change of attention scaling.
+    AttentionScale,
+    /// A change of bias values.
+    BiasAdjustment,
+    /// A change of vocabulary data.
+    VocabularyPatch,
+    /// Anything else.
+    Custom,
+}
+
+/// Where a patch applies.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PatchTarget {
+    /// Elements of a tensor (whole blocks; the whole tensor when `None`).
+    Tensor {
+        /// The tensor.
+        name: String,
+        /// The element range.
+        elements: Option<Range<u64>>,
+    },
+    /// A byte range of the region.
+    Raw(Range<u64>),
+}
+
+/// A value transform, carried out by byte-tier's codecs.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ValueTransform {
+    /// Multiply by a factor (on block scales alone where the type allows).
+    Scale(f32),
+    /// Add a constant.
+    Offset(f32),
+    /// Clamp into `min..=max`.
+    Clamp {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
+    },
+    /// Set to zero.
+    Zero,
+    /// Set to these values, one per element of the target.
+    Set(Vec<f32>),
+}
+
+/// What a patch writes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Payload {
+    /// These bytes, exactly the target's length.
+    Bytes(Vec<u8>),
+    /// A transform of the target's values.
+    Transform(ValueTransform),
+}
+
+/// A patch of a live region.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPatch {
+    /// Its identity.
+    pub id: Uuid,
+    /// A human name (unique among applied patches).
+    pub name: String,
+    /// What it is for.
+    pub kind: PatchKind,
+    /// Where it applies.
+    pub target: PatchTarget,
+    /// What it writes.
+    pub payload: Payload,
+    /// Higher wins an overlap with an applied patch; equal or lower is refused.
+    pub priority: i32,
+    /// A disabled patch is refused.
+    pub enabled: bool,
+}
+
+impl MemoryPatch {
+    /// A weight-modification patch with a fresh id, priority 0, enabled.
+    pub fn new(name: impl Into<String>, target: PatchTarget, payload: Payload) -> MemoryPatch {
+        MemoryPatch {
+            id: Uuid::new_v4(),
+            name: name.into(),
+            kind: PatchKind::WeightModification,
+            target,
+            payload,
+            priority: 0,
+            enabled: true,
+        }
+    }
+
+    /// The same patch with another priority.
+    pub fn with_priority(mut self, priority: i32) -> MemoryPatch {
+        self.priority = priority;
+        self
+    }
+
+    /// The same patch with another kind.
+    pub fn with_kind(mut self, kind: PatchKind) -> MemoryPatch {
+        self.kind = kind;
+        self
+    }
+
+    /// A transform of a whole tensor.
+    pub fn transform(
+        name: impl Into<String>,
+        tensor: impl Into<String>,
+        transform: ValueTransform,
+    ) -> MemoryPatch {
+        MemoryPatch::new(
+            name,
+            PatchTarget::Tensor {
+                name: tensor.into(),
+                elements: None,
+            },
+            Payload::Transform(transform),
+        )
+    }
+}

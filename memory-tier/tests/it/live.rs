@@ -1,0 +1,357 @@
+//! LiveModel: protection, conflicts, transactions, readers, shared files.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use byte_tier::{GgmlType, GgufWriter, MappedFile, TensorSpec};
+use memory_tier::{
+    AttachMode, Error, LiveModel, MemoryPatch, PatchTarget, Payload, ValueTransform, WindowPolicy,
+};
+
+/// A small model: an F32 tensor of 64 KiB, a Q8_0 tensor and another F32 one.
+fn small_model(dir: &Path) -> PathBuf {
+    let path = dir.join("m.gguf");
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", "toy");
+    let f32s: Vec<u8> = (0..16384u32)
+        .flat_map(|i| (i as f32 * 0.001).to_le_bytes())
+        .collect();
+    w.add_tensor(TensorSpec::from_bytes(
+        "a",
+        vec![16384],
+        GgmlType::F32,
+        f32s,
+    ));
+    let q: Vec<f32> = (0..4096).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
+    let q8 = byte_tier::codec::quantize(GgmlType::Q8_0, &q).unwrap();
+    w.add_tensor(TensorSpec::from_bytes("q", vec![4096], GgmlType::Q8_0, q8));
+    w.add_tensor(TensorSpec::from_bytes(
+        "b",
+        vec![1024],
+        GgmlType::F32,
+        vec![0u8; 4096],
+    ));
+    w.write_to_path(&path).unwrap();
+    path
+}
+
+fn raw(name: &str, range: std::ops::Range<u64>, byte: u8) -> MemoryPatch {
+    let len = (range.end - range.start) as usize;
+    MemoryPatch::new(
+        name,
+        PatchTarget::Raw(range),
+        Payload::Bytes(vec![byte; len]),
+    )
+}
+
+const CHILD: &str = "HOTPATCH_STRAY_WRITE_CHILD";
+
+#[test]
+fn a_stray_write_faults_and_a_write_in_a_window_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_model(dir.path());
+    if std::env::var_os(CHILD).is_some() {
+        let model = LiveModel::attach(&path, AttachMode::Owned).unwrap();
+        let start = model.tensor("a").unwrap().data_offset as usize;
+        let target = model.read().bytes()[start..].as_ptr() as *mut u8;
+        // SAFETY: none: this write is the bug the page protection exists to catch; the
+        // parent expects this process to die of SIGSEGV here.
+        unsafe { target.write_volatile(0x55) };
+        std::process::exit(0);
+    }
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "live::a_stray_write_faults_and_a_write_in_a_window_succeeds",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .status()
+        .unwrap();
+    assert!(
+        matches!(status.signal(), Some(11) | Some(7)),
+        "the stray write did not fault: {status:?}"
+    );
+
+    // The same write, as a patch, goes through its window; the pages are read-only again after.
+    let model = LiveModel::attach(&path, AttachMode::Owned).unwrap();
+    let start = model.tensor("a").unwrap().data_offset;
+    model
+        .apply(raw("one byte", start..start + 1, 0x55))
+        .unwrap();
+    assert_eq!(model.read().bytes()[start as usize], 0x55);
+    let stats = model.stats();
+    assert_eq!(stats.windows_opened, 1);
+    assert_eq!(stats.protection_calls, 3, "attach, open, close");
+}
+
+#[test]
+fn patches_stay_inside_their_tensor_and_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LiveModel::attach(small_model(dir.path()), AttachMode::Private).unwrap();
+    let a = model.tensor("a").unwrap().clone();
+    let before = model.read().bytes().to_vec();
+    let end = a.data_range().end;
+    for (patch, check) in [
+        (raw("bleed", end - 2..end + 2, 1), "leaves tensor"),
+        (
+            raw("past the end", model.len() - 1..model.len() + 1, 1),
+            "outside the region",
+        ),
+        (
+            MemoryPatch::new(
+                "misaligned",
+                PatchTarget::Tensor {
+                    name: "q".into(),
+                    elements: Some(0..33),
+                },
+                Payload::Transform(ValueTransform::Zero),
+            ),
+            "not aligned",
+        ),
+        (
+            MemoryPatch::transform("unknown", "nope", ValueTransform::Zero),
+            "no tensor",
+        ),
+        (
+            MemoryPatch::new(
+                "short",
+                PatchTarget::Tensor {
+                    name: "b".into(),
+                    elements: None,
+                },
+                Payload::Bytes(vec![1; 10]),
+            ),
+            "10 bytes",
+        ),
+    ] {
+        let error = model.apply(patch).unwrap_err();
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        assert!(text.contains(check), "{text}");
+    }
+    assert_eq!(model.read().bytes(), &before[..]);
+    assert_eq!(model.stats().windows_opened, 0);
+}
+
+#[test]
+fn conflicts_are_settled_by_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LiveModel::attach(small_model(dir.path()), AttachMode::Owned).unwrap();
+    let s = model.tensor("a").unwrap().data_offset;
+    let low = raw("low", s..s + 64, 1).with_priority(1);
+    let low_id = model.apply(low).unwrap();
+    let equal = raw("equal", s + 32..s + 96, 2).with_priority(1);
+    let report = model.check_conflicts(&equal).unwrap();
+    assert_eq!(report.len(), 1);
+    assert_eq!(report[0].applied, low_id);
+    assert_eq!(report[0].overlap, s + 32..s + 64);
+    assert!(!report[0].new_patch_wins);
+    assert!(matches!(model.apply(equal), Err(Error::Conflict { .. })));
+    let high = raw("high", s + 32..s + 96, 3).with_priority(5);
+    model.apply(high).unwrap();
+    let bytes = model.read().bytes()[s as usize..s as usize + 96].to_vec();
+    // The lower patch was reverted before the higher one applied.
+    assert!(bytes[..32].iter().all(|&b| b != 1));
+    assert!(bytes[32..].iter().all(|&b| b == 3));
+    assert_eq!(model.applied().len(), 1);
+}
+
+#[test]
+fn a_transaction_whose_third_patch_fails_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LiveModel::attach(small_model(dir.path()), AttachMode::Owned).unwrap();
+    let before = model.read().bytes().to_vec();
+    let s = model.tensor("a").unwrap().data_offset;
+    let result = model.apply_all(vec![
+        raw("first", s..s + 16, 7),
+        MemoryPatch::transform("second", "q", ValueTransform::Scale(0.5)),
+        MemoryPatch::new(
+            "third",
+            PatchTarget::Tensor {
+                name: "q".into(),
+                elements: Some(0..31),
+            },
+            Payload::Transform(ValueTransform::Zero),
+        ),
+    ]);
+    assert!(matches!(result, Err(Error::RolledBack { ref failed, .. }) if failed == "third"));
+    assert_eq!(model.read().bytes(), &before[..]);
+    assert!(model.applied().is_empty());
+
+    // The same transaction without the bad patch applies whole and reverts exactly.
+    let ids = model
+        .apply_all(vec![
+            raw("first", s..s + 16, 7),
+            MemoryPatch::transform("second", "q", ValueTransform::Scale(0.5)),
+        ])
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    assert_ne!(model.read().bytes(), &before[..]);
+    model.revert_all().unwrap();
+    assert_eq!(model.read().bytes(), &before[..]);
+    let stats = model.stats();
+    assert_eq!(
+        (
+            stats.patches_applied,
+            stats.patches_reverted,
+            stats.applied_now
+        ),
+        (2, 2, 0)
+    );
+}
+
+#[test]
+fn undo_storage_keeps_the_smaller_of_original_and_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LiveModel::attach(small_model(dir.path()), AttachMode::Owned).unwrap();
+    // Scaling Q8_0 touches 2 bytes of every 34, merged into one run: about the size of
+    // the range, never more; changing one value of a 64 KiB tensor keeps a delta of one
+    // 4-byte run (plus its 16-byte offset and length).
+    model
+        .apply(MemoryPatch::transform(
+            "scale q",
+            "q",
+            ValueTransform::Scale(2.0),
+        ))
+        .unwrap();
+    let q_held = model.stats().undo_bytes_held;
+    assert!(q_held <= model.tensor("q").unwrap().n_bytes, "{q_held}");
+    let mut values: Vec<f32> = (0..16384).map(|i| i as f32 * 0.001).collect();
+    values[100] = 0.0;
+    model
+        .apply(MemoryPatch::new(
+            "one value",
+            PatchTarget::Tensor {
+                name: "a".into(),
+                elements: None,
+            },
+            Payload::Transform(ValueTransform::Set(values)),
+        ))
+        .unwrap();
+    assert_eq!(model.stats().undo_bytes_held, q_held + 16 + 4);
+}
+
+#[test]
+fn readers_never_see_a_half_applied_patch() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Arc::new(LiveModel::attach(small_model(dir.path()), AttachMode::Owned).unwrap());
+    let a = model.tensor("b").unwrap().clone();
+    let original = crc32fast::hash(model.read().tensor_data("b").unwrap());
+    let patched_bytes = vec![0xa5u8; a.n_bytes as usize];
+    let patched = crc32fast::hash(&patched_bytes);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, torn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (model, stop, seen, torn) =
+                (model.clone(), stop.clone(), seen.clone(), torn.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let guard = model.read();
+                    let c = crc32fast::hash(guard.tensor_data("b").unwrap());
+                    if c != original && c != patched {
+                        torn.fetch_add(1, Ordering::Relaxed);
+                    }
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for i in 0..10_000 {
+        let patch = MemoryPatch::new(
+            format!("p{i}"),
+            PatchTarget::Tensor {
+                name: "b".into(),
+                elements: None,
+            },
+            Payload::Bytes(patched_bytes.clone()),
+        );
+        let id = model.apply(patch).unwrap();
+        model.revert(id).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert!(seen.load(Ordering::Relaxed) > 0);
+    assert_eq!(torn.load(Ordering::Relaxed), 0);
+    assert_eq!(model.epoch(), 20_000);
+}
+
+#[test]
+fn batching_opens_fewer_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_model(dir.path());
+    let s = LiveModel::attach(&path, AttachMode::Owned)
+        .unwrap()
+        .tensor("a")
+        .unwrap()
+        .data_offset;
+    let patches = || {
+        (0..100u64)
+            .map(|i| raw(&format!("p{i}"), s + i * 64..s + i * 64 + 32, 9))
+            .collect::<Vec<_>>()
+    };
+
+    let one_by_one = LiveModel::attach(&path, AttachMode::Owned).unwrap();
+    for p in patches() {
+        one_by_one.apply(p).unwrap();
+    }
+    let batched = LiveModel::attach(&path, AttachMode::Owned).unwrap();
+    batched.apply_all(patches()).unwrap();
+    assert_eq!(one_by_one.read().bytes(), batched.read().bytes());
+    assert_eq!(one_by_one.stats().windows_opened, 100);
+    assert_eq!(batched.stats().windows_opened, 1);
+
+    let mut small_windows = LiveModel::attach(&path, AttachMode::Owned).unwrap();
+    small_windows.set_window_policy(WindowPolicy {
+        max_window_bytes: memory_tier::page_size(),
+        within_tensor: true,
+    });
+    small_windows.apply_all(patches()).unwrap();
+    // 100 writes 64 bytes apart span 6400 bytes: two or three pages, one window each.
+    assert!((2..=3).contains(&small_windows.stats().windows_opened));
+}
+
+#[test]
+fn the_real_model_attached_shared_changes_only_the_tensor_and_reverts_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::copy(tests::real_model(), &path).unwrap();
+    let original = std::fs::read(&path).unwrap();
+    let model = LiveModel::attach(&path, AttachMode::Shared).unwrap();
+    let t = model.tensor("blk.3.attn_output.weight").unwrap().clone();
+    let id = model
+        .apply(MemoryPatch::transform(
+            "halve",
+            &t.name,
+            ValueTransform::Scale(0.5),
+        ))
+        .unwrap();
+    let patched = std::fs::read(&path).unwrap();
+    let changed: Vec<usize> = (0..original.len())
+        .filter(|&i| original[i] != patched[i])
+        .collect();
+    assert!(!changed.is_empty());
+    assert!(
+        changed
+            .iter()
+            .all(|&i| t.data_range().contains(&(i as u64)))
+    );
+    // The change went through the journal.
+    let journal = byte_tier::Journal::open(&path).unwrap();
+    assert_eq!(journal.transactions().len(), 1);
+    model.revert(id).unwrap();
+    assert!(std::fs::read(&path).unwrap() == original);
+    model.detach(false).unwrap();
+    let map = MappedFile::open(&path).unwrap();
+    map.parse().unwrap();
+}

@@ -1,0 +1,3 @@
+//! memory-tier against real mappings, real page protection and a real llama-server.
+
+mod live;
