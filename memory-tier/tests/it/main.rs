@@ -1,3 +1,4 @@
 //! memory-tier against real mappings, real page protection and a real llama-server.
 
 mod live;
+mod llama;
