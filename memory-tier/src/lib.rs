@@ -13,7 +13,9 @@
 
 mod error;
 mod live;
+mod ops;
 mod patch;
+mod rcu;
 mod sys;
 
 pub use error::{Error, Result};
@@ -21,5 +23,7 @@ pub use live::{
     Action, AttachMode, ConflictReport, Event, HistoryEntry, LiveModel, ReadGuard, Stats,
     WindowPolicy,
 };
+pub use ops::{LayerSkipSet, block_tensors};
 pub use patch::{MemoryPatch, PatchKind, PatchTarget, Payload, ValueTransform};
+pub use rcu::{TensorData, TensorTable};
 pub use sys::page_size;

@@ -634,7 +634,7 @@ impl LiveModel {
     }
 
     /// Writes through windows grouped by the policy.
-    fn write_batch(&self, writes: &[(ByteWrite, Option<usize>)]) -> Result<()> {
+    fn write_windowed(&self, writes: &[(ByteWrite, Option<usize>)]) -> Result<()> {
         let page = page_size();
         let max = self.policy.max_window_bytes.max(page);
         let mut i = 0;
@@ -803,7 +803,7 @@ impl LiveModel {
 
         let journal_transaction = self.journal_begin(&patches, &all_writes)?;
         if let Err(error) = self
-            .write_batch(&all_writes)
+            .write_windowed(&all_writes)
             .and_then(|()| self.flush(&all_writes))
         {
             self.restore(&records)?;
@@ -918,7 +918,7 @@ impl LiveModel {
             }
         }
         writes.sort_by_key(|(w, _)| w.offset);
-        self.write_batch(&writes)?;
+        self.write_windowed(&writes)?;
         self.flush(&writes)
     }
 
@@ -1016,6 +1016,43 @@ impl LiveModel {
         self.patches_reverted.fetch_add(1, Ordering::Relaxed);
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         LiveModel::notify(state, Event::Reverted { id, epoch });
+        Ok(())
+    }
+
+    pub(crate) fn atomic(
+        &self,
+        offset: u64,
+        width: usize,
+        current: Option<u64>,
+        new: u64,
+    ) -> Result<Result<u64, u64>> {
+        let _state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let start = offset as usize;
+        if start.saturating_add(width) > self.mapping.len() {
+            return Err(Error::OutsideRegion {
+                start: offset,
+                end: offset + width as u64,
+                len: self.len(),
+            });
+        }
+        let window = WritableWindow::open(self, start..start + width)?;
+        let result = self.mapping.atomic_word(start, width, current, new);
+        drop(window);
+        self.mapping.flush(start, width)?;
+        if matches!(result, Ok(Ok(_))) {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        result
+    }
+
+    pub(crate) fn protect_pages(&self, range: Range<u64>, writable: bool) -> Result<()> {
+        let _state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        self.mapping.protect(
+            range.start as usize,
+            (range.end - range.start) as usize,
+            writable,
+        )?;
+        self.protection_calls.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

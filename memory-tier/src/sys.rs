@@ -197,3 +197,49 @@ impl Mapping {
         }
     }
 }
+
+impl Mapping {
+    /// Stores `value` at `offset` as one atomic 32- or 64-bit store, or compares and
+    /// exchanges it. The caller holds a writable window over the word's page.
+    pub fn atomic_word(
+        &self,
+        offset: usize,
+        width: usize,
+        current: Option<u64>,
+        new: u64,
+    ) -> Result<Result<u64, u64>> {
+        if !(width == 4 || width == 8) || !offset.is_multiple_of(width) || offset + width > self.len
+        {
+            return Err(Error::OutsideRegion {
+                start: offset as u64,
+                end: (offset + width) as u64,
+                len: self.len as u64,
+            });
+        }
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        // SAFETY: the word is inside the mapping and aligned to its width (checked
+        // above), the mapping is page-aligned so the address is too, and the caller holds
+        // a writable window over its page. Atomics on memory shared with other processes
+        // are sound for plain loads and stores of aligned words.
+        let ptr = unsafe { self.start().add(offset) };
+        let result = if width == 4 {
+            // SAFETY: aligned, valid and writable as established above.
+            let word = unsafe { AtomicU32::from_ptr(ptr.cast::<u32>()) };
+            match current {
+                None => Ok(u64::from(word.swap(new as u32, Ordering::SeqCst))),
+                Some(c) => word
+                    .compare_exchange(c as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
+                    .map(u64::from)
+                    .map_err(u64::from),
+            }
+        } else {
+            // SAFETY: aligned, valid and writable as established above.
+            let word = unsafe { AtomicU64::from_ptr(ptr.cast::<u64>()) };
+            match current {
+                None => Ok(word.swap(new, Ordering::SeqCst)),
+                Some(c) => word.compare_exchange(c, new, Ordering::SeqCst, Ordering::SeqCst),
+            }
+        };
+        Ok(result)
+    }
+}

@@ -26,11 +26,19 @@ fn scaling_output_norm_changes_the_running_servers_answer_and_revert_restores_it
     let server = tests::LlamaServer::start(&path, &[]);
 
     let before = top_logprobs(server.port);
-    assert_eq!(top_logprobs(server.port), before, "the server is not deterministic");
+    assert_eq!(
+        top_logprobs(server.port),
+        before,
+        "the server is not deterministic"
+    );
 
     let model = LiveModel::attach(&path, AttachMode::Shared).unwrap();
     let id = model
-        .apply(MemoryPatch::transform("halve output_norm", "output_norm.weight", ValueTransform::Scale(0.5)))
+        .apply(MemoryPatch::transform(
+            "halve output_norm",
+            "output_norm.weight",
+            ValueTransform::Scale(0.5),
+        ))
         .unwrap();
     let patched = top_logprobs(server.port);
     assert_ne!(patched, before, "the patch did not reach the server");

@@ -2,3 +2,4 @@
 
 mod live;
 mod llama;
+mod ops;
