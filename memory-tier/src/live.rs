@@ -484,6 +484,16 @@ impl LiveModel {
             .clone()
     }
 
+    /// The journal transaction that applied patch `id` (shared file mappings only).
+    pub fn journal_transaction(&self, id: Uuid) -> Option<u64> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .applied
+            .iter()
+            .find(|a| a.patch.id == id)?
+            .journal_transaction
+    }
+
     /// The ids of the applied patches, in order of application.
     pub fn applied(&self) -> Vec<(Uuid, String)> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use byte_tier::codec::{self, Transform, TransformPath, read_npy_file, write_tensor_npy};
 use byte_tier::tensor_edit::{TensorEdit, plan_transform};
 use byte_tier::{BytePatcher, InPlaceFile, MappedFile};
+use memory_tier::{AttachMode, LiveModel, MemoryPatch, PatchTarget, Payload, ValueTransform};
 use serde_json::json;
 
 /// Arguments of `hotpatch patch`.
@@ -112,24 +113,52 @@ fn describe(edit: &TensorEdit) -> String {
     )
 }
 
+/// The memory-tier form of the transform a command line asks for.
+fn value_transform(t: &Transform<'_>) -> ValueTransform {
+    match *t {
+        Transform::Scale(f) => ValueTransform::Scale(f),
+        Transform::Offset(f) => ValueTransform::Offset(f),
+        Transform::Clamp { min, max } => ValueTransform::Clamp { min, max },
+        Transform::Set(values) => ValueTransform::Set(values.to_vec()),
+        _ => ValueTransform::Zero,
+    }
+}
+
 pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
-    let mut file = InPlaceFile::open(&args.file)
-        .with_context(|| format!("open {} for in-place editing", args.file.display()))?;
     let mut values = Vec::new();
-    let edit = {
-        let gguf = file.gguf()?;
+    // Plan on a read-only map first: it checks everything and gives the report.
+    let (edit, value_transform) = {
+        let map = MappedFile::open(&args.file)?;
+        let gguf = map.parse()?;
         let tensor = gguf.require_tensor(&args.tensor)?;
         let range = args.range.clone().unwrap_or(0..tensor.n_elements);
         let t = transform(args, &mut values, range.end.saturating_sub(range.start))?;
-        plan_transform(&gguf, &args.tensor, Some(range), &t)?
+        let edit = plan_transform(&gguf, &args.tensor, Some(range), &t)?;
+        (edit, value_transform(&t))
     };
-    let name = format!("patch {} {}", args.tensor, what(args));
     if args.dry_run {
         report(args.json, &edit, None, true);
         return Ok(());
     }
-    let receipt = file.commit(&name, edit.writes.clone())?;
-    report(args.json, &edit, receipt.transaction, false);
+    if edit.writes.is_empty() {
+        report(args.json, &edit, None, false);
+        return Ok(());
+    }
+    // The write goes through a shared writable mapping of the file, under page
+    // protection and through the journal: a llama-server that maps the file (on CPU,
+    // with --no-repack) computes its next token with the new values.
+    let model = LiveModel::attach(&args.file, AttachMode::Shared)
+        .with_context(|| format!("attach to {}", args.file.display()))?;
+    let patch = MemoryPatch::new(
+        format!("patch {} {}", args.tensor, what(args)),
+        PatchTarget::Tensor {
+            name: args.tensor.clone(),
+            elements: Some(edit.elements.clone()),
+        },
+        Payload::Transform(value_transform),
+    );
+    let id = model.apply(patch)?;
+    report(args.json, &edit, model.journal_transaction(id), false);
     Ok(())
 }
 

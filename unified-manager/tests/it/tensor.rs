@@ -322,3 +322,30 @@ fn requantizing_a_q4_k_tensor_to_q8_0_gives_a_file_gguf_py_and_llama_cpp_load() 
     .unwrap();
     assert_eq!(status, 200, "{body}");
 }
+
+fn top_logprob(port: u16) -> Json {
+    let request = r#"{"prompt": "The capital of France is", "n_predict": 1, "n_probs": 3, "temperature": 0, "cache_prompt": false}"#;
+    let (status, body) = tests::http_request(port, "POST", "/completion", Some(request)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Json>(&body).unwrap()["completion_probabilities"][0].clone()
+}
+
+#[test]
+fn hotpatch_patch_on_a_served_file_changes_the_servers_answer_and_revert_restores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_model(dir.path());
+    let path = model.to_str().unwrap();
+    let server = tests::LlamaServer::start(&model, &[]);
+    let before = top_logprob(server.port);
+    ok(&[
+        "patch",
+        path,
+        "--tensor",
+        "output_norm.weight",
+        "--scale",
+        "0.5",
+    ]);
+    assert_ne!(top_logprob(server.port), before);
+    ok(&["revert", path, "--last"]);
+    assert_eq!(top_logprob(server.port), before);
+}
