@@ -22,26 +22,8 @@ for _ in range(int(sys.argv[2])):
 print(best)
 "#;
 
-/// Re-runs this task from a release build when called from a debug one: timing
-/// unoptimized code would say nothing.
-fn ensure_release() -> Result<bool> {
-    if !cfg!(debug_assertions) {
-        return Ok(false);
-    }
-    crate::run(crate::cargo().args([
-        "run",
-        "--quiet",
-        "--release",
-        "--package",
-        "xtask",
-        "--",
-        "bench-parse",
-    ]))?;
-    Ok(true)
-}
-
 pub fn run() -> Result<()> {
-    if ensure_release()? {
+    if crate::rerun_in_release("bench-parse")? {
         return Ok(());
     }
     let python = crate::env::oracle_python()?;

