@@ -412,13 +412,10 @@ pub(crate) fn f16_to_f32(bits: u16) -> f32 {
 }
 
 /// Rounds `value` to f16 (round to nearest even, as numpy and ggml do) and returns its
-/// bits, or `None` when it overflows to infinity.
+/// bits, or `None` when the result is not finite: the value overflows f16, or a scale
+/// search on extreme (but finite) inputs produced an infinite or NaN scale.
 #[inline]
 pub(crate) fn f16_bits(value: f32) -> Option<u16> {
     let h = half::f16::from_f32(value);
-    if h.is_infinite() && value.is_finite() {
-        None
-    } else {
-        Some(h.to_bits())
-    }
+    h.is_finite().then(|| h.to_bits())
 }

@@ -317,6 +317,25 @@ fn scales_that_overflow_f16_are_refused() {
         matches!(err, Error::ScaleOverflow { block: b, .. } if b == block),
         "{err}"
     );
+    // Finite inputs so large that a scale search overflows f32 internally never leave
+    // an infinite or NaN scale behind: the block is refused, or (where the reference
+    // search itself settles on a finite scale) stored with finite scales.
+    let mut extreme = vec![0.0f32; 256];
+    extreme[0] = f32::MAX;
+    extreme[1] = -f32::MAX;
+    for &t in GgmlType::ALL.iter().filter(|t| can_quantize(**t)) {
+        match quantize(t, &extreme) {
+            Err(Error::ScaleOverflow { block: 0, .. }) => {}
+            Err(other) => panic!("{t}: {other}"),
+            Ok(bytes) => {
+                let report = scan_non_finite(t, &bytes, 0..256).unwrap();
+                assert!(
+                    report.nan_scales == 0 && report.inf_scales == 0,
+                    "{t}: {report:?}"
+                );
+            }
+        }
+    }
     let err = quantize(GgmlType::F16, &[1.0, 70000.0]).unwrap_err();
     assert!(
         matches!(err, Error::ScaleOverflow { block: 1, .. }),
