@@ -18,6 +18,18 @@
 //! one-thread run); no call holds more than one chunk of `f32` per worker, plus, for
 //! writes, a copy of the new bytes of the range (its quantized size) so that an error in
 //! any chunk can still leave the tensor untouched.
+//!
+//! What each type supports:
+//! - dequantize: F32, F16, BF16, F64, I8..I64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K,
+//!   IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0 ([`can_dequantize`]);
+//! - quantize (and so every transform): the same but the integer types
+//!   ([`can_quantize`]);
+//! - not handled: the grid-based IQ types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
+//!   IQ3_XXS, IQ3_S), the activation types Q8_1 and Q8_K, and NVFP4, Q1_0, Q2_0: every
+//!   operation on them fails with [`Error::UnsupportedType`] naming the type.
+//!
+//! The module also reads and writes numpy `.npy` files ([`write_tensor_npy`],
+//! [`read_npy_file`]) for moving a tensor's values to numpy and back.
 
 mod float;
 mod kquants;
