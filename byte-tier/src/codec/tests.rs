@@ -1,5 +1,6 @@
 use proptest::prelude::*;
 
+use super::legacy;
 use super::transform::TransformPath;
 use super::*;
 
@@ -679,4 +680,36 @@ fn iq4_quants_match_the_reference_vectors() {
         }
     }
     assert_eq!(at, expected.len());
+}
+
+proptest! {
+    #[test]
+    fn round_half_away_matches_round(x in -3e9f32..3e9) {
+        let expected = if x.abs() < 2_147_483_648.0 { x.round() as i32 } else { i32::MIN };
+        prop_assert_eq!(legacy::round_half_away(x), expected);
+    }
+}
+
+#[test]
+fn round_half_away_edges() {
+    for k in -1000..1000 {
+        let x = k as f32 * 0.5;
+        assert_eq!(legacy::round_half_away(x), x.round() as i32, "{x}");
+    }
+    for x in [
+        0.49999997f32,
+        -0.49999997,
+        0.5,
+        -0.5,
+        1.5,
+        2.5,
+        8388607.5,
+        -8388608.5,
+        0.0,
+        -0.0,
+    ] {
+        assert_eq!(legacy::round_half_away(x), x.round() as i32, "{x}");
+    }
+    assert_eq!(legacy::round_half_away(f32::INFINITY), 0);
+    assert_eq!(legacy::round_half_away(f32::NAN), 0);
 }
