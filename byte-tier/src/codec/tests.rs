@@ -713,3 +713,44 @@ fn round_half_away_edges() {
     assert_eq!(legacy::round_half_away(f32::INFINITY), 0);
     assert_eq!(legacy::round_half_away(f32::NAN), 0);
 }
+
+#[test]
+fn non_finite_values_are_repaired_by_set_and_zero_but_not_scaled() {
+    let values = [1.0f32, f32::NAN, 3.0, f32::INFINITY];
+    let mut data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let original = data.clone();
+    let err = transform_range(GgmlType::F32, &mut data, 0..4, &Transform::Scale(2.0)).unwrap_err();
+    assert!(
+        matches!(err, Error::NonFiniteInput { index: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(data, original);
+    let report = scan_non_finite(GgmlType::F32, &data, 0..4).unwrap();
+    assert_eq!(
+        (
+            report.nan_count,
+            report.inf_count,
+            report.first_offsets.clone()
+        ),
+        (1, 1, vec![1, 3])
+    );
+    transform_range(
+        GgmlType::F32,
+        &mut data,
+        0..4,
+        &Transform::Set(&[1.0, 0.0, 3.0, 0.0]),
+    )
+    .unwrap();
+    assert!(
+        scan_non_finite(GgmlType::F32, &data, 0..4)
+            .unwrap()
+            .is_clean()
+    );
+    let mut f16_data = quantize(GgmlType::F16, &[1.0, 2.0]).unwrap();
+    f16_data[2..4].copy_from_slice(&0x7e00u16.to_le_bytes());
+    transform_range(GgmlType::F16, &mut f16_data, 0..2, &Transform::Zero).unwrap();
+    assert_eq!(
+        dequantize(GgmlType::F16, &f16_data).unwrap(),
+        vec![0.0, 0.0]
+    );
+}
