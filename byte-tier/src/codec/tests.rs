@@ -754,3 +754,43 @@ fn non_finite_values_are_repaired_by_set_and_zero_but_not_scaled() {
         vec![0.0, 0.0]
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Any bytes decode and scan without panicking (this runs with overflow checks on),
+    /// and any finite values either quantize or are refused with a typed error.
+    #[test]
+    fn arbitrary_input_never_panics(
+        raw in prop::collection::vec(any::<u8>(), 0..2048),
+        bits in prop::collection::vec(any::<u32>(), 512),
+    ) {
+        let values: Vec<f32> = bits
+            .iter()
+            .map(|b| f32::from_bits(*b))
+            .map(|v| if v.is_finite() { v } else { 0.0 })
+            .collect();
+        for &t in GgmlType::ALL {
+            if can_dequantize(t) {
+                let bb = t.block_bytes() as usize;
+                let data = &raw[..raw.len() / bb * bb];
+                let n = element_count(t, data.len()).unwrap();
+                let decoded = dequantize(t, data).unwrap();
+                prop_assert_eq!(decoded.len() as u64, n);
+                let report = scan_non_finite(t, data, 0..n).unwrap();
+                let bad = decoded.iter().filter(|v| !v.is_finite()).count() as u64;
+                prop_assert_eq!(report.nan_count + report.inf_count, bad);
+            }
+            if can_quantize(t) {
+                match quantize(t, &values) {
+                    Ok(bytes) => {
+                        let report = scan_non_finite(t, &bytes, 0..512).unwrap();
+                        prop_assert!(report.nan_scales == 0 && report.inf_scales == 0, "{}", t);
+                    }
+                    Err(Error::ScaleOverflow { .. }) => {}
+                    Err(other) => prop_assert!(false, "{}: {}", t, other),
+                }
+            }
+        }
+    }
+}
