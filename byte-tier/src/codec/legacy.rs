@@ -37,6 +37,31 @@ pub(super) fn dequant_q4_1(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// The fifth bits of a Q5 block as the f32 amounts they add to each low nibble:
+/// `set` where the bit is 1 and `clear` where it is 0, for elements 0..16 and 16..32.
+///
+/// Testing each bit against a constant mask vectorizes on SSE2, where shifting every
+/// lane by its own amount does not; the sums stay exact since nibbles are small integers.
+#[inline(always)]
+fn fifth_bit_terms(qh: u32, set: f32, clear: f32) -> ([f32; 16], [f32; 16]) {
+    const BITS: [u32; 32] = {
+        let mut bits = [0u32; 32];
+        let mut i = 0;
+        while i < 32 {
+            bits[i] = 1 << i;
+            i += 1;
+        }
+        bits
+    };
+    let mut low = [0f32; 16];
+    let mut high = [0f32; 16];
+    for j in 0..16 {
+        low[j] = if qh & BITS[j] != 0 { set } else { clear };
+        high[j] = if qh & BITS[j + 16] != 0 { set } else { clear };
+    }
+    (low, high)
+}
+
 #[inline]
 pub(super) fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<22>();
@@ -44,6 +69,8 @@ pub(super) fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
     for (b, y) in blocks.iter().zip(outs.iter_mut()) {
         let d = f16_at(b, 0);
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        // (nibble | bit << 4) - 16 is nibble + 0 or nibble - 16, exactly.
+        let (low, high) = fifth_bit_terms(qh, 0.0, -16.0);
         let (lo, hi) = y.split_at_mut(16);
         for (j, ((q, l), h)) in b[6..]
             .iter()
@@ -51,10 +78,8 @@ pub(super) fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
             .zip(hi.iter_mut())
             .enumerate()
         {
-            let high_lo = ((qh >> j) & 1) as u8;
-            let high_hi = ((qh >> (j + 16)) & 1) as u8;
-            *l = d * f32::from(((q & 0x0f) | (high_lo << 4)) as i8 - 16);
-            *h = d * f32::from(((q >> 4) | (high_hi << 4)) as i8 - 16);
+            *l = d * (f32::from(q & 0x0f) + low[j]);
+            *h = d * (f32::from(q >> 4) + high[j]);
         }
     }
 }
@@ -67,6 +92,7 @@ pub(super) fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(b, 0);
         let m = f16_at(b, 2);
         let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let (low, high) = fifth_bit_terms(qh, 16.0, 0.0);
         let (lo, hi) = y.split_at_mut(16);
         for (j, ((q, l), h)) in b[8..]
             .iter()
@@ -74,10 +100,8 @@ pub(super) fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
             .zip(hi.iter_mut())
             .enumerate()
         {
-            let high_lo = ((qh >> j) & 1) as u8;
-            let high_hi = ((qh >> (j + 16)) & 1) as u8;
-            *l = d * f32::from((q & 0x0f) | (high_lo << 4)) + m;
-            *h = d * f32::from((q >> 4) | (high_hi << 4)) + m;
+            *l = d * (f32::from(q & 0x0f) + low[j]) + m;
+            *h = d * (f32::from(q >> 4) + high[j]) + m;
         }
     }
 }
