@@ -9,10 +9,12 @@ use byte_tier::GgmlType;
 use byte_tier::codec;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-/// Elements per dequantize run: 256 KiB of f32, which stays in the L2 cache, so the
-/// figure is the codec's own speed (as ggml's quantize-perf test measures it) rather
-/// than the machine's memory bandwidth.
+/// Elements per one-thread dequantize run: 256 KiB of f32, which stays in the L2 cache,
+/// so the figure is the codec's own speed (as ggml's quantize-perf test measures it)
+/// rather than the machine's memory bandwidth.
 const DEQUANT_ELEMENTS: usize = 1 << 16;
+/// Elements per run on every thread: enough chunks to spread over the pool.
+const PARALLEL_ELEMENTS: usize = 1 << 20;
 /// Elements per quantize run (the K-quant searches are two orders of magnitude slower).
 const QUANT_ELEMENTS: usize = 1 << 16;
 
@@ -126,12 +128,17 @@ fn pools() -> Vec<(String, rayon::ThreadPool)> {
 
 fn dequantize(c: &mut Criterion) {
     for (name, pool) in pools() {
+        let elements = if pool.current_num_threads() == 1 {
+            DEQUANT_ELEMENTS
+        } else {
+            PARALLEL_ELEMENTS
+        };
         let mut group = c.benchmark_group(format!("dequantize/{name}"));
-        group.throughput(Throughput::Bytes((DEQUANT_ELEMENTS * 4) as u64));
+        group.throughput(Throughput::Bytes((elements * 4) as u64));
         for &t in DEQUANT_TYPES {
-            let data = tensor(t, DEQUANT_ELEMENTS);
-            let mut out = vec![0f32; DEQUANT_ELEMENTS];
-            let n = DEQUANT_ELEMENTS as u64;
+            let data = tensor(t, elements);
+            let mut out = vec![0f32; elements];
+            let n = elements as u64;
             group.bench_function(BenchmarkId::from_parameter(t), |b| {
                 b.iter(|| {
                     pool.install(|| {
@@ -146,14 +153,16 @@ fn dequantize(c: &mut Criterion) {
 }
 
 fn quantize(c: &mut Criterion) {
-    let input = values(QUANT_ELEMENTS);
     for (name, pool) in pools() {
+        // One chunk per thread at least, so the parallel run has work to share.
+        let elements = QUANT_ELEMENTS.max(pool.current_num_threads() * codec::CHUNK_ELEMENTS);
+        let input = values(elements);
         let mut group = c.benchmark_group(format!("quantize/{name}"));
-        group.throughput(Throughput::Bytes((QUANT_ELEMENTS * 4) as u64));
+        group.throughput(Throughput::Bytes((elements * 4) as u64));
         group.sample_size(20);
         for &t in QUANT_TYPES {
             let mut data = codec::quantize(t, &input).expect("quantize");
-            let n = QUANT_ELEMENTS as u64;
+            let n = elements as u64;
             group.bench_function(BenchmarkId::from_parameter(t), |b| {
                 b.iter(|| {
                     pool.install(|| {

@@ -47,19 +47,21 @@ pub(super) fn dequant_q2_k(src: &[u8], dst: &mut [f32]) {
     for (b, y) in blocks.iter().zip(outs.iter_mut()) {
         let d = f16_at(b, 80);
         let dmin = f16_at(b, 82);
-        let scales = &b[..16];
-        for half in 0..2 {
+        let mut dl = [0f32; 16];
+        let mut ml = [0f32; 16];
+        for ((s, dl), ml) in b[..16].iter().zip(dl.iter_mut()).zip(ml.iter_mut()) {
+            *dl = d * f32::from(s & 0x0f);
+            *ml = dmin * f32::from(s >> 4);
+        }
+        let (halves, _) = y.as_chunks_mut::<128>();
+        for (half, out) in halves.iter_mut().enumerate() {
             let qs = &b[16 + 32 * half..16 + 32 * half + 32];
-            for shift in 0..4 {
-                let base = half * 128 + shift * 32;
-                for part in 0..2 {
-                    let s = scales[base / 16 + part];
-                    let dl = d * f32::from(s & 0x0f);
-                    let ml = dmin * f32::from(s >> 4);
-                    let out = &mut y[base + 16 * part..base + 16 * part + 16];
-                    for (o, q) in out.iter_mut().zip(&qs[16 * part..16 * part + 16]) {
-                        *o = dl * f32::from((q >> (2 * shift)) & 3) - ml;
-                    }
+            let (rows, _) = out.as_chunks_mut::<32>();
+            for (shift, row) in rows.iter_mut().enumerate() {
+                let at = half * 8 + shift * 2;
+                let (dl, ml) = (&dl[at..at + 2], &ml[at..at + 2]);
+                for (l, o) in row.iter_mut().enumerate() {
+                    *o = dl[l / 16] * f32::from((qs[l] >> (2 * shift)) & 3) - ml[l / 16];
                 }
             }
         }
@@ -85,22 +87,26 @@ pub(super) fn dequant_q3_k(src: &[u8], dst: &mut [f32]) {
     for (b, y) in blocks.iter().zip(outs.iter_mut()) {
         let d = f16_at(b, 108);
         let scales = scales_q3_k(&b[96..108]);
-        let hmask = &b[..32];
-        for half in 0..2 {
+        let mut dl = [0f32; 16];
+        for (o, s) in dl.iter_mut().zip(scales) {
+            *o = d * f32::from(s);
+        }
+        let Some(hmask) = b.first_chunk::<32>() else {
+            continue;
+        };
+        let (halves, _) = y.as_chunks_mut::<128>();
+        for (half, out) in halves.iter_mut().enumerate() {
             let qs = &b[32 + 32 * half..32 + 32 * half + 32];
-            for shift in 0..4 {
-                let base = half * 128 + shift * 32;
-                let bit = half * 4 + shift;
-                for part in 0..2 {
-                    let dl = d * f32::from(scales[base / 16 + part]);
-                    let range = 16 * part..16 * part + 16;
-                    let out = &mut y[base + 16 * part..base + 16 * part + 16];
-                    for ((o, q), h) in out.iter_mut().zip(&qs[range.clone()]).zip(&hmask[range]) {
-                        let low = ((q >> (2 * shift)) & 3) as i8;
-                        // A clear high bit means the value is offset by -4.
-                        let offset = ((((h >> bit) & 1) ^ 1) << 2) as i8;
-                        *o = dl * f32::from(low - offset);
-                    }
+            let (rows, _) = out.as_chunks_mut::<32>();
+            for (shift, row) in rows.iter_mut().enumerate() {
+                let mask = 1u8 << (half * 4 + shift);
+                let scale = &dl[half * 8 + shift * 2..half * 8 + shift * 2 + 2];
+                for (l, o) in row.iter_mut().enumerate() {
+                    let low = f32::from((qs[l] >> (2 * shift)) & 3);
+                    // A clear high bit means the value is offset by -4; the difference
+                    // of small integers is exact in f32.
+                    let offset = if hmask[l] & mask != 0 { 0.0 } else { 4.0 };
+                    *o = scale[l / 16] * (low - offset);
                 }
             }
         }

@@ -37,6 +37,31 @@ pub(super) fn dequant_q4_1(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// The fifth bits of a Q5 block as the f32 amounts they add to each low nibble:
+/// `set` where the bit is 1 and `clear` where it is 0, for elements 0..16 and 16..32.
+///
+/// Testing each bit against a constant mask vectorizes on SSE2, where shifting every
+/// lane by its own amount does not; the sums stay exact since nibbles are small integers.
+#[inline(always)]
+fn fifth_bit_terms(qh: u32, set: f32, clear: f32) -> ([f32; 16], [f32; 16]) {
+    const BITS: [u32; 32] = {
+        let mut bits = [0u32; 32];
+        let mut i = 0;
+        while i < 32 {
+            bits[i] = 1 << i;
+            i += 1;
+        }
+        bits
+    };
+    let mut low = [0f32; 16];
+    let mut high = [0f32; 16];
+    for j in 0..16 {
+        low[j] = if qh & BITS[j] != 0 { set } else { clear };
+        high[j] = if qh & BITS[j + 16] != 0 { set } else { clear };
+    }
+    (low, high)
+}
+
 #[inline]
 pub(super) fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<22>();
@@ -44,6 +69,8 @@ pub(super) fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
     for (b, y) in blocks.iter().zip(outs.iter_mut()) {
         let d = f16_at(b, 0);
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        // (nibble | bit << 4) - 16 is nibble + 0 or nibble - 16, exactly.
+        let (low, high) = fifth_bit_terms(qh, 0.0, -16.0);
         let (lo, hi) = y.split_at_mut(16);
         for (j, ((q, l), h)) in b[6..]
             .iter()
@@ -51,10 +78,8 @@ pub(super) fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
             .zip(hi.iter_mut())
             .enumerate()
         {
-            let high_lo = ((qh >> j) & 1) as u8;
-            let high_hi = ((qh >> (j + 16)) & 1) as u8;
-            *l = d * f32::from(((q & 0x0f) | (high_lo << 4)) as i8 - 16);
-            *h = d * f32::from(((q >> 4) | (high_hi << 4)) as i8 - 16);
+            *l = d * (f32::from(q & 0x0f) + low[j]);
+            *h = d * (f32::from(q >> 4) + high[j]);
         }
     }
 }
@@ -67,6 +92,7 @@ pub(super) fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
         let d = f16_at(b, 0);
         let m = f16_at(b, 2);
         let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let (low, high) = fifth_bit_terms(qh, 16.0, 0.0);
         let (lo, hi) = y.split_at_mut(16);
         for (j, ((q, l), h)) in b[8..]
             .iter()
@@ -74,10 +100,8 @@ pub(super) fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
             .zip(hi.iter_mut())
             .enumerate()
         {
-            let high_lo = ((qh >> j) & 1) as u8;
-            let high_hi = ((qh >> (j + 16)) & 1) as u8;
-            *l = d * f32::from((q & 0x0f) | (high_lo << 4)) + m;
-            *h = d * f32::from((q >> 4) | (high_hi << 4)) + m;
+            *l = d * (f32::from(q & 0x0f) + low[j]) + m;
+            *h = d * (f32::from(q >> 4) + high[j]) + m;
         }
     }
 }
@@ -139,6 +163,25 @@ pub(super) fn numpy_cast_i32(x: f32) -> i32 {
     }
 }
 
+/// Rounds half away from zero (C's `roundf`, gguf-py's `np_roundf`) and casts to an
+/// integer as numpy does; gguf-py's rounding turns an infinite value into NaN, which
+/// numpy casts to 0.
+///
+/// Spelled out with truncating casts because `f32::round` is a library call on x86-64
+/// without SSE4.1, which made it the slowest step of the quantizers. For |x| < 2^31 the
+/// steps are exact: `a - floor(a)` and its double are representable.
+#[inline(always)]
+pub(super) fn round_half_away(x: f32) -> i32 {
+    let a = x.abs();
+    if a.is_nan() || a >= 2_147_483_648.0 {
+        // NaN, infinity, or beyond i32: as numpy's cast of NaN or an overflow.
+        return if x.is_finite() { i32::MIN } else { 0 };
+    }
+    let floored = a as i32;
+    let rounded = floored + (2.0 * (a - floored as f32)) as i32;
+    if x < 0.0 { -rounded } else { rounded }
+}
+
 fn scale_bits(d: f32, block: usize) -> Result<[u8; 2], BlockOverflow> {
     f16_bits(d)
         .map(u16::to_le_bytes)
@@ -155,9 +198,9 @@ fn symmetric_codes(x: &[f32; 32], half: f32, top: u8) -> (f32, [u8; 32]) {
     let id = inverse(d);
     let mut q = [0u8; 32];
     for (c, &v) in q.iter_mut().zip(x) {
-        // The sum is at least 0.5 - rounding, so truncation is the floor; the clamp is
-        // the reference's clip to the top code.
-        *c = (numpy_cast_i32((v * id + (half + 0.5)).trunc()) as u8).min(top);
+        // The sum is at least 0.5 - rounding, so truncation (which the cast does) is
+        // the floor; the clamp is the reference's clip to the top code.
+        *c = (numpy_cast_i32(v * id + (half + 0.5)) as u8).min(top);
     }
     (d, q)
 }
@@ -171,7 +214,7 @@ fn asymmetric_codes(x: &[f32; 32], top: u8) -> (f32, f32, [u8; 32]) {
     let id = inverse(d);
     let mut q = [0u8; 32];
     for (c, &v) in q.iter_mut().zip(x) {
-        *c = (numpy_cast_i32(((v - min) * id + 0.5).trunc()) as u8).min(top);
+        *c = (numpy_cast_i32((v - min) * id + 0.5) as u8).min(top);
     }
     (d, min, q)
 }
@@ -247,14 +290,7 @@ pub(super) fn quant_q8_0(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
         let id = inverse(d);
         b[..2].copy_from_slice(&scale_bits(d, i)?);
         for (o, &v) in b[2..].iter_mut().zip(x) {
-            // Rounds half away from zero, as C's roundf; gguf-py's rounding turns an
-            // infinite product into NaN, which numpy casts to 0.
-            let r = (v * id).round();
-            *o = if r.is_finite() {
-                numpy_cast_i32(r) as u8
-            } else {
-                0
-            };
+            *o = round_half_away(v * id) as u8;
         }
     }
     Ok(())

@@ -16,7 +16,7 @@
 //! all-zero IQ4_NL block as whatever its scratch buffer held (the previous block's
 //! codes), we write code 0; the block decodes to zeros either way.
 
-use super::legacy::numpy_cast_i32;
+use super::legacy::{numpy_cast_i32, round_half_away};
 use super::{BlockOverflow, f16_at, f16_bits};
 
 /// The IQ4_NL / IQ4_XS value grid.
@@ -151,13 +151,7 @@ fn ternary_codes(x: &[f32; 256]) -> (f32, [u8; 256]) {
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
     let mut q = [0u8; 256];
     for (c, &v) in q.iter_mut().zip(x) {
-        let r = (v * id).round();
-        let code = if r.is_finite() {
-            numpy_cast_i32(r) as i8
-        } else {
-            0
-        };
-        *c = code.wrapping_add(1) as u8;
+        *c = (round_half_away(v * id) as i8).wrapping_add(1) as u8;
     }
     (d, q)
 }

@@ -18,6 +18,18 @@
 //! one-thread run); no call holds more than one chunk of `f32` per worker, plus, for
 //! writes, a copy of the new bytes of the range (its quantized size) so that an error in
 //! any chunk can still leave the tensor untouched.
+//!
+//! What each type supports:
+//! - dequantize: F32, F16, BF16, F64, I8..I64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K,
+//!   IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0 ([`can_dequantize`]);
+//! - quantize (and so every transform): the same but the integer types
+//!   ([`can_quantize`]);
+//! - not handled: the grid-based IQ types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
+//!   IQ3_XXS, IQ3_S), the activation types Q8_1 and Q8_K, and NVFP4, Q1_0, Q2_0: every
+//!   operation on them fails with [`Error::UnsupportedType`] naming the type.
+//!
+//! The module also reads and writes numpy `.npy` files ([`write_tensor_npy`],
+//! [`read_npy_file`]) for moving a tensor's values to numpy and back.
 
 mod float;
 mod kquants;
@@ -70,8 +82,10 @@ pub fn scan_tensor(gguf: &crate::Gguf<'_>, tensor: &crate::TensorInfo) -> Result
     .map_err(|e| e.in_tensor(&tensor.name))
 }
 
-/// Elements handled by one parallel work item (rounded up to whole blocks).
-pub const CHUNK_ELEMENTS: usize = 16 * 1024;
+/// Elements handled by one parallel work item (rounded up to whole blocks): 256 KiB of
+/// f32, large enough that a dequantization chunk (several microseconds) dwarfs rayon's
+/// per-task cost, small enough to stay in a core's L2 cache.
+pub const CHUNK_ELEMENTS: usize = 64 * 1024;
 
 /// Decodes whole blocks: `src` holds `n` blocks and `dst` exactly `n * block_len` values.
 type DequantKernel = fn(&[u8], &mut [f32]);
@@ -412,13 +426,10 @@ pub(crate) fn f16_to_f32(bits: u16) -> f32 {
 }
 
 /// Rounds `value` to f16 (round to nearest even, as numpy and ggml do) and returns its
-/// bits, or `None` when it overflows to infinity.
+/// bits, or `None` when the result is not finite: the value overflows f16, or a scale
+/// search on extreme (but finite) inputs produced an infinite or NaN scale.
 #[inline]
 pub(crate) fn f16_bits(value: f32) -> Option<u16> {
     let h = half::f16::from_f32(value);
-    if h.is_infinite() && value.is_finite() {
-        None
-    } else {
-        Some(h.to_bits())
-    }
+    h.is_finite().then(|| h.to_bits())
 }

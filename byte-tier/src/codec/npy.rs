@@ -50,8 +50,9 @@ fn npy_error(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// The version 1.0 header of a little-endian float32 C-order array of `shape`.
-fn header(shape: &[u64]) -> Vec<u8> {
+/// The version 1.0 header of a little-endian float32 C-order array of `shape`, or
+/// `None` when the shape is too long for a version 1.0 header.
+fn header(shape: &[u64]) -> Option<Vec<u8>> {
     let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
     let shape_text = match dims.len() {
         1 => format!("({},)", dims[0]),
@@ -69,10 +70,9 @@ fn header(shape: &[u64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + dict.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[1, 0]);
-    // The dict of a shape of at most a few dozen dimensions is far below 65,535 bytes.
-    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    out.extend_from_slice(&u16::try_from(dict.len()).ok()?.to_le_bytes());
     out.extend_from_slice(dict.as_bytes());
-    out
+    Some(out)
 }
 
 /// Writes `values` as a float32 `.npy` array of numpy shape `shape` to `out`.
@@ -99,7 +99,16 @@ pub fn write_npy_f32(
         ));
     }
     let io = |e| Error::io("write", path, e);
-    out.write_all(&header(shape)).map_err(io)?;
+    let header = header(shape).ok_or_else(|| {
+        npy_error(
+            path,
+            format!(
+                "a shape of {} dimensions does not fit the header",
+                shape.len()
+            ),
+        )
+    })?;
+    out.write_all(&header).map_err(io)?;
     let mut buffer = Vec::with_capacity(64 * 1024);
     for chunk in values.chunks(16 * 1024) {
         buffer.clear();

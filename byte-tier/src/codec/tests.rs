@@ -1,5 +1,6 @@
 use proptest::prelude::*;
 
+use super::legacy;
 use super::transform::TransformPath;
 use super::*;
 
@@ -317,6 +318,25 @@ fn scales_that_overflow_f16_are_refused() {
         matches!(err, Error::ScaleOverflow { block: b, .. } if b == block),
         "{err}"
     );
+    // Finite inputs so large that a scale search overflows f32 internally never leave
+    // an infinite or NaN scale behind: the block is refused, or (where the reference
+    // search itself settles on a finite scale) stored with finite scales.
+    let mut extreme = vec![0.0f32; 256];
+    extreme[0] = f32::MAX;
+    extreme[1] = -f32::MAX;
+    for &t in GgmlType::ALL.iter().filter(|t| can_quantize(**t)) {
+        match quantize(t, &extreme) {
+            Err(Error::ScaleOverflow { block: 0, .. }) => {}
+            Err(other) => panic!("{t}: {other}"),
+            Ok(bytes) => {
+                let report = scan_non_finite(t, &bytes, 0..256).unwrap();
+                assert!(
+                    report.nan_scales == 0 && report.inf_scales == 0,
+                    "{t}: {report:?}"
+                );
+            }
+        }
+    }
     let err = quantize(GgmlType::F16, &[1.0, 70000.0]).unwrap_err();
     assert!(
         matches!(err, Error::ScaleOverflow { block: 1, .. }),
@@ -660,4 +680,117 @@ fn iq4_quants_match_the_reference_vectors() {
         }
     }
     assert_eq!(at, expected.len());
+}
+
+proptest! {
+    #[test]
+    fn round_half_away_matches_round(x in -3e9f32..3e9) {
+        let expected = if x.abs() < 2_147_483_648.0 { x.round() as i32 } else { i32::MIN };
+        prop_assert_eq!(legacy::round_half_away(x), expected);
+    }
+}
+
+#[test]
+fn round_half_away_edges() {
+    for k in -1000..1000 {
+        let x = k as f32 * 0.5;
+        assert_eq!(legacy::round_half_away(x), x.round() as i32, "{x}");
+    }
+    for x in [
+        0.49999997f32,
+        -0.49999997,
+        0.5,
+        -0.5,
+        1.5,
+        2.5,
+        8388607.5,
+        -8388608.5,
+        0.0,
+        -0.0,
+    ] {
+        assert_eq!(legacy::round_half_away(x), x.round() as i32, "{x}");
+    }
+    assert_eq!(legacy::round_half_away(f32::INFINITY), 0);
+    assert_eq!(legacy::round_half_away(f32::NAN), 0);
+}
+
+#[test]
+fn non_finite_values_are_repaired_by_set_and_zero_but_not_scaled() {
+    let values = [1.0f32, f32::NAN, 3.0, f32::INFINITY];
+    let mut data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let original = data.clone();
+    let err = transform_range(GgmlType::F32, &mut data, 0..4, &Transform::Scale(2.0)).unwrap_err();
+    assert!(
+        matches!(err, Error::NonFiniteInput { index: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(data, original);
+    let report = scan_non_finite(GgmlType::F32, &data, 0..4).unwrap();
+    assert_eq!(
+        (
+            report.nan_count,
+            report.inf_count,
+            report.first_offsets.clone()
+        ),
+        (1, 1, vec![1, 3])
+    );
+    transform_range(
+        GgmlType::F32,
+        &mut data,
+        0..4,
+        &Transform::Set(&[1.0, 0.0, 3.0, 0.0]),
+    )
+    .unwrap();
+    assert!(
+        scan_non_finite(GgmlType::F32, &data, 0..4)
+            .unwrap()
+            .is_clean()
+    );
+    let mut f16_data = quantize(GgmlType::F16, &[1.0, 2.0]).unwrap();
+    f16_data[2..4].copy_from_slice(&0x7e00u16.to_le_bytes());
+    transform_range(GgmlType::F16, &mut f16_data, 0..2, &Transform::Zero).unwrap();
+    assert_eq!(
+        dequantize(GgmlType::F16, &f16_data).unwrap(),
+        vec![0.0, 0.0]
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Any bytes decode and scan without panicking (this runs with overflow checks on),
+    /// and any finite values either quantize or are refused with a typed error.
+    #[test]
+    fn arbitrary_input_never_panics(
+        raw in prop::collection::vec(any::<u8>(), 0..2048),
+        bits in prop::collection::vec(any::<u32>(), 512),
+    ) {
+        let values: Vec<f32> = bits
+            .iter()
+            .map(|b| f32::from_bits(*b))
+            .map(|v| if v.is_finite() { v } else { 0.0 })
+            .collect();
+        for &t in GgmlType::ALL {
+            if can_dequantize(t) {
+                let bb = t.block_bytes() as usize;
+                let data = &raw[..raw.len() / bb * bb];
+                let n = element_count(t, data.len()).unwrap();
+                let decoded = dequantize(t, data).unwrap();
+                prop_assert_eq!(decoded.len() as u64, n);
+                let report = scan_non_finite(t, data, 0..n).unwrap();
+                let bad = decoded.iter().filter(|v| !v.is_finite()).count() as u64;
+                prop_assert_eq!(report.nan_count + report.inf_count, bad);
+            }
+            if can_quantize(t) {
+                match quantize(t, &values) {
+                    Ok(bytes) => {
+                        let report = scan_non_finite(t, &bytes, 0..512).unwrap();
+                        prop_assert!(report.nan_scales == 0 && report.inf_scales == 0, "{}", t);
+                    }
+                    Err(Error::ScaleOverflow { .. }) => {}
+                    Err(other) => prop_assert!(false, "{}: {}", t, other),
+                }
+            }
+        }
+    }
 }

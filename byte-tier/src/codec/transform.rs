@@ -132,6 +132,12 @@ impl ErrorSums {
 /// Applies `transform` to the elements `range` of a tensor of `ggml_type` whose bytes are
 /// `data`, in place, and reports the path taken and the error against the intended
 /// values. On error nothing is written.
+///
+/// The element-wise and requantizing paths refuse with [`Error::NonFiniteInput`] when
+/// any intended value is NaN or infinite: a `Map` that returns NaN, an F32 value scaled
+/// past `f32::MAX`, or a value that was already NaN or infinite before the transform
+/// (repair those with `Set` or `Zero`, which do not read the old values' finiteness
+/// into the result). The scale-field path multiplies non-finite scales like any other.
 pub fn transform_range(
     ggml_type: GgmlType,
     data: &mut [u8],
