@@ -20,8 +20,8 @@ mod sys;
 
 pub use error::{Error, Result};
 pub use live::{
-    Action, AttachMode, ConflictReport, Event, HistoryEntry, LiveModel, ReadGuard, Stats,
-    WindowPolicy,
+    Action, AttachMode, ConflictReport, Event, HistoryEntry, LiveModel, MemoryPatcher, RangeView,
+    ReadGuard, Stats, WindowPolicy,
 };
 pub use ops::{LayerSkipSet, block_tensors};
 pub use patch::{MemoryPatch, PatchKind, PatchTarget, Payload, ValueTransform};

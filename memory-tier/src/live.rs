@@ -170,6 +170,7 @@ struct Applied {
 
 #[derive(Debug, Default)]
 struct State {
+    registered: Vec<MemoryPatch>,
     applied: Vec<Applied>,
     history: Vec<HistoryEntry>,
     subscribers: Vec<mpsc::Sender<Event>>,
@@ -288,6 +289,74 @@ impl<'a> ReadGuard<'a> {
     /// The epoch this view belongs to.
     pub fn epoch(&self) -> u64 {
         self.model.epoch()
+    }
+}
+
+/// A read-only view of a byte range of the region, under a read guard.
+#[derive(Debug)]
+pub struct RangeView<'a> {
+    guard: ReadGuard<'a>,
+    range: Range<u64>,
+}
+
+impl RangeView<'_> {
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.guard.bytes()[self.range.start as usize..self.range.end as usize]
+    }
+
+    /// The range viewed.
+    pub fn range(&self) -> Range<u64> {
+        self.range.clone()
+    }
+}
+
+/// Tensor-aware patching of a live region: what every live region offers, whatever
+/// backs it.
+pub trait MemoryPatcher {
+    /// Registers a patch to apply later by name.
+    fn add(&self, patch: MemoryPatch) -> Result<Uuid>;
+    /// Applies one patch.
+    fn apply(&self, patch: MemoryPatch) -> Result<Uuid>;
+    /// Applies patches as one all-or-nothing transaction.
+    fn apply_transaction(&self, patches: Vec<MemoryPatch>) -> Result<Vec<Uuid>>;
+    /// Reverts an applied patch.
+    fn revert(&self, id: Uuid) -> Result<()>;
+    /// The overlaps a patch would have, without applying it.
+    fn check_conflicts(&self, patch: &MemoryPatch) -> Result<Vec<ConflictReport>>;
+    /// The history, oldest first.
+    fn history(&self) -> Vec<HistoryEntry>;
+    /// The counters.
+    fn stats(&self) -> Stats;
+}
+
+impl MemoryPatcher for LiveModel {
+    fn add(&self, patch: MemoryPatch) -> Result<Uuid> {
+        LiveModel::add(self, patch)
+    }
+
+    fn apply(&self, patch: MemoryPatch) -> Result<Uuid> {
+        LiveModel::apply(self, patch)
+    }
+
+    fn apply_transaction(&self, patches: Vec<MemoryPatch>) -> Result<Vec<Uuid>> {
+        self.apply_all(patches)
+    }
+
+    fn revert(&self, id: Uuid) -> Result<()> {
+        LiveModel::revert(self, id)
+    }
+
+    fn check_conflicts(&self, patch: &MemoryPatch) -> Result<Vec<ConflictReport>> {
+        LiveModel::check_conflicts(self, patch)
+    }
+
+    fn history(&self) -> Vec<HistoryEntry> {
+        LiveModel::history(self)
+    }
+
+    fn stats(&self) -> Stats {
+        LiveModel::stats(self)
     }
 }
 
@@ -482,6 +551,66 @@ impl LiveModel {
             .unwrap_or_else(|e| e.into_inner())
             .history
             .clone()
+    }
+
+    /// Registers a patch to apply later by name (see [`LiveModel::apply_registered`]).
+    pub fn add(&self, patch: MemoryPatch) -> Result<Uuid> {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if state.registered.iter().any(|p| p.name == patch.name) {
+            return Err(Error::InvalidPatch {
+                patch: patch.name.clone(),
+                reason: "a patch with this name is registered already".into(),
+            });
+        }
+        let id = patch.id;
+        state.registered.push(patch);
+        Ok(id)
+    }
+
+    /// The registered patches.
+    pub fn registered(&self) -> Vec<MemoryPatch> {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .registered
+            .clone()
+    }
+
+    /// Enables or disables a registered patch.
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let patch = state
+            .registered
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| Error::NoSuchPatch(name.to_owned()))?;
+        patch.enabled = enabled;
+        Ok(())
+    }
+
+    /// Applies the registered patch named `name`.
+    pub fn apply_registered(&self, name: &str) -> Result<Uuid> {
+        let patch = self
+            .registered()
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| Error::NoSuchPatch(name.to_owned()))?;
+        self.apply(patch)
+    }
+
+    /// A read-only view of `range`, valid while it is held (patches wait for it).
+    pub fn view(&self, range: Range<u64>) -> Result<RangeView<'_>> {
+        if range.start > range.end || range.end > self.len() {
+            return Err(Error::OutsideRegion {
+                start: range.start,
+                end: range.end,
+                len: self.len(),
+            });
+        }
+        Ok(RangeView {
+            guard: self.read(),
+            range,
+        })
     }
 
     /// The journal transaction that applied patch `id` (shared file mappings only).
@@ -801,7 +930,9 @@ impl LiveModel {
                     )
                 })
                 .collect();
-            let undo = if delta.iter().map(|(_, b)| 16 + b.len()).sum::<usize>() < before.len() {
+            let undo = if !patch.snapshot
+                && delta.iter().map(|(_, b)| 16 + b.len()).sum::<usize>() < before.len()
+            {
                 Undo::Delta(delta)
             } else {
                 Undo::Original(before.to_vec())

@@ -85,6 +85,9 @@ pub struct MemoryPatch {
     pub priority: i32,
     /// A disabled patch is refused.
     pub enabled: bool,
+    /// Keep a full copy of the target range while applied, even when a smaller delta
+    /// would do (for callers that want the before-image at hand).
+    pub snapshot: bool,
 }
 
 impl MemoryPatch {
@@ -98,6 +101,7 @@ impl MemoryPatch {
             payload,
             priority: 0,
             enabled: true,
+            snapshot: false,
         }
     }
 

@@ -27,7 +27,12 @@ pub fn run() -> Result<()> {
     let path = dir.join("bench.gguf");
     let mut w = GgufWriter::new();
     w.set("general.architecture", "bench");
-    w.add_tensor(TensorSpec::from_bytes("w", vec![1 << 20], GgmlType::F32, vec![0u8; 4 << 20]));
+    w.add_tensor(TensorSpec::from_bytes(
+        "w",
+        vec![1 << 20],
+        GgmlType::F32,
+        vec![0u8; 4 << 20],
+    ));
     w.write_to_path(&path)?;
     let result = measure(&path);
     let _ = std::fs::remove_dir_all(&dir);
@@ -35,7 +40,11 @@ pub fn run() -> Result<()> {
 }
 
 fn patch(name: String, start: u64, len: u64, byte: u8) -> MemoryPatch {
-    MemoryPatch::new(name, PatchTarget::Raw(start..start + len), Payload::Bytes(vec![byte; len as usize]))
+    MemoryPatch::new(
+        name,
+        PatchTarget::Raw(start..start + len),
+        Payload::Bytes(vec![byte; len as usize]),
+    )
 }
 
 fn measure(path: &std::path::Path) -> Result<()> {
@@ -66,7 +75,11 @@ fn measure(path: &std::path::Path) -> Result<()> {
         us(percentile(&revert, 0.99))
     );
 
-    let patches = || (0..100u64).map(|i| patch(format!("b{i}"), base + i * 64, 32, 0x77)).collect::<Vec<_>>();
+    let patches = || {
+        (0..100u64)
+            .map(|i| patch(format!("b{i}"), base + i * 64, 32, 0x77))
+            .collect::<Vec<_>>()
+    };
     let one_by_one = LiveModel::attach(path, AttachMode::Owned)?;
     let start = Instant::now();
     for p in patches() {

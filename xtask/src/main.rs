@@ -97,7 +97,15 @@ pub fn rerun_in_release(task: &str) -> Result<bool> {
     if !cfg!(debug_assertions) {
         return Ok(false);
     }
-    run(cargo().args(["run", "--quiet", "--release", "--package", "xtask", "--", task]))?;
+    run(cargo().args([
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "xtask",
+        "--",
+        task,
+    ]))?;
     Ok(true)
 }
 

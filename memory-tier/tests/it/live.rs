@@ -355,3 +355,66 @@ fn the_real_model_attached_shared_changes_only_the_tensor_and_reverts_byte_for_b
     let map = MappedFile::open(&path).unwrap();
     map.parse().unwrap();
 }
+
+#[test]
+fn a_revert_refuses_bytes_changed_behind_its_back_and_read_only_files_are_refused() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_model(dir.path());
+    let model = LiveModel::attach(&path, AttachMode::Shared).unwrap();
+    let b = model.tensor("b").unwrap().clone();
+    let id = model
+        .apply(raw("ones", b.data_offset..b.data_offset + 8, 1))
+        .unwrap();
+    // Another writer changes one of those bytes in the file: the shared mapping sees it.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&[9], b.data_offset + 3).unwrap();
+    assert!(matches!(
+        model.revert(id),
+        Err(Error::ChecksumMismatch { .. })
+    ));
+    assert_eq!(
+        model
+            .view(b.data_offset..b.data_offset + 4)
+            .unwrap()
+            .bytes(),
+        &[1, 1, 1, 9]
+    );
+    drop(model);
+
+    let status = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&path)
+        .status();
+    if status.is_ok_and(|s| s.success()) {
+        let result = LiveModel::attach(&path, AttachMode::Shared);
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&path)
+            .status();
+        assert!(
+            matches!(result, Err(Error::Bytes(byte_tier::Error::ReadOnly { .. }))),
+            "{result:?}"
+        );
+    }
+}
+
+#[test]
+fn registered_patches_apply_by_name_and_disabled_ones_are_refused() {
+    use memory_tier::MemoryPatcher;
+    let dir = tempfile::tempdir().unwrap();
+    let model = LiveModel::attach(small_model(dir.path()), AttachMode::Owned).unwrap();
+    let patcher: &dyn MemoryPatcher = &model;
+    patcher
+        .add(MemoryPatch::transform("zero q", "q", ValueTransform::Zero))
+        .unwrap();
+    model.set_enabled("zero q", false).unwrap();
+    assert!(matches!(
+        model.apply_registered("zero q"),
+        Err(Error::Disabled(_))
+    ));
+    model.set_enabled("zero q", true).unwrap();
+    let id = model.apply_registered("zero q").unwrap();
+    assert_eq!(patcher.history().last().unwrap().id, id);
+    assert_eq!(patcher.stats().applied_now, 1);
+}
