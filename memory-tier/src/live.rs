@@ -70,6 +70,17 @@ pub struct Stats {
     pub applied_now: u64,
 }
 
+impl Stats {
+    /// Writes per window opened: how well batching grouped them.
+    pub fn writes_per_window(&self) -> f64 {
+        if self.windows_opened == 0 {
+            0.0
+        } else {
+            self.writes as f64 / self.windows_opened as f64
+        }
+    }
+}
+
 /// What the history records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {

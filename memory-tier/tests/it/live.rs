@@ -310,6 +310,7 @@ fn batching_opens_fewer_windows() {
     assert_eq!(one_by_one.read().bytes(), batched.read().bytes());
     assert_eq!(one_by_one.stats().windows_opened, 100);
     assert_eq!(batched.stats().windows_opened, 1);
+    assert_eq!(batched.stats().writes_per_window(), 100.0);
 
     let mut small_windows = LiveModel::attach(&path, AttachMode::Owned).unwrap();
     small_windows.set_window_policy(WindowPolicy {
@@ -417,4 +418,30 @@ fn registered_patches_apply_by_name_and_disabled_ones_are_refused() {
     let id = model.apply_registered("zero q").unwrap();
     assert_eq!(patcher.history().last().unwrap().id, id);
     assert_eq!(patcher.stats().applied_now, 1);
+}
+
+#[test]
+fn a_callers_raw_region_is_protected_while_attached_and_given_back_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(small_model(dir.path())).unwrap();
+    let page = memory_tier::page_size();
+    let mut memory = memmap2::MmapMut::map_anon(bytes.len().div_ceil(page) * page).unwrap();
+    memory[..bytes.len()].copy_from_slice(&bytes);
+    let start = std::ptr::NonNull::new(memory.as_mut_ptr()).unwrap();
+    let len = memory.len();
+    // SAFETY: `memory` is a page-aligned anonymous mapping of `len` bytes that outlives
+    // the model, and nothing else touches it until the model is detached.
+    let model = unsafe { LiveModel::attach_raw(start, len, None) }.unwrap();
+    let s = model.tensor("b").unwrap().data_offset;
+    model.apply(raw("in place", s..s + 4, 0xcd)).unwrap();
+    model.detach(true).unwrap();
+    // Given back as it was, and writable again.
+    memory[0] = b'G';
+    assert_eq!(&memory[..bytes.len()], &bytes[..]);
+
+    // An unaligned region is refused before anything is protected.
+    let unaligned = std::ptr::NonNull::new(memory[1..].as_mut_ptr()).unwrap();
+    // SAFETY: as above; the call fails on the alignment check and keeps nothing.
+    let refused = unsafe { LiveModel::attach_raw(unaligned, page, None) };
+    assert!(matches!(refused, Err(Error::UnalignedRegion { .. })));
 }
