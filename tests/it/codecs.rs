@@ -468,7 +468,13 @@ fn the_real_model_scans_clean_and_errors_name_the_tensor() {
         .find(|t| t.ggml_type == GgmlType::Q4_K)
         .expect("a Q4_K tensor");
     let err = codec::dequantize_tensor(&gguf, tensor, 0..100).unwrap_err();
-    let text = err.to_string();
+    // The tensor's name is on the outer error, the range on its source.
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
     assert!(
         text.contains(&tensor.name) && text.contains("0..100") && text.contains("Q4_K"),
         "{text}"
