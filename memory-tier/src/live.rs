@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
-use byte_tier::codec::{self, Transform};
+use byte_tier::codec;
 use byte_tier::{ByteWrite, Gguf, Journal, TensorInfo};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::patch::{MemoryPatch, PatchTarget, Payload, ValueTransform};
+use crate::patch::{MemoryPatch, PatchTarget, Payload};
 use crate::sys::{Backing, Mapping, page_size};
 
 /// How to attach to a GGUF file.
@@ -723,20 +723,7 @@ impl LiveModel {
                         byte_tier::tensor_edit::changed_runs(old, bytes, range.start)
                     }
                     Payload::Transform(transform) => {
-                        let values;
-                        let transform = match transform {
-                            ValueTransform::Scale(f) => Transform::Scale(*f),
-                            ValueTransform::Offset(f) => Transform::Offset(*f),
-                            ValueTransform::Clamp { min, max } => Transform::Clamp {
-                                min: *min,
-                                max: *max,
-                            },
-                            ValueTransform::Zero => Transform::Zero,
-                            ValueTransform::Set(v) => {
-                                values = v;
-                                Transform::Set(values)
-                            }
-                        };
+                        let transform = transform.as_codec();
                         let mut new = old.to_vec();
                         codec::transform_range(
                             t.ggml_type,

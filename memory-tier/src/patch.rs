@@ -59,6 +59,23 @@ pub enum ValueTransform {
     Set(Vec<f32>),
 }
 
+impl ValueTransform {
+    /// The codec's form of this transform, borrowing its values.
+    pub fn as_codec(&self) -> byte_tier::codec::Transform<'_> {
+        use byte_tier::codec::Transform;
+        match self {
+            ValueTransform::Scale(f) => Transform::Scale(*f),
+            ValueTransform::Offset(f) => Transform::Offset(*f),
+            ValueTransform::Clamp { min, max } => Transform::Clamp {
+                min: *min,
+                max: *max,
+            },
+            ValueTransform::Zero => Transform::Zero,
+            ValueTransform::Set(values) => Transform::Set(values),
+        }
+    }
+}
+
 /// What a patch writes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Payload {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use byte_tier::codec::{self, Transform, TransformReport};
+use byte_tier::codec::{self, TransformReport};
 use byte_tier::{GgmlType, TensorInfo};
 
 use crate::error::{Error, Result};
@@ -73,20 +73,7 @@ impl TensorTable {
             let mut bytes = entry.bytes.to_vec();
             let n_blocks = bytes.len() as u64 / entry.ggml_type.block_bytes();
             let n = n_blocks * entry.ggml_type.block_len();
-            let values;
-            let t = match transform {
-                ValueTransform::Scale(f) => Transform::Scale(*f),
-                ValueTransform::Offset(f) => Transform::Offset(*f),
-                ValueTransform::Clamp { min, max } => Transform::Clamp {
-                    min: *min,
-                    max: *max,
-                },
-                ValueTransform::Zero => Transform::Zero,
-                ValueTransform::Set(v) => {
-                    values = v;
-                    Transform::Set(values)
-                }
-            };
+            let t = transform.as_codec();
             match codec::transform_range(entry.ggml_type, &mut bytes, 0..n, &t) {
                 Ok(r) => {
                     report = Some(r);
