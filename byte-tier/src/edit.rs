@@ -37,9 +37,15 @@ pub fn rewrite_file<R>(
     edit: impl for<'a> FnOnce(&Gguf<'a>, &mut GgufWriter<'a>) -> Result<R>,
 ) -> Result<RewriteOutcome<R>> {
     let journal = crate::journal::journal_path(input);
-    if journal.exists() && output.is_none() {
+    // Replacing the file: roll back an unfinished transaction, then hold the journal so
+    // that no other writer (a live attach, another hotpatch) works on the old file
+    // while it is replaced; a busy journal refuses the rewrite.
+    let held = if output.is_none() && journal.exists() {
         crate::inplace::recover(input)?;
-    }
+        Some(crate::journal::Journal::open(input)?)
+    } else {
+        None
+    };
     let map = crate::file::MappedFile::open(input)?;
     let gguf = map.parse()?;
     let mut writer = GgufWriter::from_gguf(&gguf);
@@ -47,23 +53,24 @@ pub fn rewrite_file<R>(
     let target = output.unwrap_or(input);
     let bytes_written = writer.write_to_path_reporting(target, progress)?;
     let mut archived_journal = None;
-    let empty_journal = journal.exists()
-        && crate::journal::Journal::open(input)?
-            .transactions()
-            .is_empty();
-    if output.is_none() && empty_journal {
-        std::fs::remove_file(&journal)
-            .map_err(|e| Error::io("remove empty journal", &journal, e))?;
-    } else if output.is_none() && journal.exists() {
-        let mut archived = journal.clone().into_os_string();
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        archived.push(format!(".before-rewrite-{stamp}"));
-        let archived = PathBuf::from(archived);
-        std::fs::rename(&journal, &archived)
-            .map_err(|e| Error::io("archive journal", &journal, e))?;
-        archived_journal = Some(archived);
+    if let Some(held) = held {
+        let empty = held.transactions().is_empty();
+        drop(held);
+        if empty {
+            std::fs::remove_file(&journal)
+                .map_err(|e| Error::io("remove empty journal", &journal, e))?;
+        } else {
+            // Its offsets describe the old layout: keep it for the record, aside.
+            let mut archived = journal.clone().into_os_string();
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            archived.push(format!(".before-rewrite-{stamp}"));
+            let archived = PathBuf::from(archived);
+            std::fs::rename(&journal, &archived)
+                .map_err(|e| Error::io("archive journal", &journal, e))?;
+            archived_journal = Some(archived);
+        }
     }
     Ok(RewriteOutcome {
         result,

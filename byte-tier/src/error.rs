@@ -271,6 +271,13 @@ pub enum Error {
         /// The transaction.
         id: u64,
     },
+    /// Another writer holds the journal (another hotpatch process editing the same file),
+    /// or it was opened read-only.
+    #[error("journal {path} is in use by another writer")]
+    JournalBusy {
+        /// The journal.
+        path: PathBuf,
+    },
     /// No transaction has this id.
     #[error("no transaction {0}")]
     NoSuchTransaction(u64),

@@ -431,6 +431,7 @@ mod tests {
             f.journal().transactions()[0].state,
             TransactionState::RolledBack(_)
         ));
+        drop(f);
         assert!(recover(&path).unwrap().is_none());
     }
 
@@ -455,6 +456,24 @@ mod tests {
         let f = InPlaceFile::open(&path).unwrap();
         assert!(!f.journal().had_torn_tail());
         assert_eq!(f.journal().transactions().len(), 2);
+    }
+
+    #[test]
+    fn one_writer_at_a_time_and_readers_alongside() {
+        let (_dir, path) = file_with(&[0u8; 16]);
+        let mut f = InPlaceFile::open(&path).unwrap();
+        f.fill(0..4, 1).unwrap();
+        assert!(matches!(
+            InPlaceFile::open(&path),
+            Err(Error::JournalBusy { .. })
+        ));
+        let reader = Journal::open_read_only(&path).unwrap();
+        assert_eq!(reader.transactions().len(), 1);
+        // A rewrite of the file is refused while a writer holds its journal.
+        let rewrite = crate::edit::rewrite_file(&path, None, &mut |_, _| {}, |_, _| Ok(()));
+        assert!(matches!(rewrite, Err(Error::JournalBusy { .. })));
+        drop(f);
+        assert!(InPlaceFile::open(&path).is_ok());
     }
 
     #[test]

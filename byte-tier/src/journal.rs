@@ -27,6 +27,8 @@ use crate::file::MappedFile;
 use crate::ops::sha256;
 
 const JOURNAL_MAGIC: &[u8; 8] = b"HPJOURN1";
+/// How long opening waits for a journal another writer holds.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
 const RECORD_HEADER_LEN: u64 = 1 + 8 + 8 + 4;
 const KIND_BEGIN: u8 = 1;
 const KIND_UNDO: u8 = 2;
@@ -117,13 +119,13 @@ pub struct Journal {
     valid_len: u64,
     torn_tail: bool,
     transactions: Vec<Transaction>,
+    writable: bool,
 }
 
 impl Journal {
     /// Opens (creating if needed) the journal of `target` and reads its transactions.
     pub fn open(target: &Path) -> Result<Journal> {
         let path = journal_path(target);
-        let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -131,7 +133,28 @@ impl Journal {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io("open journal", &path, e))?;
-        if !existed {
+        // One writer at a time, across processes: an exclusive advisory lock held for as
+        // long as this journal is open (released when the file is closed). A child
+        // process forked by anyone in this process holds the descriptor for an instant
+        // before it execs, so a busy lock is retried briefly before it counts.
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(Error::JournalBusy { path }),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::io("lock journal", &path, e));
+                }
+            }
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat journal", &path, e))?
+            .len();
+        if len == 0 {
             (&file)
                 .write_all(JOURNAL_MAGIC)
                 .and_then(|()| file.sync_all())
@@ -140,12 +163,26 @@ impl Journal {
                 crate::writer::sync_dir(dir)?;
             }
         }
+        Journal::read(path, file, true)
+    }
+
+    /// Opens the journal of `target` to read its history, alongside a writer if there is
+    /// one (a shared lock: it waits for no one and blocks only other writers' opening).
+    /// Nothing can be appended through it.
+    pub fn open_read_only(target: &Path) -> Result<Journal> {
+        let path = journal_path(target);
+        let file = File::open(&path).map_err(|e| Error::io("open journal", &path, e))?;
+        Journal::read(path, file, false)
+    }
+
+    fn read(path: PathBuf, file: File, writable: bool) -> Result<Journal> {
         let mut journal = Journal {
             path,
             file,
             valid_len: 0,
             torn_tail: false,
             transactions: Vec::new(),
+            writable,
         };
         journal.scan()?;
         Ok(journal)
@@ -301,6 +338,11 @@ impl Journal {
     }
 
     fn append(&mut self, kind: u8, txn: u64, payload: &[&[u8]]) -> Result<()> {
+        if !self.writable {
+            return Err(Error::JournalBusy {
+                path: self.path.clone(),
+            });
+        }
         self.cut_torn_tail()?;
         let payload_len: u64 = payload.iter().map(|p| p.len() as u64).sum();
         let mut header = Vec::with_capacity(RECORD_HEADER_LEN as usize);

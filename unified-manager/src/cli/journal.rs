@@ -76,7 +76,7 @@ pub fn history(args: &HistoryArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let journal = Journal::open(&args.file)?;
+    let journal = Journal::open_read_only(&args.file)?;
     let mut rows = Vec::new();
     for t in journal.transactions() {
         let (state, ended) = match t.state {
