@@ -7,13 +7,29 @@ use crate::{Config, CorruptionAction, CorruptionKind, NeuralAlloc, SlabRelease};
 
 /// An instance that only counts corruption, with tracking and poisoning on.
 fn checking() -> NeuralAlloc {
-    NeuralAlloc::with_config(Config {
+    NeuralAlloc::with_config(checking_config())
+}
+
+/// Settings of [`checking`].
+fn checking_config() -> Config {
+    Config {
         tracking: true,
         poison: true,
         guard_checks: true,
         on_corruption: CorruptionAction::Count,
         ..Config::DEFAULT
-    })
+    }
+}
+
+/// A checking instance that outlives spawned threads.
+fn leaked_checking(config: Config) -> &'static NeuralAlloc {
+    Box::leak(Box::new(NeuralAlloc::with_config(config)))
+}
+
+/// Runs `body` on a new thread and waits until the thread has fully exited, including
+/// its thread-local destructors (which scoped threads do not wait for).
+fn on_other_thread(body: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(body).join().unwrap();
 }
 
 /// Blocks handed to another thread, which frees them.
@@ -167,23 +183,28 @@ fn a_write_after_free_is_found_when_the_block_is_reused() {
 #[test]
 fn the_leak_report_names_the_site_and_exact_bytes() {
     let allocator = checking();
-    let site = Location::caller();
-    let leaked: Vec<_> = (0..2)
-        .map(|_| allocator.allocate(layout(100, 8)).unwrap())
-        .collect();
+    let (first, line) = allocate_100_bytes(&allocator);
+    let (second, same_line) = allocate_100_bytes(&allocator);
+    assert_eq!(line, same_line);
     let report = allocator.leak_report();
     let entry = report
         .sites
         .iter()
-        .find(|entry| entry.site.map(Location::line) == Some(site.line() + 1))
+        .find(|entry| entry.site.map(Location::line) == Some(line))
         .unwrap();
+    assert_eq!(entry.site.map(Location::file), Some(file!()));
     assert_eq!((entry.blocks, entry.bytes), (2, 200));
     assert_eq!((report.blocks, report.bytes), (2, 200));
-    for block in leaked {
+    for block in [first, second] {
         // SAFETY: live blocks, not used afterwards.
         unsafe { allocator.deallocate(block, layout(100, 8)) }.unwrap();
     }
     assert_eq!(allocator.leak_report().blocks, 0);
+}
+
+/// Allocates 100 bytes and says on which line.
+fn allocate_100_bytes(allocator: &NeuralAlloc) -> (std::ptr::NonNull<u8>, u32) {
+    (allocator.allocate(layout(100, 8)).unwrap(), line!())
 }
 
 #[test]
@@ -231,25 +252,23 @@ fn zero_size_huge_and_overaligned_requests() {
 
 #[test]
 fn blocks_freed_on_another_thread_and_caches_of_exited_threads_return_to_the_pool() {
-    let allocator = checking();
+    let allocator = leaked_checking(checking_config());
     let blocks = Handover(
         (0..200)
             .map(|_| allocator.allocate(layout(48, 8)).unwrap())
             .collect(),
     );
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            for block in blocks.take() {
-                // SAFETY: live blocks handed over from the main thread, not used again.
-                unsafe { allocator.deallocate(block, layout(48, 8)) }.unwrap();
-            }
-        });
+    on_other_thread(move || {
+        for block in blocks.take() {
+            // SAFETY: live blocks handed over from the main thread, not used again.
+            unsafe { allocator.deallocate(block, layout(48, 8)) }.unwrap();
+        }
     });
     let stats = allocator.stats();
     assert_eq!(stats.current_count, 0);
     assert_eq!(
         stats.classes[0].blocks_outside_pool as usize,
-        main_thread_cached(&allocator)
+        main_thread_cached(allocator)
     );
     assert_eq!(allocator.corruption_counts().total(), 0);
 }
@@ -261,9 +280,9 @@ fn main_thread_cached(allocator: &NeuralAlloc) -> usize {
 
 #[test]
 fn empty_slabs_go_back_to_the_system_when_asked() {
-    let allocator = NeuralAlloc::with_config(Config {
+    let allocator = leaked_checking(Config {
         slab_release: SlabRelease::ReleaseEmpty,
-        ..checking().config()
+        ..checking_config()
     });
     let blocks = Handover(
         (0..100)
@@ -271,13 +290,11 @@ fn empty_slabs_go_back_to_the_system_when_asked() {
             .collect(),
     );
     assert!(allocator.stats().classes[6].slabs >= 2);
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            for block in blocks.take() {
-                // SAFETY: live blocks, not used afterwards.
-                unsafe { allocator.deallocate(block, layout(4000, 8)) }.unwrap();
-            }
-        });
+    on_other_thread(move || {
+        for block in blocks.take() {
+            // SAFETY: live blocks, not used afterwards.
+            unsafe { allocator.deallocate(block, layout(4000, 8)) }.unwrap();
+        }
     });
     // The freeing thread's cache went back to the pool at its exit; only slabs still
     // feeding this thread's cache remain.
