@@ -38,8 +38,9 @@ struct LiveBlock {
 enum NotLive {
     /// Not in any slab: maybe a large block.
     Unpooled,
-    /// In a slab but wrong; report this.
-    Bad(CorruptionKind, Option<LiveBlockSites>),
+    /// In a slab but wrong; report this. Carries the slab, index and state word when
+    /// the pointer is a block start, so the report can name the block's sites.
+    Bad(CorruptionKind, Option<(NonNull<SlabHeader>, usize, u32)>),
 }
 
 /// What the tracking record of a bad block says.
@@ -107,6 +108,8 @@ fn sites_of(record: Option<&TrackRecord>, word: u32, size: Option<usize>) -> Liv
 
 impl State {
     /// Files a corruption report and returns the error for the caller.
+    #[cold]
+    #[inline(never)]
     fn corrupt(
         &self,
         kind: CorruptionKind,
@@ -142,7 +145,7 @@ impl State {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn allocate_pooled(
         &self,
         class: usize,
@@ -154,12 +157,10 @@ impl State {
             let class_cache = &slot.classes[class];
             let deltas = &slot.deltas[class];
             let block = match cache::pop(class_cache) {
-                Some(block) => {
-                    deltas.cache_hits.set(deltas.cache_hits.get() + 1);
-                    block
-                }
+                Some(block) => block,
                 None => {
                     self.publish(class, deltas);
+                    deltas.cache_misses.set(deltas.cache_misses.get() + 1);
                     let (chain, count) = self.refill(class, batch_len(class))?;
                     class_cache.head.set(chain.as_ptr());
                     class_cache.count.set(count);
@@ -196,7 +197,7 @@ impl State {
     ///
     /// - `block` must be a free block of a live slab of `class` of this instance, owned
     ///   by the caller.
-    #[inline]
+    #[inline(always)]
     unsafe fn prepare_block(
         &self,
         class: usize,
@@ -210,7 +211,39 @@ impl State {
         let index = block_index(slab, geometry, block);
         // SAFETY: the block is in a live slab and its index is in range.
         let state_word = unsafe { slab::state_word(slab, index) };
-        let old = state_word.load(Ordering::Relaxed);
+        let mut new_word = word::LIVE | size as u32;
+        if flags & (flag::POISON | flag::TRACKING) != 0 {
+            // SAFETY: as required of our caller.
+            new_word |= unsafe { self.prepare_checked(slab, index, block, size, flags, site) };
+        }
+        if flags & flag::GUARD != 0 {
+            // SAFETY: the class was chosen so that `size + GUARD_LEN <= block_size`.
+            unsafe { write_guard(block, size) };
+            new_word |= word::GUARDED;
+        }
+        state_word.store(new_word, Ordering::Release);
+    }
+
+    /// The slower part of handing out a block: the poison check and tracking. Returns
+    /// the state word bits to add.
+    ///
+    /// # Safety
+    ///
+    /// - As for [`Self::prepare_block`]; `index` must be the block's index in `slab`.
+    #[inline(never)]
+    unsafe fn prepare_checked(
+        &self,
+        slab: NonNull<SlabHeader>,
+        index: usize,
+        block: NonNull<u8>,
+        size: usize,
+        flags: u32,
+        site: Site,
+    ) -> u32 {
+        // SAFETY: live slab, index in range.
+        let old = unsafe { slab::state_word(slab, index) }.load(Ordering::Relaxed);
+        // SAFETY: `class` never changes after slab creation.
+        let geometry = &GEOMETRY[unsafe { (*slab.as_ptr()).class }];
         if old & word::POISONED != 0 && flags & flag::POISON != 0 {
             // SAFETY: the block spans `block_size` bytes and is ours; the first word
             // holds the free-list link and is skipped.
@@ -234,23 +267,18 @@ impl State {
                 );
             }
         }
-        let mut new_word = word::LIVE | size as u32;
-        if flags & flag::GUARD != 0 {
-            // SAFETY: the class was chosen so that `size + GUARD_LEN <= block_size`.
-            unsafe { write_guard(block, size) };
-            new_word |= word::GUARDED;
-        }
+        let mut bits = 0;
         if flags & flag::TRACKING != 0 {
             if cache::is_reentrant() {
-                new_word |= word::INTERNAL;
+                bits |= word::INTERNAL;
             // SAFETY: live slab, index in range.
             } else if let Some(record) = unsafe { track::record_for(slab, index) } {
                 record.on_allocate(site, flags & flag::BACKTRACES != 0);
-                new_word |= word::TRACKED;
+                bits |= word::TRACKED;
                 self.remember(HistoryEvent::Allocate, block, size, site);
             }
         }
-        state_word.store(new_word, Ordering::Release);
+        bits
     }
 
     fn remember(&self, event: HistoryEvent, block: NonNull<u8>, size: usize, site: Site) {
@@ -304,6 +332,7 @@ impl State {
     }
 
     /// Finds the live pooled block starting at `pointer`.
+    #[inline]
     fn find_live(&self, pointer: NonNull<u8>) -> Result<LiveBlock, NotLive> {
         let Some(slab) = slab::containing(pointer.as_ptr()) else {
             return Err(NotLive::Unpooled);
@@ -328,69 +357,87 @@ impl State {
                 word: block_word,
                 class,
             }),
-            word::FREE => {
-                // SAFETY: live slab, index in range.
-                let record = unsafe { track::existing_record(slab, index) };
-                let sites = sites_of(
-                    record,
-                    block_word,
-                    Some((block_word & word::SIZE_MASK) as usize),
-                );
-                Err(NotLive::Bad(CorruptionKind::DoubleFree, Some(sites)))
-            }
+            word::FREE => Err(NotLive::Bad(
+                CorruptionKind::DoubleFree,
+                Some((slab, index, block_word)),
+            )),
             _ => Err(NotLive::Bad(CorruptionKind::InvalidFree, None)),
         }
     }
 
+    /// Reports a pointer that is not a live block, naming the block's sites if it is one.
+    #[cold]
+    #[inline(never)]
+    fn reject(
+        &self,
+        kind: CorruptionKind,
+        block: Option<(NonNull<SlabHeader>, usize, u32)>,
+        pointer: NonNull<u8>,
+        site: Site,
+    ) -> AllocError {
+        let sites = block.map(|(slab, index, block_word)| {
+            // SAFETY: `find_live` only passes live slabs and in-range indexes.
+            let record = unsafe { track::existing_record(slab, index) };
+            sites_of(
+                record,
+                block_word,
+                Some((block_word & word::SIZE_MASK) as usize),
+            )
+        });
+        self.corrupt(kind, pointer.as_ptr().addr(), sites, site)
+    }
+
+    /// Reports damaged guard bytes of a block that is still ours.
+    #[cold]
+    #[inline(never)]
+    fn report_overflow(
+        &self,
+        slab: NonNull<SlabHeader>,
+        index: usize,
+        block_word: u32,
+        pointer: NonNull<u8>,
+        site: Site,
+    ) {
+        // SAFETY: callers pass a live slab and an in-range index.
+        let record = unsafe { track::existing_record(slab, index) };
+        let sites = sites_of(
+            record,
+            block_word,
+            Some((block_word & word::SIZE_MASK) as usize),
+        );
+        let _ = self.corrupt(
+            CorruptionKind::GuardOverwritten,
+            pointer.as_ptr().addr(),
+            Some(sites),
+            site,
+        );
+    }
+
     /// Frees `pointer`.
+    #[inline]
     pub(crate) fn deallocate(&self, pointer: NonNull<u8>, site: Site) -> Result<(), AllocError> {
-        let flags = self.flags.load(Ordering::Relaxed);
-        let block = match self.find_live(pointer) {
-            Ok(block) => block,
-            Err(NotLive::Unpooled) => return self.deallocate_large(pointer, site),
-            Err(NotLive::Bad(kind, sites)) => {
-                return Err(self.corrupt(kind, pointer.as_ptr().addr(), sites, site));
-            }
-        };
         let LiveBlock {
             slab,
             index,
             word: old_word,
             class,
-        } = block;
-        let geometry = &GEOMETRY[class];
+        } = match self.find_live(pointer) {
+            Ok(block) => block,
+            Err(NotLive::Unpooled) => return self.deallocate_large(pointer, site),
+            Err(NotLive::Bad(kind, block)) => return Err(self.reject(kind, block, pointer, site)),
+        };
         let size = (old_word & word::SIZE_MASK) as usize;
         // SAFETY: a live block of this instance: `pointer` is its start, `size` its
         // requested size, and the guard lies inside it.
         if old_word & word::GUARDED != 0 && !unsafe { guard_intact(pointer, size) } {
-            // SAFETY: live slab, index in range.
-            let record = unsafe { track::existing_record(slab, index) };
-            let sites = sites_of(record, old_word, Some(size));
             // The block is still ours: report, then free it as usual.
-            let _ = self.corrupt(
-                CorruptionKind::GuardOverwritten,
-                pointer.as_ptr().addr(),
-                Some(sites),
-                site,
-            );
+            self.report_overflow(slab, index, old_word, pointer, site);
         }
+        let flags = self.flags.load(Ordering::Relaxed);
         let mut new_word = word::FREE | (old_word & word::SIZE_MASK);
-        if old_word & word::TRACKED != 0 {
-            // SAFETY: live slab, index in range.
-            if let Some(record) = unsafe { track::existing_record(slab, index) } {
-                track::store_site(&record.free_site, site);
-                new_word |= word::TRACKED;
-                self.remember(HistoryEvent::Free, pointer, size, site);
-            }
-        }
-        if flags & flag::POISON != 0 {
-            // SAFETY: the block is being freed by its owner, so its bytes are ours.
-            unsafe {
-                pointer
-                    .as_ptr()
-                    .write_bytes(POISON_BYTE, geometry.block_size)
-            };
-            new_word |= word::POISONED;
+        if old_word & word::TRACKED != 0 || flags & flag::POISON != 0 {
+            new_word |=
+                self.free_tracked_or_poisoned(slab, index, old_word, class, pointer, flags, site);
         }
         // SAFETY: live slab, index in range.
         unsafe { slab::state_word(slab, index) }.store(new_word, Ordering::Release);
@@ -398,8 +445,48 @@ impl State {
         Ok(())
     }
 
+    /// The slower part of a free: recording the free site and poisoning. Returns the
+    /// state word bits to add.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn free_tracked_or_poisoned(
+        &self,
+        slab: NonNull<SlabHeader>,
+        index: usize,
+        old_word: u32,
+        class: usize,
+        pointer: NonNull<u8>,
+        flags: u32,
+        site: Site,
+    ) -> u32 {
+        let mut bits = 0;
+        if old_word & word::TRACKED != 0 {
+            // SAFETY: live slab, index in range.
+            if let Some(record) = unsafe { track::existing_record(slab, index) } {
+                track::store_site(&record.free_site, site);
+                bits |= word::TRACKED;
+                self.remember(
+                    HistoryEvent::Free,
+                    pointer,
+                    (old_word & word::SIZE_MASK) as usize,
+                    site,
+                );
+            }
+        }
+        if flags & flag::POISON != 0 {
+            // SAFETY: the block is being freed by its owner, so its bytes are ours.
+            unsafe {
+                pointer
+                    .as_ptr()
+                    .write_bytes(POISON_BYTE, GEOMETRY[class].block_size)
+            };
+            bits |= word::POISONED;
+        }
+        bits
+    }
+
     /// Puts a freed block into this thread's cache, or the shared pool without one.
-    #[inline]
+    #[inline(always)]
     fn give_back(&self, class: usize, block: NonNull<u8>, size: usize) {
         let cached = cache::with_slot(self.slot, |slot| {
             let class_cache = &slot.classes[class];
@@ -516,7 +603,7 @@ impl State {
                 }
             },
             Err(NotLive::Bad(kind, sites)) => {
-                return Err(self.corrupt(kind, pointer.as_ptr().addr(), sites, site));
+                return Err(self.reject(kind, sites, pointer, site));
             }
         };
         let moved = self.allocate(new_size, align, site)?;

@@ -62,7 +62,8 @@ pub(crate) struct Deltas {
     pub(crate) frees: Cell<u64>,
     pub(crate) bytes_allocated: Cell<u64>,
     pub(crate) bytes_freed: Cell<u64>,
-    pub(crate) cache_hits: Cell<u64>,
+    /// Allocations the cache could not serve (hits are allocations minus misses).
+    pub(crate) cache_misses: Cell<u64>,
 }
 
 impl Deltas {
@@ -72,7 +73,7 @@ impl Deltas {
             frees: Cell::new(0),
             bytes_allocated: Cell::new(0),
             bytes_freed: Cell::new(0),
-            cache_hits: Cell::new(0),
+            cache_misses: Cell::new(0),
         }
     }
 
@@ -83,7 +84,7 @@ impl Deltas {
             self.frees.replace(0),
             self.bytes_allocated.replace(0),
             self.bytes_freed.replace(0),
-            self.cache_hits.replace(0),
+            self.cache_misses.replace(0),
         ]
     }
 }

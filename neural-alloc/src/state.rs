@@ -347,10 +347,17 @@ impl State {
 
     /// Adds a thread's pending counters of `class` to the shared ones.
     pub(crate) fn publish(&self, class: usize, deltas: &Deltas) {
-        let [allocations, frees, bytes_allocated, bytes_freed, cache_hits] = deltas.take();
-        if allocations == 0 && frees == 0 && cache_hits == 0 {
+        let [
+            allocations,
+            frees,
+            bytes_allocated,
+            bytes_freed,
+            cache_misses,
+        ] = deltas.take();
+        if allocations == 0 && frees == 0 {
             return;
         }
+        let cache_hits = allocations.saturating_sub(cache_misses);
         self.count(class, allocations, frees, bytes_allocated, bytes_freed);
         self.counters[class]
             .cache_hits

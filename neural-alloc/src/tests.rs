@@ -11,7 +11,7 @@ fn checking() -> NeuralAlloc {
 }
 
 /// Settings of [`checking`].
-fn checking_config() -> Config {
+const fn checking_config() -> Config {
     Config {
         tracking: true,
         poison: true,
@@ -19,11 +19,6 @@ fn checking_config() -> Config {
         on_corruption: CorruptionAction::Count,
         ..Config::DEFAULT
     }
-}
-
-/// A checking instance that outlives spawned threads.
-fn leaked_checking(config: Config) -> &'static NeuralAlloc {
-    Box::leak(Box::new(NeuralAlloc::with_config(config)))
 }
 
 /// Runs `body` on a new thread and waits until the thread has fully exited, including
@@ -252,7 +247,8 @@ fn zero_size_huge_and_overaligned_requests() {
 
 #[test]
 fn blocks_freed_on_another_thread_and_caches_of_exited_threads_return_to_the_pool() {
-    let allocator = leaked_checking(checking_config());
+    static ALLOCATOR: NeuralAlloc = NeuralAlloc::with_config(checking_config());
+    let allocator = &ALLOCATOR;
     let blocks = Handover(
         (0..200)
             .map(|_| allocator.allocate(layout(48, 8)).unwrap())
@@ -280,10 +276,11 @@ fn main_thread_cached(allocator: &NeuralAlloc) -> usize {
 
 #[test]
 fn empty_slabs_go_back_to_the_system_when_asked() {
-    let allocator = leaked_checking(Config {
+    static ALLOCATOR: NeuralAlloc = NeuralAlloc::with_config(Config {
         slab_release: SlabRelease::ReleaseEmpty,
         ..checking_config()
     });
+    let allocator = &ALLOCATOR;
     let blocks = Handover(
         (0..100)
             .map(|_| allocator.allocate(layout(4000, 8)).unwrap())
