@@ -9,7 +9,7 @@ use crate::class::{CLASS_COUNT, GEOMETRY, GUARD_LEN, Geometry, SLAB_SIZE, class_
 use crate::error::AllocError;
 use crate::large::{LargeHeader, LargeTable};
 use crate::report::{CorruptionKind, CorruptionReport};
-use crate::slab::{self, Position, SLAB_MAGIC, SlabHeader, word};
+use crate::slab::{self, Position, SlabHeader, word};
 use crate::state::{State, action_of, flag};
 use crate::track::{self, HistoryEntry, HistoryEvent, TrackRecord};
 
@@ -268,6 +268,9 @@ impl State {
             }
         }
         let mut bits = 0;
+        if flags & flag::POISON != 0 {
+            bits |= word::POISON_ON_FREE;
+        }
         if flags & flag::TRACKING != 0 {
             if cache::is_reentrant() {
                 bits |= word::INTERNAL;
@@ -338,10 +341,10 @@ impl State {
             return Err(NotLive::Unpooled);
         };
         let header = slab.as_ptr();
-        // SAFETY: the registry lists only live slabs, whose header fields `magic`,
-        // `owner` and `class` never change after creation.
-        let (magic, owner, class) = unsafe { ((*header).magic, (*header).owner, (*header).class) };
-        if magic != SLAB_MAGIC || !ptr::eq(owner, self) || class >= CLASS_COUNT {
+        // SAFETY: the registry lists only live slabs, whose header fields `owner` and
+        // `class` never change after creation.
+        let (owner, class) = unsafe { ((*header).owner, (*header).class) };
+        if !ptr::eq(owner, self) || class >= CLASS_COUNT {
             return Err(NotLive::Bad(CorruptionKind::InvalidFree, None));
         }
         let geometry = &GEOMETRY[class];
@@ -414,8 +417,48 @@ impl State {
     }
 
     /// Frees `pointer`.
-    #[inline]
+    ///
+    /// The common case, a live untracked block of ours with its guard intact, is
+    /// handled inline; everything else (large blocks, tracking, poisoning, reports) takes
+    /// the out-of-line path, which repeats the lookup with every check.
+    #[inline(always)]
     pub(crate) fn deallocate(&self, pointer: NonNull<u8>, site: Site) -> Result<(), AllocError> {
+        if let Some(slab) = slab::containing(pointer.as_ptr()) {
+            let header = slab.as_ptr();
+            // SAFETY: the registry lists only live slabs, whose `owner` and `class` never
+            // change after creation.
+            let (owner, class) = unsafe { ((*header).owner, (*header).class) };
+            if ptr::eq(owner, self)
+                && class < CLASS_COUNT
+                && let Position::BlockStart(index) =
+                    slab::position(slab, &GEOMETRY[class], pointer.as_ptr())
+            {
+                // SAFETY: live slab, index in range as checked by `position`.
+                let state_word = unsafe { slab::state_word(slab, index) };
+                let old_word = state_word.load(Ordering::Acquire);
+                let size = (old_word & word::SIZE_MASK) as usize;
+                let plain = old_word & (word::STATE_MASK | word::TRACKED | word::POISON_ON_FREE)
+                    == word::LIVE;
+                // Short-circuits: the guard is read only for live guarded blocks.
+                let freeable = plain
+                    && (old_word & word::GUARDED == 0 || {
+                        // SAFETY: a live block of ours, so the guard after `size` lies
+                        // inside it.
+                        unsafe { guard_intact(pointer, size) }
+                    });
+                if freeable {
+                    state_word.store(word::FREE | size as u32, Ordering::Release);
+                    self.give_back(class, pointer, size);
+                    return Ok(());
+                }
+            }
+        }
+        self.deallocate_checked(pointer, site)
+    }
+
+    /// Frees `pointer` with every check and bookkeeping step.
+    #[inline(never)]
+    fn deallocate_checked(&self, pointer: NonNull<u8>, site: Site) -> Result<(), AllocError> {
         let LiveBlock {
             slab,
             index,
@@ -433,11 +476,9 @@ impl State {
             // The block is still ours: report, then free it as usual.
             self.report_overflow(slab, index, old_word, pointer, site);
         }
-        let flags = self.flags.load(Ordering::Relaxed);
         let mut new_word = word::FREE | (old_word & word::SIZE_MASK);
-        if old_word & word::TRACKED != 0 || flags & flag::POISON != 0 {
-            new_word |=
-                self.free_tracked_or_poisoned(slab, index, old_word, class, pointer, flags, site);
+        if old_word & (word::TRACKED | word::POISON_ON_FREE) != 0 {
+            new_word |= self.free_tracked_or_poisoned(slab, index, old_word, class, pointer, site);
         }
         // SAFETY: live slab, index in range.
         unsafe { slab::state_word(slab, index) }.store(new_word, Ordering::Release);
@@ -448,7 +489,6 @@ impl State {
     /// The slower part of a free: recording the free site and poisoning. Returns the
     /// state word bits to add.
     #[inline(never)]
-    #[allow(clippy::too_many_arguments)]
     fn free_tracked_or_poisoned(
         &self,
         slab: NonNull<SlabHeader>,
@@ -456,7 +496,6 @@ impl State {
         old_word: u32,
         class: usize,
         pointer: NonNull<u8>,
-        flags: u32,
         site: Site,
     ) -> u32 {
         let mut bits = 0;
@@ -473,7 +512,7 @@ impl State {
                 );
             }
         }
-        if flags & flag::POISON != 0 {
+        if old_word & word::POISON_ON_FREE != 0 {
             // SAFETY: the block is being freed by its owner, so its bytes are ours.
             unsafe {
                 pointer

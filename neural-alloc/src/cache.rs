@@ -23,21 +23,35 @@ pub(crate) const MAX_SLOTS: usize = 32;
 pub(crate) static SLOT_OWNERS: [AtomicPtr<State>; MAX_SLOTS] =
     [const { AtomicPtr::new(ptr::null_mut()) }; MAX_SLOTS];
 
-/// Blocks moved between a thread cache and the shared pool at once.
-pub(crate) const fn batch_len(class: usize) -> usize {
-    let by_bytes = 32 * 1024 / CLASS_SIZES[class];
-    if by_bytes > 64 {
-        64
-    } else if by_bytes < 4 {
-        4
-    } else {
-        by_bytes
+/// Blocks moved between a thread cache and the shared pool at once, per class: about
+/// 32 KiB worth, between 4 and 64 blocks.
+const BATCH_LEN: [usize; CLASS_COUNT] = {
+    let mut table = [0; CLASS_COUNT];
+    let mut class = 0;
+    while class < CLASS_COUNT {
+        let by_bytes = 32 * 1024 / CLASS_SIZES[class];
+        table[class] = if by_bytes > 64 {
+            64
+        } else if by_bytes < 4 {
+            4
+        } else {
+            by_bytes
+        };
+        class += 1;
     }
+    table
+};
+
+/// Blocks moved between a thread cache and the shared pool at once.
+#[inline(always)]
+pub(crate) fn batch_len(class: usize) -> usize {
+    BATCH_LEN[class]
 }
 
 /// Blocks a thread cache may hold for one class before flushing a batch.
-pub(crate) const fn cache_capacity(class: usize) -> usize {
-    2 * batch_len(class)
+#[inline(always)]
+pub(crate) fn cache_capacity(class: usize) -> usize {
+    2 * BATCH_LEN[class]
 }
 
 /// Cache mode: not yet set up on this thread.
@@ -153,7 +167,7 @@ thread_local! {
 
 /// Runs `body` with this thread's cache for `slot` when caching is usable, and returns
 /// `None` (without running it) when the caller must go to the shared pool instead.
-#[inline]
+#[inline(always)]
 pub(crate) fn with_slot<R>(slot: usize, body: impl FnOnce(&SlotCache) -> R) -> Option<R> {
     THREAD
         .try_with(|thread| {
@@ -229,7 +243,7 @@ pub(crate) fn thread_id() -> u64 {
 }
 
 /// Pops a block from a class cache.
-#[inline]
+#[inline(always)]
 pub(crate) fn pop(cache: &ClassCache) -> Option<NonNull<u8>> {
     let head = NonNull::new(cache.head.get())?;
     // SAFETY: blocks on a cache list are free blocks of a live slab, owned by this
@@ -246,7 +260,7 @@ pub(crate) fn pop(cache: &ClassCache) -> Option<NonNull<u8>> {
 ///
 /// - `block` must be a free block of a live slab of the cache's class, owned by nobody
 ///   else, at least 8 bytes long and aligned for a pointer.
-#[inline]
+#[inline(always)]
 pub(crate) unsafe fn push(cache: &ClassCache, block: NonNull<u8>) {
     // SAFETY: the caller hands the block over; its first word becomes the link.
     unsafe { block.cast::<*mut u8>().write(cache.head.get()) };

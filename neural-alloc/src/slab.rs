@@ -14,8 +14,8 @@ use crate::state::State;
 use crate::sys;
 use crate::track::TrackRecord;
 
-/// Written at the start of every slab header, checked when a slab is found through the
-/// registry, so a stale registry entry can never be trusted silently.
+/// Written at the start of every slab header so slabs are recognisable in a memory dump
+/// or a debugger.
 pub(crate) const SLAB_MAGIC: usize = 0x6e61_736c_6162_0001;
 
 /// Per-block state word: the requested size in the low 16 bits, then flag bits, then a
@@ -32,6 +32,9 @@ pub(crate) mod word {
     pub(crate) const POISONED: u32 = 1 << 18;
     /// Allocated from inside the allocator (a report being built); left out of reports.
     pub(crate) const INTERNAL: u32 = 1 << 19;
+    /// Poison the block when it is freed (poisoning was on when it was allocated), so
+    /// the free path needs no look at the settings.
+    pub(crate) const POISON_ON_FREE: u32 = 1 << 20;
     /// Mask of the lifecycle state.
     pub(crate) const STATE_MASK: u32 = 0b11 << 30;
     /// Free: in a thread cache or in the shared pool.
@@ -126,7 +129,7 @@ pub(crate) unsafe fn destroy(slab: NonNull<SlabHeader>) {
 
 /// The slab holding `pointer`, if it lies in a registered slab. The returned pointer
 /// carries `pointer`'s provenance, which covers the whole slab for blocks we handed out.
-#[inline]
+#[inline(always)]
 pub(crate) fn containing(pointer: *const u8) -> Option<NonNull<SlabHeader>> {
     let base = pointer.addr() & !(SLAB_SIZE - 1);
     if !registry::contains(base) {
@@ -140,7 +143,7 @@ pub(crate) fn containing(pointer: *const u8) -> Option<NonNull<SlabHeader>> {
 /// # Safety
 ///
 /// - `slab` must be a live slab and `index` below its class's block count.
-#[inline]
+#[inline(always)]
 pub(crate) unsafe fn state_word<'a>(slab: NonNull<SlabHeader>, index: usize) -> &'a AtomicU32 {
     // SAFETY: state words start at STATE_WORDS_OFFSET and the geometry reserves
     // `block_count` of them before the first block; slab memory stays mapped while the
@@ -159,7 +162,7 @@ pub(crate) unsafe fn state_word<'a>(slab: NonNull<SlabHeader>, index: usize) -> 
 /// # Safety
 ///
 /// - `slab` must be a live slab and `index` below its block count.
-#[inline]
+#[inline(always)]
 pub(crate) unsafe fn block_at(
     slab: NonNull<SlabHeader>,
     geometry: &Geometry,
@@ -182,7 +185,7 @@ pub(crate) enum Position {
 }
 
 /// Locates `pointer` in `slab` of class geometry `geometry`.
-#[inline]
+#[inline(always)]
 pub(crate) fn position(
     slab: NonNull<SlabHeader>,
     geometry: &Geometry,
@@ -268,7 +271,7 @@ mod registry {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(super) fn contains(base: usize) -> bool {
         let Some((root_index, leaf_index)) = split(base) else {
             return false;
