@@ -5,7 +5,7 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::Ordering;
 
 use crate::cache::{self, batch_len, cache_capacity};
-use crate::class::{CLASS_COUNT, GEOMETRY, GUARD_LEN, Geometry, SLAB_SIZE, class_for};
+use crate::class::{CLASS_COUNT, GEOMETRY, GUARD_LEN, Geometry, class_for};
 use crate::error::AllocError;
 use crate::large::{LargeHeader, LargeTable};
 use crate::report::{CorruptionKind, CorruptionReport};
@@ -49,18 +49,6 @@ struct LiveBlockSites {
     size: Option<usize>,
     allocated_at: Site,
     freed_at: Site,
-}
-
-/// The slab of a block known to be pooled.
-#[inline]
-fn slab_base(block: NonNull<u8>) -> NonNull<SlabHeader> {
-    block
-        .map_addr(|address| {
-            // SAFETY: slabs start at non-zero, SLAB_SIZE-aligned addresses and the block lies
-            // in one, so masking cannot yield zero.
-            unsafe { std::num::NonZeroUsize::new_unchecked(address.get() & !(SLAB_SIZE - 1)) }
-        })
-        .cast()
 }
 
 /// Index of a block known to be the start of a block of `slab`.
@@ -207,7 +195,7 @@ impl State {
         site: Site,
     ) {
         let geometry = &GEOMETRY[class];
-        let slab = slab_base(block);
+        let slab = slab::base_of(block);
         let index = block_index(slab, geometry, block);
         // SAFETY: the block is in a live slab and its index is in range.
         let state_word = unsafe { slab::state_word(slab, index) };
@@ -276,22 +264,33 @@ impl State {
                 bits |= word::INTERNAL;
             // SAFETY: live slab, index in range.
             } else if let Some(record) = unsafe { track::record_for(slab, index) } {
-                record.on_allocate(site, flags & flag::BACKTRACES != 0);
+                let stamp = (track::now_nanos(), cache::thread_id());
+                record.on_allocate(site, flags & flag::BACKTRACES != 0, stamp.0, stamp.1);
                 bits |= word::TRACKED;
-                self.remember(HistoryEvent::Allocate, block, size, site);
+                self.remember(HistoryEvent::Allocate, block, size, site, Some(stamp));
             }
         }
         bits
     }
 
-    fn remember(&self, event: HistoryEvent, block: NonNull<u8>, size: usize, site: Site) {
+    /// Appends to the history; `stamp` is the time and thread when the caller already
+    /// read them for the block's record.
+    fn remember(
+        &self,
+        event: HistoryEvent,
+        block: NonNull<u8>,
+        size: usize,
+        site: Site,
+        stamp: Option<(u64, u64)>,
+    ) {
+        let (nanos, thread) = stamp.unwrap_or_else(|| (track::now_nanos(), cache::thread_id()));
         self.history.push(HistoryEntry {
             event,
             address: block.as_ptr().addr(),
             size,
             site,
-            nanos: track::now_nanos(),
-            thread: cache::thread_id(),
+            nanos,
+            thread,
         });
     }
 
@@ -321,13 +320,11 @@ impl State {
             unsafe { write_guard(block, size) };
         }
         if tracked {
+            let stamp = (track::now_nanos(), cache::thread_id());
             // SAFETY: the header is live and not yet shared.
-            unsafe {
-                (*header.as_ptr())
-                    .record
-                    .on_allocate(site, flags & flag::BACKTRACES != 0)
-            };
-            self.remember(HistoryEvent::Allocate, block, size, site);
+            let record = unsafe { &(*header.as_ptr()).record };
+            record.on_allocate(site, flags & flag::BACKTRACES != 0, stamp.0, stamp.1);
+            self.remember(HistoryEvent::Allocate, block, size, site, Some(stamp));
         }
         self.large.insert(header);
         self.count(LARGE, 1, 0, size as u64, 0);
@@ -509,6 +506,7 @@ impl State {
                     pointer,
                     (old_word & word::SIZE_MASK) as usize,
                     site,
+                    None,
                 );
             }
         }
@@ -575,7 +573,7 @@ impl State {
             let _ = self.corrupt(CorruptionKind::GuardOverwritten, address, Some(sites), site);
         }
         if header_word & word::TRACKED != 0 {
-            self.remember(HistoryEvent::Free, block, size, site);
+            self.remember(HistoryEvent::Free, block, size, site, None);
         }
         self.count(LARGE, 0, 1, 0, size as u64);
         // SAFETY: unlinked above, never used again.

@@ -138,6 +138,18 @@ pub(crate) fn containing(pointer: *const u8) -> Option<NonNull<SlabHeader>> {
     NonNull::new(pointer.with_addr(base).cast::<SlabHeader>().cast_mut())
 }
 
+/// The slab of a block known to lie in one of our slabs (no registry lookup).
+#[inline(always)]
+pub(crate) fn base_of(block: NonNull<u8>) -> NonNull<SlabHeader> {
+    let base = block
+        .as_ptr()
+        .map_addr(|address| address & !(SLAB_SIZE - 1))
+        .cast::<SlabHeader>();
+    // Only a pointer below SLAB_SIZE masks to null, and no slab lies there; the dangling
+    // fallback keeps this function total without being reachable for real blocks.
+    NonNull::new(base).unwrap_or(NonNull::dangling())
+}
+
 /// The state word of block `index` of `slab`.
 ///
 /// # Safety

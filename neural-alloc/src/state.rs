@@ -318,9 +318,9 @@ impl State {
             // fields we may touch since the lock is held.
             unsafe {
                 cursor = block.cast::<*mut u8>().read();
-                let Some(slab) = slab::containing(block.as_ptr()) else {
-                    continue;
-                };
+                // Blocks handed out by `refill` lie in slabs of ours, so masking finds
+                // the slab without a registry lookup.
+                let slab = slab::base_of(block);
                 let header = slab.as_ptr();
                 block.cast::<*mut u8>().write((*header).free_head);
                 (*header).free_head = block.as_ptr();

@@ -43,6 +43,11 @@ pub(crate) fn capture_frames(frames: &mut [usize]) -> usize {
     imp::capture_frames(frames)
 }
 
+/// Nanoseconds of a cheap monotonic clock with a resolution of a few milliseconds.
+pub(crate) fn coarse_monotonic_nanos() -> u64 {
+    imp::coarse_monotonic_nanos()
+}
+
 /// Names the loaded module (executable or shared library) holding the code address
 /// `address` and returns it with the module's load address, so that `address - base`
 /// can be fed to `addr2line`.
@@ -111,6 +116,21 @@ mod imp {
         }
     }
 
+    pub(super) fn coarse_monotonic_nanos() -> u64 {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `clock_gettime` writes one timespec into `now`, which lives on our stack.
+        let result = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+        if result != 0 {
+            return 0;
+        }
+        let seconds = u64::try_from(now.tv_sec).unwrap_or(0);
+        let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+        seconds.saturating_mul(1_000_000_000).saturating_add(nanos)
+    }
+
     pub(super) fn capture_frames(frames: &mut [usize]) -> usize {
         let capacity = libc::c_int::try_from(frames.len()).unwrap_or(libc::c_int::MAX);
         // SAFETY: glibc's `backtrace` writes at most `capacity` pointers into the buffer,
@@ -170,6 +190,14 @@ mod imp {
 
     pub(super) fn capture_frames(_frames: &mut [usize]) -> usize {
         0
+    }
+
+    pub(super) fn coarse_monotonic_nanos() -> u64 {
+        use std::sync::OnceLock;
+        use std::time::Instant;
+        static START: OnceLock<Instant> = OnceLock::new();
+        let start = START.get_or_init(Instant::now);
+        u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     pub(super) fn module_of(_address: usize) -> Option<(String, usize)> {
