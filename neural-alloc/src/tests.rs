@@ -346,3 +346,21 @@ fn the_global_alloc_adapter_serves_collections() {
     }
     assert_eq!(allocator.stats().current_count, 0);
 }
+
+#[test]
+fn the_history_ring_keeps_the_most_recent_entries() {
+    let allocator = checking();
+    let mut last_address = 0;
+    for round in 0..crate::HISTORY_LEN {
+        let block = allocator.allocate(layout(round % 200, 8)).unwrap();
+        last_address = block.as_ptr().addr();
+        // SAFETY: live block, not used afterwards.
+        unsafe { allocator.deallocate(block, layout(round % 200, 8)) }.unwrap();
+    }
+    let history = allocator.history();
+    assert_eq!(history.len(), crate::HISTORY_LEN);
+    let newest = history.last().unwrap();
+    assert_eq!((newest.event, newest.address), (crate::HistoryEvent::Free, last_address));
+    assert_eq!(newest.size, (crate::HISTORY_LEN - 1) % 200);
+    assert!(history.windows(2).all(|pair| pair[0].nanos <= pair[1].nanos));
+}

@@ -6,7 +6,6 @@
 
 use std::panic::Location;
 use std::ptr::{self, NonNull};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use crate::class::GEOMETRY;
@@ -188,75 +187,129 @@ pub struct HistoryEntry {
 }
 
 /// A fixed-size ring of the most recent [`HistoryEntry`] values, mapped on first use.
+///
+/// Lock-free: a writer claims a ticket with one atomic add and publishes its slot under
+/// a sequence number (odd while writing, `2 * ticket + 2` when done), so readers copy
+/// only slots whose sequence did not change while they read them. A mutex here cost more
+/// than the rest of a tracked allocation.
 pub(crate) struct History {
-    ring: Mutex<Ring>,
+    slots: AtomicPtr<Slot>,
+    next_ticket: AtomicU64,
+    /// Tickets below this were cleared.
+    first_kept: AtomicU64,
 }
 
-struct Ring {
-    entries: *mut HistoryEntry,
-    next: usize,
-    len: usize,
+/// One entry of the ring, every field atomic so readers and writers never race.
+struct Slot {
+    sequence: AtomicU64,
+    address: AtomicUsize,
+    size: AtomicUsize,
+    site: AtomicPtr<Location<'static>>,
+    nanos: AtomicU64,
+    /// Thread number shifted left by one, plus 1 for a free.
+    thread_and_event: AtomicU64,
 }
 
-// SAFETY: `entries` points to memory owned by the ring alone and only touched while its
-// mutex is held.
-unsafe impl Send for Ring {}
+const SLOTS_BYTES: usize = (HISTORY_LEN * size_of::<Slot>()).next_multiple_of(sys::PAGE_SIZE);
 
 impl History {
     pub(crate) const fn new() -> Self {
         Self {
-            ring: Mutex::new(Ring {
-                entries: ptr::null_mut(),
-                next: 0,
-                len: 0,
-            }),
+            slots: AtomicPtr::new(ptr::null_mut()),
+            next_ticket: AtomicU64::new(0),
+            first_kept: AtomicU64::new(0),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
-        self.ring
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Appends an entry, dropping the oldest when full. Never allocates through the
-    /// global allocator.
-    pub(crate) fn push(&self, entry: HistoryEntry) {
-        let mut ring = self.lock();
-        if ring.entries.is_null() {
-            let bytes = (HISTORY_LEN * size_of::<HistoryEntry>()).next_multiple_of(sys::PAGE_SIZE);
-            match sys::map_zeroed(bytes, sys::PAGE_SIZE) {
-                Some(memory) => ring.entries = memory.cast().as_ptr(),
-                None => return,
+    /// The slots, mapped on first use; zeroed memory is a ring of empty slots.
+    fn slots(&self) -> Option<&[Slot]> {
+        let mut slots = self.slots.load(Ordering::Acquire);
+        if slots.is_null() {
+            let fresh = sys::map_zeroed(SLOTS_BYTES, sys::PAGE_SIZE)?
+                .cast::<Slot>()
+                .as_ptr();
+            match self.slots.compare_exchange(
+                ptr::null_mut(),
+                fresh,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => slots = fresh,
+                Err(winner) => {
+                    if let Some(fresh) = NonNull::new(fresh) {
+                        // SAFETY: mapped just above with these arguments; it lost the race
+                        // and was never shared.
+                        unsafe { sys::unmap(fresh.cast(), SLOTS_BYTES, sys::PAGE_SIZE) };
+                    }
+                    slots = winner;
+                }
             }
         }
-        let slot = ring.next;
-        // SAFETY: the ring holds HISTORY_LEN entries and `slot < HISTORY_LEN`; we hold
-        // the lock, so nothing else touches the memory.
-        unsafe { ring.entries.add(slot).write(entry) };
-        ring.next = (slot + 1) % HISTORY_LEN;
-        ring.len = (ring.len + 1).min(HISTORY_LEN);
+        // SAFETY: the mapping holds HISTORY_LEN zero-initialised slots (all-zero is a valid
+        // slot of atomics), is never unmapped, and is only accessed through atomics.
+        Some(unsafe { std::slice::from_raw_parts(slots, HISTORY_LEN) })
     }
 
-    /// Copies the entries out, oldest first.
+    /// Appends an entry, overwriting the oldest when full. Never allocates through the
+    /// global allocator.
+    pub(crate) fn push(&self, entry: HistoryEntry) {
+        let Some(slots) = self.slots() else {
+            return;
+        };
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let slot = &slots[(ticket % HISTORY_LEN as u64) as usize];
+        slot.sequence.store(2 * ticket + 1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        slot.address.store(entry.address, Ordering::Relaxed);
+        slot.size.store(entry.size, Ordering::Relaxed);
+        store_site(&slot.site, entry.site);
+        slot.nanos.store(entry.nanos, Ordering::Relaxed);
+        let event = u64::from(entry.event == HistoryEvent::Free);
+        slot.thread_and_event
+            .store(entry.thread << 1 | event, Ordering::Relaxed);
+        slot.sequence.store(2 * ticket + 2, Ordering::Release);
+    }
+
+    /// Copies the entries out, oldest first; entries being overwritten meanwhile are
+    /// left out.
     pub(crate) fn snapshot(&self) -> Vec<HistoryEntry> {
-        // Reserved before locking: the allocation may come back into this allocator,
-        // which must never happen while its lock is held.
+        let Some(slots) = self.slots() else {
+            return Vec::new();
+        };
+        let end = self.next_ticket.load(Ordering::Acquire);
+        let start = end
+            .saturating_sub(HISTORY_LEN as u64)
+            .max(self.first_kept.load(Ordering::Acquire));
         let mut copy = Vec::with_capacity(HISTORY_LEN);
-        let ring = self.lock();
-        let oldest = (ring.next + HISTORY_LEN - ring.len) % HISTORY_LEN;
-        for step in 0..ring.len {
-            // SAFETY: the first `len` entries before `next` were written by `push`; the
-            // lock is held.
-            copy.push(unsafe { ring.entries.add((oldest + step) % HISTORY_LEN).read() });
+        for ticket in start..end {
+            let slot = &slots[(ticket % HISTORY_LEN as u64) as usize];
+            if slot.sequence.load(Ordering::Acquire) != 2 * ticket + 2 {
+                continue;
+            }
+            let thread_and_event = slot.thread_and_event.load(Ordering::Relaxed);
+            let entry = HistoryEntry {
+                event: if thread_and_event & 1 == 1 {
+                    HistoryEvent::Free
+                } else {
+                    HistoryEvent::Allocate
+                },
+                address: slot.address.load(Ordering::Relaxed),
+                size: slot.size.load(Ordering::Relaxed),
+                site: load_site(&slot.site),
+                nanos: slot.nanos.load(Ordering::Relaxed),
+                thread: thread_and_event >> 1,
+            };
+            std::sync::atomic::fence(Ordering::Acquire);
+            if slot.sequence.load(Ordering::Relaxed) == 2 * ticket + 2 {
+                copy.push(entry);
+            }
         }
         copy
     }
 
-    /// Forgets every entry.
+    /// Forgets every entry recorded so far.
     pub(crate) fn clear(&self) {
-        let mut ring = self.lock();
-        ring.next = 0;
-        ring.len = 0;
+        self.first_kept
+            .store(self.next_ticket.load(Ordering::Acquire), Ordering::Release);
     }
 }
