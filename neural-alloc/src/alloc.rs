@@ -147,7 +147,7 @@ impl State {
             let block = match cache::pop(class_cache) {
                 Some(block) => block,
                 None => {
-                    self.publish(class, deltas);
+                    self.publish_if_due(class, deltas);
                     deltas.cache_misses.set(deltas.cache_misses.get() + 1);
                     let (chain, count) = self.refill(class, batch_len(class))?;
                     class_cache.head.set(chain.as_ptr());
@@ -536,7 +536,7 @@ impl State {
                 .bytes_freed
                 .set(deltas.bytes_freed.get() + size as u64);
             if class_cache.count.get() > cache_capacity(class) {
-                self.publish(class, deltas);
+                self.publish_if_due(class, deltas);
                 let (chain, count) = cache::take_chain(class_cache, batch_len(class));
                 // SAFETY: the chain holds free blocks of this pool owned by the cache.
                 unsafe { self.take_back(class, chain, count) };

@@ -121,6 +121,9 @@ pub(crate) fn action_of(bits: u32) -> CorruptionAction {
     }
 }
 
+/// Pending per-thread allocations and frees of a class that trigger publishing them.
+const PUBLISH_EVERY: u64 = 4096;
+
 /// Shared counters of one class (index CLASS_COUNT is the system-allocator path).
 pub(crate) struct Counters {
     pub(crate) allocations: AtomicU64,
@@ -364,6 +367,16 @@ impl State {
             .fetch_add(cache_hits, Ordering::Relaxed);
     }
 
+    /// Publishes a thread's pending counters once enough have piled up: every shared
+    /// counter update is a locked instruction, which costs more than the allocations it
+    /// counts when done on every refill.
+    #[inline]
+    pub(crate) fn publish_if_due(&self, class: usize, deltas: &Deltas) {
+        if deltas.allocations.get() + deltas.frees.get() >= PUBLISH_EVERY {
+            self.publish(class, deltas);
+        }
+    }
+
     /// Adds counts to the shared counters of `class` and updates the peaks.
     pub(crate) fn count(
         &self,
@@ -374,24 +387,28 @@ impl State {
         bytes_freed: u64,
     ) {
         let counters = &self.counters[class];
-        counters
-            .allocations
-            .fetch_add(allocations, Ordering::Relaxed);
-        counters.frees.fetch_add(frees, Ordering::Relaxed);
-        let allocated = counters
-            .bytes_allocated
-            .fetch_add(bytes_allocated, Ordering::Relaxed)
-            + bytes_allocated;
-        let freed = counters
-            .bytes_freed
-            .fetch_add(bytes_freed, Ordering::Relaxed)
-            + bytes_freed;
-        counters
-            .peak_bytes
-            .fetch_max(allocated.saturating_sub(freed), Ordering::Relaxed);
+        let add = |counter: &AtomicU64, amount: u64| {
+            if amount == 0 {
+                counter.load(Ordering::Relaxed)
+            } else {
+                counter.fetch_add(amount, Ordering::Relaxed) + amount
+            }
+        };
+        add(&counters.allocations, allocations);
+        add(&counters.frees, frees);
+        let allocated = add(&counters.bytes_allocated, bytes_allocated);
+        let freed = add(&counters.bytes_freed, bytes_freed);
+        let class_live = allocated.saturating_sub(freed);
+        if class_live > counters.peak_bytes.load(Ordering::Relaxed) {
+            counters.peak_bytes.fetch_max(class_live, Ordering::Relaxed);
+        }
         let change = bytes_allocated as i64 - bytes_freed as i64;
-        let live = self.live_bytes.fetch_add(change, Ordering::Relaxed) + change;
-        self.peak_live_bytes.fetch_max(live, Ordering::Relaxed);
+        if change != 0 {
+            let live = self.live_bytes.fetch_add(change, Ordering::Relaxed) + change;
+            if live > self.peak_live_bytes.load(Ordering::Relaxed) {
+                self.peak_live_bytes.fetch_max(live, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Returns every cached block of one thread's slot to the shared pools and publishes

@@ -360,7 +360,14 @@ fn the_history_ring_keeps_the_most_recent_entries() {
     let history = allocator.history();
     assert_eq!(history.len(), crate::HISTORY_LEN);
     let newest = history.last().unwrap();
-    assert_eq!((newest.event, newest.address), (crate::HistoryEvent::Free, last_address));
+    assert_eq!(
+        (newest.event, newest.address),
+        (crate::HistoryEvent::Free, last_address)
+    );
     assert_eq!(newest.size, (crate::HISTORY_LEN - 1) % 200);
-    assert!(history.windows(2).all(|pair| pair[0].nanos <= pair[1].nanos));
+    assert!(
+        history
+            .windows(2)
+            .all(|pair| pair[0].nanos <= pair[1].nanos)
+    );
 }
