@@ -522,6 +522,16 @@ impl State {
         bits
     }
 
+    /// Sends a batch of a full thread cache back to the shared pool.
+    #[cold]
+    #[inline(never)]
+    fn flush_batch(&self, class: usize, slot: &cache::SlotCache) {
+        self.publish_if_due(class, &slot.deltas[class]);
+        let (chain, count) = cache::take_chain(&slot.classes[class], batch_len(class));
+        // SAFETY: the chain holds free blocks of this pool owned by the cache.
+        unsafe { self.take_back(class, chain, count) };
+    }
+
     /// Puts a freed block into this thread's cache, or the shared pool without one.
     #[inline(always)]
     fn give_back(&self, class: usize, block: NonNull<u8>, size: usize) {
@@ -536,10 +546,7 @@ impl State {
                 .bytes_freed
                 .set(deltas.bytes_freed.get() + size as u64);
             if class_cache.count.get() > cache_capacity(class) {
-                self.publish_if_due(class, deltas);
-                let (chain, count) = cache::take_chain(class_cache, batch_len(class));
-                // SAFETY: the chain holds free blocks of this pool owned by the cache.
-                unsafe { self.take_back(class, chain, count) };
+                self.flush_batch(class, slot);
             }
         });
         if cached.is_none() {

@@ -169,24 +169,33 @@ thread_local! {
 /// `None` (without running it) when the caller must go to the shared pool instead.
 #[inline(always)]
 pub(crate) fn with_slot<R>(slot: usize, body: impl FnOnce(&SlotCache) -> R) -> Option<R> {
-    THREAD
-        .try_with(|thread| {
-            let cache = thread.slots.get(slot)?;
-            match thread.mode.get() {
-                MODE_ACTIVE => Some(body(cache)),
-                MODE_UNREGISTERED => {
-                    thread.mode.set(MODE_REGISTERING);
-                    let registered = EXIT_GUARD.try_with(|_| ()).is_ok();
-                    thread
-                        .mode
-                        .set(if registered { MODE_ACTIVE } else { MODE_EXITED });
-                    registered.then(|| body(cache))
-                }
-                _ => None,
-            }
-        })
-        .ok()
-        .flatten()
+    // The body runs outside `try_with`'s closure so the compiler inlines it into the
+    // allocation path instead of calling it.
+    let thread = THREAD.try_with(ptr::from_ref).ok()?;
+    // SAFETY: THREAD has a constant initialiser and no destructor, so its storage stays
+    // valid for the whole life of this thread, and the reference does not leave this call.
+    let thread = unsafe { &*thread };
+    let cache = thread.slots.get(slot)?;
+    let usable = match thread.mode.get() {
+        MODE_ACTIVE => true,
+        MODE_UNREGISTERED => register_exit_guard(thread),
+        _ => false,
+    };
+    // One call site for `body`, so it is inlined rather than outlined.
+    if usable { Some(body(cache)) } else { None }
+}
+
+/// Registers the exit flush on this thread's first cache use; returns whether caching
+/// can be used. The cache is bypassed while registering, in case that allocates.
+#[cold]
+#[inline(never)]
+fn register_exit_guard(thread: &ThreadState) -> bool {
+    thread.mode.set(MODE_REGISTERING);
+    let registered = EXIT_GUARD.try_with(|_| ()).is_ok();
+    thread
+        .mode
+        .set(if registered { MODE_ACTIVE } else { MODE_EXITED });
+    registered
 }
 
 /// Publishes this thread's pending counters of `slot` (used before reading statistics).
