@@ -141,25 +141,20 @@ impl State {
         flags: u32,
         site: Site,
     ) -> Result<NonNull<u8>, AllocError> {
-        let cached = cache::with_slot(self.slot, |slot| {
-            let class_cache = &slot.classes[class];
+        // SAFETY: the reference is used only within this call, on this thread.
+        let cached = unsafe { cache::current_slot(self.slot) }.map(|slot| {
             let deltas = &slot.deltas[class];
-            let block = match cache::pop(class_cache) {
-                Some(block) => block,
-                None => {
-                    self.publish_if_due(class, deltas);
-                    deltas.cache_misses.set(deltas.cache_misses.get() + 1);
-                    let (chain, count) = self.refill(class, batch_len(class))?;
-                    class_cache.head.set(chain.as_ptr());
-                    class_cache.count.set(count);
-                    cache::pop(class_cache)?
-                }
+            let block = match cache::pop(&slot.classes[class]) {
+                Some(block) => Some(block),
+                None => self.refill_cache(class, slot),
             };
-            deltas.allocations.set(deltas.allocations.get() + 1);
-            deltas
-                .bytes_allocated
-                .set(deltas.bytes_allocated.get() + size as u64);
-            Some(block)
+            if block.is_some() {
+                deltas.allocations.set(deltas.allocations.get() + 1);
+                deltas
+                    .bytes_allocated
+                    .set(deltas.bytes_allocated.get() + size as u64);
+            }
+            block
         });
         let block = match cached {
             Some(Some(block)) => block,
@@ -176,6 +171,20 @@ impl State {
         // is a free block of a live slab, and it is ours alone.
         unsafe { self.prepare_block(class, block, size, flags, site) };
         Ok(block)
+    }
+
+    /// Refills an empty thread cache from the shared pool and takes one block.
+    #[cold]
+    #[inline(never)]
+    fn refill_cache(&self, class: usize, slot: &cache::SlotCache) -> Option<NonNull<u8>> {
+        let deltas = &slot.deltas[class];
+        self.publish_if_due(class, deltas);
+        deltas.cache_misses.set(deltas.cache_misses.get() + 1);
+        let (chain, count) = self.refill(class, batch_len(class))?;
+        let class_cache = &slot.classes[class];
+        class_cache.head.set(chain.as_ptr());
+        class_cache.count.set(count);
+        cache::pop(class_cache)
     }
 
     /// Checks the poison of a reused block, writes the guard and the tracking record, and
@@ -535,7 +544,8 @@ impl State {
     /// Puts a freed block into this thread's cache, or the shared pool without one.
     #[inline(always)]
     fn give_back(&self, class: usize, block: NonNull<u8>, size: usize) {
-        let cached = cache::with_slot(self.slot, |slot| {
+        // SAFETY: the reference is used only within this call, on this thread.
+        if let Some(slot) = unsafe { cache::current_slot(self.slot) } {
             let class_cache = &slot.classes[class];
             let deltas = &slot.deltas[class];
             // SAFETY: the block was just marked free and belongs to this instance's
@@ -548,8 +558,7 @@ impl State {
             if class_cache.count.get() > cache_capacity(class) {
                 self.flush_batch(class, slot);
             }
-        });
-        if cached.is_none() {
+        } else {
             // SAFETY: a one-block chain of a free block of this pool that we own.
             unsafe {
                 block.cast::<*mut u8>().write(ptr::null_mut());
@@ -665,28 +674,30 @@ impl State {
             return 0;
         };
         let want = count.min(cache_capacity(class));
-        cache::with_slot(self.slot, |slot| {
-            let class_cache = &slot.classes[class];
-            while class_cache.count.get() < want {
-                let Some((chain, taken)) = self.refill(class, want - class_cache.count.get())
-                else {
-                    break;
-                };
-                // Append the existing list after the new chain's tail.
-                let mut tail = chain;
-                // SAFETY: `chain` holds `taken` linked free blocks owned by us.
-                unsafe {
-                    while let Some(next) = NonNull::new(tail.cast::<*mut u8>().read()) {
-                        tail = next;
+        // SAFETY: the reference is used only within this call, on this thread.
+        unsafe { cache::current_slot(self.slot) }
+            .map(|slot| {
+                let class_cache = &slot.classes[class];
+                while class_cache.count.get() < want {
+                    let Some((chain, taken)) = self.refill(class, want - class_cache.count.get())
+                    else {
+                        break;
+                    };
+                    // Append the existing list after the new chain's tail.
+                    let mut tail = chain;
+                    // SAFETY: `chain` holds `taken` linked free blocks owned by us.
+                    unsafe {
+                        while let Some(next) = NonNull::new(tail.cast::<*mut u8>().read()) {
+                            tail = next;
+                        }
+                        tail.cast::<*mut u8>().write(class_cache.head.get());
                     }
-                    tail.cast::<*mut u8>().write(class_cache.head.get());
+                    class_cache.head.set(chain.as_ptr());
+                    class_cache.count.set(class_cache.count.get() + taken);
                 }
-                class_cache.head.set(chain.as_ptr());
-                class_cache.count.set(class_cache.count.get() + taken);
-            }
-            class_cache.count.get()
-        })
-        .unwrap_or(0)
+                class_cache.count.get()
+            })
+            .unwrap_or(0)
     }
 }
 

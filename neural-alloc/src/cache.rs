@@ -165,15 +165,19 @@ thread_local! {
     static EXIT_GUARD: ExitGuard = const { ExitGuard };
 }
 
-/// Runs `body` with this thread's cache for `slot` when caching is usable, and returns
-/// `None` (without running it) when the caller must go to the shared pool instead.
+/// This thread's cache for `slot` when caching is usable, or `None` when the caller must
+/// go to the shared pool instead.
+///
+/// # Safety
+///
+/// - The reference must not be kept beyond the caller's current call nor sent to
+///   another thread (it names this thread's storage, which dies with the thread).
 #[inline(always)]
-pub(crate) fn with_slot<R>(slot: usize, body: impl FnOnce(&SlotCache) -> R) -> Option<R> {
-    // The body runs outside `try_with`'s closure so the compiler inlines it into the
-    // allocation path instead of calling it.
+pub(crate) unsafe fn current_slot<'a>(slot: usize) -> Option<&'a SlotCache> {
     let thread = THREAD.try_with(ptr::from_ref).ok()?;
     // SAFETY: THREAD has a constant initialiser and no destructor, so its storage stays
-    // valid for the whole life of this thread, and the reference does not leave this call.
+    // valid for the whole life of this thread; the caller keeps the reference on this
+    // thread and within its call.
     let thread = unsafe { &*thread };
     let cache = thread.slots.get(slot)?;
     let usable = match thread.mode.get() {
@@ -181,8 +185,7 @@ pub(crate) fn with_slot<R>(slot: usize, body: impl FnOnce(&SlotCache) -> R) -> O
         MODE_UNREGISTERED => register_exit_guard(thread),
         _ => false,
     };
-    // One call site for `body`, so it is inlined rather than outlined.
-    if usable { Some(body(cache)) } else { None }
+    usable.then_some(cache)
 }
 
 /// Registers the exit flush on this thread's first cache use; returns whether caching
