@@ -222,32 +222,35 @@ impl History {
     }
 
     /// The slots, mapped on first use; zeroed memory is a ring of empty slots.
-    fn slots(&self) -> Option<&[Slot]> {
-        let mut slots = self.slots.load(Ordering::Acquire);
-        if slots.is_null() {
-            let fresh = sys::map_zeroed(SLOTS_BYTES, sys::PAGE_SIZE)?
-                .cast::<Slot>()
-                .as_ptr();
-            match self.slots.compare_exchange(
-                ptr::null_mut(),
-                fresh,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => slots = fresh,
-                Err(winner) => {
-                    if let Some(fresh) = NonNull::new(fresh) {
-                        // SAFETY: mapped just above with these arguments; it lost the race
-                        // and was never shared.
-                        unsafe { sys::unmap(fresh.cast(), SLOTS_BYTES, sys::PAGE_SIZE) };
-                    }
-                    slots = winner;
-                }
+    fn slots(&self) -> Option<NonNull<Slot>> {
+        let slots = self.slots.load(Ordering::Acquire);
+        if let Some(slots) = NonNull::new(slots) {
+            return Some(slots);
+        }
+        let fresh = sys::map_zeroed(SLOTS_BYTES, sys::PAGE_SIZE)?.cast::<Slot>();
+        match self.slots.compare_exchange(
+            ptr::null_mut(),
+            fresh.as_ptr(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Some(fresh),
+            Err(winner) => {
+                // SAFETY: mapped just above with these arguments; it lost the race and
+                // was never shared.
+                unsafe { sys::unmap(fresh.cast(), SLOTS_BYTES, sys::PAGE_SIZE) };
+                NonNull::new(winner)
             }
         }
-        // SAFETY: the mapping holds HISTORY_LEN zero-initialised slots (all-zero is a valid
-        // slot of atomics), is never unmapped, and is only accessed through atomics.
-        Some(unsafe { std::slice::from_raw_parts(slots, HISTORY_LEN) })
+    }
+
+    /// The slot of `ticket`. Only this one slot is borrowed, not the whole ring.
+    fn slot(slots: NonNull<Slot>, ticket: u64) -> &'static Slot {
+        let index = (ticket % HISTORY_LEN as u64) as usize;
+        // SAFETY: the mapping holds HISTORY_LEN zero-initialised slots (all-zero is a
+        // valid slot of atomics), is never unmapped, and is only accessed through
+        // atomics; `index < HISTORY_LEN`.
+        unsafe { &*slots.as_ptr().add(index) }
     }
 
     /// Appends an entry, overwriting the oldest when full. Never allocates through the
@@ -257,7 +260,7 @@ impl History {
             return;
         };
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
-        let slot = &slots[(ticket % HISTORY_LEN as u64) as usize];
+        let slot = Self::slot(slots, ticket);
         slot.sequence.store(2 * ticket + 1, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
         slot.address.store(entry.address, Ordering::Relaxed);
@@ -282,7 +285,7 @@ impl History {
             .max(self.first_kept.load(Ordering::Acquire));
         let mut copy = Vec::with_capacity(HISTORY_LEN);
         for ticket in start..end {
-            let slot = &slots[(ticket % HISTORY_LEN as u64) as usize];
+            let slot = Self::slot(slots, ticket);
             if slot.sequence.load(Ordering::Acquire) != 2 * ticket + 2 {
                 continue;
             }
