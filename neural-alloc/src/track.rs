@@ -157,8 +157,9 @@ pub(crate) fn now_nanos() -> u64 {
     sys::coarse_monotonic_nanos()
 }
 
-/// Entries kept by the allocation history ring.
-pub const HISTORY_LEN: usize = 1024;
+/// Entries kept by the allocation history ring (fewer under Miri, whose interpreter
+/// makes filling the ring in tests slow).
+pub const HISTORY_LEN: usize = if cfg!(miri) { 64 } else { 1024 };
 
 /// What happened to a block, as recorded in the history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
