@@ -28,6 +28,8 @@ pub(crate) const LARGE: usize = CLASS_COUNT;
 
 /// A live pooled block found from a caller's pointer.
 struct LiveBlock {
+    /// The block's address with the slab's provenance (see `slab::with_slab_provenance`).
+    block: NonNull<u8>,
     slab: NonNull<SlabHeader>,
     index: usize,
     word: u32,
@@ -361,6 +363,7 @@ impl State {
         let block_word = unsafe { slab::state_word(slab, index) }.load(Ordering::Acquire);
         match block_word & word::STATE_MASK {
             word::LIVE => Ok(LiveBlock {
+                block: slab::with_slab_provenance(slab, pointer),
                 slab,
                 index,
                 word: block_word,
@@ -430,6 +433,9 @@ impl State {
     #[inline(always)]
     pub(crate) fn deallocate(&self, pointer: NonNull<u8>, site: Site) -> Result<(), AllocError> {
         if let Some(slab) = slab::containing(pointer.as_ptr()) {
+            // The caller's pointer may only reach its own bytes; guard checks and the
+            // cache use the slab's provenance.
+            let pointer = slab::with_slab_provenance(slab, pointer);
             let header = slab.as_ptr();
             // SAFETY: the registry lists only live slabs, whose `owner` and `class` never
             // change after creation.
@@ -466,6 +472,7 @@ impl State {
     #[inline(never)]
     fn deallocate_checked(&self, pointer: NonNull<u8>, site: Site) -> Result<(), AllocError> {
         let LiveBlock {
+            block: pointer,
             slab,
             index,
             word: old_word,
@@ -609,6 +616,7 @@ impl State {
         let flags = self.flags.load(Ordering::Relaxed);
         let old_size = match self.find_live(pointer) {
             Ok(LiveBlock {
+                block: pointer,
                 slab,
                 index,
                 word: old_word,

@@ -294,7 +294,10 @@ impl NeuralAlloc {
     /// Checks the guard bytes of every live block and, with poisoning on, the poison of
     /// every free block; each problem is reported with the configured action.
     ///
-    /// Blocks freed and reused by other threads while the check runs are skipped.
+    /// Other threads may keep allocating and freeing meanwhile: guard bytes are read
+    /// with volatile reads and a finding is dropped when the block's state word changed
+    /// during the read, so a block freed and reused concurrently is skipped rather than
+    /// misreported. Findings are exact when other threads are idle.
     #[track_caller]
     pub fn validate_all(&self) -> Validation {
         let site = Location::caller();

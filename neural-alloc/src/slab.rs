@@ -7,7 +7,7 @@
 //! lookup reads only the allocator's own memory.
 
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use crate::class::{Geometry, SLAB_SHIFT, SLAB_SIZE, STATE_WORDS_OFFSET};
 use crate::state::State;
@@ -96,7 +96,7 @@ pub(crate) fn create(owner: *const State, class: usize) -> Option<NonNull<SlabHe
             tracking: AtomicPtr::new(ptr::null_mut()),
         });
     }
-    if !registry::insert(base.as_ptr().addr()) {
+    if !registry::insert(header) {
         // SAFETY: the slab was mapped above with these arguments and never published.
         unsafe { sys::unmap(base, SLAB_SIZE, SLAB_SIZE) };
         return None;
@@ -128,14 +128,17 @@ pub(crate) unsafe fn destroy(slab: NonNull<SlabHeader>) {
 }
 
 /// The slab holding `pointer`, if it lies in a registered slab. The returned pointer
-/// carries `pointer`'s provenance, which covers the whole slab for blocks we handed out.
+/// carries the slab's own provenance, not `pointer`'s.
 #[inline(always)]
 pub(crate) fn containing(pointer: *const u8) -> Option<NonNull<SlabHeader>> {
-    let base = pointer.addr() & !(SLAB_SIZE - 1);
-    if !registry::contains(base) {
-        return None;
-    }
-    NonNull::new(pointer.with_addr(base).cast::<SlabHeader>().cast_mut())
+    registry::get(pointer.addr() & !(SLAB_SIZE - 1))
+}
+
+/// `pointer`'s address with the provenance of `slab`, which covers the whole slab (guard
+/// bytes and headers included) where a caller's pointer may cover only its own bytes.
+#[inline(always)]
+pub(crate) fn with_slab_provenance(slab: NonNull<SlabHeader>, pointer: NonNull<u8>) -> NonNull<u8> {
+    slab.cast::<u8>().with_addr(pointer.addr())
 }
 
 /// The slab of a block known to lie in one of our slabs (no registry lookup).
@@ -227,9 +230,15 @@ mod registry {
     const LEAF_BITS: u32 = 16;
     const ROOT_BITS: u32 = ADDRESS_BITS - SLAB_SHIFT - LEAF_BITS;
     const LEAF_LEN: usize = 1 << LEAF_BITS;
+    /// Bytes of one leaf: one slab pointer per slab number (mapped lazily, so only the
+    /// touched pages cost memory).
+    const LEAF_BYTES: usize = LEAF_LEN * size_of::<AtomicPtr<SlabHeader>>();
 
-    /// Root of the table: one lazily mapped leaf of one byte per slab number.
-    static ROOT: [AtomicPtr<AtomicU8>; 1 << ROOT_BITS] =
+    /// Root of the table: lazily mapped leaves holding, per slab number, the slab's own
+    /// pointer (or null). Handing out the stored pointer rather than one derived from the
+    /// caller's means every header and block access carries the slab's provenance: a
+    /// pointer given to `dealloc` by a `Box` may only reach that box's bytes.
+    static ROOT: [AtomicPtr<AtomicPtr<SlabHeader>>; 1 << ROOT_BITS] =
         [const { AtomicPtr::new(ptr::null_mut()) }; 1 << ROOT_BITS];
 
     fn split(base: usize) -> Option<(usize, usize)> {
@@ -240,37 +249,44 @@ mod registry {
         Some((slab_number >> LEAF_BITS, slab_number & (LEAF_LEN - 1)))
     }
 
-    fn leaf_entry(leaf: *mut AtomicU8, index: usize) -> &'static AtomicU8 {
-        // SAFETY: leaves are LEAF_LEN bytes, mapped zeroed, never unmapped, and only
-        // accessed atomically; `index < LEAF_LEN` by construction in `split`.
+    fn leaf_entry(
+        leaf: *mut AtomicPtr<SlabHeader>,
+        index: usize,
+    ) -> &'static AtomicPtr<SlabHeader> {
+        // SAFETY: leaves hold LEAF_LEN entries, are mapped zeroed (null entries), never
+        // unmapped, and only accessed atomically; `index < LEAF_LEN` by `split`.
         unsafe { &*leaf.add(index) }
     }
 
-    pub(super) fn insert(base: usize) -> bool {
-        let Some((root_index, leaf_index)) = split(base) else {
+    pub(super) fn insert(slab: NonNull<SlabHeader>) -> bool {
+        let Some((root_index, leaf_index)) = split(slab.as_ptr().addr()) else {
             return false;
         };
-        let slot = &ROOT[root_index];
-        let mut leaf = slot.load(Ordering::Acquire);
+        let root_slot = &ROOT[root_index];
+        let mut leaf = root_slot.load(Ordering::Acquire);
         if leaf.is_null() {
-            let Some(fresh) = sys::map_zeroed(LEAF_LEN, sys::PAGE_SIZE) else {
+            let Some(fresh) = sys::map_zeroed(LEAF_BYTES, sys::PAGE_SIZE) else {
                 return false;
             };
-            let fresh = fresh.cast::<AtomicU8>().as_ptr();
-            match slot.compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire)
-            {
+            let fresh = fresh.cast::<AtomicPtr<SlabHeader>>().as_ptr();
+            match root_slot.compare_exchange(
+                ptr::null_mut(),
+                fresh,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => leaf = fresh,
                 Err(winner) => {
                     if let Some(fresh) = NonNull::new(fresh) {
                         // SAFETY: `fresh` was mapped just above with these arguments
                         // and lost the race, so nobody else ever saw it.
-                        unsafe { sys::unmap(fresh.cast(), LEAF_LEN, sys::PAGE_SIZE) };
+                        unsafe { sys::unmap(fresh.cast(), LEAF_BYTES, sys::PAGE_SIZE) };
                     }
                     leaf = winner;
                 }
             }
         }
-        leaf_entry(leaf, leaf_index).store(1, Ordering::Release);
+        leaf_entry(leaf, leaf_index).store(slab.as_ptr(), Ordering::Release);
         true
     }
 
@@ -278,17 +294,19 @@ mod registry {
         if let Some((root_index, leaf_index)) = split(base) {
             let leaf = ROOT[root_index].load(Ordering::Acquire);
             if !leaf.is_null() {
-                leaf_entry(leaf, leaf_index).store(0, Ordering::Release);
+                leaf_entry(leaf, leaf_index).store(ptr::null_mut(), Ordering::Release);
             }
         }
     }
 
+    /// The registered slab starting at `base`, with the slab's own provenance.
     #[inline(always)]
-    pub(super) fn contains(base: usize) -> bool {
-        let Some((root_index, leaf_index)) = split(base) else {
-            return false;
-        };
+    pub(super) fn get(base: usize) -> Option<NonNull<SlabHeader>> {
+        let (root_index, leaf_index) = split(base)?;
         let leaf = ROOT[root_index].load(Ordering::Acquire);
-        !leaf.is_null() && leaf_entry(leaf, leaf_index).load(Ordering::Acquire) != 0
+        if leaf.is_null() {
+            return None;
+        }
+        NonNull::new(leaf_entry(leaf, leaf_index).load(Ordering::Acquire))
     }
 }
