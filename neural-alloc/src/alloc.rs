@@ -433,8 +433,9 @@ impl State {
     #[inline(always)]
     pub(crate) fn deallocate(&self, pointer: NonNull<u8>, site: Site) -> Result<(), AllocError> {
         if let Some(slab) = slab::containing(pointer.as_ptr()) {
-            // The caller's pointer may only reach its own bytes; guard checks and the
-            // cache use the slab's provenance.
+            // The caller's pointer may only reach its own bytes: the header and guard are
+            // read through the slab's pointer, and the cache keeps that one.
+            let user = pointer;
             let pointer = slab::with_slab_provenance(slab, pointer);
             let header = slab.as_ptr();
             // SAFETY: the registry lists only live slabs, whose `owner` and `class` never
@@ -460,10 +461,11 @@ impl State {
                     });
                 if freeable {
                     state_word.store(word::FREE | size as u32, Ordering::Release);
-                    self.give_back(class, pointer, size);
+                    self.give_back(class, pointer, user, size);
                     return Ok(());
                 }
             }
+            return self.deallocate_checked(user, site);
         }
         self.deallocate_checked(pointer, site)
     }
@@ -471,6 +473,7 @@ impl State {
     /// Frees `pointer` with every check and bookkeeping step.
     #[inline(never)]
     fn deallocate_checked(&self, pointer: NonNull<u8>, site: Site) -> Result<(), AllocError> {
+        let user = pointer;
         let LiveBlock {
             block: pointer,
             slab,
@@ -491,11 +494,11 @@ impl State {
         }
         let mut new_word = word::FREE | (old_word & word::SIZE_MASK);
         if old_word & (word::TRACKED | word::POISON_ON_FREE) != 0 {
-            new_word |= self.free_tracked_or_poisoned(slab, index, old_word, class, pointer, site);
+            new_word |= self.free_tracked_or_poisoned(slab, index, old_word, pointer, user, site);
         }
         // SAFETY: live slab, index in range.
         unsafe { slab::state_word(slab, index) }.store(new_word, Ordering::Release);
-        self.give_back(class, pointer, size);
+        self.give_back(class, pointer, user, size);
         Ok(())
     }
 
@@ -507,8 +510,8 @@ impl State {
         slab: NonNull<SlabHeader>,
         index: usize,
         old_word: u32,
-        class: usize,
         pointer: NonNull<u8>,
+        user: NonNull<u8>,
         site: Site,
     ) -> u32 {
         let mut bits = 0;
@@ -527,12 +530,20 @@ impl State {
             }
         }
         if old_word & word::POISON_ON_FREE != 0 {
-            // SAFETY: the block is being freed by its owner, so its bytes are ours.
+            let size = (old_word & word::SIZE_MASK) as usize;
+            // The caller's bytes are written through the caller's pointer (its owner, a
+            // Box for instance, may still hold a borrow of them while it is freed), the
+            // rest of the block through the slab's.
+            // SAFETY: `class` never changes after slab creation.
+            let block_size = GEOMETRY[unsafe { (*slab.as_ptr()).class }].block_size;
+            // SAFETY: the block is being freed by its owner, so all its bytes are ours.
             unsafe {
+                user.as_ptr().write_bytes(POISON_BYTE, size);
                 pointer
                     .as_ptr()
-                    .write_bytes(POISON_BYTE, GEOMETRY[class].block_size)
-            };
+                    .add(size)
+                    .write_bytes(POISON_BYTE, block_size - size);
+            }
             bits |= word::POISONED;
         }
         bits
@@ -550,27 +561,27 @@ impl State {
 
     /// Puts a freed block into this thread's cache, or the shared pool without one.
     #[inline(always)]
-    fn give_back(&self, class: usize, block: NonNull<u8>, size: usize) {
+    fn give_back(&self, class: usize, block: NonNull<u8>, user: NonNull<u8>, size: usize) {
         // SAFETY: the reference is used only within this call, on this thread.
         if let Some(slot) = unsafe { cache::current_slot(self.slot) } {
             let class_cache = &slot.classes[class];
             let deltas = &slot.deltas[class];
+            // Flush before pushing, so the batch sent back never holds the block being
+            // freed, whose bytes may only be written through `user` during this call.
+            if class_cache.count.get() >= cache_capacity(class) {
+                self.flush_batch(class, slot);
+            }
             // SAFETY: the block was just marked free and belongs to this instance's
-            // `class` pool; blocks are at least 64 bytes and 64-byte aligned.
-            unsafe { cache::push(class_cache, block) };
+            // `class` pool; blocks are at least 64 bytes and 64-byte aligned; `user`
+            // has the block's address.
+            unsafe { cache::push(class_cache, block, user) };
             deltas.frees.set(deltas.frees.get() + 1);
             deltas
                 .bytes_freed
                 .set(deltas.bytes_freed.get() + size as u64);
-            if class_cache.count.get() > cache_capacity(class) {
-                self.flush_batch(class, slot);
-            }
         } else {
-            // SAFETY: a one-block chain of a free block of this pool that we own.
-            unsafe {
-                block.cast::<*mut u8>().write(ptr::null_mut());
-                self.take_back(class, block.as_ptr(), 1);
-            }
+            // SAFETY: a free block of this pool that we own, `user` at its address.
+            unsafe { self.take_back_one(class, block, user) };
             self.count(class, 0, 1, 0, size as u64);
         }
     }

@@ -266,16 +266,18 @@ pub(crate) fn pop(cache: &ClassCache) -> Option<NonNull<u8>> {
     Some(head)
 }
 
-/// Pushes a block onto a class cache.
+/// Pushes a block onto a class cache, writing the link through `writer` (the freeing
+/// caller's pointer to the same address) and keeping `block`.
 ///
 /// # Safety
 ///
 /// - `block` must be a free block of a live slab of the cache's class, owned by nobody
 ///   else, at least 8 bytes long and aligned for a pointer.
+/// - `writer` must have the same address as `block` and may write its first word.
 #[inline(always)]
-pub(crate) unsafe fn push(cache: &ClassCache, block: NonNull<u8>) {
+pub(crate) unsafe fn push(cache: &ClassCache, block: NonNull<u8>, writer: NonNull<u8>) {
     // SAFETY: the caller hands the block over; its first word becomes the link.
-    unsafe { block.cast::<*mut u8>().write(cache.head.get()) };
+    unsafe { writer.cast::<*mut u8>().write(cache.head.get()) };
     cache.head.set(block.as_ptr());
     cache.count.set(cache.count.get() + 1);
 }

@@ -311,36 +311,80 @@ impl State {
     /// - Every block of the chain must be a free block of a slab of this instance's
     ///   `class` pool, handed out by `refill` and owned by the caller.
     pub(crate) unsafe fn take_back(&self, class: usize, chain: *mut u8, count: usize) {
-        let pool = &self.pools[class];
-        let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
-        let mut lists = pool.lock();
+        let mut lists = self.pools[class].lock();
         let mut cursor = chain;
         while let Some(block) = NonNull::new(cursor) {
-            // SAFETY: the caller hands over these blocks; each has its next link in
-            // its first word and lies in a live slab of this pool, whose lock-guarded
-            // fields we may touch since the lock is held.
+            // SAFETY: the caller hands over these blocks, each with its next link in its
+            // first word; the pool lock is held.
             unsafe {
                 cursor = block.cast::<*mut u8>().read();
-                // Blocks handed out by `refill` lie in slabs of ours, so masking finds
-                // the slab without a registry lookup.
-                let slab = slab::base_of(block);
-                let header = slab.as_ptr();
-                block.cast::<*mut u8>().write((*header).free_head);
-                (*header).free_head = block.as_ptr();
-                (*header).handed_out -= 1;
-                if !(*header).in_partial {
-                    link_partial(&mut lists, slab);
-                }
-                if release && (*header).handed_out == 0 && self.walkers.load(Ordering::SeqCst) == 0
-                {
-                    unlink_partial(&mut lists, slab);
-                    unlink_all(pool, slab);
-                    slab::destroy(slab);
-                    self.counters[class].slabs.fetch_sub(1, Ordering::Relaxed);
-                }
+                self.return_block(&mut lists, class, block, block);
             }
         }
         drop(lists);
+        self.after_take_back(class, count);
+    }
+
+    /// Takes back one free block of `class`, writing its link through `writer` (the
+    /// freeing caller's pointer to the same address).
+    ///
+    /// # Safety
+    ///
+    /// - As for [`Self::take_back`]; `writer` must have `block`'s address and may write
+    ///   its first word.
+    pub(crate) unsafe fn take_back_one(
+        &self,
+        class: usize,
+        block: NonNull<u8>,
+        writer: NonNull<u8>,
+    ) {
+        let mut lists = self.pools[class].lock();
+        // SAFETY: as required of our caller; the pool lock is held.
+        unsafe { self.return_block(&mut lists, class, block, writer) };
+        drop(lists);
+        self.after_take_back(class, 1);
+    }
+
+    /// Puts one block on its slab's free list and releases the slab if that empties it
+    /// and the policy says so.
+    ///
+    /// # Safety
+    ///
+    /// - The lock of `class`'s pool must be held (`lists` is its guard's contents).
+    /// - `block` must be a free block of a slab of that pool, owned by the caller;
+    ///   `writer` must have its address and may write its first word.
+    unsafe fn return_block(
+        &self,
+        lists: &mut PoolLists,
+        class: usize,
+        block: NonNull<u8>,
+        writer: NonNull<u8>,
+    ) {
+        let pool = &self.pools[class];
+        let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
+        // Blocks handed out by `refill` lie in slabs of ours, so masking finds the slab
+        // without a registry lookup.
+        let slab = slab::base_of(block);
+        let header = slab.as_ptr();
+        // SAFETY: the slab is live and ours and the pool lock is held, so its
+        // lock-guarded fields are ours to change; the block is ours to link.
+        unsafe {
+            writer.cast::<*mut u8>().write((*header).free_head);
+            (*header).free_head = block.as_ptr();
+            (*header).handed_out -= 1;
+            if !(*header).in_partial {
+                link_partial(lists, slab);
+            }
+            if release && (*header).handed_out == 0 && self.walkers.load(Ordering::SeqCst) == 0 {
+                unlink_partial(lists, slab);
+                unlink_all(pool, slab);
+                slab::destroy(slab);
+                self.counters[class].slabs.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn after_take_back(&self, class: usize, count: usize) {
         let counters = &self.counters[class];
         counters.flushes.fetch_add(1, Ordering::Relaxed);
         counters
