@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use crate::cache::{self, batch_len, cache_capacity};
 use crate::class::{CLASS_COUNT, GEOMETRY, GUARD_LEN, Geometry, class_for};
 use crate::error::AllocError;
-use crate::large::{LargeHeader, LargeTable};
+use crate::large::LargeHeader;
 use crate::report::{CorruptionKind, CorruptionReport};
 use crate::slab::{self, Position, SlabHeader, word};
 use crate::state::{State, action_of, flag};
@@ -611,7 +611,7 @@ impl State {
         }
         self.count(LARGE, 0, 1, 0, size as u64);
         // SAFETY: unlinked above, never used again.
-        unsafe { LargeTable::release(header) };
+        unsafe { self.large.retire(header) };
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::{self, NonNull};
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::AllocError;
@@ -53,6 +53,9 @@ unsafe impl Send for Bucket {}
 /// All live large blocks of one instance.
 pub(crate) struct LargeTable {
     buckets: [Mutex<Bucket>; BUCKET_COUNT],
+    /// The most recently freed block, given back to the system only when the next one
+    /// is freed: see [`LargeTable::retire`].
+    retired: AtomicPtr<LargeHeader>,
 }
 
 fn bucket_of(address: usize) -> usize {
@@ -69,6 +72,7 @@ impl LargeTable {
                     head: ptr::null_mut(),
                 })
             }; BUCKET_COUNT],
+            retired: AtomicPtr::new(ptr::null_mut()),
         }
     }
 
@@ -158,6 +162,28 @@ impl LargeTable {
             }
         }
         None
+    }
+
+    /// Gives an unlinked block back to the system one free later.
+    ///
+    /// The caller freeing a block may still hold a borrow of its bytes for the rest of
+    /// its own call (a `Box` being dropped does, as far as Rust's aliasing rules go), and
+    /// the system allocation also holds our header, so releasing it at once through the
+    /// header's pointer would end that borrow early. Deferring the release by one free
+    /// ends it only after the caller has returned; it also keeps the latest freed block
+    /// unreused for a while, which helps expose late writes.
+    ///
+    /// # Safety
+    ///
+    /// - `header` must come from [`Self::allocate`], be unlinked, and never be used
+    ///   again by the caller.
+    pub(crate) unsafe fn retire(&self, header: NonNull<LargeHeader>) {
+        let previous = self.retired.swap(header.as_ptr(), Ordering::AcqRel);
+        if let Some(previous) = NonNull::new(previous) {
+            // SAFETY: blocks only reach `retired` unlinked and unused, and the swap gave
+            // this one to us alone.
+            unsafe { Self::release(previous) };
+        }
     }
 
     /// Gives the memory of an unlinked block back to the system.
