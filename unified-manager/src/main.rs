@@ -4,14 +4,27 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use neural_alloc::{Config, NeuralAlloc};
 
 mod cli;
+
+/// The binary's allocator. Tracking stays off, even in debug builds, unless
+/// `HOTPATCH_ALLOC=track` (or `track-backtrace`) asks for it; guard bytes are always
+/// checked.
+#[global_allocator]
+static ALLOCATOR: NeuralAlloc = NeuralAlloc::with_config(Config {
+    tracking: false,
+    ..Config::DEFAULT
+});
 
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  the command failed (the message says why; nothing was written)
-  2  the command line is invalid";
+  2  the command line is invalid
+
+Environment:
+  HOTPATCH_ALLOC=track  track every allocation and print a leak report at exit";
 
 /// Surgical, checked and revertible edits of GGUF models.
 #[derive(Debug, Parser)]
@@ -57,6 +70,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let tracking = std::env::var_os(neural_alloc::HOTPATCH_ALLOC_VARIABLE).is_some()
+        && neural_alloc::enable_tracking_from_env(&ALLOCATOR);
+    let code = run();
+    if tracking {
+        neural_alloc::print_leak_report(&ALLOCATOR);
+    }
+    code
+}
+
+fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => cli::inspect::run(&args),

@@ -9,6 +9,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod alloc_check;
 mod bench_codecs;
 mod bench_edit;
 mod bench_live;
@@ -20,6 +21,7 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
+  alloc-check   neural-alloc's tests under Miri (nightly with miri and rust-src)
   ci            format check, clippy (warnings are errors), every test, docs
   oracle-env    create the Python venv with gguf-py and numpy (cached); print its python
   real-model    install the real model (gemma-3-270m-q4_k_m.gguf, cached); print its path
@@ -33,6 +35,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("alloc-check") => alloc_check::run(),
         Some("oracle-env") => {
             println!("{}", env::oracle_python()?.display());
             Ok(())

@@ -1,0 +1,205 @@
+//! Nanoseconds per allocate/free pair for each size class, against the system
+//! allocator (glibc), mimalloc and jemalloc, all called through their `GlobalAlloc`
+//! implementations in the same run.
+//!
+//! Patterns: a hot loop (allocate, free, repeat), a batch (allocate 1,000, then free
+//! them in order), and two threads where one allocates and the other frees. Our
+//! allocator runs with tracking off (the release default) and guard checks on, plus
+//! variants without guard checks and with tracking on, to show what those cost.
+//!
+//! Run: `cargo bench -p neural-alloc --bench alloc -- --measurement-time 2`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use mimalloc::MiMalloc;
+use neural_alloc::{CLASS_SIZES, Config, GUARD_LEN, NeuralAlloc};
+use tikv_jemallocator::Jemalloc;
+
+static NEURAL: NeuralAlloc = NeuralAlloc::with_config(Config {
+    tracking: false,
+    poison: false,
+    ..Config::DEFAULT
+});
+static NEURAL_NO_GUARD: NeuralAlloc = NeuralAlloc::with_config(Config {
+    tracking: false,
+    poison: false,
+    guard_checks: false,
+    ..Config::DEFAULT
+});
+static NEURAL_TRACKING: NeuralAlloc = NeuralAlloc::with_config(Config {
+    tracking: true,
+    poison: false,
+    ..Config::DEFAULT
+});
+static MIMALLOC: MiMalloc = MiMalloc;
+static JEMALLOC: Jemalloc = Jemalloc;
+static SYSTEM: System = System;
+
+/// Blocks per batch in the batch pattern.
+const BATCH: usize = 1000;
+/// Pointers per message in the two-thread pattern.
+const MESSAGE: usize = 256;
+
+/// The largest request each class serves (its size minus our guard bytes), used for every
+/// allocator so they all get the same requests.
+fn request_sizes() -> Vec<usize> {
+    CLASS_SIZES.iter().map(|class| class - GUARD_LEN).collect()
+}
+
+fn hot_loop<A: GlobalAlloc>(allocator: &A, layout: Layout, iterations: u64) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iterations {
+        // SAFETY: a non-zero layout; the block is freed at once with the same layout.
+        unsafe {
+            let block = black_box(allocator.alloc(layout));
+            allocator.dealloc(block, layout);
+        }
+    }
+    start.elapsed()
+}
+
+fn batch<A: GlobalAlloc>(allocator: &A, layout: Layout, iterations: u64) -> Duration {
+    let mut blocks = vec![std::ptr::null_mut::<u8>(); BATCH];
+    let mut elapsed = Duration::ZERO;
+    for _ in 0..iterations {
+        let start = Instant::now();
+        for slot in blocks.iter_mut() {
+            // SAFETY: a non-zero layout; freed below.
+            *slot = unsafe { allocator.alloc(layout) };
+        }
+        for &block in blocks.iter() {
+            // SAFETY: allocated above with this layout and not freed yet.
+            unsafe { allocator.dealloc(black_box(block), layout) };
+        }
+        elapsed += start.elapsed();
+    }
+    // Reported per allocate/free pair.
+    elapsed / BATCH as u32
+}
+
+/// Pointers in flight between the two threads, as addresses.
+type Message = Box<[usize; MESSAGE]>;
+
+fn cross_thread<A: GlobalAlloc + Sync>(
+    allocator: &'static A,
+    layout: Layout,
+    iterations: u64,
+) -> Duration {
+    let messages = iterations.div_ceil(MESSAGE as u64).max(1);
+    let (to_freer, freer_inbox) = mpsc::sync_channel::<Message>(8);
+    let (to_allocator, allocator_inbox) = mpsc::sync_channel::<Message>(16);
+    for _ in 0..8 {
+        to_allocator.send(Box::new([0; MESSAGE])).unwrap();
+    }
+    let freer = std::thread::spawn(move || {
+        while let Ok(message) = freer_inbox.recv() {
+            for &address in message.iter() {
+                // SAFETY: allocated by the other thread with this layout; freed once.
+                unsafe {
+                    allocator.dealloc(std::ptr::with_exposed_provenance_mut(address), layout)
+                };
+            }
+            if to_allocator.send(message).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    for _ in 0..messages {
+        let mut message = allocator_inbox.recv().unwrap();
+        for slot in message.iter_mut() {
+            // SAFETY: a non-zero layout; the other thread frees it.
+            *slot = unsafe { allocator.alloc(layout) }.expose_provenance();
+        }
+        to_freer.send(message).unwrap();
+    }
+    drop(to_freer);
+    freer.join().unwrap();
+    // Scaled to the requested iteration count, per allocate/free pair.
+    start
+        .elapsed()
+        .mul_f64(iterations as f64 / (messages * MESSAGE as u64) as f64)
+}
+
+fn hot(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("hot");
+    for size in request_sizes() {
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        group.bench_function(BenchmarkId::new("glibc", size), |bench| {
+            bench.iter_custom(|n| hot_loop(&SYSTEM, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("mimalloc", size), |bench| {
+            bench.iter_custom(|n| hot_loop(&MIMALLOC, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("jemalloc", size), |bench| {
+            bench.iter_custom(|n| hot_loop(&JEMALLOC, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("neural", size), |bench| {
+            bench.iter_custom(|n| hot_loop(&NEURAL, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("neural-no-guard", size), |bench| {
+            bench.iter_custom(|n| hot_loop(&NEURAL_NO_GUARD, layout, n))
+        });
+        if size == 56 || size == 1016 {
+            group.bench_function(BenchmarkId::new("neural-tracking", size), |bench| {
+                bench.iter_custom(|n| hot_loop(&NEURAL_TRACKING, layout, n))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn batches(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("batch");
+    for size in request_sizes() {
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        group.bench_function(BenchmarkId::new("glibc", size), |bench| {
+            bench.iter_custom(|n| batch(&SYSTEM, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("mimalloc", size), |bench| {
+            bench.iter_custom(|n| batch(&MIMALLOC, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("jemalloc", size), |bench| {
+            bench.iter_custom(|n| batch(&JEMALLOC, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("neural", size), |bench| {
+            bench.iter_custom(|n| batch(&NEURAL, layout, n))
+        });
+    }
+    group.finish();
+}
+
+fn two_threads(criterion: &mut Criterion) {
+    let mut group = criterion.benchmark_group("cross-thread");
+    for size in [56, 1016] {
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        group.bench_function(BenchmarkId::new("glibc", size), |bench| {
+            bench.iter_custom(|n| cross_thread(&SYSTEM, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("mimalloc", size), |bench| {
+            bench.iter_custom(|n| cross_thread(&MIMALLOC, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("jemalloc", size), |bench| {
+            bench.iter_custom(|n| cross_thread(&JEMALLOC, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("neural", size), |bench| {
+            bench.iter_custom(|n| cross_thread(&NEURAL, layout, n))
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    // Short runs: the machine is small and shared; pass `--measurement-time` to change.
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(20);
+    targets = hot, batches, two_threads
+}
+criterion_main!(benches);

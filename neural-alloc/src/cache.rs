@@ -1,0 +1,304 @@
+//! Per-thread state: block caches per allocator instance and class, counters not yet
+//! published to the shared statistics, the reentrancy flag and a small thread number.
+//!
+//! The thread-local holding all of this has a constant initialiser and no destructor, so
+//! reading it never allocates nor registers anything. A second, zero-sized thread-local
+//! with a destructor ([`ExitGuard`]) is touched once per thread, on the first cache
+//! refill, with the cache switched off meanwhile: any allocation that registering the
+//! destructor makes goes straight to the shared pool. At thread exit the guard flushes
+//! every cache back to its pool and switches the cache off for good, so frees made by
+//! later destructors also go to the shared pool.
+
+use std::cell::Cell;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+use crate::class::{CLASS_COUNT, CLASS_SIZES};
+use crate::state::State;
+
+/// Allocator instances that get thread caches; later instances work without them.
+pub(crate) const MAX_SLOTS: usize = 32;
+
+/// The instance owning each cache slot, for the exit flush.
+pub(crate) static SLOT_OWNERS: [AtomicPtr<State>; MAX_SLOTS] =
+    [const { AtomicPtr::new(ptr::null_mut()) }; MAX_SLOTS];
+
+/// Blocks moved between a thread cache and the shared pool at once, per class: about
+/// 32 KiB worth, between 4 and 64 blocks.
+const BATCH_LEN: [usize; CLASS_COUNT] = {
+    let mut table = [0; CLASS_COUNT];
+    let mut class = 0;
+    while class < CLASS_COUNT {
+        let by_bytes = 32 * 1024 / CLASS_SIZES[class];
+        table[class] = if by_bytes > 64 {
+            64
+        } else if by_bytes < 4 {
+            4
+        } else {
+            by_bytes
+        };
+        class += 1;
+    }
+    table
+};
+
+/// Blocks moved between a thread cache and the shared pool at once.
+#[inline(always)]
+pub(crate) fn batch_len(class: usize) -> usize {
+    BATCH_LEN[class]
+}
+
+/// Blocks a thread cache may hold for one class before flushing a batch.
+#[inline(always)]
+pub(crate) fn cache_capacity(class: usize) -> usize {
+    2 * BATCH_LEN[class]
+}
+
+/// Cache mode: not yet set up on this thread.
+const MODE_UNREGISTERED: u8 = 0;
+/// Cache mode: exit destructor being registered; bypass the cache meanwhile.
+const MODE_REGISTERING: u8 = 1;
+/// Cache mode: in use.
+const MODE_ACTIVE: u8 = 2;
+/// Cache mode: the thread is exiting; bypass the cache from now on.
+const MODE_EXITED: u8 = 3;
+
+/// An intrusive singly linked list of free blocks of one class.
+pub(crate) struct ClassCache {
+    pub(crate) head: Cell<*mut u8>,
+    pub(crate) count: Cell<usize>,
+}
+
+/// Counters of one class kept per thread and added to the shared atomics in batches.
+#[derive(Default)]
+pub(crate) struct Deltas {
+    pub(crate) allocations: Cell<u64>,
+    pub(crate) frees: Cell<u64>,
+    pub(crate) bytes_allocated: Cell<u64>,
+    pub(crate) bytes_freed: Cell<u64>,
+    /// Allocations the cache could not serve (hits are allocations minus misses).
+    pub(crate) cache_misses: Cell<u64>,
+}
+
+impl Deltas {
+    const fn new() -> Self {
+        Self {
+            allocations: Cell::new(0),
+            frees: Cell::new(0),
+            bytes_allocated: Cell::new(0),
+            bytes_freed: Cell::new(0),
+            cache_misses: Cell::new(0),
+        }
+    }
+
+    /// Takes the counters, leaving zeros.
+    pub(crate) fn take(&self) -> [u64; 5] {
+        [
+            self.allocations.replace(0),
+            self.frees.replace(0),
+            self.bytes_allocated.replace(0),
+            self.bytes_freed.replace(0),
+            self.cache_misses.replace(0),
+        ]
+    }
+}
+
+/// One instance's caches on one thread.
+pub(crate) struct SlotCache {
+    pub(crate) classes: [ClassCache; CLASS_COUNT],
+    pub(crate) deltas: [Deltas; CLASS_COUNT],
+}
+
+impl SlotCache {
+    const fn new() -> Self {
+        Self {
+            classes: [const {
+                ClassCache {
+                    head: Cell::new(ptr::null_mut()),
+                    count: Cell::new(0),
+                }
+            }; CLASS_COUNT],
+            deltas: [const { Deltas::new() }; CLASS_COUNT],
+        }
+    }
+}
+
+/// Everything a thread keeps for the allocator.
+pub(crate) struct ThreadState {
+    mode: Cell<u8>,
+    reentrant: Cell<bool>,
+    id: Cell<u64>,
+    slots: [SlotCache; MAX_SLOTS],
+}
+
+impl ThreadState {
+    const fn new() -> Self {
+        Self {
+            mode: Cell::new(MODE_UNREGISTERED),
+            reentrant: Cell::new(false),
+            id: Cell::new(0),
+            slots: [const { SlotCache::new() }; MAX_SLOTS],
+        }
+    }
+}
+
+/// Flushes the thread's caches when the thread exits.
+struct ExitGuard;
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        let _ = THREAD.try_with(|thread| {
+            thread.mode.set(MODE_EXITED);
+            for (slot, cache) in thread.slots.iter().enumerate() {
+                let owner = SLOT_OWNERS[slot].load(Ordering::Acquire);
+                // SAFETY: instance states are never freed once published in SLOT_OWNERS.
+                if let Some(state) = unsafe { owner.as_ref() } {
+                    state.flush_slot(cache);
+                }
+            }
+        });
+    }
+}
+
+thread_local! {
+    static THREAD: ThreadState = const { ThreadState::new() };
+    static EXIT_GUARD: ExitGuard = const { ExitGuard };
+}
+
+/// This thread's cache for `slot` when caching is usable, or `None` when the caller must
+/// go to the shared pool instead.
+///
+/// # Safety
+///
+/// - The reference must not be kept beyond the caller's current call nor sent to
+///   another thread (it names this thread's storage, which dies with the thread).
+#[inline(always)]
+pub(crate) unsafe fn current_slot<'a>(slot: usize) -> Option<&'a SlotCache> {
+    let thread = THREAD.try_with(ptr::from_ref).ok()?;
+    // SAFETY: THREAD has a constant initialiser and no destructor, so its storage stays
+    // valid for the whole life of this thread; the caller keeps the reference on this
+    // thread and within its call.
+    let thread = unsafe { &*thread };
+    let cache = thread.slots.get(slot)?;
+    let usable = match thread.mode.get() {
+        MODE_ACTIVE => true,
+        MODE_UNREGISTERED => register_exit_guard(thread),
+        _ => false,
+    };
+    usable.then_some(cache)
+}
+
+/// Registers the exit flush on this thread's first cache use; returns whether caching
+/// can be used. The cache is bypassed while registering, in case that allocates.
+#[cold]
+#[inline(never)]
+fn register_exit_guard(thread: &ThreadState) -> bool {
+    thread.mode.set(MODE_REGISTERING);
+    let registered = EXIT_GUARD.try_with(|_| ()).is_ok();
+    thread
+        .mode
+        .set(if registered { MODE_ACTIVE } else { MODE_EXITED });
+    registered
+}
+
+/// Publishes this thread's pending counters of `slot` (used before reading statistics).
+pub(crate) fn flush_deltas(state: &State, slot: usize) {
+    let _ = THREAD.try_with(|thread| {
+        if let Some(cache) = thread.slots.get(slot) {
+            for class in 0..CLASS_COUNT {
+                state.publish(class, &cache.deltas[class]);
+            }
+        }
+    });
+}
+
+/// Whether the current thread is inside allocator code that may allocate (building a
+/// report); nested allocations are then not tracked.
+#[inline]
+pub(crate) fn is_reentrant() -> bool {
+    THREAD
+        .try_with(|thread| thread.reentrant.get())
+        .unwrap_or(true)
+}
+
+/// Marks the current thread as inside allocator code until the returned guard drops.
+pub(crate) fn enter() -> ReentrancyGuard {
+    let previous = THREAD
+        .try_with(|thread| thread.reentrant.replace(true))
+        .unwrap_or(true);
+    ReentrancyGuard { previous }
+}
+
+/// Restores the reentrancy flag on drop.
+#[must_use]
+pub(crate) struct ReentrancyGuard {
+    previous: bool,
+}
+
+impl Drop for ReentrancyGuard {
+    fn drop(&mut self) {
+        let _ = THREAD.try_with(|thread| thread.reentrant.set(self.previous));
+    }
+}
+
+/// A small number naming the current thread, assigned on first use.
+pub(crate) fn thread_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    THREAD
+        .try_with(|thread| {
+            if thread.id.get() == 0 {
+                thread.id.set(NEXT.fetch_add(1, Ordering::Relaxed));
+            }
+            thread.id.get()
+        })
+        .unwrap_or(0)
+}
+
+/// Pops a block from a class cache.
+#[inline(always)]
+pub(crate) fn pop(cache: &ClassCache) -> Option<NonNull<u8>> {
+    let head = NonNull::new(cache.head.get())?;
+    // SAFETY: blocks on a cache list are free blocks of a live slab, owned by this
+    // thread's cache, with the next link in their first word.
+    let next = unsafe { head.cast::<*mut u8>().read() };
+    cache.head.set(next);
+    cache.count.set(cache.count.get() - 1);
+    Some(head)
+}
+
+/// Pushes a block onto a class cache, writing the link through `writer` (the freeing
+/// caller's pointer to the same address) and keeping `block`.
+///
+/// # Safety
+///
+/// - `block` must be a free block of a live slab of the cache's class, owned by nobody
+///   else, at least 8 bytes long and aligned for a pointer.
+/// - `writer` must have the same address as `block` and may write its first word.
+#[inline(always)]
+pub(crate) unsafe fn push(cache: &ClassCache, block: NonNull<u8>, writer: NonNull<u8>) {
+    // SAFETY: the caller hands the block over; its first word becomes the link.
+    unsafe { writer.cast::<*mut u8>().write(cache.head.get()) };
+    cache.head.set(block.as_ptr());
+    cache.count.set(cache.count.get() + 1);
+}
+
+/// Detaches up to `count` blocks from the front of a cache as a chain.
+pub(crate) fn take_chain(cache: &ClassCache, count: usize) -> (*mut u8, usize) {
+    let head = cache.head.get();
+    let mut taken = 0;
+    let mut last: *mut u8 = ptr::null_mut();
+    let mut cursor = head;
+    while taken < count && !cursor.is_null() {
+        last = cursor;
+        // SAFETY: every block on the list holds the next link in its first word.
+        cursor = unsafe { cursor.cast::<*mut u8>().read() };
+        taken += 1;
+    }
+    if !last.is_null() {
+        // SAFETY: `last` is a block of the chain; cutting the link ends the chain there.
+        unsafe { last.cast::<*mut u8>().write(ptr::null_mut()) };
+    }
+    cache.head.set(cursor);
+    cache.count.set(cache.count.get() - taken);
+    (if taken == 0 { ptr::null_mut() } else { head }, taken)
+}

@@ -1,0 +1,577 @@
+//! The state of one allocator instance: settings, the shared pool of every class,
+//! statistics counters, reports and history.
+//!
+//! A state is created on an instance's first use in memory from the system allocator and
+//! is never freed: thread caches and slab headers point to it for the rest of the
+//! process.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::cache::{self, Deltas, MAX_SLOTS, SLOT_OWNERS, SlotCache};
+use crate::class::{CLASS_COUNT, GEOMETRY};
+use crate::large::LargeTable;
+use crate::report::{CorruptionAction, ReportLog};
+use crate::slab::{self, SlabHeader};
+use crate::track::History;
+
+/// What to do with a slab once all its blocks are free again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlabRelease {
+    /// Keep it for later requests (fastest when usage goes up and down).
+    #[default]
+    Retain,
+    /// Give it back to the system at once.
+    ReleaseEmpty,
+}
+
+/// Run-time settings of an allocator instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Record call site, time and thread of every allocation (leak reports, history).
+    pub tracking: bool,
+    /// With tracking, also keep a few return addresses per allocation.
+    pub backtraces: bool,
+    /// Write guard bytes after each allocation and check them on free.
+    pub guard_checks: bool,
+    /// Fill freed blocks with a pattern and check it when they are reused.
+    pub poison: bool,
+    /// What to do when corruption is found.
+    pub on_corruption: CorruptionAction,
+    /// What to do with empty slabs.
+    pub slab_release: SlabRelease,
+}
+
+impl Config {
+    /// Defaults for this build: tracking and poisoning on in debug builds only, guard
+    /// checks always, abort on corruption, keep empty slabs.
+    pub const DEFAULT: Config = Config {
+        tracking: cfg!(debug_assertions),
+        backtraces: false,
+        guard_checks: true,
+        poison: cfg!(debug_assertions),
+        on_corruption: CorruptionAction::Abort,
+        slab_release: SlabRelease::Retain,
+    };
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Settings packed into one atomic word, read once per operation.
+pub(crate) mod flag {
+    pub(crate) const TRACKING: u32 = 1;
+    pub(crate) const BACKTRACES: u32 = 1 << 1;
+    pub(crate) const GUARD: u32 = 1 << 2;
+    pub(crate) const POISON: u32 = 1 << 3;
+    pub(crate) const RELEASE_EMPTY: u32 = 1 << 4;
+    pub(crate) const ACTION_SHIFT: u32 = 8;
+    pub(crate) const ACTION_MASK: u32 = 0b11 << ACTION_SHIFT;
+}
+
+pub(crate) fn pack(config: Config) -> u32 {
+    let mut bits = 0;
+    for (on, bit) in [
+        (config.tracking, flag::TRACKING),
+        (config.backtraces, flag::BACKTRACES),
+        (config.guard_checks, flag::GUARD),
+        (config.poison, flag::POISON),
+        (
+            config.slab_release == SlabRelease::ReleaseEmpty,
+            flag::RELEASE_EMPTY,
+        ),
+    ] {
+        if on {
+            bits |= bit;
+        }
+    }
+    let action = match config.on_corruption {
+        CorruptionAction::Abort => 0,
+        CorruptionAction::Log => 1,
+        CorruptionAction::Count => 2,
+    };
+    bits | (action << flag::ACTION_SHIFT)
+}
+
+pub(crate) fn unpack(bits: u32) -> Config {
+    Config {
+        tracking: bits & flag::TRACKING != 0,
+        backtraces: bits & flag::BACKTRACES != 0,
+        guard_checks: bits & flag::GUARD != 0,
+        poison: bits & flag::POISON != 0,
+        on_corruption: action_of(bits),
+        slab_release: if bits & flag::RELEASE_EMPTY != 0 {
+            SlabRelease::ReleaseEmpty
+        } else {
+            SlabRelease::Retain
+        },
+    }
+}
+
+pub(crate) fn action_of(bits: u32) -> CorruptionAction {
+    match (bits & flag::ACTION_MASK) >> flag::ACTION_SHIFT {
+        0 => CorruptionAction::Abort,
+        1 => CorruptionAction::Log,
+        _ => CorruptionAction::Count,
+    }
+}
+
+/// Pending per-thread allocations and frees of a class that trigger publishing them.
+const PUBLISH_EVERY: u64 = 4096;
+
+/// Shared counters of one class (index CLASS_COUNT is the system-allocator path).
+pub(crate) struct Counters {
+    pub(crate) allocations: AtomicU64,
+    pub(crate) frees: AtomicU64,
+    pub(crate) bytes_allocated: AtomicU64,
+    pub(crate) bytes_freed: AtomicU64,
+    pub(crate) peak_bytes: AtomicU64,
+    pub(crate) cache_hits: AtomicU64,
+    pub(crate) refills: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) slabs: AtomicU64,
+    pub(crate) slabs_created: AtomicU64,
+    pub(crate) blocks_outside_pool: AtomicU64,
+}
+
+impl Counters {
+    const fn new() -> Self {
+        Self {
+            allocations: AtomicU64::new(0),
+            frees: AtomicU64::new(0),
+            bytes_allocated: AtomicU64::new(0),
+            bytes_freed: AtomicU64::new(0),
+            peak_bytes: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            refills: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            slabs: AtomicU64::new(0),
+            slabs_created: AtomicU64::new(0),
+            blocks_outside_pool: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The shared pool of one class.
+pub(crate) struct ClassPool {
+    pub(crate) lists: Mutex<PoolLists>,
+    /// Head of the list of all slabs, readable without the lock by walkers.
+    pub(crate) all_head: AtomicPtr<SlabHeader>,
+}
+
+/// Slab lists guarded by the pool lock.
+pub(crate) struct PoolLists {
+    partial_head: *mut SlabHeader,
+}
+
+// SAFETY: the raw pointers name slabs owned by this pool; they are only followed while
+// the pool's mutex is held.
+unsafe impl Send for PoolLists {}
+
+impl ClassPool {
+    const fn new() -> Self {
+        Self {
+            lists: Mutex::new(PoolLists {
+                partial_head: ptr::null_mut(),
+            }),
+            all_head: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, PoolLists> {
+        self.lists.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// All state of one allocator instance.
+pub(crate) struct State {
+    /// Thread cache slot, or MAX_SLOTS when this instance has none.
+    pub(crate) slot: usize,
+    pub(crate) flags: AtomicU32,
+    pub(crate) pools: [ClassPool; CLASS_COUNT],
+    pub(crate) large: LargeTable,
+    pub(crate) counters: [Counters; CLASS_COUNT + 1],
+    /// Bytes live over all classes as last published, and its peak.
+    pub(crate) live_bytes: AtomicI64,
+    pub(crate) peak_live_bytes: AtomicI64,
+    pub(crate) reports: ReportLog,
+    pub(crate) history: History,
+    /// Walkers (leak reports, validation) reading slab lists without the pool locks;
+    /// slabs are not released while any is active.
+    pub(crate) walkers: AtomicUsize,
+}
+
+impl State {
+    fn new(flags: u32, slot: usize) -> Self {
+        Self {
+            slot,
+            flags: AtomicU32::new(flags),
+            pools: [const { ClassPool::new() }; CLASS_COUNT],
+            large: LargeTable::new(),
+            counters: [const { Counters::new() }; CLASS_COUNT + 1],
+            live_bytes: AtomicI64::new(0),
+            peak_live_bytes: AtomicI64::new(0),
+            reports: ReportLog::new(),
+            history: History::new(),
+            walkers: AtomicUsize::new(0),
+        }
+    }
+
+    /// Creates a state in memory from the system allocator and gives it a cache slot.
+    /// Returns `None` when the system is out of memory.
+    pub(crate) fn create(flags: u32) -> Option<&'static State> {
+        static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+        let layout = Layout::new::<State>();
+        // SAFETY: `State` is not zero-sized.
+        let memory = NonNull::new(unsafe { System.alloc(layout) })?.cast::<State>();
+        let slot = NEXT_SLOT.fetch_add(1, Ordering::Relaxed).min(MAX_SLOTS);
+        // SAFETY: fresh memory of the right layout, not yet shared.
+        unsafe { memory.as_ptr().write(State::new(flags, slot)) };
+        if slot < MAX_SLOTS {
+            SLOT_OWNERS[slot].store(memory.as_ptr(), Ordering::Release);
+        }
+        // SAFETY: initialised above and never freed.
+        Some(unsafe { memory.as_ref() })
+    }
+
+    /// Gives `want` blocks of `class` out of the shared pool as a chain linked through
+    /// their first word. Returns the head and how many were given (at least one), or
+    /// `None` when no slab can be mapped.
+    pub(crate) fn refill(&self, class: usize, want: usize) -> Option<(NonNull<u8>, usize)> {
+        let geometry = &GEOMETRY[class];
+        let pool = &self.pools[class];
+        let mut lists = pool.lock();
+        let mut head: *mut u8 = ptr::null_mut();
+        let mut given = 0;
+        while given < want {
+            let slab = match NonNull::new(lists.partial_head) {
+                Some(slab) => slab,
+                None => {
+                    let Some(slab) = slab::create(self, class) else {
+                        break;
+                    };
+                    self.counters[class].slabs.fetch_add(1, Ordering::Relaxed);
+                    self.counters[class]
+                        .slabs_created
+                        .fetch_add(1, Ordering::Relaxed);
+                    // SAFETY: the slab is new and ours; the pool lock is held.
+                    unsafe {
+                        link_all(pool, slab);
+                        link_partial(&mut lists, slab);
+                    }
+                    slab
+                }
+            };
+            let header = slab.as_ptr();
+            // SAFETY: the slab belongs to this pool and the pool lock is held, so its
+            // lock-guarded fields are ours; blocks taken are free and unshared.
+            unsafe {
+                while given < want {
+                    let block = if !(*header).free_head.is_null() {
+                        let block = (*header).free_head;
+                        (*header).free_head = block.cast::<*mut u8>().read();
+                        block
+                    } else if (*header).bump < geometry.block_count {
+                        let block = slab::block_at(slab, geometry, (*header).bump).as_ptr();
+                        (*header).bump += 1;
+                        block
+                    } else {
+                        break;
+                    };
+                    (*header).handed_out += 1;
+                    block.cast::<*mut u8>().write(head);
+                    head = block;
+                    given += 1;
+                }
+                if (*header).free_head.is_null() && (*header).bump == geometry.block_count {
+                    unlink_partial(&mut lists, slab);
+                }
+            }
+        }
+        drop(lists);
+        let head = NonNull::new(head)?;
+        let counters = &self.counters[class];
+        counters.refills.fetch_add(1, Ordering::Relaxed);
+        counters
+            .blocks_outside_pool
+            .fetch_add(given as u64, Ordering::Relaxed);
+        Some((head, given))
+    }
+
+    /// Takes back a chain of `count` free blocks of `class` (linked through their first
+    /// word, ending in null).
+    ///
+    /// # Safety
+    ///
+    /// - Every block of the chain must be a free block of a slab of this instance's
+    ///   `class` pool, handed out by `refill` and owned by the caller.
+    pub(crate) unsafe fn take_back(&self, class: usize, chain: *mut u8, count: usize) {
+        let mut lists = self.pools[class].lock();
+        let mut cursor = chain;
+        while let Some(block) = NonNull::new(cursor) {
+            // SAFETY: the caller hands over these blocks, each with its next link in its
+            // first word; the pool lock is held.
+            unsafe {
+                cursor = block.cast::<*mut u8>().read();
+                self.return_block(&mut lists, class, block, block);
+            }
+        }
+        drop(lists);
+        self.after_take_back(class, count);
+    }
+
+    /// Takes back one free block of `class`, writing its link through `writer` (the
+    /// freeing caller's pointer to the same address).
+    ///
+    /// # Safety
+    ///
+    /// - As for [`Self::take_back`]; `writer` must have `block`'s address and may write
+    ///   its first word.
+    pub(crate) unsafe fn take_back_one(
+        &self,
+        class: usize,
+        block: NonNull<u8>,
+        writer: NonNull<u8>,
+    ) {
+        let mut lists = self.pools[class].lock();
+        // SAFETY: as required of our caller; the pool lock is held.
+        unsafe { self.return_block(&mut lists, class, block, writer) };
+        drop(lists);
+        self.after_take_back(class, 1);
+    }
+
+    /// Puts one block on its slab's free list and releases the slab if that empties it
+    /// and the policy says so.
+    ///
+    /// # Safety
+    ///
+    /// - The lock of `class`'s pool must be held (`lists` is its guard's contents).
+    /// - `block` must be a free block of a slab of that pool, owned by the caller;
+    ///   `writer` must have its address and may write its first word.
+    unsafe fn return_block(
+        &self,
+        lists: &mut PoolLists,
+        class: usize,
+        block: NonNull<u8>,
+        writer: NonNull<u8>,
+    ) {
+        let pool = &self.pools[class];
+        let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
+        // Blocks handed out by `refill` lie in slabs of ours, so masking finds the slab
+        // without a registry lookup.
+        let slab = slab::base_of(block);
+        let header = slab.as_ptr();
+        // SAFETY: the slab is live and ours and the pool lock is held, so its
+        // lock-guarded fields are ours to change; the block is ours to link.
+        unsafe {
+            writer.cast::<*mut u8>().write((*header).free_head);
+            (*header).free_head = block.as_ptr();
+            (*header).handed_out -= 1;
+            if !(*header).in_partial {
+                link_partial(lists, slab);
+            }
+            if release && (*header).handed_out == 0 && self.walkers.load(Ordering::SeqCst) == 0 {
+                unlink_partial(lists, slab);
+                unlink_all(pool, slab);
+                slab::destroy(slab);
+                self.counters[class].slabs.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn after_take_back(&self, class: usize, count: usize) {
+        let counters = &self.counters[class];
+        counters.flushes.fetch_add(1, Ordering::Relaxed);
+        counters
+            .blocks_outside_pool
+            .fetch_sub(count as u64, Ordering::Relaxed);
+    }
+
+    /// Adds a thread's pending counters of `class` to the shared ones.
+    pub(crate) fn publish(&self, class: usize, deltas: &Deltas) {
+        let [
+            allocations,
+            frees,
+            bytes_allocated,
+            bytes_freed,
+            cache_misses,
+        ] = deltas.take();
+        if allocations == 0 && frees == 0 {
+            return;
+        }
+        let cache_hits = allocations.saturating_sub(cache_misses);
+        self.count(class, allocations, frees, bytes_allocated, bytes_freed);
+        self.counters[class]
+            .cache_hits
+            .fetch_add(cache_hits, Ordering::Relaxed);
+    }
+
+    /// Publishes a thread's pending counters once enough have piled up: every shared
+    /// counter update is a locked instruction, which costs more than the allocations it
+    /// counts when done on every refill.
+    #[inline]
+    pub(crate) fn publish_if_due(&self, class: usize, deltas: &Deltas) {
+        if deltas.allocations.get() + deltas.frees.get() >= PUBLISH_EVERY {
+            self.publish(class, deltas);
+        }
+    }
+
+    /// Adds counts to the shared counters of `class` and updates the peaks.
+    pub(crate) fn count(
+        &self,
+        class: usize,
+        allocations: u64,
+        frees: u64,
+        bytes_allocated: u64,
+        bytes_freed: u64,
+    ) {
+        let counters = &self.counters[class];
+        let add = |counter: &AtomicU64, amount: u64| {
+            if amount == 0 {
+                counter.load(Ordering::Relaxed)
+            } else {
+                counter.fetch_add(amount, Ordering::Relaxed) + amount
+            }
+        };
+        add(&counters.allocations, allocations);
+        add(&counters.frees, frees);
+        let allocated = add(&counters.bytes_allocated, bytes_allocated);
+        let freed = add(&counters.bytes_freed, bytes_freed);
+        let class_live = allocated.saturating_sub(freed);
+        if class_live > counters.peak_bytes.load(Ordering::Relaxed) {
+            counters.peak_bytes.fetch_max(class_live, Ordering::Relaxed);
+        }
+        let change = bytes_allocated as i64 - bytes_freed as i64;
+        if change != 0 {
+            let live = self.live_bytes.fetch_add(change, Ordering::Relaxed) + change;
+            if live > self.peak_live_bytes.load(Ordering::Relaxed) {
+                self.peak_live_bytes.fetch_max(live, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Returns every cached block of one thread's slot to the shared pools and publishes
+    /// its counters (thread exit).
+    pub(crate) fn flush_slot(&self, cache: &SlotCache) {
+        for class in 0..CLASS_COUNT {
+            let class_cache = &cache.classes[class];
+            let (chain, count) = cache::take_chain(class_cache, usize::MAX);
+            if count > 0 {
+                // SAFETY: the chain consists of free blocks of this instance's class
+                // pool that the exiting thread's cache owned.
+                unsafe { self.take_back(class, chain, count) };
+            }
+            self.publish(class, &cache.deltas[class]);
+        }
+    }
+
+    /// Calls `visit` for every slab of `class`, without holding the pool lock while
+    /// visiting, and with slab release held off meanwhile.
+    pub(crate) fn walk_slabs(&self, class: usize, mut visit: impl FnMut(NonNull<SlabHeader>)) {
+        self.walkers.fetch_add(1, Ordering::SeqCst);
+        // Taking the lock once orders us after any release already under way.
+        let pool = &self.pools[class];
+        drop(pool.lock());
+        let mut cursor = pool.all_head.load(Ordering::Acquire);
+        while let Some(slab) = NonNull::new(cursor) {
+            visit(slab);
+            // SAFETY: slabs are not destroyed while `walkers` is non-zero, and
+            // `all_next` is atomic.
+            cursor = unsafe { (*slab.as_ptr()).all_next.load(Ordering::Acquire) };
+        }
+        self.walkers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Pushes a slab on the list of all slabs.
+///
+/// # Safety
+///
+/// - The pool lock must be held and `slab` must be a live slab of this pool not on the list.
+unsafe fn link_all(pool: &ClassPool, slab: NonNull<SlabHeader>) {
+    let head = pool.all_head.load(Ordering::Relaxed);
+    // SAFETY: the lock is held, so the list is ours to change; walkers only read
+    // `all_next` and `all_head`, which are atomics published with release.
+    unsafe {
+        (*slab.as_ptr()).all_prev = ptr::null_mut();
+        (*slab.as_ptr()).all_next.store(head, Ordering::Relaxed);
+        if !head.is_null() {
+            (*head).all_prev = slab.as_ptr();
+        }
+    }
+    pool.all_head.store(slab.as_ptr(), Ordering::Release);
+}
+
+/// Removes a slab from the list of all slabs.
+///
+/// # Safety
+///
+/// - The pool lock must be held, `slab` must be on the list and no walker active.
+unsafe fn unlink_all(pool: &ClassPool, slab: NonNull<SlabHeader>) {
+    // SAFETY: the lock is held and the neighbours are live slabs of this pool.
+    unsafe {
+        let header = slab.as_ptr();
+        let previous = (*header).all_prev;
+        let next = (*header).all_next.load(Ordering::Relaxed);
+        if previous.is_null() {
+            pool.all_head.store(next, Ordering::Release);
+        } else {
+            (*previous).all_next.store(next, Ordering::Release);
+        }
+        if !next.is_null() {
+            (*next).all_prev = previous;
+        }
+    }
+}
+
+/// Pushes a slab on the partial list.
+///
+/// # Safety
+///
+/// - The pool lock must be held and `slab` must be a live slab of this pool.
+unsafe fn link_partial(lists: &mut PoolLists, slab: NonNull<SlabHeader>) {
+    // SAFETY: the lock is held, so the partial links are ours.
+    unsafe {
+        let header = slab.as_ptr();
+        (*header).partial_prev = ptr::null_mut();
+        (*header).partial_next = lists.partial_head;
+        if !lists.partial_head.is_null() {
+            (*lists.partial_head).partial_prev = header;
+        }
+        (*header).in_partial = true;
+    }
+    lists.partial_head = slab.as_ptr();
+}
+
+/// Removes a slab from the partial list if it is on it.
+///
+/// # Safety
+///
+/// - The pool lock must be held and `slab` must be a live slab of this pool.
+unsafe fn unlink_partial(lists: &mut PoolLists, slab: NonNull<SlabHeader>) {
+    // SAFETY: the lock is held, so the partial links are ours.
+    unsafe {
+        let header = slab.as_ptr();
+        if !(*header).in_partial {
+            return;
+        }
+        let previous = (*header).partial_prev;
+        let next = (*header).partial_next;
+        if previous.is_null() {
+            lists.partial_head = next;
+        } else {
+            (*previous).partial_next = next;
+        }
+        if !next.is_null() {
+            (*next).partial_prev = previous;
+        }
+        (*header).in_partial = false;
+        (*header).partial_prev = ptr::null_mut();
+        (*header).partial_next = ptr::null_mut();
+    }
+}
