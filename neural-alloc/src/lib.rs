@@ -38,6 +38,20 @@
 //! sits between the caller and the allocator); switch backtraces on to group them by
 //! return addresses, which `addr2line -e BINARY OFFSET` turns into source lines.
 //!
+//! # Costs and limits
+//!
+//! - A request of `n` bytes needs `n + 8` bytes of block, so power-of-two sizes use the
+//!   next class up (a 64-byte request takes a 128-byte block).
+//! - Each thread keeps about 14 KiB of thread-local state; up to 32 instances per
+//!   process get thread caches, later ones go to the shared pools directly.
+//! - Tracking costs a few times an untracked allocation (a clock read, a record and a
+//!   history entry per event); it is meant for debugging runs.
+//! - The most recently freed large block is given back to the system only at the next
+//!   large free.
+//! - With [`SlabRelease::ReleaseEmpty`], a free of a pointer into a slab being released
+//!   at that moment by another thread can read unmapped memory; that needs a bug in the
+//!   caller (a double or invalid free racing with the last free of the slab).
+//!
 //! # Platform
 //!
 //! Thread caches rely on the standard library registering thread-local destructors
