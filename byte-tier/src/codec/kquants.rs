@@ -18,7 +18,7 @@
 //! multiply-add contraction (`-ffp-contract=off`); a build that lets the compiler fuse
 //! `a * b + c` rounds differently in a small fraction of blocks.
 
-use super::{BlockOverflow, f16_at, f16_bits};
+use super::{BlockOverflow, f16_at, f16_bits, signed_abs_max};
 
 /// Elements in a super-block.
 const QK_K: usize = 256;
@@ -463,15 +463,7 @@ pub(super) fn quant_q5_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
 /// 16-element group: a signed scale for codes `-nmax..nmax` (stored offset by `nmax`)
 /// minimizing the x²-weighted squared error over 19 candidate scales.
 fn make_qx_quants(nmax: i32, x: &[f32; 16], codes: &mut [u8; 16]) -> f32 {
-    let mut max = 0.0f32;
-    let mut amax = 0.0f32;
-    for &v in x {
-        let ax = v.abs();
-        if ax > amax {
-            amax = ax;
-            max = v;
-        }
-    }
+    let (max, amax) = signed_abs_max(x);
     if amax < GROUP_MAX_EPS {
         *codes = [0; 16];
         return 0.0;
@@ -666,15 +658,7 @@ pub(super) fn quant_q2_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
 /// for codes `-nmax..nmax` (returned offset by `nmax`), refined by up to five passes
 /// that move single codes while the x²-weighted fit improves.
 fn make_q3_quants(nmax: i32, x: &[f32; 16], codes: &mut [i8; 16]) -> f32 {
-    let mut max = 0.0f32;
-    let mut amax = 0.0f32;
-    for &v in x {
-        let ax = v.abs();
-        if ax > amax {
-            amax = ax;
-            max = v;
-        }
-    }
+    let (max, amax) = signed_abs_max(x);
     if amax < GROUP_MAX_EPS {
         *codes = [0; 16];
         return 0.0;

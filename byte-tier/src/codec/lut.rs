@@ -17,7 +17,7 @@
 //! codes), we write code 0; the block decodes to zeros either way.
 
 use super::legacy::{numpy_cast_i32, round_half_away};
-use super::{BlockOverflow, f16_at, f16_bits};
+use super::{BlockOverflow, f16_at, f16_bits, signed_abs_max};
 
 /// The IQ4_NL / IQ4_XS value grid.
 const IQ4_VALUES: [i8; 16] = [
@@ -267,14 +267,7 @@ fn best_index_iq4(x: f32) -> u8 {
 /// 32-element sub-block (x²-weighted, no importance matrix): returns the scale (0 for
 /// an all-zero sub-block) and leaves the first pass's codes in `codes`.
 fn iq4_sub_block(x: &[f32; 32], ntry: i32, codes: &mut [u8; 32]) -> f32 {
-    let mut amax = 0.0f32;
-    let mut max = 0.0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (max, amax) = signed_abs_max(x);
     if amax < 1e-15 {
         return 0.0;
     }

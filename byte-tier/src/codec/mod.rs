@@ -340,6 +340,19 @@ pub fn quantize(ggml_type: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
     Ok(data)
 }
 
+/// The value of largest magnitude (the first one, on ties) and that magnitude: the
+/// starting point of ggml's scale searches.
+pub(crate) fn signed_abs_max(x: &[f32]) -> (f32, f32) {
+    let (mut max, mut amax) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}
+
 /// Index of the first value that is NaN or infinite.
 pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
     // A fold over chunks lets the compiler vectorize the test; the exact index is then

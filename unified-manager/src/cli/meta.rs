@@ -134,12 +134,7 @@ pub fn run(args: &MetaArgs) -> anyhow::Result<()> {
                 writer.remove(key);
                 Ok(())
             })?;
-            println!(
-                "removed {key:?}: rewrote {} ({} -> {} bytes)",
-                outcome.output.display(),
-                outcome.input_len,
-                outcome.bytes_written
-            );
+            print_rewrite(&format!("removed {key:?}: "), &outcome);
             note_archived(outcome.archived_journal.as_deref());
             Ok(())
         }
@@ -194,12 +189,7 @@ fn set(file: &Path, key: &str, value: Value, output: &Output) -> anyhow::Result<
         writer.set(key, value);
         Ok(())
     })?;
-    println!(
-        "set {key:?}: rewrote {} ({} -> {} bytes)",
-        outcome.output.display(),
-        outcome.input_len,
-        outcome.bytes_written
-    );
+    print_rewrite(&format!("set {key:?}: "), &outcome);
     note_archived(outcome.archived_journal.as_deref());
     Ok(())
 }
@@ -221,6 +211,16 @@ pub fn rewrite<R>(
         .with_context(|| format!("rewrite {}", file.display()))?;
     bar.finish_and_clear();
     Ok(outcome)
+}
+
+/// Prints the file a rewrite wrote and its size before and after, after `what`.
+pub fn print_rewrite<R>(what: &str, outcome: &byte_tier::edit::RewriteOutcome<R>) {
+    println!(
+        "{what}rewrote into {} ({} -> {} bytes)",
+        outcome.output.display(),
+        outcome.input_len,
+        outcome.bytes_written
+    );
 }
 
 pub fn note_archived(archived: Option<&Path>) {

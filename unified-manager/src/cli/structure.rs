@@ -8,7 +8,7 @@ use byte_tier::MappedFile;
 use byte_tier::edit::{prune_layers, remove_tensor, rename_tensor};
 use serde_json::json;
 
-use super::meta::{Output, note_archived, rewrite};
+use super::meta::{Output, note_archived, print_rewrite, rewrite};
 
 /// Arguments of `hotpatch prune`.
 #[derive(Debug, clap::Args)]
@@ -69,12 +69,7 @@ pub fn prune(args: &PruneArgs) -> anyhow::Result<()> {
                 report.arrays_trimmed.join(", ")
             }
         );
-        println!(
-            "wrote {} ({} -> {} bytes)",
-            outcome.output.display(),
-            outcome.input_len,
-            outcome.bytes_written
-        );
+        print_rewrite("", &outcome);
     }
     note_archived(outcome.archived_journal.as_deref());
     Ok(())
@@ -170,12 +165,7 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
         StructureCommand::Remove { name, .. } => remove_tensor(writer, name),
         _ => unreachable!("handled above"),
     })?;
-    println!(
-        "wrote {} ({} -> {} bytes)",
-        outcome.output.display(),
-        outcome.input_len,
-        outcome.bytes_written
-    );
+    print_rewrite("", &outcome);
     note_archived(outcome.archived_journal.as_deref());
     Ok(())
 }
@@ -247,12 +237,7 @@ pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
                 r.name, r.from, args.target, r.bytes_before, r.bytes_after
             );
         }
-        println!(
-            "wrote {} ({} -> {} bytes)",
-            outcome.output.display(),
-            outcome.input_len,
-            outcome.bytes_written
-        );
+        print_rewrite("", &outcome);
     }
     note_archived(outcome.archived_journal.as_deref());
     Ok(())
