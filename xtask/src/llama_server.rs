@@ -38,30 +38,14 @@ pub fn llama_server() -> Result<PathBuf> {
     if !source.join("CMakeLists.txt").exists() {
         std::fs::create_dir_all(&download)?;
         let pip = python.with_file_name("pip");
+        // The package is an sdist: pip prepares its metadata in an isolated build
+        // environment (setuptools, setuptools-scm and cmake wheels) and builds nothing.
         crate::run(
             Command::new(&pip)
-                .args([
-                    "download",
-                    "--quiet",
-                    "--no-deps",
-                    "--no-binary",
-                    ":all:",
-                    "--no-build-isolation",
-                ])
-                .arg("--dest")
+                .args(["download", "--quiet", "--no-deps", "--dest"])
                 .arg(&download)
                 .arg(PACKAGE),
-        )
-        .or_else(|_| {
-            // Preparing the sdist's metadata without isolation needs setuptools-scm; a
-            // plain download (isolated metadata build) is the fallback.
-            crate::run(
-                Command::new(&pip)
-                    .args(["download", "--quiet", "--no-deps", "--dest"])
-                    .arg(&download)
-                    .arg(PACKAGE),
-            )
-        })?;
+        )?;
         let archive = download.join(format!("{SOURCE_DIR_NAME}.tar.gz"));
         crate::run(
             Command::new("tar")
