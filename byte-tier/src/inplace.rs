@@ -10,7 +10,7 @@ use crate::file::MappedFile;
 use crate::gguf::Gguf;
 use crate::journal::{Journal, Transaction, TransactionState, failpoint};
 use crate::ops::sha256;
-use crate::patcher::{BytePatcher, ByteWrite, EditReceipt, check_writes, receipt};
+use crate::patcher::{BytePatcher, ByteWrite, EditReceipt, check_and_drop_unchanged, receipt};
 
 /// What recovery did to a file with an unfinished transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,10 +135,8 @@ impl InPlaceFile {
         reverts: Option<u64>,
         mut writes: Vec<ByteWrite>,
     ) -> Result<EditReceipt> {
-        check_writes(&mut writes, self.len())?;
         let bytes = self.map.bytes();
-        // Only writes that change something are journaled and written.
-        writes.retain(|w| bytes[w.offset as usize..w.range().end as usize] != w.bytes[..]);
+        check_and_drop_unchanged(&mut writes, bytes)?;
         if writes.is_empty() {
             return Ok(receipt(None, std::iter::empty()));
         }

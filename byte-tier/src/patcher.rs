@@ -62,6 +62,14 @@ pub fn tensor_range(tensor: &TensorInfo, sub: Option<Range<u64>>) -> Result<Rang
     Ok(tensor.data_offset + sub.start..tensor.data_offset + sub.end)
 }
 
+/// Checks `writes` against `bytes` (sorted, disjoint, inside) and drops those that
+/// would write what is already there: only changes are journaled and written.
+pub(crate) fn check_and_drop_unchanged(writes: &mut Vec<ByteWrite>, bytes: &[u8]) -> Result<()> {
+    check_writes(writes, bytes.len() as u64)?;
+    writes.retain(|w| bytes[w.offset as usize..w.range().end as usize] != w.bytes[..]);
+    Ok(())
+}
+
 /// Sorts writes by offset and refuses overlapping ones: a transaction's undo is only
 /// well defined when its writes are disjoint.
 pub(crate) fn check_writes(writes: &mut [ByteWrite], len: u64) -> Result<()> {
@@ -404,8 +412,7 @@ impl BytePatcher for DryRun<'_> {
     }
 
     fn commit(&mut self, _name: &str, mut writes: Vec<ByteWrite>) -> Result<EditReceipt> {
-        check_writes(&mut writes, self.len())?;
-        writes.retain(|w| self.bytes[w.offset as usize..w.range().end as usize] != w.bytes[..]);
+        check_and_drop_unchanged(&mut writes, self.bytes)?;
         let r = receipt(
             None,
             writes.iter().map(|w| (w.offset, w.bytes.len() as u64)),
