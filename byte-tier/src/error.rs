@@ -247,6 +247,21 @@ pub enum Error {
         /// The length searched.
         searched_len: u64,
     },
+    /// The kernel refused to lock pages in memory: the mapping is larger than the
+    /// process may lock (`RLIMIT_MEMLOCK`, `ulimit -l`) and it lacks `CAP_IPC_LOCK`.
+    #[error(
+        "mlock of {bytes} bytes refused (RLIMIT_MEMLOCK is {}); raise `ulimit -l` or grant CAP_IPC_LOCK",
+        limit.map_or_else(|| "unknown".to_owned(), |l| format!("{l} bytes"))
+    )]
+    MemoryLockRefused {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The soft limit, when known.
+        limit: Option<u64>,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The file cannot be opened for writing.
     #[error("{path} is read-only")]
     ReadOnly {

@@ -26,7 +26,7 @@ pub mod verify;
 mod writer;
 
 pub use error::{Error, Result};
-pub use file::MappedFile;
+pub use file::{MappedFile, evict_from_page_cache, memlock_limit};
 pub use gguf::{
     ALIGNMENT_KEY, DEFAULT_ALIGNMENT, Gguf, LayoutDiagnostic, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS,
     MetadataEntry, TensorInfo, align_up,

@@ -104,6 +104,34 @@ pub struct BytePatch {
     pub priority: i32,
 }
 
+impl BytePatch {
+    /// The absolute range of the patch in `bytes` (a GGUF file for tensor targets).
+    pub fn resolve(&self, bytes: &[u8]) -> Result<Range<u64>> {
+        match &self.target {
+            PatchTarget::Offset { offset, len } => {
+                let range = *offset..offset.checked_add(*len).ok_or(Error::OutOfRange {
+                    start: *offset,
+                    end: u64::MAX,
+                    limit: bytes.len() as u64,
+                })?;
+                check_range(&range, bytes.len() as u64)?;
+                Ok(range)
+            }
+            PatchTarget::Tensor { tensor, start, end } => {
+                let gguf = Gguf::parse(bytes)?;
+                tensor_range(gguf.require_tensor(tensor)?, Some(*start..*end))
+            }
+        }
+    }
+
+    /// The bytes the patch writes over `current` (the bytes of its range now), after
+    /// checking that they are what it expects.
+    pub fn new_bytes(&self, current: &[u8]) -> Result<Vec<u8>> {
+        check_expected(self, current)?;
+        compute(self, current)
+    }
+}
+
 /// An overlap between a patch and one already applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
@@ -218,21 +246,7 @@ impl PatchBook {
 
     /// The absolute range of a patch in `bytes` (a GGUF file for tensor targets).
     pub fn resolve(&self, patch: &BytePatch, bytes: &[u8]) -> Result<Range<u64>> {
-        match &patch.target {
-            PatchTarget::Offset { offset, len } => {
-                let range = *offset..offset.checked_add(*len).ok_or(Error::OutOfRange {
-                    start: *offset,
-                    end: u64::MAX,
-                    limit: bytes.len() as u64,
-                })?;
-                check_range(&range, bytes.len() as u64)?;
-                Ok(range)
-            }
-            PatchTarget::Tensor { tensor, start, end } => {
-                let gguf = Gguf::parse(bytes)?;
-                tensor_range(gguf.require_tensor(tensor)?, Some(*start..*end))
-            }
-        }
+        patch.resolve(bytes)
     }
 
     /// The overlaps `name` would have with the applied patches, without applying it.
