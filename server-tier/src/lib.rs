@@ -1,7 +1,330 @@
 //! server-tier: an OpenAI-compatible proxy with hooks and a live admin API.
 //!
-//! This crate will hold the proxy that sits in front of llama.cpp's `llama-server` (or any
-//! compatible server), its request, response and stream hooks behind the `ServerPatcher`
-//! trait, the response cache and the authenticated admin API that patches the running
-//! model's weights live. It is the only crate that knows HTTP. Nothing is implemented
-//! yet: its issue is still open.
+//! The proxy sits in front of llama.cpp's `llama-server` (or any OpenAI-compatible
+//! server). It forwards `/v1/chat/completions`, `/v1/completions`, `/completion`,
+//! `/v1/models`, `/health` and every other path over pooled upstream connections, and
+//! runs the generation requests through the [`ServerPatcher`] hooks of a
+//! [`RulePatcher`]: parameter set / override / clamp, system-prompt injection, logit
+//! bias, redaction of whole and streamed text (matches that straddle chunks included)
+//! and early stream termination. Deterministic requests (temperature 0 or a seed) can be
+//! answered from a response cache whose keys carry the model's patch epoch, so no answer
+//! computed before a live patch is served after it.
+//!
+//! The admin API (`/admin`, behind a bearer token) edits rules and the cache, and patches
+//! the model file the upstream server maps, live, through memory-tier: apply, revert,
+//! temporary patches, locked byte ranges and drain-and-patch. After every live patch and
+//! revert it erases the upstream's prompt caches (see [`Proxy`]). `GET /metrics` serves
+//! Prometheus text.
+//!
+//! It is the only crate that speaks HTTP. It never prints, and binds only the address it
+//! is given.
+//!
+//! ```no_run
+//! # async fn run() -> server_tier::Result<()> {
+//! use server_tier::{AdminAccess, Proxy, ProxyConfig, RuleSet};
+//!
+//! let rules = RuleSet::from_toml_str(
+//!     r#"
+//! [[rule]]
+//! name = "cool"
+//! action = { type = "clamp", key = "temperature", max = 0.5 }
+//! "#,
+//! )?;
+//! let mut config = ProxyConfig::new("http://127.0.0.1:8080", "127.0.0.1:0".parse().unwrap());
+//! config.rules = rules;
+//! config.admin = AdminAccess::Token("secret".into());
+//! let proxy = Proxy::bind(config).await?;
+//! println!("listening on {}", proxy.local_addr());
+//! proxy.control().set_rule_enabled("cool", false)?;
+//! proxy.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod admin;
+mod cache;
+mod error;
+mod openapi;
+mod patcher;
+mod proxy;
+mod redact;
+pub mod rules;
+mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+pub use error::{Error, Result};
+pub use patcher::{
+    ChunkFlow, GenerationRequest, ResponsePlan, RulePatcher, ServerPatcher, StreamState,
+};
+pub use rules::{CacheSettings, Rule, RuleSet};
+pub use stats::{HookCounts, RuleCounts, StatsSnapshot};
+
+use proxy::Shared;
+
+/// Who may use the admin API.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AdminAccess {
+    /// No admin API: `/admin` answers 404.
+    #[default]
+    Disabled,
+    /// Requests must carry `Authorization: Bearer <token>` (compared in constant time).
+    Token(String),
+    /// No token, allowed only when the proxy listens on a loopback address.
+    InsecureLoopback,
+}
+
+/// Limits and timeouts of the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request body accepted (413 beyond).
+    pub body_limit: usize,
+    /// Largest whole upstream response the proxy reads when it must look at it.
+    pub upstream_body_limit: usize,
+    /// Time to connect to the upstream server (502 beyond).
+    pub connect_timeout: Duration,
+    /// Time from sending a request to the upstream's response head (504 beyond); also
+    /// bounds reading a whole response.
+    pub upstream_timeout: Duration,
+    /// Longest silence inside a streamed response before it is cut.
+    pub stream_idle_timeout: Duration,
+    /// Longest wait for in-flight requests in a drain-and-patch (409 beyond, nothing
+    /// applied).
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    /// 8 MiB requests, 64 MiB responses, 5 s to connect, 600 s to the response head,
+    /// 120 s of stream silence, 30 s of drain.
+    fn default() -> Limits {
+        Limits {
+            body_limit: 8 << 20,
+            upstream_body_limit: 64 << 20,
+            connect_timeout: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(600),
+            stream_idle_timeout: Duration::from_secs(120),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything a proxy needs to start.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// The upstream server's base URL (`http://host:port`, optionally with a path prefix).
+    pub upstream: String,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The GGUF file the upstream server maps, for live patches (attached shared).
+    pub model: Option<PathBuf>,
+    /// The rules, and the cache settings when the set has them.
+    pub rules: RuleSet,
+    /// Admin API access.
+    pub admin: AdminAccess,
+    /// Limits and timeouts.
+    pub limits: Limits,
+    /// After the first live patch, send `"cache_prompt": false` with every generation
+    /// request: llama-server's host-memory prompt cache (`--cache-ram`, on by default)
+    /// keeps states computed with old weights and cannot be cleared over HTTP. On by
+    /// default; turn it off only for an upstream started with `--cache-ram 0`.
+    pub guard_prompt_cache: bool,
+}
+
+impl ProxyConfig {
+    /// A configuration with no rules, no model, no admin API and default limits.
+    pub fn new(upstream: impl Into<String>, listen: SocketAddr) -> ProxyConfig {
+        ProxyConfig {
+            upstream: upstream.into(),
+            listen,
+            model: None,
+            rules: RuleSet::default(),
+            admin: AdminAccess::Disabled,
+            limits: Limits::default(),
+            guard_prompt_cache: true,
+        }
+    }
+}
+
+/// A running proxy. Dropping it without [`Proxy::shutdown`] stops it abruptly.
+///
+/// Live patches: after each apply and revert the proxy erases every slot's prompt cache
+/// on the upstream llama-server (`POST /slots/{id}?action=erase`, which llama-server
+/// allows only when started with `--slot-save-path DIR`) and, with
+/// [`ProxyConfig::guard_prompt_cache`], sends `"cache_prompt": false` from then on. The
+/// admin API's reply says what was done.
+#[derive(Debug)]
+pub struct Proxy {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Proxy {
+    /// Binds the listener, attaches the model (when given) and starts serving on the
+    /// current tokio runtime.
+    pub async fn bind(config: ProxyConfig) -> Result<Proxy> {
+        if config.admin == AdminAccess::InsecureLoopback && !config.listen.ip().is_loopback() {
+            return Err(Error::Config(format!(
+                "an admin API without a token may listen only on a loopback address, not {}",
+                config.listen
+            )));
+        }
+        if let AdminAccess::Token(token) = &config.admin
+            && token.trim().is_empty()
+        {
+            return Err(Error::Config("the admin token is empty".into()));
+        }
+        let shared = Arc::new(Shared::new(&config)?);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Io {
+                action: format!("bind {}", config.listen),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Io {
+            action: "read the listening address".into(),
+            source,
+        })?;
+        let router = proxy::router(Arc::clone(&shared));
+        let (sender, receiver) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = receiver.await;
+                })
+                .await
+        });
+        Ok(Proxy {
+            local_addr,
+            shared,
+            shutdown: Some(sender),
+            server,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle to change rules and the cache while it runs.
+    pub fn control(&self) -> Control {
+        Control {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Stops accepting connections, lets open ones finish (at most 10 s), then reverts
+    /// temporary patches that have not expired. Permanent live patches stay in the file
+    /// (they are journaled; `hotpatch revert` undoes them).
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(sender) = self.shutdown.take() {
+            let _ = sender.send(());
+        }
+        let finished = tokio::time::timeout(Duration::from_secs(10), &mut self.server).await;
+        if finished.is_err() {
+            self.server.abort();
+        }
+        admin::revert_temporary_patches(&self.shared).await;
+        match finished {
+            Ok(Ok(Ok(()))) | Err(_) => Ok(()),
+            Ok(Ok(Err(source))) => Err(Error::Io {
+                action: "serve".into(),
+                source,
+            }),
+            Ok(Err(join)) => Err(Error::Task(join.to_string())),
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if self.shutdown.is_some() {
+            self.server.abort();
+        }
+    }
+}
+
+/// Changes a running proxy's rules and cache in process, as the admin API does.
+#[derive(Clone, Debug)]
+pub struct Control {
+    shared: Arc<Shared>,
+}
+
+impl Control {
+    /// The current rules and cache settings.
+    pub fn rules(&self) -> RuleSet {
+        self.shared.rule_set()
+    }
+
+    /// Appends a rule (refused when its name is taken).
+    pub fn add_rule(&self, rule: Rule) -> Result<()> {
+        self.shared.edit_rules(|set| set.push(rule))
+    }
+
+    /// Replaces the rule named `name`.
+    pub fn replace_rule(&self, name: &str, rule: Rule) -> Result<()> {
+        self.shared.edit_rules(|set| set.replace(name, rule))
+    }
+
+    /// Removes the rule named `name`.
+    pub fn remove_rule(&self, name: &str) -> Result<Rule> {
+        let mut removed = None;
+        self.shared.edit_rules(|set| {
+            removed = Some(set.remove(name)?);
+            Ok(())
+        })?;
+        removed.ok_or_else(|| Error::NoSuchRule(name.to_owned()))
+    }
+
+    /// Enables or disables the rule named `name`.
+    pub fn set_rule_enabled(&self, name: &str, enabled: bool) -> Result<()> {
+        self.shared.edit_rules(|set| set.set_enabled(name, enabled))
+    }
+
+    /// Replaces every rule at once (the set's cache settings apply when it has some).
+    pub fn replace_rules(&self, rules: RuleSet) -> Result<()> {
+        let cache = rules.cache;
+        self.shared.edit_rules(|set| {
+            *set = rules;
+            Ok(())
+        })?;
+        if let Some(cache) = cache {
+            self.set_cache(cache)?;
+        }
+        Ok(())
+    }
+
+    /// The cache settings.
+    pub fn cache(&self) -> CacheSettings {
+        self.shared.cache.load().settings
+    }
+
+    /// Changes the cache settings (the cache starts empty).
+    pub fn set_cache(&self, settings: CacheSettings) -> Result<()> {
+        self.shared.set_cache(settings)
+    }
+
+    /// Advances the model's patch epoch and empties the cache: call it after changing the
+    /// upstream's weights by other means than this proxy.
+    pub fn bump_epoch(&self) -> u64 {
+        self.shared.bump_epoch()
+    }
+
+    /// The model's patch epoch.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
+    }
+
+    /// Statistics per hook and rule, and the proxy's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+}

@@ -67,6 +67,8 @@ enum Command {
     /// Tensor-level commands.
     #[command(subcommand)]
     Tensor(cli::structure::StructureCommand),
+    /// Run the OpenAI-compatible proxy (rules, cache, live-patch admin API).
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -97,6 +99,7 @@ fn run() -> ExitCode {
         Command::Requantize(args) => cli::structure::requantize(&args),
         Command::Verify(args) => cli::check::verify(&args),
         Command::Diff(args) => cli::check::run_diff(&args),
+        Command::Serve(args) => cli::serve::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,6 +9,7 @@ pub mod journal;
 pub mod meta;
 pub mod patch;
 pub mod progress;
+pub mod serve;
 pub mod structure;
 pub mod view;
 

@@ -1,0 +1,721 @@
+//! The admin API under `/admin`: rules, cache, and live patches of the model file the
+//! upstream server maps.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, Method, StatusCode};
+use memory_tier::{LiveModel, MemoryPatch, PatchTarget, Payload, ValueTransform};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::proxy::{AdminAuth, Shared, read_body, require_json};
+use crate::rules::{CacheSettings, Rule};
+use crate::stats::RouteClass;
+use crate::{Error, Result};
+
+/// Admin request bodies are small; this bounds them.
+const ADMIN_BODY_LIMIT: usize = 1 << 20;
+/// How long erasing the upstream's prompt caches may take.
+const ERASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Live-patch bookkeeping, behind one lock so that a lock check and the apply it allows
+/// cannot interleave with another patch.
+#[derive(Debug, Default)]
+pub(crate) struct ModelOps {
+    locks: Vec<Lock>,
+    next_lock: u64,
+    temporary: HashMap<Uuid, Temporary>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct Lock {
+    id: u64,
+    start: u64,
+    end: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tensor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+#[derive(Debug)]
+struct Temporary {
+    expires_at: SystemTime,
+    task: tokio::task::AbortHandle,
+}
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/rules", get(list_rules).post(add_rule))
+        .route(
+            "/rules/{name}",
+            axum::routing::put(replace_rule).delete(delete_rule),
+        )
+        .route("/rules/{name}/enable", post(enable_rule))
+        .route("/rules/{name}/disable", post(disable_rule))
+        .route("/cache", get(get_cache).put(put_cache))
+        .route("/tensors", get(tensors))
+        .route("/patches", get(patches).post(apply_patch))
+        .route("/patches/{id}", axum::routing::delete(revert_patch))
+        .route("/history", get(history))
+        .route("/stats", get(stats))
+        .route("/locks", get(list_locks).post(add_lock))
+        .route("/locks/{id}", axum::routing::delete(delete_lock))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(shared, guard))
+}
+
+/// Authentication, and the admin route's metrics.
+async fn guard(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let start = std::time::Instant::now();
+    let response = match &shared.admin {
+        AdminAuth::Disabled => Error::NotFound(
+            "the admin API is disabled (start with an admin token or --admin-insecure-loopback)"
+                .into(),
+        )
+        .into_response(),
+        AdminAuth::Open => next.run(request).await,
+        AdminAuth::Token(expected) => {
+            if authorized(request.headers(), expected) {
+                next.run(request).await
+            } else {
+                let mut response = Error::Unauthorized.into_response();
+                response.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer"),
+                );
+                response
+            }
+        }
+    };
+    shared.stats.observe(
+        RouteClass::Admin,
+        response.status().as_u16(),
+        start.elapsed(),
+    );
+    response
+}
+
+fn authorized(headers: &HeaderMap, expected: &[u8; 32]) -> bool {
+    let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(token) = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+    else {
+        return false;
+    };
+    // Both sides are hashed first, so the comparison takes the same time whatever the
+    // lengths, and it is constant-time over the digests.
+    token_digest(token.trim()).ct_eq(expected).into()
+}
+
+async fn not_found(method: Method, uri: http::Uri) -> Response {
+    Error::NotFound(format!("{method} {}", uri.path())).into_response()
+}
+
+/// Reads a JSON body into `T`: 415 for another content type, 413 beyond the limit, 400
+/// for malformed JSON or unknown fields.
+async fn json_body<T: DeserializeOwned>(request: Request) -> Result<T> {
+    let (parts, body) = request.into_parts();
+    require_json(&parts.headers)?;
+    let bytes = read_body(&parts.headers, body, ADMIN_BODY_LIMIT).await?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::BadRequest(e.to_string()))
+}
+
+fn ok(value: Value) -> Response {
+    (StatusCode::OK, axum::Json(value)).into_response()
+}
+
+fn created(value: Value) -> Response {
+    (StatusCode::CREATED, axum::Json(value)).into_response()
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+// ----- rules -----
+
+async fn list_rules(State(shared): State<Arc<Shared>>) -> Response {
+    ok(to_json(&shared.rule_set().rules()))
+}
+
+async fn add_rule(State(shared): State<Arc<Shared>>, request: Request) -> Result<Response> {
+    let (parts, body) = request.into_parts();
+    require_json(&parts.headers)?;
+    let bytes = read_body(&parts.headers, body, ADMIN_BODY_LIMIT).await?;
+    let rule = Rule::from_json_slice(&bytes)?;
+    let reply = to_json(&rule);
+    shared.edit_rules(|set| set.push(rule))?;
+    Ok(created(reply))
+}
+
+async fn replace_rule(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Response> {
+    let (parts, body) = request.into_parts();
+    require_json(&parts.headers)?;
+    let bytes = read_body(&parts.headers, body, ADMIN_BODY_LIMIT).await?;
+    let rule = Rule::from_json_slice(&bytes)?;
+    let reply = to_json(&rule);
+    shared.edit_rules(|set| set.replace(&name, rule))?;
+    Ok(ok(reply))
+}
+
+async fn delete_rule(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    let mut removed = None;
+    shared.edit_rules(|set| {
+        removed = Some(set.remove(&name)?);
+        Ok(())
+    })?;
+    Ok(ok(to_json(&removed)))
+}
+
+async fn enable_rule(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    shared.edit_rules(|set| set.set_enabled(&name, true))?;
+    Ok(ok(json!({"name": name, "enabled": true})))
+}
+
+async fn disable_rule(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    shared.edit_rules(|set| set.set_enabled(&name, false))?;
+    Ok(ok(json!({"name": name, "enabled": false})))
+}
+
+// ----- cache -----
+
+async fn get_cache(State(shared): State<Arc<Shared>>) -> Response {
+    let cache = shared.cache.load();
+    let mut value = to_json(&cache.settings);
+    value["entries"] = json!(cache.entries.entry_count());
+    ok(value)
+}
+
+async fn put_cache(State(shared): State<Arc<Shared>>, request: Request) -> Result<Response> {
+    let settings: CacheSettings = json_body(request).await?;
+    shared.set_cache(settings)?;
+    Ok(ok(to_json(&settings)))
+}
+
+// ----- model -----
+
+fn model(shared: &Shared) -> Result<&Arc<LiveModel>> {
+    shared.model.as_ref().ok_or_else(|| {
+        Error::Conflict("no model file is attached (start the proxy with --model FILE)".into())
+    })
+}
+
+async fn tensors(State(shared): State<Arc<Shared>>) -> Result<Response> {
+    let model = model(&shared)?;
+    let list: Vec<Value> = model
+        .tensors()
+        .iter()
+        .map(|t| {
+            json!({"name": t.name, "type": t.ggml_type.name(), "dims": t.dims,
+                "n_elements": t.n_elements, "n_bytes": t.n_bytes, "data_offset": t.data_offset})
+        })
+        .collect();
+    Ok(ok(Value::Array(list)))
+}
+
+fn unix_seconds(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+async fn patches(State(shared): State<Arc<Shared>>) -> Result<Response> {
+    let model = model(&shared)?;
+    let ops = shared.model_ops.lock().await;
+    let list: Vec<Value> = model
+        .applied()
+        .into_iter()
+        .map(|(id, name)| {
+            let expires = ops.temporary.get(&id).map(|t| unix_seconds(t.expires_at));
+            json!({"id": id.to_string(), "name": name, "temporary": expires.is_some(),
+                "expires_at": expires, "journal_transaction": model.journal_transaction(id)})
+        })
+        .collect();
+    Ok(ok(Value::Array(list)))
+}
+
+async fn history(State(shared): State<Arc<Shared>>) -> Result<Response> {
+    let model = model(&shared)?;
+    let list: Vec<Value> = model
+        .history()
+        .into_iter()
+        .map(|h| {
+            json!({"id": h.id.to_string(), "name": h.name,
+                "action": format!("{:?}", h.action).to_lowercase(), "at": unix_seconds(h.at),
+                "duration_us": h.duration.as_micros() as u64, "result": h.result,
+                "checksum_before": h.checksum_before, "checksum_after": h.checksum_after})
+        })
+        .collect();
+    Ok(ok(Value::Array(list)))
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> Response {
+    let model = shared.model.as_ref().map(|m| {
+        let s = m.stats();
+        json!({"patches_applied": s.patches_applied, "patches_reverted": s.patches_reverted,
+            "applied_now": s.applied_now, "windows_opened": s.windows_opened, "writes": s.writes,
+            "protection_calls": s.protection_calls, "bytes_written": s.bytes_written,
+            "undo_bytes_held": s.undo_bytes_held, "epoch": m.epoch()})
+    });
+    let cache = shared.cache.load();
+    ok(json!({
+        "proxy": to_json(&shared.stats.snapshot()),
+        "model": model,
+        "epoch": shared.epoch.load(Ordering::Acquire),
+        "cache": {"settings": to_json(&cache.settings), "entries": cache.entries.entry_count()},
+    }))
+}
+
+/// The transform of a patch request: `{"scale": f}`, `{"offset": f}`, `{"clamp": [a, b]}`
+/// or `{"zero": true}`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum TransformBody {
+    Scale(f32),
+    Offset(f32),
+    Clamp([f32; 2]),
+    Zero(bool),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    name: String,
+    tensor: String,
+    transform: TransformBody,
+    /// Element range `[start, end)`.
+    #[serde(default)]
+    range: Option<[u64; 2]>,
+    #[serde(default)]
+    priority: i32,
+    /// Revert by itself after this many seconds.
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+    /// Hold new requests and wait for in-flight ones before applying.
+    #[serde(default)]
+    drain: bool,
+    /// The longest wait for in-flight requests (the proxy's default when absent).
+    #[serde(default)]
+    drain_timeout_secs: Option<u64>,
+}
+
+impl TransformBody {
+    fn value_transform(self) -> Result<ValueTransform> {
+        let finite = |f: f32| {
+            if f.is_finite() {
+                Ok(f)
+            } else {
+                Err(Error::BadRequest(format!("transform: {f} is not finite")))
+            }
+        };
+        Ok(match self {
+            TransformBody::Scale(f) => ValueTransform::Scale(finite(f)?),
+            TransformBody::Offset(f) => ValueTransform::Offset(finite(f)?),
+            TransformBody::Clamp([min, max]) => {
+                if finite(min)? > finite(max)? {
+                    return Err(Error::BadRequest(format!("transform: clamp {min} > {max}")));
+                }
+                ValueTransform::Clamp { min, max }
+            }
+            TransformBody::Zero(true) => ValueTransform::Zero,
+            TransformBody::Zero(false) => {
+                return Err(Error::BadRequest("transform: zero must be true".into()));
+            }
+        })
+    }
+}
+
+/// The absolute byte range of a tensor's elements (whole blocks).
+fn byte_range(model: &LiveModel, tensor: &str, elements: Option<[u64; 2]>) -> Result<Range<u64>> {
+    let info = model.tensor(tensor)?;
+    let Some([start, end]) = elements else {
+        return Ok(info.data_offset..info.data_offset + info.n_bytes);
+    };
+    if start >= end || end > info.n_elements {
+        return Err(Error::BadRequest(format!(
+            "range {start}..{end} is not inside tensor {tensor:?} of {} elements",
+            info.n_elements
+        )));
+    }
+    let block_len = info.ggml_type.block_len().max(1);
+    let block_bytes = info.ggml_type.block_bytes();
+    let first = start / block_len * block_bytes;
+    let last = end.div_ceil(block_len) * block_bytes;
+    Ok(info.data_offset + first..info.data_offset + last.min(info.n_bytes))
+}
+
+fn overlapping<'a>(locks: &'a [Lock], range: &Range<u64>) -> Option<&'a Lock> {
+    locks
+        .iter()
+        .find(|l| l.start < range.end && range.start < l.end)
+}
+
+/// Holds new requests and waits for in-flight ones, at most `timeout`.
+async fn drain(
+    shared: &Shared,
+    timeout: Duration,
+) -> Result<tokio::sync::OwnedRwLockWriteGuard<()>> {
+    shared.stats.drains.fetch_add(1, Ordering::Relaxed);
+    match tokio::time::timeout(timeout, Arc::clone(&shared.gate).write_owned()).await {
+        Ok(guard) => Ok(guard),
+        Err(_) => Err(Error::Conflict(format!(
+            "{} requests were still in flight after {} s; nothing was applied",
+            shared.stats.in_flight.load(Ordering::Relaxed),
+            timeout.as_secs_f64()
+        ))),
+    }
+}
+
+async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Result<Response> {
+    let body: PatchBody = json_body(request).await?;
+    let model = Arc::clone(model(&shared)?);
+    let transform = body.transform.value_transform()?;
+    if body.name.trim().is_empty() {
+        return Err(Error::BadRequest("name: empty".into()));
+    }
+    if body.ttl_secs == Some(0) {
+        return Err(Error::BadRequest("ttl_secs must be at least 1".into()));
+    }
+    let mut ops = shared.model_ops.lock().await;
+    let range = byte_range(&model, &body.tensor, body.range)?;
+    if let Some(lock) = overlapping(&ops.locks, &range) {
+        shared.stats.patches_refused.fetch_add(1, Ordering::Relaxed);
+        return Err(Error::Conflict(format!(
+            "bytes {}..{} of tensor {:?} overlap lock {} ({}..{})",
+            range.start, range.end, body.tensor, lock.id, lock.start, lock.end
+        )));
+    }
+    let patch = MemoryPatch::new(
+        body.name.clone(),
+        PatchTarget::Tensor {
+            name: body.tensor.clone(),
+            elements: body.range.map(|[a, b]| a..b),
+        },
+        Payload::Transform(transform),
+    )
+    .with_priority(body.priority);
+    let gate = if body.drain {
+        let timeout = body
+            .drain_timeout_secs
+            .map_or(shared.limits.drain_timeout, Duration::from_secs);
+        Some(drain(&shared, timeout).await?)
+    } else {
+        None
+    };
+    let applied = {
+        let model = Arc::clone(&model);
+        tokio::task::spawn_blocking(move || model.apply(patch))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+    };
+    let id = match applied {
+        Ok(id) => id,
+        Err(error) => {
+            shared.stats.patches_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(error.into());
+        }
+    };
+    shared.stats.patches_applied.fetch_add(1, Ordering::Relaxed);
+    shared.live_changes.fetch_add(1, Ordering::AcqRel);
+    let epoch = shared.bump_epoch();
+    let prompt_caches = erase_prompt_caches(&shared).await;
+    drop(gate);
+
+    let expires_at = body.ttl_secs.map(|ttl| {
+        let expires_at = SystemTime::now() + Duration::from_secs(ttl);
+        let task_shared = Arc::clone(&shared);
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(ttl)).await;
+            let mut ops = task_shared.model_ops.lock().await;
+            ops.temporary.remove(&id);
+            let _ = revert_locked(&task_shared, id).await;
+        });
+        ops.temporary.insert(
+            id,
+            Temporary {
+                expires_at,
+                task: task.abort_handle(),
+            },
+        );
+        unix_seconds(expires_at)
+    });
+    Ok(created(json!({
+        "id": id.to_string(),
+        "name": body.name,
+        "tensor": body.tensor,
+        "bytes": [range.start, range.end],
+        "journal_transaction": model.journal_transaction(id),
+        "epoch": epoch,
+        "drained": body.drain,
+        "expires_at": expires_at,
+        "upstream_prompt_cache": prompt_caches,
+    })))
+}
+
+async fn revert_patch(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    uri: http::Uri,
+) -> Result<Response> {
+    let drain_first = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "drain=true" || p == "drain=1"));
+    let model = Arc::clone(model(&shared)?);
+    let id = match Uuid::parse_str(&id) {
+        Ok(uuid) => uuid,
+        Err(_) => model
+            .applied()
+            .into_iter()
+            .find(|(_, name)| *name == id)
+            .map(|(uuid, _)| uuid)
+            .ok_or_else(|| Error::NotFound(format!("no applied patch {id:?}")))?,
+    };
+    let mut ops = shared.model_ops.lock().await;
+    let gate = if drain_first {
+        Some(drain(&shared, shared.limits.drain_timeout).await?)
+    } else {
+        None
+    };
+    let reply = revert_locked(&shared, id).await?;
+    drop(gate);
+    if let Some(temporary) = ops.temporary.remove(&id) {
+        temporary.task.abort();
+    }
+    Ok(ok(reply))
+}
+
+/// Reverts a patch; the caller holds the model-ops lock.
+async fn revert_locked(shared: &Arc<Shared>, id: Uuid) -> Result<Value> {
+    let model = Arc::clone(model(shared)?);
+    tokio::task::spawn_blocking(move || model.revert(id))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+    shared
+        .stats
+        .patches_reverted
+        .fetch_add(1, Ordering::Relaxed);
+    shared.live_changes.fetch_add(1, Ordering::AcqRel);
+    let epoch = shared.bump_epoch();
+    let prompt_caches = erase_prompt_caches(shared).await;
+    Ok(
+        json!({"id": id.to_string(), "reverted": true, "epoch": epoch,
+        "upstream_prompt_cache": prompt_caches}),
+    )
+}
+
+/// Reverts every temporary patch that has not expired (at shutdown).
+pub(crate) async fn revert_temporary_patches(shared: &Arc<Shared>) {
+    let mut ops = shared.model_ops.lock().await;
+    let ids: Vec<Uuid> = ops.temporary.keys().copied().collect();
+    for id in ids {
+        if let Some(temporary) = ops.temporary.remove(&id) {
+            temporary.task.abort();
+        }
+        let _ = revert_locked(shared, id).await;
+    }
+}
+
+// ----- locks -----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LockBody {
+    /// A tensor (its whole data, or `range` of its elements).
+    #[serde(default)]
+    tensor: Option<String>,
+    #[serde(default)]
+    range: Option<[u64; 2]>,
+    /// Or an absolute byte range of the file.
+    #[serde(default)]
+    start: Option<u64>,
+    #[serde(default)]
+    end: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn list_locks(State(shared): State<Arc<Shared>>) -> Response {
+    let ops = shared.model_ops.lock().await;
+    ok(to_json(&ops.locks))
+}
+
+async fn add_lock(State(shared): State<Arc<Shared>>, request: Request) -> Result<Response> {
+    let body: LockBody = json_body(request).await?;
+    let range = match (&body.tensor, body.start, body.end) {
+        (Some(tensor), None, None) => byte_range(model(&shared)?, tensor, body.range)?,
+        (None, Some(start), Some(end)) if start < end && body.range.is_none() => start..end,
+        _ => {
+            return Err(Error::BadRequest(
+                "a lock names a tensor (with an optional element range) or a byte range start < end"
+                    .into(),
+            ));
+        }
+    };
+    let mut ops = shared.model_ops.lock().await;
+    ops.next_lock += 1;
+    let lock = Lock {
+        id: ops.next_lock,
+        start: range.start,
+        end: range.end,
+        tensor: body.tensor,
+        reason: body.reason,
+    };
+    ops.locks.push(lock.clone());
+    Ok(created(to_json(&lock)))
+}
+
+async fn delete_lock(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| Error::NotFound(format!("no lock {id:?}")))?;
+    let mut ops = shared.model_ops.lock().await;
+    let position = ops
+        .locks
+        .iter()
+        .position(|l| l.id == id)
+        .ok_or_else(|| Error::NotFound(format!("no lock {id}")))?;
+    let lock = ops.locks.remove(position);
+    Ok(ok(to_json(&lock)))
+}
+
+async fn openapi() -> Response {
+    ok(crate::openapi::document())
+}
+
+// ----- the upstream's prompt caches -----
+
+/// What was done about the upstream's prompt caches after a live patch or revert.
+#[derive(Debug, serde::Serialize)]
+struct PromptCacheReport {
+    /// Slots whose prompt cache was erased.
+    slots_erased: Vec<u64>,
+    /// Why some could not be (empty when every slot was erased).
+    errors: Vec<String>,
+    /// Whether the proxy now sends `cache_prompt: false` with every generation request.
+    cache_prompt_disabled: bool,
+    note: String,
+}
+
+async fn upstream_json(shared: &Shared, method: Method, path: &str) -> Result<(StatusCode, Value)> {
+    use http_body_util::BodyExt;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let body = if method == Method::POST {
+        bytes::Bytes::from_static(b"{}")
+    } else {
+        bytes::Bytes::new()
+    };
+    let response = tokio::time::timeout(
+        ERASE_TIMEOUT,
+        crate::proxy::send(shared, &method, path, &headers, body),
+    )
+    .await
+    .map_err(|_| Error::UpstreamTimeout(ERASE_TIMEOUT))??;
+    let status = response.status();
+    let bytes = tokio::time::timeout(ERASE_TIMEOUT, response.into_body().collect())
+        .await
+        .map_err(|_| Error::UpstreamTimeout(ERASE_TIMEOUT))?
+        .map_err(|e| Error::Upstream(e.to_string()))?
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status, value))
+}
+
+/// Erases every slot's prompt cache on the upstream llama-server: they hold KV values
+/// computed with the old weights, and llama-server reuses them when a new prompt shares
+/// a prefix, which would mix old and new weights in one answer.
+async fn erase_prompt_caches(shared: &Shared) -> PromptCacheReport {
+    let mut report = PromptCacheReport {
+        slots_erased: Vec::new(),
+        errors: Vec::new(),
+        cache_prompt_disabled: shared.guard_prompt_cache,
+        note: String::new(),
+    };
+    let slots = match upstream_json(shared, Method::GET, "/props").await {
+        Ok((status, props)) if status.is_success() => {
+            props.get("total_slots").and_then(Value::as_u64)
+        }
+        Ok((status, _)) => {
+            report.errors.push(format!("GET /props answered {status}"));
+            None
+        }
+        Err(error) => {
+            report.errors.push(format!("GET /props: {}", error.chain()));
+            None
+        }
+    };
+    for slot in 0..slots.unwrap_or(0).min(1024) {
+        match upstream_json(shared, Method::POST, &format!("/slots/{slot}?action=erase")).await {
+            Ok((status, _)) if status.is_success() => report.slots_erased.push(slot),
+            Ok((status, body)) => {
+                let message = body
+                    .pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| body.to_string(), str::to_owned);
+                report
+                    .errors
+                    .push(format!("slot {slot}: {status}: {message}"));
+            }
+            Err(error) => report
+                .errors
+                .push(format!("slot {slot}: {}", error.chain())),
+        }
+    }
+    let mut note = if report.errors.is_empty() && slots.is_some() {
+        format!(
+            "erased the prompt cache of all {} llama-server slots, which held KV values computed with the old weights",
+            report.slots_erased.len()
+        )
+    } else {
+        "could not erase llama-server's slot prompt caches (slot erase needs llama-server started with --slot-save-path DIR); they hold KV values computed with the old weights and would be reused for prompts that share a prefix".to_owned()
+    };
+    if shared.guard_prompt_cache {
+        note.push_str("; llama-server's host-memory prompt cache (--cache-ram) cannot be cleared over HTTP, so the proxy now sends cache_prompt=false with every generation request: answers through the proxy use only the new weights (requests sent to llama-server directly are not covered)");
+    } else {
+        note.push_str("; the proxy does not force cache_prompt=false: the upstream must run with --cache-ram 0 or answers may mix old and new weights");
+    }
+    report.note = note;
+    report
+}

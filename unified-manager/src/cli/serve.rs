@@ -1,0 +1,107 @@
+//! `hotpatch serve`: the OpenAI-compatible proxy with rules, cache and the live-patch
+//! admin API. Glue only: builds a `server_tier::ProxyConfig` and runs the proxy until
+//! SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use server_tier::{AdminAccess, Limits, Proxy, ProxyConfig, RuleSet};
+
+/// Arguments of `hotpatch serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The upstream server's base URL (llama-server or any OpenAI-compatible server).
+    #[arg(long, value_name = "URL")]
+    pub upstream: String,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    /// The GGUF file the upstream llama-server maps, for live patches through the admin
+    /// API (run llama-server on CPU with --no-repack, and with --slot-save-path DIR so
+    /// that its prompt caches can be erased after each patch).
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
+    /// A TOML rules file ([[rule]] tables and an optional [cache] table).
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
+    /// A file holding the admin API's bearer token; without it the admin API is off.
+    #[arg(long, value_name = "FILE", conflicts_with = "admin_insecure_loopback")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Serve the admin API without a token (only on a loopback listen address).
+    #[arg(long)]
+    pub admin_insecure_loopback: bool,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().body_limit)]
+    pub body_limit: usize,
+    /// Seconds to wait for the upstream's response head.
+    #[arg(long, value_name = "SECS", default_value_t = Limits::default().upstream_timeout.as_secs())]
+    pub upstream_timeout_secs: u64,
+    /// Seconds a drain-and-patch waits for in-flight requests.
+    #[arg(long, value_name = "SECS", default_value_t = Limits::default().drain_timeout.as_secs())]
+    pub drain_timeout_secs: u64,
+}
+
+impl ServeArgs {
+    /// The proxy configuration these arguments describe.
+    pub fn config(&self) -> anyhow::Result<ProxyConfig> {
+        let mut config = ProxyConfig::new(self.upstream.clone(), self.listen);
+        config.model = self.model.clone();
+        if let Some(path) = &self.rules {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            config.rules = RuleSet::from_toml_str(&text)
+                .with_context(|| format!("rules file {}", path.display()))?;
+        }
+        config.admin = match (&self.admin_token_file, self.admin_insecure_loopback) {
+            (Some(path), _) => {
+                let token = std::fs::read_to_string(path)
+                    .with_context(|| format!("read the admin token from {}", path.display()))?;
+                if token.trim().is_empty() {
+                    bail!("the admin token file {} is empty", path.display());
+                }
+                AdminAccess::Token(token.trim().to_owned())
+            }
+            (None, true) => AdminAccess::InsecureLoopback,
+            (None, false) => AdminAccess::Disabled,
+        };
+        config.limits.body_limit = self.body_limit;
+        config.limits.upstream_timeout = Duration::from_secs(self.upstream_timeout_secs);
+        config.limits.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
+        Ok(config)
+    }
+}
+
+/// Runs the proxy until SIGINT or SIGTERM.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let admin = match &config.admin {
+        AdminAccess::Disabled => "off (no --admin-token-file)",
+        AdminAccess::Token(_) => "on, bearer token",
+        AdminAccess::InsecureLoopback => "on, no token (loopback only)",
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async {
+        let upstream = config.upstream.clone();
+        let proxy = Proxy::bind(config).await.context("start the proxy")?;
+        println!(
+            "hotpatch serve: listening on http://{} -> {upstream}; admin API {admin}",
+            proxy.local_addr()
+        );
+        wait_for_signal().await?;
+        proxy.shutdown().await.context("shut the proxy down")
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("listen for SIGINT"),
+        _ = terminate.recv() => Ok(()),
+    }
+}
