@@ -1,10 +1,31 @@
 //! unified-manager: the coordinator of the hotpatch tiers and the `hotpatch` CLI.
 //!
-//! It will hold the `Manager` that composes the byte, memory and server tiers behind
-//! goals (the optimize, safety and boost pipelines), presets and configuration. For now
-//! it holds the embedded demo model that the README's first command inspects; the CLI
-//! in `main.rs` is glue over the libraries and the only place that prints.
+//! The [`Manager`] composes the byte, memory and server tiers behind goals: attach a
+//! model, apply patches of any tier as one unit, run the coordinated pipelines
+//! ([`Manager::safety`], [`Manager::optimize`], [`Manager::boost`]), each reported step
+//! by step and revertible as one unit ([`Manager::revert_pipeline`]), and apply presets
+//! kept in the configuration directory ([`ConfigDir`]). The CLI in `main.rs` is glue
+//! over the libraries and the only place that prints.
 
 #![forbid(unsafe_code)]
 
+pub mod boost;
+pub mod config;
 pub mod demo;
+pub mod error;
+pub mod manager;
+pub mod optimize;
+pub mod plot;
+pub mod preset;
+pub mod report;
+pub mod safety;
+pub mod server;
+
+pub use boost::BoostOptions;
+pub use config::{ConfigExport, SCHEMA_VERSION};
+pub use error::{Error, Result};
+pub use manager::{Manager, ManagerStats, ModelId, Patch, Receipt};
+pub use optimize::OptimizeOptions;
+pub use preset::{ConfigDir, MemoryPatchSpec, Preset, Settings, TransformSpec};
+pub use report::{PipelineReport, Step, StepResult, Tier, Undo};
+pub use safety::{Repair, SafetyOptions, ServerDefaults};

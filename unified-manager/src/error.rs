@@ -1,0 +1,78 @@
+//! The manager's errors.
+
+use std::path::PathBuf;
+
+/// What can go wrong in the manager.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A byte-tier operation failed.
+    #[error(transparent)]
+    Bytes(#[from] byte_tier::Error),
+    /// A memory-tier operation failed.
+    #[error(transparent)]
+    Memory(#[from] memory_tier::Error),
+    /// The server could not be reached or refused a change.
+    #[error("server: {0}")]
+    Server(String),
+    /// No model is attached under this handle.
+    #[error("no model is attached as #{0}")]
+    NotAttached(u32),
+    /// A preset or configuration document is invalid; `field` is the path to the value
+    /// at fault (`memory_patch[0].transform`).
+    #[error("{document}: field `{field}`: {message}")]
+    Invalid {
+        /// The document (a file or a preset name).
+        document: String,
+        /// The path of the field.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// No preset has this name.
+    #[error("no preset named {0:?}")]
+    NoSuchPreset(String),
+    /// A preset's or pipeline's request cannot be carried out as asked.
+    #[error("{0}")]
+    Refused(String),
+    /// A file could not be read or written.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Error {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(
+        document: impl Into<String>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Error {
+        Error::Invalid {
+            document: document.into(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The manager's result type.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,190 @@
+//! The `optimize` pipeline: requantize selected tensors and prune listed layers in one
+//! rewrite into a new file, reporting sizes before and after. The source file is never
+//! changed; undoing the run removes the file it wrote (when unchanged since).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use byte_tier::edit::{PruneReport, Requantized, prune_layers, requantize_tensors, rewrite_file};
+use byte_tier::{GgmlType, GgufWriter, MappedFile};
+use regex::Regex;
+
+use crate::error::{Error, Result};
+use crate::manager::Manager;
+use crate::report::{PipelineReport, StepOutcome, Tier};
+
+/// What the optimize pipeline does.
+#[derive(Clone, Debug)]
+pub struct OptimizeOptions {
+    /// The file to write (never the input).
+    pub output: PathBuf,
+    /// Tensors whose names match, converted to this type.
+    pub requantize: Option<(Regex, GgmlType)>,
+    /// Blocks to remove (0-based).
+    pub prune: Vec<u64>,
+    /// Plan and report, write nothing.
+    pub dry_run: bool,
+}
+
+fn hex_sha256(path: &Path) -> Result<String> {
+    let map = MappedFile::open(path)?;
+    Ok(byte_tier::ops::to_hex(&byte_tier::ops::sha256(map.bytes())))
+}
+
+/// Removes a file a pipeline wrote, when its SHA-256 is still `sha256`.
+pub(crate) fn remove_output(path: &Path, sha256: &str) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if hex_sha256(path)? != sha256 {
+        return Err(Error::Refused(format!(
+            "{} changed since the pipeline wrote it; it is left in place",
+            path.display()
+        )));
+    }
+    std::fs::remove_file(path).map_err(|e| Error::io("remove", path, e))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// What the edit did, for the report.
+struct Edits {
+    pruned: Option<PruneReport>,
+    removed_bytes: u64,
+    requantized: Vec<Requantized>,
+    planned_len: u64,
+}
+
+fn edit<'a>(
+    gguf: &byte_tier::Gguf<'a>,
+    writer: &mut GgufWriter<'a>,
+    options: &OptimizeOptions,
+) -> byte_tier::Result<Edits> {
+    let mut edits = Edits {
+        pruned: None,
+        removed_bytes: 0,
+        requantized: Vec::new(),
+        planned_len: 0,
+    };
+    if !options.prune.is_empty() {
+        let report = prune_layers(gguf, writer, &options.prune)?;
+        edits.removed_bytes = report
+            .tensors_removed
+            .iter()
+            .filter_map(|name| gguf.tensor(name))
+            .map(|t| t.n_bytes)
+            .sum();
+        edits.pruned = Some(report);
+    }
+    if let Some((pattern, target)) = &options.requantize {
+        let select = |name: &str| pattern.is_match(name);
+        edits.requantized = requantize_tensors(gguf, writer, &select, *target)?;
+    }
+    edits.planned_len = writer.layout()?.file_len;
+    Ok(edits)
+}
+
+impl Manager {
+    /// Runs the optimize pipeline on `input`: one rewrite into `options.output` that
+    /// prunes the listed layers and requantizes the selected tensors. `progress` gets
+    /// (bytes written, bytes in all) while the file is written.
+    pub fn optimize(
+        &self,
+        input: &Path,
+        options: &OptimizeOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<PipelineReport> {
+        if same_file(input, &options.output) {
+            return Err(Error::Refused(
+                "optimize writes a new file: give an output other than the input (a running server maps the input, and a rewrite under it is never safe)".to_owned(),
+            ));
+        }
+        if options.prune.is_empty() && options.requantize.is_none() {
+            return Err(Error::Refused(
+                "nothing to do: ask for a requantization, a prune, or both".to_owned(),
+            ));
+        }
+        let mut report = PipelineReport::new("optimize", input.to_owned(), options.dry_run);
+        let started = Instant::now();
+        let (edits, bytes_before, bytes_after) = if options.dry_run {
+            let map = MappedFile::open(input)?;
+            let gguf = map.parse()?;
+            let mut writer = GgufWriter::from_gguf(&gguf);
+            let edits = edit(&gguf, &mut writer, options)?;
+            let after = edits.planned_len;
+            (edits, gguf.file_len(), after)
+        } else {
+            let outcome = rewrite_file(input, Some(&options.output), progress, |gguf, writer| {
+                edit(gguf, writer, options)
+            })?;
+            (outcome.result, outcome.input_len, outcome.bytes_written)
+        };
+        let elapsed = started;
+        let outcome = match &edits.pruned {
+            None => StepOutcome::skipped("no layers listed"),
+            Some(p) => StepOutcome::ok(
+                format!(
+                    "blocks {} -> {}: {} tensors removed, {} renumbered, arrays trimmed: {}",
+                    p.blocks_before,
+                    p.blocks_after,
+                    p.tensors_removed.len(),
+                    p.tensors_renamed.len(),
+                    if p.arrays_trimmed.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        p.arrays_trimmed.join(", ")
+                    }
+                ),
+                edits.removed_bytes,
+            ),
+        };
+        report.push("prune", Tier::Byte, elapsed, outcome);
+        let outcome = match &options.requantize {
+            None => StepOutcome::skipped("no requantization asked for"),
+            Some((_, target)) if edits.requantized.is_empty() => StepOutcome::skipped(format!(
+                "no selected tensor needed converting to {}",
+                target.name()
+            )),
+            Some((_, target)) => {
+                let before: u64 = edits.requantized.iter().map(|r| r.bytes_before).sum();
+                let after: u64 = edits.requantized.iter().map(|r| r.bytes_after).sum();
+                StepOutcome::ok(
+                    format!(
+                        "{} tensors to {}: {before} -> {after} bytes",
+                        edits.requantized.len(),
+                        target.name()
+                    ),
+                    after,
+                )
+            }
+        };
+        report.push("requantize", Tier::Byte, elapsed, outcome);
+        let started = Instant::now();
+        let outcome = if options.dry_run {
+            StepOutcome::skipped(format!(
+                "dry run: {} would be {bytes_after} bytes (from {bytes_before})",
+                options.output.display()
+            ))
+        } else {
+            let sha256 = hex_sha256(&options.output)?;
+            report.undo.output = Some((options.output.clone(), sha256));
+            StepOutcome::ok(
+                format!(
+                    "wrote the output: {bytes_before} -> {bytes_after} bytes ({:+.1}%)",
+                    (bytes_after as f64 / bytes_before.max(1) as f64 - 1.0) * 100.0
+                ),
+                bytes_after,
+            )
+        };
+        report.push("write", Tier::Byte, started, outcome);
+        if !options.dry_run {
+            self.completed(&report, bytes_after);
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,481 @@
+//! Presets: named, versioned TOML documents of memory patches, byte patches and server
+//! rules, kept in the configuration directory.
+//!
+//! ```toml
+//! name = "calm"
+//! version = 2
+//! description = "quieter output norm, a token cap"
+//!
+//! [[memory_patch]]
+//! name = "halve-output-norm"
+//! tensor = "output_norm.weight"
+//! transform = { scale = 0.5 }
+//!
+//! [[server_rule]]
+//! name = "cap"
+//! action = { type = "clamp", key = "max_tokens", max = 256.0 }
+//! ```
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use byte_tier::named::BytePatch;
+use memory_tier::{MemoryPatch, PatchTarget, Payload, ValueTransform};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::manager::{Manager, ModelId, Patch, Receipt};
+use crate::safety::{Repair, ServerDefaults};
+use crate::server::Rule;
+
+/// A value transform in a preset: exactly one of the fields.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformSpec {
+    /// Multiply by this factor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f32>,
+    /// Add this constant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<f32>,
+    /// Clamp into `[min, max]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamp: Option<[f32; 2]>,
+    /// Set to zero (`true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero: Option<bool>,
+}
+
+impl TransformSpec {
+    /// The memory tier's transform, after checking that exactly one is given and that
+    /// its values are finite.
+    pub fn to_transform(&self) -> std::result::Result<ValueTransform, String> {
+        let finite = |v: f32, what: &str| {
+            if v.is_finite() {
+                Ok(v)
+            } else {
+                Err(format!("{what} must be finite"))
+            }
+        };
+        let given = [
+            self.scale.is_some(),
+            self.offset.is_some(),
+            self.clamp.is_some(),
+            self.zero == Some(true),
+        ]
+        .iter()
+        .filter(|g| **g)
+        .count();
+        if given != 1 {
+            return Err("give exactly one of scale, offset, clamp, zero = true".to_owned());
+        }
+        if let Some(f) = self.scale {
+            return Ok(ValueTransform::Scale(finite(f, "scale")?));
+        }
+        if let Some(f) = self.offset {
+            return Ok(ValueTransform::Offset(finite(f, "offset")?));
+        }
+        if let Some([min, max]) = self.clamp {
+            let (min, max) = (finite(min, "clamp")?, finite(max, "clamp")?);
+            if min > max {
+                return Err(format!("clamp [{min}, {max}] is reversed"));
+            }
+            return Ok(ValueTransform::Clamp { min, max });
+        }
+        Ok(ValueTransform::Zero)
+    }
+}
+
+/// A memory patch in a preset: a transform of a tensor's values (or of an element range).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryPatchSpec {
+    /// Its name (unique in the preset).
+    pub name: String,
+    /// The tensor.
+    pub tensor: String,
+    /// Elements `[start, end)` in whole blocks; the whole tensor when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elements: Option<[u64; 2]>,
+    /// What it does.
+    pub transform: TransformSpec,
+    /// Higher wins an overlap.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+impl MemoryPatchSpec {
+    /// The memory-tier patch.
+    pub fn to_patch(&self) -> std::result::Result<MemoryPatch, String> {
+        let transform = self.transform.to_transform()?;
+        let elements = self.elements.map(|[start, end]| start..end);
+        Ok(MemoryPatch::new(
+            self.name.clone(),
+            PatchTarget::Tensor {
+                name: self.tensor.clone(),
+                elements,
+            },
+            Payload::Transform(transform),
+        )
+        .with_priority(self.priority))
+    }
+}
+
+/// A preset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    /// Its name: letters, digits, `.`, `_` and `-`.
+    pub name: String,
+    /// Its version, raised by its author on each change.
+    pub version: u32,
+    /// What it is for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Value transforms of the live model.
+    #[serde(
+        default,
+        rename = "memory_patch",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub memory_patches: Vec<MemoryPatchSpec>,
+    /// Named byte patches.
+    #[serde(default, rename = "byte_patch", skip_serializing_if = "Vec::is_empty")]
+    pub byte_patches: Vec<BytePatch>,
+    /// Rules for the attached server.
+    #[serde(default, rename = "server_rule", skip_serializing_if = "Vec::is_empty")]
+    pub server_rules: Vec<Rule>,
+}
+
+/// Checks a name used as a file name.
+pub(crate) fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty()
+        || name.len() > 100
+        || name.starts_with('.')
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(format!(
+            "{name:?} is not a valid name (1-100 letters, digits, '.', '_', '-'; not starting with '.')"
+        ));
+    }
+    Ok(())
+}
+
+impl Preset {
+    /// Parses a preset document; errors name the field at fault.
+    pub fn from_toml(document: &str, text: &str) -> Result<Preset> {
+        let preset: Preset = parse_toml(document, text)?;
+        preset.validate(document)?;
+        Ok(preset)
+    }
+
+    /// The preset as a TOML document.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::invalid(&self.name, "", e.to_string()))
+    }
+
+    /// Checks what parsing cannot: names, transforms, rules, uniqueness.
+    pub fn validate(&self, document: &str) -> Result<()> {
+        let bad = |field: String, message: String| Err(Error::invalid(document, field, message));
+        if let Err(message) = check_name(&self.name) {
+            return bad("name".into(), message);
+        }
+        let mut names = HashSet::new();
+        for (i, spec) in self.memory_patches.iter().enumerate() {
+            if let Err(message) = spec.transform.to_transform() {
+                return bad(format!("memory_patch[{i}].transform"), message);
+            }
+            if let Some([start, end]) = spec.elements
+                && start >= end
+            {
+                return bad(
+                    format!("memory_patch[{i}].elements"),
+                    format!("[{start}, {end}] is empty or reversed"),
+                );
+            }
+            if spec.name.is_empty() || !names.insert(spec.name.as_str()) {
+                return bad(
+                    format!("memory_patch[{i}].name"),
+                    format!("{:?} is empty or used twice", spec.name),
+                );
+            }
+        }
+        for (i, patch) in self.byte_patches.iter().enumerate() {
+            if patch.name.is_empty() || !names.insert(patch.name.as_str()) {
+                return bad(
+                    format!("byte_patch[{i}].name"),
+                    format!("{:?} is empty or used twice", patch.name),
+                );
+            }
+        }
+        let mut rules = HashSet::new();
+        for (i, rule) in self.server_rules.iter().enumerate() {
+            if let Err(error) = rule.validate() {
+                return bad(format!("server_rule[{i}]"), error.to_string());
+            }
+            if !rules.insert(rule.name.as_str()) {
+                return bad(
+                    format!("server_rule[{i}].name"),
+                    format!("{:?} is used twice", rule.name),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The preset's patches, for [`Manager::apply_all`].
+    pub fn patches(&self) -> Result<Vec<Patch>> {
+        let mut patches = Vec::new();
+        for (i, spec) in self.memory_patches.iter().enumerate() {
+            let patch = spec.to_patch().map_err(|message| {
+                Error::invalid(&self.name, format!("memory_patch[{i}].transform"), message)
+            })?;
+            patches.push(Patch::Memory(patch));
+        }
+        patches.extend(self.byte_patches.iter().cloned().map(Patch::Byte));
+        patches.extend(
+            self.server_rules
+                .iter()
+                .cloned()
+                .map(|r| Patch::Rule(Box::new(r))),
+        );
+        Ok(patches)
+    }
+}
+
+/// Parses TOML into `T`, naming the field at fault in errors.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(document: &str, text: &str) -> Result<T> {
+    let deserializer =
+        toml::Deserializer::parse(text).map_err(|e| Error::invalid(document, "", e.to_string()))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        Error::invalid(
+            document,
+            if field == "." { String::new() } else { field },
+            e.into_inner().to_string(),
+        )
+    })
+}
+
+/// Defaults the commands use.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The admin API of a running `hotpatch serve`, for commands given `--server`
+    /// without a URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_url: Option<String>,
+    /// The file holding its bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Defaults of the safety pipeline.
+    #[serde(default)]
+    pub safety: SafetySettings,
+}
+
+/// Defaults of the safety pipeline.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SafetySettings {
+    /// Repair non-finite values this way unless told otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<Repair>,
+    /// Clamp outliers at this many standard deviations unless told otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_sigmas: Option<f32>,
+    /// Server rules to add.
+    #[serde(default)]
+    pub server: ServerDefaults,
+}
+
+impl Settings {
+    /// Checks values parsing cannot.
+    pub fn validate(&self, document: &str) -> Result<()> {
+        if let Some(k) = self.safety.outlier_sigmas
+            && !(k.is_finite() && k > 0.0)
+        {
+            return Err(Error::invalid(
+                document,
+                "safety.outlier_sigmas",
+                format!("{k} is not a positive number"),
+            ));
+        }
+        if self.safety.server.max_tokens == 0 {
+            return Err(Error::invalid(
+                document,
+                "safety.server.max_tokens",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The configuration directory: `presets/NAME.toml` and `settings.toml`.
+#[derive(Clone, Debug)]
+pub struct ConfigDir {
+    dir: PathBuf,
+}
+
+impl ConfigDir {
+    /// A configuration directory at `dir` (created when first written to).
+    pub fn new(dir: impl Into<PathBuf>) -> ConfigDir {
+        ConfigDir { dir: dir.into() }
+    }
+
+    /// `$HOTPATCH_CONFIG_DIR`, else `$XDG_CONFIG_HOME/hotpatch`, else
+    /// `~/.config/hotpatch`.
+    pub fn default_location() -> Result<ConfigDir> {
+        let env = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        if let Some(dir) = env("HOTPATCH_CONFIG_DIR") {
+            return Ok(ConfigDir::new(dir));
+        }
+        if let Some(base) = env("XDG_CONFIG_HOME") {
+            return Ok(ConfigDir::new(base.join("hotpatch")));
+        }
+        let home = env("HOME").ok_or_else(|| {
+            Error::Refused(
+                "neither HOTPATCH_CONFIG_DIR, XDG_CONFIG_HOME nor HOME is set".to_owned(),
+            )
+        })?;
+        Ok(ConfigDir::new(home.join(".config").join("hotpatch")))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn presets_dir(&self) -> PathBuf {
+        self.dir.join("presets")
+    }
+
+    fn preset_path(&self, name: &str) -> Result<PathBuf> {
+        check_name(name).map_err(|message| Error::invalid(name, "name", message))?;
+        Ok(self.presets_dir().join(format!("{name}.toml")))
+    }
+
+    /// Saves a preset (validated first), replacing one of the same name; returns its file.
+    pub fn save_preset(&self, preset: &Preset) -> Result<PathBuf> {
+        preset.validate(&preset.name)?;
+        let path = self.preset_path(&preset.name)?;
+        write_atomic(&path, preset.to_toml()?.as_bytes())?;
+        Ok(path)
+    }
+
+    /// Loads the preset `name`.
+    pub fn load_preset(&self, name: &str) -> Result<Preset> {
+        let path = self.preset_path(name)?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NoSuchPreset(name.to_owned()));
+            }
+            Err(e) => return Err(Error::io("read", path, e)),
+        };
+        let preset = Preset::from_toml(&path.display().to_string(), &text)?;
+        if preset.name != name {
+            return Err(Error::invalid(
+                path.display().to_string(),
+                "name",
+                format!("{:?} differs from the file's name {name:?}", preset.name),
+            ));
+        }
+        Ok(preset)
+    }
+
+    /// Every preset, by name.
+    pub fn presets(&self) -> Result<Vec<Preset>> {
+        let dir = self.presets_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list", dir, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            let file = entry.file_name();
+            if let Some(name) = file.to_str().and_then(|f| f.strip_suffix(".toml"))
+                && check_name(name).is_ok()
+            {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        names.iter().map(|n| self.load_preset(n)).collect()
+    }
+
+    /// Deletes the preset `name`.
+    pub fn delete_preset(&self, name: &str) -> Result<()> {
+        let path = self.preset_path(name)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::NoSuchPreset(name.to_owned()))
+            }
+            Err(e) => Err(Error::io("remove", path, e)),
+        }
+    }
+
+    /// The settings (defaults when there is no settings file).
+    pub fn settings(&self) -> Result<Settings> {
+        let path = self.dir.join("settings.toml");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let document = path.display().to_string();
+                let settings: Settings = parse_toml(&document, &text)?;
+                settings.validate(&document)?;
+                Ok(settings)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
+            Err(e) => Err(Error::io("read", path, e)),
+        }
+    }
+
+    /// Saves the settings.
+    pub fn save_settings(&self, settings: &Settings) -> Result<()> {
+        settings.validate("settings")?;
+        let text =
+            toml::to_string(settings).map_err(|e| Error::invalid("settings", "", e.to_string()))?;
+        write_atomic(&self.dir.join("settings.toml"), text.as_bytes())
+    }
+}
+
+/// Writes a file through a temporary file in its directory, fsync and rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    let mut temp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(|e| Error::io("create a temporary file in", dir, e))?;
+    temp.write_all(bytes)
+        .map_err(|e| Error::io("write", path, e))?;
+    temp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io("sync", path, e))?;
+    temp.persist(path)
+        .map_err(|e| Error::io("rename into", path, e.error))?;
+    byte_tier::sync_dir(dir)?;
+    Ok(())
+}
+
+impl Manager {
+    /// Applies a preset to the model attached as `id` as one unit (memory and byte
+    /// patches in one transaction, then the server rules; all or none).
+    pub fn apply_preset(&self, id: ModelId, preset: &Preset) -> Result<Vec<Receipt>> {
+        preset.validate(&preset.name)?;
+        let receipts = self.apply_all(id, preset.patches()?)?;
+        self.record(format!(
+            "applied preset {} v{}",
+            preset.name, preset.version
+        ));
+        Ok(receipts)
+    }
+}

@@ -1,0 +1,464 @@
+//! The `safety` pipeline: an integrity check against a manifest, a NaN/infinity scan with
+//! optional repair, an opt-in outlier clamp, and (with a server attached) a default rule
+//! set. Every write goes through the live region as one memory-tier transaction.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use byte_tier::codec::{self, CHUNK_ELEMENTS, NonFiniteReport};
+use byte_tier::verify::Manifest;
+use byte_tier::{Gguf, TensorInfo};
+use memory_tier::{MemoryPatch, PatchKind, PatchTarget, Payload};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::manager::{Manager, ModelId};
+use crate::report::{PipelineReport, StepOutcome, Tier};
+use crate::server::{Rule, default_safety_rules};
+
+/// The priority of the pipeline's repairs: above any ordinary patch, so that a repair
+/// of bytes another patch wrote displaces that patch (it is reverted first; reverting
+/// the pipeline run then leaves the bytes as they were before that patch).
+pub const SAFETY_PRIORITY: i32 = 1_000_000;
+
+/// How non-finite values are repaired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Repair {
+    /// NaN and infinity become 0.
+    Zero,
+    /// NaN becomes 0; +/-infinity becomes +/- the tensor's largest finite magnitude.
+    Clamp,
+}
+
+/// The server rules the pipeline adds when a server is attached.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerDefaults {
+    /// The most tokens a request may ask for (`max_tokens`, `n_predict`).
+    pub max_tokens: u64,
+    /// Literal strings redacted from every response.
+    #[serde(default)]
+    pub redact: Vec<String>,
+}
+
+impl Default for ServerDefaults {
+    fn default() -> ServerDefaults {
+        ServerDefaults {
+            max_tokens: 1024,
+            redact: Vec::new(),
+        }
+    }
+}
+
+/// What the safety pipeline does.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SafetyOptions {
+    /// Repair NaN and infinity (left alone and reported when `None`).
+    pub repair: Option<Repair>,
+    /// Clamp each tensor's values into mean +/- k standard deviations (opt-in).
+    pub outlier_sigmas: Option<f32>,
+    /// A manifest (gguf-hash form) the model must match before anything is written.
+    pub manifest: Option<String>,
+    /// Rules for an attached server (`None`: add none).
+    pub server: Option<ServerDefaults>,
+    /// Plan and report, write nothing.
+    pub dry_run: bool,
+}
+
+/// One tensor's planned fix.
+#[derive(Debug, Default)]
+struct TensorFix {
+    repaired_values: u64,
+    clamped_values: u64,
+    repair_bytes: u64,
+    clamp_bytes: u64,
+    /// Why the tensor could not be fixed.
+    skipped: Option<String>,
+    patch: Option<MemoryPatch>,
+}
+
+/// Finite-value statistics of a tensor.
+#[derive(Clone, Copy, Debug, Default)]
+struct Moments {
+    n: u64,
+    sum: f64,
+    sum_sq: f64,
+    max_abs: f32,
+}
+
+impl Moments {
+    fn add(&mut self, values: &[f32]) {
+        for &v in values.iter().filter(|v| v.is_finite()) {
+            self.n += 1;
+            self.sum += f64::from(v);
+            self.sum_sq += f64::from(v) * f64::from(v);
+            self.max_abs = self.max_abs.max(v.abs());
+        }
+    }
+
+    fn bounds(&self, sigmas: f32) -> Option<(f32, f32)> {
+        if self.n == 0 {
+            return None;
+        }
+        let mean = self.sum / self.n as f64;
+        let var = (self.sum_sq / self.n as f64 - mean * mean).max(0.0);
+        let spread = f64::from(sigmas) * var.sqrt();
+        Some(((mean - spread) as f32, (mean + spread) as f32))
+    }
+}
+
+/// Element chunks of a tensor: whole blocks, about `CHUNK_ELEMENTS` each.
+fn chunks(tensor: &TensorInfo) -> impl Iterator<Item = Range<u64>> {
+    let block = tensor.ggml_type.block_len();
+    let step = (CHUNK_ELEMENTS as u64).div_ceil(block) * block;
+    let n = tensor.n_elements;
+    (0..n.div_ceil(step)).map(move |i| i * step..((i + 1) * step).min(n))
+}
+
+fn plan_fix(
+    gguf: &Gguf<'_>,
+    tensor: &TensorInfo,
+    scan: &NonFiniteReport,
+    repair: Option<Repair>,
+    sigmas: Option<f32>,
+) -> Result<TensorFix> {
+    let mut fix = TensorFix::default();
+    let non_finite = !scan.is_clean();
+    let repairing = repair.is_some() && non_finite;
+    if !repairing && sigmas.is_none() {
+        return Ok(fix);
+    }
+    let ty = tensor.ggml_type;
+    if !codec::can_quantize(ty) {
+        fix.skipped = Some(format!(
+            "{} has no quantizer to write fixed values",
+            ty.name()
+        ));
+        return Ok(fix);
+    }
+    let data = gguf.tensor_data(tensor);
+    let in_tensor = |e: byte_tier::Error| e.in_tensor(&tensor.name);
+    let mut values = Vec::new();
+    let mut moments = Moments::default();
+    if sigmas.is_some() || repair == Some(Repair::Clamp) {
+        for chunk in chunks(tensor) {
+            values.resize((chunk.end - chunk.start) as usize, 0.0);
+            codec::dequantize_range(ty, data, chunk, &mut values).map_err(in_tensor)?;
+            moments.add(&values);
+        }
+    }
+    let outlier_bounds = sigmas.and_then(|k| moments.bounds(k));
+    let block_len = ty.block_len() as usize;
+    let block_bytes = ty.block_bytes() as usize;
+    // (byte offset in the tensor, new bytes) of each changed block.
+    let mut blocks: Vec<(usize, Vec<u8>)> = Vec::new();
+    for chunk in chunks(tensor) {
+        values.resize((chunk.end - chunk.start) as usize, 0.0);
+        codec::dequantize_range(ty, data, chunk.clone(), &mut values).map_err(in_tensor)?;
+        let first_block = (chunk.start / ty.block_len()) as usize;
+        for (b, old) in values.chunks(block_len).enumerate() {
+            if repair.is_none() && old.iter().any(|v| !v.is_finite()) {
+                // Without a repair, a block holding NaN or infinity cannot be written
+                // back; it is left as it is (and counted by the scan).
+                continue;
+            }
+            let mut fixed = old.to_vec();
+            let (mut repaired, mut clamped) = (0u64, 0u64);
+            for v in &mut fixed {
+                if !v.is_finite() {
+                    match repair {
+                        Some(Repair::Zero) => *v = 0.0,
+                        Some(Repair::Clamp) if v.is_nan() => *v = 0.0,
+                        Some(Repair::Clamp) => *v = moments.max_abs.copysign(*v),
+                        None => continue,
+                    }
+                    repaired += 1;
+                } else if let Some((lo, hi)) = outlier_bounds
+                    && (*v < lo || *v > hi)
+                {
+                    *v = v.clamp(lo, hi);
+                    clamped += 1;
+                }
+            }
+            if repaired + clamped == 0 {
+                continue;
+            }
+            let offset = (first_block + b) * block_bytes;
+            let new = codec::quantize(ty, &fixed).map_err(in_tensor)?;
+            let old_bytes = &data[offset..offset + block_bytes];
+            let changed: u64 = byte_tier::ops::differences(old_bytes, &new)
+                .iter()
+                .map(|r| r.end - r.start)
+                .sum();
+            fix.repaired_values += repaired;
+            fix.clamped_values += clamped;
+            if repaired > 0 {
+                fix.repair_bytes += changed;
+            } else {
+                fix.clamp_bytes += changed;
+            }
+            if changed > 0 {
+                blocks.push((offset, new));
+            }
+        }
+    }
+    if let (Some(first), Some(last)) = (blocks.first(), blocks.last()) {
+        let span = first.0..last.0 + block_bytes;
+        let mut new = data[span.clone()].to_vec();
+        for (offset, bytes) in &blocks {
+            new[offset - span.start..offset - span.start + block_bytes].copy_from_slice(bytes);
+        }
+        let base = tensor.data_offset;
+        let mut patch = MemoryPatch::new(
+            format!("safety:{}", tensor.name),
+            PatchTarget::Raw(base + span.start as u64..base + span.end as u64),
+            Payload::Bytes(new),
+        );
+        patch.kind = PatchKind::WeightModification;
+        fix.patch = Some(patch.with_priority(SAFETY_PRIORITY));
+    }
+    Ok(fix)
+}
+
+impl Manager {
+    /// Runs the safety pipeline on the model attached as `id`: integrity check against a
+    /// manifest (when given; a mismatch stops the run before anything is written), NaN
+    /// and infinity scan of every tensor, repair and outlier clamp as asked (one
+    /// memory-tier transaction), then the default server rules when a server is
+    /// attached. A failed step undoes the steps before it.
+    pub fn safety(&self, id: ModelId, options: &SafetyOptions) -> Result<PipelineReport> {
+        let live = self.model(id)?;
+        let (path, _) = self.source(id)?;
+        let mut report = PipelineReport::new("safety", path.unwrap_or_default(), options.dry_run);
+        let patches;
+        {
+            let guard = live.read();
+            let gguf = Gguf::parse(guard.bytes())?;
+
+            let started = Instant::now();
+            let outcome = match &options.manifest {
+                None => StepOutcome::skipped("no manifest given"),
+                Some(text) => {
+                    let check = Manifest::of(&gguf).check(text)?;
+                    let examined = gguf.tensors().iter().map(|t| t.n_bytes).sum();
+                    if check.is_ok() {
+                        StepOutcome::ok(
+                            format!("{} tensors match the manifest", check.matched),
+                            examined,
+                        )
+                    } else {
+                        StepOutcome::failed(
+                            format!(
+                                "{} match, {} differ, {} missing, {} unlisted",
+                                check.matched,
+                                check.mismatched.len(),
+                                check.missing.len(),
+                                check.unlisted.len()
+                            ),
+                            format!(
+                                "the model does not match the manifest (first differing: {})",
+                                check
+                                    .mismatched
+                                    .first()
+                                    .or(check.missing.first())
+                                    .or(check.unlisted.first())
+                                    .map_or("the whole-file digest", String::as_str)
+                            ),
+                        )
+                    }
+                }
+            };
+            report.push("integrity", Tier::Byte, started, outcome);
+            if !report.succeeded() {
+                return Ok(report);
+            }
+
+            let started = Instant::now();
+            let tensors: Vec<&TensorInfo> = gguf
+                .tensors()
+                .iter()
+                .filter(|t| codec::can_dequantize(t.ggml_type))
+                .collect();
+            let scans: Vec<NonFiniteReport> = tensors
+                .par_iter()
+                .map(|t| codec::scan_tensor(&gguf, t))
+                .collect::<byte_tier::Result<_>>()?;
+            let (nan, inf): (u64, u64) = scans
+                .iter()
+                .fold((0, 0), |(n, i), s| (n + s.nan_count, i + s.inf_count));
+            let dirty = scans.iter().filter(|s| !s.is_clean()).count();
+            let unscanned = gguf.tensors().len() - tensors.len();
+            report.push(
+                "scan",
+                Tier::Memory,
+                started,
+                StepOutcome::ok(
+                    format!(
+                        "{} tensors scanned ({unscanned} of types without a decoder left out): {nan} NaN and {inf} infinite values in {dirty} tensors",
+                        tensors.len()
+                    ),
+                    tensors.iter().map(|t| t.n_bytes).sum(),
+                ),
+            );
+
+            let started = Instant::now();
+            let fixes: Vec<(&TensorInfo, TensorFix)> = tensors
+                .par_iter()
+                .zip(&scans)
+                .map(|(t, scan)| {
+                    plan_fix(&gguf, t, scan, options.repair, options.outlier_sigmas)
+                        .map(|f| (*t, f))
+                })
+                .collect::<Result<_>>()?;
+            let skipped: Vec<String> = fixes
+                .iter()
+                .filter_map(|(t, f)| f.skipped.as_ref().map(|why| format!("{}: {why}", t.name)))
+                .collect();
+            let sum = |f: &dyn Fn(&TensorFix) -> u64| fixes.iter().map(|(_, x)| f(x)).sum::<u64>();
+            let outcome = match options.repair {
+                None if nan + inf > 0 => StepOutcome::skipped(format!(
+                    "repair not asked for: {} non-finite values left as they are",
+                    nan + inf
+                )),
+                None => StepOutcome::skipped("no repair asked for"),
+                Some(_) if nan + inf == 0 => StepOutcome::skipped("nothing to repair"),
+                Some(mode) => StepOutcome::ok(
+                    format!(
+                        "{} values set ({mode:?}) in {} tensors{}",
+                        sum(&|f| f.repaired_values),
+                        fixes.iter().filter(|(_, f)| f.repaired_values > 0).count(),
+                        if skipped.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; not fixable: {}", skipped.join(", "))
+                        }
+                    ),
+                    sum(&|f| f.repair_bytes),
+                ),
+            };
+            report.push("repair", Tier::Memory, started, outcome);
+            let outcome = match options.outlier_sigmas {
+                None => StepOutcome::skipped("no outlier clamp asked for"),
+                Some(k) => StepOutcome::ok(
+                    format!(
+                        "{} values beyond mean +/- {k} sd clamped in {} tensors",
+                        sum(&|f| f.clamped_values),
+                        fixes.iter().filter(|(_, f)| f.clamped_values > 0).count()
+                    ),
+                    sum(&|f| f.clamp_bytes),
+                ),
+            };
+            report.push("outlier_clamp", Tier::Memory, started, outcome);
+            patches = fixes
+                .into_iter()
+                .filter_map(|(_, f)| f.patch)
+                .collect::<Vec<_>>();
+        }
+
+        let started = Instant::now();
+        let planned: u64 = report
+            .steps
+            .iter()
+            .filter(|s| s.step == "repair" || s.step == "outlier_clamp")
+            .map(|s| s.bytes)
+            .sum();
+        let mut written = 0;
+        let outcome = if patches.is_empty() {
+            StepOutcome::skipped("nothing to write")
+        } else if options.dry_run {
+            StepOutcome::skipped(format!(
+                "dry run: {} patches would change {planned} bytes",
+                patches.len()
+            ))
+        } else {
+            let before = live.stats().bytes_written;
+            let count = patches.len();
+            let ids = live.apply_all(patches)?;
+            written = live.stats().bytes_written - before;
+            report.undo.journal_transaction =
+                ids.first().and_then(|id| live.journal_transaction(*id));
+            report.undo.memory_patches = ids;
+            StepOutcome::ok(
+                format!(
+                    "{count} patches in one transaction{}",
+                    report
+                        .undo
+                        .journal_transaction
+                        .map_or(String::new(), |t| format!(" (journal transaction {t})"))
+                ),
+                planned,
+            )
+        };
+        report.push("write", Tier::Memory, started, outcome);
+
+        let started = Instant::now();
+        let outcome = match (self.server(), &options.server) {
+            (None, _) => StepOutcome::skipped("no server attached"),
+            (Some(_), None) => StepOutcome::skipped("no server rules asked for"),
+            (Some(_), Some(_)) if options.dry_run => {
+                StepOutcome::skipped("dry run: server rules not added")
+            }
+            (Some(server), Some(defaults)) => {
+                let rules: Vec<Rule> = default_safety_rules(defaults);
+                match self.add_rules(server.as_ref(), rules) {
+                    Ok((added, present)) => {
+                        let text = format!(
+                            "rules added: {}{}",
+                            if added.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                added.join(", ")
+                            },
+                            if present.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; already present: {}", present.join(", "))
+                            }
+                        );
+                        report.undo.server_rules = added;
+                        StepOutcome::ok(text, 0)
+                    }
+                    Err(error) => StepOutcome::failed("no rules added", error.to_string()),
+                }
+            }
+        };
+        report.push("server_rules", Tier::Server, started, outcome);
+        if !report.succeeded() {
+            for id in report.undo.memory_patches.iter().rev() {
+                live.revert(*id)?;
+            }
+            report.undo = Default::default();
+            return Ok(report);
+        }
+        self.completed(&report, written);
+        Ok(report)
+    }
+
+    /// Adds rules to a server, leaving those whose name it already has; on a refusal the
+    /// ones added are removed again. Returns the names added and those already present.
+    fn add_rules(
+        &self,
+        server: &dyn crate::server::ServerLink,
+        rules: Vec<Rule>,
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let existing: Vec<String> = server.rules()?.into_iter().map(|r| r.name).collect();
+        let (mut added, mut present): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+        for rule in rules {
+            if existing.contains(&rule.name) {
+                present.push(rule.name);
+                continue;
+            }
+            let name = rule.name.clone();
+            if let Err(error) = server.add_rule(rule) {
+                for name in added.iter().rev() {
+                    let _ = server.remove_rule(name);
+                }
+                return Err(Error::Server(format!("rule {name:?}: {error}")));
+            }
+            added.push(name);
+        }
+        Ok((added, present))
+    }
+}
