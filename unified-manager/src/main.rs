@@ -20,8 +20,11 @@ static ALLOCATOR: NeuralAlloc = NeuralAlloc::with_config(Config {
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  the command failed (the message says why; nothing was written)
+  1  the command failed (the message says why; nothing was written, or a pipeline
+     undid what it had done), or a check found a problem (verify, safety)
   2  the command line is invalid
+
+Every query command takes --json; every command that writes takes --dry-run.
 
 Environment:
   HOTPATCH_ALLOC=track  track every allocation and print a leak report at exit";
@@ -38,7 +41,8 @@ struct Cli {
 enum Command {
     /// Print a GGUF file's metadata and tensor table.
     Inspect(cli::inspect::InspectArgs),
-    /// Generate a small llama-shaped model in a temporary directory and inspect it.
+    /// Walk through the main job on a generated llama-shaped model: live patch,
+    /// conflict, rollback, quantized-domain scale, safety pipeline, diff, revert.
     Demo(cli::demo::DemoArgs),
     /// Byte operations on a file, in place through the journal.
     Bytes(cli::bytes::BytesArgs),
@@ -69,6 +73,18 @@ enum Command {
     Tensor(cli::structure::StructureCommand),
     /// Run the OpenAI-compatible proxy (rules, cache, live-patch admin API).
     Serve(cli::serve::ServeArgs),
+    /// Integrity check, NaN/infinity scan and repair, outlier clamp, server safety rules.
+    Safety(cli::pipeline::SafetyArgs),
+    /// Requantize and prune in one rewrite into a new file; sizes before and after.
+    Optimize(cli::pipeline::OptimizeArgs),
+    /// Warm the page cache (and optionally lock pages); cold and warm read times.
+    Boost(cli::pipeline::BoostArgs),
+    /// Named, versioned sets of memory patches, byte patches and server rules.
+    #[command(subcommand)]
+    Preset(cli::preset::PresetCommand),
+    /// Export or import every preset and setting.
+    #[command(subcommand)]
+    Config(cli::preset::ConfigCommand),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +116,11 @@ fn run() -> ExitCode {
         Command::Verify(args) => cli::check::verify(&args),
         Command::Diff(args) => cli::check::run_diff(&args),
         Command::Serve(args) => cli::serve::run(&args),
+        Command::Safety(args) => cli::pipeline::safety(&args),
+        Command::Optimize(args) => cli::pipeline::optimize(&args),
+        Command::Boost(args) => cli::pipeline::boost(&args),
+        Command::Preset(command) => cli::preset::preset(&command),
+        Command::Config(command) => cli::preset::config(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -154,6 +154,9 @@ pub struct DiffArgs {
     pub a: PathBuf,
     /// The second file.
     pub b: PathBuf,
+    /// Also draw the per-layer relative change of the weights into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -163,6 +166,18 @@ pub fn run_diff(args: &DiffArgs) -> anyhow::Result<()> {
     let (map_a, map_b) = (MappedFile::open(&args.a)?, MappedFile::open(&args.b)?);
     let (a, b) = (map_a.parse()?, map_b.parse()?);
     let d = diff(&a, &b);
+    if let Some(path) = &args.plot {
+        let changes = unified_manager::plot::layer_changes(&a, &b)?;
+        let title = format!(
+            "{} -> {}",
+            args.a.file_name().unwrap_or_default().to_string_lossy(),
+            args.b.file_name().unwrap_or_default().to_string_lossy()
+        );
+        unified_manager::plot::plot_layer_changes(&changes, &title, path)?;
+        if !args.json {
+            println!("per-layer change plotted to {}", path.display());
+        }
+    }
     if args.json {
         let changed: Vec<_> = d
             .tensors_changed

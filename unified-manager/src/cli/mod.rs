@@ -8,6 +8,8 @@ pub mod inspect;
 pub mod journal;
 pub mod meta;
 pub mod patch;
+pub mod pipeline;
+pub mod preset;
 pub mod progress;
 pub mod serve;
 pub mod structure;

@@ -188,7 +188,7 @@ pub struct RequantizeArgs {
     pub json: bool,
 }
 
-fn parse_ggml_type(text: &str) -> Result<byte_tier::GgmlType, String> {
+pub fn parse_ggml_type(text: &str) -> Result<byte_tier::GgmlType, String> {
     byte_tier::GgmlType::from_name(text).ok_or_else(|| format!("unknown ggml type {text:?}"))
 }
 

@@ -1,0 +1,325 @@
+//! `hotpatch safety|optimize|boost FILE`: the coordinated pipelines.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use memory_tier::AttachMode;
+use unified_manager::server::AdminClient;
+use unified_manager::{
+    BoostOptions, ConfigDir, Manager, OptimizeOptions, PipelineReport, Repair, SafetyOptions,
+    StepResult,
+};
+
+use super::progress::{bytes_bar, reporter};
+
+/// How to reach a running `hotpatch serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// The proxy's address (`http://127.0.0.1:8080`) for server steps; the configured
+    /// `server_url` when given without a value.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    pub server: Option<String>,
+    /// The file holding the admin API's bearer token.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// The configuration directory option.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigDirArg {
+    /// The configuration directory (default: $HOTPATCH_CONFIG_DIR, else
+    /// $XDG_CONFIG_HOME/hotpatch, else ~/.config/hotpatch).
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+}
+
+impl ConfigDirArg {
+    pub fn open(&self) -> anyhow::Result<ConfigDir> {
+        Ok(match &self.config_dir {
+            Some(dir) => ConfigDir::new(dir),
+            None => ConfigDir::default_location()?,
+        })
+    }
+}
+
+/// Attaches the server the arguments name to `manager`, if any.
+pub fn attach_server(
+    manager: &Manager,
+    server: &ServerArgs,
+    config: &ConfigDir,
+) -> anyhow::Result<()> {
+    let Some(url) = &server.server else {
+        return Ok(());
+    };
+    let settings = config.settings()?;
+    let url = if url.is_empty() {
+        settings
+            .server_url
+            .clone()
+            .context("--server was given without a URL and no server_url is configured")?
+    } else {
+        url.clone()
+    };
+    let token_file = server
+        .admin_token_file
+        .clone()
+        .or(settings.admin_token_file.clone());
+    let token = match token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("read the admin token from {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    manager.attach_server(Arc::new(AdminClient::new(&url, token)));
+    Ok(())
+}
+
+/// Prints a pipeline report as a table (or JSON) and fails when a step failed.
+pub fn print_report(report: &PipelineReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        println!(
+            "{} pipeline on {}{}",
+            report.pipeline,
+            report.target.display(),
+            if report.dry_run {
+                " (dry run: nothing written)"
+            } else {
+                ""
+            }
+        );
+        for step in &report.steps {
+            let status = match &step.result {
+                StepResult::Ok => "ok".to_owned(),
+                StepResult::Skipped(why) => format!("skipped: {why}"),
+                StepResult::Failed(why) => format!("FAILED: {why}"),
+            };
+            println!(
+                "  {:<14} {:<7} {:>12} B {:>10.1} ms  {}",
+                step.step,
+                format!("{:?}", step.tier).to_lowercase(),
+                step.bytes,
+                step.duration_ms,
+                step.changed
+            );
+            println!("  {:<14} {status}", "");
+        }
+        let undo = &report.undo;
+        if let Some(t) = undo.journal_transaction {
+            println!(
+                "undo the writes: hotpatch revert {} {t}",
+                report.target.display()
+            );
+        }
+        if !undo.server_rules.is_empty() {
+            println!("server rules added: {}", undo.server_rules.join(", "));
+        }
+        if let Some((path, _)) = &undo.output {
+            println!("undo: remove {}", path.display());
+        }
+    }
+    if !report.succeeded() {
+        anyhow::bail!(
+            "the {} pipeline stopped at a failed step; what it did was undone",
+            report.pipeline
+        );
+    }
+    Ok(())
+}
+
+/// Arguments of `hotpatch safety`.
+#[derive(Debug, clap::Args)]
+pub struct SafetyArgs {
+    /// The model file (changed in place through the journal; a running llama-server
+    /// that maps it sees the repairs).
+    pub file: PathBuf,
+    /// Repair NaN and infinity: `zero`, or `clamp` (infinity to the tensor's largest
+    /// finite magnitude, NaN to zero).
+    #[arg(long, value_parser = parse_repair)]
+    pub repair: Option<Repair>,
+    /// Clamp each tensor's values into mean +/- K standard deviations.
+    #[arg(long, value_name = "K")]
+    pub outlier_sigmas: Option<f32>,
+    /// A manifest (from `hotpatch verify --write-manifest` or gguf-hash) the file must
+    /// match before anything is written.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// With a server: the token cap of the default rules.
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<u64>,
+    /// With a server: a literal string to redact from responses (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    pub redact: Vec<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub config: ConfigDirArg,
+    /// Plan and report; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_repair(text: &str) -> Result<Repair, String> {
+    match text {
+        "zero" => Ok(Repair::Zero),
+        "clamp" => Ok(Repair::Clamp),
+        other => Err(format!("{other:?}: expected zero or clamp")),
+    }
+}
+
+pub fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
+    let config = args.config.open()?;
+    let settings = config.settings()?;
+    let manager = Manager::new();
+    attach_server(&manager, &args.server, &config)?;
+    let mut server = settings.safety.server.clone();
+    if let Some(n) = args.max_tokens {
+        server.max_tokens = n;
+    }
+    server.redact.extend(args.redact.iter().cloned());
+    let manifest = match &args.manifest {
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let options = SafetyOptions {
+        repair: args.repair.or(settings.safety.repair),
+        outlier_sigmas: args.outlier_sigmas.or(settings.safety.outlier_sigmas),
+        manifest,
+        server: Some(server),
+        dry_run: args.dry_run,
+    };
+    let mode = if args.dry_run {
+        AttachMode::Private
+    } else {
+        AttachMode::Shared
+    };
+    let id = manager
+        .attach(&args.file, mode)
+        .with_context(|| format!("attach {}", args.file.display()))?;
+    let spinner = bytes_bar("safety", std::fs::metadata(&args.file)?.len());
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = manager.safety(id, &options);
+    spinner.finish_and_clear();
+    let report = report?;
+    manager.detach_all(false)?;
+    print_report(&report, args.json)
+}
+
+/// Arguments of `hotpatch optimize`.
+#[derive(Debug, clap::Args)]
+pub struct OptimizeArgs {
+    /// The model file (never changed).
+    pub file: PathBuf,
+    /// Requantize tensors whose names match this regular expression ...
+    #[arg(long, value_name = "REGEX", requires = "to")]
+    pub tensors: Option<String>,
+    /// ... to this type (Q8_0, Q4_K, F16, ...).
+    #[arg(long, value_name = "TYPE", value_parser = super::structure::parse_ggml_type, requires = "tensors")]
+    pub to: Option<byte_tier::GgmlType>,
+    /// Blocks to remove, comma-separated (0-based).
+    #[arg(long, value_delimiter = ',')]
+    pub prune: Vec<u64>,
+    /// The file to write (default: FILE with `.optimized.gguf`).
+    #[arg(short, long, value_name = "OUT")]
+    pub output: Option<PathBuf>,
+    /// Plan and report sizes; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn default_output(file: &Path) -> PathBuf {
+    let stem = file
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    file.with_file_name(format!("{stem}.optimized.gguf"))
+}
+
+pub fn optimize(args: &OptimizeArgs) -> anyhow::Result<()> {
+    let requantize = match (&args.tensors, args.to) {
+        (Some(pattern), Some(to)) => Some((regex::Regex::new(pattern)?, to)),
+        _ => None,
+    };
+    let options = OptimizeOptions {
+        output: args
+            .output
+            .clone()
+            .unwrap_or_else(|| default_output(&args.file)),
+        requantize,
+        prune: args.prune.clone(),
+        dry_run: args.dry_run,
+    };
+    let manager = Manager::new();
+    let bar = bytes_bar("optimizing", std::fs::metadata(&args.file)?.len());
+    let report = manager.optimize(&args.file, &options, &mut reporter(&bar));
+    bar.finish_and_clear();
+    print_report(&report?, args.json)
+}
+
+/// Arguments of `hotpatch boost`.
+#[derive(Debug, clap::Args)]
+pub struct BoostArgs {
+    /// The model file.
+    pub file: PathBuf,
+    /// Also lock the pages in memory (held while this command runs; see --hold).
+    #[arg(long)]
+    pub mlock: bool,
+    /// Advise transparent huge pages.
+    #[arg(long)]
+    pub huge_pages: bool,
+    /// Do not drop the file from the page cache to time a cold read first (use on a
+    /// file a busy server is reading).
+    #[arg(long)]
+    pub no_cold_read: bool,
+    /// Turn the server's response cache on (with --server).
+    #[arg(long)]
+    pub server_cache: bool,
+    /// Keep the boost (page lock, advice) for this many seconds before exiting.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub hold: u64,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub config: ConfigDirArg,
+    /// Say what would be done; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn boost(args: &BoostArgs) -> anyhow::Result<()> {
+    let config = args.config.open()?;
+    let manager = Manager::new();
+    attach_server(&manager, &args.server, &config)?;
+    let options = BoostOptions {
+        measure_cold: !args.no_cold_read,
+        mlock: args.mlock,
+        huge_pages: args.huge_pages,
+        server_cache: args.server_cache,
+        dry_run: args.dry_run,
+    };
+    let report = manager.boost(&args.file, &options)?;
+    let printed = print_report(&report, args.json);
+    if printed.is_ok() && args.hold > 0 && !args.dry_run {
+        eprintln!("holding the boost for {} s", args.hold);
+        std::thread::sleep(std::time::Duration::from_secs(args.hold));
+    }
+    if let Some(id) = report.undo.boost {
+        manager.release_boost(id)?;
+    }
+    printed
+}

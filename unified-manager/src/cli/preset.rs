@@ -1,0 +1,308 @@
+//! `hotpatch preset save|list|show|apply|delete` and `hotpatch config export|import`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use memory_tier::AttachMode;
+use serde_json::json;
+use unified_manager::{Manager, Preset, Tier};
+
+use super::pipeline::{ConfigDirArg, ServerArgs, attach_server};
+
+/// A preset command.
+#[derive(Debug, clap::Subcommand)]
+pub enum PresetCommand {
+    /// Check a preset document (TOML) and store it under its name.
+    Save {
+        /// The preset document.
+        file: PathBuf,
+        /// Store it under this name instead of the document's.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        config: ConfigDirArg,
+        /// Check it; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List the stored presets.
+    List {
+        #[command(flatten)]
+        config: ConfigDirArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a stored preset.
+    Show {
+        /// The preset.
+        name: String,
+        #[command(flatten)]
+        config: ConfigDirArg,
+        /// Print JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a stored preset to a model file (in place, journaled, as one transaction)
+    /// and its server rules to a running proxy.
+    Apply {
+        /// The preset.
+        name: String,
+        /// The model file.
+        file: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        config: ConfigDirArg,
+        /// Apply to a private copy-on-write view to check that every patch applies;
+        /// write nothing and add no rules.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a stored preset.
+    Delete {
+        /// The preset.
+        name: String,
+        #[command(flatten)]
+        config: ConfigDirArg,
+        /// Check that it exists; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+pub fn preset(command: &PresetCommand) -> anyhow::Result<()> {
+    match command {
+        PresetCommand::Save {
+            file,
+            name,
+            config,
+            dry_run,
+        } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("read {}", file.display()))?;
+            let mut preset = Preset::from_toml(&file.display().to_string(), &text)?;
+            if let Some(name) = name {
+                preset.name = name.clone();
+            }
+            let config = config.open()?;
+            if *dry_run {
+                preset.validate(&preset.name)?;
+                println!(
+                    "dry run: preset {} v{} is valid; nothing stored",
+                    preset.name, preset.version
+                );
+            } else {
+                let path = config.save_preset(&preset)?;
+                println!(
+                    "saved preset {} v{} to {}",
+                    preset.name,
+                    preset.version,
+                    path.display()
+                );
+            }
+        }
+        PresetCommand::List { config, json } => {
+            let presets = config.open()?.presets()?;
+            if *json {
+                let list: Vec<_> = presets
+                    .iter()
+                    .map(|p| json!({"name": p.name, "version": p.version, "description": p.description,
+                        "memory_patches": p.memory_patches.len(), "byte_patches": p.byte_patches.len(),
+                        "server_rules": p.server_rules.len()}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if presets.is_empty() {
+                println!("no presets");
+            } else {
+                for p in &presets {
+                    println!(
+                        "{} v{}: {} memory, {} byte patches, {} server rules{}",
+                        p.name,
+                        p.version,
+                        p.memory_patches.len(),
+                        p.byte_patches.len(),
+                        p.server_rules.len(),
+                        if p.description.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" - {}", p.description)
+                        }
+                    );
+                }
+            }
+        }
+        PresetCommand::Show { name, config, json } => {
+            let preset = config.open()?.load_preset(name)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&preset)?);
+            } else {
+                print!("{}", preset.to_toml()?);
+            }
+        }
+        PresetCommand::Apply {
+            name,
+            file,
+            server,
+            config,
+            dry_run,
+            json,
+        } => {
+            let config = config.open()?;
+            let mut preset = config.load_preset(name)?;
+            let manager = Manager::new();
+            let skipped_rules = if *dry_run {
+                std::mem::take(&mut preset.server_rules)
+            } else {
+                attach_server(&manager, server, &config)?;
+                Vec::new()
+            };
+            let mode = if *dry_run {
+                AttachMode::Private
+            } else {
+                AttachMode::Shared
+            };
+            let id = manager
+                .attach(file, mode)
+                .with_context(|| format!("attach {}", file.display()))?;
+            let receipts = manager.apply_preset(id, &preset)?;
+            let bytes = manager.stats().bytes_modified;
+            manager.detach_all(false)?;
+            let transaction = receipts.iter().find_map(|r| r.journal_transaction);
+            if *json {
+                let list: Vec<_> = receipts
+                    .iter()
+                    .map(|r| json!({"name": r.name, "tier": format!("{:?}", r.tier).to_lowercase(),
+                        "memory_patch": r.memory_patch.map(|u| u.to_string()), "journal_transaction": r.journal_transaction}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &json!({"preset": preset.name, "version": preset.version,
+                        "dry_run": dry_run, "applied": list, "bytes_written": bytes,
+                        "rules_not_added": skipped_rules.iter().map(|r| &r.name).collect::<Vec<_>>()})
+                    )?
+                );
+                return Ok(());
+            }
+            let verb = if *dry_run {
+                "dry run: would apply"
+            } else {
+                "applied"
+            };
+            println!(
+                "{verb} preset {} v{} to {}",
+                preset.name,
+                preset.version,
+                file.display()
+            );
+            for r in &receipts {
+                println!("  {:<7} {}", format!("{:?}", r.tier).to_lowercase(), r.name);
+            }
+            for r in &skipped_rules {
+                println!("  {:<7} {} (not added in a dry run)", "server", r.name);
+            }
+            println!(
+                "{bytes} bytes {}",
+                if *dry_run {
+                    "would be written"
+                } else {
+                    "written"
+                }
+            );
+            if let Some(t) = transaction {
+                println!("undo: hotpatch revert {} {t}", file.display());
+            }
+            if receipts.iter().any(|r| r.tier == Tier::Server) {
+                println!("undo the rules: DELETE /admin/rules/NAME on the proxy");
+            }
+        }
+        PresetCommand::Delete {
+            name,
+            config,
+            dry_run,
+        } => {
+            let config = config.open()?;
+            if *dry_run {
+                let preset = config.load_preset(name)?;
+                println!(
+                    "dry run: would delete preset {} v{}",
+                    preset.name, preset.version
+                );
+            } else {
+                config.delete_preset(name)?;
+                println!("deleted preset {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A configuration command.
+#[derive(Debug, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Write every preset and setting to one JSON file (with a schema version).
+    Export {
+        /// The file to write.
+        file: PathBuf,
+        #[command(flatten)]
+        config: ConfigDirArg,
+    },
+    /// Check an exported file (errors name the field) and store its settings and presets.
+    Import {
+        /// The exported file.
+        file: PathBuf,
+        #[command(flatten)]
+        config: ConfigDirArg,
+        /// Check it; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+pub fn config(command: &ConfigCommand) -> anyhow::Result<()> {
+    match command {
+        ConfigCommand::Export { file, config } => {
+            let config = config.open()?;
+            let export = config.export_to(file)?;
+            println!(
+                "exported {} presets and the settings of {} to {} (schema {})",
+                export.presets.len(),
+                config.path().display(),
+                file.display(),
+                export.schema_version
+            );
+        }
+        ConfigCommand::Import {
+            file,
+            config,
+            dry_run,
+        } => {
+            let config = config.open()?;
+            if *dry_run {
+                let document = file.display().to_string();
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("read {}", file.display()))?;
+                let export = unified_manager::config::parse_export(&document, &text)?;
+                let scratch = tempfile::tempdir()?;
+                unified_manager::ConfigDir::new(scratch.path()).import(&document, &export)?;
+                println!(
+                    "dry run: {} presets and the settings are valid; nothing stored",
+                    export.presets.len()
+                );
+            } else {
+                let outcome = config.import_from(file)?;
+                println!(
+                    "imported {} presets ({} replaced) and the settings into {}",
+                    outcome.presets.len(),
+                    outcome.replaced.len(),
+                    config.path().display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
