@@ -232,8 +232,8 @@ fn metadata_edits_refuse_bad_input_and_write_nothing() {
             "x",
         ],
         vec!["meta", "delete", model.to_str().unwrap(), "no.such.key"],
-        vec!["prune", model.to_str().unwrap(), "--layers", "2"],
-        vec!["prune", model.to_str().unwrap(), "--layers", "0,1"],
+        vec!["prune", model.to_str().unwrap(), "--layers", "4"],
+        vec!["prune", model.to_str().unwrap(), "--layers", "0,1,2,3"],
         vec![
             "tensor",
             "rename",

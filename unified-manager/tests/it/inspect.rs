@@ -116,8 +116,8 @@ fn demo_generates_and_inspects_a_model() {
 
     let model = dir.path().join("demo-llama.gguf");
     let json = stdout_json(&hotpatch(&["inspect", "--json", model.to_str().unwrap()]));
-    assert_eq!(json["metadata"]["llama.block_count"]["value"], 2);
-    assert_eq!(json["tensors"].as_object().unwrap().len(), 21);
+    assert_eq!(json["metadata"]["llama.block_count"]["value"], 4);
+    assert_eq!(json["tensors"].as_object().unwrap().len(), 39);
     assert_eq!(json["diagnostics"], Json::Array(vec![]));
 }
 

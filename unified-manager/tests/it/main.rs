@@ -3,4 +3,6 @@
 mod crash;
 mod edit;
 mod inspect;
+mod manage;
+mod pipelines;
 mod tensor;
