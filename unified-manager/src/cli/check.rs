@@ -23,6 +23,9 @@ pub struct VerifyArgs {
     /// Check the tensors against a manifest (ours or gguf-hash's output).
     #[arg(long, value_name = "MANIFEST")]
     pub check: Option<PathBuf>,
+    /// With --write-manifest: print the manifest instead of writing it.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -57,7 +60,9 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let manifest =
         (args.write_manifest.is_some() || args.check.is_some()).then(|| Manifest::of(&gguf));
     let label = args.file.display().to_string();
-    if let (Some(path), Some(m)) = (&args.write_manifest, &manifest) {
+    if let (true, Some(_), Some(m)) = (args.dry_run, &args.write_manifest, &manifest) {
+        print!("{}", m.to_text(&label));
+    } else if let (Some(path), Some(m)) = (&args.write_manifest, &manifest) {
         std::fs::write(path, m.to_text(&label))
             .with_context(|| format!("write {}", path.display()))?;
     }
@@ -118,7 +123,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         for (name, reason) in &unscanned {
             println!("values: {name} not scanned: {reason}");
         }
-        if let Some(path) = &args.write_manifest {
+        if let Some(path) = args.write_manifest.as_ref().filter(|_| !args.dry_run) {
             println!(
                 "manifest: wrote {} tensor digests to {}",
                 gguf.tensors().len(),

@@ -62,7 +62,7 @@ fn array_types(array: &ArrayRef<'_>) -> Vec<ValueType> {
     types
 }
 
-fn pretty_type(value: &ValueRef<'_>) -> String {
+pub fn pretty_type(value: &ValueRef<'_>) -> String {
     match value {
         ValueRef::Array(a) => {
             let types = array_types(a);
@@ -78,7 +78,7 @@ fn pretty_type(value: &ValueRef<'_>) -> String {
     }
 }
 
-fn to_json(value: &ValueRef<'_>) -> Json {
+pub fn to_json(value: &ValueRef<'_>) -> Json {
     match *value {
         ValueRef::U8(v) => json!(v),
         ValueRef::I8(v) => json!(v),

@@ -38,6 +38,9 @@ pub struct RevertArgs {
 pub struct RecoverArgs {
     /// The file.
     pub file: PathBuf,
+    /// Say what would be rolled back and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 fn time(ms: u64) -> String {
@@ -154,6 +157,24 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
 }
 
 pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
+    if args.dry_run {
+        if !byte_tier::journal_path(&args.file).exists() {
+            println!("dry run: nothing to recover: {} has no journal", args.file.display());
+            return Ok(());
+        }
+        let journal = Journal::open_read_only(&args.file)?;
+        match journal.unfinished() {
+            Some(t) => println!(
+                "dry run: would roll back unfinished transaction {} ({}): {} bytes in {} writes",
+                t.id,
+                t.name,
+                t.bytes(),
+                t.writes.len()
+            ),
+            None => println!("dry run: nothing to recover: no unfinished transaction"),
+        }
+        return Ok(());
+    }
     match byte_tier::recover(&args.file)? {
         Some(report) => println!(
             "rolled back unfinished transaction {} ({}): restored {} bytes in {} writes",

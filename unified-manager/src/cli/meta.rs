@@ -36,6 +36,9 @@ pub enum MetaCommand {
         file: PathBuf,
         /// The key.
         key: String,
+        /// Print JSON: the key, its type and its value.
+        #[arg(long)]
+        json: bool,
     },
     /// Set a key (added when missing). In place when the encoded size is unchanged.
     Set {
@@ -82,10 +85,18 @@ fn parse_value_type(text: &str) -> Result<ValueType, String> {
 
 pub fn run(args: &MetaArgs) -> anyhow::Result<()> {
     match &args.command {
-        MetaCommand::Get { file, key } => {
+        MetaCommand::Get { file, key, json } => {
             let map = MappedFile::open(file)?;
             let gguf = map.parse()?;
             let value = gguf.get(key).with_context(|| format!("no key {key:?}"))?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({"key": key, "type": super::inspect::pretty_type(&value),
+                        "value": super::inspect::to_json(&value)})
+                );
+                return Ok(());
+            }
             match value.as_str() {
                 Some(s) => println!("{s}"),
                 None => println!("{value}"),

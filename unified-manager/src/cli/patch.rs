@@ -198,10 +198,27 @@ fn report(json: bool, edit: &TensorEdit, transaction: Option<u64>, dry_run: bool
 }
 
 /// Writes a tensor's dequantized values to a float32 .npy with the GGUF shape.
-pub fn export(file: &Path, name: &str, output: &Path) -> anyhow::Result<()> {
+pub fn export(file: &Path, name: &str, output: &Path, dry_run: bool) -> anyhow::Result<()> {
     let map = MappedFile::open(file)?;
     let gguf = map.parse()?;
     let tensor = gguf.require_tensor(name)?;
+    if dry_run {
+        if !codec::can_dequantize(tensor.ggml_type) {
+            bail!(
+                "tensor {name:?} is {}, which has no decoder",
+                tensor.ggml_type
+            );
+        }
+        println!(
+            "dry run: would write {} ({} {} values as float32, numpy shape {:?}, {} bytes of data)",
+            output.display(),
+            tensor.n_elements,
+            tensor.ggml_type,
+            codec::npy_shape(&tensor.dims),
+            tensor.n_elements * 4
+        );
+        return Ok(());
+    }
     let values = codec::dequantize_tensor(&gguf, tensor, 0..tensor.n_elements)?;
     write_tensor_npy(output, &tensor.dims, &values)?;
     println!(

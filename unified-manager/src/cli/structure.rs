@@ -98,6 +98,9 @@ pub enum StructureCommand {
         /// The .npy to write.
         #[arg(short = 'o', long = "output", value_name = "OUT.npy")]
         output: PathBuf,
+        /// Say what would be written and write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Replace a tensor's values from a .npy of its shape (quantized to its type), in
     /// place through the journal.
@@ -130,8 +133,13 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
     let (file, output) = match command {
         StructureCommand::Rename { file, output, .. }
         | StructureCommand::Remove { file, output, .. } => (file, output),
-        StructureCommand::Export { file, name, output } => {
-            return super::patch::export(file, name, output);
+        StructureCommand::Export {
+            file,
+            name,
+            output,
+            dry_run,
+        } => {
+            return super::patch::export(file, name, output, *dry_run);
         }
         StructureCommand::Import {
             file,

@@ -14,6 +14,9 @@ pub struct HexdumpArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub range: RangeArgs,
+    /// Print JSON: the range and its bytes in hexadecimal.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `hotpatch search`.
@@ -41,6 +44,15 @@ pub fn hexdump(args: &HexdumpArgs) -> anyhow::Result<()> {
     let map = MappedFile::open(&args.file)?;
     let view = DryRun::new(map.bytes());
     let range = args.range.resolve(&view, 256)?;
+    if args.json {
+        let bytes = view.read(range.clone())?;
+        println!(
+            "{}",
+            json!({"offset": range.start, "len": range.end - range.start, "tensor": args.range.tensor,
+                "hex": byte_tier::ops::to_hex(bytes)})
+        );
+        return Ok(());
+    }
     print!("{}", view.hexdump(range)?);
     Ok(())
 }

@@ -283,3 +283,81 @@ fn help_documents_exit_codes() {
         assert!(help.contains(command), "{command} missing from:\n{help}");
     }
 }
+
+#[test]
+fn queries_answer_json_and_writers_take_a_dry_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    let model = demo(dir.path());
+    let original = std::fs::read(&model).unwrap();
+    let m = model.to_str().unwrap();
+    let json = |args: &[&str]| -> Json {
+        let text = ok(args, &config);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    };
+    assert_eq!(
+        json(&["hexdump", m, "--len", "4", "--json"])["hex"],
+        "47475546"
+    );
+    assert_eq!(
+        json(&["meta", "get", m, "llama.block_count", "--json"])["value"],
+        4
+    );
+    assert!(
+        json(&["history", m, "--json"]).is_array() || json(&["history", m, "--json"]).is_object()
+    );
+    let npy = dir.path().join("t.npy");
+    let manifest = dir.path().join("m.txt");
+    for args in [
+        vec![
+            "tensor",
+            "export",
+            m,
+            "output_norm.weight",
+            "-o",
+            npy.to_str().unwrap(),
+            "--dry-run",
+        ],
+        vec![
+            "verify",
+            m,
+            "--write-manifest",
+            manifest.to_str().unwrap(),
+            "--dry-run",
+        ],
+        vec!["recover", m, "--dry-run"],
+        vec!["meta", "set", m, "general.name", "renamed", "--dry-run"],
+        vec![
+            "patch",
+            m,
+            "--tensor",
+            "output_norm.weight",
+            "--scale",
+            "2",
+            "--dry-run",
+        ],
+        vec![
+            "bytes",
+            m,
+            "--dry-run",
+            "fill",
+            "--offset",
+            "8",
+            "--len",
+            "4",
+            "--byte",
+            "0",
+        ],
+        vec!["boost", m, "--dry-run"],
+    ] {
+        ok(&args, &config);
+    }
+    assert!(
+        !npy.exists() && !manifest.exists(),
+        "a dry run wrote a file"
+    );
+    assert!(
+        std::fs::read(&model).unwrap() == original,
+        "a dry run changed the model"
+    );
+}
