@@ -229,7 +229,7 @@ impl Manager {
             report.undo.boost = None;
             return Ok(report);
         }
-        self.completed(&report, 0);
+        self.completed(&report);
         Ok(report)
     }
 

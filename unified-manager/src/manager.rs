@@ -92,6 +92,9 @@ struct Attached {
     path: Option<PathBuf>,
     mode: AttachMode,
     live: Arc<LiveModel>,
+    /// Held around each change so that its byte count is its own. The live model
+    /// serializes writers anyway; this only makes the accounting exact.
+    writes: Arc<Mutex<()>>,
 }
 
 /// The coordinator. Every method takes `&self`; it is `Send + Sync` and can be shared
@@ -128,6 +131,7 @@ impl Manager {
             path: Some(path.to_owned()),
             mode,
             live: Arc::new(live),
+            writes: Arc::new(Mutex::new(())),
         });
         self.record(format!(
             "attached {} ({mode:?}) as #{}",
@@ -144,6 +148,27 @@ impl Manager {
             .find(|a| a.id == id)
             .map(|a| Arc::clone(&a.live))
             .ok_or(Error::NotAttached(id.0))
+    }
+
+    /// Runs `change` on the model `id` alone among the manager's writers and adds the
+    /// bytes it wrote to the statistics.
+    pub(crate) fn change<T>(
+        &self,
+        id: ModelId,
+        change: impl FnOnce(&LiveModel) -> Result<T>,
+    ) -> Result<(T, u64)> {
+        let (live, writes) = self
+            .read_models()
+            .iter()
+            .find(|a| a.id == id)
+            .map(|a| (Arc::clone(&a.live), Arc::clone(&a.writes)))
+            .ok_or(Error::NotAttached(id.0))?;
+        let _alone = writes.lock().unwrap_or_else(|e| e.into_inner());
+        let before = live.stats().bytes_written;
+        let result = change(&live);
+        let written = live.stats().bytes_written - before;
+        self.bytes_modified.fetch_add(written, Ordering::Relaxed);
+        result.map(|value| (value, written))
     }
 
     /// The file a model was attached from and its mode.
@@ -182,9 +207,10 @@ impl Manager {
             Error::Refused(format!("model #{} is still in use by another holder", id.0))
         })?;
         if revert {
-            live.revert_all()?;
+            let reverted = live.revert_all();
             self.bytes_modified
                 .fetch_add(live.stats().bytes_written - before, Ordering::Relaxed);
+            reverted?;
         }
         live.detach(false)?;
         self.record(format!("detached #{}", id.0));
@@ -251,14 +277,11 @@ impl Manager {
                     Error::Refused("server rules need an attached server".to_owned())
                 })?)
             };
-        let before = live.stats().bytes_written;
-        let ids = if memory.is_empty() {
-            Vec::new()
+        let (ids, _) = if memory.is_empty() {
+            (Vec::new(), 0)
         } else {
-            live.apply_all(memory)?
+            self.change(id, |live| Ok(live.apply_all(memory)?))?
         };
-        self.bytes_modified
-            .fetch_add(live.stats().bytes_written - before, Ordering::Relaxed);
         let mut added: Vec<String> = Vec::new();
         if let Some(server) = &server {
             for rule in rules {
@@ -267,9 +290,12 @@ impl Manager {
                     for name in added.iter().rev() {
                         let _ = server.remove_rule(name);
                     }
-                    for id in ids.iter().rev() {
-                        let _ = live.revert(*id);
-                    }
+                    let _ = self.change(id, |live| {
+                        for patch in ids.iter().rev() {
+                            live.revert(*patch)?;
+                        }
+                        Ok(())
+                    });
                     return Err(error);
                 }
                 added.push(name);
@@ -308,11 +334,7 @@ impl Manager {
                 server.remove_rule(&receipt.name)?;
             }
             (_, Some(patch)) => {
-                let live = self.model(id)?;
-                let before = live.stats().bytes_written;
-                live.revert(patch)?;
-                self.bytes_modified
-                    .fetch_add(live.stats().bytes_written - before, Ordering::Relaxed);
+                self.change(id, |live| Ok(live.revert(patch)?))?;
             }
             (_, None) => {
                 return Err(Error::Refused(format!(
@@ -328,11 +350,7 @@ impl Manager {
 
     /// Reverts the memory or byte patch applied under `name` to the model `id`.
     pub fn revert_by_name(&self, id: ModelId, name: &str) -> Result<()> {
-        let live = self.model(id)?;
-        let before = live.stats().bytes_written;
-        live.revert_by_name(name)?;
-        self.bytes_modified
-            .fetch_add(live.stats().bytes_written - before, Ordering::Relaxed);
+        self.change(id, |live| Ok(live.revert_by_name(name)?))?;
         self.patches_reverted.fetch_add(1, Ordering::Relaxed);
         self.record(format!("reverted {name:?} on #{}", id.0));
         Ok(())
@@ -343,13 +361,12 @@ impl Manager {
     pub fn revert_pipeline(&self, id: ModelId, report: &PipelineReport) -> Result<()> {
         let undo = &report.undo;
         if !undo.memory_patches.is_empty() {
-            let live = self.model(id)?;
-            let before = live.stats().bytes_written;
-            for patch in undo.memory_patches.iter().rev() {
-                live.revert(*patch)?;
-            }
-            self.bytes_modified
-                .fetch_add(live.stats().bytes_written - before, Ordering::Relaxed);
+            self.change(id, |live| {
+                for patch in undo.memory_patches.iter().rev() {
+                    live.revert(*patch)?;
+                }
+                Ok(())
+            })?;
         }
         if !undo.server_rules.is_empty() || undo.server_cache_before.is_some() {
             let server = self.server().ok_or_else(|| {
@@ -394,9 +411,8 @@ impl Manager {
         *self.last_action.lock().unwrap_or_else(|e| e.into_inner()) = Some(action);
     }
 
-    pub(crate) fn completed(&self, report: &PipelineReport, bytes_written: u64) {
-        self.bytes_modified
-            .fetch_add(bytes_written, Ordering::Relaxed);
+    /// Counts a completed pipeline run (its writes were counted as they were made).
+    pub(crate) fn completed(&self, report: &PipelineReport) {
         self.actions_completed.fetch_add(1, Ordering::Relaxed);
         self.record(format!(
             "{} pipeline on {}: {} steps",

@@ -183,7 +183,7 @@ impl Manager {
         };
         report.push("write", Tier::Byte, started, outcome);
         if !options.dry_run {
-            self.completed(&report, bytes_after);
+            self.completed(&report);
         }
         Ok(report)
     }

@@ -222,6 +222,172 @@ fn plan_fix(
     Ok(fix)
 }
 
+/// The integrity, scan, repair, clamp and write steps, with the model's writers held
+/// off: the repairs are planned on exactly the bytes they replace. Returns whether the
+/// run goes on (false when the integrity check failed).
+fn plan_and_write(
+    live: &memory_tier::LiveModel,
+    options: &SafetyOptions,
+    report: &mut PipelineReport,
+) -> Result<bool> {
+    let patches;
+    {
+        let guard = live.read();
+        let gguf = Gguf::parse(guard.bytes())?;
+
+        let started = Instant::now();
+        let outcome = match &options.manifest {
+            None => StepOutcome::skipped("no manifest given"),
+            Some(text) => {
+                let check = Manifest::of(&gguf).check(text)?;
+                let examined = gguf.tensors().iter().map(|t| t.n_bytes).sum();
+                if check.is_ok() {
+                    StepOutcome::ok(
+                        format!("{} tensors match the manifest", check.matched),
+                        examined,
+                    )
+                } else {
+                    StepOutcome::failed(
+                        format!(
+                            "{} match, {} differ, {} missing, {} unlisted",
+                            check.matched,
+                            check.mismatched.len(),
+                            check.missing.len(),
+                            check.unlisted.len()
+                        ),
+                        format!(
+                            "the model does not match the manifest (first differing: {})",
+                            check
+                                .mismatched
+                                .first()
+                                .or(check.missing.first())
+                                .or(check.unlisted.first())
+                                .map_or("the whole-file digest", String::as_str)
+                        ),
+                    )
+                }
+            }
+        };
+        report.push("integrity", Tier::Byte, started, outcome);
+        if !report.succeeded() {
+            return Ok(false);
+        }
+
+        let started = Instant::now();
+        let tensors: Vec<&TensorInfo> = gguf
+            .tensors()
+            .iter()
+            .filter(|t| codec::can_dequantize(t.ggml_type))
+            .collect();
+        let scans: Vec<NonFiniteReport> = tensors
+            .par_iter()
+            .map(|t| codec::scan_tensor(&gguf, t))
+            .collect::<byte_tier::Result<_>>()?;
+        let (nan, inf): (u64, u64) = scans
+            .iter()
+            .fold((0, 0), |(n, i), s| (n + s.nan_count, i + s.inf_count));
+        let dirty = scans.iter().filter(|s| !s.is_clean()).count();
+        let unscanned = gguf.tensors().len() - tensors.len();
+        report.push(
+            "scan",
+            Tier::Memory,
+            started,
+            StepOutcome::ok(
+                format!(
+                    "{} tensors scanned ({unscanned} of types without a decoder left out): {nan} NaN and {inf} infinite values in {dirty} tensors",
+                    tensors.len()
+                ),
+                tensors.iter().map(|t| t.n_bytes).sum(),
+            ),
+        );
+
+        let started = Instant::now();
+        let fixes: Vec<(&TensorInfo, TensorFix)> = tensors
+            .par_iter()
+            .zip(&scans)
+            .map(|(t, scan)| {
+                plan_fix(&gguf, t, scan, options.repair, options.outlier_sigmas).map(|f| (*t, f))
+            })
+            .collect::<Result<_>>()?;
+        let skipped: Vec<String> = fixes
+            .iter()
+            .filter_map(|(t, f)| f.skipped.as_ref().map(|why| format!("{}: {why}", t.name)))
+            .collect();
+        let sum = |f: &dyn Fn(&TensorFix) -> u64| fixes.iter().map(|(_, x)| f(x)).sum::<u64>();
+        let outcome = match options.repair {
+            None if nan + inf > 0 => StepOutcome::skipped(format!(
+                "repair not asked for: {} non-finite values left as they are",
+                nan + inf
+            )),
+            None => StepOutcome::skipped("no repair asked for"),
+            Some(_) if nan + inf == 0 => StepOutcome::skipped("nothing to repair"),
+            Some(mode) => StepOutcome::ok(
+                format!(
+                    "{} values set ({mode:?}) in {} tensors{}",
+                    sum(&|f| f.repaired_values),
+                    fixes.iter().filter(|(_, f)| f.repaired_values > 0).count(),
+                    if skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; not fixable: {}", skipped.join(", "))
+                    }
+                ),
+                sum(&|f| f.repair_bytes),
+            ),
+        };
+        report.push("repair", Tier::Memory, started, outcome);
+        let outcome = match options.outlier_sigmas {
+            None => StepOutcome::skipped("no outlier clamp asked for"),
+            Some(k) => StepOutcome::ok(
+                format!(
+                    "{} values beyond mean +/- {k} sd clamped in {} tensors",
+                    sum(&|f| f.clamped_values),
+                    fixes.iter().filter(|(_, f)| f.clamped_values > 0).count()
+                ),
+                sum(&|f| f.clamp_bytes),
+            ),
+        };
+        report.push("outlier_clamp", Tier::Memory, started, outcome);
+        patches = fixes
+            .into_iter()
+            .filter_map(|(_, f)| f.patch)
+            .collect::<Vec<_>>();
+    }
+
+    let started = Instant::now();
+    let planned: u64 = report
+        .steps
+        .iter()
+        .filter(|s| s.step == "repair" || s.step == "outlier_clamp")
+        .map(|s| s.bytes)
+        .sum();
+    let outcome = if patches.is_empty() {
+        StepOutcome::skipped("nothing to write")
+    } else if options.dry_run {
+        StepOutcome::skipped(format!(
+            "dry run: {} patches would change {planned} bytes",
+            patches.len()
+        ))
+    } else {
+        let count = patches.len();
+        let ids = live.apply_all(patches)?;
+        report.undo.journal_transaction = ids.first().and_then(|id| live.journal_transaction(*id));
+        report.undo.memory_patches = ids;
+        StepOutcome::ok(
+            format!(
+                "{count} patches in one transaction{}",
+                report
+                    .undo
+                    .journal_transaction
+                    .map_or(String::new(), |t| format!(" (journal transaction {t})"))
+            ),
+            planned,
+        )
+    };
+    report.push("write", Tier::Memory, started, outcome);
+    Ok(true)
+}
+
 impl Manager {
     /// Runs the safety pipeline on the model attached as `id`: integrity check against a
     /// manifest (when given; a mismatch stops the run before anything is written), NaN
@@ -229,169 +395,14 @@ impl Manager {
     /// memory-tier transaction), then the default server rules when a server is
     /// attached. A failed step undoes the steps before it.
     pub fn safety(&self, id: ModelId, options: &SafetyOptions) -> Result<PipelineReport> {
-        let live = self.model(id)?;
         let (path, _) = self.source(id)?;
         let mut report = PipelineReport::new("safety", path.unwrap_or_default(), options.dry_run);
-        let patches;
-        {
-            let guard = live.read();
-            let gguf = Gguf::parse(guard.bytes())?;
-
-            let started = Instant::now();
-            let outcome = match &options.manifest {
-                None => StepOutcome::skipped("no manifest given"),
-                Some(text) => {
-                    let check = Manifest::of(&gguf).check(text)?;
-                    let examined = gguf.tensors().iter().map(|t| t.n_bytes).sum();
-                    if check.is_ok() {
-                        StepOutcome::ok(
-                            format!("{} tensors match the manifest", check.matched),
-                            examined,
-                        )
-                    } else {
-                        StepOutcome::failed(
-                            format!(
-                                "{} match, {} differ, {} missing, {} unlisted",
-                                check.matched,
-                                check.mismatched.len(),
-                                check.missing.len(),
-                                check.unlisted.len()
-                            ),
-                            format!(
-                                "the model does not match the manifest (first differing: {})",
-                                check
-                                    .mismatched
-                                    .first()
-                                    .or(check.missing.first())
-                                    .or(check.unlisted.first())
-                                    .map_or("the whole-file digest", String::as_str)
-                            ),
-                        )
-                    }
-                }
-            };
-            report.push("integrity", Tier::Byte, started, outcome);
-            if !report.succeeded() {
-                return Ok(report);
-            }
-
-            let started = Instant::now();
-            let tensors: Vec<&TensorInfo> = gguf
-                .tensors()
-                .iter()
-                .filter(|t| codec::can_dequantize(t.ggml_type))
-                .collect();
-            let scans: Vec<NonFiniteReport> = tensors
-                .par_iter()
-                .map(|t| codec::scan_tensor(&gguf, t))
-                .collect::<byte_tier::Result<_>>()?;
-            let (nan, inf): (u64, u64) = scans
-                .iter()
-                .fold((0, 0), |(n, i), s| (n + s.nan_count, i + s.inf_count));
-            let dirty = scans.iter().filter(|s| !s.is_clean()).count();
-            let unscanned = gguf.tensors().len() - tensors.len();
-            report.push(
-                "scan",
-                Tier::Memory,
-                started,
-                StepOutcome::ok(
-                    format!(
-                        "{} tensors scanned ({unscanned} of types without a decoder left out): {nan} NaN and {inf} infinite values in {dirty} tensors",
-                        tensors.len()
-                    ),
-                    tensors.iter().map(|t| t.n_bytes).sum(),
-                ),
-            );
-
-            let started = Instant::now();
-            let fixes: Vec<(&TensorInfo, TensorFix)> = tensors
-                .par_iter()
-                .zip(&scans)
-                .map(|(t, scan)| {
-                    plan_fix(&gguf, t, scan, options.repair, options.outlier_sigmas)
-                        .map(|f| (*t, f))
-                })
-                .collect::<Result<_>>()?;
-            let skipped: Vec<String> = fixes
-                .iter()
-                .filter_map(|(t, f)| f.skipped.as_ref().map(|why| format!("{}: {why}", t.name)))
-                .collect();
-            let sum = |f: &dyn Fn(&TensorFix) -> u64| fixes.iter().map(|(_, x)| f(x)).sum::<u64>();
-            let outcome = match options.repair {
-                None if nan + inf > 0 => StepOutcome::skipped(format!(
-                    "repair not asked for: {} non-finite values left as they are",
-                    nan + inf
-                )),
-                None => StepOutcome::skipped("no repair asked for"),
-                Some(_) if nan + inf == 0 => StepOutcome::skipped("nothing to repair"),
-                Some(mode) => StepOutcome::ok(
-                    format!(
-                        "{} values set ({mode:?}) in {} tensors{}",
-                        sum(&|f| f.repaired_values),
-                        fixes.iter().filter(|(_, f)| f.repaired_values > 0).count(),
-                        if skipped.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; not fixable: {}", skipped.join(", "))
-                        }
-                    ),
-                    sum(&|f| f.repair_bytes),
-                ),
-            };
-            report.push("repair", Tier::Memory, started, outcome);
-            let outcome = match options.outlier_sigmas {
-                None => StepOutcome::skipped("no outlier clamp asked for"),
-                Some(k) => StepOutcome::ok(
-                    format!(
-                        "{} values beyond mean +/- {k} sd clamped in {} tensors",
-                        sum(&|f| f.clamped_values),
-                        fixes.iter().filter(|(_, f)| f.clamped_values > 0).count()
-                    ),
-                    sum(&|f| f.clamp_bytes),
-                ),
-            };
-            report.push("outlier_clamp", Tier::Memory, started, outcome);
-            patches = fixes
-                .into_iter()
-                .filter_map(|(_, f)| f.patch)
-                .collect::<Vec<_>>();
+        let proceed = self
+            .change(id, |live| plan_and_write(live, options, &mut report))?
+            .0;
+        if !proceed {
+            return Ok(report);
         }
-
-        let started = Instant::now();
-        let planned: u64 = report
-            .steps
-            .iter()
-            .filter(|s| s.step == "repair" || s.step == "outlier_clamp")
-            .map(|s| s.bytes)
-            .sum();
-        let mut written = 0;
-        let outcome = if patches.is_empty() {
-            StepOutcome::skipped("nothing to write")
-        } else if options.dry_run {
-            StepOutcome::skipped(format!(
-                "dry run: {} patches would change {planned} bytes",
-                patches.len()
-            ))
-        } else {
-            let before = live.stats().bytes_written;
-            let count = patches.len();
-            let ids = live.apply_all(patches)?;
-            written = live.stats().bytes_written - before;
-            report.undo.journal_transaction =
-                ids.first().and_then(|id| live.journal_transaction(*id));
-            report.undo.memory_patches = ids;
-            StepOutcome::ok(
-                format!(
-                    "{count} patches in one transaction{}",
-                    report
-                        .undo
-                        .journal_transaction
-                        .map_or(String::new(), |t| format!(" (journal transaction {t})"))
-                ),
-                planned,
-            )
-        };
-        report.push("write", Tier::Memory, started, outcome);
 
         let started = Instant::now();
         let outcome = match (self.server(), &options.server) {
@@ -426,13 +437,17 @@ impl Manager {
         };
         report.push("server_rules", Tier::Server, started, outcome);
         if !report.succeeded() {
-            for id in report.undo.memory_patches.iter().rev() {
-                live.revert(*id)?;
-            }
+            let patches = std::mem::take(&mut report.undo.memory_patches);
+            self.change(id, |live| {
+                for patch in patches.iter().rev() {
+                    live.revert(*patch)?;
+                }
+                Ok(())
+            })?;
             report.undo = Default::default();
             return Ok(report);
         }
-        self.completed(&report, written);
+        self.completed(&report);
         Ok(report)
     }
 

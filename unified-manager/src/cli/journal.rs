@@ -159,7 +159,10 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
 pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
     if args.dry_run {
         if !byte_tier::journal_path(&args.file).exists() {
-            println!("dry run: nothing to recover: {} has no journal", args.file.display());
+            println!(
+                "dry run: nothing to recover: {} has no journal",
+                args.file.display()
+            );
             return Ok(());
         }
         let journal = Journal::open_read_only(&args.file)?;

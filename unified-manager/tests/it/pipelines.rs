@@ -613,3 +613,49 @@ fn safety_adds_server_rules_through_the_admin_api_and_removes_them_on_revert() {
     assert!(!control.cache().enabled);
     runtime.block_on(proxy.shutdown()).unwrap();
 }
+
+#[test]
+fn one_manager_serves_many_threads() {
+    use memory_tier::{MemoryPatch, PatchTarget, Payload, ValueTransform};
+    let dir = tempfile::tempdir().unwrap();
+    let model = demo_model(dir.path());
+    let before = std::fs::read(&model).unwrap();
+    let manager = std::sync::Arc::new(Manager::new());
+    let id = manager.attach(&model, AttachMode::Shared).unwrap();
+    let scale = |block: u32, round: u32| {
+        unified_manager::Patch::Memory(MemoryPatch::new(
+            format!("t{block}-{round}"),
+            PatchTarget::Tensor {
+                name: format!("blk.{block}.ffn_norm.weight"),
+                elements: None,
+            },
+            Payload::Transform(ValueTransform::Scale(0.5)),
+        ))
+    };
+    // One apply and revert per block alone gives each block's byte count.
+    let mut per_round = 0;
+    for block in 0..4 {
+        let before = manager.stats().bytes_modified;
+        let receipt = manager.apply(id, scale(block, 99)).unwrap();
+        manager.revert(id, &receipt).unwrap();
+        per_round += manager.stats().bytes_modified - before;
+    }
+    let threads: Vec<_> = (0..4)
+        .map(|block| {
+            let manager = std::sync::Arc::clone(&manager);
+            std::thread::spawn(move || {
+                for round in 0..20 {
+                    let receipt = manager.apply(id, scale(block, round)).unwrap();
+                    manager.revert(id, &receipt).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let stats = manager.stats();
+    assert_eq!((stats.patches_applied, stats.patches_reverted), (84, 84));
+    assert_eq!(stats.bytes_modified, 21 * per_round);
+    assert!(std::fs::read(&model).unwrap() == before);
+}
