@@ -361,3 +361,123 @@ fn queries_answer_json_and_writers_take_a_dry_run() {
         "a dry run changed the model"
     );
 }
+
+/// `hotpatch serve` in front of an upstream that is not there: its admin API still
+/// edits rules.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_preset_and_the_safety_pipeline_reach_a_running_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    let model = demo(dir.path());
+    let model = model.to_str().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let port = tests::free_port();
+    let _serve = Serve(
+        Command::new(HOTPATCH)
+            .args(["serve", "--upstream", "http://127.0.0.1:9", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-token-file")
+            .arg(&token)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let rules = || -> Vec<String> {
+        let mut response = agent
+            .get(&format!("{base}/admin/rules"))
+            .header("Authorization", "Bearer t0ken")
+            .call()
+            .unwrap();
+        let value: Json = response.body_mut().read_json().unwrap();
+        let list = value.get("rules").cloned().unwrap_or(value);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tests::http_request(port, "GET", "/metrics", None).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hotpatch serve did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let file = dir.path().join("ruled.toml");
+    std::fs::write(
+        &file,
+        "name = \"ruled\"\nversion = 1\n[[server_rule]]\nname = \"cap\"\naction = { type = \"clamp\", key = \"max_tokens\", max = 64.0 }\n",
+    )
+    .unwrap();
+    ok(&["preset", "save", file.to_str().unwrap()], &config);
+    let server = [
+        "--server",
+        base.as_str(),
+        "--admin-token-file",
+        token.to_str().unwrap(),
+    ];
+    let mut args = vec!["preset", "apply", "ruled", model];
+    args.extend(server);
+    ok(&args, &config);
+    assert_eq!(rules(), ["cap"]);
+
+    let mut args = vec![
+        "safety",
+        model,
+        "--max-tokens",
+        "128",
+        "--redact",
+        "hunter2",
+    ];
+    args.extend(server);
+    let text = ok(&args, &config);
+    assert!(text.contains("safety-max-tokens"), "{text}");
+    assert_eq!(
+        rules(),
+        [
+            "cap",
+            "safety-max-tokens",
+            "safety-n-predict",
+            "safety-redact-1"
+        ]
+    );
+    // A wrong token: the step fails, the command exits 1, nothing is added.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "nope").unwrap();
+    let output = run(
+        &[
+            "preset",
+            "apply",
+            "ruled",
+            model,
+            "--server",
+            &base,
+            "--admin-token-file",
+            wrong.to_str().unwrap(),
+        ],
+        &config,
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("401"),
+        "{output:?}"
+    );
+}
