@@ -64,6 +64,17 @@ fn non_finite_count(path: &Path) -> u64 {
         .sum()
 }
 
+/// Attaches `model` (shared) to a new manager and runs the safety pipeline on it.
+fn run_safety(
+    model: &Path,
+    options: SafetyOptions,
+) -> (Manager, unified_manager::ModelId, PipelineReport) {
+    let manager = Manager::new();
+    let id = manager.attach(model, AttachMode::Shared).unwrap();
+    let report = manager.safety(id, &options).unwrap();
+    (manager, id, report)
+}
+
 macro_rules! snapshot_report {
     ($name:expr, $report:expr) => {
         insta::assert_json_snapshot!($name, $report, {
@@ -84,18 +95,14 @@ fn safety_repairs_and_clamps_in_one_unit_and_reverts_it() {
     let before = std::fs::read(&model).unwrap();
     assert_eq!(non_finite_count(&model), 1 + 1 + 32);
 
-    let manager = Manager::new();
-    let id = manager.attach(&model, AttachMode::Shared).unwrap();
-    let report = manager
-        .safety(
-            id,
-            &SafetyOptions {
-                repair: Some(Repair::Zero),
-                outlier_sigmas: Some(1.5),
-                ..SafetyOptions::default()
-            },
-        )
-        .unwrap();
+    let (manager, id, report) = run_safety(
+        &model,
+        SafetyOptions {
+            repair: Some(Repair::Zero),
+            outlier_sigmas: Some(1.5),
+            ..SafetyOptions::default()
+        },
+    );
     assert!(report.succeeded(), "{report:#?}");
     for step in ["scan", "repair", "outlier_clamp", "write"] {
         assert_ok(&report, step);
@@ -133,18 +140,14 @@ fn safety_stops_at_a_manifest_mismatch_and_writes_nothing() {
     };
     plant_non_finite(&model);
     let before = std::fs::read(&model).unwrap();
-    let manager = Manager::new();
-    let id = manager.attach(&model, AttachMode::Shared).unwrap();
-    let report = manager
-        .safety(
-            id,
-            &SafetyOptions {
-                repair: Some(Repair::Zero),
-                manifest: Some(manifest),
-                ..SafetyOptions::default()
-            },
-        )
-        .unwrap();
+    let (_manager, _, report) = run_safety(
+        &model,
+        SafetyOptions {
+            repair: Some(Repair::Zero),
+            manifest: Some(manifest),
+            ..SafetyOptions::default()
+        },
+    );
     assert!(!report.succeeded());
     assert!(matches!(
         &report.step("integrity").unwrap().result,
@@ -161,18 +164,14 @@ fn safety_dry_run_plans_without_writing() {
     let model = demo_model(dir.path());
     plant_non_finite(&model);
     let before = std::fs::read(&model).unwrap();
-    let manager = Manager::new();
-    let id = manager.attach(&model, AttachMode::Shared).unwrap();
-    let report = manager
-        .safety(
-            id,
-            &SafetyOptions {
-                repair: Some(Repair::Clamp),
-                dry_run: true,
-                ..SafetyOptions::default()
-            },
-        )
-        .unwrap();
+    let (_manager, _, report) = run_safety(
+        &model,
+        SafetyOptions {
+            repair: Some(Repair::Clamp),
+            dry_run: true,
+            ..SafetyOptions::default()
+        },
+    );
     assert!(step_bytes(&report, "repair") > 0);
     assert!(matches!(
         report.step("write").unwrap().result,
@@ -187,18 +186,14 @@ fn safety_on_the_real_model() {
     let model = dir.path().join("model.gguf");
     std::fs::copy(tests::real_model(), &model).unwrap();
     let before = std::fs::read(&model).unwrap();
-    let manager = Manager::new();
-    let id = manager.attach(&model, AttachMode::Shared).unwrap();
-    let report = manager
-        .safety(
-            id,
-            &SafetyOptions {
-                repair: Some(Repair::Zero),
-                outlier_sigmas: Some(30.0),
-                ..SafetyOptions::default()
-            },
-        )
-        .unwrap();
+    let (manager, id, report) = run_safety(
+        &model,
+        SafetyOptions {
+            repair: Some(Repair::Zero),
+            outlier_sigmas: Some(30.0),
+            ..SafetyOptions::default()
+        },
+    );
     assert!(report.succeeded(), "{report:#?}");
     let after = std::fs::read(&model).unwrap();
     assert_eq!(
