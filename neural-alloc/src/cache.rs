@@ -63,14 +63,17 @@ const MODE_ACTIVE: u8 = 2;
 /// Cache mode: the thread is exiting; bypass the cache from now on.
 const MODE_EXITED: u8 = 3;
 
-/// An intrusive singly linked list of free blocks of one class.
+/// An intrusive singly linked list of free blocks of one class, with the class's pending
+/// counters beside it: a cache hit touches this one cache line and nothing else of the
+/// thread's state.
+#[repr(align(64))]
 pub(crate) struct ClassCache {
     pub(crate) head: Cell<*mut u8>,
     pub(crate) count: Cell<usize>,
+    pub(crate) deltas: Deltas,
 }
 
 /// Counters of one class kept per thread and added to the shared atomics in batches.
-#[derive(Default)]
 pub(crate) struct Deltas {
     pub(crate) allocations: Cell<u64>,
     pub(crate) frees: Cell<u64>,
@@ -106,7 +109,6 @@ impl Deltas {
 /// One instance's caches on one thread.
 pub(crate) struct SlotCache {
     pub(crate) classes: [ClassCache; CLASS_COUNT],
-    pub(crate) deltas: [Deltas; CLASS_COUNT],
 }
 
 impl SlotCache {
@@ -116,9 +118,9 @@ impl SlotCache {
                 ClassCache {
                     head: Cell::new(ptr::null_mut()),
                     count: Cell::new(0),
+                    deltas: Deltas::new(),
                 }
             }; CLASS_COUNT],
-            deltas: [const { Deltas::new() }; CLASS_COUNT],
         }
     }
 }
@@ -188,6 +190,25 @@ pub(crate) unsafe fn current_slot<'a>(slot: usize) -> Option<&'a SlotCache> {
     usable.then_some(cache)
 }
 
+/// This thread's cache of `class` for `slot`, for the hit paths: one thread-local
+/// access, no registration. `None` when the instance has no slot.
+///
+/// Caches of a thread whose caching is not active (not yet registered, or exiting) are
+/// empty, so popping from the returned cache is always right. The flag returned with it
+/// says whether caching is active, which a push needs.
+///
+/// # Safety
+///
+/// - As for [`current_slot`].
+#[inline(always)]
+pub(crate) unsafe fn class_cache<'a>(slot: usize, class: usize) -> Option<(&'a ClassCache, bool)> {
+    let thread = THREAD.try_with(ptr::from_ref).ok()?;
+    // SAFETY: as in `current_slot`.
+    let thread = unsafe { &*thread };
+    let cache = thread.slots.get(slot)?.classes.get(class)?;
+    Some((cache, thread.mode.get() == MODE_ACTIVE))
+}
+
 /// Registers the exit flush on this thread's first cache use; returns whether caching
 /// can be used. The cache is bypassed while registering, in case that allocates.
 #[cold]
@@ -206,7 +227,7 @@ pub(crate) fn flush_deltas(state: &State, slot: usize) {
     let _ = THREAD.try_with(|thread| {
         if let Some(cache) = thread.slots.get(slot) {
             for class in 0..CLASS_COUNT {
-                state.publish(class, &cache.deltas[class]);
+                state.publish(class, &cache.classes[class].deltas);
             }
         }
     });

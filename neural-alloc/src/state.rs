@@ -466,7 +466,7 @@ impl State {
                 // pool that the exiting thread's cache owned.
                 unsafe { self.take_back(class, chain, count) };
             }
-            self.publish(class, &cache.deltas[class]);
+            self.publish(class, &class_cache.deltas);
         }
     }
 
