@@ -271,18 +271,30 @@ impl State {
             // SAFETY: the slab belongs to this pool and the pool lock is held, so its
             // lock-guarded fields are ours; blocks taken are free and unshared.
             unsafe {
-                while given < want {
-                    let block = if !(*header).free_head.is_null() {
-                        let block = (*header).free_head;
-                        (*header).free_head = block.cast::<*mut u8>().read();
-                        block
-                    } else if (*header).bump < geometry.block_count {
-                        let block = slab::block_at(slab, geometry, (*header).bump).as_ptr();
-                        (*header).bump += 1;
-                        block
-                    } else {
-                        break;
-                    };
+                // The slab's free list is already a chain: a run of it is cut off and
+                // put in front of ours with a single link write.
+                let run_head = (*header).free_head;
+                if !run_head.is_null() {
+                    let mut last = run_head;
+                    let mut taken = 1;
+                    while taken < want - given {
+                        let next = last.cast::<*mut u8>().read();
+                        if next.is_null() {
+                            break;
+                        }
+                        last = next;
+                        taken += 1;
+                    }
+                    (*header).free_head = last.cast::<*mut u8>().read();
+                    last.cast::<*mut u8>().write(head);
+                    head = run_head;
+                    (*header).handed_out += taken;
+                    given += taken;
+                }
+                // Then blocks never handed out, which have no link yet.
+                while given < want && (*header).bump < geometry.block_count {
+                    let block = slab::block_at(slab, geometry, (*header).bump).as_ptr();
+                    (*header).bump += 1;
                     (*header).handed_out += 1;
                     block.cast::<*mut u8>().write(head);
                     head = block;
@@ -312,14 +324,35 @@ impl State {
     ///   `class` pool, handed out by `refill` and owned by the caller.
     pub(crate) unsafe fn take_back(&self, class: usize, chain: *mut u8, count: usize) {
         let mut lists = self.pools[class].lock();
+        let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
         let mut cursor = chain;
-        while let Some(block) = NonNull::new(cursor) {
-            // SAFETY: the caller hands over these blocks, each with its next link in its
-            // first word; the pool lock is held.
-            unsafe {
-                cursor = block.cast::<*mut u8>().read();
-                self.return_block(&mut lists, class, block, block);
+        while let Some(first) = NonNull::new(cursor) {
+            // Blocks handed out by `refill` lie in slabs of ours, so masking finds the
+            // slab without a registry lookup.
+            let slab = slab::base_of(first);
+            // Consecutive blocks of one slab are already linked to each other: they go
+            // back as one run, with one link written and the header updated once.
+            let mut last = first;
+            let mut run = 1;
+            loop {
+                // SAFETY: the caller hands over these blocks, each with its next link in
+                // its first word.
+                let next = unsafe { last.cast::<*mut u8>().read() };
+                match NonNull::new(next) {
+                    Some(next) if slab::base_of(next) == slab => {
+                        last = next;
+                        run += 1;
+                    }
+                    _ => {
+                        cursor = next;
+                        break;
+                    }
+                }
             }
+            // SAFETY: the run `first..=last` holds `run` linked free blocks of `slab`,
+            // owned by the caller; the pool lock is held; `last` has the slab's
+            // provenance.
+            unsafe { self.return_run(&mut lists, slab, first, last, run, release) };
         }
         drop(lists);
         self.after_take_back(class, count);
@@ -339,39 +372,44 @@ impl State {
         writer: NonNull<u8>,
     ) {
         let mut lists = self.pools[class].lock();
+        let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
+        let slab = slab::base_of(block);
         // SAFETY: as required of our caller; the pool lock is held.
-        unsafe { self.return_block(&mut lists, class, block, writer) };
+        unsafe { self.return_run(&mut lists, slab, block, writer, 1, release) };
         drop(lists);
         self.after_take_back(class, 1);
     }
 
-    /// Puts one block on its slab's free list and releases the slab if that empties it
-    /// and the policy says so.
+    /// Puts a run of `run` blocks of one slab, linked from `first` to the block whose
+    /// link `last_writer` writes, at the front of the slab's free list, and releases the
+    /// slab if that empties it and `release` says so.
     ///
     /// # Safety
     ///
-    /// - The lock of `class`'s pool must be held (`lists` is its guard's contents).
-    /// - `block` must be a free block of a slab of that pool, owned by the caller;
-    ///   `writer` must have its address and may write its first word.
-    unsafe fn return_block(
+    /// - The lock of the pool of `slab`'s class must be held (`lists` is its guard's
+    ///   contents).
+    /// - The run must be free blocks of `slab`, a slab of this instance, owned by the caller
+    ///   and linked through their first words; `last_writer` must have the address of
+    ///   the run's last block and may write its first word.
+    unsafe fn return_run(
         &self,
         lists: &mut PoolLists,
-        class: usize,
-        block: NonNull<u8>,
-        writer: NonNull<u8>,
+        slab: NonNull<SlabHeader>,
+        first: NonNull<u8>,
+        last_writer: NonNull<u8>,
+        run: usize,
+        release: bool,
     ) {
-        let pool = &self.pools[class];
-        let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
-        // Blocks handed out by `refill` lie in slabs of ours, so masking finds the slab
-        // without a registry lookup.
-        let slab = slab::base_of(block);
         let header = slab.as_ptr();
         // SAFETY: the slab is live and ours and the pool lock is held, so its
-        // lock-guarded fields are ours to change; the block is ours to link.
+        // lock-guarded fields are ours to change (`class` never changes); the blocks are
+        // ours to link.
         unsafe {
-            writer.cast::<*mut u8>().write((*header).free_head);
-            (*header).free_head = block.as_ptr();
-            (*header).handed_out -= 1;
+            let class = (*header).class;
+            let pool = &self.pools[class];
+            last_writer.cast::<*mut u8>().write((*header).free_head);
+            (*header).free_head = first.as_ptr();
+            (*header).handed_out -= run;
             if !(*header).in_partial {
                 link_partial(lists, slab);
             }
