@@ -149,12 +149,10 @@ impl State {
         let class = class_for(size, align)?;
         // SAFETY: the reference is used only within this call, on this thread.
         let (class_cache, _) = unsafe { cache::class_cache(self.slot, class) }?;
-        let block = cache::pop(class_cache)?;
-        let deltas = &class_cache.deltas;
-        deltas.allocations.set(deltas.allocations.get() + 1);
-        deltas
-            .bytes_allocated
-            .set(deltas.bytes_allocated.get() + size as u64);
+        if !class_cache.allocations_have_room() {
+            return None;
+        }
+        let block = class_cache.pop_allocation(size)?;
         // SAFETY: the block was just taken from this thread's cache of `class`, so it is
         // a free block of a live slab of this instance's pool, and it is ours alone.
         unsafe { self.prepare_block(class, block, size, flags, None) };
@@ -187,18 +185,12 @@ impl State {
     ) -> Result<NonNull<u8>, AllocError> {
         // SAFETY: the reference is used only within this call, on this thread.
         let cached = unsafe { cache::current_slot(self.slot) }.map(|slot| {
-            let deltas = &slot.classes[class].deltas;
-            let block = match cache::pop(&slot.classes[class]) {
-                Some(block) => Some(block),
-                None => self.refill_cache(class, slot),
-            };
-            if block.is_some() {
-                deltas.allocations.set(deltas.allocations.get() + 1);
-                deltas
-                    .bytes_allocated
-                    .set(deltas.bytes_allocated.get() + size as u64);
+            let class_cache = &slot.classes[class];
+            self.publish_if_due(class, class_cache);
+            if class_cache.head.get().is_null() {
+                self.refill_cache(class, class_cache)?;
             }
-            block
+            class_cache.pop_allocation(size)
         });
         let block = match cached {
             Some(Some(block)) => block,
@@ -217,18 +209,18 @@ impl State {
         Ok(block)
     }
 
-    /// Refills an empty thread cache from the shared pool and takes one block.
+    /// Refills an empty thread cache from the shared pool; `None` when the system is out
+    /// of memory.
     #[cold]
     #[inline(never)]
-    fn refill_cache(&self, class: usize, slot: &cache::SlotCache) -> Option<NonNull<u8>> {
-        let deltas = &slot.classes[class].deltas;
-        self.publish_if_due(class, deltas);
-        deltas.cache_misses.set(deltas.cache_misses.get() + 1);
+    fn refill_cache(&self, class: usize, class_cache: &cache::ClassCache) -> Option<()> {
+        class_cache
+            .cache_misses
+            .set(class_cache.cache_misses.get() + 1);
         let (chain, count) = self.refill(class, batch_len(class))?;
-        let class_cache = &slot.classes[class];
         class_cache.head.set(chain.as_ptr());
-        class_cache.count.set(count);
-        cache::pop(class_cache)
+        class_cache.set_len(count);
+        Some(())
     }
 
     /// Checks the poison of a reused block, writes the guard and the tracking record, and
@@ -520,19 +512,14 @@ impl State {
         let Some((class_cache, active)) = (unsafe { cache::class_cache(self.slot, class) }) else {
             return false;
         };
-        if !active || class_cache.count.get() >= cache_capacity(class) {
+        if !active || !class_cache.frees_have_room() || class_cache.len() >= cache_capacity(class) {
             return false;
         }
         state_word.store(word::FREE | size as u32, Ordering::Release);
         // SAFETY: the block was just marked free and belongs to this instance's `class`
         // pool; blocks are at least 64 bytes and 64-byte aligned; `pointer` has the
         // block's address.
-        unsafe { cache::push(class_cache, block, pointer) };
-        let deltas = &class_cache.deltas;
-        deltas.frees.set(deltas.frees.get() + 1);
-        deltas
-            .bytes_freed
-            .set(deltas.bytes_freed.get() + size as u64);
+        unsafe { class_cache.push_free(block, pointer, size) };
         true
     }
 
@@ -622,9 +609,8 @@ impl State {
     /// Sends a batch of a full thread cache back to the shared pool.
     #[cold]
     #[inline(never)]
-    fn flush_batch(&self, class: usize, slot: &cache::SlotCache) {
-        self.publish_if_due(class, &slot.classes[class].deltas);
-        let (chain, count) = cache::take_chain(&slot.classes[class], batch_len(class));
+    fn flush_batch(&self, class: usize, class_cache: &cache::ClassCache) {
+        let (chain, count) = cache::take_chain(class_cache, batch_len(class));
         // SAFETY: the chain holds free blocks of this pool owned by the cache.
         unsafe { self.take_back(class, chain, count) };
     }
@@ -635,20 +621,16 @@ impl State {
         // SAFETY: the reference is used only within this call, on this thread.
         if let Some(slot) = unsafe { cache::current_slot(self.slot) } {
             let class_cache = &slot.classes[class];
-            let deltas = &slot.classes[class].deltas;
+            self.publish_if_due(class, class_cache);
             // Flush before pushing, so the batch sent back never holds the block being
             // freed, whose bytes may only be written through `user` during this call.
-            if class_cache.count.get() >= cache_capacity(class) {
-                self.flush_batch(class, slot);
+            if class_cache.len() >= cache_capacity(class) {
+                self.flush_batch(class, class_cache);
             }
             // SAFETY: the block was just marked free and belongs to this instance's
             // `class` pool; blocks are at least 64 bytes and 64-byte aligned; `user`
             // has the block's address.
-            unsafe { cache::push(class_cache, block, user) };
-            deltas.frees.set(deltas.frees.get() + 1);
-            deltas
-                .bytes_freed
-                .set(deltas.bytes_freed.get() + size as u64);
+            unsafe { class_cache.push_free(block, user, size) };
         } else {
             // SAFETY: a free block of this pool that we own, `user` at its address.
             unsafe { self.take_back_one(class, block, user) };
@@ -767,9 +749,8 @@ impl State {
         unsafe { cache::current_slot(self.slot) }
             .map(|slot| {
                 let class_cache = &slot.classes[class];
-                while class_cache.count.get() < want {
-                    let Some((chain, taken)) = self.refill(class, want - class_cache.count.get())
-                    else {
+                while class_cache.len() < want {
+                    let Some((chain, taken)) = self.refill(class, want - class_cache.len()) else {
                         break;
                     };
                     // Append the existing list after the new chain's tail.
@@ -782,9 +763,9 @@ impl State {
                         tail.cast::<*mut u8>().write(class_cache.head.get());
                     }
                     class_cache.head.set(chain.as_ptr());
-                    class_cache.count.set(class_cache.count.get() + taken);
+                    class_cache.set_len(class_cache.len() + taken);
                 }
-                class_cache.count.get()
+                class_cache.len()
             })
             .unwrap_or(0)
     }

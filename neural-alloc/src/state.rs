@@ -10,7 +10,7 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::cache::{self, Deltas, MAX_SLOTS, SLOT_OWNERS, SlotCache};
+use crate::cache::{self, ClassCache, MAX_SLOTS, Pending, SLOT_OWNERS, SlotCache};
 use crate::class::{CLASS_COUNT, GEOMETRY};
 use crate::large::LargeTable;
 use crate::report::{CorruptionAction, ReportLog};
@@ -431,14 +431,14 @@ impl State {
     }
 
     /// Adds a thread's pending counters of `class` to the shared ones.
-    pub(crate) fn publish(&self, class: usize, deltas: &Deltas) {
-        let [
+    pub(crate) fn publish(&self, class: usize, class_cache: &ClassCache) {
+        let Pending {
             allocations,
             frees,
             bytes_allocated,
             bytes_freed,
             cache_misses,
-        ] = deltas.take();
+        } = class_cache.take_pending();
         if allocations == 0 && frees == 0 {
             return;
         }
@@ -449,13 +449,17 @@ impl State {
             .fetch_add(cache_hits, Ordering::Relaxed);
     }
 
-    /// Publishes a thread's pending counters once enough have piled up: every shared
+    /// Publishes a thread's pending counters once enough have piled up (every shared
     /// counter update is a locked instruction, which costs more than the allocations it
-    /// counts when done on every refill.
+    /// counts when done on every refill), or when a packed counter word is about to
+    /// fill up.
     #[inline]
-    pub(crate) fn publish_if_due(&self, class: usize, deltas: &Deltas) {
-        if deltas.allocations.get() + deltas.frees.get() >= PUBLISH_EVERY {
-            self.publish(class, deltas);
+    pub(crate) fn publish_if_due(&self, class: usize, class_cache: &ClassCache) {
+        if class_cache.pending_operations() >= PUBLISH_EVERY
+            || !class_cache.allocations_have_room()
+            || !class_cache.frees_have_room()
+        {
+            self.publish(class, class_cache);
         }
     }
 
@@ -504,7 +508,7 @@ impl State {
                 // pool that the exiting thread's cache owned.
                 unsafe { self.take_back(class, chain, count) };
             }
-            self.publish(class, &class_cache.deltas);
+            self.publish(class, class_cache);
         }
     }
 
