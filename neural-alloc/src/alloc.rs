@@ -610,9 +610,8 @@ impl State {
     #[cold]
     #[inline(never)]
     fn flush_batch(&self, class: usize, class_cache: &cache::ClassCache) {
-        let (chain, count) = cache::take_chain(class_cache, batch_len(class));
-        // SAFETY: the chain holds free blocks of this pool owned by the cache.
-        unsafe { self.take_back(class, chain, count) };
+        // SAFETY: the calling thread's own cache of `class`.
+        unsafe { self.take_back_from_cache(class, class_cache, batch_len(class)) };
     }
 
     /// Puts a freed block into this thread's cache, or the shared pool without one.

@@ -324,9 +324,58 @@ impl State {
     ///   `class` pool, handed out by `refill` and owned by the caller.
     pub(crate) unsafe fn take_back(&self, class: usize, chain: *mut u8, count: usize) {
         let mut lists = self.pools[class].lock();
+        // SAFETY: as required of our caller; the pool lock is held.
+        unsafe { self.return_chain(&mut lists, chain, usize::MAX) };
+        drop(lists);
+        self.after_take_back(class, count);
+    }
+
+    /// Takes back up to `count` blocks from the front of a thread's cache of `class`, in
+    /// one walk of the list, and leaves the rest in the cache.
+    ///
+    /// # Safety
+    ///
+    /// - `class_cache` must be the calling thread's cache of `class` for this instance.
+    pub(crate) unsafe fn take_back_from_cache(
+        &self,
+        class: usize,
+        class_cache: &ClassCache,
+        count: usize,
+    ) {
+        let mut lists = self.pools[class].lock();
+        // SAFETY: the cache holds free blocks of this instance's `class` pool that it
+        // owns, linked through their first words and ending in null; the pool lock is
+        // held.
+        let (rest, returned) =
+            unsafe { self.return_chain(&mut lists, class_cache.head.get(), count) };
+        class_cache.head.set(rest);
+        class_cache.set_len(class_cache.len() - returned);
+        drop(lists);
+        self.after_take_back(class, returned);
+    }
+
+    /// Puts up to `limit` blocks from the front of `chain` back on their slabs' free
+    /// lists; returns the rest of the chain and how many blocks went back.
+    ///
+    /// # Safety
+    ///
+    /// - The lock of the pool of the chain's class must be held (`lists` is its guard's
+    ///   contents).
+    /// - Every block of the chain must be a free block of a slab of that pool, handed
+    ///   out by `refill` and owned by the caller, linked through its first word, the
+    ///   last link null; blocks past the first `limit` stay the caller's.
+    unsafe fn return_chain(
+        &self,
+        lists: &mut PoolLists,
+        chain: *mut u8,
+        limit: usize,
+    ) -> (*mut u8, usize) {
         let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
         let mut cursor = chain;
-        while let Some(first) = NonNull::new(cursor) {
+        let mut returned = 0;
+        while returned < limit
+            && let Some(first) = NonNull::new(cursor)
+        {
             // Blocks handed out by `refill` lie in slabs of ours, so masking finds the
             // slab without a registry lookup.
             let slab = slab::base_of(first);
@@ -339,7 +388,7 @@ impl State {
                 // its first word.
                 let next = unsafe { last.cast::<*mut u8>().read() };
                 match NonNull::new(next) {
-                    Some(next) if slab::base_of(next) == slab => {
+                    Some(next) if returned + run < limit && slab::base_of(next) == slab => {
                         last = next;
                         run += 1;
                     }
@@ -351,11 +400,11 @@ impl State {
             }
             // SAFETY: the run `first..=last` holds `run` linked free blocks of `slab`,
             // owned by the caller; the pool lock is held; `last` has the slab's
-            // provenance.
-            unsafe { self.return_run(&mut lists, slab, first, last, run, release) };
+            // provenance. Its link is rewritten after `cursor` was read from it.
+            unsafe { self.return_run(lists, slab, first, last, run, release) };
+            returned += run;
         }
-        drop(lists);
-        self.after_take_back(class, count);
+        (cursor, returned)
     }
 
     /// Takes back one free block of `class`, writing its link through `writer` (the
