@@ -128,6 +128,46 @@ impl State {
         align: usize,
         site: Site,
     ) -> Result<NonNull<u8>, AllocError> {
+        match self.try_allocate_cached(size, align) {
+            Some(block) => Ok(block),
+            None => self.allocate_uncached(size, align, site),
+        }
+    }
+
+    /// The hit path of an allocation: a pooled size, tracking and poisoning off (one
+    /// branch on the settings word), and a block in this thread's cache. Changes nothing
+    /// when it returns `None`; the caller then takes [`Self::allocate_uncached`].
+    ///
+    /// Nothing here can panic, so the `GlobalAlloc` adapter calls it without its unwind
+    /// guard.
+    #[inline(always)]
+    pub(crate) fn try_allocate_cached(&self, size: usize, align: usize) -> Option<NonNull<u8>> {
+        let flags = self.flags.load(Ordering::Relaxed);
+        if flags & (flag::TRACKING | flag::POISON) != 0 {
+            return None;
+        }
+        let class = class_for(size, align)?;
+        // SAFETY: the reference is used only within this call, on this thread.
+        let (class_cache, _) = unsafe { cache::class_cache(self.slot, class) }?;
+        if !class_cache.allocations_have_room() {
+            return None;
+        }
+        let block = class_cache.pop_allocation(size)?;
+        // SAFETY: the block was just taken from this thread's cache of `class`, so it is
+        // a free block of a live slab of this instance's pool, and it is ours alone.
+        unsafe { self.prepare_block(class, block, size, flags, None) };
+        Some(block)
+    }
+
+    /// Allocates when the hit path cannot: large requests, tracking or poisoning on, an
+    /// empty thread cache, a thread without caching.
+    #[inline(never)]
+    pub(crate) fn allocate_uncached(
+        &self,
+        size: usize,
+        align: usize,
+        site: Site,
+    ) -> Result<NonNull<u8>, AllocError> {
         let flags = self.flags.load(Ordering::Relaxed);
         match class_for(size, align) {
             Some(class) => self.allocate_pooled(class, size, flags, site),
@@ -145,18 +185,12 @@ impl State {
     ) -> Result<NonNull<u8>, AllocError> {
         // SAFETY: the reference is used only within this call, on this thread.
         let cached = unsafe { cache::current_slot(self.slot) }.map(|slot| {
-            let deltas = &slot.deltas[class];
-            let block = match cache::pop(&slot.classes[class]) {
-                Some(block) => Some(block),
-                None => self.refill_cache(class, slot),
-            };
-            if block.is_some() {
-                deltas.allocations.set(deltas.allocations.get() + 1);
-                deltas
-                    .bytes_allocated
-                    .set(deltas.bytes_allocated.get() + size as u64);
+            let class_cache = &slot.classes[class];
+            self.publish_if_due(class, class_cache);
+            if class_cache.head.get().is_null() {
+                self.refill_cache(class, class_cache)?;
             }
-            block
+            class_cache.pop_allocation(size)
         });
         let block = match cached {
             Some(Some(block)) => block,
@@ -175,18 +209,18 @@ impl State {
         Ok(block)
     }
 
-    /// Refills an empty thread cache from the shared pool and takes one block.
+    /// Refills an empty thread cache from the shared pool; `None` when the system is out
+    /// of memory.
     #[cold]
     #[inline(never)]
-    fn refill_cache(&self, class: usize, slot: &cache::SlotCache) -> Option<NonNull<u8>> {
-        let deltas = &slot.deltas[class];
-        self.publish_if_due(class, deltas);
-        deltas.cache_misses.set(deltas.cache_misses.get() + 1);
+    fn refill_cache(&self, class: usize, class_cache: &cache::ClassCache) -> Option<()> {
+        class_cache
+            .cache_misses
+            .set(class_cache.cache_misses.get() + 1);
         let (chain, count) = self.refill(class, batch_len(class))?;
-        let class_cache = &slot.classes[class];
         class_cache.head.set(chain.as_ptr());
-        class_cache.count.set(count);
-        cache::pop(class_cache)
+        class_cache.set_len(count);
+        Some(())
     }
 
     /// Checks the poison of a reused block, writes the guard and the tracking record, and
@@ -426,53 +460,76 @@ impl State {
     }
 
     /// Frees `pointer`.
-    ///
-    /// The common case, a live untracked block of ours with its guard intact, is
-    /// handled inline; everything else (large blocks, tracking, poisoning, reports) takes
-    /// the out-of-line path, which repeats the lookup with every check.
-    #[inline(always)]
+    #[inline]
     pub(crate) fn deallocate(&self, pointer: NonNull<u8>, site: Site) -> Result<(), AllocError> {
-        if let Some(slab) = slab::containing(pointer.as_ptr()) {
-            // The caller's pointer may only reach its own bytes: the header and guard are
-            // read through the slab's pointer, and the cache keeps that one.
-            let user = pointer;
-            let pointer = slab::with_slab_provenance(slab, pointer);
-            let header = slab.as_ptr();
-            // SAFETY: the registry lists only live slabs, whose `owner` and `class` never
-            // change after creation.
-            let (owner, class) = unsafe { ((*header).owner, (*header).class) };
-            if ptr::eq(owner, self)
-                && class < CLASS_COUNT
-                && let Position::BlockStart(index) =
-                    slab::position(slab, &GEOMETRY[class], pointer.as_ptr())
-            {
-                // SAFETY: live slab, index in range as checked by `position`.
-                let state_word = unsafe { slab::state_word(slab, index) };
-                let old_word = state_word.load(Ordering::Acquire);
-                let size = (old_word & word::SIZE_MASK) as usize;
-                let plain = old_word & (word::STATE_MASK | word::TRACKED | word::POISON_ON_FREE)
-                    == word::LIVE;
-                // Short-circuits: the guard is read only for live guarded blocks.
-                let freeable = plain
-                    && (old_word & word::GUARDED == 0 || {
-                        // SAFETY: a live block of ours, so the guard after `size` lies
-                        // inside it.
-                        unsafe { guard_intact(pointer, size) }
-                    });
-                if freeable {
-                    state_word.store(word::FREE | size as u32, Ordering::Release);
-                    self.give_back(class, pointer, user, size);
-                    return Ok(());
-                }
-            }
-            return self.deallocate_checked(user, site);
+        if self.try_deallocate_cached(pointer) {
+            return Ok(());
         }
         self.deallocate_checked(pointer, site)
     }
 
+    /// The hit path of a free: a live pooled block of ours, untracked and not to be
+    /// poisoned, with its guard intact (one word compared), going into this thread's
+    /// cache, which has room. Returns `false` without changing anything otherwise; the
+    /// caller then takes [`Self::deallocate_checked`], which repeats every check and
+    /// reports what is wrong.
+    ///
+    /// Nothing here can panic, so the `GlobalAlloc` adapter calls it without its unwind
+    /// guard.
+    #[inline(always)]
+    pub(crate) fn try_deallocate_cached(&self, pointer: NonNull<u8>) -> bool {
+        let Some(slab) = slab::containing(pointer.as_ptr()) else {
+            return false;
+        };
+        let header = slab.as_ptr();
+        // SAFETY: the registry lists only live slabs, whose `owner` and `class` never
+        // change after creation.
+        let (owner, class) = unsafe { ((*header).owner, (*header).class) };
+        if !ptr::eq(owner, self) {
+            return false;
+        }
+        let Some(geometry) = GEOMETRY.get(class) else {
+            return false;
+        };
+        let Position::BlockStart(index) = slab::position(slab, geometry, pointer.as_ptr()) else {
+            return false;
+        };
+        // SAFETY: live slab, index in range as checked by `position`.
+        let state_word = unsafe { slab::state_word(slab, index) };
+        let old_word = state_word.load(Ordering::Acquire);
+        if old_word & (word::STATE_MASK | word::TRACKED | word::POISON_ON_FREE) != word::LIVE {
+            return false;
+        }
+        let size = (old_word & word::SIZE_MASK) as usize;
+        // The caller's pointer may only reach its own bytes: the guard is read through
+        // the slab's pointer, and the cache keeps that one.
+        let block = slab::with_slab_provenance(slab, pointer);
+        // SAFETY: a live block of ours, so the guard after `size` lies inside it.
+        if old_word & word::GUARDED != 0 && !unsafe { guard_intact(block, size) } {
+            return false;
+        }
+        // SAFETY: the reference is used only within this call, on this thread.
+        let Some((class_cache, active)) = (unsafe { cache::class_cache(self.slot, class) }) else {
+            return false;
+        };
+        if !active || !class_cache.frees_have_room() || class_cache.len() >= cache_capacity(class) {
+            return false;
+        }
+        state_word.store(word::FREE | size as u32, Ordering::Release);
+        // SAFETY: the block was just marked free and belongs to this instance's `class`
+        // pool; blocks are at least 64 bytes and 64-byte aligned; `pointer` has the
+        // block's address.
+        unsafe { class_cache.push_free(block, pointer, size) };
+        true
+    }
+
     /// Frees `pointer` with every check and bookkeeping step.
     #[inline(never)]
-    fn deallocate_checked(&self, pointer: NonNull<u8>, site: Site) -> Result<(), AllocError> {
+    pub(crate) fn deallocate_checked(
+        &self,
+        pointer: NonNull<u8>,
+        site: Site,
+    ) -> Result<(), AllocError> {
         let user = pointer;
         let LiveBlock {
             block: pointer,
@@ -552,11 +609,9 @@ impl State {
     /// Sends a batch of a full thread cache back to the shared pool.
     #[cold]
     #[inline(never)]
-    fn flush_batch(&self, class: usize, slot: &cache::SlotCache) {
-        self.publish_if_due(class, &slot.deltas[class]);
-        let (chain, count) = cache::take_chain(&slot.classes[class], batch_len(class));
-        // SAFETY: the chain holds free blocks of this pool owned by the cache.
-        unsafe { self.take_back(class, chain, count) };
+    fn flush_batch(&self, class: usize, class_cache: &cache::ClassCache) {
+        // SAFETY: the calling thread's own cache of `class`.
+        unsafe { self.take_back_from_cache(class, class_cache, batch_len(class)) };
     }
 
     /// Puts a freed block into this thread's cache, or the shared pool without one.
@@ -565,20 +620,16 @@ impl State {
         // SAFETY: the reference is used only within this call, on this thread.
         if let Some(slot) = unsafe { cache::current_slot(self.slot) } {
             let class_cache = &slot.classes[class];
-            let deltas = &slot.deltas[class];
+            self.publish_if_due(class, class_cache);
             // Flush before pushing, so the batch sent back never holds the block being
             // freed, whose bytes may only be written through `user` during this call.
-            if class_cache.count.get() >= cache_capacity(class) {
-                self.flush_batch(class, slot);
+            if class_cache.len() >= cache_capacity(class) {
+                self.flush_batch(class, class_cache);
             }
             // SAFETY: the block was just marked free and belongs to this instance's
             // `class` pool; blocks are at least 64 bytes and 64-byte aligned; `user`
             // has the block's address.
-            unsafe { cache::push(class_cache, block, user) };
-            deltas.frees.set(deltas.frees.get() + 1);
-            deltas
-                .bytes_freed
-                .set(deltas.bytes_freed.get() + size as u64);
+            unsafe { class_cache.push_free(block, user, size) };
         } else {
             // SAFETY: a free block of this pool that we own, `user` at its address.
             unsafe { self.take_back_one(class, block, user) };
@@ -697,9 +748,8 @@ impl State {
         unsafe { cache::current_slot(self.slot) }
             .map(|slot| {
                 let class_cache = &slot.classes[class];
-                while class_cache.count.get() < want {
-                    let Some((chain, taken)) = self.refill(class, want - class_cache.count.get())
-                    else {
+                while class_cache.len() < want {
+                    let Some((chain, taken)) = self.refill(class, want - class_cache.len()) else {
                         break;
                     };
                     // Append the existing list after the new chain's tail.
@@ -712,9 +762,9 @@ impl State {
                         tail.cast::<*mut u8>().write(class_cache.head.get());
                     }
                     class_cache.head.set(chain.as_ptr());
-                    class_cache.count.set(class_cache.count.get() + taken);
+                    class_cache.set_len(class_cache.len() + taken);
                 }
-                class_cache.count.get()
+                class_cache.len()
             })
             .unwrap_or(0)
     }

@@ -63,62 +63,148 @@ const MODE_ACTIVE: u8 = 2;
 /// Cache mode: the thread is exiting; bypass the cache from now on.
 const MODE_EXITED: u8 = 3;
 
-/// An intrusive singly linked list of free blocks of one class.
+/// One allocation or free in a packed counter word: counts sit in the high half, requested
+/// bytes in the low half, so a cache hit updates a single word.
+const COUNT_ONE: u64 = 1 << 32;
+const BYTES_MASK: u64 = COUNT_ONE - 1;
+/// Top bit of either half: once a packed word reaches it, the hit paths step aside and
+/// the slower path publishes the word, so neither half can overflow into the other.
+const PACKED_FULL: u64 = (1 << 63) | (1 << 31);
+
+/// An intrusive singly linked list of free blocks of one class, with the class's pending
+/// counters beside it: a cache hit touches this one cache line and nothing else of the
+/// thread's state, and stores one counter word besides the list head.
+///
+/// The list keeps no length of its own: its length is `base` plus the frees minus the
+/// allocations counted since the last publish (wrapping arithmetic), and only the slower
+/// paths that move whole chains, and publishing, rewrite `base`.
+#[repr(align(64))]
 pub(crate) struct ClassCache {
     pub(crate) head: Cell<*mut u8>,
-    pub(crate) count: Cell<usize>,
-}
-
-/// Counters of one class kept per thread and added to the shared atomics in batches.
-#[derive(Default)]
-pub(crate) struct Deltas {
-    pub(crate) allocations: Cell<u64>,
-    pub(crate) frees: Cell<u64>,
-    pub(crate) bytes_allocated: Cell<u64>,
-    pub(crate) bytes_freed: Cell<u64>,
+    base: Cell<u64>,
+    /// Allocations served through this cache since the last publish (packed).
+    allocated: Cell<u64>,
+    /// Frees taken by this cache since the last publish (packed).
+    freed: Cell<u64>,
     /// Allocations the cache could not serve (hits are allocations minus misses).
     pub(crate) cache_misses: Cell<u64>,
 }
 
-impl Deltas {
+/// Counters of one class not yet added to the shared atomics.
+pub(crate) struct Pending {
+    pub(crate) allocations: u64,
+    pub(crate) frees: u64,
+    pub(crate) bytes_allocated: u64,
+    pub(crate) bytes_freed: u64,
+    pub(crate) cache_misses: u64,
+}
+
+impl ClassCache {
     const fn new() -> Self {
         Self {
-            allocations: Cell::new(0),
-            frees: Cell::new(0),
-            bytes_allocated: Cell::new(0),
-            bytes_freed: Cell::new(0),
+            head: Cell::new(ptr::null_mut()),
+            base: Cell::new(0),
+            allocated: Cell::new(0),
+            freed: Cell::new(0),
             cache_misses: Cell::new(0),
         }
     }
 
-    /// Takes the counters, leaving zeros.
-    pub(crate) fn take(&self) -> [u64; 5] {
-        [
-            self.allocations.replace(0),
-            self.frees.replace(0),
-            self.bytes_allocated.replace(0),
-            self.bytes_freed.replace(0),
-            self.cache_misses.replace(0),
-        ]
+    /// Blocks on the list.
+    #[inline(always)]
+    pub(crate) fn len(&self) -> usize {
+        let len = self
+            .base
+            .get()
+            .wrapping_add(self.freed.get() >> 32)
+            .wrapping_sub(self.allocated.get() >> 32);
+        len as usize
+    }
+
+    /// Records that the list now holds `len` blocks (after moving a chain in or out).
+    pub(crate) fn set_len(&self, len: usize) {
+        let base = (len as u64)
+            .wrapping_sub(self.freed.get() >> 32)
+            .wrapping_add(self.allocated.get() >> 32);
+        self.base.set(base);
+    }
+
+    /// Whether a hit may count one more allocation without publishing first.
+    #[inline(always)]
+    pub(crate) fn allocations_have_room(&self) -> bool {
+        self.allocated.get() & PACKED_FULL == 0
+    }
+
+    /// Whether a hit may count one more free without publishing first.
+    #[inline(always)]
+    pub(crate) fn frees_have_room(&self) -> bool {
+        self.freed.get() & PACKED_FULL == 0
+    }
+
+    /// Allocations plus frees counted since the last publish.
+    pub(crate) fn pending_operations(&self) -> u64 {
+        (self.allocated.get() >> 32) + (self.freed.get() >> 32)
+    }
+
+    /// Takes the pending counters, leaving zeros and the list's length unchanged.
+    pub(crate) fn take_pending(&self) -> Pending {
+        let len = self.len();
+        let allocated = self.allocated.replace(0);
+        let freed = self.freed.replace(0);
+        self.set_len(len);
+        Pending {
+            allocations: allocated >> 32,
+            frees: freed >> 32,
+            bytes_allocated: allocated & BYTES_MASK,
+            bytes_freed: freed & BYTES_MASK,
+            cache_misses: self.cache_misses.replace(0),
+        }
+    }
+
+    /// Pops a block for an allocation of `size` bytes and counts the allocation.
+    ///
+    /// The caller must have checked [`Self::allocations_have_room`] or published.
+    #[inline(always)]
+    pub(crate) fn pop_allocation(&self, size: usize) -> Option<NonNull<u8>> {
+        let head = NonNull::new(self.head.get())?;
+        // SAFETY: blocks on a cache list are free blocks of a live slab, owned by this
+        // thread's cache, with the next link in their first word.
+        let next = unsafe { head.cast::<*mut u8>().read() };
+        self.head.set(next);
+        self.allocated
+            .set(self.allocated.get() + COUNT_ONE + size as u64);
+        Some(head)
+    }
+
+    /// Pushes a freed block of `size` requested bytes and counts the free, writing the
+    /// link through `writer` (the freeing caller's pointer to the same address) and
+    /// keeping `block`.
+    ///
+    /// The caller must have checked [`Self::frees_have_room`] or published.
+    ///
+    /// # Safety
+    ///
+    /// - `block` must be a free block of a live slab of the cache's class, owned by
+    ///   nobody else, at least 8 bytes long and aligned for a pointer.
+    /// - `writer` must have the same address as `block` and may write its first word.
+    #[inline(always)]
+    pub(crate) unsafe fn push_free(&self, block: NonNull<u8>, writer: NonNull<u8>, size: usize) {
+        // SAFETY: the caller hands the block over; its first word becomes the link.
+        unsafe { writer.cast::<*mut u8>().write(self.head.get()) };
+        self.head.set(block.as_ptr());
+        self.freed.set(self.freed.get() + COUNT_ONE + size as u64);
     }
 }
 
 /// One instance's caches on one thread.
 pub(crate) struct SlotCache {
     pub(crate) classes: [ClassCache; CLASS_COUNT],
-    pub(crate) deltas: [Deltas; CLASS_COUNT],
 }
 
 impl SlotCache {
     const fn new() -> Self {
         Self {
-            classes: [const {
-                ClassCache {
-                    head: Cell::new(ptr::null_mut()),
-                    count: Cell::new(0),
-                }
-            }; CLASS_COUNT],
-            deltas: [const { Deltas::new() }; CLASS_COUNT],
+            classes: [const { ClassCache::new() }; CLASS_COUNT],
         }
     }
 }
@@ -188,6 +274,25 @@ pub(crate) unsafe fn current_slot<'a>(slot: usize) -> Option<&'a SlotCache> {
     usable.then_some(cache)
 }
 
+/// This thread's cache of `class` for `slot`, for the hit paths: one thread-local
+/// access, no registration. `None` when the instance has no slot.
+///
+/// Caches of a thread whose caching is not active (not yet registered, or exiting) are
+/// empty, so popping from the returned cache is always right. The flag returned with it
+/// says whether caching is active, which a push needs.
+///
+/// # Safety
+///
+/// - As for [`current_slot`].
+#[inline(always)]
+pub(crate) unsafe fn class_cache<'a>(slot: usize, class: usize) -> Option<(&'a ClassCache, bool)> {
+    let thread = THREAD.try_with(ptr::from_ref).ok()?;
+    // SAFETY: as in `current_slot`.
+    let thread = unsafe { &*thread };
+    let cache = thread.slots.get(slot)?.classes.get(class)?;
+    Some((cache, thread.mode.get() == MODE_ACTIVE))
+}
+
 /// Registers the exit flush on this thread's first cache use; returns whether caching
 /// can be used. The cache is bypassed while registering, in case that allocates.
 #[cold]
@@ -206,7 +311,7 @@ pub(crate) fn flush_deltas(state: &State, slot: usize) {
     let _ = THREAD.try_with(|thread| {
         if let Some(cache) = thread.slots.get(slot) {
             for class in 0..CLASS_COUNT {
-                state.publish(class, &cache.deltas[class]);
+                state.publish(class, &cache.classes[class]);
             }
         }
     });
@@ -254,34 +359,6 @@ pub(crate) fn thread_id() -> u64 {
         .unwrap_or(0)
 }
 
-/// Pops a block from a class cache.
-#[inline(always)]
-pub(crate) fn pop(cache: &ClassCache) -> Option<NonNull<u8>> {
-    let head = NonNull::new(cache.head.get())?;
-    // SAFETY: blocks on a cache list are free blocks of a live slab, owned by this
-    // thread's cache, with the next link in their first word.
-    let next = unsafe { head.cast::<*mut u8>().read() };
-    cache.head.set(next);
-    cache.count.set(cache.count.get() - 1);
-    Some(head)
-}
-
-/// Pushes a block onto a class cache, writing the link through `writer` (the freeing
-/// caller's pointer to the same address) and keeping `block`.
-///
-/// # Safety
-///
-/// - `block` must be a free block of a live slab of the cache's class, owned by nobody
-///   else, at least 8 bytes long and aligned for a pointer.
-/// - `writer` must have the same address as `block` and may write its first word.
-#[inline(always)]
-pub(crate) unsafe fn push(cache: &ClassCache, block: NonNull<u8>, writer: NonNull<u8>) {
-    // SAFETY: the caller hands the block over; its first word becomes the link.
-    unsafe { writer.cast::<*mut u8>().write(cache.head.get()) };
-    cache.head.set(block.as_ptr());
-    cache.count.set(cache.count.get() + 1);
-}
-
 /// Detaches up to `count` blocks from the front of a cache as a chain.
 pub(crate) fn take_chain(cache: &ClassCache, count: usize) -> (*mut u8, usize) {
     let head = cache.head.get();
@@ -299,6 +376,65 @@ pub(crate) fn take_chain(cache: &ClassCache, count: usize) -> (*mut u8, usize) {
         unsafe { last.cast::<*mut u8>().write(ptr::null_mut()) };
     }
     cache.head.set(cursor);
-    cache.count.set(cache.count.get() - taken);
+    cache.set_len(cache.len() - taken);
     (if taken == 0 { ptr::null_mut() } else { head }, taken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three pointer-aligned stand-ins for blocks.
+    fn blocks(memory: &mut [[usize; 8]; 3]) -> [NonNull<u8>; 3] {
+        let [a, b, c] = memory;
+        [a, b, c].map(|block| NonNull::from(block).cast())
+    }
+
+    #[test]
+    fn the_length_follows_pops_pushes_chains_and_publishing() {
+        let cache = ClassCache::new();
+        let mut memory = [[0; 8]; 3];
+        for block in blocks(&mut memory) {
+            // SAFETY: each stand-in is pointer-aligned, unshared and pushed once.
+            unsafe { cache.push_free(block, block, 10) };
+        }
+        assert_eq!(cache.len(), 3);
+        assert!(cache.pop_allocation(7).is_some());
+        assert_eq!(cache.len(), 2);
+        let pending = cache.take_pending();
+        assert_eq!(
+            (
+                pending.allocations,
+                pending.frees,
+                pending.bytes_allocated,
+                pending.bytes_freed
+            ),
+            (1, 3, 7, 30)
+        );
+        assert_eq!(cache.len(), 2);
+        let (_, taken) = take_chain(&cache, 1);
+        assert_eq!((taken, cache.len()), (1, 1));
+        assert!(cache.pop_allocation(7).is_some());
+        assert!(cache.pop_allocation(7).is_none());
+        assert_eq!(cache.len(), 0);
+    }
+
+    #[test]
+    fn a_packed_word_near_overflow_asks_for_publishing() {
+        let cache = ClassCache::new();
+        let mut memory = [[0; 8]; 3];
+        let [block, ..] = blocks(&mut memory);
+        cache.freed.set((1 << 31) - 8);
+        assert!(cache.frees_have_room());
+        // SAFETY: a pointer-aligned, unshared stand-in, pushed once.
+        unsafe { cache.push_free(block, block, 8) };
+        assert!(!cache.frees_have_room());
+        assert_eq!(cache.len(), 1);
+        let pending = cache.take_pending();
+        assert_eq!((pending.frees, pending.bytes_freed), (1, 1 << 31));
+        assert!(cache.frees_have_room());
+        assert_eq!(cache.len(), 1);
+        cache.allocated.set(u64::from(u32::MAX) << 31);
+        assert!(!cache.allocations_have_room());
+    }
 }

@@ -78,8 +78,9 @@ const fn geometry(class: usize) -> Geometry {
     }
 }
 
-/// Slab layout of every class, computed at compile time.
-pub(crate) static GEOMETRY: [Geometry; CLASS_COUNT] = [
+/// Slab layout of every class, computed at compile time. A constant rather than a
+/// static, so the hot paths inlined into other crates read it without an indirection.
+pub(crate) const GEOMETRY: [Geometry; CLASS_COUNT] = [
     geometry(0),
     geometry(1),
     geometry(2),

@@ -19,9 +19,10 @@ use crate::track::{self, MAX_FRAMES};
 
 /// Counters of one size class, or of the system-allocator path.
 ///
-/// Threads add their allocation and free counts in batches (on every cache refill or
-/// flush, at thread exit, and when they read statistics), so figures are exact once
-/// other threads are idle or gone, and peaks are sampled at those points.
+/// Threads add their allocation and free counts in batches (once a few thousand have
+/// piled up, checked whenever an operation leaves the cache-hit path; at thread exit;
+/// and when they read statistics), so figures are exact once other threads are idle or
+/// gone, and peaks are sampled at those points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ClassStats {
     /// Block size of the class; 0 for the system-allocator path.

@@ -42,8 +42,9 @@
 //!
 //! - A request of `n` bytes needs `n + 8` bytes of block, so power-of-two sizes use the
 //!   next class up (a 64-byte request takes a 128-byte block).
-//! - Each thread keeps about 14 KiB of thread-local state; up to 32 instances per
-//!   process get thread caches, later ones go to the shared pools directly.
+//! - Each thread keeps about 16 KiB of thread-local state (one cache line per instance
+//!   and class); up to 32 instances per process get thread caches, later ones go to
+//!   the shared pools directly.
 //! - Tracking costs a few times an untracked allocation (a clock read, a record and a
 //!   history entry per event); it is meant for debugging runs.
 //! - The most recently freed large block is given back to the system only at the next
@@ -149,6 +150,39 @@ impl NeuralAlloc {
         // SAFETY: a non-null pointer here was stored by `create_state` and points to a
         // state that is never freed.
         Some(unsafe { &*state })
+    }
+
+    /// The state if it exists already: the hit paths need no more, and leave creation
+    /// to the paths that can take a lock.
+    #[inline(always)]
+    fn created_state(&self) -> Option<&'static State> {
+        // SAFETY: as in `state`; null gives `None`.
+        unsafe { self.state.load(Ordering::Acquire).as_ref() }
+    }
+
+    /// `GlobalAlloc::alloc` when the hit path cannot serve the request.
+    #[inline(never)]
+    fn alloc_uncached(&self, layout: Layout) -> *mut u8 {
+        let guard = global::AbortOnUnwind;
+        let block = match self.state() {
+            Some(state) => state.allocate_uncached(layout.size(), layout.align(), None),
+            None => Err(AllocError::OutOfMemory {
+                size: layout.size(),
+            }),
+        };
+        std::mem::forget(guard);
+        block.map_or(std::ptr::null_mut(), NonNull::as_ptr)
+    }
+
+    /// `GlobalAlloc::dealloc` when the hit path cannot take the block.
+    #[inline(never)]
+    fn dealloc_uncached(&self, pointer: *mut u8) {
+        let guard = global::AbortOnUnwind;
+        if let (Some(pointer), Some(state)) = (NonNull::new(pointer), self.state()) {
+            // Errors were reported with the configured action; nothing more to do.
+            let _ = state.deallocate_checked(pointer, None);
+        }
+        std::mem::forget(guard);
     }
 
     #[cold]
@@ -369,29 +403,27 @@ impl NeuralAlloc {
 // `layout.size()` bytes, aligned to `layout.align()` (class blocks are aligned to their
 // class size, which is at least the alignment; large blocks are aligned by the system
 // allocator), stay valid until freed, and are never handed out twice. Nothing unwinds:
-// `AbortOnUnwind` turns a panic into an abort.
+// the hit paths cannot panic, and everything else runs under `AbortOnUnwind`, which turns
+// a panic into an abort.
 unsafe impl GlobalAlloc for NeuralAlloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let guard = global::AbortOnUnwind;
-        let block = match self.state() {
-            Some(state) => state.allocate(layout.size(), layout.align(), None),
-            None => Err(AllocError::OutOfMemory {
-                size: layout.size(),
-            }),
-        };
-        std::mem::forget(guard);
-        block.map_or(std::ptr::null_mut(), NonNull::as_ptr)
+        if let Some(state) = self.created_state()
+            && let Some(block) = state.try_allocate_cached(layout.size(), layout.align())
+        {
+            return block.as_ptr();
+        }
+        self.alloc_uncached(layout)
     }
 
     #[inline]
     unsafe fn dealloc(&self, pointer: *mut u8, _layout: Layout) {
-        let guard = global::AbortOnUnwind;
-        if let (Some(pointer), Some(state)) = (NonNull::new(pointer), self.state()) {
-            // Errors were reported with the configured action; nothing more to do.
-            let _ = state.deallocate(pointer, None);
+        if let (Some(state), Some(pointer)) = (self.created_state(), NonNull::new(pointer))
+            && state.try_deallocate_cached(pointer)
+        {
+            return;
         }
-        std::mem::forget(guard);
+        self.dealloc_uncached(pointer);
     }
 
     #[inline]

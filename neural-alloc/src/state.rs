@@ -10,7 +10,7 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::cache::{self, Deltas, MAX_SLOTS, SLOT_OWNERS, SlotCache};
+use crate::cache::{self, ClassCache, MAX_SLOTS, Pending, SLOT_OWNERS, SlotCache};
 use crate::class::{CLASS_COUNT, GEOMETRY};
 use crate::large::LargeTable;
 use crate::report::{CorruptionAction, ReportLog};
@@ -271,18 +271,30 @@ impl State {
             // SAFETY: the slab belongs to this pool and the pool lock is held, so its
             // lock-guarded fields are ours; blocks taken are free and unshared.
             unsafe {
-                while given < want {
-                    let block = if !(*header).free_head.is_null() {
-                        let block = (*header).free_head;
-                        (*header).free_head = block.cast::<*mut u8>().read();
-                        block
-                    } else if (*header).bump < geometry.block_count {
-                        let block = slab::block_at(slab, geometry, (*header).bump).as_ptr();
-                        (*header).bump += 1;
-                        block
-                    } else {
-                        break;
-                    };
+                // The slab's free list is already a chain: a run of it is cut off and
+                // put in front of ours with a single link write.
+                let run_head = (*header).free_head;
+                if !run_head.is_null() {
+                    let mut last = run_head;
+                    let mut taken = 1;
+                    while taken < want - given {
+                        let next = last.cast::<*mut u8>().read();
+                        if next.is_null() {
+                            break;
+                        }
+                        last = next;
+                        taken += 1;
+                    }
+                    (*header).free_head = last.cast::<*mut u8>().read();
+                    last.cast::<*mut u8>().write(head);
+                    head = run_head;
+                    (*header).handed_out += taken;
+                    given += taken;
+                }
+                // Then blocks never handed out, which have no link yet.
+                while given < want && (*header).bump < geometry.block_count {
+                    let block = slab::block_at(slab, geometry, (*header).bump).as_ptr();
+                    (*header).bump += 1;
                     (*header).handed_out += 1;
                     block.cast::<*mut u8>().write(head);
                     head = block;
@@ -312,17 +324,87 @@ impl State {
     ///   `class` pool, handed out by `refill` and owned by the caller.
     pub(crate) unsafe fn take_back(&self, class: usize, chain: *mut u8, count: usize) {
         let mut lists = self.pools[class].lock();
-        let mut cursor = chain;
-        while let Some(block) = NonNull::new(cursor) {
-            // SAFETY: the caller hands over these blocks, each with its next link in its
-            // first word; the pool lock is held.
-            unsafe {
-                cursor = block.cast::<*mut u8>().read();
-                self.return_block(&mut lists, class, block, block);
-            }
-        }
+        // SAFETY: as required of our caller; the pool lock is held.
+        unsafe { self.return_chain(&mut lists, chain, usize::MAX) };
         drop(lists);
         self.after_take_back(class, count);
+    }
+
+    /// Takes back up to `count` blocks from the front of a thread's cache of `class`, in
+    /// one walk of the list, and leaves the rest in the cache.
+    ///
+    /// # Safety
+    ///
+    /// - `class_cache` must be the calling thread's cache of `class` for this instance.
+    pub(crate) unsafe fn take_back_from_cache(
+        &self,
+        class: usize,
+        class_cache: &ClassCache,
+        count: usize,
+    ) {
+        let mut lists = self.pools[class].lock();
+        // SAFETY: the cache holds free blocks of this instance's `class` pool that it
+        // owns, linked through their first words and ending in null; the pool lock is
+        // held.
+        let (rest, returned) =
+            unsafe { self.return_chain(&mut lists, class_cache.head.get(), count) };
+        class_cache.head.set(rest);
+        class_cache.set_len(class_cache.len() - returned);
+        drop(lists);
+        self.after_take_back(class, returned);
+    }
+
+    /// Puts up to `limit` blocks from the front of `chain` back on their slabs' free
+    /// lists; returns the rest of the chain and how many blocks went back.
+    ///
+    /// # Safety
+    ///
+    /// - The lock of the pool of the chain's class must be held (`lists` is its guard's
+    ///   contents).
+    /// - Every block of the chain must be a free block of a slab of that pool, handed
+    ///   out by `refill` and owned by the caller, linked through its first word, the
+    ///   last link null; blocks past the first `limit` stay the caller's.
+    unsafe fn return_chain(
+        &self,
+        lists: &mut PoolLists,
+        chain: *mut u8,
+        limit: usize,
+    ) -> (*mut u8, usize) {
+        let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
+        let mut cursor = chain;
+        let mut returned = 0;
+        while returned < limit
+            && let Some(first) = NonNull::new(cursor)
+        {
+            // Blocks handed out by `refill` lie in slabs of ours, so masking finds the
+            // slab without a registry lookup.
+            let slab = slab::base_of(first);
+            // Consecutive blocks of one slab are already linked to each other: they go
+            // back as one run, with one link written and the header updated once.
+            let mut last = first;
+            let mut run = 1;
+            loop {
+                // SAFETY: the caller hands over these blocks, each with its next link in
+                // its first word.
+                let next = unsafe { last.cast::<*mut u8>().read() };
+                match NonNull::new(next) {
+                    Some(next) if returned + run < limit && slab::base_of(next) == slab => {
+                        last = next;
+                        run += 1;
+                    }
+                    _ => {
+                        cursor = next;
+                        break;
+                    }
+                }
+            }
+            // SAFETY: the run `first..=last` holds `run` linked free blocks of `slab`,
+            // owned by the caller; the pool lock is held; `last` has the slab's
+            // provenance. Its link is rewritten after `cursor` was read from it.
+            unsafe { self.return_run(lists, slab, first, last, run, release) };
+            returned += run;
+        }
+        (cursor, returned)
     }
 
     /// Takes back one free block of `class`, writing its link through `writer` (the
@@ -339,39 +421,44 @@ impl State {
         writer: NonNull<u8>,
     ) {
         let mut lists = self.pools[class].lock();
+        let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
+        let slab = slab::base_of(block);
         // SAFETY: as required of our caller; the pool lock is held.
-        unsafe { self.return_block(&mut lists, class, block, writer) };
+        unsafe { self.return_run(&mut lists, slab, block, writer, 1, release) };
         drop(lists);
         self.after_take_back(class, 1);
     }
 
-    /// Puts one block on its slab's free list and releases the slab if that empties it
-    /// and the policy says so.
+    /// Puts a run of `run` blocks of one slab, linked from `first` to the block whose
+    /// link `last_writer` writes, at the front of the slab's free list, and releases the
+    /// slab if that empties it and `release` says so.
     ///
     /// # Safety
     ///
-    /// - The lock of `class`'s pool must be held (`lists` is its guard's contents).
-    /// - `block` must be a free block of a slab of that pool, owned by the caller;
-    ///   `writer` must have its address and may write its first word.
-    unsafe fn return_block(
+    /// - The lock of the pool of `slab`'s class must be held (`lists` is its guard's
+    ///   contents).
+    /// - The run must be free blocks of `slab`, a slab of this instance, owned by the caller
+    ///   and linked through their first words; `last_writer` must have the address of
+    ///   the run's last block and may write its first word.
+    unsafe fn return_run(
         &self,
         lists: &mut PoolLists,
-        class: usize,
-        block: NonNull<u8>,
-        writer: NonNull<u8>,
+        slab: NonNull<SlabHeader>,
+        first: NonNull<u8>,
+        last_writer: NonNull<u8>,
+        run: usize,
+        release: bool,
     ) {
-        let pool = &self.pools[class];
-        let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
-        // Blocks handed out by `refill` lie in slabs of ours, so masking finds the slab
-        // without a registry lookup.
-        let slab = slab::base_of(block);
         let header = slab.as_ptr();
         // SAFETY: the slab is live and ours and the pool lock is held, so its
-        // lock-guarded fields are ours to change; the block is ours to link.
+        // lock-guarded fields are ours to change (`class` never changes); the blocks are
+        // ours to link.
         unsafe {
-            writer.cast::<*mut u8>().write((*header).free_head);
-            (*header).free_head = block.as_ptr();
-            (*header).handed_out -= 1;
+            let class = (*header).class;
+            let pool = &self.pools[class];
+            last_writer.cast::<*mut u8>().write((*header).free_head);
+            (*header).free_head = first.as_ptr();
+            (*header).handed_out -= run;
             if !(*header).in_partial {
                 link_partial(lists, slab);
             }
@@ -393,14 +480,14 @@ impl State {
     }
 
     /// Adds a thread's pending counters of `class` to the shared ones.
-    pub(crate) fn publish(&self, class: usize, deltas: &Deltas) {
-        let [
+    pub(crate) fn publish(&self, class: usize, class_cache: &ClassCache) {
+        let Pending {
             allocations,
             frees,
             bytes_allocated,
             bytes_freed,
             cache_misses,
-        ] = deltas.take();
+        } = class_cache.take_pending();
         if allocations == 0 && frees == 0 {
             return;
         }
@@ -411,13 +498,17 @@ impl State {
             .fetch_add(cache_hits, Ordering::Relaxed);
     }
 
-    /// Publishes a thread's pending counters once enough have piled up: every shared
+    /// Publishes a thread's pending counters once enough have piled up (every shared
     /// counter update is a locked instruction, which costs more than the allocations it
-    /// counts when done on every refill.
+    /// counts when done on every refill), or when a packed counter word is about to
+    /// fill up.
     #[inline]
-    pub(crate) fn publish_if_due(&self, class: usize, deltas: &Deltas) {
-        if deltas.allocations.get() + deltas.frees.get() >= PUBLISH_EVERY {
-            self.publish(class, deltas);
+    pub(crate) fn publish_if_due(&self, class: usize, class_cache: &ClassCache) {
+        if class_cache.pending_operations() >= PUBLISH_EVERY
+            || !class_cache.allocations_have_room()
+            || !class_cache.frees_have_room()
+        {
+            self.publish(class, class_cache);
         }
     }
 
@@ -466,7 +557,7 @@ impl State {
                 // pool that the exiting thread's cache owned.
                 unsafe { self.take_back(class, chain, count) };
             }
-            self.publish(class, &cache.deltas[class]);
+            self.publish(class, class_cache);
         }
     }
 

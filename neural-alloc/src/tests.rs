@@ -371,3 +371,152 @@ fn the_history_ring_keeps_the_most_recent_entries() {
             .all(|pair| pair[0].nanos <= pair[1].nanos)
     );
 }
+
+/// An instance with tracking and poisoning off, as release builds have it: allocations
+/// and frees that hit the thread cache take the inline hit paths.
+fn untracked() -> NeuralAlloc {
+    NeuralAlloc::with_config(Config {
+        tracking: false,
+        poison: false,
+        guard_checks: true,
+        on_corruption: CorruptionAction::Count,
+        ..Config::DEFAULT
+    })
+}
+
+/// Sums one field over the pooled classes.
+fn pooled_sum(stats: &crate::Stats, field: impl Fn(&crate::ClassStats) -> u64) -> u64 {
+    stats.classes.iter().map(field).sum()
+}
+
+#[test]
+fn untracked_cache_hits_keep_exact_statistics() {
+    use std::alloc::GlobalAlloc;
+    let allocator = untracked();
+    let rounds: u64 = if cfg!(miri) { 20 } else { 10_000 };
+    let sizes = [1, 100, 1000, 4000, 8184];
+    let mut expected_bytes = 0;
+    for _ in 0..rounds {
+        for size in sizes {
+            // SAFETY: non-zero layouts; each block is freed at once with its layout.
+            unsafe {
+                let block = allocator.alloc(layout(size, 8));
+                assert!(!block.is_null());
+                allocator.dealloc(block, layout(size, 8));
+            }
+            expected_bytes += size as u64;
+        }
+    }
+    let stats = allocator.stats();
+    let total_count = pooled_sum(&stats, |class| class.total_count);
+    assert_eq!(total_count, rounds * sizes.len() as u64);
+    assert_eq!(
+        pooled_sum(&stats, |class| class.total_bytes),
+        expected_bytes
+    );
+    assert_eq!((stats.current_count, stats.current_bytes), (0, 0));
+    // Only the first allocation of each class (one class per size) missed the cache.
+    let refills = pooled_sum(&stats, |class| class.refills);
+    assert_eq!(refills, sizes.len() as u64);
+    assert_eq!(
+        pooled_sum(&stats, |class| class.cache_hits),
+        total_count - refills
+    );
+    assert_eq!(allocator.corruption_counts().total(), 0);
+}
+
+#[test]
+fn untracked_pending_bytes_past_two_gibibytes_stay_exact() {
+    let allocator = untracked();
+    // Each thread packs its pending counts and bytes in one word per direction; 2 GiB of
+    // 8184-byte requests is about 262,000 of them.
+    let rounds: u64 = if cfg!(miri) { 20 } else { 300_000 };
+    for _ in 0..rounds {
+        let block = allocator.allocate(layout(8184, 8)).unwrap();
+        // SAFETY: live block, not used afterwards.
+        unsafe { allocator.deallocate(block, layout(8184, 8)) }.unwrap();
+    }
+    let stats = allocator.stats().classes[7];
+    assert_eq!(stats.total_count, rounds);
+    assert_eq!(stats.total_bytes, rounds * 8184);
+    assert_eq!((stats.current_count, stats.current_bytes), (0, 0));
+}
+
+#[test]
+fn untracked_frees_still_refuse_double_and_invalid_frees_and_find_overflows() {
+    use std::alloc::GlobalAlloc;
+    let allocator = untracked();
+    let block = allocator.allocate(layout(24, 8)).unwrap();
+    // SAFETY: live block, freed once here.
+    unsafe { allocator.deallocate(block, layout(24, 8)) }.unwrap();
+    // SAFETY: deliberately a second free, through both entry points; both are refused.
+    let second = unsafe { allocator.deallocate(block, layout(24, 8)) };
+    assert!(matches!(
+        second,
+        Err(crate::AllocError::Corruption {
+            kind: CorruptionKind::DoubleFree,
+            ..
+        })
+    ));
+    // SAFETY: as above.
+    unsafe { allocator.dealloc(block.as_ptr(), layout(24, 8)) };
+    let live = allocator.allocate(layout(32, 8)).unwrap();
+    // SAFETY: not a block start; refused without touching the block.
+    let inside = unsafe { allocator.deallocate(live.add(8), layout(24, 8)) };
+    assert!(matches!(
+        inside,
+        Err(crate::AllocError::Corruption {
+            kind: CorruptionKind::InvalidFree,
+            ..
+        })
+    ));
+    let overflowed = allocator.allocate(layout(10, 1)).unwrap();
+    // SAFETY: deliberately one byte past the requested size, inside the guard bytes.
+    unsafe { overflowed.as_ptr().add(10).write(0) };
+    // SAFETY: live blocks, not used afterwards; the damaged one is reported and freed.
+    unsafe {
+        allocator.deallocate(overflowed, layout(10, 1)).unwrap();
+        allocator.deallocate(live, layout(32, 8)).unwrap();
+    }
+    let counts = allocator.corruption_counts();
+    assert_eq!(
+        (
+            counts.double_frees,
+            counts.invalid_frees,
+            counts.guard_overwrites
+        ),
+        (2, 1, 1)
+    );
+    let stats = allocator.stats();
+    assert_eq!((stats.current_count, stats.current_bytes), (0, 0));
+}
+
+#[test]
+fn untracked_blocks_freed_on_another_thread_return_at_its_exit() {
+    static ALLOCATOR: NeuralAlloc = NeuralAlloc::with_config(Config {
+        tracking: false,
+        poison: false,
+        guard_checks: true,
+        on_corruption: CorruptionAction::Count,
+        ..Config::DEFAULT
+    });
+    let allocator = &ALLOCATOR;
+    let blocks = Handover(
+        (0..300)
+            .map(|_| allocator.allocate(layout(48, 8)).unwrap())
+            .collect(),
+    );
+    on_other_thread(move || {
+        for block in blocks.take() {
+            // SAFETY: live blocks handed over from the main thread, not used again.
+            unsafe { allocator.deallocate(block, layout(48, 8)) }.unwrap();
+        }
+    });
+    let stats = allocator.stats();
+    assert_eq!(stats.current_count, 0);
+    assert_eq!(
+        stats.classes[0].blocks_outside_pool as usize,
+        main_thread_cached(allocator)
+    );
+    assert_eq!(allocator.corruption_counts().total(), 0);
+}
