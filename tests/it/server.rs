@@ -53,7 +53,9 @@ fn exchange(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body:
     stream.write_all(request.as_bytes()).unwrap();
     stream.write_all(body).unwrap();
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("read the response");
+    stream
+        .read_to_end(&mut response)
+        .expect("read the response");
     let text = String::from_utf8_lossy(&response).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
@@ -131,7 +133,9 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn start_proxy(runtime: &tokio::runtime::Runtime, config: ProxyConfig) -> Proxy {
-    runtime.block_on(Proxy::bind(config)).expect("start the proxy")
+    runtime
+        .block_on(Proxy::bind(config))
+        .expect("start the proxy")
 }
 
 fn local() -> SocketAddr {
@@ -158,7 +162,11 @@ fn top_logprobs(port: u16) -> Value {
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
     let probabilities = reply.json()["completion_probabilities"][0].clone();
-    assert!(probabilities.is_object(), "no probabilities in {}", reply.body);
+    assert!(
+        probabilities.is_object(),
+        "no probabilities in {}",
+        reply.body
+    );
     probabilities
 }
 
@@ -209,7 +217,8 @@ action = { type = "system_prompt", text = "You are a terse assistant who answers
     assert_eq!(proxied["generation_settings"]["temperature"], json!(0.25));
 
     // A system prompt: the prompt the model sees is longer by the injected message.
-    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0});
+    let chat =
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0});
     let direct = post(llama.port, "/v1/chat/completions", &chat).json();
     let proxied = post(port, "/v1/chat/completions", &chat).json();
     let direct_tokens = direct["usage"]["prompt_tokens"].as_u64().unwrap();
@@ -256,7 +265,13 @@ action = { type = "system_prompt", text = "You are a terse assistant who answers
         })
         .unwrap();
     let first = post(port, "/completion", &ask);
-    assert_eq!(first.header("x-hotpatch-cache").as_deref(), Some("miss"));
+    assert_eq!(
+        first.header("x-hotpatch-cache").as_deref(),
+        Some("miss"),
+        "{} {}",
+        first.head,
+        first.body
+    );
     let upstream_before = control.stats().upstream_requests;
     let second = post(port, "/completion", &ask);
     assert_eq!(second.header("x-hotpatch-cache").as_deref(), Some("hit"));
@@ -286,18 +301,27 @@ action = { type = "system_prompt", text = "You are a terse assistant who answers
     // A live patch through the admin API changes the next answer; its revert restores it
     // exactly. The cache is on: the epoch keeps answers from before the patch out.
     let before = top_logprobs(port);
-    assert_eq!(top_logprobs(llama.port), before, "the server is not deterministic");
+    assert_eq!(
+        top_logprobs(llama.port),
+        before,
+        "the server is not deterministic"
+    );
     let applied = admin(
         port,
         "POST",
         "/admin/patches",
-        Some(&json!({"name": "halve", "tensor": "output_norm.weight", "transform": {"scale": 0.5}})),
+        Some(
+            &json!({"name": "halve", "tensor": "output_norm.weight", "transform": {"scale": 0.5}}),
+        ),
     );
     assert_eq!(applied.status, 201, "{}", applied.body);
     let applied = applied.json();
     let erased = &applied["upstream_prompt_cache"];
     assert!(erased["errors"].as_array().unwrap().is_empty(), "{erased}");
-    assert!(!erased["slots_erased"].as_array().unwrap().is_empty(), "{erased}");
+    assert!(
+        !erased["slots_erased"].as_array().unwrap().is_empty(),
+        "{erased}"
+    );
     let patched = top_logprobs(port);
     assert_ne!(patched, before, "the patch did not reach the server");
     let id = applied["id"].as_str().unwrap().to_owned();
@@ -305,7 +329,11 @@ action = { type = "system_prompt", text = "You are a terse assistant who answers
     assert_eq!(patches[0]["id"].as_str(), Some(id.as_str()));
     let reverted = admin(port, "DELETE", &format!("/admin/patches/{id}"), None);
     assert_eq!(reverted.status, 200, "{}", reverted.body);
-    assert_eq!(top_logprobs(port), before, "revert did not restore the answer");
+    assert_eq!(
+        top_logprobs(port),
+        before,
+        "revert did not restore the answer"
+    );
     let history = admin(port, "GET", "/admin/history", None).json();
     assert_eq!(history.as_array().unwrap().len(), 2);
 
@@ -341,9 +369,18 @@ action = { type = "system_prompt", text = "You are a terse assistant who answers
     let stats = admin(port, "GET", "/admin/stats", None).json();
     assert_eq!(stats["proxy"]["patches_applied"], json!(2));
     assert_eq!(stats["proxy"]["patches_reverted"], json!(2));
-    assert!(stats["proxy"]["rules"]["cool"]["requests"].as_u64().unwrap() >= 1);
+    assert!(
+        stats["proxy"]["rules"]["cool"]["requests"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
     let metrics = exchange(port, "GET", "/metrics", &[], b"");
-    assert!(metrics.body.contains("hotpatch_cache_hits_total 2"), "{}", metrics.body);
+    assert!(
+        metrics.body.contains("hotpatch_cache_hits_total 2"),
+        "{}",
+        metrics.body
+    );
     assert!(metrics.body.contains("hotpatch_patch_epoch 4"));
 
     runtime.block_on(proxy.shutdown()).unwrap();
@@ -395,13 +432,14 @@ async fn test_upstream_chat(
                 "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         ));
         events.push("data: [DONE]\n\n".into());
-        let stream = futures_util::stream::unfold(events.into_iter(), move |mut events| async move {
-            let event = events.next()?;
-            if pause > 0 {
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
-            Some((Ok::<_, std::io::Error>(event), events))
-        });
+        let stream =
+            futures_util::stream::unfold(events.into_iter(), move |mut events| async move {
+                let event = events.next()?;
+                if pause > 0 {
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Some((Ok::<_, std::io::Error>(event), events))
+            });
         return (
             [("content-type", "text/event-stream")],
             axum::body::Body::from_stream(stream),
@@ -420,7 +458,10 @@ impl TestUpstream {
     fn start(runtime: &tokio::runtime::Runtime) -> TestUpstream {
         let requests = Arc::new(AtomicU64::new(0));
         let app = axum::Router::new()
-            .route("/v1/chat/completions", axum::routing::post(test_upstream_chat))
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(test_upstream_chat),
+            )
             .route("/health", axum::routing::get(|| async { "ok" }))
             .route(
                 "/slow",
@@ -467,7 +508,12 @@ action = { type = "redact", pattern = "[0-9]{4}-[0-9]{4}", regex = true, mask = 
     let port = proxy.local_addr().port();
     let check_error = |reply: Reply, status: u16| {
         assert_eq!(reply.status, status, "{}", reply.body);
-        assert_eq!(reply.json()["error"]["status"], json!(status), "{}", reply.body);
+        assert_eq!(
+            reply.json()["error"]["status"],
+            json!(status),
+            "{}",
+            reply.body
+        );
     };
 
     // Redaction whole and streamed, the code straddling several upstream events.
@@ -479,27 +525,54 @@ action = { type = "redact", pattern = "[0-9]{4}-[0-9]{4}", regex = true, mask = 
     assert!(streamed.body.ends_with("data: [DONE]\n\n"));
 
     let chat = "/v1/chat/completions";
-    check_error(exchange(port, "POST", chat, &[JSON], b"{\"messages\": [1,"), 400);
-    check_error(exchange(port, "POST", chat, &[JSON], b"[1, 2]"), 400);
-    check_error(exchange(port, "POST", chat, &[JSON], &[0xff, 0xfe, b'{']), 400);
-    check_error(exchange(port, "POST", chat, &[("Content-Type", "text/plain")], b"{}"), 415);
-    check_error(exchange(port, "POST", chat, &[JSON], &vec![b' '; 5000]), 413);
-    check_error(exchange(port, "GET", "/slow", &[], b""), 504);
     check_error(
-        admin(port, "POST", "/admin/rules", Some(&json!({"name": "x", "colour": 1,
-            "action": {"type": "set", "key": "k", "value": 1}}))),
+        exchange(port, "POST", chat, &[JSON], b"{\"messages\": [1,"),
+        400,
+    );
+    check_error(exchange(port, "POST", chat, &[JSON], b"[1, 2]"), 400);
+    check_error(
+        exchange(port, "POST", chat, &[JSON], &[0xff, 0xfe, b'{']),
         400,
     );
     check_error(
-        admin(port, "POST", "/admin/rules", Some(&json!({"name": "code",
-            "action": {"type": "set", "key": "k", "value": 1}}))),
+        exchange(port, "POST", chat, &[("Content-Type", "text/plain")], b"{}"),
+        415,
+    );
+    check_error(
+        exchange(port, "POST", chat, &[JSON], &vec![b' '; 5000]),
+        413,
+    );
+    check_error(exchange(port, "GET", "/slow", &[], b""), 504);
+    check_error(
+        admin(
+            port,
+            "POST",
+            "/admin/rules",
+            Some(&json!({"name": "x", "colour": 1,
+            "action": {"type": "set", "key": "k", "value": 1}})),
+        ),
+        400,
+    );
+    check_error(
+        admin(
+            port,
+            "POST",
+            "/admin/rules",
+            Some(&json!({"name": "code",
+            "action": {"type": "set", "key": "k", "value": 1}})),
+        ),
         409,
     );
     check_error(admin(port, "DELETE", "/admin/rules/nope", None), 404);
     check_error(admin(port, "GET", "/admin/nowhere", None), 404);
     check_error(admin(port, "GET", "/admin/tensors", None), 409);
     check_error(
-        admin(port, "PUT", "/admin/cache", Some(&json!({"enabled": true, "ttl_secs": 0}))),
+        admin(
+            port,
+            "PUT",
+            "/admin/cache",
+            Some(&json!({"enabled": true, "ttl_secs": 0})),
+        ),
         400,
     );
 
@@ -525,14 +598,19 @@ action = { type = "redact", pattern = "[0-9]{4}-[0-9]{4}", regex = true, mask = 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(in_flight, 0, "requests left in flight after their clients left");
+    assert_eq!(
+        in_flight, 0,
+        "requests left in flight after their clients left"
+    );
     assert!(proxy.control().stats().client_disconnects >= 3);
     assert_eq!(post(port, chat, &chat_request(false)).status, 200);
 
     // Stop a stream after two chunks, cleanly.
     proxy
         .control()
-        .add_rule(rule(json!({"name": "short", "action": {"type": "stop_stream", "after_chunks": 2}})))
+        .add_rule(rule(
+            json!({"name": "short", "action": {"type": "stop_stream", "after_chunks": 2}}),
+        ))
         .unwrap();
     let cut = post(port, chat, &chat_request(true));
     assert!(cut.body.ends_with("data: [DONE]\n\n"), "{}", cut.body);
@@ -593,7 +671,11 @@ fn server_admin_routes_need_the_token() {
     for (method, path) in routes {
         for headers in &wrong {
             let reply = exchange(port, method, path, headers, b"{}");
-            assert_eq!(reply.status, 401, "{method} {path} with {headers:?}: {}", reply.body);
+            assert_eq!(
+                reply.status, 401,
+                "{method} {path} with {headers:?}: {}",
+                reply.body
+            );
             assert_eq!(reply.json()["error"]["code"], json!("unauthorized"));
         }
     }
@@ -641,7 +723,11 @@ fn server_locks_and_temporary_patches_on_an_attached_model() {
             .iter()
             .any(|t| t["name"] == json!("output_norm.weight"))
     );
-    let lock = call("POST", "/admin/locks", Some(json!({"tensor": "output_norm.weight"})));
+    let lock = call(
+        "POST",
+        "/admin/locks",
+        Some(json!({"tensor": "output_norm.weight"})),
+    );
     assert_eq!(lock.status, 201, "{}", lock.body);
     let lock_id = lock.json()["id"].as_u64().unwrap();
     let patch = json!({"name": "t", "tensor": "output_norm.weight", "transform": {"scale": 2.0}, "ttl_secs": 1});
@@ -652,11 +738,23 @@ fn server_locks_and_temporary_patches_on_an_attached_model() {
         200
     );
     assert_eq!(
-        call("POST", "/admin/patches", Some(json!({"name": "bad", "tensor": "nope", "transform": {"zero": true}}))).status,
+        call(
+            "POST",
+            "/admin/patches",
+            Some(json!({"name": "bad", "tensor": "nope", "transform": {"zero": true}}))
+        )
+        .status,
         404
     );
     assert_eq!(
-        call("POST", "/admin/patches", Some(json!({"name": "bad", "tensor": "output_norm.weight", "transform": {"explode": 1}}))).status,
+        call(
+            "POST",
+            "/admin/patches",
+            Some(
+                json!({"name": "bad", "tensor": "output_norm.weight", "transform": {"explode": 1}})
+            )
+        )
+        .status,
         400
     );
 
