@@ -3,4 +3,5 @@
 mod crash;
 mod edit;
 mod inspect;
+mod serve;
 mod tensor;
