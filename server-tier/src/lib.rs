@@ -8,7 +8,8 @@
 //! bias, redaction of whole and streamed text (matches that straddle chunks included)
 //! and early stream termination. Deterministic requests (temperature 0 or a seed) can be
 //! answered from a response cache whose keys carry the model's patch epoch, so no answer
-//! computed before a live patch is served after it.
+//! computed before a live patch is served after it. Cacheable answers carry an
+//! `x-hotpatch-cache: hit | miss | bypass` header (`Cache-Control: no-cache` bypasses).
 //!
 //! The admin API (`/admin`, behind a bearer token) edits rules and the cache, and patches
 //! the model file the upstream server maps, live, through memory-tier: apply, revert,

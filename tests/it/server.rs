@@ -758,6 +758,25 @@ fn server_locks_and_temporary_patches_on_an_attached_model() {
         400
     );
 
+    // A patch over an applied one of equal priority is a conflict.
+    let first = call(
+        "POST",
+        "/admin/patches",
+        Some(json!({"name": "a", "tensor": "output_norm.weight", "transform": {"offset": 1.0}})),
+    );
+    assert_eq!(first.status, 201, "{}", first.body);
+    let second = call(
+        "POST",
+        "/admin/patches",
+        Some(
+            json!({"name": "b", "tensor": "output_norm.weight", "transform": {"clamp": [0.0, 1.0]}, "range": [0, 32]}),
+        ),
+    );
+    assert_eq!(second.status, 409, "{}", second.body);
+    assert_eq!(second.json()["error"]["code"], json!("conflict"));
+    assert_eq!(call("DELETE", "/admin/patches/a", None).status, 200);
+    assert!(std::fs::read(&model).unwrap() == original);
+
     // A temporary patch reverts by itself.
     let applied = call("POST", "/admin/patches", Some(patch));
     assert_eq!(applied.status, 201, "{}", applied.body);
@@ -772,7 +791,7 @@ fn server_locks_and_temporary_patches_on_an_attached_model() {
     }
     assert_eq!(patches, json!([]), "the temporary patch is still applied");
     assert!(std::fs::read(&model).unwrap() == original);
-    assert_eq!(proxy.control().epoch(), 2);
+    assert_eq!(proxy.control().epoch(), 4);
     runtime.block_on(proxy.shutdown()).unwrap();
 }
 
