@@ -698,8 +698,21 @@ async fn erase_prompt_caches(shared: &Shared) -> PromptCacheReport {
             None
         }
     };
-    for slot in 0..slots.unwrap_or(0).min(1024) {
-        match upstream_json(shared, Method::POST, &format!("/slots/{slot}?action=erase")).await {
+    // Concurrently: llama-server defers erasing a slot that is still generating, so one
+    // busy slot must not hold up the others.
+    let slot_ids: Vec<u64> = (0..slots.unwrap_or(0).min(1024)).collect();
+    let paths: Vec<String> = slot_ids
+        .iter()
+        .map(|slot| format!("/slots/{slot}?action=erase"))
+        .collect();
+    let results = futures_util::future::join_all(
+        paths
+            .iter()
+            .map(|path| upstream_json(shared, Method::POST, path)),
+    )
+    .await;
+    for (slot, result) in slot_ids.into_iter().zip(results) {
+        match result {
             Ok((status, _)) if status.is_success() => report.slots_erased.push(slot),
             Ok((status, body)) => {
                 let message = body
