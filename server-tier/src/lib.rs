@@ -194,6 +194,11 @@ impl Proxy {
             source,
         })?;
         let router = proxy::router(Arc::clone(&shared));
+        // Small writes (SSE events, short answers) go out at once rather than waiting for
+        // the client's acknowledgement of the previous segment.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+            let _ = stream.set_nodelay(true);
+        });
         let (sender, receiver) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             axum::serve(listener, router)

@@ -343,5 +343,21 @@ async fn llama(client: &HttpClient) -> Result<()> {
         &proxied,
     );
     proxy.shutdown().await?;
+    let proxy = proxy_for(addr, "").await?;
+    let (direct, proxied) = interleaved(
+        client,
+        addr,
+        proxy.local_addr(),
+        "/completion",
+        ONE_TOKEN,
+        LLAMA_ROUNDS,
+    )
+    .await?;
+    report(
+        "real llama-server (gemma-3-270m q4_k_m, CPU), 1-token /completion, no rules",
+        &direct,
+        &proxied,
+    );
+    proxy.shutdown().await?;
     Ok(())
 }
