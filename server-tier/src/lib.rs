@@ -43,6 +43,7 @@
 //! ```
 
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 mod admin;
 mod cache;
