@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::{FromRequestParts, Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -115,6 +115,21 @@ async fn guard(State(shared): State<Arc<Shared>>, request: Request, next: Next) 
     response
 }
 
+/// A path segment (a rule name, a patch or lock id); a malformed one is a JSON 400 like
+/// every other error.
+struct Segment(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Segment {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, state: &S) -> Result<Segment> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(segment)| Segment(segment))
+            .map_err(|rejection| Error::BadRequest(rejection.body_text()))
+    }
+}
+
 fn authorized(headers: &HeaderMap, expected: &[u8; 32]) -> bool {
     let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
@@ -173,7 +188,7 @@ async fn add_rule(State(shared): State<Arc<Shared>>, request: Request) -> Result
 
 async fn replace_rule(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Segment(name): Segment,
     request: Request,
 ) -> Result<Response> {
     let (parts, body) = request.into_parts();
@@ -187,7 +202,7 @@ async fn replace_rule(
 
 async fn delete_rule(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Segment(name): Segment,
 ) -> Result<Response> {
     let mut removed = None;
     shared.edit_rules(|set| {
@@ -199,7 +214,7 @@ async fn delete_rule(
 
 async fn enable_rule(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Segment(name): Segment,
 ) -> Result<Response> {
     shared.edit_rules(|set| set.set_enabled(&name, true))?;
     Ok(ok(json!({"name": name, "enabled": true})))
@@ -207,7 +222,7 @@ async fn enable_rule(
 
 async fn disable_rule(
     State(shared): State<Arc<Shared>>,
-    Path(name): Path<String>,
+    Segment(name): Segment,
 ) -> Result<Response> {
     shared.edit_rules(|set| set.set_enabled(&name, false))?;
     Ok(ok(json!({"name": name, "enabled": false})))
@@ -489,7 +504,7 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
 
 async fn revert_patch(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    Segment(id): Segment,
     uri: http::Uri,
 ) -> Result<Response> {
     let drain_first = uri
@@ -599,10 +614,7 @@ async fn add_lock(State(shared): State<Arc<Shared>>, request: Request) -> Result
     Ok(created(to_json(&lock)))
 }
 
-async fn delete_lock(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-) -> Result<Response> {
+async fn delete_lock(State(shared): State<Arc<Shared>>, Segment(id): Segment) -> Result<Response> {
     let id: u64 = id
         .parse()
         .map_err(|_| Error::NotFound(format!("no lock {id:?}")))?;
@@ -686,8 +698,21 @@ async fn erase_prompt_caches(shared: &Shared) -> PromptCacheReport {
             None
         }
     };
-    for slot in 0..slots.unwrap_or(0).min(1024) {
-        match upstream_json(shared, Method::POST, &format!("/slots/{slot}?action=erase")).await {
+    // Concurrently: llama-server defers erasing a slot that is still generating, so one
+    // busy slot must not hold up the others.
+    let slot_ids: Vec<u64> = (0..slots.unwrap_or(0).min(1024)).collect();
+    let paths: Vec<String> = slot_ids
+        .iter()
+        .map(|slot| format!("/slots/{slot}?action=erase"))
+        .collect();
+    let results = futures_util::future::join_all(
+        paths
+            .iter()
+            .map(|path| upstream_json(shared, Method::POST, path)),
+    )
+    .await;
+    for (slot, result) in slot_ids.into_iter().zip(results) {
+        match result {
             Ok((status, _)) if status.is_success() => report.slots_erased.push(slot),
             Ok((status, body)) => {
                 let message = body

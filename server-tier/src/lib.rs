@@ -8,7 +8,8 @@
 //! bias, redaction of whole and streamed text (matches that straddle chunks included)
 //! and early stream termination. Deterministic requests (temperature 0 or a seed) can be
 //! answered from a response cache whose keys carry the model's patch epoch, so no answer
-//! computed before a live patch is served after it.
+//! computed before a live patch is served after it. Cacheable answers carry an
+//! `x-hotpatch-cache: hit | miss | bypass` header (`Cache-Control: no-cache` bypasses).
 //!
 //! The admin API (`/admin`, behind a bearer token) edits rules and the cache, and patches
 //! the model file the upstream server maps, live, through memory-tier: apply, revert,
@@ -42,6 +43,7 @@
 //! ```
 
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 mod admin;
 mod cache;
@@ -193,6 +195,11 @@ impl Proxy {
             source,
         })?;
         let router = proxy::router(Arc::clone(&shared));
+        // Small writes (SSE events, short answers) go out at once rather than waiting for
+        // the client's acknowledgement of the previous segment.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+            let _ = stream.set_nodelay(true);
+        });
         let (sender, receiver) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             axum::serve(listener, router)

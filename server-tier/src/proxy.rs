@@ -126,7 +126,9 @@ impl Shared {
         connector.set_connect_timeout(Some(config.limits.connect_timeout));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            // Below the 5 s keep-alive of llama-server's HTTP library, so that the pool
+            // rarely hands out a connection the upstream is closing.
+            .pool_idle_timeout(Duration::from_secs(4))
             .pool_max_idle_per_host(256)
             .build(connector);
         let stats = Arc::new(Stats::default());
@@ -483,14 +485,42 @@ async fn forward(shared: &Arc<Shared>, request: Request) -> Result<Response> {
     whole(shared, upstream, &plan, recorder, outcome).await
 }
 
-/// Sends a request upstream over a pooled connection.
-pub(crate) async fn send(
+/// Whether a failed exchange broke on a pooled connection the upstream had closed (it
+/// closes idle keep-alive connections on its own schedule): the request was not
+/// processed, so one retry on a fresh connection is safe.
+fn is_stale_connection(error: &hyper_util::client::legacy::Error) -> bool {
+    if error.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>()
+            && (hyper_error.is_incomplete_message() || hyper_error.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            )
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+fn upstream_request(
     shared: &Shared,
     method: &Method,
     path_and_query: &str,
     headers: &HeaderMap,
     body: Bytes,
-) -> Result<http::Response<Incoming>> {
+) -> Result<http::Request<Full<Bytes>>> {
     let mut builder = http::Request::builder()
         .method(method.clone())
         .uri(shared.upstream.uri(path_and_query)?);
@@ -504,38 +534,57 @@ pub(crate) async fn send(
             target.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
     }
-    let request = builder
+    builder
         .body(Full::new(body))
-        .map_err(|e| Error::BadRequest(format!("request: {e}")))?;
+        .map_err(|e| Error::BadRequest(format!("request: {e}")))
+}
+
+/// Sends a request upstream over a pooled connection (retried once when the pooled
+/// connection turns out to be closed), waiting at most the upstream timeout for the
+/// response head.
+pub(crate) async fn send(
+    shared: &Shared,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<http::Response<Incoming>> {
+    let deadline = tokio::time::Instant::now() + shared.limits.upstream_timeout;
+    let mut retried = false;
     shared
         .stats
         .upstream_requests
         .fetch_add(1, Ordering::Relaxed);
-    match tokio::time::timeout(
-        shared.limits.upstream_timeout,
-        shared.client.request(request),
-    )
-    .await
-    {
-        Err(_) => {
-            shared
-                .stats
-                .upstream_timeouts
-                .fetch_add(1, Ordering::Relaxed);
-            Err(Error::UpstreamTimeout(shared.limits.upstream_timeout))
-        }
-        Ok(Err(error)) => {
-            shared.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            let mut message = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                message.push_str(": ");
-                message.push_str(&cause.to_string());
-                source = cause.source();
+    loop {
+        let request = upstream_request(shared, method, path_and_query, headers, body.clone())?;
+        match tokio::time::timeout_at(deadline, shared.client.request(request)).await {
+            Err(_) => {
+                shared
+                    .stats
+                    .upstream_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Error::UpstreamTimeout(shared.limits.upstream_timeout));
             }
-            Err(Error::Upstream(message))
+            Ok(Err(error)) if !retried && is_stale_connection(&error) => {
+                retried = true;
+                shared
+                    .stats
+                    .upstream_retries
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(error)) => {
+                shared.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                let mut message = error.to_string();
+                let mut source = std::error::Error::source(&error);
+                while let Some(cause) = source {
+                    message.push_str(": ");
+                    message.push_str(&cause.to_string());
+                    source = cause.source();
+                }
+                return Err(Error::Upstream(message));
+            }
+            Ok(Ok(response)) => return Ok(response),
         }
-        Ok(Ok(response)) => Ok(response),
     }
 }
 

@@ -203,6 +203,7 @@ pub(crate) struct Stats {
     pub(crate) post_response: HookStats,
     pub(crate) stream_chunk: HookStats,
     pub(crate) upstream_requests: AtomicU64,
+    pub(crate) upstream_retries: AtomicU64,
     pub(crate) upstream_errors: AtomicU64,
     pub(crate) upstream_timeouts: AtomicU64,
     pub(crate) cache_hits: AtomicU64,
@@ -225,8 +226,11 @@ pub struct StatsSnapshot {
     pub hooks: BTreeMap<&'static str, HookCounts>,
     /// Per rule, by name (rules removed since keep their counts).
     pub rules: BTreeMap<String, RuleCounts>,
-    /// Requests sent to the upstream server.
+    /// Requests sent to the upstream server (a retry on a fresh connection is not
+    /// counted again).
     pub upstream_requests: u64,
+    /// Requests sent again because a pooled connection was found closed.
+    pub upstream_retries: u64,
     /// Upstream exchanges that failed (502).
     pub upstream_errors: u64,
     /// Upstream exchanges that timed out (504 or a stream cut for idleness).
@@ -282,6 +286,7 @@ impl Stats {
             ]),
             rules: rules.iter().map(|(k, v)| (k.clone(), v.counts())).collect(),
             upstream_requests: self.upstream_requests.load(Relaxed),
+            upstream_retries: self.upstream_retries.load(Relaxed),
             upstream_errors: self.upstream_errors.load(Relaxed),
             upstream_timeouts: self.upstream_timeouts.load(Relaxed),
             cache_hits: self.cache_hits.load(Relaxed),

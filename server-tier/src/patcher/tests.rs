@@ -1,5 +1,5 @@
 use super::*;
-use crate::rules::RuleSet;
+use crate::rules::{Rule, RuleSet};
 use serde_json::json;
 
 fn patcher(rules: &str) -> RulePatcher {
@@ -374,4 +374,44 @@ action = { type = "redact", pattern = "x", mask = "*" }
     }
     p.stream_end(&mut state, &mut out);
     assert_eq!(out.len(), 4);
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_streams_and_bodies_never_panic(
+        bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+        cut in 0usize..400,
+        text in ".{0,200}",
+    ) {
+        let p = patcher(
+            r#"
+[[rule]]
+name = "x"
+action = { type = "redact", pattern = "a[bc]+", regex = true, replacement = "_" }
+[[rule]]
+name = "stop"
+action = { type = "stop_stream", after_chunks = 3, pattern = "zz" }
+[[rule]]
+name = "persona"
+action = { type = "system_prompt", text = "S", mode = "merge" }
+"#,
+        );
+        for path in [CHAT, "/v1/completions", "/completion"] {
+            let (_, plan) = request(&p, path, json!({}));
+            let mut state = plan.stream_state();
+            let mut out = Vec::new();
+            let cut = cut.min(bytes.len());
+            let _ = p.stream_chunk(&mut state, &bytes[..cut], &mut out);
+            let _ = p.stream_chunk(&mut state, &bytes[cut..], &mut out);
+            p.stream_end(&mut state, &mut out);
+            if let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) {
+                let _ = p.post_response(&plan, &mut value);
+                if let Value::Object(_) = value {
+                    let _ = request(&p, path, value);
+                }
+            }
+        }
+        let _ = RuleSet::from_toml_str(&text);
+        let _ = Rule::from_json_slice(text.as_bytes());
+    }
 }

@@ -23,7 +23,7 @@ pub struct ServeArgs {
     /// that its prompt caches can be erased after each patch).
     #[arg(long, value_name = "FILE")]
     pub model: Option<PathBuf>,
-    /// A TOML rules file ([[rule]] tables and an optional [cache] table).
+    /// A TOML rules file (`[[rule]]` tables and an optional `[cache]` table).
     #[arg(long, value_name = "FILE")]
     pub rules: Option<PathBuf>,
     /// A file holding the admin API's bearer token; without it the admin API is off.

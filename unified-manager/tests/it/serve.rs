@@ -1,0 +1,91 @@
+//! `hotpatch serve` as a user starts it: bad configurations fail with a clear message,
+//! and a running proxy answers, enforces its admin token and stops on SIGTERM.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HOTPATCH: &str = env!("CARGO_BIN_EXE_hotpatch");
+
+fn failure(args: &[&str]) -> String {
+    let output = Command::new(HOTPATCH).args(args).output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "hotpatch {args:?} did not fail"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn serve_refuses_bad_configurations() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"a\"\ncolour = \"red\"\naction = { type = \"set\", key = \"k\", value = 1 }\n",
+    )
+    .unwrap();
+    let message = failure(&[
+        "serve",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--listen",
+        "127.0.0.1:0",
+        "--rules",
+        rules.to_str().unwrap(),
+    ]);
+    assert!(message.contains("colour"), "{message}");
+    let message = failure(&[
+        "serve",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--listen",
+        "0.0.0.0:0",
+        "--admin-insecure-loopback",
+    ]);
+    assert!(message.contains("loopback"), "{message}");
+    let message = failure(&["serve", "--upstream", "ftp://x", "--listen", "127.0.0.1:0"]);
+    assert!(message.contains("http://"), "{message}");
+}
+
+#[test]
+fn serve_answers_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let port = tests::free_port();
+    let dead = tests::free_port();
+    let mut child = Command::new(HOTPATCH)
+        .args(["serve", "--upstream", &format!("http://127.0.0.1:{dead}")])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--admin-token-file")
+        .arg(&token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (status, body) = loop {
+        if let Ok(reply) = tests::http_request(port, "GET", "/health", None) {
+            break reply;
+        }
+        assert!(Instant::now() < deadline, "the proxy did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The upstream is down: a JSON 502, and the proxy goes on serving.
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("upstream_failure"), "{body}");
+    let (status, _) = tests::http_request(port, "GET", "/admin/rules", None).unwrap();
+    assert_eq!(status, 401);
+    let (status, body) = tests::http_request(port, "GET", "/metrics", None).unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("hotpatch_upstream_errors_total 1"), "{body}");
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "hotpatch serve exited with {exit}");
+}
