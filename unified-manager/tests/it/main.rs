@@ -4,6 +4,5 @@ mod crash;
 mod edit;
 mod inspect;
 mod manage;
-mod pipelines;
 mod serve;
 mod tensor;

@@ -273,6 +273,27 @@ fn optimize_and_a_per_layer_diff_plot() {
 }
 
 #[test]
+fn a_refused_page_lock_fails_the_boost_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = demo(dir.path());
+    // Without CAP_IPC_LOCK and with a 64 KiB RLIMIT_MEMLOCK, the kernel refuses mlock.
+    let output = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -l 64 && exec setpriv --bounding-set=-ipc_lock --inh-caps=-ipc_lock {} boost {} --mlock --no-cold-read",
+            env!("CARGO_BIN_EXE_hotpatch"),
+            model.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("RLIMIT_MEMLOCK is 65536 bytes"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("stopped at a failed step"), "{stderr}");
+}
+
+#[test]
 fn help_documents_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let help = ok(&["--help"], dir.path());
