@@ -78,6 +78,9 @@ pub struct PipelineReport {
     pub dry_run: bool,
     /// The steps in order.
     pub steps: Vec<Step>,
+    /// Problems the run found and left as they are (for example non-finite values with
+    /// no repair asked for); the CLI exits 1 when there are any.
+    pub unresolved: Vec<String>,
     /// How to undo the run as one unit.
     pub undo: Undo,
 }
@@ -89,6 +92,7 @@ impl PipelineReport {
             target,
             dry_run,
             steps: Vec::new(),
+            unresolved: Vec::new(),
             undo: Undo::default(),
         }
     }
@@ -101,7 +105,7 @@ impl PipelineReport {
             .any(|s| matches!(s.result, StepResult::Failed(_)))
     }
 
-    /// Bytes changed by the steps that write (memory, byte and OS tiers' writes).
+    /// The step named `name`.
     pub fn step(&self, name: &str) -> Option<&Step> {
         self.steps.iter().find(|s| s.step == name)
     }

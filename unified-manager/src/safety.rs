@@ -314,6 +314,15 @@ fn plan_and_write(
             .filter_map(|(t, f)| f.skipped.as_ref().map(|why| format!("{}: {why}", t.name)))
             .collect();
         let sum = |f: &dyn Fn(&TensorFix) -> u64| fixes.iter().map(|(_, x)| f(x)).sum::<u64>();
+        if options.repair.is_none() && nan + inf > 0 {
+            report.unresolved.push(format!(
+                "{} NaN and {} infinite values in {dirty} tensors (no repair asked for)",
+                nan, inf
+            ));
+        }
+        report
+            .unresolved
+            .extend(skipped.iter().map(|s| format!("not fixable: {s}")));
         let outcome = match options.repair {
             None if nan + inf > 0 => StepOutcome::skipped(format!(
                 "repair not asked for: {} non-finite values left as they are",

@@ -129,6 +129,9 @@ pub fn print_report(report: &PipelineReport, json: bool) -> anyhow::Result<()> {
             report.pipeline
         );
     }
+    if !report.unresolved.is_empty() {
+        anyhow::bail!("left unresolved: {}", report.unresolved.join("; "));
+    }
     Ok(())
 }
 

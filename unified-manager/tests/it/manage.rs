@@ -186,10 +186,18 @@ fn the_safety_command_repairs_in_place_and_the_journal_reverts_it() {
     ok(&["revert", model, &transaction.to_string()], &config);
     assert!(std::fs::read(model).unwrap() == planted);
 
-    // A second scan without repair finds the NaN and says so.
-    let text = ok(&["safety", model], &config);
+    // A second scan without repair finds the NaN, says so, and exits 1.
+    let output = run(&["safety", model], &config);
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("1 NaN"), "{text}");
     assert!(text.contains("repair not asked for"), "{text}");
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.contains("left unresolved: 1 NaN and 0 infinite values in 1 tensors"),
+        "{error}"
+    );
+    assert!(std::fs::read(model).unwrap() == planted);
 }
 
 #[test]
