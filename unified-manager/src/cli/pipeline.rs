@@ -11,7 +11,7 @@ use unified_manager::{
     StepResult,
 };
 
-use super::progress::{bytes_bar, reporter};
+use super::progress::{bytes_bar, reporter, spinner};
 
 /// How to reach a running `hotpatch serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -209,8 +209,10 @@ pub fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
     let id = manager
         .attach(&args.file, mode)
         .with_context(|| format!("attach {}", args.file.display()))?;
-    let spinner = bytes_bar("safety", std::fs::metadata(&args.file)?.len());
-    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let spinner = spinner(
+        "safety: scanning and planning",
+        std::fs::metadata(&args.file)?.len(),
+    );
     let report = manager.safety(id, &options);
     spinner.finish_and_clear();
     let report = report?;

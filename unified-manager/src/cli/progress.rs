@@ -22,6 +22,18 @@ pub fn bytes_bar(message: &str, total: u64) -> ProgressBar {
     bar
 }
 
+/// A spinner for work on `total` bytes whose progress is not reported step by step,
+/// hidden for small totals (and, as every bar, off a terminal).
+pub fn spinner(message: &str, total: u64) -> ProgressBar {
+    if total < MIN_BYTES {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_message(message.to_owned());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
 /// A callback for byte-tier's `(done, total)` progress reports that drives `bar`.
 pub fn reporter(bar: &ProgressBar) -> impl FnMut(u64, u64) + '_ {
     move |done, total| {
