@@ -137,7 +137,9 @@ pub fn http_request(
     Ok((status, body))
 }
 
-fn dechunk(mut rest: &str) -> String {
+/// The payload of an HTTP/1.1 `Transfer-Encoding: chunked` body (up to the last chunk,
+/// or to the first malformed size line).
+pub fn dechunk(mut rest: &str) -> String {
     let mut out = String::new();
     while let Some((size, tail)) = rest.split_once("\r\n") {
         let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
@@ -147,7 +149,7 @@ fn dechunk(mut rest: &str) -> String {
             break;
         }
         out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
+        rest = tail[n..].strip_prefix("\r\n").unwrap_or(&tail[n..]);
     }
     out
 }

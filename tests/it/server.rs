@@ -67,7 +67,7 @@ fn exchange(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body:
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
-        dechunk(rest)
+        tests::dechunk(rest)
     } else {
         rest.to_owned()
     };
@@ -76,21 +76,6 @@ fn exchange(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body:
         head: head.to_owned(),
         body,
     }
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].strip_prefix("\r\n").unwrap_or(&tail[n..]);
-    }
-    out
 }
 
 const JSON: (&str, &str) = ("Content-Type", "application/json");
