@@ -197,38 +197,48 @@ async fn proxy_for(upstream: SocketAddr, rules: &str) -> Result<Proxy> {
     Ok(Proxy::bind(config).await?)
 }
 
+/// Times `rounds` requests to `upstream` directly and through a proxy with `rules`,
+/// interleaved, prints the comparison under `label`, and returns the proxy.
+async fn compare(
+    client: &HttpClient,
+    upstream: SocketAddr,
+    rules: &str,
+    (path, body): (&str, &'static str),
+    rounds: usize,
+    label: &str,
+) -> Result<Proxy> {
+    let proxy = proxy_for(upstream, rules).await?;
+    let (direct, proxied) =
+        interleaved(client, upstream, proxy.local_addr(), path, body, rounds).await?;
+    report(label, &direct, &proxied);
+    Ok(proxy)
+}
+
 async fn measure() -> Result<()> {
     let client = client();
     let upstream = bench_upstream().await?;
 
-    let proxy = proxy_for(upstream, RULES).await?;
-    let (direct, proxied) = interleaved(
+    let chat = ("/v1/chat/completions", CHAT_BODY);
+    compare(
         &client,
         upstream,
-        proxy.local_addr(),
-        "/v1/chat/completions",
-        CHAT_BODY,
+        RULES,
+        chat,
         LOCAL_ROUNDS,
-    )
-    .await?;
-    report(
         "local bench upstream, /v1/chat/completions, 2 rules active (request clamp, response redaction)",
-        &direct,
-        &proxied,
-    );
-    proxy.shutdown().await?;
-
-    let proxy = proxy_for(upstream, "").await?;
-    let (direct, proxied) = interleaved(
+    )
+    .await?
+    .shutdown()
+    .await?;
+    let proxy = compare(
         &client,
         upstream,
-        proxy.local_addr(),
-        "/v1/chat/completions",
-        CHAT_BODY,
+        "",
+        chat,
         LOCAL_ROUNDS,
+        "local bench upstream, no rules",
     )
     .await?;
-    report("local bench upstream, no rules", &direct, &proxied);
 
     // Cache hits: a deterministic request, answered from the cache after the first time.
     proxy.control().set_cache(CacheSettings {
@@ -326,39 +336,20 @@ async fn llama(client: &HttpClient) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let proxy = proxy_for(addr, RULES).await?;
     const ONE_TOKEN: &str =
         r#"{"prompt":"Hello","n_predict":1,"temperature":0.9,"seed":1,"cache_prompt":true}"#;
-    let (direct, proxied) = interleaved(
-        client,
-        addr,
-        proxy.local_addr(),
-        "/completion",
-        ONE_TOKEN,
-        LLAMA_ROUNDS,
-    )
-    .await?;
-    report(
-        "real llama-server (gemma-3-270m q4_k_m, CPU), 1-token /completion, 2 rules active",
-        &direct,
-        &proxied,
-    );
-    proxy.shutdown().await?;
-    let proxy = proxy_for(addr, "").await?;
-    let (direct, proxied) = interleaved(
-        client,
-        addr,
-        proxy.local_addr(),
-        "/completion",
-        ONE_TOKEN,
-        LLAMA_ROUNDS,
-    )
-    .await?;
-    report(
-        "real llama-server (gemma-3-270m q4_k_m, CPU), 1-token /completion, no rules",
-        &direct,
-        &proxied,
-    );
-    proxy.shutdown().await?;
+    for (rules, what) in [(RULES, "2 rules active"), ("", "no rules")] {
+        compare(
+            client,
+            addr,
+            rules,
+            ("/completion", ONE_TOKEN),
+            LLAMA_ROUNDS,
+            &format!("real llama-server (gemma-3-270m q4_k_m, CPU), 1-token /completion, {what}"),
+        )
+        .await?
+        .shutdown()
+        .await?;
+    }
     Ok(())
 }
