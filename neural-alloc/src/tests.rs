@@ -249,8 +249,16 @@ fn zero_size_huge_and_overaligned_requests() {
 fn blocks_freed_on_another_thread_and_caches_of_exited_threads_return_to_the_pool() {
     static ALLOCATOR: NeuralAlloc = NeuralAlloc::with_config(checking_config());
     let allocator = &ALLOCATOR;
+    free_on_another_thread(allocator, 200);
+}
+
+/// Blocks the main thread's cache still holds for the 64-byte class.
+/// Allocates `count` 48-byte blocks here, frees them on another thread that then exits,
+/// and checks that nothing is live, that every block outside the pool is one this
+/// thread's cache holds, and that no corruption was reported.
+fn free_on_another_thread(allocator: &'static NeuralAlloc, count: usize) {
     let blocks = Handover(
-        (0..200)
+        (0..count)
             .map(|_| allocator.allocate(layout(48, 8)).unwrap())
             .collect(),
     );
@@ -269,7 +277,6 @@ fn blocks_freed_on_another_thread_and_caches_of_exited_threads_return_to_the_poo
     assert_eq!(allocator.corruption_counts().total(), 0);
 }
 
-/// Blocks the main thread's cache still holds for the 64-byte class.
 fn main_thread_cached(allocator: &NeuralAlloc) -> usize {
     allocator.warm_thread_cache(1, 0)
 }
@@ -501,22 +508,5 @@ fn untracked_blocks_freed_on_another_thread_return_at_its_exit() {
         ..Config::DEFAULT
     });
     let allocator = &ALLOCATOR;
-    let blocks = Handover(
-        (0..300)
-            .map(|_| allocator.allocate(layout(48, 8)).unwrap())
-            .collect(),
-    );
-    on_other_thread(move || {
-        for block in blocks.take() {
-            // SAFETY: live blocks handed over from the main thread, not used again.
-            unsafe { allocator.deallocate(block, layout(48, 8)) }.unwrap();
-        }
-    });
-    let stats = allocator.stats();
-    assert_eq!(stats.current_count, 0);
-    assert_eq!(
-        stats.classes[0].blocks_outside_pool as usize,
-        main_thread_cached(allocator)
-    );
-    assert_eq!(allocator.corruption_counts().total(), 0);
+    free_on_another_thread(allocator, 300);
 }
