@@ -5,12 +5,12 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::Ordering;
 
 use crate::cache::{self, batch_len, cache_capacity};
-use crate::class::{CLASS_COUNT, GEOMETRY, GUARD_LEN, Geometry, class_for};
+use crate::class::{CLASS_COUNT, GEOMETRY, GUARD_LEN, Geometry, SLAB_SIZE, class_for};
 use crate::error::AllocError;
 use crate::large::LargeHeader;
 use crate::report::{CorruptionKind, CorruptionReport};
 use crate::slab::{self, Position, SlabHeader, word};
-use crate::state::{State, action_of, flag};
+use crate::state::{State, action_of, fast, flag};
 use crate::track::{self, HistoryEntry, HistoryEvent, TrackRecord};
 
 /// A call site as captured by `#[track_caller]`, or none (the `GlobalAlloc` adapter).
@@ -53,10 +53,10 @@ struct LiveBlockSites {
     freed_at: Site,
 }
 
-/// Index of a block known to be the start of a block of `slab`.
-#[inline]
-fn block_index(slab: NonNull<SlabHeader>, geometry: &Geometry, block: NonNull<u8>) -> usize {
-    (block.as_ptr().addr() - slab.as_ptr().addr() - geometry.first_block) >> geometry.block_shift
+/// Index of a block known to be the start of a block of a slab of `geometry`.
+#[inline(always)]
+fn block_index(geometry: &Geometry, block: NonNull<u8>) -> usize {
+    ((block.addr().get() & (SLAB_SIZE - 1)) - geometry.first_block) >> geometry.block_shift
 }
 
 /// Whether the guard after `size` bytes of `block` is intact.
@@ -128,35 +128,10 @@ impl State {
         align: usize,
         site: Site,
     ) -> Result<NonNull<u8>, AllocError> {
-        match self.try_allocate_cached(size, align) {
+        match try_allocate_cached(self.fast_word(), size, align) {
             Some(block) => Ok(block),
             None => self.allocate_uncached(size, align, site),
         }
-    }
-
-    /// The hit path of an allocation: a pooled size, tracking and poisoning off (one
-    /// branch on the settings word), and a block in this thread's cache. Changes nothing
-    /// when it returns `None`; the caller then takes [`Self::allocate_uncached`].
-    ///
-    /// Nothing here can panic, so the `GlobalAlloc` adapter calls it without its unwind
-    /// guard.
-    #[inline(always)]
-    pub(crate) fn try_allocate_cached(&self, size: usize, align: usize) -> Option<NonNull<u8>> {
-        let flags = self.flags.load(Ordering::Relaxed);
-        if flags & (flag::TRACKING | flag::POISON) != 0 {
-            return None;
-        }
-        let class = class_for(size, align)?;
-        // SAFETY: the reference is used only within this call, on this thread.
-        let (class_cache, _) = unsafe { cache::class_cache(self.slot, class) }?;
-        if !class_cache.allocations_have_room() {
-            return None;
-        }
-        let block = class_cache.pop_allocation(size)?;
-        // SAFETY: the block was just taken from this thread's cache of `class`, so it is
-        // a free block of a live slab of this instance's pool, and it is ours alone.
-        unsafe { self.prepare_block(class, block, size, flags, None) };
-        Some(block)
     }
 
     /// Allocates when the hit path cannot: large requests, tracking or poisoning on, an
@@ -170,7 +145,7 @@ impl State {
     ) -> Result<NonNull<u8>, AllocError> {
         let flags = self.flags.load(Ordering::Relaxed);
         match class_for(size, align) {
-            Some(class) => self.allocate_pooled(class, size, flags, site),
+            Some(class) => self.allocate_pooled(class, size, align, flags, site),
             None => self.allocate_large(size, align, flags, site),
         }
     }
@@ -180,6 +155,7 @@ impl State {
         &self,
         class: usize,
         size: usize,
+        align: usize,
         flags: u32,
         site: Site,
     ) -> Result<NonNull<u8>, AllocError> {
@@ -194,14 +170,16 @@ impl State {
         });
         let block = match cached {
             Some(Some(block)) => block,
-            Some(None) => return Err(AllocError::OutOfMemory { size }),
-            None => {
-                let (block, _) = self
-                    .refill(class, 1)
-                    .ok_or(AllocError::OutOfMemory { size })?;
-                self.count(class, 1, 0, size as u64, 0);
-                block
-            }
+            // The arena is full (or could not be reserved): the system allocator serves
+            // the request instead, tracked like a large one.
+            Some(None) => return self.allocate_large(size, align, flags, site),
+            None => match self.refill(class, 1) {
+                Some((block, _)) => {
+                    self.count(class, 1, 0, size as u64, 0);
+                    block
+                }
+                None => return self.allocate_large(size, align, flags, site),
+            },
         };
         // SAFETY: the block was just taken from this instance's pool of `class`, so it
         // is a free block of a live slab, and it is ours alone.
@@ -240,8 +218,9 @@ impl State {
         site: Site,
     ) {
         let geometry = &GEOMETRY[class];
-        let slab = slab::base_of(block);
-        let index = block_index(slab, geometry, block);
+        // SAFETY: as required of our caller.
+        let slab = unsafe { slab::base_of(block) };
+        let index = block_index(geometry, block);
         // SAFETY: the block is in a live slab and its index is in range.
         let state_word = unsafe { slab::state_word(slab, index) };
         let mut new_word = word::LIVE | size as u32;
@@ -382,11 +361,10 @@ impl State {
         let Some(slab) = slab::containing(pointer.as_ptr()) else {
             return Err(NotLive::Unpooled);
         };
-        let header = slab.as_ptr();
-        // SAFETY: the registry lists only live slabs, whose header fields `owner` and
-        // `class` never change after creation.
-        let (owner, class) = unsafe { ((*header).owner, (*header).class) };
-        if !ptr::eq(owner, self) || class >= CLASS_COUNT {
+        // SAFETY: `slab` came from `containing`.
+        let identity = unsafe { slab::identity_of(slab) };
+        let class = (identity & u64::from(u32::MAX)) as usize;
+        if identity >> 32 != u64::from(self.id) || class >= CLASS_COUNT {
             return Err(NotLive::Bad(CorruptionKind::InvalidFree, None));
         }
         let geometry = &GEOMETRY[class];
@@ -459,68 +437,19 @@ impl State {
         );
     }
 
-    /// Frees `pointer`.
+    /// Frees `pointer`, which the caller says was allocated with `size` and `align`.
     #[inline]
-    pub(crate) fn deallocate(&self, pointer: NonNull<u8>, site: Site) -> Result<(), AllocError> {
-        if self.try_deallocate_cached(pointer) {
+    pub(crate) fn deallocate(
+        &self,
+        pointer: NonNull<u8>,
+        size: usize,
+        align: usize,
+        site: Site,
+    ) -> Result<(), AllocError> {
+        if try_deallocate_cached(self.fast_word(), pointer, size, align) {
             return Ok(());
         }
         self.deallocate_checked(pointer, site)
-    }
-
-    /// The hit path of a free: a live pooled block of ours, untracked and not to be
-    /// poisoned, with its guard intact (one word compared), going into this thread's
-    /// cache, which has room. Returns `false` without changing anything otherwise; the
-    /// caller then takes [`Self::deallocate_checked`], which repeats every check and
-    /// reports what is wrong.
-    ///
-    /// Nothing here can panic, so the `GlobalAlloc` adapter calls it without its unwind
-    /// guard.
-    #[inline(always)]
-    pub(crate) fn try_deallocate_cached(&self, pointer: NonNull<u8>) -> bool {
-        let Some(slab) = slab::containing(pointer.as_ptr()) else {
-            return false;
-        };
-        let header = slab.as_ptr();
-        // SAFETY: the registry lists only live slabs, whose `owner` and `class` never
-        // change after creation.
-        let (owner, class) = unsafe { ((*header).owner, (*header).class) };
-        if !ptr::eq(owner, self) {
-            return false;
-        }
-        let Some(geometry) = GEOMETRY.get(class) else {
-            return false;
-        };
-        let Position::BlockStart(index) = slab::position(slab, geometry, pointer.as_ptr()) else {
-            return false;
-        };
-        // SAFETY: live slab, index in range as checked by `position`.
-        let state_word = unsafe { slab::state_word(slab, index) };
-        let old_word = state_word.load(Ordering::Acquire);
-        if old_word & (word::STATE_MASK | word::TRACKED | word::POISON_ON_FREE) != word::LIVE {
-            return false;
-        }
-        let size = (old_word & word::SIZE_MASK) as usize;
-        // The caller's pointer may only reach its own bytes: the guard is read through
-        // the slab's pointer, and the cache keeps that one.
-        let block = slab::with_slab_provenance(slab, pointer);
-        // SAFETY: a live block of ours, so the guard after `size` lies inside it.
-        if old_word & word::GUARDED != 0 && !unsafe { guard_intact(block, size) } {
-            return false;
-        }
-        // SAFETY: the reference is used only within this call, on this thread.
-        let Some((class_cache, active)) = (unsafe { cache::class_cache(self.slot, class) }) else {
-            return false;
-        };
-        if !active || !class_cache.frees_have_room() || class_cache.len() >= cache_capacity(class) {
-            return false;
-        }
-        state_word.store(word::FREE | size as u32, Ordering::Release);
-        // SAFETY: the block was just marked free and belongs to this instance's `class`
-        // pool; blocks are at least 64 bytes and 64-byte aligned; `pointer` has the
-        // block's address.
-        unsafe { class_cache.push_free(block, pointer, size) };
-        true
     }
 
     /// Frees `pointer` with every check and bookkeeping step.
@@ -734,7 +663,7 @@ impl State {
         unsafe {
             ptr::copy_nonoverlapping(pointer.as_ptr(), moved.as_ptr(), old_size.min(new_size))
         };
-        self.deallocate(pointer, site)?;
+        self.deallocate(pointer, old_size, align, site)?;
         Ok(moved)
     }
 
@@ -768,6 +697,108 @@ impl State {
             })
             .unwrap_or(0)
     }
+}
+
+/// The hit path of an allocation, for an instance whose fast word is `fast`: a pooled
+/// size, tracking and poisoning off (one bit of the fast word), and a block in this
+/// thread's cache. Changes nothing when it returns `None`; the caller then takes
+/// [`State::allocate_uncached`].
+///
+/// Nothing here can panic, so the `GlobalAlloc` adapter calls it without its unwind
+/// guard, and nothing here reads the instance's state: only the fast word, this
+/// thread's cache and the block's slab.
+#[inline(always)]
+pub(crate) fn try_allocate_cached(fast: u32, size: usize, align: usize) -> Option<NonNull<u8>> {
+    if fast & fast::ALLOCATE == 0 {
+        return None;
+    }
+    let class = class_for(size, align)?;
+    // SAFETY: the reference is used only within this call, on this thread.
+    let class_cache = unsafe { cache::class_cache(fast::slot(fast), class) }?;
+    let block = class_cache.pop_allocation(size)?;
+    let geometry = &GEOMETRY[class];
+    // SAFETY: blocks in a cache lie in slabs of the arena, with its provenance.
+    let slab = unsafe { slab::base_of(block) };
+    let index = block_index(geometry, block);
+    let mut new_word = word::LIVE | size as u32;
+    if fast & fast::GUARD != 0 {
+        // SAFETY: the block came from this thread's cache of `class`, so it is a free
+        // block of a live slab that is ours alone, and the class was chosen so that
+        // `size + GUARD_LEN <= block_size`.
+        unsafe { write_guard(block, size) };
+        new_word |= word::GUARDED;
+    }
+    // SAFETY: a block of a live slab, so its index is in range.
+    unsafe { slab::state_word(slab, index) }.store(new_word, Ordering::Release);
+    Some(block)
+}
+
+/// The hit path of a free, for an instance whose fast word is `fast`, of a block the
+/// caller says it allocated with `size` and `align`: the pointer is the start of a
+/// live, untracked block of this instance's slab of the class that layout selects, of
+/// exactly that size, not to be poisoned, with its guard intact (one word compared),
+/// and this thread's cache of the class has room. Returns `false` without changing
+/// anything otherwise; the caller then takes [`State::deallocate_checked`], which
+/// ignores the caller's layout, repeats every check and reports what is wrong.
+///
+/// Everything it reads is found from the pointer and the layout alone, so the reads
+/// do not wait on each other.
+///
+/// Nothing here can panic, so the `GlobalAlloc` adapter calls it without its unwind
+/// guard.
+#[inline(always)]
+pub(crate) fn try_deallocate_cached(
+    fast: u32,
+    pointer: NonNull<u8>,
+    size: usize,
+    align: usize,
+) -> bool {
+    if fast & fast::FREE == 0 {
+        return false;
+    }
+    let Some(class) = class_for(size, align) else {
+        return false;
+    };
+    let Some(slab) = slab::containing(pointer.as_ptr()) else {
+        return false;
+    };
+    let geometry = &GEOMETRY[class];
+    let Position::BlockStart(index) = slab::position(slab, geometry, pointer.as_ptr()) else {
+        return false;
+    };
+    // SAFETY: `slab` came from `containing`.
+    if unsafe { slab::identity_of(slab) } != slab::identity(fast::owner(fast), class) {
+        return false;
+    }
+    // SAFETY: a slab of this instance and `class`, index in range as checked by
+    // `position`.
+    let state_word = unsafe { slab::state_word(slab, index) };
+    let old_word = state_word.load(Ordering::Acquire);
+    // Live, of the caller's size, neither tracked nor to be poisoned.
+    if old_word & !word::GUARDED != word::LIVE | size as u32 {
+        return false;
+    }
+    // The caller's pointer may only reach its own bytes: the guard is read through
+    // the slab's pointer, and the cache keeps that one.
+    let block = slab::with_slab_provenance(slab, pointer);
+    // SAFETY: a live block of ours of `size` requested bytes, so the guard after them
+    // lies inside it.
+    if old_word & word::GUARDED != 0 && !unsafe { guard_intact(block, size) } {
+        return false;
+    }
+    // SAFETY: the reference is used only within this call, on this thread.
+    let Some(class_cache) = (unsafe { cache::class_cache(fast::slot(fast), class) }) else {
+        return false;
+    };
+    if !class_cache.has_room() {
+        return false;
+    }
+    state_word.store(word::FREE | size as u32, Ordering::Release);
+    // SAFETY: the block was just marked free and belongs to this instance's `class`
+    // pool; blocks are at least 64 bytes and 64-byte aligned; `pointer` has the
+    // block's address.
+    unsafe { class_cache.push_free(block, pointer, size) };
+    true
 }
 
 /// Reads a guard for validation, which may race with the block being freed and reused.

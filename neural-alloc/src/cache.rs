@@ -63,29 +63,25 @@ const MODE_ACTIVE: u8 = 2;
 /// Cache mode: the thread is exiting; bypass the cache from now on.
 const MODE_EXITED: u8 = 3;
 
-/// One allocation or free in a packed counter word: counts sit in the high half, requested
-/// bytes in the low half, so a cache hit updates a single word.
-const COUNT_ONE: u64 = 1 << 32;
-const BYTES_MASK: u64 = COUNT_ONE - 1;
-/// Top bit of either half: once a packed word reaches it, the hit paths step aside and
-/// the slower path publishes the word, so neither half can overflow into the other.
-const PACKED_FULL: u64 = (1 << 63) | (1 << 31);
-
-/// An intrusive singly linked list of free blocks of one class, with the class's pending
-/// counters beside it: a cache hit touches this one cache line and nothing else of the
-/// thread's state, and stores one counter word besides the list head.
+/// An intrusive singly linked list of free blocks of one class, with its length, the
+/// room the thread may fill, and the class's pending counters beside it: a cache hit
+/// touches this one cache line and nothing else of the thread's state.
 ///
-/// The list keeps no length of its own: its length is `base` plus the frees minus the
-/// allocations counted since the last publish (wrapping arithmetic), and only the slower
-/// paths that move whole chains, and publishing, rewrite `base`.
+/// `limit` is zero while the thread's caching is not active (before the exit flush is
+/// registered, and from thread exit on), so a free never fills an inactive cache, and an
+/// inactive cache is empty, so an allocation never takes from one: the hit paths need no
+/// look at the thread's mode.
 #[repr(align(64))]
 pub(crate) struct ClassCache {
     pub(crate) head: Cell<*mut u8>,
-    base: Cell<u64>,
-    /// Allocations served through this cache since the last publish (packed).
-    allocated: Cell<u64>,
-    /// Frees taken by this cache since the last publish (packed).
-    freed: Cell<u64>,
+    len: Cell<u32>,
+    limit: Cell<u32>,
+    /// Allocations served through this cache since the last publish, and their bytes.
+    allocations: Cell<u64>,
+    bytes_allocated: Cell<u64>,
+    /// Frees taken by this cache since the last publish, and their bytes.
+    frees: Cell<u64>,
+    bytes_freed: Cell<u64>,
     /// Allocations the cache could not serve (hits are allocations minus misses).
     pub(crate) cache_misses: Cell<u64>,
 }
@@ -103,9 +99,12 @@ impl ClassCache {
     const fn new() -> Self {
         Self {
             head: Cell::new(ptr::null_mut()),
-            base: Cell::new(0),
-            allocated: Cell::new(0),
-            freed: Cell::new(0),
+            len: Cell::new(0),
+            limit: Cell::new(0),
+            allocations: Cell::new(0),
+            bytes_allocated: Cell::new(0),
+            frees: Cell::new(0),
+            bytes_freed: Cell::new(0),
             cache_misses: Cell::new(0),
         }
     }
@@ -113,57 +112,42 @@ impl ClassCache {
     /// Blocks on the list.
     #[inline(always)]
     pub(crate) fn len(&self) -> usize {
-        let len = self
-            .base
-            .get()
-            .wrapping_add(self.freed.get() >> 32)
-            .wrapping_sub(self.allocated.get() >> 32);
-        len as usize
+        self.len.get() as usize
     }
 
-    /// Records that the list now holds `len` blocks (after moving a chain in or out).
+    /// Records that the list now holds `len` blocks (after moving a chain in or out);
+    /// never more than the cache's capacity.
     pub(crate) fn set_len(&self, len: usize) {
-        let base = (len as u64)
-            .wrapping_sub(self.freed.get() >> 32)
-            .wrapping_add(self.allocated.get() >> 32);
-        self.base.set(base);
+        self.len.set(u32::try_from(len).unwrap_or(u32::MAX));
     }
 
-    /// Whether a hit may count one more allocation without publishing first.
+    /// Whether a free may push one more block.
     #[inline(always)]
-    pub(crate) fn allocations_have_room(&self) -> bool {
-        self.allocated.get() & PACKED_FULL == 0
+    pub(crate) fn has_room(&self) -> bool {
+        self.len.get() < self.limit.get()
     }
 
-    /// Whether a hit may count one more free without publishing first.
-    #[inline(always)]
-    pub(crate) fn frees_have_room(&self) -> bool {
-        self.freed.get() & PACKED_FULL == 0
+    fn set_limit(&self, limit: usize) {
+        self.limit.set(u32::try_from(limit).unwrap_or(u32::MAX));
     }
 
     /// Allocations plus frees counted since the last publish.
     pub(crate) fn pending_operations(&self) -> u64 {
-        (self.allocated.get() >> 32) + (self.freed.get() >> 32)
+        self.allocations.get() + self.frees.get()
     }
 
-    /// Takes the pending counters, leaving zeros and the list's length unchanged.
+    /// Takes the pending counters, leaving zeros.
     pub(crate) fn take_pending(&self) -> Pending {
-        let len = self.len();
-        let allocated = self.allocated.replace(0);
-        let freed = self.freed.replace(0);
-        self.set_len(len);
         Pending {
-            allocations: allocated >> 32,
-            frees: freed >> 32,
-            bytes_allocated: allocated & BYTES_MASK,
-            bytes_freed: freed & BYTES_MASK,
+            allocations: self.allocations.replace(0),
+            frees: self.frees.replace(0),
+            bytes_allocated: self.bytes_allocated.replace(0),
+            bytes_freed: self.bytes_freed.replace(0),
             cache_misses: self.cache_misses.replace(0),
         }
     }
 
     /// Pops a block for an allocation of `size` bytes and counts the allocation.
-    ///
-    /// The caller must have checked [`Self::allocations_have_room`] or published.
     #[inline(always)]
     pub(crate) fn pop_allocation(&self, size: usize) -> Option<NonNull<u8>> {
         let head = NonNull::new(self.head.get())?;
@@ -171,16 +155,16 @@ impl ClassCache {
         // thread's cache, with the next link in their first word.
         let next = unsafe { head.cast::<*mut u8>().read() };
         self.head.set(next);
-        self.allocated
-            .set(self.allocated.get() + COUNT_ONE + size as u64);
+        self.len.set(self.len.get().wrapping_sub(1));
+        self.allocations.set(self.allocations.get() + 1);
+        self.bytes_allocated
+            .set(self.bytes_allocated.get() + size as u64);
         Some(head)
     }
 
     /// Pushes a freed block of `size` requested bytes and counts the free, writing the
     /// link through `writer` (the freeing caller's pointer to the same address) and
     /// keeping `block`.
-    ///
-    /// The caller must have checked [`Self::frees_have_room`] or published.
     ///
     /// # Safety
     ///
@@ -192,7 +176,9 @@ impl ClassCache {
         // SAFETY: the caller hands the block over; its first word becomes the link.
         unsafe { writer.cast::<*mut u8>().write(self.head.get()) };
         self.head.set(block.as_ptr());
-        self.freed.set(self.freed.get() + COUNT_ONE + size as u64);
+        self.len.set(self.len.get() + 1);
+        self.frees.set(self.frees.get() + 1);
+        self.bytes_freed.set(self.bytes_freed.get() + size as u64);
     }
 }
 
@@ -235,6 +221,7 @@ impl Drop for ExitGuard {
     fn drop(&mut self) {
         let _ = THREAD.try_with(|thread| {
             thread.mode.set(MODE_EXITED);
+            set_limits(thread, false);
             for (slot, cache) in thread.slots.iter().enumerate() {
                 let owner = SLOT_OWNERS[slot].load(Ordering::Acquire);
                 // SAFETY: instance states are never freed once published in SLOT_OWNERS.
@@ -275,22 +262,18 @@ pub(crate) unsafe fn current_slot<'a>(slot: usize) -> Option<&'a SlotCache> {
 }
 
 /// This thread's cache of `class` for `slot`, for the hit paths: one thread-local
-/// access, no registration. `None` when the instance has no slot.
-///
-/// Caches of a thread whose caching is not active (not yet registered, or exiting) are
-/// empty, so popping from the returned cache is always right. The flag returned with it
-/// says whether caching is active, which a push needs.
+/// access, no registration, no look at the thread's mode (see [`ClassCache`]). `None`
+/// only when the thread-local is gone.
 ///
 /// # Safety
 ///
 /// - As for [`current_slot`].
 #[inline(always)]
-pub(crate) unsafe fn class_cache<'a>(slot: usize, class: usize) -> Option<(&'a ClassCache, bool)> {
+pub(crate) unsafe fn class_cache<'a>(slot: usize, class: usize) -> Option<&'a ClassCache> {
     let thread = THREAD.try_with(ptr::from_ref).ok()?;
     // SAFETY: as in `current_slot`.
     let thread = unsafe { &*thread };
-    let cache = thread.slots.get(slot)?.classes.get(class)?;
-    Some((cache, thread.mode.get() == MODE_ACTIVE))
+    thread.slots[slot % MAX_SLOTS].classes.get(class)
 }
 
 /// Registers the exit flush on this thread's first cache use; returns whether caching
@@ -300,10 +283,23 @@ pub(crate) unsafe fn class_cache<'a>(slot: usize, class: usize) -> Option<(&'a C
 fn register_exit_guard(thread: &ThreadState) -> bool {
     thread.mode.set(MODE_REGISTERING);
     let registered = EXIT_GUARD.try_with(|_| ()).is_ok();
-    thread
-        .mode
-        .set(if registered { MODE_ACTIVE } else { MODE_EXITED });
+    if registered {
+        set_limits(thread, true);
+        thread.mode.set(MODE_ACTIVE);
+    } else {
+        thread.mode.set(MODE_EXITED);
+    }
     registered
+}
+
+/// Opens every cache of the thread up to its capacity, or closes them all.
+fn set_limits(thread: &ThreadState, open: bool) {
+    for cache in &thread.slots {
+        for (class, class_cache) in cache.classes.iter().enumerate() {
+            let limit = if open { cache_capacity(class) } else { 0 };
+            class_cache.set_limit(limit);
+        }
+    }
 }
 
 /// Publishes this thread's pending counters of `slot` (used before reading statistics).
@@ -393,11 +389,14 @@ mod tests {
     #[test]
     fn the_length_follows_pops_pushes_chains_and_publishing() {
         let cache = ClassCache::new();
+        cache.set_limit(3);
         let mut memory = [[0; 8]; 3];
         for block in blocks(&mut memory) {
+            assert!(cache.has_room());
             // SAFETY: each stand-in is pointer-aligned, unshared and pushed once.
             unsafe { cache.push_free(block, block, 10) };
         }
+        assert!(!cache.has_room());
         assert_eq!(cache.len(), 3);
         assert!(cache.pop_allocation(7).is_some());
         assert_eq!(cache.len(), 2);
@@ -420,21 +419,12 @@ mod tests {
     }
 
     #[test]
-    fn a_packed_word_near_overflow_asks_for_publishing() {
+    fn a_closed_cache_takes_no_frees() {
         let cache = ClassCache::new();
-        let mut memory = [[0; 8]; 3];
-        let [block, ..] = blocks(&mut memory);
-        cache.freed.set((1 << 31) - 8);
-        assert!(cache.frees_have_room());
-        // SAFETY: a pointer-aligned, unshared stand-in, pushed once.
-        unsafe { cache.push_free(block, block, 8) };
-        assert!(!cache.frees_have_room());
-        assert_eq!(cache.len(), 1);
-        let pending = cache.take_pending();
-        assert_eq!((pending.frees, pending.bytes_freed), (1, 1 << 31));
-        assert!(cache.frees_have_room());
-        assert_eq!(cache.len(), 1);
-        cache.allocated.set(u64::from(u32::MAX) << 31);
-        assert!(!cache.allocations_have_room());
+        assert!(!cache.has_room());
+        cache.set_limit(cache_capacity(0));
+        assert!(cache.has_room());
+        cache.set_limit(0);
+        assert!(!cache.has_room());
     }
 }

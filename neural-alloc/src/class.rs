@@ -29,15 +29,16 @@ pub(crate) const MAX_CLASS_SIZE: usize = CLASS_SIZES[CLASS_COUNT - 1];
 ///
 /// Blocks of a class are aligned to the class size, so a class fits when it holds the
 /// request plus its guard bytes and is at least as large as the alignment.
-#[inline]
+#[inline(always)]
 pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
-    let need = size.checked_add(GUARD_LEN)?.max(align);
+    let need = size.saturating_add(GUARD_LEN).max(align);
     if need > MAX_CLASS_SIZE {
         return None;
     }
-    let need = need.max(CLASS_SIZES[0]);
-    // Rounding up to a power of two: the bit length of `need - 1`.
-    let shift = usize::BITS - (need - 1).leading_zeros();
+    // Rounding up to a power of two of at least the smallest class: the bit length of
+    // `need - 1` (at least 7 bits when `need` exceeds 64, so the low bits set by the
+    // `or` change nothing then).
+    let shift = usize::BITS - ((need - 1) | (CLASS_SIZES[0] - 1)).leading_zeros();
     Some((shift - MIN_SHIFT) as usize)
 }
 

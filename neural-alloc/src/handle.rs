@@ -53,7 +53,13 @@ impl<'a, T> PoolBox<'a, T> {
         // the box is not dropped afterwards.
         let value = unsafe { this.pointer.as_ptr().read() };
         if let Some(state) = this.allocator.state() {
-            let _ = state.deallocate(this.pointer.cast(), Some(site));
+            let layout = Layout::new::<T>();
+            let _ = state.deallocate(
+                this.pointer.cast(),
+                layout.size(),
+                layout.align(),
+                Some(site),
+            );
         }
         value
     }
@@ -79,8 +85,9 @@ impl<T> Drop for PoolBox<'_, T> {
         // SAFETY: the block holds an initialised `T` that is dropped exactly once here.
         unsafe { self.pointer.as_ptr().drop_in_place() };
         if let Some(state) = self.allocator.state() {
+            let layout = Layout::new::<T>();
             // Drop glue has no caller location to record.
-            let _ = state.deallocate(self.pointer.cast(), None);
+            let _ = state.deallocate(self.pointer.cast(), layout.size(), layout.align(), None);
         }
     }
 }
@@ -184,7 +191,7 @@ impl DerefMut for PoolBytes<'_> {
 impl Drop for PoolBytes<'_> {
     fn drop(&mut self) {
         if let Some(state) = self.allocator.state() {
-            let _ = state.deallocate(self.pointer, None);
+            let _ = state.deallocate(self.pointer, self.len, 1, None);
         }
     }
 }

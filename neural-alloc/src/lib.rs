@@ -49,9 +49,12 @@
 //!   history entry per event); it is meant for debugging runs.
 //! - The most recently freed large block is given back to the system only at the next
 //!   large free.
-//! - With [`SlabRelease::ReleaseEmpty`], a free of a pointer into a slab being released
-//!   at that moment by another thread can read unmapped memory; that needs a bug in the
-//!   caller (a double or invalid free racing with the last free of the slab).
+//! - Slabs are carved from one reservation of address space made on first use (64 GiB
+//!   where the system allows, smaller under `ulimit -v` or strict overcommit); it costs
+//!   memory only where slabs are written. When it is full, pooled requests go to the
+//!   system allocator like large ones. Slabs given back under
+//!   [`SlabRelease::ReleaseEmpty`] return their pages to the system but stay readable,
+//!   so a late free of a pointer into one is refused as an invalid free.
 //!
 //! # Platform
 //!
@@ -80,7 +83,7 @@ mod tests;
 use std::alloc::{GlobalAlloc, Layout};
 use std::panic::Location;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 pub use class::{CLASS_SIZES, GUARD_LEN};
@@ -105,6 +108,8 @@ use state::State;
 /// (thread caches may still hold its blocks).
 pub struct NeuralAlloc {
     state: AtomicPtr<State>,
+    /// What the hit paths need (see `state::fast`), zero until the state exists.
+    fast: AtomicU32,
     initial: Config,
 }
 
@@ -136,6 +141,7 @@ impl NeuralAlloc {
     pub const fn with_config(config: Config) -> Self {
         Self {
             state: AtomicPtr::new(std::ptr::null_mut()),
+            fast: AtomicU32::new(0),
             initial: config,
         }
     }
@@ -150,14 +156,6 @@ impl NeuralAlloc {
         // SAFETY: a non-null pointer here was stored by `create_state` and points to a
         // state that is never freed.
         Some(unsafe { &*state })
-    }
-
-    /// The state if it exists already: the hit paths need no more, and leave creation
-    /// to the paths that can take a lock.
-    #[inline(always)]
-    fn created_state(&self) -> Option<&'static State> {
-        // SAFETY: as in `state`; null gives `None`.
-        unsafe { self.state.load(Ordering::Acquire).as_ref() }
     }
 
     /// `GlobalAlloc::alloc` when the hit path cannot serve the request.
@@ -196,6 +194,7 @@ impl NeuralAlloc {
         let created = State::create(state::pack(self.initial))?;
         self.state
             .store(std::ptr::from_ref(created).cast_mut(), Ordering::Release);
+        self.fast.store(created.fast_word(), Ordering::Relaxed);
         Some(created)
     }
 
@@ -211,7 +210,10 @@ impl NeuralAlloc {
     /// with, so switching at run time never produces false reports.
     pub fn set_config(&self, config: Config) {
         if let Some(state) = self.state() {
+            // Held so that two changes at once leave the fast word matching the flags.
+            let _changing = CREATION.lock().unwrap_or_else(PoisonError::into_inner);
             state.flags.store(state::pack(config), Ordering::Relaxed);
+            self.fast.store(state.fast_word(), Ordering::Relaxed);
         }
     }
 
@@ -250,8 +252,9 @@ impl NeuralAlloc {
         Ok(block)
     }
 
-    /// Frees a block. `layout` is accepted for symmetry with [`GlobalAlloc`]; the
-    /// allocator knows each block's size itself.
+    /// Frees a block. `layout` lets the free of a block allocated with it take the short
+    /// path; the allocator knows each block's size itself, so a wrong layout costs only
+    /// time: the block is freed, or refused, by what the allocator recorded.
     ///
     /// A pointer that is not a live block of this instance (already freed, never
     /// allocated, inside a block, from another allocator) is reported with the
@@ -271,12 +274,19 @@ impl NeuralAlloc {
         pointer: NonNull<u8>,
         layout: Layout,
     ) -> Result<(), AllocError> {
-        let _ = layout;
+        if alloc::try_deallocate_cached(
+            self.fast.load(Ordering::Relaxed),
+            pointer,
+            layout.size(),
+            layout.align(),
+        ) {
+            return Ok(());
+        }
         let state = self.state().ok_or(AllocError::Corruption {
             kind: CorruptionKind::InvalidFree,
             address: pointer.as_ptr().addr(),
         })?;
-        state.deallocate(pointer, Some(Location::caller()))
+        state.deallocate_checked(pointer, Some(Location::caller()))
     }
 
     /// Resizes a block to `new_size` bytes, keeping `old_layout`'s alignment; in place
@@ -408,18 +418,18 @@ impl NeuralAlloc {
 unsafe impl GlobalAlloc for NeuralAlloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if let Some(state) = self.created_state()
-            && let Some(block) = state.try_allocate_cached(layout.size(), layout.align())
-        {
+        let fast = self.fast.load(Ordering::Relaxed);
+        if let Some(block) = alloc::try_allocate_cached(fast, layout.size(), layout.align()) {
             return block.as_ptr();
         }
         self.alloc_uncached(layout)
     }
 
     #[inline]
-    unsafe fn dealloc(&self, pointer: *mut u8, _layout: Layout) {
-        if let (Some(state), Some(pointer)) = (self.created_state(), NonNull::new(pointer))
-            && state.try_deallocate_cached(pointer)
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
+        let fast = self.fast.load(Ordering::Relaxed);
+        if let Some(block) = NonNull::new(pointer)
+            && alloc::try_deallocate_cached(fast, block, layout.size(), layout.align())
         {
             return;
         }

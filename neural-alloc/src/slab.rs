@@ -1,16 +1,17 @@
 //! Slabs: the 256 KiB aligned regions pools carve into blocks, their headers, the
-//! per-block state words, and the process-wide registry that says whether an address
-//! lies in a slab at all.
+//! per-block state words, and the arena they all come from.
 //!
-//! The registry is what makes an invalid free detectable without touching the freed
-//! pointer: it is a two-level table indexed by the slab number of an address, so a
-//! lookup reads only the allocator's own memory.
+//! Every slab of every instance lies in one reservation of address space made on first
+//! use (the arena), which reads as zeros wherever no slab was ever written. That makes
+//! an invalid free detectable without touching the freed pointer's block: an address is
+//! in a slab only if it lies in the arena, and the header at its slab-aligned base
+//! (always readable) names the instance and class owning it, or zero.
 
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
-use crate::class::{Geometry, SLAB_SHIFT, SLAB_SIZE, STATE_WORDS_OFFSET};
-use crate::state::State;
+use crate::class::{Geometry, SLAB_SIZE, STATE_WORDS_OFFSET};
 use crate::sys;
 use crate::track::TrackRecord;
 
@@ -43,15 +44,24 @@ pub(crate) mod word {
     pub(crate) const LIVE: u32 = 2 << 30;
 }
 
+/// The identity word of a slab of `class` owned by the instance numbered `owner`: what
+/// a slab header holds, and what a free compares it with in one load. Zero (no owner) in
+/// slabs never used or given back.
+#[inline(always)]
+pub(crate) const fn identity(owner: u32, class: usize) -> u64 {
+    ((owner as u64) << 32) | class as u64
+}
+
 /// The start of every slab. Fields marked "pool lock" are read and written only while
 /// holding the lock of the slab's class pool; the others are fixed at creation or atomic.
 #[repr(C)]
 pub(crate) struct SlabHeader {
     /// [`SLAB_MAGIC`].
     pub(crate) magic: usize,
-    /// The allocator instance owning this slab.
-    pub(crate) owner: *const State,
-    /// Class index of the blocks.
+    /// [`identity`] of the owning instance and class; written before the slab is first
+    /// used, reset to zero before it is given back, read by every free.
+    pub(crate) identity: AtomicU64,
+    /// Class index of the blocks (the low half of `identity`, fixed while the slab lives).
     pub(crate) class: usize,
     /// Pool lock: head of this slab's free list (link in the first word of each block).
     pub(crate) free_head: *mut u8,
@@ -74,16 +84,19 @@ pub(crate) struct SlabHeader {
     pub(crate) tracking: AtomicPtr<TrackRecord>,
 }
 
-/// Maps a new slab for `class`, writes its header and registers it.
-pub(crate) fn create(owner: *const State, class: usize) -> Option<NonNull<SlabHeader>> {
-    let base = sys::map_zeroed(SLAB_SIZE, SLAB_SIZE)?;
+/// Takes a slab for `class` of the instance numbered `owner` from the arena and writes
+/// its header; `None` when the arena is full or cannot be reserved.
+pub(crate) fn create(owner: u32, class: usize) -> Option<NonNull<SlabHeader>> {
+    let base = arena::take()?;
     let header = base.cast::<SlabHeader>();
-    // SAFETY: the mapping is fresh, SLAB_SIZE long and aligned, so the header fits and
-    // nothing else can see it yet. Zeroed memory already holds valid (zero) state words.
+    // SAFETY: the arena hands out each slab to one taker at a time; its memory reads as
+    // zeros (never used, or discarded when given back), so its state words are valid
+    // (zero) and only the header needs writing. No free can match the slab before the
+    // identity is published with release ordering.
     unsafe {
         header.as_ptr().write(SlabHeader {
             magic: SLAB_MAGIC,
-            owner,
+            identity: AtomicU64::new(0),
             class,
             free_head: ptr::null_mut(),
             bump: 0,
@@ -95,62 +108,83 @@ pub(crate) fn create(owner: *const State, class: usize) -> Option<NonNull<SlabHe
             all_next: AtomicPtr::new(ptr::null_mut()),
             tracking: AtomicPtr::new(ptr::null_mut()),
         });
-    }
-    if !registry::insert(header) {
-        // SAFETY: the slab was mapped above with these arguments and never published.
-        unsafe { sys::unmap(base, SLAB_SIZE, SLAB_SIZE) };
-        return None;
+        (*header.as_ptr())
+            .identity
+            .store(identity(owner, class), Ordering::Release);
     }
     Some(header)
 }
 
-/// Unregisters and unmaps a slab.
+/// Gives a slab back to the arena: its pages go back to the system and read as zeros,
+/// so a later free of a stale pointer into it finds no owner.
 ///
 /// # Safety
 ///
 /// - `slab` must come from [`create`] and be unlinked from every list of its pool.
 /// - No block of it may be live or in a thread cache, and no walker may be reading it.
 pub(crate) unsafe fn destroy(slab: NonNull<SlabHeader>) {
-    let base = slab.cast::<u8>();
-    registry::remove(base.as_ptr().addr());
     // SAFETY: the caller guarantees nothing refers to the slab any more; the tracking
-    // table pointer is read before the header goes away.
-    let tracking = unsafe { (*slab.as_ptr()).tracking.load(Ordering::Acquire) };
-    // SAFETY: the caller guarantees exclusive access.
-    let class = unsafe { (*slab.as_ptr()).class };
+    // table pointer and class are read before the header goes away.
+    let (tracking, class) = unsafe {
+        let header = &*slab.as_ptr();
+        header.identity.store(0, Ordering::Release);
+        (header.tracking.load(Ordering::Acquire), header.class)
+    };
     if let Some(table) = NonNull::new(tracking) {
         let (len, align) = crate::track::table_size(class);
         // SAFETY: the table was mapped by `track::table_for` with this size.
         unsafe { sys::unmap(table.cast(), len, align) };
     }
-    // SAFETY: the slab was mapped by `create` with these arguments.
-    unsafe { sys::unmap(base, SLAB_SIZE, SLAB_SIZE) };
+    // SAFETY: the caller guarantees the slab is unused; it came from the arena.
+    unsafe { arena::give_back(slab.cast()) };
 }
 
-/// The slab holding `pointer`, if it lies in a registered slab. The returned pointer
-/// carries the slab's own provenance, not `pointer`'s.
+/// The slab holding `pointer`, if it lies in the arena (whether or not a live slab is
+/// there: the header's identity says). The returned pointer carries the arena's
+/// provenance, not `pointer`'s.
 #[inline(always)]
 pub(crate) fn containing(pointer: *const u8) -> Option<NonNull<SlabHeader>> {
-    registry::get(pointer.addr() & !(SLAB_SIZE - 1))
+    let (base, len) = arena::bounds();
+    if pointer.addr().wrapping_sub(base.addr()) >= len {
+        return None;
+    }
+    NonNull::new(
+        base.with_addr(pointer.addr() & !(SLAB_SIZE - 1))
+            .cast::<SlabHeader>(),
+    )
 }
 
-/// `pointer`'s address with the provenance of `slab`, which covers the whole slab (guard
-/// bytes and headers included) where a caller's pointer may cover only its own bytes.
+/// The identity word of the slab at `slab`.
+///
+/// # Safety
+///
+/// - `slab` must come from [`containing`] (any slab-aligned address in the arena).
+#[inline(always)]
+pub(crate) unsafe fn identity_of(slab: NonNull<SlabHeader>) -> u64 {
+    // SAFETY: every slab-aligned address of the arena is readable, and the identity is
+    // only ever accessed atomically.
+    unsafe { (*slab.as_ptr()).identity.load(Ordering::Acquire) }
+}
+
+/// `pointer`'s address with the provenance of `slab` (the arena's), which covers the
+/// whole slab (guard bytes and headers included) where a caller's pointer may cover only
+/// its own bytes.
 #[inline(always)]
 pub(crate) fn with_slab_provenance(slab: NonNull<SlabHeader>, pointer: NonNull<u8>) -> NonNull<u8> {
     slab.cast::<u8>().with_addr(pointer.addr())
 }
 
-/// The slab of a block known to lie in one of our slabs (no registry lookup).
+/// The slab of a block known to lie in one of our slabs (no arena check), with the
+/// block pointer's provenance.
+///
+/// # Safety
+///
+/// - `block` must point into a slab of the arena, with the arena's provenance.
 #[inline(always)]
-pub(crate) fn base_of(block: NonNull<u8>) -> NonNull<SlabHeader> {
-    let base = block
-        .as_ptr()
-        .map_addr(|address| address & !(SLAB_SIZE - 1))
-        .cast::<SlabHeader>();
-    // Only a pointer below SLAB_SIZE masks to null, and no slab lies there; the dangling
-    // fallback keeps this function total without being reachable for real blocks.
-    NonNull::new(base).unwrap_or(NonNull::dangling())
+pub(crate) unsafe fn base_of(block: NonNull<u8>) -> NonNull<SlabHeader> {
+    // SAFETY: the slab's start lies before the block in the same slab, so inside the
+    // arena, which is one allocation.
+    unsafe { block.byte_sub(block.addr().get() & (SLAB_SIZE - 1)) }.cast()
 }
 
 /// The state word of block `index` of `slab`.
@@ -199,114 +233,128 @@ pub(crate) enum Position {
     NotBlockStart,
 }
 
-/// Locates `pointer` in `slab` of class geometry `geometry`.
+/// Locates `pointer` in `slab` of class geometry `geometry`: a few instructions and one
+/// branch, since any address outside the slab's blocks wraps to a large offset.
 #[inline(always)]
 pub(crate) fn position(
     slab: NonNull<SlabHeader>,
     geometry: &Geometry,
     pointer: *const u8,
 ) -> Position {
-    let offset = pointer.addr().wrapping_sub(slab.as_ptr().addr());
-    let Some(from_first) = offset.checked_sub(geometry.first_block) else {
-        return Position::NotBlockStart;
-    };
-    if from_first & (geometry.block_size - 1) != 0 {
-        return Position::NotBlockStart;
-    }
-    let index = from_first >> geometry.block_shift;
+    let from_first = pointer
+        .addr()
+        .wrapping_sub(slab.as_ptr().addr())
+        .wrapping_sub(geometry.first_block);
+    // Rotating moves any bits below the block size to the top, so one comparison
+    // refuses addresses inside a block as well as those outside the blocks.
+    let index = from_first.rotate_right(geometry.block_shift);
     if index >= geometry.block_count {
         return Position::NotBlockStart;
     }
     Position::BlockStart(index)
 }
 
-/// The registry of slab addresses.
-mod registry {
+/// The arena: one reservation of address space that every slab is carved from, slabs
+/// given back kept on a list for reuse.
+mod arena {
     use super::*;
 
-    /// Address bits covered; addresses above are never slabs (the kernel hands out
-    /// user addresses below 2^47 unless asked otherwise).
-    const ADDRESS_BITS: u32 = 48;
-    const LEAF_BITS: u32 = 16;
-    const ROOT_BITS: u32 = ADDRESS_BITS - SLAB_SHIFT - LEAF_BITS;
-    const LEAF_LEN: usize = 1 << LEAF_BITS;
-    /// Bytes of one leaf: one slab pointer per slab number (mapped lazily, so only the
-    /// touched pages cost memory).
-    const LEAF_BYTES: usize = LEAF_LEN * size_of::<AtomicPtr<SlabHeader>>();
+    /// Sizes tried for the reservation, largest first: a system limiting address space
+    /// (`ulimit -v`) or refusing overcommit gets a smaller arena. When the arena is full,
+    /// pooled requests go to the system allocator like large ones.
+    const SIZES: &[usize] = if cfg!(miri) {
+        &[64 << 20]
+    } else {
+        &[64 << 30, 16 << 30, 4 << 30, 1 << 30, 256 << 20, 64 << 20]
+    };
 
-    /// Root of the table: lazily mapped leaves holding, per slab number, the slab's own
-    /// pointer (or null). Handing out the stored pointer rather than one derived from the
-    /// caller's means every header and block access carries the slab's provenance: a
-    /// pointer given to `dealloc` by a `Box` may only reach that box's bytes.
-    static ROOT: [AtomicPtr<AtomicPtr<SlabHeader>>; 1 << ROOT_BITS] =
-        [const { AtomicPtr::new(ptr::null_mut()) }; 1 << ROOT_BITS];
-
-    fn split(base: usize) -> Option<(usize, usize)> {
-        if base >> ADDRESS_BITS != 0 {
-            return None;
-        }
-        let slab_number = base >> SLAB_SHIFT;
-        Some((slab_number >> LEAF_BITS, slab_number & (LEAF_LEN - 1)))
+    /// Where the reservation lies: one static, so the hit path finds both words with one
+    /// address.
+    struct Bounds {
+        /// Start of the reservation (null until made), with the provenance of all of it.
+        base: AtomicPtr<u8>,
+        /// Its length, published after `base` (zero until then), so a reader that sees a
+        /// length also sees the base.
+        len: AtomicUsize,
     }
 
-    fn leaf_entry(
-        leaf: *mut AtomicPtr<SlabHeader>,
-        index: usize,
-    ) -> &'static AtomicPtr<SlabHeader> {
-        // SAFETY: leaves hold LEAF_LEN entries, are mapped zeroed (null entries), never
-        // unmapped, and only accessed atomically; `index < LEAF_LEN` by `split`.
-        unsafe { &*leaf.add(index) }
+    static BOUNDS: Bounds = Bounds {
+        base: AtomicPtr::new(ptr::null_mut()),
+        len: AtomicUsize::new(0),
+    };
+
+    struct Carver {
+        /// Offset of the first slab never handed out.
+        next: usize,
+        /// Slabs given back, linked through their header's `free_head` field.
+        given_back: *mut SlabHeader,
+        /// The reservation failed at every size; do not try again.
+        failed: bool,
     }
 
-    pub(super) fn insert(slab: NonNull<SlabHeader>) -> bool {
-        let Some((root_index, leaf_index)) = split(slab.as_ptr().addr()) else {
-            return false;
-        };
-        let root_slot = &ROOT[root_index];
-        let mut leaf = root_slot.load(Ordering::Acquire);
-        if leaf.is_null() {
-            let Some(fresh) = sys::map_zeroed(LEAF_BYTES, sys::PAGE_SIZE) else {
-                return false;
-            };
-            let fresh = fresh.cast::<AtomicPtr<SlabHeader>>().as_ptr();
-            match root_slot.compare_exchange(
-                ptr::null_mut(),
-                fresh,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => leaf = fresh,
-                Err(winner) => {
-                    if let Some(fresh) = NonNull::new(fresh) {
-                        // SAFETY: `fresh` was mapped just above with these arguments
-                        // and lost the race, so nobody else ever saw it.
-                        unsafe { sys::unmap(fresh.cast(), LEAF_BYTES, sys::PAGE_SIZE) };
-                    }
-                    leaf = winner;
-                }
-            }
-        }
-        leaf_entry(leaf, leaf_index).store(slab.as_ptr(), Ordering::Release);
-        true
-    }
+    // SAFETY: the pointer names arena memory only followed under the mutex.
+    unsafe impl Send for Carver {}
 
-    pub(super) fn remove(base: usize) {
-        if let Some((root_index, leaf_index)) = split(base) {
-            let leaf = ROOT[root_index].load(Ordering::Acquire);
-            if !leaf.is_null() {
-                leaf_entry(leaf, leaf_index).store(ptr::null_mut(), Ordering::Release);
-            }
-        }
-    }
+    static CARVER: Mutex<Carver> = Mutex::new(Carver {
+        next: 0,
+        given_back: ptr::null_mut(),
+        failed: false,
+    });
 
-    /// The registered slab starting at `base`, with the slab's own provenance.
+    /// The arena's start and length; a zero length before it exists.
     #[inline(always)]
-    pub(super) fn get(base: usize) -> Option<NonNull<SlabHeader>> {
-        let (root_index, leaf_index) = split(base)?;
-        let leaf = ROOT[root_index].load(Ordering::Acquire);
-        if leaf.is_null() {
+    pub(super) fn bounds() -> (*mut u8, usize) {
+        let len = BOUNDS.len.load(Ordering::Acquire);
+        (BOUNDS.base.load(Ordering::Relaxed), len)
+    }
+
+    /// A slab-aligned slab of zeros, or `None` when the arena is full.
+    pub(super) fn take() -> Option<NonNull<u8>> {
+        let mut carver = CARVER.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slab) = NonNull::new(carver.given_back) {
+            // SAFETY: slabs on the list are ours; their header holds the next link.
+            carver.given_back = unsafe { (*slab.as_ptr()).free_head }.cast();
+            // SAFETY: the link was the only byte written since the slab was discarded.
+            unsafe { (*slab.as_ptr()).free_head = ptr::null_mut() };
+            return Some(slab.cast());
+        }
+        let (mut base, mut len) = bounds();
+        if len == 0 {
+            if carver.failed {
+                return None;
+            }
+            let Some((fresh, fresh_len)) = SIZES
+                .iter()
+                .find_map(|&size| Some((sys::reserve(size, SLAB_SIZE)?, size)))
+            else {
+                carver.failed = true;
+                return None;
+            };
+            BOUNDS.base.store(fresh.as_ptr(), Ordering::Relaxed);
+            BOUNDS.len.store(fresh_len, Ordering::Release);
+            (base, len) = (fresh.as_ptr(), fresh_len);
+        }
+        if carver.next + SLAB_SIZE > len {
             return None;
         }
-        NonNull::new(leaf_entry(leaf, leaf_index).load(Ordering::Acquire))
+        // SAFETY: `next + SLAB_SIZE <= len`, so the slab lies inside the reservation.
+        let slab = unsafe { base.add(carver.next) };
+        carver.next += SLAB_SIZE;
+        NonNull::new(slab)
+    }
+
+    /// Discards a slab's pages and keeps it for reuse.
+    ///
+    /// # Safety
+    ///
+    /// - `slab` must come from [`take`] and be unused from now on.
+    pub(super) unsafe fn give_back(slab: NonNull<u8>) {
+        // SAFETY: as required of our caller; slabs are page-aligned.
+        unsafe { sys::discard(slab, SLAB_SIZE) };
+        let mut carver = CARVER.lock().unwrap_or_else(PoisonError::into_inner);
+        let header = slab.cast::<SlabHeader>().as_ptr();
+        // SAFETY: the slab is ours again; its (zero) header's list field holds the link.
+        unsafe { (*header).free_head = carver.given_back.cast() };
+        carver.given_back = header;
     }
 }

@@ -74,6 +74,55 @@ pub(crate) mod flag {
     pub(crate) const ACTION_MASK: u32 = 0b11 << ACTION_SHIFT;
 }
 
+/// The fast word: what the hit paths need of an instance, in one word a `NeuralAlloc`
+/// keeps beside its state pointer, so a hit reads nothing of the state itself.
+pub(crate) mod fast {
+    use crate::cache::MAX_SLOTS;
+
+    /// Allocations may take the hit path: tracking and poisoning are off.
+    pub(crate) const ALLOCATE: u32 = 1;
+    /// Frees may take the hit path.
+    pub(crate) const FREE: u32 = 1 << 1;
+    /// Guard checks are on.
+    pub(crate) const GUARD: u32 = 1 << 2;
+    /// Where the cache slot sits: shifted so that the compiler turns slot times the
+    /// 512-byte size of a slot's caches into one mask.
+    const SLOT_SHIFT: u32 = 9;
+    /// Where the instance's number sits (1 to `MAX_SLOTS`, its cache slot plus one).
+    const OWNER_SHIFT: u32 = 16;
+
+    const _: () =
+        assert!(MAX_SLOTS.is_power_of_two() && MAX_SLOTS <= 1 << (OWNER_SHIFT - SLOT_SHIFT));
+
+    /// The instance's number, when `ALLOCATE` or `FREE` is set.
+    #[inline(always)]
+    pub(crate) fn owner(fast: u32) -> u32 {
+        fast >> OWNER_SHIFT
+    }
+
+    /// The instance's cache slot, when `ALLOCATE` or `FREE` is set.
+    #[inline(always)]
+    pub(crate) fn slot(fast: u32) -> usize {
+        (fast >> SLOT_SHIFT) as usize % MAX_SLOTS
+    }
+
+    /// The fast word of the instance numbered `id` with settings `flags`: zero (no hit
+    /// paths) for an instance without a cache slot.
+    pub(crate) fn word(flags: u32, id: u32) -> u32 {
+        if id == 0 || id as usize > MAX_SLOTS {
+            return 0;
+        }
+        let mut word = (id << OWNER_SHIFT) | ((id - 1) << SLOT_SHIFT) | FREE;
+        if flags & (super::flag::TRACKING | super::flag::POISON) == 0 {
+            word |= ALLOCATE;
+        }
+        if flags & super::flag::GUARD != 0 {
+            word |= GUARD;
+        }
+        word
+    }
+}
+
 pub(crate) fn pack(config: Config) -> u32 {
     let mut bits = 0;
     for (on, bit) in [
@@ -190,7 +239,9 @@ impl ClassPool {
 
 /// All state of one allocator instance.
 pub(crate) struct State {
-    /// Thread cache slot, or MAX_SLOTS when this instance has none.
+    /// The instance's number, from 1, in the identity of its slabs.
+    pub(crate) id: u32,
+    /// Thread cache slot (`id - 1`), or MAX_SLOTS when this instance has none.
     pub(crate) slot: usize,
     pub(crate) flags: AtomicU32,
     pub(crate) pools: [ClassPool; CLASS_COUNT],
@@ -207,8 +258,10 @@ pub(crate) struct State {
 }
 
 impl State {
-    fn new(flags: u32, slot: usize) -> Self {
+    fn new(flags: u32, id: u32) -> Self {
+        let slot = (id as usize).wrapping_sub(1).min(MAX_SLOTS);
         Self {
+            id,
             slot,
             flags: AtomicU32::new(flags),
             pools: [const { ClassPool::new() }; CLASS_COUNT],
@@ -225,13 +278,17 @@ impl State {
     /// Creates a state in memory from the system allocator and gives it a cache slot.
     /// Returns `None` when the system is out of memory.
     pub(crate) fn create(flags: u32) -> Option<&'static State> {
-        static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+        static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+        let id = NEXT_ID
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |id| id.checked_add(1))
+            .ok()?;
         let layout = Layout::new::<State>();
         // SAFETY: `State` is not zero-sized.
         let memory = NonNull::new(unsafe { System.alloc(layout) })?.cast::<State>();
-        let slot = NEXT_SLOT.fetch_add(1, Ordering::Relaxed).min(MAX_SLOTS);
         // SAFETY: fresh memory of the right layout, not yet shared.
-        unsafe { memory.as_ptr().write(State::new(flags, slot)) };
+        unsafe { memory.as_ptr().write(State::new(flags, id)) };
+        // SAFETY: just written.
+        let slot = unsafe { (*memory.as_ptr()).slot };
         if slot < MAX_SLOTS {
             SLOT_OWNERS[slot].store(memory.as_ptr(), Ordering::Release);
         }
@@ -252,7 +309,7 @@ impl State {
             let slab = match NonNull::new(lists.partial_head) {
                 Some(slab) => slab,
                 None => {
-                    let Some(slab) = slab::create(self, class) else {
+                    let Some(slab) = slab::create(self.id, class) else {
                         break;
                     };
                     self.counters[class].slabs.fetch_add(1, Ordering::Relaxed);
@@ -377,8 +434,9 @@ impl State {
             && let Some(first) = NonNull::new(cursor)
         {
             // Blocks handed out by `refill` lie in slabs of ours, so masking finds the
-            // slab without a registry lookup.
-            let slab = slab::base_of(first);
+            // slab without an arena check.
+            // SAFETY: as required of our caller, a block of a slab of the arena.
+            let slab = unsafe { slab::base_of(first) };
             // Consecutive blocks of one slab are already linked to each other: they go
             // back as one run, with one link written and the header updated once.
             let mut last = first;
@@ -387,8 +445,10 @@ impl State {
                 // SAFETY: the caller hands over these blocks, each with its next link in
                 // its first word.
                 let next = unsafe { last.cast::<*mut u8>().read() };
+                // SAFETY: as for `first`.
+                let same_slab = |next| unsafe { slab::base_of(next) } == slab;
                 match NonNull::new(next) {
-                    Some(next) if returned + run < limit && slab::base_of(next) == slab => {
+                    Some(next) if returned + run < limit && same_slab(next) => {
                         last = next;
                         run += 1;
                     }
@@ -422,7 +482,8 @@ impl State {
     ) {
         let mut lists = self.pools[class].lock();
         let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
-        let slab = slab::base_of(block);
+        // SAFETY: as required of our caller, a block of a slab of the arena.
+        let slab = unsafe { slab::base_of(block) };
         // SAFETY: as required of our caller; the pool lock is held.
         unsafe { self.return_run(&mut lists, slab, block, writer, 1, release) };
         drop(lists);
@@ -500,16 +561,18 @@ impl State {
 
     /// Publishes a thread's pending counters once enough have piled up (every shared
     /// counter update is a locked instruction, which costs more than the allocations it
-    /// counts when done on every refill), or when a packed counter word is about to
-    /// fill up.
+    /// counts when done on every refill).
     #[inline]
     pub(crate) fn publish_if_due(&self, class: usize, class_cache: &ClassCache) {
-        if class_cache.pending_operations() >= PUBLISH_EVERY
-            || !class_cache.allocations_have_room()
-            || !class_cache.frees_have_room()
-        {
+        if class_cache.pending_operations() >= PUBLISH_EVERY {
             self.publish(class, class_cache);
         }
+    }
+
+    /// The fast word of this instance under its current settings.
+    #[inline]
+    pub(crate) fn fast_word(&self) -> u32 {
+        fast::word(self.flags.load(Ordering::Relaxed), self.id)
     }
 
     /// Adds counts to the shared counters of `class` and updates the peaks.

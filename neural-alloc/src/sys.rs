@@ -20,6 +20,29 @@ pub(crate) fn map_zeroed(len: usize, align: usize) -> Option<NonNull<u8>> {
     imp::map_zeroed(len, align)
 }
 
+/// Reserves `len` bytes of address space aligned to `align`, readable and writable and
+/// reading as zeros, whose pages cost memory only once written (the kernel backs unwritten
+/// pages with its shared zero page and does not count them against the commit limit).
+/// Huge pages are refused, so writing one slab commits that slab's pages only.
+///
+/// Same rules for `len` and `align` as [`map_zeroed`]; never given back.
+pub(crate) fn reserve(len: usize, align: usize) -> Option<NonNull<u8>> {
+    debug_assert!(len.is_multiple_of(PAGE_SIZE) && align.is_power_of_two());
+    imp::reserve(len, align)
+}
+
+/// Gives the pages of `len` bytes at `ptr` back to the system; they read as zeros again
+/// afterwards.
+///
+/// # Safety
+///
+/// - `[ptr, ptr + len)` must lie in memory from [`reserve`], page-aligned, with nothing
+///   else using it.
+pub(crate) unsafe fn discard(ptr: NonNull<u8>, len: usize) {
+    // SAFETY: as required of our caller.
+    unsafe { imp::discard(ptr, len) }
+}
+
 /// Gives back memory obtained from [`map_zeroed`].
 ///
 /// # Safety
@@ -61,6 +84,33 @@ mod imp {
     use std::ptr::{self, NonNull};
 
     pub(super) fn map_zeroed(len: usize, align: usize) -> Option<NonNull<u8>> {
+        map_aligned(len, align, 0)
+    }
+
+    pub(super) fn reserve(len: usize, align: usize) -> Option<NonNull<u8>> {
+        let memory = map_aligned(len, align, libc::MAP_NORESERVE)?;
+        // Advice only: without it the mapping still works, with huge pages allowed.
+        // SAFETY: the range is the mapping just made, which nothing else knows about.
+        unsafe { libc::madvise(memory.as_ptr().cast(), len, libc::MADV_NOHUGEPAGE) };
+        Some(memory)
+    }
+
+    /// # Safety
+    ///
+    /// - Same duties as [`super::discard`].
+    pub(super) unsafe fn discard(ptr: NonNull<u8>, len: usize) {
+        // SAFETY: the caller guarantees the range is ours, unused and page-aligned; on a
+        // private anonymous mapping the pages read as zeros afterwards.
+        let result = unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_DONTNEED) };
+        if result != 0 {
+            // The pages stay; zero them so they read as a fresh slab would.
+            // SAFETY: as above.
+            unsafe { ptr.as_ptr().write_bytes(0, len) };
+        }
+    }
+
+    /// Maps `len` bytes aligned to `align` with `extra` mapping flags.
+    fn map_aligned(len: usize, align: usize, extra: libc::c_int) -> Option<NonNull<u8>> {
         // Over-map by `align` and trim both ends, so the kept part starts aligned.
         let padded = len.checked_add(align)?;
         // SAFETY: an anonymous private mapping at an address the kernel picks touches
@@ -70,7 +120,7 @@ mod imp {
                 ptr::null_mut(),
                 padded,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra,
                 -1,
                 0,
             )
@@ -171,6 +221,18 @@ mod imp {
         // SAFETY: `len` is a non-zero multiple of the page size, so the layout is not
         // zero-sized.
         NonNull::new(unsafe { System.alloc_zeroed(layout) })
+    }
+
+    pub(super) fn reserve(len: usize, align: usize) -> Option<NonNull<u8>> {
+        map_zeroed(len, align)
+    }
+
+    /// # Safety
+    ///
+    /// - Same duties as [`super::discard`].
+    pub(super) unsafe fn discard(ptr: NonNull<u8>, len: usize) {
+        // SAFETY: the caller guarantees the range is ours and unused.
+        unsafe { ptr.as_ptr().write_bytes(0, len) };
     }
 
     /// # Safety
