@@ -163,7 +163,7 @@ impl State {
         let cached = unsafe { cache::current_slot(self.slot) }.map(|slot| {
             let class_cache = &slot.classes[class];
             self.publish_if_due(class, class_cache);
-            if class_cache.head.get().is_null() {
+            if class_cache.head.get().is_null() && !class_cache.restock() {
                 self.refill_cache(class, class_cache)?;
             }
             class_cache.pop_allocation(size)
@@ -535,12 +535,17 @@ impl State {
         bits
     }
 
-    /// Sends a batch of a full thread cache back to the shared pool.
+    /// Moves a full hot list of a thread cache behind, sending the cold list it replaces
+    /// back to the shared pool.
     #[cold]
     #[inline(never)]
-    fn flush_batch(&self, class: usize, class_cache: &cache::ClassCache) {
-        // SAFETY: the calling thread's own cache of `class`.
-        unsafe { self.take_back_from_cache(class, class_cache, batch_len(class)) };
+    fn spill(&self, class: usize, class_cache: &cache::ClassCache) {
+        let (chain, count) = class_cache.spill();
+        if count > 0 {
+            // SAFETY: the cold list held free blocks of this instance's `class` pool
+            // that the thread's cache owned, linked and ending in null.
+            unsafe { self.take_back(class, chain, count) };
+        }
     }
 
     /// Puts a freed block into this thread's cache, or the shared pool without one.
@@ -550,10 +555,10 @@ impl State {
         if let Some(slot) = unsafe { cache::current_slot(self.slot) } {
             let class_cache = &slot.classes[class];
             self.publish_if_due(class, class_cache);
-            // Flush before pushing, so the batch sent back never holds the block being
+            // Spill before pushing, so the batch sent back never holds the block being
             // freed, whose bytes may only be written through `user` during this call.
-            if class_cache.len() >= cache_capacity(class) {
-                self.flush_batch(class, class_cache);
+            if !class_cache.has_room() {
+                self.spill(class, class_cache);
             }
             // SAFETY: the block was just marked free and belongs to this instance's
             // `class` pool; blocks are at least 64 bytes and 64-byte aligned; `user`
@@ -667,7 +672,8 @@ impl State {
         Ok(moved)
     }
 
-    /// Fills this thread's cache of the class serving `size` with up to `count` blocks.
+    /// Fills this thread's cache of the class serving `size` with up to `count` blocks
+    /// (at most two batches); returns how many it holds.
     pub(crate) fn warm(&self, size: usize, count: usize) -> usize {
         let Some(class) = class_for(size, 1) else {
             return 0;
@@ -677,8 +683,10 @@ impl State {
         unsafe { cache::current_slot(self.slot) }
             .map(|slot| {
                 let class_cache = &slot.classes[class];
-                while class_cache.len() < want {
-                    let Some((chain, taken)) = self.refill(class, want - class_cache.len()) else {
+                let want_hot = want.min(batch_len(class));
+                while class_cache.len() < want_hot {
+                    let Some((chain, taken)) = self.refill(class, want_hot - class_cache.len())
+                    else {
                         break;
                     };
                     // Append the existing list after the new chain's tail.
@@ -693,7 +701,15 @@ impl State {
                     class_cache.head.set(chain.as_ptr());
                     class_cache.set_len(class_cache.len() + taken);
                 }
-                class_cache.len()
+                // A second batch goes on the cold list, behind a full hot one.
+                if want > want_hot
+                    && class_cache.len() == want_hot
+                    && class_cache.cached() == want_hot
+                    && let Some((chain, taken)) = self.refill(class, want - want_hot)
+                {
+                    class_cache.set_cold(chain.as_ptr(), taken);
+                }
+                class_cache.cached()
             })
             .unwrap_or(0)
     }

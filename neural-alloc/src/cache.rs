@@ -48,7 +48,7 @@ pub(crate) fn batch_len(class: usize) -> usize {
     BATCH_LEN[class]
 }
 
-/// Blocks a thread cache may hold for one class before flushing a batch.
+/// Blocks a thread cache may hold for one class: a batch on each of its two lists.
 #[inline(always)]
 pub(crate) fn cache_capacity(class: usize) -> usize {
     2 * BATCH_LEN[class]
@@ -63,9 +63,10 @@ const MODE_ACTIVE: u8 = 2;
 /// Cache mode: the thread is exiting; bypass the cache from now on.
 const MODE_EXITED: u8 = 3;
 
-/// An intrusive singly linked list of free blocks of one class, with its length, the
-/// room the thread may fill, and the class's pending counters beside it: a cache hit
-/// touches this one cache line and nothing else of the thread's state.
+/// Intrusive singly linked lists of free blocks of one class (a hot list the hit paths
+/// use, and a cold one behind it), their lengths, the room the thread may fill, and the
+/// class's pending counters: a cache hit touches this one cache line and nothing else of
+/// the thread's state.
 ///
 /// `limit` is zero while the thread's caching is not active (before the exit flush is
 /// registered, and from thread exit on), so a free never fills an inactive cache, and an
@@ -74,8 +75,14 @@ const MODE_EXITED: u8 = 3;
 #[repr(align(64))]
 pub(crate) struct ClassCache {
     pub(crate) head: Cell<*mut u8>,
-    len: Cell<u32>,
-    limit: Cell<u32>,
+    len: Cell<u16>,
+    limit: Cell<u16>,
+    /// Blocks in `cold`.
+    cold_len: Cell<u16>,
+    /// A second list, of at most one batch: what the hot list held when it last filled
+    /// up. Moving a whole list between the two, or a cold list to the shared pool, needs
+    /// no walk of its blocks.
+    cold: Cell<*mut u8>,
     /// Allocations served through this cache since the last publish, and their bytes.
     allocations: Cell<u64>,
     bytes_allocated: Cell<u64>,
@@ -101,6 +108,8 @@ impl ClassCache {
             head: Cell::new(ptr::null_mut()),
             len: Cell::new(0),
             limit: Cell::new(0),
+            cold_len: Cell::new(0),
+            cold: Cell::new(ptr::null_mut()),
             allocations: Cell::new(0),
             bytes_allocated: Cell::new(0),
             frees: Cell::new(0),
@@ -109,16 +118,55 @@ impl ClassCache {
         }
     }
 
-    /// Blocks on the list.
+    /// Blocks on the hot list.
     #[inline(always)]
     pub(crate) fn len(&self) -> usize {
-        self.len.get() as usize
+        usize::from(self.len.get())
     }
 
-    /// Records that the list now holds `len` blocks (after moving a chain in or out);
-    /// never more than the cache's capacity.
+    /// Blocks on both lists.
+    pub(crate) fn cached(&self) -> usize {
+        self.len() + usize::from(self.cold_len.get())
+    }
+
+    /// Records that the hot list now holds `len` blocks (after moving a chain in or
+    /// out); never more than one batch.
     pub(crate) fn set_len(&self, len: usize) {
-        self.len.set(u32::try_from(len).unwrap_or(u32::MAX));
+        self.len.set(u16::try_from(len).unwrap_or(u16::MAX));
+    }
+
+    /// Makes the full hot list the cold one and returns the cold list it replaces (null
+    /// and zero when there was none), which the caller sends to the shared pool.
+    pub(crate) fn spill(&self) -> (*mut u8, usize) {
+        let old = self.take_cold();
+        self.cold.set(self.head.replace(ptr::null_mut()));
+        self.cold_len.set(self.len.replace(0));
+        old
+    }
+
+    /// Makes the cold list the hot one when the hot list is empty; returns whether it
+    /// did.
+    pub(crate) fn restock(&self) -> bool {
+        if !self.head.get().is_null() || self.cold.get().is_null() {
+            return false;
+        }
+        self.head.set(self.cold.replace(ptr::null_mut()));
+        self.len.set(self.cold_len.replace(0));
+        true
+    }
+
+    /// Detaches the cold list: its head (null when empty) and length.
+    pub(crate) fn take_cold(&self) -> (*mut u8, usize) {
+        (
+            self.cold.replace(ptr::null_mut()),
+            usize::from(self.cold_len.replace(0)),
+        )
+    }
+
+    /// Installs `chain` of `len` blocks as the cold list, which must be empty.
+    pub(crate) fn set_cold(&self, chain: *mut u8, len: usize) {
+        self.cold.set(chain);
+        self.cold_len.set(u16::try_from(len).unwrap_or(u16::MAX));
     }
 
     /// Whether a free may push one more block.
@@ -128,7 +176,7 @@ impl ClassCache {
     }
 
     fn set_limit(&self, limit: usize) {
-        self.limit.set(u32::try_from(limit).unwrap_or(u32::MAX));
+        self.limit.set(u16::try_from(limit).unwrap_or(u16::MAX));
     }
 
     /// Allocations plus frees counted since the last publish.
@@ -296,7 +344,7 @@ fn register_exit_guard(thread: &ThreadState) -> bool {
 fn set_limits(thread: &ThreadState, open: bool) {
     for cache in &thread.slots {
         for (class, class_cache) in cache.classes.iter().enumerate() {
-            let limit = if open { cache_capacity(class) } else { 0 };
+            let limit = if open { batch_len(class) } else { 0 };
             class_cache.set_limit(limit);
         }
     }
@@ -419,10 +467,35 @@ mod tests {
     }
 
     #[test]
+    fn a_full_hot_list_moves_behind_and_back_whole() {
+        let cache = ClassCache::new();
+        cache.set_limit(2);
+        let mut memory = [[0; 8]; 3];
+        let [a, b, c] = blocks(&mut memory);
+        // SAFETY: pointer-aligned, unshared stand-ins, each pushed once.
+        unsafe {
+            cache.push_free(a, a, 1);
+            cache.push_free(b, b, 1);
+        }
+        assert!(!cache.has_room());
+        assert_eq!(cache.spill(), (ptr::null_mut(), 0));
+        assert_eq!((cache.len(), cache.cached()), (0, 2));
+        // SAFETY: as above.
+        unsafe { cache.push_free(c, c, 1) };
+        assert!(!cache.restock(), "the hot list is not empty");
+        assert_eq!(cache.pop_allocation(1), Some(c));
+        assert!(cache.restock());
+        assert_eq!((cache.len(), cache.cached()), (2, 2));
+        assert_eq!(cache.pop_allocation(1), Some(b));
+        assert_eq!(cache.pop_allocation(1), Some(a));
+        assert!(!cache.restock());
+    }
+
+    #[test]
     fn a_closed_cache_takes_no_frees() {
         let cache = ClassCache::new();
         assert!(!cache.has_room());
-        cache.set_limit(cache_capacity(0));
+        cache.set_limit(batch_len(0));
         assert!(cache.has_room());
         cache.set_limit(0);
         assert!(!cache.has_room());

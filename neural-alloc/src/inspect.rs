@@ -88,6 +88,13 @@ pub struct Stats {
     pub peak_bytes: u64,
     /// Allocations live now over all classes.
     pub current_count: u64,
+    /// Address space reserved for slabs, shared by every instance in the process (0
+    /// before the first slab; capped by `HOTPATCH_ALLOC_ARENA_MIB`).
+    pub arena_bytes: u64,
+    /// Of it, bytes handed out as slabs so far, to any instance (slabs given back to
+    /// the system stay counted: they are kept for reuse). Once it reaches
+    /// `arena_bytes`, pooled requests go to the system allocator.
+    pub arena_used_bytes: u64,
 }
 
 impl State {
@@ -105,12 +112,15 @@ impl State {
         let peak_bytes = u64::try_from(self.peak_live_bytes.load(Ordering::Relaxed))
             .unwrap_or(0)
             .max(current_bytes);
+        let (arena_bytes, arena_used_bytes) = slab::arena_usage();
         Stats {
             classes,
             large,
             current_bytes,
             peak_bytes,
             current_count,
+            arena_bytes: arena_bytes as u64,
+            arena_used_bytes: arena_used_bytes as u64,
         }
     }
 

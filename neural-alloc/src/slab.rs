@@ -254,19 +254,39 @@ pub(crate) fn position(
     Position::BlockStart(index)
 }
 
+/// Environment variable capping the arena, in mebibytes (read once, without allocating,
+/// when the first slab is needed).
+pub(crate) const ARENA_VARIABLE: &std::ffi::CStr = c"HOTPATCH_ALLOC_ARENA_MIB";
+
+/// Bytes of address space reserved for slabs (zero before the first slab), and bytes of
+/// it handed out as slabs so far.
+pub(crate) fn arena_usage() -> (usize, usize) {
+    arena::usage()
+}
+
 /// The arena: one reservation of address space that every slab is carved from, slabs
 /// given back kept on a list for reuse.
 mod arena {
     use super::*;
 
-    /// Sizes tried for the reservation, largest first: a system limiting address space
-    /// (`ulimit -v`) or refusing overcommit gets a smaller arena. When the arena is full,
-    /// pooled requests go to the system allocator like large ones.
-    const SIZES: &[usize] = if cfg!(miri) {
-        &[64 << 20]
-    } else {
-        &[64 << 30, 16 << 30, 4 << 30, 1 << 30, 256 << 20, 64 << 20]
-    };
+    /// Size of the reservation tried first unless `HOTPATCH_ALLOC_ARENA_MIB` says
+    /// otherwise. On failure (`ulimit -v`, strict overcommit) each next try is a quarter
+    /// of the last, down to [`SMALLEST_TRY`]. When the arena is full, pooled requests go
+    /// to the system allocator like large ones.
+    const FIRST_TRY: usize = if cfg!(miri) { 64 << 20 } else { 64 << 30 };
+    /// Below this, quartering stops.
+    const SMALLEST_TRY: usize = 16 << 20;
+
+    /// The sizes to try, largest first, each a whole number of slabs.
+    fn sizes() -> impl Iterator<Item = usize> {
+        let first = sys::env_number(ARENA_VARIABLE)
+            .map_or(FIRST_TRY, |mebibytes| mebibytes.saturating_mul(1 << 20))
+            .max(SLAB_SIZE)
+            & !(SLAB_SIZE - 1);
+        std::iter::successors(Some(first), |&size| {
+            (size > SMALLEST_TRY).then(|| (size / 4).max(SLAB_SIZE) & !(SLAB_SIZE - 1))
+        })
+    }
 
     /// Where the reservation lies: one static, so the hit path finds both words with one
     /// address.
@@ -323,9 +343,8 @@ mod arena {
             if carver.failed {
                 return None;
             }
-            let Some((fresh, fresh_len)) = SIZES
-                .iter()
-                .find_map(|&size| Some((sys::reserve(size, SLAB_SIZE)?, size)))
+            let Some((fresh, fresh_len)) =
+                sizes().find_map(|size| Some((sys::reserve(size, SLAB_SIZE)?, size)))
             else {
                 carver.failed = true;
                 return None;
@@ -341,6 +360,13 @@ mod arena {
         let slab = unsafe { base.add(carver.next) };
         carver.next += SLAB_SIZE;
         NonNull::new(slab)
+    }
+
+    /// Bytes reserved, and bytes of them handed out as slabs so far (including slabs
+    /// given back and kept for reuse).
+    pub(super) fn usage() -> (usize, usize) {
+        let carver = CARVER.lock().unwrap_or_else(PoisonError::into_inner);
+        (bounds().1, carver.next)
     }
 
     /// Discards a slab's pages and keeps it for reuse.

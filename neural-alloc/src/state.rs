@@ -10,7 +10,7 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::cache::{self, ClassCache, MAX_SLOTS, Pending, SLOT_OWNERS, SlotCache};
+use crate::cache::{self, ClassCache, MAX_SLOTS, Pending, SLOT_OWNERS, SlotCache, batch_len};
 use crate::class::{CLASS_COUNT, GEOMETRY};
 use crate::large::LargeTable;
 use crate::report::{CorruptionAction, ReportLog};
@@ -213,9 +213,19 @@ pub(crate) struct ClassPool {
     pub(crate) all_head: AtomicPtr<SlabHeader>,
 }
 
+/// Whole batches a class's shared pool keeps as they came back from thread caches.
+const TRANSFER_CHAINS: usize = 32;
+
 /// Slab lists guarded by the pool lock.
 pub(crate) struct PoolLists {
     partial_head: *mut SlabHeader,
+    /// Chains of exactly one batch of free blocks, as thread caches flushed them, given
+    /// whole to the next refill: a batch that goes back and forth between threads and
+    /// the pool costs a lock and no walk of its blocks. At most about a megabyte per
+    /// class (32 batches of about 32 KiB); kept empty when empty slabs are released, so
+    /// blocks return to their slabs at once.
+    transfer: [*mut u8; TRANSFER_CHAINS],
+    transfer_len: usize,
 }
 
 // SAFETY: the raw pointers name slabs owned by this pool; they are only followed while
@@ -227,6 +237,8 @@ impl ClassPool {
         Self {
             lists: Mutex::new(PoolLists {
                 partial_head: ptr::null_mut(),
+                transfer: [ptr::null_mut(); TRANSFER_CHAINS],
+                transfer_len: 0,
             }),
             all_head: AtomicPtr::new(ptr::null_mut()),
         }
@@ -305,6 +317,11 @@ impl State {
         let mut lists = pool.lock();
         let mut head: *mut u8 = ptr::null_mut();
         let mut given = 0;
+        if want == batch_len(class) && lists.transfer_len > 0 {
+            lists.transfer_len -= 1;
+            head = lists.transfer[lists.transfer_len];
+            given = want;
+        }
         while given < want {
             let slab = match NonNull::new(lists.partial_head) {
                 Some(slab) => slab,
@@ -380,35 +397,19 @@ impl State {
     /// - Every block of the chain must be a free block of a slab of this instance's
     ///   `class` pool, handed out by `refill` and owned by the caller.
     pub(crate) unsafe fn take_back(&self, class: usize, chain: *mut u8, count: usize) {
+        let keep_whole = count == batch_len(class)
+            && self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY == 0;
         let mut lists = self.pools[class].lock();
-        // SAFETY: as required of our caller; the pool lock is held.
-        unsafe { self.return_chain(&mut lists, chain, usize::MAX) };
+        if keep_whole && lists.transfer_len < TRANSFER_CHAINS {
+            let slot = lists.transfer_len;
+            lists.transfer[slot] = chain;
+            lists.transfer_len += 1;
+        } else {
+            // SAFETY: as required of our caller; the pool lock is held.
+            unsafe { self.return_chain(&mut lists, chain, usize::MAX) };
+        }
         drop(lists);
         self.after_take_back(class, count);
-    }
-
-    /// Takes back up to `count` blocks from the front of a thread's cache of `class`, in
-    /// one walk of the list, and leaves the rest in the cache.
-    ///
-    /// # Safety
-    ///
-    /// - `class_cache` must be the calling thread's cache of `class` for this instance.
-    pub(crate) unsafe fn take_back_from_cache(
-        &self,
-        class: usize,
-        class_cache: &ClassCache,
-        count: usize,
-    ) {
-        let mut lists = self.pools[class].lock();
-        // SAFETY: the cache holds free blocks of this instance's `class` pool that it
-        // owns, linked through their first words and ending in null; the pool lock is
-        // held.
-        let (rest, returned) =
-            unsafe { self.return_chain(&mut lists, class_cache.head.get(), count) };
-        class_cache.head.set(rest);
-        class_cache.set_len(class_cache.len() - returned);
-        drop(lists);
-        self.after_take_back(class, returned);
     }
 
     /// Puts up to `limit` blocks from the front of `chain` back on their slabs' free
@@ -614,11 +615,13 @@ impl State {
     pub(crate) fn flush_slot(&self, cache: &SlotCache) {
         for class in 0..CLASS_COUNT {
             let class_cache = &cache.classes[class];
-            let (chain, count) = cache::take_chain(class_cache, usize::MAX);
-            if count > 0 {
-                // SAFETY: the chain consists of free blocks of this instance's class
-                // pool that the exiting thread's cache owned.
-                unsafe { self.take_back(class, chain, count) };
+            let hot = cache::take_chain(class_cache, usize::MAX);
+            for (chain, count) in [hot, class_cache.take_cold()] {
+                if count > 0 {
+                    // SAFETY: the chain consists of free blocks of this instance's class
+                    // pool that the exiting thread's cache owned.
+                    unsafe { self.take_back(class, chain, count) };
+                }
             }
             self.publish(class, class_cache);
         }

@@ -55,6 +55,12 @@ pub(crate) unsafe fn unmap(ptr: NonNull<u8>, len: usize, align: usize) {
     unsafe { imp::unmap(ptr, len, align) }
 }
 
+/// The value of environment variable `name` as a decimal number, read without
+/// allocating; `None` when unset, empty, not a number or too large.
+pub(crate) fn env_number(name: &std::ffi::CStr) -> Option<usize> {
+    imp::env_number(name)
+}
+
 /// Writes all of `bytes` to standard error without allocating.
 pub(crate) fn write_stderr(bytes: &[u8]) {
     imp::write_stderr(bytes);
@@ -155,6 +161,28 @@ mod imp {
         unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
     }
 
+    pub(super) fn env_number(name: &CStr) -> Option<usize> {
+        // SAFETY: `getenv` reads the environment and returns null or a NUL-terminated
+        // string that stays valid until the environment changes; it is read at once.
+        let value = unsafe { libc::getenv(name.as_ptr()) };
+        if value.is_null() {
+            return None;
+        }
+        // SAFETY: non-null, so a NUL-terminated string owned by the environment.
+        let digits = unsafe { CStr::from_ptr(value) }.to_bytes();
+        if digits.is_empty() {
+            return None;
+        }
+        digits.iter().try_fold(0usize, |number, &digit| {
+            if !digit.is_ascii_digit() {
+                return None;
+            }
+            number
+                .checked_mul(10)?
+                .checked_add(usize::from(digit - b'0'))
+        })
+    }
+
     pub(super) fn write_stderr(mut bytes: &[u8]) {
         while !bytes.is_empty() {
             // SAFETY: `bytes` is a live slice; `write` reads at most `bytes.len()` bytes.
@@ -244,6 +272,10 @@ mod imp {
         // SAFETY: the caller passes memory that `map_zeroed` got from `System` with
         // this layout and that is still allocated.
         unsafe { System.dealloc(ptr.as_ptr(), layout) };
+    }
+
+    pub(super) fn env_number(_name: &std::ffi::CStr) -> Option<usize> {
+        None
     }
 
     pub(super) fn write_stderr(bytes: &[u8]) {

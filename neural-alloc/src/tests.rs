@@ -288,11 +288,11 @@ fn empty_slabs_go_back_to_the_system_when_asked() {
         ..checking_config()
     });
     let allocator = &ALLOCATOR;
-    let blocks = Handover(
-        (0..100)
-            .map(|_| allocator.allocate(layout(4000, 8)).unwrap())
-            .collect(),
-    );
+    let blocks: Vec<_> = (0..100)
+        .map(|_| allocator.allocate(layout(4000, 8)).unwrap())
+        .collect();
+    let freed_later = blocks.clone();
+    let blocks = Handover(blocks);
     assert!(allocator.stats().classes[6].slabs >= 2);
     on_other_thread(move || {
         for block in blocks.take() {
@@ -305,6 +305,20 @@ fn empty_slabs_go_back_to_the_system_when_asked() {
     let stats = allocator.stats().classes[6];
     assert!(stats.slabs <= 1, "{stats:?}");
     assert!(stats.slabs_created >= 2);
+    // Freeing the blocks again is refused without touching them: a double free in the
+    // slab still held, an invalid free in the slabs given back, whose pages read as
+    // zeros (no owner) now.
+    for block in freed_later {
+        // SAFETY: deliberately freed a second time; refused and counted.
+        let _ = unsafe { allocator.deallocate(block, layout(4000, 8)) };
+    }
+    let counts = allocator.corruption_counts();
+    assert_eq!(
+        counts.double_frees + counts.invalid_frees,
+        100,
+        "{counts:?}"
+    );
+    assert!(counts.invalid_frees > 0, "{counts:?}");
 }
 
 #[test]

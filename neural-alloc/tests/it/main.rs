@@ -5,6 +5,7 @@
 //! Each test uses its own instance for the behaviour it checks, so statistics and
 //! reports are exact however the harness schedules tests.
 
+mod arena;
 mod bad_input;
 mod checks;
 mod global;
