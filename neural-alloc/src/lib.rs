@@ -50,8 +50,8 @@
 //! - The most recently freed large block is given back to the system only at the next
 //!   large free.
 //! - Slabs are carved from one reservation of address space made on first use (64 GiB
-//!   where the system allows, smaller under `ulimit -v` or strict overcommit); it costs
-//!   memory only where slabs are written. When it is full, pooled requests go to the
+//!   where the system allows, smaller under `ulimit -v` or strict overcommit, or what
+//!   `HOTPATCH_ALLOC_ARENA_MIB` says); it costs memory only where slabs are written. When it is full, pooled requests go to the
 //!   system allocator like large ones. Slabs given back under
 //!   [`SlabRelease::ReleaseEmpty`] return their pages to the system but stay readable,
 //!   so a late free of a pointer into one is refused as an invalid free.
