@@ -169,6 +169,9 @@ fn batches(criterion: &mut Criterion) {
         group.bench_function(BenchmarkId::new("neural", size), |bench| {
             bench.iter_custom(|n| batch(&NEURAL, layout, n))
         });
+        group.bench_function(BenchmarkId::new("neural-no-guard", size), |bench| {
+            bench.iter_custom(|n| batch(&NEURAL_NO_GUARD, layout, n))
+        });
     }
     group.finish();
 }
