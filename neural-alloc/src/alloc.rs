@@ -1,11 +1,14 @@
 //! The allocation, free and reallocation paths of one instance, with their checks.
 
+use std::alloc::Layout;
 use std::panic::Location;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::Ordering;
 
 use crate::cache::{self, batch_len, cache_capacity};
-use crate::class::{CLASS_COUNT, GEOMETRY, GUARD_LEN, Geometry, SLAB_SIZE, class_for};
+use crate::class::{
+    CLASS_COUNT, GEOMETRY, GUARD_LEN, Geometry, SLAB_SIZE, class_for, class_for_layout,
+};
 use crate::error::AllocError;
 use crate::large::LargeHeader;
 use crate::report::{CorruptionKind, CorruptionReport};
@@ -128,7 +131,10 @@ impl State {
         align: usize,
         site: Site,
     ) -> Result<NonNull<u8>, AllocError> {
-        match try_allocate_cached(self.fast_word(), size, align) {
+        let cached = Layout::from_size_align(size, align)
+            .ok()
+            .and_then(|layout| try_allocate_cached(self.fast_word(), layout));
+        match cached {
             Some(block) => Ok(block),
             None => self.allocate_uncached(size, align, site),
         }
@@ -446,7 +452,9 @@ impl State {
         align: usize,
         site: Site,
     ) -> Result<(), AllocError> {
-        if try_deallocate_cached(self.fast_word(), pointer, size, align) {
+        if let Ok(layout) = Layout::from_size_align(size, align)
+            && try_deallocate_cached(self.fast_word(), pointer, layout)
+        {
             return Ok(());
         }
         self.deallocate_checked(pointer, site)
@@ -724,11 +732,12 @@ impl State {
 /// guard, and nothing here reads the instance's state: only the fast word, this
 /// thread's cache and the block's slab.
 #[inline(always)]
-pub(crate) fn try_allocate_cached(fast: u32, size: usize, align: usize) -> Option<NonNull<u8>> {
+pub(crate) fn try_allocate_cached(fast: u32, layout: Layout) -> Option<NonNull<u8>> {
     if fast & fast::ALLOCATE == 0 {
         return None;
     }
-    let class = class_for(size, align)?;
+    let class = class_for_layout(layout)?;
+    let size = layout.size();
     // SAFETY: the reference is used only within this call, on this thread.
     let class_cache = unsafe { cache::class_cache(fast::slot(fast), class) }?;
     let block = class_cache.pop_allocation(size)?;
@@ -763,18 +772,14 @@ pub(crate) fn try_allocate_cached(fast: u32, size: usize, align: usize) -> Optio
 /// Nothing here can panic, so the `GlobalAlloc` adapter calls it without its unwind
 /// guard.
 #[inline(always)]
-pub(crate) fn try_deallocate_cached(
-    fast: u32,
-    pointer: NonNull<u8>,
-    size: usize,
-    align: usize,
-) -> bool {
+pub(crate) fn try_deallocate_cached(fast: u32, pointer: NonNull<u8>, layout: Layout) -> bool {
     if fast & fast::FREE == 0 {
         return false;
     }
-    let Some(class) = class_for(size, align) else {
+    let Some(class) = class_for_layout(layout) else {
         return false;
     };
+    let size = layout.size();
     let Some(slab) = slab::containing(pointer.as_ptr()) else {
         return false;
     };
@@ -790,8 +795,14 @@ pub(crate) fn try_deallocate_cached(
     // `position`.
     let state_word = unsafe { slab::state_word(slab, index) };
     let old_word = state_word.load(Ordering::Acquire);
-    // Live, of the caller's size, neither tracked nor to be poisoned.
-    if old_word & !word::GUARDED != word::LIVE | size as u32 {
+    // Live, of the caller's size, neither tracked nor to be poisoned, and guarded as
+    // blocks are now (a block from before a settings change takes the checked path).
+    let guarded = if fast & fast::GUARD != 0 {
+        word::GUARDED
+    } else {
+        0
+    };
+    if old_word != word::LIVE | guarded | size as u32 {
         return false;
     }
     // The caller's pointer may only reach its own bytes: the guard is read through
@@ -799,7 +810,7 @@ pub(crate) fn try_deallocate_cached(
     let block = slab::with_slab_provenance(slab, pointer);
     // SAFETY: a live block of ours of `size` requested bytes, so the guard after them
     // lies inside it.
-    if old_word & word::GUARDED != 0 && !unsafe { guard_intact(block, size) } {
+    if guarded != 0 && !unsafe { guard_intact(block, size) } {
         return false;
     }
     // SAFETY: the reference is used only within this call, on this thread.

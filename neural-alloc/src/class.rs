@@ -31,7 +31,20 @@ pub(crate) const MAX_CLASS_SIZE: usize = CLASS_SIZES[CLASS_COUNT - 1];
 /// request plus its guard bytes and is at least as large as the alignment.
 #[inline(always)]
 pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
-    let need = size.saturating_add(GUARD_LEN).max(align);
+    class_of_need(size.saturating_add(GUARD_LEN).max(align))
+}
+
+/// [`class_for`] of a layout, whose size is at most `isize::MAX`, so adding the guard
+/// bytes cannot overflow and needs no check: the hit paths use this one.
+#[inline(always)]
+pub(crate) fn class_for_layout(layout: std::alloc::Layout) -> Option<usize> {
+    class_of_need((layout.size() + GUARD_LEN).max(layout.align()))
+}
+
+/// The class of blocks of at least `need` bytes (at least the guard's length, so never
+/// zero).
+#[inline(always)]
+fn class_of_need(need: usize) -> Option<usize> {
     if need > MAX_CLASS_SIZE {
         return None;
     }
@@ -119,6 +132,20 @@ mod tests {
         check(8, 16384, None);
         check(usize::MAX, 1, None);
         check(usize::MAX - 7, 1, None);
+    }
+
+    #[test]
+    fn layouts_get_the_class_of_their_size_and_alignment() {
+        for (size, align) in [(0, 1), (56, 8), (57, 8), (8, 4096), (8184, 8), (8185, 8)] {
+            let layout = std::alloc::Layout::from_size_align(size, align).unwrap();
+            assert_eq!(
+                class_for_layout(layout),
+                class_for(size, align),
+                "{layout:?}"
+            );
+        }
+        let huge = std::alloc::Layout::from_size_align(isize::MAX as usize, 1).unwrap();
+        assert_eq!(class_for_layout(huge), None);
     }
 
     #[test]

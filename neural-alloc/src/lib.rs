@@ -274,12 +274,7 @@ impl NeuralAlloc {
         pointer: NonNull<u8>,
         layout: Layout,
     ) -> Result<(), AllocError> {
-        if alloc::try_deallocate_cached(
-            self.fast.load(Ordering::Relaxed),
-            pointer,
-            layout.size(),
-            layout.align(),
-        ) {
+        if alloc::try_deallocate_cached(self.fast.load(Ordering::Relaxed), pointer, layout) {
             return Ok(());
         }
         let state = self.state().ok_or(AllocError::Corruption {
@@ -419,7 +414,7 @@ unsafe impl GlobalAlloc for NeuralAlloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let fast = self.fast.load(Ordering::Relaxed);
-        if let Some(block) = alloc::try_allocate_cached(fast, layout.size(), layout.align()) {
+        if let Some(block) = alloc::try_allocate_cached(fast, layout) {
             return block.as_ptr();
         }
         self.alloc_uncached(layout)
@@ -429,7 +424,7 @@ unsafe impl GlobalAlloc for NeuralAlloc {
     unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
         let fast = self.fast.load(Ordering::Relaxed);
         if let Some(block) = NonNull::new(pointer)
-            && alloc::try_deallocate_cached(fast, block, layout.size(), layout.align())
+            && alloc::try_deallocate_cached(fast, block, layout)
         {
             return;
         }
