@@ -62,6 +62,23 @@ fn hot_loop<A: GlobalAlloc>(allocator: &A, layout: Layout, iterations: u64) -> D
     start.elapsed()
 }
 
+/// [`hot_loop`] with a layout known at compile time, as for `Box<T>` or `Arc<T>`: an
+/// allocator whose hit path is inlined can fold its size-class lookup away.
+fn hot_loop_const<A: GlobalAlloc, const SIZE: usize>(allocator: &A, iterations: u64) -> Duration {
+    const { assert!(SIZE > 0) };
+    // The size is a constant, non-zero and far below isize::MAX; 8 is a power of two.
+    let layout = Layout::from_size_align(SIZE, 8).unwrap();
+    let start = Instant::now();
+    for _ in 0..iterations {
+        // SAFETY: a non-zero layout; the block is freed at once with the same layout.
+        unsafe {
+            let block = black_box(allocator.alloc(layout));
+            allocator.dealloc(block, layout);
+        }
+    }
+    start.elapsed()
+}
+
 fn batch<A: GlobalAlloc>(allocator: &A, layout: Layout, iterations: u64) -> Duration {
     let mut blocks = vec![std::ptr::null_mut::<u8>(); BATCH];
     let mut elapsed = Duration::ZERO;
@@ -153,6 +170,31 @@ fn hot(criterion: &mut Criterion) {
     group.finish();
 }
 
+/// The hot loop with compile-time layouts, for each allocator.
+fn hot_const(criterion: &mut Criterion) {
+    fn sizes<A: GlobalAlloc>(
+        group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        name: &str,
+        allocator: &'static A,
+    ) {
+        group.bench_function(BenchmarkId::new(name, 56), |bench| {
+            bench.iter_custom(|n| hot_loop_const::<A, 56>(allocator, n))
+        });
+        group.bench_function(BenchmarkId::new(name, 248), |bench| {
+            bench.iter_custom(|n| hot_loop_const::<A, 248>(allocator, n))
+        });
+        group.bench_function(BenchmarkId::new(name, 1016), |bench| {
+            bench.iter_custom(|n| hot_loop_const::<A, 1016>(allocator, n))
+        });
+    }
+    let mut group = criterion.benchmark_group("hot-const");
+    sizes(&mut group, "glibc", &SYSTEM);
+    sizes(&mut group, "mimalloc", &MIMALLOC);
+    sizes(&mut group, "jemalloc", &JEMALLOC);
+    sizes(&mut group, "neural", &NEURAL);
+    group.finish();
+}
+
 fn batches(criterion: &mut Criterion) {
     let mut group = criterion.benchmark_group("batch");
     for size in request_sizes() {
@@ -203,6 +245,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1))
         .sample_size(20);
-    targets = hot, batches, two_threads
+    targets = hot, hot_const, batches, two_threads
 }
 criterion_main!(benches);

@@ -797,11 +797,7 @@ pub(crate) fn try_deallocate_cached(fast: u32, pointer: NonNull<u8>, layout: Lay
     let old_word = state_word.load(Ordering::Acquire);
     // Live, of the caller's size, neither tracked nor to be poisoned, and guarded as
     // blocks are now (a block from before a settings change takes the checked path).
-    let guarded = if fast & fast::GUARD != 0 {
-        word::GUARDED
-    } else {
-        0
-    };
+    let guarded = fast & fast::GUARD;
     if old_word != word::LIVE | guarded | size as u32 {
         return false;
     }

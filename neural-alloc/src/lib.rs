@@ -411,7 +411,10 @@ impl NeuralAlloc {
 // the hit paths cannot panic, and everything else runs under `AbortOnUnwind`, which turns
 // a panic into an abort.
 unsafe impl GlobalAlloc for NeuralAlloc {
-    #[inline]
+    // Always inlined: left to itself the compiler may keep the free's hit path out of
+    // line where the layout is not a constant, and the call then costs more than the
+    // hit path.
+    #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let fast = self.fast.load(Ordering::Relaxed);
         if let Some(block) = alloc::try_allocate_cached(fast, layout) {
@@ -420,7 +423,7 @@ unsafe impl GlobalAlloc for NeuralAlloc {
         self.alloc_uncached(layout)
     }
 
-    #[inline]
+    #[inline(always)]
     unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
         let fast = self.fast.load(Ordering::Relaxed);
         if let Some(block) = NonNull::new(pointer)

@@ -148,10 +148,10 @@ pub(crate) fn containing(pointer: *const u8) -> Option<NonNull<SlabHeader>> {
     if pointer.addr().wrapping_sub(base.addr()) >= len {
         return None;
     }
-    NonNull::new(
-        base.with_addr(pointer.addr() & !(SLAB_SIZE - 1))
-            .cast::<SlabHeader>(),
-    )
+    let slab = base.with_addr(pointer.addr() & !(SLAB_SIZE - 1));
+    // SAFETY: a non-zero length means the arena exists, so `base` is not null, and
+    // `slab` lies at or after it (the arena is slab-aligned).
+    Some(unsafe { NonNull::new_unchecked(slab) }.cast())
 }
 
 /// The identity word of the slab at `slab`.

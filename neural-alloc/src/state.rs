@@ -83,8 +83,9 @@ pub(crate) mod fast {
     pub(crate) const ALLOCATE: u32 = 1;
     /// Frees may take the hit path.
     pub(crate) const FREE: u32 = 1 << 1;
-    /// Guard checks are on.
-    pub(crate) const GUARD: u32 = 1 << 2;
+    /// Guard checks are on: the same bit as a guarded block's state word, so a free
+    /// builds the state word it expects with one `or`.
+    pub(crate) const GUARD: u32 = crate::slab::word::GUARDED;
     /// Where the cache slot sits: shifted so that the compiler turns slot times the
     /// 512-byte size of a slot's caches into one mask.
     const SLOT_SHIFT: u32 = 9;
