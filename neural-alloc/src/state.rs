@@ -89,11 +89,16 @@ pub(crate) mod fast {
     /// Where the cache slot sits: shifted so that the compiler turns slot times the
     /// 512-byte size of a slot's caches into one mask.
     const SLOT_SHIFT: u32 = 9;
-    /// Where the instance's number sits (1 to `MAX_SLOTS`, its cache slot plus one).
-    const OWNER_SHIFT: u32 = 16;
+    /// Where the instance's number sits (1 to `MAX_SLOTS`, its cache slot plus one), in
+    /// the top byte.
+    const OWNER_SHIFT: u32 = 24;
 
-    const _: () =
-        assert!(MAX_SLOTS.is_power_of_two() && MAX_SLOTS <= 1 << (OWNER_SHIFT - SLOT_SHIFT));
+    // The fields do not overlap: switches, slot, guard bit, number.
+    const SLOT_BITS: u32 = (MAX_SLOTS as u32 - 1) << SLOT_SHIFT;
+    const _: () = assert!(MAX_SLOTS.is_power_of_two() && MAX_SLOTS < 1 << 8);
+    const _: () = assert!(ALLOCATE < 1 << SLOT_SHIFT && FREE < 1 << SLOT_SHIFT);
+    const _: () = assert!(SLOT_BITS & GUARD == 0 && SLOT_BITS < GUARD);
+    const _: () = assert!(GUARD < 1 << OWNER_SHIFT);
 
     /// The instance's number, when `ALLOCATE` or `FREE` is set.
     #[inline(always)]
@@ -731,5 +736,27 @@ unsafe fn unlink_partial(lists: &mut PoolLists, slab: NonNull<SlabHeader>) {
         (*header).in_partial = false;
         (*header).partial_prev = ptr::null_mut();
         (*header).partial_next = ptr::null_mut();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fast_word_keeps_number_slot_and_switches_apart() {
+        for id in 1..=MAX_SLOTS as u32 {
+            for flags in 0..1 << 5 {
+                let word = fast::word(flags, id);
+                assert_eq!(fast::owner(word), id, "id {id} flags {flags:#b}");
+                assert_eq!(fast::slot(word), id as usize - 1);
+                assert_ne!(word & fast::FREE, 0);
+                assert_eq!(word & fast::GUARD != 0, flags & flag::GUARD != 0);
+                let allocate = flags & (flag::TRACKING | flag::POISON) == 0;
+                assert_eq!(word & fast::ALLOCATE != 0, allocate);
+            }
+        }
+        assert_eq!(fast::word(flag::GUARD, 0), 0);
+        assert_eq!(fast::word(flag::GUARD, MAX_SLOTS as u32 + 1), 0);
     }
 }
