@@ -449,8 +449,8 @@ fn untracked_cache_hits_keep_exact_statistics() {
 #[test]
 fn untracked_pending_bytes_past_two_gibibytes_stay_exact() {
     let allocator = untracked();
-    // Each thread packs its pending counts and bytes in one word per direction; 2 GiB of
-    // 8184-byte requests is about 262,000 of them.
+    // Pending bytes pile up in each thread's cache between publishes; 2 GiB of 8184-byte
+    // requests (about 262,000) is past any 32-bit counter.
     let rounds: u64 = if cfg!(miri) { 20 } else { 300_000 };
     for _ in 0..rounds {
         let block = allocator.allocate(layout(8184, 8)).unwrap();
