@@ -50,6 +50,8 @@ fn request_sizes() -> Vec<usize> {
     CLASS_SIZES.iter().map(|class| class - GUARD_LEN).collect()
 }
 
+/// Inlined into its callers, so a constant layout stays constant inside the loop.
+#[inline(always)]
 fn hot_loop<A: GlobalAlloc>(allocator: &A, layout: Layout, iterations: u64) -> Duration {
     let start = Instant::now();
     for _ in 0..iterations {
@@ -66,17 +68,12 @@ fn hot_loop<A: GlobalAlloc>(allocator: &A, layout: Layout, iterations: u64) -> D
 /// allocator whose hit path is inlined can fold its size-class lookup away.
 fn hot_loop_const<A: GlobalAlloc, const SIZE: usize>(allocator: &A, iterations: u64) -> Duration {
     const { assert!(SIZE > 0) };
-    // The size is a constant, non-zero and far below isize::MAX; 8 is a power of two.
-    let layout = Layout::from_size_align(SIZE, 8).unwrap();
-    let start = Instant::now();
-    for _ in 0..iterations {
-        // SAFETY: a non-zero layout; the block is freed at once with the same layout.
-        unsafe {
-            let block = black_box(allocator.alloc(layout));
-            allocator.dealloc(block, layout);
-        }
-    }
-    start.elapsed()
+    // A constant size far below isize::MAX; 8 is a power of two.
+    hot_loop(
+        allocator,
+        Layout::from_size_align(SIZE, 8).unwrap(),
+        iterations,
+    )
 }
 
 fn batch<A: GlobalAlloc>(allocator: &A, layout: Layout, iterations: u64) -> Duration {

@@ -223,23 +223,16 @@ impl State {
         flags: u32,
         site: Site,
     ) {
-        let geometry = &GEOMETRY[class];
         // SAFETY: as required of our caller.
         let slab = unsafe { slab::base_of(block) };
-        let index = block_index(geometry, block);
-        // SAFETY: the block is in a live slab and its index is in range.
-        let state_word = unsafe { slab::state_word(slab, index) };
-        let mut new_word = word::LIVE | size as u32;
+        let index = block_index(&GEOMETRY[class], block);
+        let mut bits = 0;
         if flags & (flag::POISON | flag::TRACKING) != 0 {
             // SAFETY: as required of our caller.
-            new_word |= unsafe { self.prepare_checked(slab, index, block, size, flags, site) };
+            bits = unsafe { self.prepare_checked(slab, index, block, size, flags, site) };
         }
-        if flags & flag::GUARD != 0 {
-            // SAFETY: the class was chosen so that `size + GUARD_LEN <= block_size`.
-            unsafe { write_guard(block, size) };
-            new_word |= word::GUARDED;
-        }
-        state_word.store(new_word, Ordering::Release);
+        // SAFETY: as required of our caller; `index` is the block's index in `slab`.
+        unsafe { mark_live(slab, index, block, size, flags & flag::GUARD != 0, bits) };
     }
 
     /// The slower part of handing out a block: the poison check and tracking. Returns
@@ -741,21 +734,39 @@ pub(crate) fn try_allocate_cached(fast: u32, layout: Layout) -> Option<NonNull<u
     // SAFETY: the reference is used only within this call, on this thread.
     let class_cache = unsafe { cache::class_cache(fast::slot(fast), class) }?;
     let block = class_cache.pop_allocation(size)?;
-    let geometry = &GEOMETRY[class];
     // SAFETY: blocks in a cache lie in slabs of the arena, with its provenance.
     let slab = unsafe { slab::base_of(block) };
-    let index = block_index(geometry, block);
-    let mut new_word = word::LIVE | size as u32;
-    if fast & fast::GUARD != 0 {
-        // SAFETY: the block came from this thread's cache of `class`, so it is a free
-        // block of a live slab that is ours alone, and the class was chosen so that
-        // `size + GUARD_LEN <= block_size`.
+    let index = block_index(&GEOMETRY[class], block);
+    // SAFETY: the block came from this thread's cache of `class`, so it is a free block
+    // of a live slab that is ours alone, at `index`; `class` fits `size`.
+    unsafe { mark_live(slab, index, block, size, fast & fast::GUARD != 0, 0) };
+    Some(block)
+}
+
+/// Writes the guard after `size` bytes of `block` when `guard` says so, and marks the
+/// block live with `size`, the guard bit and `bits` in its state word.
+///
+/// # Safety
+///
+/// - `block` must be block `index` of the live slab `slab`, free and owned by the
+///   caller, of a class whose blocks hold `size + GUARD_LEN` bytes.
+#[inline(always)]
+unsafe fn mark_live(
+    slab: NonNull<SlabHeader>,
+    index: usize,
+    block: NonNull<u8>,
+    size: usize,
+    guard: bool,
+    bits: u32,
+) {
+    let mut new_word = word::LIVE | size as u32 | bits;
+    if guard {
+        // SAFETY: as required of our caller, the guard bytes lie inside the block.
         unsafe { write_guard(block, size) };
         new_word |= word::GUARDED;
     }
     // SAFETY: a block of a live slab, so its index is in range.
     unsafe { slab::state_word(slab, index) }.store(new_word, Ordering::Release);
-    Some(block)
 }
 
 /// The hit path of a free, for an instance whose fast word is `fast`, of a block the

@@ -274,14 +274,16 @@ impl NeuralAlloc {
         pointer: NonNull<u8>,
         layout: Layout,
     ) -> Result<(), AllocError> {
-        if alloc::try_deallocate_cached(self.fast.load(Ordering::Relaxed), pointer, layout) {
-            return Ok(());
-        }
         let state = self.state().ok_or(AllocError::Corruption {
             kind: CorruptionKind::InvalidFree,
             address: pointer.as_ptr().addr(),
         })?;
-        state.deallocate_checked(pointer, Some(Location::caller()))
+        state.deallocate(
+            pointer,
+            layout.size(),
+            layout.align(),
+            Some(Location::caller()),
+        )
     }
 
     /// Resizes a block to `new_size` bytes, keeping `old_layout`'s alignment; in place

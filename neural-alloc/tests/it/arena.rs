@@ -4,49 +4,14 @@
 
 #![cfg(all(target_os = "linux", not(miri)))]
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use neural_alloc::{CorruptionAction, NeuralAlloc};
 
-use crate::layout;
+use crate::{layout, run_child};
 
 /// Set in the child processes; each child test refuses to run without it.
 const CHILD: &str = "NEURAL_ALLOC_TEST_ARENA_CHILD";
-
-/// Runs the ignored test `name` of this binary as a child process with `limit_bytes` of
-/// address space (or none) and the extra environment `env`.
-fn run_child(name: &str, limit_bytes: Option<u64>, env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    command
-        .args([
-            "--ignored",
-            "--exact",
-            name,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, "1")
-        .envs(env.iter().copied());
-    if let Some(limit) = limit_bytes {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: the hook only calls `setrlimit`, which is async-signal-safe, and
-        // allocates nothing.
-        unsafe {
-            command.pre_exec(move || {
-                let bound = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &bound) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            })
-        };
-    }
-    command.output().unwrap()
-}
 
 fn assert_child_passed(output: &Output, marker: &str) {
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -79,7 +44,11 @@ fn untracked() -> NeuralAlloc {
 #[test]
 fn an_address_space_limit_gets_a_smaller_arena() {
     // 2 GiB of address space: the 64, 16 and 4 GiB reservations fail, 1 GiB fits.
-    let output = run_child("arena::limited_address_space_child", Some(2 << 30), &[]);
+    let output = run_child(
+        "arena::limited_address_space_child",
+        &[(CHILD, "1")],
+        Some(2 << 30),
+    );
     assert_child_passed(&output, "limited arena child done");
 }
 
@@ -110,8 +79,8 @@ fn limited_address_space_child() {
 fn a_full_arena_sends_pooled_requests_to_the_system_allocator() {
     let output = run_child(
         "arena::full_arena_child",
+        &[(CHILD, "1"), ("HOTPATCH_ALLOC_ARENA_MIB", "32")],
         None,
-        &[("HOTPATCH_ALLOC_ARENA_MIB", "32")],
     );
     assert_child_passed(&output, "full arena child done");
 }

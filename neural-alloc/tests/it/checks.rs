@@ -195,17 +195,7 @@ fn abort_child() {
 #[test]
 fn the_abort_action_stops_the_process() {
     use std::os::unix::process::ExitStatusExt;
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "checks::abort_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ABORT_CHILD, "1")
-        .output()
-        .unwrap();
+    let output = crate::run_child("checks::abort_child", &[(ABORT_CHILD, "1")], None);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(

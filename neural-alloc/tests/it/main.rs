@@ -50,3 +50,38 @@ impl Handover {
         self.0
     }
 }
+
+/// Runs the ignored test `name` of this binary as a child process with the extra
+/// environment `env` and, when given, `limit_bytes` of address space.
+#[cfg(all(unix, not(miri)))]
+fn run_child(name: &str, env: &[(&str, &str)], limit_bytes: Option<u64>) -> std::process::Output {
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--ignored",
+            "--exact",
+            name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .envs(env.iter().copied());
+    if let Some(limit) = limit_bytes {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the hook only calls `setrlimit`, which is async-signal-safe, and
+        // allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                let bound = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &bound) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            })
+        };
+    }
+    command.output().unwrap()
+}
