@@ -362,8 +362,10 @@ impl State {
         };
         // SAFETY: `slab` came from `containing`.
         let identity = unsafe { slab::identity_of(slab) };
-        let class = (identity & u64::from(u32::MAX)) as usize;
-        if identity >> 32 != u64::from(self.id) || class >= CLASS_COUNT {
+        let Some((owner, class)) = slab::identity_parts(identity) else {
+            return Err(NotLive::Bad(CorruptionKind::InvalidFree, None));
+        };
+        if owner != self.id || class >= CLASS_COUNT {
             return Err(NotLive::Bad(CorruptionKind::InvalidFree, None));
         }
         let geometry = &GEOMETRY[class];
@@ -446,7 +448,7 @@ impl State {
         site: Site,
     ) -> Result<(), AllocError> {
         if let Ok(layout) = Layout::from_size_align(size, align)
-            && try_deallocate_cached(self.fast_word(), pointer, layout)
+            && try_deallocate_cached(self.fast_word(), pointer.as_ptr(), layout)
         {
             return Ok(());
         }
@@ -775,25 +777,26 @@ unsafe fn mark_live(
 /// exactly that size, not to be poisoned, with its guard intact (one word compared),
 /// and this thread's cache of the class has room. Returns `false` without changing
 /// anything otherwise; the caller then takes [`State::deallocate_checked`], which
-/// ignores the caller's layout, repeats every check and reports what is wrong.
+/// ignores the caller's layout, repeats every check and reports what is wrong. An
+/// instance without hit paths has number zero in `fast`, which no slab names, so its
+/// frees all go that way.
 ///
 /// Everything it reads is found from the pointer and the layout alone, so the reads
-/// do not wait on each other.
+/// do not wait on each other. The pointer may be null: null is outside the arena.
 ///
 /// Nothing here can panic, so the `GlobalAlloc` adapter calls it without its unwind
 /// guard.
 #[inline(always)]
-pub(crate) fn try_deallocate_cached(fast: u32, pointer: NonNull<u8>, layout: Layout) -> bool {
-    if fast & fast::FREE == 0 {
-        return false;
-    }
+pub(crate) fn try_deallocate_cached(fast: u32, pointer: *mut u8, layout: Layout) -> bool {
     let Some(class) = class_for_layout(layout) else {
         return false;
     };
     let size = layout.size();
-    let Some(slab) = slab::containing(pointer.as_ptr()) else {
+    let Some(slab) = slab::containing(pointer) else {
         return false;
     };
+    // SAFETY: an address inside the arena is not null.
+    let pointer = unsafe { NonNull::new_unchecked(pointer) };
     let geometry = &GEOMETRY[class];
     let Position::BlockStart(index) = slab::position(slab, geometry, pointer.as_ptr()) else {
         return false;

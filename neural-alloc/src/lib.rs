@@ -428,9 +428,7 @@ unsafe impl GlobalAlloc for NeuralAlloc {
     #[inline(always)]
     unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
         let fast = self.fast.load(Ordering::Relaxed);
-        if let Some(block) = NonNull::new(pointer)
-            && alloc::try_deallocate_cached(fast, block, layout)
-        {
+        if alloc::try_deallocate_cached(fast, pointer, layout) {
             return;
         }
         self.dealloc_uncached(pointer);

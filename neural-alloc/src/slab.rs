@@ -44,12 +44,30 @@ pub(crate) mod word {
     pub(crate) const LIVE: u32 = 2 << 30;
 }
 
+/// Set in the identity of every slab in use, so that no identity built for an owner
+/// numbered zero (an instance without hit paths) matches a slab never used or given back.
+const IN_USE: u64 = 1 << 63;
+
 /// The identity word of a slab of `class` owned by the instance numbered `owner`: what
-/// a slab header holds, and what a free compares it with in one load. Zero (no owner) in
-/// slabs never used or given back.
+/// a slab header holds, and what a free compares it with in one load. Zero in slabs
+/// never used or given back.
+///
+/// The number sits where the fast word keeps it (`fast::OWNER_SHIFT`), so the hit path
+/// of a free builds the identity it expects with one mask and one `or`.
 #[inline(always)]
 pub(crate) const fn identity(owner: u32, class: usize) -> u64 {
-    ((owner as u64) << 32) | class as u64
+    IN_USE | ((owner as u64) << crate::state::fast::OWNER_SHIFT) | class as u64
+}
+
+/// The owner's number and the class an identity word names, or `None` for a slab not in
+/// use.
+pub(crate) fn identity_parts(identity: u64) -> Option<(u32, usize)> {
+    if identity & IN_USE == 0 {
+        return None;
+    }
+    let owner = (identity & !IN_USE) >> crate::state::fast::OWNER_SHIFT;
+    let class = identity & ((1 << crate::state::fast::OWNER_SHIFT) - 1);
+    Some((u32::try_from(owner).ok()?, class as usize))
 }
 
 /// The start of every slab. Fields marked "pool lock" are read and written only while
@@ -61,7 +79,7 @@ pub(crate) struct SlabHeader {
     /// [`identity`] of the owning instance and class; written before the slab is first
     /// used, reset to zero before it is given back, read by every free.
     pub(crate) identity: AtomicU64,
-    /// Class index of the blocks (the low half of `identity`, fixed while the slab lives).
+    /// Class index of the blocks (the low bits of `identity`, fixed while the slab lives).
     pub(crate) class: usize,
     /// Pool lock: head of this slab's free list (link in the first word of each block).
     pub(crate) free_head: *mut u8,

@@ -79,10 +79,10 @@ pub(crate) mod flag {
 pub(crate) mod fast {
     use crate::cache::MAX_SLOTS;
 
-    /// Allocations may take the hit path: tracking and poisoning are off.
+    /// Allocations may take the hit path: tracking and poisoning are off. Frees need no
+    /// switch: an instance without hit paths has number zero in its fast word, and no
+    /// slab's identity names owner zero.
     pub(crate) const ALLOCATE: u32 = 1;
-    /// Frees may take the hit path.
-    pub(crate) const FREE: u32 = 1 << 1;
     /// Guard checks are on: the same bit as a guarded block's state word, so a free
     /// builds the state word it expects with one `or`.
     pub(crate) const GUARD: u32 = crate::slab::word::GUARDED;
@@ -90,23 +90,23 @@ pub(crate) mod fast {
     /// 512-byte size of a slot's caches into one mask.
     const SLOT_SHIFT: u32 = 9;
     /// Where the instance's number sits (1 to `MAX_SLOTS`, its cache slot plus one), in
-    /// the top byte.
-    const OWNER_SHIFT: u32 = 24;
+    /// the top byte; slab identities keep it in the same place.
+    pub(crate) const OWNER_SHIFT: u32 = 24;
 
     // The fields do not overlap: switches, slot, guard bit, number.
     const SLOT_BITS: u32 = (MAX_SLOTS as u32 - 1) << SLOT_SHIFT;
     const _: () = assert!(MAX_SLOTS.is_power_of_two() && MAX_SLOTS < 1 << 8);
-    const _: () = assert!(ALLOCATE < 1 << SLOT_SHIFT && FREE < 1 << SLOT_SHIFT);
+    const _: () = assert!(ALLOCATE < 1 << SLOT_SHIFT);
     const _: () = assert!(SLOT_BITS & GUARD == 0 && SLOT_BITS < GUARD);
     const _: () = assert!(GUARD < 1 << OWNER_SHIFT);
 
-    /// The instance's number, when `ALLOCATE` or `FREE` is set.
+    /// The instance's number: zero for an instance without hit paths.
     #[inline(always)]
     pub(crate) fn owner(fast: u32) -> u32 {
         fast >> OWNER_SHIFT
     }
 
-    /// The instance's cache slot, when `ALLOCATE` or `FREE` is set.
+    /// The instance's cache slot, when its number is not zero.
     #[inline(always)]
     pub(crate) fn slot(fast: u32) -> usize {
         (fast >> SLOT_SHIFT) as usize % MAX_SLOTS
@@ -118,7 +118,7 @@ pub(crate) mod fast {
         if id == 0 || id as usize > MAX_SLOTS {
             return 0;
         }
-        let mut word = (id << OWNER_SHIFT) | ((id - 1) << SLOT_SHIFT) | FREE;
+        let mut word = (id << OWNER_SHIFT) | ((id - 1) << SLOT_SHIFT);
         if flags & (super::flag::TRACKING | super::flag::POISON) == 0 {
             word |= ALLOCATE;
         }
@@ -750,7 +750,6 @@ mod tests {
                 let word = fast::word(flags, id);
                 assert_eq!(fast::owner(word), id, "id {id} flags {flags:#b}");
                 assert_eq!(fast::slot(word), id as usize - 1);
-                assert_ne!(word & fast::FREE, 0);
                 assert_eq!(word & fast::GUARD != 0, flags & flag::GUARD != 0);
                 let allocate = flags & (flag::TRACKING | flag::POISON) == 0;
                 assert_eq!(word & fast::ALLOCATE != 0, allocate);
@@ -758,5 +757,32 @@ mod tests {
         }
         assert_eq!(fast::word(flag::GUARD, 0), 0);
         assert_eq!(fast::word(flag::GUARD, MAX_SLOTS as u32 + 1), 0);
+    }
+
+    #[test]
+    fn a_free_builds_the_identity_of_its_own_slabs_only() {
+        use crate::class::CLASS_COUNT;
+        use crate::slab::{identity, identity_parts};
+
+        assert_eq!(identity_parts(0), None);
+        for class in 0..CLASS_COUNT {
+            // An instance without hit paths expects owner zero, which no slab has and
+            // which is not the zero of a slab out of use.
+            assert_ne!(identity(fast::owner(0), class), 0);
+            for id in [1, 2, MAX_SLOTS as u32, MAX_SLOTS as u32 + 1, u32::MAX] {
+                let slab = identity(id, class);
+                assert_eq!(identity_parts(slab), Some((id, class)));
+                assert_ne!(identity(fast::owner(0), class), slab);
+                let word = fast::word(flag::GUARD, id);
+                let expected = identity(fast::owner(word), class);
+                // Only instances with a cache slot have hit paths; they find their own
+                // slabs and no other instance's or class's.
+                assert_eq!(expected == slab, word != 0, "id {id} class {class}");
+                if word != 0 {
+                    assert_ne!(expected, identity(id + 1, class));
+                    assert_ne!(expected, identity(id, (class + 1) % CLASS_COUNT));
+                }
+            }
+        }
     }
 }
