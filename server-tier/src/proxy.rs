@@ -817,6 +817,16 @@ fn filtered_stream(
 }
 
 impl FilteredStream {
+    /// Stops reading upstream after a failure: counts it with `counter`, and neither
+    /// reads nor caches anything more of this stream (a broken stream is not a response
+    /// worth replaying).
+    fn abandon(&mut self, counter: fn(&Stats) -> &AtomicU64) {
+        counter(&self.shared.stats).fetch_add(1, Ordering::Relaxed);
+        self.recorder = None;
+        self.incoming = None;
+        self.ended = true;
+    }
+
     async fn next(&mut self) -> Option<Result<Bytes, BoxError>> {
         loop {
             if let Some(bytes) = self.queue.pop_front() {
@@ -841,16 +851,10 @@ impl FilteredStream {
             let mut out = Vec::new();
             match tokio::time::timeout(idle, incoming.frame()).await {
                 Err(_) => {
-                    self.shared
-                        .stats
-                        .upstream_timeouts
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.recorder = None;
-                    self.incoming = None;
-                    self.ended = true;
+                    self.abandon(|stats| &stats.upstream_timeouts);
                     let event = serde_json::json!({"error": {
                         "code": "upstream_timeout",
-                        "message": format!("the upstream stream was idle for {} s", idle.as_secs()),
+                        "message": format!("the upstream stream was idle for {idle:?}"),
                         "status": 504}});
                     self.queue
                         .push_back(Bytes::from(format!("data: {event}\n\n")));
@@ -863,13 +867,7 @@ impl FilteredStream {
                     self.ended = true;
                 }
                 Ok(Some(Err(error))) => {
-                    self.shared
-                        .stats
-                        .upstream_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.recorder = None;
-                    self.incoming = None;
-                    self.ended = true;
+                    self.abandon(|stats| &stats.upstream_errors);
                     return Some(Err(Box::new(error)));
                 }
                 Ok(Some(Ok(frame))) => {

@@ -481,6 +481,7 @@ fn server_hostile_input_gets_json_errors_and_the_proxy_keeps_serving() {
     config.admin = AdminAccess::Token(TOKEN.into());
     config.limits.body_limit = 4096;
     config.limits.upstream_timeout = Duration::from_millis(500);
+    config.limits.stream_idle_timeout = Duration::from_millis(300);
     config.rules = RuleSet::from_toml_str(
         r#"
 [[rule]]
@@ -560,6 +561,26 @@ action = { type = "redact", pattern = "[0-9]{4}-[0-9]{4}", regex = true, mask = 
         ),
         400,
     );
+
+    // An upstream stream that falls silent is cut with an error event and counted.
+    let timeouts = proxy.control().stats().upstream_timeouts;
+    let silent = post(
+        port,
+        chat,
+        &json!({"messages": [], "stream": true, "pause_ms": 2000}),
+    );
+    assert_eq!(silent.status, 200);
+    let event: Value = serde_json::from_str(
+        silent
+            .body
+            .trim_end()
+            .strip_prefix("data: ")
+            .expect("one event"),
+    )
+    .unwrap();
+    assert_eq!(event["error"]["code"], json!("upstream_timeout"), "{event}");
+    assert_eq!(event["error"]["status"], json!(504), "{event}");
+    assert_eq!(proxy.control().stats().upstream_timeouts, timeouts + 1);
 
     // A client that leaves mid-stream: the proxy drops the upstream stream and goes on.
     for _ in 0..3 {
