@@ -3,7 +3,8 @@
 //! implementations in the same run.
 //!
 //! Patterns: a hot loop (allocate, free, repeat), a batch (allocate 1,000, then free
-//! them in order), and two threads where one allocates and the other frees. Our
+//! them in order), the batch with the first and last byte of each block written, and
+//! two threads where one allocates and the other frees. Our
 //! allocator runs with tracking off (the release default) and guard checks on, plus
 //! variants without guard checks and with tracking on, to show what those cost.
 //!
@@ -76,7 +77,13 @@ fn hot_loop_const<A: GlobalAlloc, const SIZE: usize>(allocator: &A, iterations: 
     )
 }
 
-fn batch<A: GlobalAlloc>(allocator: &A, layout: Layout, iterations: u64) -> Duration {
+/// The batch pattern; with `TOUCH`, the caller writes the first and the last byte of
+/// each block it gets, as one that fills its buffer would.
+fn batch<A: GlobalAlloc, const TOUCH: bool>(
+    allocator: &A,
+    layout: Layout,
+    iterations: u64,
+) -> Duration {
     let mut blocks = vec![std::ptr::null_mut::<u8>(); BATCH];
     let mut elapsed = Duration::ZERO;
     for _ in 0..iterations {
@@ -84,6 +91,14 @@ fn batch<A: GlobalAlloc>(allocator: &A, layout: Layout, iterations: u64) -> Dura
         for slot in blocks.iter_mut() {
             // SAFETY: a non-zero layout; freed below.
             *slot = unsafe { allocator.alloc(layout) };
+            if TOUCH {
+                // SAFETY: a block of `layout.size()` writable bytes (the allocators
+                // benchmarked here do not fail at these sizes).
+                unsafe {
+                    slot.write(1);
+                    slot.add(layout.size() - 1).write(1);
+                }
+            }
         }
         for &block in blocks.iter() {
             // SAFETY: allocated above with this layout and not freed yet.
@@ -197,19 +212,36 @@ fn batches(criterion: &mut Criterion) {
     for size in request_sizes() {
         let layout = Layout::from_size_align(size, 8).unwrap();
         group.bench_function(BenchmarkId::new("glibc", size), |bench| {
-            bench.iter_custom(|n| batch(&SYSTEM, layout, n))
+            bench.iter_custom(|n| batch::<_, false>(&SYSTEM, layout, n))
         });
         group.bench_function(BenchmarkId::new("mimalloc", size), |bench| {
-            bench.iter_custom(|n| batch(&MIMALLOC, layout, n))
+            bench.iter_custom(|n| batch::<_, false>(&MIMALLOC, layout, n))
         });
         group.bench_function(BenchmarkId::new("jemalloc", size), |bench| {
-            bench.iter_custom(|n| batch(&JEMALLOC, layout, n))
+            bench.iter_custom(|n| batch::<_, false>(&JEMALLOC, layout, n))
         });
         group.bench_function(BenchmarkId::new("neural", size), |bench| {
-            bench.iter_custom(|n| batch(&NEURAL, layout, n))
+            bench.iter_custom(|n| batch::<_, false>(&NEURAL, layout, n))
         });
         group.bench_function(BenchmarkId::new("neural-no-guard", size), |bench| {
-            bench.iter_custom(|n| batch(&NEURAL_NO_GUARD, layout, n))
+            bench.iter_custom(|n| batch::<_, false>(&NEURAL_NO_GUARD, layout, n))
+        });
+    }
+    group.finish();
+    // The guard sits after the requested bytes, so in a batch of untouched blocks
+    // larger than a cache line it costs a line the caller never uses. A caller that
+    // writes the end of its request has that line in cache already.
+    let mut group = criterion.benchmark_group("batch-touch");
+    for size in request_sizes() {
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        group.bench_function(BenchmarkId::new("mimalloc", size), |bench| {
+            bench.iter_custom(|n| batch::<_, true>(&MIMALLOC, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("neural", size), |bench| {
+            bench.iter_custom(|n| batch::<_, true>(&NEURAL, layout, n))
+        });
+        group.bench_function(BenchmarkId::new("neural-no-guard", size), |bench| {
+            bench.iter_custom(|n| batch::<_, true>(&NEURAL_NO_GUARD, layout, n))
         });
     }
     group.finish();
