@@ -4,66 +4,35 @@
 //!
 //! Patterns: a hot loop (allocate, free, repeat), a batch (allocate 1,000, then free
 //! them in order), the batch with the first and last byte of each block written, and
-//! two threads where one allocates and the other frees. Our
-//! allocator runs with tracking off (the release default) and guard checks on, plus
-//! variants without guard checks and with tracking on, to show what those cost.
+//! two threads where one allocates and the other frees. Our allocator runs with
+//! tracking off (the release default) and guard checks on, plus variants without guard
+//! checks and with tracking on, to show what those cost.
+//!
+//! Each benchmark runs on its own, so on a shared machine a slow spell can land on one
+//! allocator and not the next; `benches/compare.rs` interleaves them for ratios.
 //!
 //! Run: `cargo bench -p neural-alloc --bench alloc -- --measurement-time 2`
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::hint::black_box;
+mod patterns;
+
+use std::alloc::{GlobalAlloc, Layout};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use mimalloc::MiMalloc;
-use neural_alloc::{CLASS_SIZES, Config, GUARD_LEN, NeuralAlloc};
-use tikv_jemallocator::Jemalloc;
+use neural_alloc::{Config, NeuralAlloc};
+use patterns::{
+    JEMALLOC, MIMALLOC, NEURAL, NEURAL_NO_GUARD, SYSTEM, batch, hot_loop, request_sizes,
+};
 
-static NEURAL: NeuralAlloc = NeuralAlloc::with_config(Config {
-    tracking: false,
-    poison: false,
-    ..Config::DEFAULT
-});
-static NEURAL_NO_GUARD: NeuralAlloc = NeuralAlloc::with_config(Config {
-    tracking: false,
-    poison: false,
-    guard_checks: false,
-    ..Config::DEFAULT
-});
 static NEURAL_TRACKING: NeuralAlloc = NeuralAlloc::with_config(Config {
     tracking: true,
     poison: false,
     ..Config::DEFAULT
 });
-static MIMALLOC: MiMalloc = MiMalloc;
-static JEMALLOC: Jemalloc = Jemalloc;
-static SYSTEM: System = System;
 
-/// Blocks per batch in the batch pattern.
-const BATCH: usize = 1000;
 /// Pointers per message in the two-thread pattern.
 const MESSAGE: usize = 256;
-
-/// The largest request each class serves (its size minus our guard bytes), used for every
-/// allocator so they all get the same requests.
-fn request_sizes() -> Vec<usize> {
-    CLASS_SIZES.iter().map(|class| class - GUARD_LEN).collect()
-}
-
-/// Inlined into its callers, so a constant layout stays constant inside the loop.
-#[inline(always)]
-fn hot_loop<A: GlobalAlloc>(allocator: &A, layout: Layout, iterations: u64) -> Duration {
-    let start = Instant::now();
-    for _ in 0..iterations {
-        // SAFETY: a non-zero layout; the block is freed at once with the same layout.
-        unsafe {
-            let block = black_box(allocator.alloc(layout));
-            allocator.dealloc(block, layout);
-        }
-    }
-    start.elapsed()
-}
 
 /// [`hot_loop`] with a layout known at compile time, as for `Box<T>` or `Arc<T>`: an
 /// allocator whose hit path is inlined can fold its size-class lookup away.
@@ -75,39 +44,6 @@ fn hot_loop_const<A: GlobalAlloc, const SIZE: usize>(allocator: &A, iterations: 
         Layout::from_size_align(SIZE, 8).unwrap(),
         iterations,
     )
-}
-
-/// The batch pattern; with `TOUCH`, the caller writes the first and the last byte of
-/// each block it gets, as one that fills its buffer would.
-fn batch<A: GlobalAlloc, const TOUCH: bool>(
-    allocator: &A,
-    layout: Layout,
-    iterations: u64,
-) -> Duration {
-    let mut blocks = vec![std::ptr::null_mut::<u8>(); BATCH];
-    let mut elapsed = Duration::ZERO;
-    for _ in 0..iterations {
-        let start = Instant::now();
-        for slot in blocks.iter_mut() {
-            // SAFETY: a non-zero layout; freed below.
-            *slot = unsafe { allocator.alloc(layout) };
-            if TOUCH {
-                // SAFETY: a block of `layout.size()` writable bytes (the allocators
-                // benchmarked here do not fail at these sizes).
-                unsafe {
-                    slot.write(1);
-                    slot.add(layout.size() - 1).write(1);
-                }
-            }
-        }
-        for &block in blocks.iter() {
-            // SAFETY: allocated above with this layout and not freed yet.
-            unsafe { allocator.dealloc(black_box(block), layout) };
-        }
-        elapsed += start.elapsed();
-    }
-    // Reported per allocate/free pair.
-    elapsed / BATCH as u32
 }
 
 /// Pointers in flight between the two threads, as addresses.
