@@ -8,7 +8,7 @@
 //! with the first and last byte of each block written. Ours runs with tracking off and
 //! guards on (`neural`), and without guards (`no-guard`) for the guard cost.
 //!
-//! Run: `cargo bench -p neural-alloc --bench compare` (about a minute).
+//! Run: `cargo bench -p neural-alloc --bench compare` (under a minute).
 
 mod patterns;
 

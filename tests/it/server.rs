@@ -481,7 +481,7 @@ fn server_hostile_input_gets_json_errors_and_the_proxy_keeps_serving() {
     config.admin = AdminAccess::Token(TOKEN.into());
     config.limits.body_limit = 4096;
     config.limits.upstream_timeout = Duration::from_millis(500);
-    config.limits.stream_idle_timeout = Duration::from_millis(300);
+    config.limits.stream_idle_timeout = Duration::from_secs(1);
     config.rules = RuleSet::from_toml_str(
         r#"
 [[rule]]
@@ -567,7 +567,7 @@ action = { type = "redact", pattern = "[0-9]{4}-[0-9]{4}", regex = true, mask = 
     let silent = post(
         port,
         chat,
-        &json!({"messages": [], "stream": true, "pause_ms": 2000}),
+        &json!({"messages": [], "stream": true, "pause_ms": 3000}),
     );
     assert_eq!(silent.status, 200);
     let event: Value = serde_json::from_str(
