@@ -12,7 +12,7 @@
 
 mod patterns;
 
-use std::alloc::Layout;
+use std::alloc::{GlobalAlloc, Layout};
 use std::time::Duration;
 
 use patterns::{
@@ -24,14 +24,19 @@ const TRIALS: usize = 41;
 /// Allocate/free pairs per allocator per trial.
 const PAIRS: u64 = 50_000;
 
-/// Runs `PAIRS` pairs of one pattern with `layout` and returns the time they took.
-type Run = fn(Layout) -> Duration;
-
-/// One pattern: its name and a run for each allocator, in the order of `NAMES`.
-struct Pattern {
-    name: &'static str,
-    runs: [Run; 5],
+/// The patterns, in the order they are printed.
+#[derive(Clone, Copy)]
+enum Pattern {
+    Hot,
+    Batch,
+    BatchTouch,
 }
+
+const PATTERNS: [(Pattern, &str); 3] = [
+    (Pattern::Hot, "hot"),
+    (Pattern::Batch, "batch"),
+    (Pattern::BatchTouch, "batch-touch"),
+];
 
 const NAMES: [&str; 5] = ["glibc", "mimalloc", "jemalloc", "neural", "no-guard"];
 const GLIBC: usize = 0;
@@ -44,40 +49,24 @@ const NO_GUARD: usize = 4;
 /// round, so `PAIRS` pairs take its result times `BATCH`.
 const ROUNDS: u64 = PAIRS / BATCH as u64;
 
-fn patterns() -> [Pattern; 3] {
-    [
-        Pattern {
-            name: "hot",
-            runs: [
-                |layout| hot_loop(&SYSTEM, layout, PAIRS),
-                |layout| hot_loop(&MIMALLOC, layout, PAIRS),
-                |layout| hot_loop(&JEMALLOC, layout, PAIRS),
-                |layout| hot_loop(&NEURAL, layout, PAIRS),
-                |layout| hot_loop(&NEURAL_NO_GUARD, layout, PAIRS),
-            ],
-        },
-        Pattern {
-            name: "batch",
-            runs: [
-                |layout| batch::<_, false>(&SYSTEM, layout, ROUNDS) * BATCH as u32,
-                |layout| batch::<_, false>(&MIMALLOC, layout, ROUNDS) * BATCH as u32,
-                |layout| batch::<_, false>(&JEMALLOC, layout, ROUNDS) * BATCH as u32,
-                |layout| batch::<_, false>(&NEURAL, layout, ROUNDS) * BATCH as u32,
-                |layout| batch::<_, false>(&NEURAL_NO_GUARD, layout, ROUNDS) * BATCH as u32,
-            ],
-        },
-        Pattern {
-            name: "batch-touch",
-            runs: [
-                |layout| batch::<_, true>(&SYSTEM, layout, ROUNDS) * BATCH as u32,
-                |layout| batch::<_, true>(&MIMALLOC, layout, ROUNDS) * BATCH as u32,
-                |layout| batch::<_, true>(&JEMALLOC, layout, ROUNDS) * BATCH as u32,
-                |layout| batch::<_, true>(&NEURAL, layout, ROUNDS) * BATCH as u32,
-                |layout| batch::<_, true>(&NEURAL_NO_GUARD, layout, ROUNDS) * BATCH as u32,
-            ],
-        },
-    ]
+/// Runs `PAIRS` pairs of `pattern` with `layout` on `allocator` and returns the time
+/// they took. The pattern is chosen outside the loops, which each arm inlines.
+fn run<A: GlobalAlloc>(allocator: &A, pattern: Pattern, layout: Layout) -> Duration {
+    match pattern {
+        Pattern::Hot => hot_loop(allocator, layout, PAIRS),
+        Pattern::Batch => batch::<_, false>(allocator, layout, ROUNDS) * BATCH as u32,
+        Pattern::BatchTouch => batch::<_, true>(allocator, layout, ROUNDS) * BATCH as u32,
+    }
 }
+
+/// A run of each allocator, in the order of `NAMES`.
+const RUNS: [fn(Pattern, Layout) -> Duration; 5] = [
+    |pattern, layout| run(&SYSTEM, pattern, layout),
+    |pattern, layout| run(&MIMALLOC, pattern, layout),
+    |pattern, layout| run(&JEMALLOC, pattern, layout),
+    |pattern, layout| run(&NEURAL, pattern, layout),
+    |pattern, layout| run(&NEURAL_NO_GUARD, pattern, layout),
+];
 
 /// The middle value of `values` (sorted in place).
 fn median(values: &mut [f64]) -> f64 {
@@ -91,8 +80,8 @@ fn main() {
         "ns per pair: fastest of {TRIALS} trials of {PAIRS} pairs; ratios: median of the \
          trials' own ratios\n"
     );
-    for pattern in patterns() {
-        println!("## {}\n", pattern.name);
+    for (pattern, name) in PATTERNS {
+        println!("## {name}\n");
         println!(
             "| request | {} | ours/jemalloc | ours/mimalloc | glibc/ours | guard cost |",
             NAMES.join(" | ")
@@ -100,8 +89,8 @@ fn main() {
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for size in request_sizes() {
             let layout = Layout::from_size_align(size, 8).unwrap();
-            for run in pattern.runs {
-                run(layout);
+            for run in RUNS {
+                run(pattern, layout);
             }
             // ns per pair, per allocator, per trial.
             let mut figures = vec![[0.0f64; 5]; TRIALS];
@@ -109,7 +98,7 @@ fn main() {
                 // A different allocator goes first in each trial.
                 for step in 0..NAMES.len() {
                     let which = (trial + step) % NAMES.len();
-                    row[which] = pattern.runs[which](layout).as_nanos() as f64 / PAIRS as f64;
+                    row[which] = RUNS[which](pattern, layout).as_nanos() as f64 / PAIRS as f64;
                 }
             }
             let fastest: Vec<f64> = (0..NAMES.len())
