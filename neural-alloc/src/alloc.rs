@@ -172,7 +172,7 @@ impl State {
             if class_cache.head.get().is_null() && !class_cache.restock() {
                 self.refill_cache(class, class_cache)?;
             }
-            class_cache.pop_allocation(size)
+            class_cache.pop_allocation(size, GEOMETRY[class].link)
         });
         let block = match cached {
             Some(Some(block)) => block,
@@ -256,16 +256,11 @@ impl State {
         // SAFETY: `class` never changes after slab creation.
         let geometry = &GEOMETRY[unsafe { (*slab.as_ptr()).class }];
         if old & word::POISONED != 0 && flags & flag::POISON != 0 {
-            // SAFETY: the block spans `block_size` bytes and is ours; the first word
-            // holds the free-list link and is skipped.
-            let intact = unsafe {
-                std::slice::from_raw_parts(
-                    block.as_ptr().add(size_of::<usize>()),
-                    geometry.block_size - size_of::<usize>(),
-                )
-            }
-            .iter()
-            .all(|&byte| byte == POISON_BYTE);
+            // SAFETY: the block spans `block_size` bytes and is ours; its last word
+            // held the free-list link and is skipped.
+            let intact = unsafe { std::slice::from_raw_parts(block.as_ptr(), geometry.link) }
+                .iter()
+                .all(|&byte| byte == POISON_BYTE);
             if !intact {
                 // SAFETY: live slab, index in range.
                 let record = unsafe { track::existing_record(slab, index) };
@@ -487,7 +482,7 @@ impl State {
         }
         // SAFETY: live slab, index in range.
         unsafe { slab::state_word(slab, index) }.store(new_word, Ordering::Release);
-        self.give_back(class, pointer, user, size);
+        self.give_back(class, pointer, size);
         Ok(())
     }
 
@@ -551,25 +546,23 @@ impl State {
         }
     }
 
-    /// Puts a freed block into this thread's cache, or the shared pool without one.
+    /// Puts a freed block (with the slab's provenance) into this thread's cache, or the
+    /// shared pool without one.
     #[inline(always)]
-    fn give_back(&self, class: usize, block: NonNull<u8>, user: NonNull<u8>, size: usize) {
+    fn give_back(&self, class: usize, block: NonNull<u8>, size: usize) {
         // SAFETY: the reference is used only within this call, on this thread.
         if let Some(slot) = unsafe { cache::current_slot(self.slot) } {
             let class_cache = &slot.classes[class];
             self.publish_if_due(class, class_cache);
-            // Spill before pushing, so the batch sent back never holds the block being
-            // freed, whose bytes may only be written through `user` during this call.
             if !class_cache.has_room() {
                 self.spill(class, class_cache);
             }
             // SAFETY: the block was just marked free and belongs to this instance's
-            // `class` pool; blocks are at least 64 bytes and 64-byte aligned; `user`
-            // has the block's address.
-            unsafe { class_cache.push_free(block, user, size) };
+            // `class` pool, with the slab's provenance.
+            unsafe { class_cache.push_free(block, size, GEOMETRY[class].link) };
         } else {
-            // SAFETY: a free block of this pool that we own, `user` at its address.
-            unsafe { self.take_back_one(class, block, user) };
+            // SAFETY: a free block of this pool that we own, with the slab's provenance.
+            unsafe { self.take_back_one(class, block) };
             self.count(class, 0, 1, 0, size as u64);
         }
     }
@@ -693,13 +686,15 @@ impl State {
                         break;
                     };
                     // Append the existing list after the new chain's tail.
+                    let link = GEOMETRY[class].link;
                     let mut tail = chain;
-                    // SAFETY: `chain` holds `taken` linked free blocks owned by us.
+                    // SAFETY: `chain` holds `taken` linked free blocks of `class` owned by
+                    // us, with the slab's provenance.
                     unsafe {
-                        while let Some(next) = NonNull::new(tail.cast::<*mut u8>().read()) {
+                        while let Some(next) = NonNull::new(slab::next_of(tail, link)) {
                             tail = next;
                         }
-                        tail.cast::<*mut u8>().write(class_cache.head.get());
+                        slab::set_next(tail, link, class_cache.head.get());
                     }
                     class_cache.head.set(chain.as_ptr());
                     class_cache.set_len(class_cache.len() + taken);
@@ -735,7 +730,7 @@ pub(crate) fn try_allocate_cached(fast: u32, layout: Layout) -> Option<NonNull<u
     let size = layout.size();
     // SAFETY: the reference is used only within this call, on this thread.
     let class_cache = unsafe { cache::class_cache(fast::slot(fast), class) }?;
-    let block = class_cache.pop_allocation(size)?;
+    let block = class_cache.pop_allocation(size, GEOMETRY[class].link)?;
     // SAFETY: blocks in a cache lie in slabs of the arena, with its provenance.
     let slab = unsafe { slab::base_of(block) };
     let index = block_index(&GEOMETRY[class], block);
@@ -832,9 +827,8 @@ pub(crate) fn try_deallocate_cached(fast: u32, pointer: *mut u8, layout: Layout)
     }
     state_word.store(word::FREE | size as u32, Ordering::Release);
     // SAFETY: the block was just marked free and belongs to this instance's `class`
-    // pool; blocks are at least 64 bytes and 64-byte aligned; `pointer` has the
-    // block's address.
-    unsafe { class_cache.push_free(block, pointer, size) };
+    // pool, and `block` has the slab's provenance.
+    unsafe { class_cache.push_free(block, size, geometry.link) };
     true
 }
 

@@ -14,6 +14,7 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use crate::class::{CLASS_COUNT, CLASS_SIZES};
+use crate::slab;
 use crate::state::State;
 
 /// Allocator instances that get thread caches; later instances work without them.
@@ -195,13 +196,14 @@ impl ClassCache {
         }
     }
 
-    /// Pops a block for an allocation of `size` bytes and counts the allocation.
+    /// Pops a block for an allocation of `size` bytes and counts the allocation; `link`
+    /// is the class's link offset.
     #[inline(always)]
-    pub(crate) fn pop_allocation(&self, size: usize) -> Option<NonNull<u8>> {
+    pub(crate) fn pop_allocation(&self, size: usize, link: usize) -> Option<NonNull<u8>> {
         let head = NonNull::new(self.head.get())?;
-        // SAFETY: blocks on a cache list are free blocks of a live slab, owned by this
-        // thread's cache, with the next link in their first word.
-        let next = unsafe { head.cast::<*mut u8>().read() };
+        // SAFETY: blocks on a cache list are free blocks of a live slab of the cache's
+        // class, owned by this thread's cache, with the slab's provenance.
+        let next = unsafe { slab::next_of(head, link) };
         self.head.set(next);
         self.len.set(self.len.get().wrapping_sub(1));
         self.allocations.set(self.allocations.get() + 1);
@@ -210,19 +212,17 @@ impl ClassCache {
         Some(head)
     }
 
-    /// Pushes a freed block of `size` requested bytes and counts the free, writing the
-    /// link through `writer` (the freeing caller's pointer to the same address) and
-    /// keeping `block`.
+    /// Pushes a freed block of `size` requested bytes and counts the free; `link` is
+    /// the class's link offset.
     ///
     /// # Safety
     ///
     /// - `block` must be a free block of a live slab of the cache's class, owned by
-    ///   nobody else, at least 8 bytes long and aligned for a pointer.
-    /// - `writer` must have the same address as `block` and may write its first word.
+    ///   nobody else, with the slab's provenance.
     #[inline(always)]
-    pub(crate) unsafe fn push_free(&self, block: NonNull<u8>, writer: NonNull<u8>, size: usize) {
-        // SAFETY: the caller hands the block over; its first word becomes the link.
-        unsafe { writer.cast::<*mut u8>().write(self.head.get()) };
+    pub(crate) unsafe fn push_free(&self, block: NonNull<u8>, size: usize, link: usize) {
+        // SAFETY: the caller hands the block over; its link word is never a caller's.
+        unsafe { slab::set_next(block, link, self.head.get()) };
         self.head.set(block.as_ptr());
         self.len.set(self.len.get() + 1);
         self.frees.set(self.frees.get() + 1);
@@ -403,21 +403,24 @@ pub(crate) fn thread_id() -> u64 {
         .unwrap_or(0)
 }
 
-/// Detaches up to `count` blocks from the front of a cache as a chain.
-pub(crate) fn take_chain(cache: &ClassCache, count: usize) -> (*mut u8, usize) {
+/// Detaches up to `count` blocks from the front of a cache of a class whose link offset
+/// is `link`, as a chain.
+pub(crate) fn take_chain(cache: &ClassCache, count: usize, link: usize) -> (*mut u8, usize) {
     let head = cache.head.get();
     let mut taken = 0;
-    let mut last: *mut u8 = ptr::null_mut();
+    let mut last = None;
     let mut cursor = head;
-    while taken < count && !cursor.is_null() {
-        last = cursor;
-        // SAFETY: every block on the list holds the next link in its first word.
-        cursor = unsafe { cursor.cast::<*mut u8>().read() };
+    while taken < count
+        && let Some(block) = NonNull::new(cursor)
+    {
+        last = Some(block);
+        // SAFETY: every block on the list is a free block of the cache's class.
+        cursor = unsafe { slab::next_of(block, link) };
         taken += 1;
     }
-    if !last.is_null() {
+    if let Some(last) = last {
         // SAFETY: `last` is a block of the chain; cutting the link ends the chain there.
-        unsafe { last.cast::<*mut u8>().write(ptr::null_mut()) };
+        unsafe { slab::set_next(last, link, ptr::null_mut()) };
     }
     cache.head.set(cursor);
     cache.set_len(cache.len() - taken);
@@ -428,7 +431,10 @@ pub(crate) fn take_chain(cache: &ClassCache, count: usize) -> (*mut u8, usize) {
 mod tests {
     use super::*;
 
-    /// Three pointer-aligned stand-ins for blocks.
+    /// The link offset of blocks of the smallest class, which the stand-ins are.
+    const LINK: usize = crate::class::GEOMETRY[0].link;
+
+    /// Three pointer-aligned stand-ins for blocks of the smallest class.
     fn blocks(memory: &mut [[usize; 8]; 3]) -> [NonNull<u8>; 3] {
         let [a, b, c] = memory;
         [a, b, c].map(|block| NonNull::from(block).cast())
@@ -442,11 +448,11 @@ mod tests {
         for block in blocks(&mut memory) {
             assert!(cache.has_room());
             // SAFETY: each stand-in is pointer-aligned, unshared and pushed once.
-            unsafe { cache.push_free(block, block, 10) };
+            unsafe { cache.push_free(block, 10, LINK) };
         }
         assert!(!cache.has_room());
         assert_eq!(cache.len(), 3);
-        assert!(cache.pop_allocation(7).is_some());
+        assert!(cache.pop_allocation(7, LINK).is_some());
         assert_eq!(cache.len(), 2);
         let pending = cache.take_pending();
         assert_eq!(
@@ -459,10 +465,10 @@ mod tests {
             (1, 3, 7, 30)
         );
         assert_eq!(cache.len(), 2);
-        let (_, taken) = take_chain(&cache, 1);
+        let (_, taken) = take_chain(&cache, 1, LINK);
         assert_eq!((taken, cache.len()), (1, 1));
-        assert!(cache.pop_allocation(7).is_some());
-        assert!(cache.pop_allocation(7).is_none());
+        assert!(cache.pop_allocation(7, LINK).is_some());
+        assert!(cache.pop_allocation(7, LINK).is_none());
         assert_eq!(cache.len(), 0);
     }
 
@@ -474,21 +480,49 @@ mod tests {
         let [a, b, c] = blocks(&mut memory);
         // SAFETY: pointer-aligned, unshared stand-ins, each pushed once.
         unsafe {
-            cache.push_free(a, a, 1);
-            cache.push_free(b, b, 1);
+            cache.push_free(a, 1, LINK);
+            cache.push_free(b, 1, LINK);
         }
         assert!(!cache.has_room());
         assert_eq!(cache.spill(), (ptr::null_mut(), 0));
         assert_eq!((cache.len(), cache.cached()), (0, 2));
         // SAFETY: as above.
-        unsafe { cache.push_free(c, c, 1) };
+        unsafe { cache.push_free(c, 1, LINK) };
         assert!(!cache.restock(), "the hot list is not empty");
-        assert_eq!(cache.pop_allocation(1), Some(c));
+        assert_eq!(cache.pop_allocation(1, LINK), Some(c));
         assert!(cache.restock());
         assert_eq!((cache.len(), cache.cached()), (2, 2));
-        assert_eq!(cache.pop_allocation(1), Some(b));
-        assert_eq!(cache.pop_allocation(1), Some(a));
+        assert_eq!(cache.pop_allocation(1, LINK), Some(b));
+        assert_eq!(cache.pop_allocation(1, LINK), Some(a));
         assert!(!cache.restock());
+    }
+
+    #[test]
+    fn a_free_block_links_through_its_last_word_only() {
+        let cache = ClassCache::new();
+        cache.set_limit(2);
+        let mut memory = [[usize::MAX; 8]; 3];
+        let [a, b, _] = blocks(&mut memory);
+        // SAFETY: pointer-aligned, unshared stand-ins, each pushed once.
+        unsafe {
+            cache.push_free(a, 1, LINK);
+            cache.push_free(b, 1, LINK);
+        }
+        let (first, taken) = take_chain(&cache, 2, LINK);
+        assert_eq!((first, taken), (b.as_ptr(), 2));
+        let words = |block: NonNull<u8>| {
+            // SAFETY: each stand-in is eight readable words.
+            unsafe { block.cast::<[usize; 8]>().read() }
+        };
+        let mut linked = [usize::MAX; 8];
+        linked[7] = a.addr().get();
+        assert_eq!(
+            words(b),
+            linked,
+            "b's link names a, the rest is the caller's"
+        );
+        linked[7] = 0;
+        assert_eq!(words(a), linked, "a ends the chain");
     }
 
     #[test]

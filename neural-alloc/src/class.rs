@@ -67,6 +67,9 @@ pub(crate) struct Geometry {
     pub(crate) first_block: usize,
     /// Number of blocks in a slab.
     pub(crate) block_count: usize,
+    /// Offset of the link a free block keeps to the next block of its list: the
+    /// block's last word (see `slab::next_of`).
+    pub(crate) link: usize,
 }
 
 /// Offset of the state word array inside a slab: just after the header, rounded to 8.
@@ -86,6 +89,7 @@ const fn geometry(class: usize) -> Geometry {
                 block_shift,
                 first_block,
                 block_count,
+                link: block_size - size_of::<*mut u8>(),
             };
         }
         block_count -= 1;
@@ -156,6 +160,13 @@ mod tests {
             assert_eq!(geometry.first_block % geometry.block_size, 0);
             assert!(geometry.first_block + geometry.block_count * geometry.block_size <= SLAB_SIZE);
             assert!(geometry.block_count >= 16, "class {class} wastes its slab");
+            assert_eq!(geometry.link % align_of::<*mut u8>(), 0);
+            // The largest request of the class ends where its guard starts, so the link
+            // lies in guard bytes or past them, never in the caller's.
+            let largest = geometry.block_size - GUARD_LEN;
+            assert_eq!(class_for(largest, 1), Some(class));
+            assert_ne!(class_for(largest + 1, 1), Some(class));
+            assert!(geometry.link >= largest && geometry.link < geometry.block_size);
         }
     }
 }

@@ -274,7 +274,7 @@ impl State {
                         }
                         word::FREE if before & word::POISONED != 0 && poison_checks => {
                             blocks_checked += 1;
-                            let intact = (size_of::<usize>()..geometry.block_size).all(|offset| {
+                            let intact = (0..geometry.link).all(|offset| {
                                 // SAFETY: inside the block, which stays mapped; see
                                 // `guard_intact_racy` for why the read is volatile.
                                 unsafe { block.add(offset).as_ptr().read_volatile() == POISON_BYTE }

@@ -81,7 +81,7 @@ pub(crate) struct SlabHeader {
     pub(crate) identity: AtomicU64,
     /// Class index of the blocks (the low bits of `identity`, fixed while the slab lives).
     pub(crate) class: usize,
-    /// Pool lock: head of this slab's free list (link in the first word of each block).
+    /// Pool lock: head of this slab's free list (linked through [`next_of`]).
     pub(crate) free_head: *mut u8,
     /// Pool lock: index of the first block never handed out.
     pub(crate) bump: usize,
@@ -240,6 +240,38 @@ pub(crate) unsafe fn block_at(
         slab.cast::<u8>()
             .add(geometry.first_block + (index << geometry.block_shift))
     }
+}
+
+/// The block after `block` on its free list (a thread cache's or a slab's), null at the
+/// end.
+///
+/// A free block keeps its link in its last word, at `link` (its class's
+/// [`Geometry::link`]). That word is never a caller's: a block always holds the
+/// guard's length after the largest request its class serves. So a free may write it
+/// while the caller still holds a borrow of its own bytes, and for a request that fills
+/// its class, the guard and the link share one cache line: the only line of the block
+/// that its free and its next allocation touch.
+///
+/// # Safety
+///
+/// - `block` must be a free block of a class whose link offset is `link`, on a list,
+///   with a provenance covering its last word (the slab's).
+#[inline(always)]
+pub(crate) unsafe fn next_of(block: NonNull<u8>, link: usize) -> *mut u8 {
+    // SAFETY: as required of our caller; blocks and so their last words are aligned.
+    unsafe { block.add(link).cast::<*mut u8>().read() }
+}
+
+/// Links `block` to `next` (see [`next_of`]).
+///
+/// # Safety
+///
+/// - `block` must be a free block owned by the caller, of a class whose link offset is
+///   `link`, with a provenance covering its last word (the slab's).
+#[inline(always)]
+pub(crate) unsafe fn set_next(block: NonNull<u8>, link: usize, next: *mut u8) {
+    // SAFETY: as required of our caller.
+    unsafe { block.add(link).cast::<*mut u8>().write(next) }
 }
 
 /// Where a pointer sits in a slab.

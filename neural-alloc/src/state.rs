@@ -315,7 +315,7 @@ impl State {
     }
 
     /// Gives `want` blocks of `class` out of the shared pool as a chain linked through
-    /// their first word. Returns the head and how many were given (at least one), or
+    /// [`slab::next_of`]. Returns the head and how many were given (at least one), or
     /// `None` when no slab can be mapped.
     pub(crate) fn refill(&self, class: usize, want: usize) -> Option<(NonNull<u8>, usize)> {
         let geometry = &GEOMETRY[class];
@@ -353,31 +353,29 @@ impl State {
             unsafe {
                 // The slab's free list is already a chain: a run of it is cut off and
                 // put in front of ours with a single link write.
-                let run_head = (*header).free_head;
-                if !run_head.is_null() {
+                if let Some(run_head) = NonNull::new((*header).free_head) {
                     let mut last = run_head;
                     let mut taken = 1;
                     while taken < want - given {
-                        let next = last.cast::<*mut u8>().read();
-                        if next.is_null() {
+                        let Some(next) = NonNull::new(slab::next_of(last, geometry.link)) else {
                             break;
-                        }
+                        };
                         last = next;
                         taken += 1;
                     }
-                    (*header).free_head = last.cast::<*mut u8>().read();
-                    last.cast::<*mut u8>().write(head);
-                    head = run_head;
+                    (*header).free_head = slab::next_of(last, geometry.link);
+                    slab::set_next(last, geometry.link, head);
+                    head = run_head.as_ptr();
                     (*header).handed_out += taken;
                     given += taken;
                 }
                 // Then blocks never handed out, which have no link yet.
                 while given < want && (*header).bump < geometry.block_count {
-                    let block = slab::block_at(slab, geometry, (*header).bump).as_ptr();
+                    let block = slab::block_at(slab, geometry, (*header).bump);
                     (*header).bump += 1;
                     (*header).handed_out += 1;
-                    block.cast::<*mut u8>().write(head);
-                    head = block;
+                    slab::set_next(block, geometry.link, head);
+                    head = block.as_ptr();
                     given += 1;
                 }
                 if (*header).free_head.is_null() && (*header).bump == geometry.block_count {
@@ -395,8 +393,8 @@ impl State {
         Some((head, given))
     }
 
-    /// Takes back a chain of `count` free blocks of `class` (linked through their first
-    /// word, ending in null).
+    /// Takes back a chain of `count` free blocks of `class` (linked through
+    /// [`slab::next_of`], ending in null).
     ///
     /// # Safety
     ///
@@ -412,7 +410,7 @@ impl State {
             lists.transfer_len += 1;
         } else {
             // SAFETY: as required of our caller; the pool lock is held.
-            unsafe { self.return_chain(&mut lists, chain, usize::MAX) };
+            unsafe { self.return_chain(&mut lists, class, chain, usize::MAX) };
         }
         drop(lists);
         self.after_take_back(class, count);
@@ -423,18 +421,19 @@ impl State {
     ///
     /// # Safety
     ///
-    /// - The lock of the pool of the chain's class must be held (`lists` is its guard's
-    ///   contents).
+    /// - The lock of the pool of `class` must be held (`lists` is its guard's contents).
     /// - Every block of the chain must be a free block of a slab of that pool, handed
-    ///   out by `refill` and owned by the caller, linked through its first word, the
+    ///   out by `refill` and owned by the caller, linked through [`slab::next_of`], the
     ///   last link null; blocks past the first `limit` stay the caller's.
     unsafe fn return_chain(
         &self,
         lists: &mut PoolLists,
+        class: usize,
         chain: *mut u8,
         limit: usize,
     ) -> (*mut u8, usize) {
         let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
+        let link = GEOMETRY[class].link;
         let mut cursor = chain;
         let mut returned = 0;
         while returned < limit
@@ -449,9 +448,8 @@ impl State {
             let mut last = first;
             let mut run = 1;
             loop {
-                // SAFETY: the caller hands over these blocks, each with its next link in
-                // its first word.
-                let next = unsafe { last.cast::<*mut u8>().read() };
+                // SAFETY: the caller hands over these linked blocks of `class`.
+                let next = unsafe { slab::next_of(last, link) };
                 // SAFETY: as for `first`.
                 let same_slab = |next| unsafe { slab::base_of(next) } == slab;
                 match NonNull::new(next) {
@@ -474,46 +472,38 @@ impl State {
         (cursor, returned)
     }
 
-    /// Takes back one free block of `class`, writing its link through `writer` (the
-    /// freeing caller's pointer to the same address).
+    /// Takes back one free block of `class`.
     ///
     /// # Safety
     ///
-    /// - As for [`Self::take_back`]; `writer` must have `block`'s address and may write
-    ///   its first word.
-    pub(crate) unsafe fn take_back_one(
-        &self,
-        class: usize,
-        block: NonNull<u8>,
-        writer: NonNull<u8>,
-    ) {
+    /// - As for [`Self::take_back`], and `block` must have the slab's provenance.
+    pub(crate) unsafe fn take_back_one(&self, class: usize, block: NonNull<u8>) {
         let mut lists = self.pools[class].lock();
         let release = self.flags.load(Ordering::Relaxed) & flag::RELEASE_EMPTY != 0;
         // SAFETY: as required of our caller, a block of a slab of the arena.
         let slab = unsafe { slab::base_of(block) };
         // SAFETY: as required of our caller; the pool lock is held.
-        unsafe { self.return_run(&mut lists, slab, block, writer, 1, release) };
+        unsafe { self.return_run(&mut lists, slab, block, block, 1, release) };
         drop(lists);
         self.after_take_back(class, 1);
     }
 
-    /// Puts a run of `run` blocks of one slab, linked from `first` to the block whose
-    /// link `last_writer` writes, at the front of the slab's free list, and releases the
-    /// slab if that empties it and `release` says so.
+    /// Puts a run of `run` blocks of one slab, linked from `first` to `last`, at the
+    /// front of the slab's free list, and releases the slab if that empties it and
+    /// `release` says so.
     ///
     /// # Safety
     ///
     /// - The lock of the pool of `slab`'s class must be held (`lists` is its guard's
     ///   contents).
     /// - The run must be free blocks of `slab`, a slab of this instance, owned by the caller
-    ///   and linked through their first words; `last_writer` must have the address of
-    ///   the run's last block and may write its first word.
+    ///   and linked through [`slab::next_of`]; `last` must have the slab's provenance.
     unsafe fn return_run(
         &self,
         lists: &mut PoolLists,
         slab: NonNull<SlabHeader>,
         first: NonNull<u8>,
-        last_writer: NonNull<u8>,
+        last: NonNull<u8>,
         run: usize,
         release: bool,
     ) {
@@ -524,7 +514,7 @@ impl State {
         unsafe {
             let class = (*header).class;
             let pool = &self.pools[class];
-            last_writer.cast::<*mut u8>().write((*header).free_head);
+            slab::set_next(last, GEOMETRY[class].link, (*header).free_head);
             (*header).free_head = first.as_ptr();
             (*header).handed_out -= run;
             if !(*header).in_partial {
@@ -619,9 +609,8 @@ impl State {
     /// Returns every cached block of one thread's slot to the shared pools and publishes
     /// its counters (thread exit).
     pub(crate) fn flush_slot(&self, cache: &SlotCache) {
-        for class in 0..CLASS_COUNT {
-            let class_cache = &cache.classes[class];
-            let hot = cache::take_chain(class_cache, usize::MAX);
+        for (class, (class_cache, geometry)) in cache.classes.iter().zip(&GEOMETRY).enumerate() {
+            let hot = cache::take_chain(class_cache, usize::MAX, geometry.link);
             for (chain, count) in [hot, class_cache.take_cold()] {
                 if count > 0 {
                     // SAFETY: the chain consists of free blocks of this instance's class

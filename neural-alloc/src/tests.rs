@@ -165,8 +165,10 @@ fn a_write_after_free_is_found_when_the_block_is_reused() {
     let block = allocator.allocate(layout(40, 8)).unwrap();
     // SAFETY: live block, freed here.
     unsafe { allocator.deallocate(block, layout(40, 8)) }.unwrap();
-    // SAFETY: deliberately writes into the freed block, which stays mapped.
-    unsafe { block.as_ptr().add(16).write(1) };
+    // SAFETY: deliberately writes into the freed block, which stays mapped. Its first
+    // word, where a stale owner most often writes, is poisoned too: the free list's
+    // link lies in the block's last word.
+    unsafe { block.as_ptr().write(1) };
     assert_eq!(allocator.validate_all().problems, 1);
     let again = allocator.allocate(layout(40, 8)).unwrap();
     assert_eq!(again, block, "the cache hands the same block back");
