@@ -730,10 +730,11 @@ pub(crate) fn try_allocate_cached(fast: u32, layout: Layout) -> Option<NonNull<u
     let size = layout.size();
     // SAFETY: the reference is used only within this call, on this thread.
     let class_cache = unsafe { cache::class_cache(fast::slot(fast), class) }?;
-    let block = class_cache.pop_allocation(size, GEOMETRY[class].link)?;
+    let geometry = &GEOMETRY[class];
+    let block = class_cache.pop_allocation(size, geometry.link)?;
     // SAFETY: blocks in a cache lie in slabs of the arena, with its provenance.
     let slab = unsafe { slab::base_of(block) };
-    let index = block_index(&GEOMETRY[class], block);
+    let index = block_index(geometry, block);
     // SAFETY: the block came from this thread's cache of `class`, so it is a free block
     // of a live slab that is ours alone, at `index`; `class` fits `size`.
     unsafe { mark_live(slab, index, block, size, fast & fast::GUARD != 0, 0) };
