@@ -80,11 +80,25 @@ pub fn llama_server_binary() -> PathBuf {
     }
     let binary = cache_dir()
         .join("llama-server")
+        .join("build")
         .join("bin")
         .join("llama-server");
     assert!(
         binary.exists(),
         "llama-server is not built at {}: run `cargo xtask llama-server`",
+        binary.display()
+    );
+    binary
+}
+
+/// One of llama.cpp's own tools built beside llama-server by `cargo xtask llama-server`
+/// (`llama-quantize`, `llama-gguf-split`, `llama-imatrix`, `llama-export-lora`,
+/// `llama-cvector-generator`, `ggml-rpc-server`): the oracles for what we write.
+pub fn llama_tool(name: &str) -> PathBuf {
+    let binary = llama_server_binary().with_file_name(name);
+    assert!(
+        binary.exists(),
+        "{name} is not built at {}: run `cargo xtask llama-server`",
         binary.display()
     );
     binary

