@@ -101,6 +101,9 @@ pub struct Transaction {
     pub writes: Vec<UndoEntry>,
     /// How it ended.
     pub state: TransactionState,
+    /// What its maker recorded about it beside the bytes (a live patch's identity,
+    /// priority and expiry, say); empty when nothing was. The journal does not read it.
+    pub note: Vec<u8>,
 }
 
 impl Transaction {
@@ -272,6 +275,9 @@ impl Journal {
                     .get(20..20 + name_len)
                     .and_then(|n| std::str::from_utf8(n).ok())
                     .ok_or_else(|| corrupt("bad BEGIN name"))?;
+                // Whatever follows the name is the maker's note (journals written before
+                // notes existed end at the name).
+                let note = p[20 + name_len..].to_vec();
                 if self.unfinished().is_some() {
                     return Err(corrupt("BEGIN while another transaction is unfinished"));
                 }
@@ -282,6 +288,7 @@ impl Journal {
                     reverts: (reverts != 0).then_some(reverts),
                     writes: Vec::new(),
                     state: TransactionState::Unfinished,
+                    note,
                 });
             }
             KIND_UNDO => {
@@ -381,6 +388,18 @@ impl Journal {
         reverts: Option<u64>,
         writes: &[(u64, &[u8], &[u8])],
     ) -> Result<u64> {
+        self.begin_with_note(name, reverts, writes, &[])
+    }
+
+    /// [`Journal::begin`], with a note stored in the same durable record as the
+    /// transaction's name ([`Transaction::note`]).
+    pub fn begin_with_note(
+        &mut self,
+        name: &str,
+        reverts: Option<u64>,
+        writes: &[(u64, &[u8], &[u8])],
+        note: &[u8],
+    ) -> Result<u64> {
         if let Some(t) = self.unfinished() {
             return Err(Error::UnfinishedTransaction {
                 path: self.path.clone(),
@@ -398,6 +417,7 @@ impl Journal {
                 &reverts.unwrap_or(0).to_le_bytes(),
                 &name_len,
                 name.as_bytes(),
+                note,
             ],
         )?;
         let mut entries = Vec::with_capacity(writes.len());
@@ -432,6 +452,7 @@ impl Journal {
             reverts,
             writes: entries,
             state: TransactionState::Unfinished,
+            note: note.to_vec(),
         });
         Ok(id)
     }

@@ -110,6 +110,22 @@ pub enum Error {
     /// The region was attached read-only: nothing can be written.
     #[error("the region is attached read-only")]
     ReadOnly,
+    /// A write failed, and writing back the bytes it had replaced failed too: the
+    /// region may hold part of the change. On a shared file the journal still holds the
+    /// original bytes, and attaching again (or `hotpatch recover`) rolls it back.
+    #[error("{error}; restoring the original bytes also failed: {restore}")]
+    RestoreFailed {
+        /// What failed first.
+        error: Box<Error>,
+        /// What failed while restoring.
+        restore: Box<Error>,
+    },
+    /// Pages of a shared file mapping cannot be made writable by hand: a write through
+    /// them would reach the file without a journal record.
+    #[error(
+        "pages of a shared file mapping cannot be made writable by hand: writes there go through patches, which the journal records"
+    )]
+    SharedFileProtection,
     /// A transaction failed and every byte it wrote was restored.
     #[error("transaction rolled back after patch {failed:?} failed")]
     RolledBack {

@@ -13,6 +13,7 @@
 
 mod error;
 mod live;
+mod note;
 mod ops;
 mod patch;
 mod rcu;
@@ -20,8 +21,8 @@ mod sys;
 
 pub use error::{Error, Result};
 pub use live::{
-    Action, AttachMode, ConflictReport, Event, HistoryEntry, LiveModel, MemoryPatcher, RangeView,
-    ReadGuard, Stats, WindowPolicy,
+    Action, AppliedPatch, AttachMode, ConflictReport, Event, HistoryEntry, LiveModel,
+    MemoryPatcher, PatchReport, RangeView, ReadGuard, Stats, WindowPolicy,
 };
 pub use ops::{LayerSkipSet, block_tensors};
 pub use patch::{MemoryPatch, PatchKind, PatchTarget, Payload, ValueTransform};

@@ -1,6 +1,14 @@
 //! `LiveModel`: a model region kept read-only by the operating system, patched through
-//! page-aligned writable windows, with conflict checks, transactions, compact undo
-//! storage, history, events and a read guard for engines.
+//! page-aligned writable windows, with conflict checks, transactions, layered patches
+//! with compact undo storage, history, events and a read guard for engines.
+//!
+//! Patches are layers. A patch of higher priority that overlaps applied ones displaces
+//! them on the bytes it changes: its values are computed as if they were not there, and
+//! the bytes it replaced (theirs) are what it keeps to undo. Reverting it brings them
+//! back; reverting a covered patch restores only its bytes that nothing above changed,
+//! and hands its original bytes to the patch above, which restores them in turn. A
+//! shared file mapping records every apply and revert in byte-tier's journal with a note
+//! naming the patches, so that attaching again after a restart (or a crash) lists them.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -8,16 +16,17 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard, mpsc};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use byte_tier::codec;
-use byte_tier::{ByteWrite, Gguf, Journal, TensorInfo};
+use byte_tier::codec::{self, TransformReport};
+use byte_tier::{ByteWrite, Gguf, Journal, TensorInfo, TransactionState};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::note::{Amend, LiveNote, NotedPatch};
 use crate::patch::{MemoryPatch, PatchTarget, Payload};
-use crate::sys::{Backing, Mapping, page_size};
+use crate::sys::{Backing, Mapping, Region, RegionRead, RegionWrite, page_size};
 
 /// How to attach to a GGUF file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +99,12 @@ pub enum Action {
     Reverted,
     /// Failed (nothing written).
     Failed,
+    /// Partly covered by a patch of higher priority applied over it.
+    Displaced,
+    /// Its bytes came back when the patch over it was reverted.
+    Restored,
+    /// Listed again from the file's journal when the model was attached.
+    Recovered,
 }
 
 /// One line of the history.
@@ -150,38 +165,70 @@ pub enum Event {
         /// The patch.
         id: Uuid,
     },
+    /// An applied patch was partly covered by a patch of higher priority.
+    Displaced {
+        /// The covered patch.
+        id: Uuid,
+        /// The patch over it.
+        by: Uuid,
+    },
+    /// The bytes of a covered patch came back when the patch over it was reverted.
+    Restored {
+        /// The patch whose bytes came back.
+        id: Uuid,
+        /// The reverted patch.
+        by: Uuid,
+        /// The epoch after the revert.
+        epoch: u64,
+    },
 }
 
-/// How an applied patch can be undone: the original bytes of its range, or only the
-/// runs it changed, whichever is smaller.
-#[derive(Clone, Debug)]
-enum Undo {
-    Original(Vec<u8>),
-    Delta(Vec<(u64, Vec<u8>)>),
-}
-
-impl Undo {
-    fn held(&self) -> u64 {
-        match self {
-            Undo::Original(b) => b.len() as u64,
-            Undo::Delta(runs) => runs.iter().map(|(_, b)| 16 + b.len() as u64).sum(),
-        }
-    }
-}
-
+/// A patch that is applied.
 #[derive(Clone, Debug)]
 struct Applied {
     patch: MemoryPatch,
+    /// The bytes the patch owns: its tensor's element range, or its raw range.
     range: Range<u64>,
-    undo: Undo,
-    checksum_before: u32,
+    /// The bytes it replaced, at the offsets it changed: sorted, disjoint runs. A byte
+    /// belongs to the patch if it lies in one of them; reverting writes them back (or
+    /// hands them to the patch over it).
+    undo: Vec<(u64, Vec<u8>)>,
+    /// CRC-32 of the range as the last change that touched it left it: a revert first
+    /// checks that nobody changed the bytes behind the model's back.
     checksum_after: u32,
     journal_transaction: Option<u64>,
+}
+
+impl Applied {
+    fn undo_bytes(&self) -> u64 {
+        self.undo.iter().map(|(_, b)| 16 + b.len() as u64).sum()
+    }
+
+    /// Whether byte `offset` is one this patch changed.
+    fn owns(&self, offset: u64) -> bool {
+        let i = self.undo.partition_point(|(o, _)| *o <= offset);
+        i > 0 && {
+            let (o, b) = &self.undo[i - 1];
+            offset < o + b.len() as u64
+        }
+    }
+
+    /// Replaces the undo byte at `offset`, which the patch owns.
+    fn amend(&mut self, offset: u64, byte: u8) {
+        let i = self.undo.partition_point(|(o, _)| *o <= offset);
+        if i > 0 {
+            let (o, b) = &mut self.undo[i - 1];
+            if let Some(slot) = b.get_mut((offset - *o) as usize) {
+                *slot = byte;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct State {
     registered: Vec<MemoryPatch>,
+    /// Applied patches, oldest first: later ones lie over earlier ones.
     applied: Vec<Applied>,
     history: Vec<HistoryEntry>,
     subscribers: Vec<mpsc::Sender<Event>>,
@@ -198,25 +245,68 @@ pub struct ConflictReport {
     pub applied_priority: i32,
     /// The overlapping bytes.
     pub overlap: Range<u64>,
-    /// Whether the new patch would win (higher priority).
+    /// Whether the new patch would win (higher priority) and lie over it.
     pub new_patch_wins: bool,
 }
 
-/// A planned patch: the range it owns and the writes it makes.
+/// What applying one patch did (or, from [`LiveModel::plan`], would do).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PatchReport {
+    /// The patch.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// The tensor it changes, if it targets one.
+    pub tensor: Option<String>,
+    /// The absolute byte range it owns.
+    pub range: Range<u64>,
+    /// Bytes it changes.
+    pub bytes_changed: u64,
+    /// Separate runs of changed bytes.
+    pub runs: usize,
+    /// The codec's report of a value transform (the path taken and the error added).
+    pub transform: Option<TransformReport>,
+    /// Applied patches it lies over.
+    pub displaces: Vec<Uuid>,
+    /// The journal transaction that applied it (shared file mappings only).
+    pub journal_transaction: Option<u64>,
+}
+
+/// An applied patch as [`LiveModel::applied_patches`] lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppliedPatch {
+    /// The patch (a transform the journal could not describe, after a restart, comes
+    /// back as the bytes it wrote).
+    pub patch: MemoryPatch,
+    /// The absolute byte range it owns.
+    pub range: Range<u64>,
+    /// The journal transaction that applied it.
+    pub journal_transaction: Option<u64>,
+    /// Patches lying over some of its bytes.
+    pub covered_by: Vec<Uuid>,
+}
+
+/// Where a patch applies: the absolute bytes it owns, the index of its tensor, and the
+/// tensor's elements it changes.
+type Target = (Range<u64>, Option<usize>, Option<Range<u64>>);
+
+/// A patch planned against the bytes as they are: every check done, nothing written.
 struct Plan {
     range: Range<u64>,
     writes: Vec<ByteWrite>,
     tensor: Option<usize>,
+    transform: Option<TransformReport>,
+    /// Indices (into `State::applied`) of the patches it lies over.
+    displaces: Vec<usize>,
 }
 
 /// A live model region.
 #[derive(Debug)]
 pub struct LiveModel {
-    mapping: Mapping,
+    region: Region<State>,
     path: Option<PathBuf>,
     tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
-    state: RwLock<State>,
     journal: Option<Mutex<Journal>>,
     epoch: AtomicU64,
     windows_opened: AtomicU64,
@@ -228,67 +318,17 @@ pub struct LiveModel {
     policy: WindowPolicy,
 }
 
-/// A writable window: pages made writable on creation and read-only again when it is
-/// dropped, also on error and on panic.
-#[must_use]
-struct WritableWindow<'a> {
-    model: &'a LiveModel,
-    pages: Range<usize>,
-}
-
-impl<'a> WritableWindow<'a> {
-    fn open(model: &'a LiveModel, bytes: Range<usize>) -> Result<WritableWindow<'a>> {
-        let page = page_size();
-        let pages = bytes.start / page * page..bytes.end.div_ceil(page) * page;
-        model
-            .mapping
-            .protect(pages.start, pages.end - pages.start, true)?;
-        model.protection_calls.fetch_add(1, Ordering::Relaxed);
-        model.windows_opened.fetch_add(1, Ordering::Relaxed);
-        Ok(WritableWindow { model, pages })
-    }
-
-    fn write(&self, offset: usize, bytes: &[u8]) {
-        // Only inside the pages this window opened.
-        assert!(
-            offset >= self.pages.start && offset + bytes.len() <= self.pages.end,
-            "write outside its window"
-        );
-        self.model.mapping.write(offset, bytes);
-        self.model.writes.fetch_add(1, Ordering::Relaxed);
-        self.model
-            .bytes_written
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    }
-}
-
-impl Drop for WritableWindow<'_> {
-    fn drop(&mut self) {
-        // Failing to make pages read-only again would leave them writable: there is no
-        // safe way to go on, so the process stops rather than run unprotected.
-        if let Err(error) =
-            self.model
-                .mapping
-                .protect(self.pages.start, self.pages.end - self.pages.start, false)
-        {
-            eprintln!("memory-tier: cannot restore read-only protection: {error}");
-            std::process::abort();
-        }
-        self.model.protection_calls.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// A reader's view of the region: while it is held, no patch is half-applied.
 #[derive(Debug)]
 pub struct ReadGuard<'a> {
     model: &'a LiveModel,
-    _state: RwLockReadGuard<'a, State>,
+    region: RegionRead<'a, State>,
 }
 
 impl<'a> ReadGuard<'a> {
     /// The whole region.
     pub fn bytes(&self) -> &[u8] {
-        self.model.mapping.bytes()
+        self.region.bytes()
     }
 
     /// A tensor's data.
@@ -327,10 +367,10 @@ impl RangeView<'_> {
 pub trait MemoryPatcher {
     /// Registers a patch to apply later by name.
     fn add(&self, patch: MemoryPatch) -> Result<Uuid>;
-    /// Applies one patch.
-    fn apply(&self, patch: MemoryPatch) -> Result<Uuid>;
+    /// Applies one patch; the report carries the codec's report of its transform.
+    fn apply(&self, patch: MemoryPatch) -> Result<PatchReport>;
     /// Applies patches as one all-or-nothing transaction.
-    fn apply_transaction(&self, patches: Vec<MemoryPatch>) -> Result<Vec<Uuid>>;
+    fn apply_transaction(&self, patches: Vec<MemoryPatch>) -> Result<Vec<PatchReport>>;
     /// Reverts an applied patch.
     fn revert(&self, id: Uuid) -> Result<()>;
     /// The overlaps a patch would have, without applying it.
@@ -346,12 +386,13 @@ impl MemoryPatcher for LiveModel {
         LiveModel::add(self, patch)
     }
 
-    fn apply(&self, patch: MemoryPatch) -> Result<Uuid> {
-        LiveModel::apply(self, patch)
+    fn apply(&self, patch: MemoryPatch) -> Result<PatchReport> {
+        let mut reports = self.apply_reported(vec![patch])?;
+        reports.pop().ok_or(Error::ReadOnly)
     }
 
-    fn apply_transaction(&self, patches: Vec<MemoryPatch>) -> Result<Vec<Uuid>> {
-        self.apply_all(patches)
+    fn apply_transaction(&self, patches: Vec<MemoryPatch>) -> Result<Vec<PatchReport>> {
+        self.apply_reported(patches)
     }
 
     fn revert(&self, id: Uuid) -> Result<()> {
@@ -375,8 +416,44 @@ fn crc(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
 }
 
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `bytes` (the whole region) over `range`, with `overlays` written over it in order.
+fn image_with(bytes: &[u8], range: &Range<u64>, overlays: &[&[(u64, Vec<u8>)]]) -> Vec<u8> {
+    let mut image = bytes[range.start as usize..range.end as usize].to_vec();
+    for runs in overlays {
+        for (offset, run) in runs.iter() {
+            let start = (*offset).max(range.start);
+            let end = (offset + run.len() as u64).min(range.end);
+            if start < end {
+                image[(start - range.start) as usize..(end - range.start) as usize]
+                    .copy_from_slice(&run[(start - offset) as usize..(end - offset) as usize]);
+            }
+        }
+    }
+    image
+}
+
+/// Contiguous runs of `(offset, byte)` pairs sorted by offset.
+fn runs_of(bytes: impl IntoIterator<Item = (u64, u8)>) -> Vec<(u64, Vec<u8>)> {
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (offset, byte) in bytes {
+        match runs.last_mut() {
+            Some((start, run)) if *start + run.len() as u64 == offset => run.push(byte),
+            _ => runs.push((offset, vec![byte])),
+        }
+    }
+    runs
+}
+
 impl LiveModel {
-    /// Attaches to the GGUF file at `path`.
+    /// Attaches to the GGUF file at `path`. A shared attach rolls back an unfinished
+    /// transaction first, then lists again the live patches the file's journal records
+    /// as applied (by this process before, or by another one that stopped or crashed).
     pub fn attach(path: impl AsRef<Path>, mode: AttachMode) -> Result<LiveModel> {
         let path = path.as_ref();
         let writable = mode == AttachMode::Shared;
@@ -395,7 +472,11 @@ impl LiveModel {
             })?;
         let (mapping, journal) = match mode {
             AttachMode::Shared => {
-                // An unfinished in-place transaction is rolled back before anything else.
+                // The journal is opened (and locked) first: it keeps every other writer
+                // out, and an unfinished in-place transaction is rolled back before the
+                // file is mapped.
+                let journal = Journal::open(path)?;
+                drop(journal);
                 byte_tier::recover(path)?;
                 (
                     Mapping::shared(&file)?,
@@ -411,7 +492,9 @@ impl LiveModel {
                 (Mapping::owned(&bytes)?, None)
             }
         };
-        LiveModel::with_mapping(mapping, Some(path.to_owned()), journal, None)
+        let model = LiveModel::with_mapping(mapping, Some(path.to_owned()), journal, None)?;
+        model.list_journaled_patches()?;
+        Ok(model)
     }
 
     /// Attaches to memory the caller owns, whose bytes are a GGUF file (or, with
@@ -441,16 +524,18 @@ impl LiveModel {
         journal: Option<Mutex<Journal>>,
         tensors: Option<Vec<TensorInfo>>,
     ) -> Result<LiveModel> {
+        let len = mapping.len();
+        let region = Region::new(mapping, State::default());
         let tensors = match tensors {
             Some(t) => t,
-            None => Gguf::parse(mapping.bytes())?.tensors().to_vec(),
+            None => Gguf::parse(region.read().bytes())?.tensors().to_vec(),
         };
         for t in &tensors {
-            if t.data_range().end > mapping.len() as u64 {
+            if t.data_range().end > len as u64 {
                 return Err(Error::OutsideRegion {
                     start: t.data_offset,
                     end: t.data_range().end,
-                    len: mapping.len() as u64,
+                    len: len as u64,
                 });
             }
         }
@@ -459,13 +544,12 @@ impl LiveModel {
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        mapping.protect(0, mapping.len(), false)?;
+        region.write().set_protection(0, len, false)?;
         Ok(LiveModel {
-            mapping,
+            region,
             path,
             tensors,
             tensor_index,
-            state: RwLock::new(State::default()),
             journal,
             epoch: AtomicU64::new(0),
             windows_opened: AtomicU64::new(0),
@@ -476,6 +560,92 @@ impl LiveModel {
             patches_reverted: AtomicU64::new(0),
             policy: WindowPolicy::default(),
         })
+    }
+
+    /// Rebuilds the applied patches from the journal's notes: each live apply that no
+    /// later live revert undid, with its undo bytes from the journal and the bytes that
+    /// later reverts handed to it.
+    fn list_journaled_patches(&self) -> Result<()> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        let journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+        let mut region = self.region.write();
+        let (bytes, state) = region.parts();
+        for txn in journal.transactions() {
+            if !matches!(txn.state, TransactionState::Committed(_)) {
+                continue;
+            }
+            let Some(note) = LiveNote::parse(&txn.note) else {
+                // A transaction made outside a live model (a metadata edit, a repair): if
+                // it reverted a live apply, that patch is gone.
+                if let Some(reverted) = txn.reverts {
+                    state
+                        .applied
+                        .retain(|a| a.journal_transaction != Some(reverted));
+                }
+                continue;
+            };
+            if let Some(id) = &note.reverts {
+                state.applied.retain(|a| a.patch.id.to_string() != *id);
+            }
+            for amend in &note.amends {
+                let Some(run) = crate::note::from_hex(&amend.bytes) else {
+                    continue;
+                };
+                if let Some(applied) = state
+                    .applied
+                    .iter_mut()
+                    .find(|a| a.patch.id.to_string() == amend.patch)
+                {
+                    for (i, byte) in run.into_iter().enumerate() {
+                        applied.amend(amend.offset + i as u64, byte);
+                    }
+                }
+            }
+            for noted in &note.patches {
+                let range = noted.range[0]..noted.range[1];
+                if range.start > range.end || range.end > bytes.len() as u64 {
+                    continue;
+                }
+                let mut undo = Vec::new();
+                for entry in &txn.writes {
+                    if entry.offset >= range.start && entry.offset + entry.len <= range.end {
+                        undo.push((entry.offset, journal.original_bytes(entry)?));
+                    }
+                }
+                undo.sort_by_key(|(o, _)| *o);
+                let written = bytes[range.start as usize..range.end as usize].to_vec();
+                let Some(patch) = noted.to_patch(written) else {
+                    continue;
+                };
+                state.applied.push(Applied {
+                    checksum_after: crc(&bytes[range.start as usize..range.end as usize]),
+                    patch,
+                    range,
+                    undo,
+                    journal_transaction: Some(txn.id),
+                });
+            }
+        }
+        let recovered: Vec<(Uuid, String)> = state
+            .applied
+            .iter()
+            .map(|a| (a.patch.id, a.patch.name.clone()))
+            .collect();
+        for (id, name) in recovered {
+            state.history.push(HistoryEntry {
+                id,
+                name,
+                action: Action::Recovered,
+                at: SystemTime::now(),
+                duration: Duration::ZERO,
+                result: "listed from the journal".into(),
+                checksum_before: 0,
+                checksum_after: 0,
+            });
+        }
+        Ok(())
     }
 
     /// Sets how writes are grouped into windows.
@@ -490,7 +660,7 @@ impl LiveModel {
 
     /// Whether changes reach the file (and other processes mapping it).
     pub fn is_shared(&self) -> bool {
-        matches!(self.mapping.backing(), Backing::Shared(_))
+        matches!(self.region.mapping().backing(), Backing::Shared(_))
     }
 
     /// The tensor table.
@@ -508,12 +678,12 @@ impl LiveModel {
 
     /// The region's length.
     pub fn len(&self) -> u64 {
-        self.mapping.len() as u64
+        self.region.mapping().len() as u64
     }
 
     /// Whether the region is empty.
     pub fn is_empty(&self) -> bool {
-        self.mapping.len() == 0
+        self.region.mapping().len() == 0
     }
 
     /// The patch epoch: it advances with every apply and revert.
@@ -525,24 +695,20 @@ impl LiveModel {
     pub fn read(&self) -> ReadGuard<'_> {
         ReadGuard {
             model: self,
-            _state: self.state.read().unwrap_or_else(|e| e.into_inner()),
+            region: self.region.read(),
         }
     }
 
     /// Subscribes to events.
     pub fn subscribe(&self) -> mpsc::Receiver<Event> {
         let (tx, rx) = mpsc::channel();
-        self.state
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .subscribers
-            .push(tx);
+        self.region.write().subscribers.push(tx);
         rx
     }
 
     /// The counters.
     pub fn stats(&self) -> Stats {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let region = self.region.read();
         Stats {
             patches_applied: self.patches_applied.load(Ordering::Relaxed),
             patches_reverted: self.patches_reverted.load(Ordering::Relaxed),
@@ -550,47 +716,39 @@ impl LiveModel {
             writes: self.writes.load(Ordering::Relaxed),
             protection_calls: self.protection_calls.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
-            undo_bytes_held: state.applied.iter().map(|a| a.undo.held()).sum(),
-            applied_now: state.applied.len() as u64,
+            undo_bytes_held: region.applied.iter().map(Applied::undo_bytes).sum(),
+            applied_now: region.applied.len() as u64,
         }
     }
 
     /// The history, oldest first.
     pub fn history(&self) -> Vec<HistoryEntry> {
-        self.state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .history
-            .clone()
+        self.region.read().history.clone()
     }
 
     /// Registers a patch to apply later by name (see [`LiveModel::apply_registered`]).
     pub fn add(&self, patch: MemoryPatch) -> Result<Uuid> {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        if state.registered.iter().any(|p| p.name == patch.name) {
+        let mut region = self.region.write();
+        if region.registered.iter().any(|p| p.name == patch.name) {
             return Err(Error::InvalidPatch {
                 patch: patch.name.clone(),
                 reason: "a patch with this name is registered already".into(),
             });
         }
         let id = patch.id;
-        state.registered.push(patch);
+        region.registered.push(patch);
         Ok(id)
     }
 
     /// The registered patches.
     pub fn registered(&self) -> Vec<MemoryPatch> {
-        self.state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .registered
-            .clone()
+        self.region.read().registered.clone()
     }
 
     /// Enables or disables a registered patch.
     pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let patch = state
+        let mut region = self.region.write();
+        let patch = region
             .registered
             .iter_mut()
             .find(|p| p.name == name)
@@ -626,8 +784,8 @@ impl LiveModel {
 
     /// The journal transaction that applied patch `id` (shared file mappings only).
     pub fn journal_transaction(&self, id: Uuid) -> Option<u64> {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        state
+        self.region
+            .read()
             .applied
             .iter()
             .find(|a| a.patch.id == id)?
@@ -636,22 +794,53 @@ impl LiveModel {
 
     /// The ids of the applied patches, in order of application.
     pub fn applied(&self) -> Vec<(Uuid, String)> {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        state
+        self.region
+            .read()
             .applied
             .iter()
             .map(|a| (a.patch.id, a.patch.name.clone()))
             .collect()
     }
 
-    fn plan(&self, patch: &MemoryPatch) -> Result<Plan> {
+    /// The applied patches, oldest first, with what lies over each.
+    pub fn applied_patches(&self) -> Vec<AppliedPatch> {
+        let region = self.region.read();
+        region
+            .applied
+            .iter()
+            .enumerate()
+            .map(|(i, a)| AppliedPatch {
+                patch: a.patch.clone(),
+                range: a.range.clone(),
+                journal_transaction: a.journal_transaction,
+                covered_by: region.applied[i + 1..]
+                    .iter()
+                    .filter(|b| {
+                        a.undo
+                            .iter()
+                            .any(|(o, run)| (*o..o + run.len() as u64).any(|x| b.owns(x)))
+                    })
+                    .map(|b| b.patch.id)
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The patch applied by journal transaction `transaction`, if it is still applied.
+    pub fn patch_of_transaction(&self, transaction: u64) -> Option<Uuid> {
+        self.region
+            .read()
+            .applied
+            .iter()
+            .find(|a| a.journal_transaction == Some(transaction))
+            .map(|a| a.patch.id)
+    }
+
+    /// The bytes a patch owns: checked against the region and its tensor.
+    fn target(&self, patch: &MemoryPatch) -> Result<Target> {
         if !patch.enabled {
             return Err(Error::Disabled(patch.name.clone()));
         }
-        let invalid = |reason: String| Error::InvalidPatch {
-            patch: patch.name.clone(),
-            reason,
-        };
         let region_len = self.len();
         match &patch.target {
             PatchTarget::Raw(range) => {
@@ -661,18 +850,6 @@ impl LiveModel {
                         end: range.end,
                         len: region_len,
                     });
-                }
-                let Payload::Bytes(bytes) = &patch.payload else {
-                    return Err(invalid(
-                        "a raw range takes bytes, not a value transform".into(),
-                    ));
-                };
-                if bytes.len() as u64 != range.end - range.start {
-                    return Err(invalid(format!(
-                        "{} bytes for a range of {}",
-                        bytes.len(),
-                        range.end - range.start
-                    )));
                 }
                 // The tensor it falls in, if any: a raw write may not straddle tensors.
                 let tensor = self.tensors.iter().position(|t| {
@@ -690,14 +867,7 @@ impl LiveModel {
                         });
                     }
                 }
-                Ok(Plan {
-                    range: range.clone(),
-                    writes: vec![ByteWrite {
-                        offset: range.start,
-                        bytes: bytes.clone(),
-                    }],
-                    tensor,
-                })
+                Ok((range.clone(), tensor, None))
             }
             PatchTarget::Tensor { name, elements } => {
                 let index = *self
@@ -708,48 +878,188 @@ impl LiveModel {
                 let elements = elements.clone().unwrap_or(0..t.n_elements);
                 let span = byte_tier::tensor_edit::element_bytes(t, &elements)?;
                 let range = t.data_offset + span.start..t.data_offset + span.end;
-                let old = &self.mapping.bytes()[range.start as usize..range.end as usize];
-                let writes = match &patch.payload {
-                    Payload::Bytes(bytes) => {
-                        if bytes.len() as u64 != range.end - range.start {
-                            return Err(invalid(format!(
-                                "{} bytes for {} elements of {} ({} bytes)",
-                                bytes.len(),
-                                elements.end - elements.start,
-                                t.ggml_type,
-                                range.end - range.start
-                            )));
-                        }
-                        byte_tier::tensor_edit::changed_runs(old, bytes, range.start)
-                    }
-                    Payload::Transform(transform) => {
-                        let transform = transform.as_codec();
-                        let mut new = old.to_vec();
-                        codec::transform_range(
-                            t.ggml_type,
-                            &mut new,
-                            0..elements.end - elements.start,
-                            &transform,
-                        )
-                        .map_err(|e| Error::Bytes(e.in_tensor(name)))?;
-                        byte_tier::tensor_edit::changed_runs(old, &new, range.start)
-                    }
-                };
-                Ok(Plan {
-                    range,
-                    writes,
-                    tensor: Some(index),
-                })
+                Ok((range, Some(index), Some(elements)))
             }
         }
     }
 
-    fn conflicts_with(
-        state: &State,
+    /// Plans `patch` against `bytes` (the whole region) and the applied patches: checks
+    /// everything, computes its values as if the patches it displaces were not there,
+    /// and returns the writes (only the bytes that differ from what is there now).
+    fn plan_one(&self, bytes: &[u8], state: &State, patch: &MemoryPatch) -> Result<Plan> {
+        let (range, tensor, elements) = self.target(patch)?;
+        let mut displaces = Vec::new();
+        for (i, a) in state.applied.iter().enumerate() {
+            if a.range.start < range.end && range.start < a.range.end {
+                if patch.priority <= a.patch.priority {
+                    return Err(Error::Conflict {
+                        patch: patch.name.clone(),
+                        applied: a.patch.name.clone(),
+                        applied_priority: a.patch.priority,
+                        overlap: a.range.start.max(range.start)..a.range.end.min(range.end),
+                    });
+                }
+                displaces.push(i);
+            }
+        }
+        let invalid = |reason: String| Error::InvalidPatch {
+            patch: patch.name.clone(),
+            reason,
+        };
+        // The values the patch starts from: the bytes with every displaced patch undone,
+        // newest first, as if it had never been applied.
+        let undone: Vec<&[(u64, Vec<u8>)]> = displaces
+            .iter()
+            .rev()
+            .map(|&i| state.applied[i].undo.as_slice())
+            .collect();
+        let base = image_with(bytes, &range, &undone);
+        let (new, transform) = match &patch.payload {
+            Payload::Bytes(new) => {
+                if new.len() as u64 != range.end - range.start {
+                    return Err(invalid(match (tensor, &elements) {
+                        (Some(t), Some(e)) => format!(
+                            "{} bytes for {} elements of {} ({} bytes)",
+                            new.len(),
+                            e.end - e.start,
+                            self.tensors[t].ggml_type,
+                            range.end - range.start
+                        ),
+                        _ => format!(
+                            "{} bytes for a range of {}",
+                            new.len(),
+                            range.end - range.start
+                        ),
+                    }));
+                }
+                (new.clone(), None)
+            }
+            Payload::Transform(transform) => {
+                let (Some(t), Some(elements)) = (tensor, &elements) else {
+                    return Err(invalid(
+                        "a raw range takes bytes, not a value transform".into(),
+                    ));
+                };
+                let info = &self.tensors[t];
+                let mut new = base;
+                let report = codec::transform_range(
+                    info.ggml_type,
+                    &mut new,
+                    0..elements.end - elements.start,
+                    &transform.as_codec(),
+                )
+                .map_err(|e| Error::Bytes(e.in_tensor(&info.name)))?;
+                (new, Some(report))
+            }
+        };
+        let current = &bytes[range.start as usize..range.end as usize];
+        let writes = if patch.snapshot {
+            vec![ByteWrite {
+                offset: range.start,
+                bytes: new,
+            }]
+        } else {
+            byte_tier::tensor_edit::changed_runs(current, &new, range.start)
+        };
+        Ok(Plan {
+            range,
+            writes,
+            tensor,
+            transform,
+            displaces,
+        })
+    }
+
+    /// Plans `patches` as one transaction without writing anything: the report each
+    /// would give, and the first error any of them meets. Applying then is
+    /// [`LiveModel::apply_reported`], which plans again under its lock.
+    pub fn plan(&self, patches: &[MemoryPatch]) -> Result<Vec<PatchReport>> {
+        let region = self.region.read();
+        let plans = self.plan_batch(region.bytes(), &region, patches)?;
+        Ok(patches
+            .iter()
+            .zip(plans)
+            .map(|(patch, plan)| self.report(patch, &plan, &region, None))
+            .collect())
+    }
+
+    fn report(
+        &self,
         patch: &MemoryPatch,
-        range: &Range<u64>,
-    ) -> Vec<ConflictReport> {
-        state
+        plan: &Plan,
+        state: &State,
+        journal: Option<u64>,
+    ) -> PatchReport {
+        PatchReport {
+            id: patch.id,
+            name: patch.name.clone(),
+            tensor: plan.tensor.map(|t| self.tensors[t].name.clone()),
+            range: plan.range.clone(),
+            bytes_changed: plan.writes.iter().map(|w| w.bytes.len() as u64).sum(),
+            runs: plan.writes.len(),
+            transform: plan.transform.clone(),
+            displaces: plan
+                .displaces
+                .iter()
+                .map(|&i| state.applied[i].patch.id)
+                .collect(),
+            journal_transaction: journal,
+        }
+    }
+
+    fn plan_batch(
+        &self,
+        bytes: &[u8],
+        state: &State,
+        patches: &[MemoryPatch],
+    ) -> Result<Vec<Plan>> {
+        let mut plans: Vec<Plan> = Vec::with_capacity(patches.len());
+        for patch in patches {
+            let fail = |error: Error| {
+                if patches.len() > 1 {
+                    Error::RolledBack {
+                        failed: patch.name.clone(),
+                        source: Box::new(error),
+                    }
+                } else {
+                    error
+                }
+            };
+            if state
+                .applied
+                .iter()
+                .any(|a| a.patch.id == patch.id || a.patch.name == patch.name)
+                || patches
+                    .iter()
+                    .take(plans.len())
+                    .any(|p| p.id == patch.id || p.name == patch.name)
+            {
+                return Err(fail(Error::AlreadyApplied(patch.name.clone())));
+            }
+            let plan = self.plan_one(bytes, state, patch).map_err(fail)?;
+            if let Some((other, other_patch)) = plans
+                .iter()
+                .zip(patches)
+                .find(|(p, _)| p.range.start < plan.range.end && plan.range.start < p.range.end)
+            {
+                return Err(fail(Error::Conflict {
+                    patch: patch.name.clone(),
+                    applied: other_patch.name.clone(),
+                    applied_priority: other_patch.priority,
+                    overlap: other.range.start.max(plan.range.start)
+                        ..other.range.end.min(plan.range.end),
+                }));
+            }
+            plans.push(plan);
+        }
+        Ok(plans)
+    }
+
+    /// The overlaps `patch` would have with applied patches, without applying it.
+    pub fn check_conflicts(&self, patch: &MemoryPatch) -> Result<Vec<ConflictReport>> {
+        let region = self.region.read();
+        let (range, _, _) = self.target(patch)?;
+        Ok(region
             .applied
             .iter()
             .filter(|a| a.range.start < range.end && range.start < a.range.end)
@@ -760,18 +1070,15 @@ impl LiveModel {
                 overlap: a.range.start.max(range.start)..a.range.end.min(range.end),
                 new_patch_wins: patch.priority > a.patch.priority,
             })
-            .collect()
-    }
-
-    /// The overlaps `patch` would have with applied patches, without applying it.
-    pub fn check_conflicts(&self, patch: &MemoryPatch) -> Result<Vec<ConflictReport>> {
-        let plan = self.plan(patch)?;
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        Ok(LiveModel::conflicts_with(&state, patch, &plan.range))
+            .collect())
     }
 
     /// Writes through windows grouped by the policy.
-    fn write_windowed(&self, writes: &[(ByteWrite, Option<usize>)]) -> Result<()> {
+    fn write_windowed(
+        &self,
+        region: &mut RegionWrite<'_, State>,
+        writes: &[(ByteWrite, Option<usize>)],
+    ) -> Result<()> {
         let page = page_size();
         let max = self.policy.max_window_bytes.max(page);
         let mut i = 0;
@@ -790,12 +1097,21 @@ impl LiveModel {
                 end = end.max(next_end);
                 j += 1;
             }
-            let window = WritableWindow::open(self, start..end)?;
+            let window = region.window(start..end)?;
+            self.protection_calls.fetch_add(2, Ordering::Relaxed);
+            self.windows_opened.fetch_add(1, Ordering::Relaxed);
             for (w, _) in &writes[i..j] {
-                window.write(w.offset as usize, &w.bytes);
+                window.write(w.offset as usize, &w.bytes)?;
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                self.bytes_written
+                    .fetch_add(w.bytes.len() as u64, Ordering::Relaxed);
             }
             drop(window);
             i = j;
+        }
+        if let (Some(first), Some(last)) = (writes.first(), writes.last()) {
+            let start = first.0.offset as usize;
+            region.flush(start, last.0.range().end as usize - start)?;
         }
         Ok(())
     }
@@ -804,121 +1120,76 @@ impl LiveModel {
         state.subscribers.retain(|s| s.send(event.clone()).is_ok());
     }
 
-    /// Applies one patch.
-    pub fn apply(&self, patch: MemoryPatch) -> Result<Uuid> {
-        self.apply_all(vec![patch]).map(|ids| ids[0])
-    }
-
-    /// Applies patches as one transaction: every check runs before any byte moves, and
-    /// either all are applied or none. Patches that overlap each other are refused; an
-    /// applied patch of lower priority in the way is reverted first, one of equal or
-    /// higher priority refuses the whole transaction.
-    pub fn apply_all(&self, patches: Vec<MemoryPatch>) -> Result<Vec<Uuid>> {
-        let started = Instant::now();
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let mut plans = Vec::with_capacity(patches.len());
-        for patch in &patches {
-            let failure = |state: &mut State, error: Error| {
+    fn record_failure(state: &mut State, patches: &[MemoryPatch], error: &Error, started: Instant) {
+        for patch in patches {
+            if let Error::Conflict { applied, .. } = error
+                && let Some(a) = state.applied.iter().find(|a| a.patch.name == *applied)
+            {
+                let applied = a.patch.id;
                 LiveModel::notify(
                     state,
-                    Event::Failed {
-                        id: patch.id,
-                        reason: error.to_string(),
-                    },
-                );
-                state.history.push(HistoryEntry {
-                    id: patch.id,
-                    name: patch.name.clone(),
-                    action: Action::Failed,
-                    at: SystemTime::now(),
-                    duration: started.elapsed(),
-                    result: error.to_string(),
-                    checksum_before: 0,
-                    checksum_after: 0,
-                });
-                if patches.len() > 1 {
-                    Error::RolledBack {
-                        failed: patch.name.clone(),
-                        source: Box::new(error),
-                    }
-                } else {
-                    error
-                }
-            };
-            if state
-                .applied
-                .iter()
-                .any(|a| a.patch.id == patch.id || a.patch.name == patch.name)
-            {
-                return Err(failure(
-                    &mut state,
-                    Error::AlreadyApplied(patch.name.clone()),
-                ));
-            }
-            let plan = match self.plan(patch) {
-                Ok(plan) => plan,
-                Err(error) => return Err(failure(&mut state, error)),
-            };
-            let overlaps_batch =
-                plans
-                    .iter()
-                    .zip(&patches)
-                    .find(|(p, _): &(&Plan, &MemoryPatch)| {
-                        p.range.start < plan.range.end && plan.range.start < p.range.end
-                    });
-            if let Some((other, other_patch)) = overlaps_batch {
-                let error = Error::Conflict {
-                    patch: patch.name.clone(),
-                    applied: other_patch.name.clone(),
-                    applied_priority: other_patch.priority,
-                    overlap: other.range.start.max(plan.range.start)
-                        ..other.range.end.min(plan.range.end),
-                };
-                return Err(failure(&mut state, error));
-            }
-            let conflicts = LiveModel::conflicts_with(&state, patch, &plan.range);
-            if let Some(c) = conflicts.iter().find(|c| !c.new_patch_wins) {
-                LiveModel::notify(
-                    &mut state,
                     Event::Conflict {
                         id: patch.id,
-                        applied: c.applied,
+                        applied,
                     },
                 );
-                let error = Error::Conflict {
-                    patch: patch.name.clone(),
-                    applied: c.applied_name.clone(),
-                    applied_priority: c.applied_priority,
-                    overlap: c.overlap.clone(),
-                };
-                return Err(failure(&mut state, error));
             }
-            plans.push(plan);
+            LiveModel::notify(
+                state,
+                Event::Failed {
+                    id: patch.id,
+                    reason: error.to_string(),
+                },
+            );
+            state.history.push(HistoryEntry {
+                id: patch.id,
+                name: patch.name.clone(),
+                action: Action::Failed,
+                at: SystemTime::now(),
+                duration: started.elapsed(),
+                result: error.to_string(),
+                checksum_before: 0,
+                checksum_after: 0,
+            });
         }
-        // Lower-priority patches in the way are reverted first.
-        let displaced: Vec<Uuid> = patches
-            .iter()
-            .zip(&plans)
-            .flat_map(|(p, plan)| LiveModel::conflicts_with(&state, p, &plan.range))
-            .map(|c| c.applied)
-            .collect();
-        if !displaced.is_empty() {
-            for id in displaced {
-                self.revert_locked(&mut state, id)?;
-            }
-            // The bytes under the plans changed: plan again.
-            plans = patches
-                .iter()
-                .map(|p| self.plan(p))
-                .collect::<Result<_>>()?;
-        }
+    }
 
-        let bytes = self.mapping.bytes();
-        let mut records = Vec::with_capacity(plans.len());
+    /// Applies one patch.
+    pub fn apply(&self, patch: MemoryPatch) -> Result<Uuid> {
+        Ok(self.apply_all(vec![patch])?.remove(0))
+    }
+
+    /// Applies patches as one transaction: every patch is planned and checked before any
+    /// byte moves; an applied patch of lower priority in the way is displaced (the new
+    /// patch lies over it, and reverting the new one brings it back), one of equal or
+    /// higher priority refuses the whole transaction.
+    pub fn apply_all(&self, patches: Vec<MemoryPatch>) -> Result<Vec<Uuid>> {
+        Ok(self
+            .apply_reported(patches)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect())
+    }
+
+    /// [`LiveModel::apply_all`], returning what each patch did: the bytes it changed,
+    /// the codec's report of its transform (planned once, then written), the patches it
+    /// displaced and its journal transaction.
+    pub fn apply_reported(&self, patches: Vec<MemoryPatch>) -> Result<Vec<PatchReport>> {
+        let started = Instant::now();
+        let mut region = self.region.write();
+        let (bytes, state) = region.parts();
+        let plans = match self.plan_batch(bytes, state, &patches) {
+            Ok(plans) => plans,
+            Err(error) => {
+                LiveModel::record_failure(state, &patches, &error, started);
+                return Err(error);
+            }
+        };
+        // What each patch replaces, taken before the first byte moves.
+        let mut undos = Vec::with_capacity(plans.len());
         let mut all_writes = Vec::new();
-        for (patch, plan) in patches.iter().zip(&plans) {
-            let before = &bytes[plan.range.start as usize..plan.range.end as usize];
-            let delta: Vec<(u64, Vec<u8>)> = plan
+        for plan in &plans {
+            let undo: Vec<(u64, Vec<u8>)> = plan
                 .writes
                 .iter()
                 .map(|w| {
@@ -928,30 +1199,49 @@ impl LiveModel {
                     )
                 })
                 .collect();
-            let undo = if !patch.snapshot
-                && delta.iter().map(|(_, b)| 16 + b.len()).sum::<usize>() < before.len()
-            {
-                Undo::Delta(delta)
-            } else {
-                Undo::Original(before.to_vec())
-            };
-            records.push((patch.clone(), plan.range.clone(), undo, crc(before)));
+            let before = crc(&bytes[plan.range.start as usize..plan.range.end as usize]);
+            undos.push((undo, before));
             all_writes.extend(plan.writes.iter().cloned().map(|w| (w, plan.tensor)));
         }
         all_writes.sort_by_key(|(w, _)| w.offset);
-
-        let journal_transaction = self.journal_begin(&patches, &all_writes)?;
-        if let Err(error) = self
-            .write_windowed(&all_writes)
-            .and_then(|()| self.flush(&all_writes))
-        {
-            self.restore(&records)?;
-            if let Some((journal, id)) = self.journal.as_ref().zip(journal_transaction) {
-                let _ = journal
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .mark_rolled_back(id);
+        let note = LiveNote {
+            format: crate::note::FORMAT.into(),
+            patches: patches
+                .iter()
+                .zip(&plans)
+                .map(|(p, plan)| NotedPatch::from_patch(p, &plan.range))
+                .collect(),
+            ..LiveNote::default()
+        };
+        let names: Vec<&str> = patches.iter().map(|p| p.name.as_str()).collect();
+        let journal_transaction = match self.journal_begin(
+            &format!("live {}", names.join(", ")),
+            None,
+            bytes,
+            &all_writes,
+            &note,
+        ) {
+            Ok(id) => id,
+            Err(error) => {
+                LiveModel::record_failure(state, &patches, &error, started);
+                return Err(error);
             }
+        };
+        let restore: Vec<(ByteWrite, Option<usize>)> = all_writes
+            .iter()
+            .map(|(w, t)| {
+                (
+                    ByteWrite {
+                        offset: w.offset,
+                        bytes: bytes[w.offset as usize..w.range().end as usize].to_vec(),
+                    },
+                    *t,
+                )
+            })
+            .collect();
+        if let Err(error) = self.write_windowed(&mut region, &all_writes) {
+            let error = self.roll_back(&mut region, &restore, journal_transaction, error);
+            LiveModel::record_failure(&mut region, &patches, &error, started);
             return Err(error);
         }
         if let Some((journal, id)) = self.journal.as_ref().zip(journal_transaction) {
@@ -961,11 +1251,16 @@ impl LiveModel {
                 .commit(id)?;
         }
 
-        let bytes = self.mapping.bytes();
-        let mut ids = Vec::with_capacity(records.len());
-        for (patch, range, undo, checksum_before) in records {
-            let checksum_after = crc(&bytes[range.start as usize..range.end as usize]);
-            ids.push(patch.id);
+        let (bytes, state) = region.parts();
+        let mut reports = Vec::with_capacity(patches.len());
+        for ((patch, plan), (undo, checksum_before)) in patches.into_iter().zip(plans).zip(undos) {
+            reports.push(self.report(&patch, &plan, state, journal_transaction));
+            let displaced: Vec<Uuid> = plan
+                .displaces
+                .iter()
+                .map(|&i| state.applied[i].patch.id)
+                .collect();
+            let checksum_after = crc(&bytes[plan.range.start as usize..plan.range.end as usize]);
             state.history.push(HistoryEntry {
                 id: patch.id,
                 name: patch.name.clone(),
@@ -979,33 +1274,87 @@ impl LiveModel {
             self.patches_applied.fetch_add(1, Ordering::Relaxed);
             let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
             LiveModel::notify(
-                &mut state,
+                state,
                 Event::Applied {
                     id: patch.id,
                     epoch,
                 },
             );
+            for id in displaced {
+                if let Some(a) = state.applied.iter().find(|a| a.patch.id == id) {
+                    let name = a.patch.name.clone();
+                    state.history.push(HistoryEntry {
+                        id,
+                        name,
+                        action: Action::Displaced,
+                        at: SystemTime::now(),
+                        duration: Duration::ZERO,
+                        result: format!("covered by {}", patch.name),
+                        checksum_before: 0,
+                        checksum_after: 0,
+                    });
+                }
+                LiveModel::notify(state, Event::Displaced { id, by: patch.id });
+            }
             state.applied.push(Applied {
                 patch,
-                range,
+                range: plan.range,
                 undo,
-                checksum_before,
                 checksum_after,
                 journal_transaction,
             });
         }
-        Ok(ids)
+        LiveModel::refresh_checksums(bytes, state);
+        Ok(reports)
+    }
+
+    /// Writes `restore` back after a failed write and marks the journal transaction
+    /// rolled back; the error says what failed, and also what the restore met.
+    fn roll_back(
+        &self,
+        region: &mut RegionWrite<'_, State>,
+        restore: &[(ByteWrite, Option<usize>)],
+        journal_transaction: Option<u64>,
+        error: Error,
+    ) -> Error {
+        let restored = self.write_windowed(region, restore).and_then(|()| {
+            match self.journal.as_ref().zip(journal_transaction) {
+                Some((journal, id)) => journal
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .mark_rolled_back(id)
+                    .map_err(Error::from),
+                None => Ok(()),
+            }
+        });
+        match restored {
+            Ok(()) => error,
+            Err(restore) => Error::RestoreFailed {
+                error: Box::new(error),
+                restore: Box::new(restore),
+            },
+        }
+    }
+
+    /// Takes the checksum of every applied patch's range again, as the model now leaves
+    /// them.
+    fn refresh_checksums(bytes: &[u8], state: &mut State) {
+        for a in &mut state.applied {
+            a.checksum_after = crc(&bytes[a.range.start as usize..a.range.end as usize]);
+        }
     }
 
     fn journal_begin(
         &self,
-        patches: &[MemoryPatch],
+        name: &str,
+        reverts: Option<u64>,
+        bytes: &[u8],
         writes: &[(ByteWrite, Option<usize>)],
+        note: &LiveNote,
     ) -> Result<Option<u64>> {
         let Some(journal) = &self.journal else {
             return Ok(None);
         };
-        let bytes = self.mapping.bytes();
         let undo: Vec<(u64, &[u8], &[u8])> = writes
             .iter()
             .map(|(w, _)| {
@@ -1016,81 +1365,46 @@ impl LiveModel {
                 )
             })
             .collect();
-        let names: Vec<&str> = patches.iter().map(|p| p.name.as_str()).collect();
-        let id = journal.lock().unwrap_or_else(|e| e.into_inner()).begin(
-            &format!("live {}", names.join(", ")),
-            None,
-            &undo,
-        )?;
+        let id = journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .begin_with_note(name, reverts, &undo, &note.to_bytes())?;
         Ok(Some(id))
     }
 
-    fn flush(&self, writes: &[(ByteWrite, Option<usize>)]) -> Result<()> {
-        if let (Some(first), Some(last)) = (writes.first(), writes.last()) {
-            let start = first.0.offset as usize;
-            self.mapping
-                .flush(start, last.0.range().end as usize - start)?;
-        }
-        Ok(())
-    }
-
-    fn restore(&self, records: &[(MemoryPatch, Range<u64>, Undo, u32)]) -> Result<()> {
-        let mut writes = Vec::new();
-        for (_, range, undo, _) in records {
-            match undo {
-                Undo::Original(bytes) => writes.push((
-                    ByteWrite {
-                        offset: range.start,
-                        bytes: bytes.clone(),
-                    },
-                    None,
-                )),
-                Undo::Delta(runs) => writes.extend(runs.iter().map(|(o, b)| {
-                    (
-                        ByteWrite {
-                            offset: *o,
-                            bytes: b.clone(),
-                        },
-                        None,
-                    )
-                })),
-            }
-        }
-        writes.sort_by_key(|(w, _)| w.offset);
-        self.write_windowed(&writes)?;
-        self.flush(&writes)
-    }
-
-    /// Reverts the applied patch `id`: refused when its bytes changed since; checked
-    /// against the checksum taken before it was applied.
+    /// Reverts the applied patch `id`: its bytes that no patch over it changed get their
+    /// original values back; the originals of the bytes a patch over it changed are
+    /// handed to that patch, which restores them when it is reverted. Refused when the
+    /// bytes changed behind the model's back.
     pub fn revert(&self, id: Uuid) -> Result<()> {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        self.revert_locked(&mut state, id)
+        let mut region = self.region.write();
+        self.revert_locked(&mut region, id)
     }
 
     /// Reverts the applied patch named `name`.
     pub fn revert_by_name(&self, name: &str) -> Result<()> {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let id = state
+        let mut region = self.region.write();
+        let id = region
             .applied
             .iter()
             .find(|a| a.patch.name == name)
             .map(|a| a.patch.id)
             .ok_or_else(|| Error::NoSuchPatch(name.to_owned()))?;
-        self.revert_locked(&mut state, id)
+        self.revert_locked(&mut region, id)
     }
 
     /// Reverts every applied patch, newest first.
     pub fn revert_all(&self) -> Result<()> {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        while let Some(id) = state.applied.last().map(|a| a.patch.id) {
-            self.revert_locked(&mut state, id)?;
+        let mut region = self.region.write();
+        while let Some(id) = region.applied.last().map(|a| a.patch.id) {
+            self.revert_locked(&mut region, id)?;
         }
         Ok(())
     }
 
-    fn revert_locked(&self, state: &mut State, id: Uuid) -> Result<()> {
+    fn revert_locked(&self, region: &mut RegionWrite<'_, State>, id: Uuid) -> Result<()> {
         let started = Instant::now();
+        let (bytes, state) = region.parts();
         let index = state
             .applied
             .iter()
@@ -1098,50 +1412,105 @@ impl LiveModel {
             .ok_or_else(|| Error::NoSuchPatch(id.to_string()))?;
         let applied = state.applied[index].clone();
         let range = applied.range.clone();
-        let current = crc(&self.mapping.bytes()[range.start as usize..range.end as usize]);
-        if current != applied.checksum_after {
+        if crc(&bytes[range.start as usize..range.end as usize]) != applied.checksum_after {
             LiveModel::notify(state, Event::IntegrityFailure { id });
             return Err(Error::ChecksumMismatch {
                 patch: applied.patch.name.clone(),
                 offset: range.start,
             });
         }
-        let record = [(
-            applied.patch.clone(),
-            range.clone(),
-            applied.undo.clone(),
-            applied.checksum_before,
-        )];
-        if let Some(journal) = &self.journal {
-            let bytes = self.mapping.bytes();
-            let restore: Vec<(u64, Vec<u8>)> = match &applied.undo {
-                Undo::Original(b) => vec![(range.start, b.clone())],
-                Undo::Delta(runs) => runs.clone(),
-            };
-            let undo: Vec<(u64, &[u8], &[u8])> = restore
+        // Each byte the patch changed goes back to the region, or to the first patch
+        // over it that changed the same byte.
+        let above = &state.applied[index + 1..];
+        let mut to_region = Vec::new();
+        let mut handed: Vec<(usize, u64, u8)> = Vec::new();
+        for (offset, run) in &applied.undo {
+            for (i, &byte) in run.iter().enumerate() {
+                let at = offset + i as u64;
+                match above.iter().position(|b| b.owns(at)) {
+                    Some(b) => handed.push((index + 1 + b, at, byte)),
+                    None => to_region.push((at, byte)),
+                }
+            }
+        }
+        let writes: Vec<(ByteWrite, Option<usize>)> = runs_of(to_region)
+            .into_iter()
+            .map(|(offset, bytes)| (ByteWrite { offset, bytes }, None))
+            .collect();
+        let mut amends = Vec::new();
+        for (b, run) in group_handed(&handed) {
+            amends.push(Amend {
+                patch: state.applied[b].patch.id.to_string(),
+                offset: run.0,
+                bytes: crate::note::to_hex(&run.1),
+            });
+        }
+        let note = LiveNote {
+            format: crate::note::FORMAT.into(),
+            reverts: Some(id.to_string()),
+            amends,
+            ..LiveNote::default()
+        };
+        let journal_transaction = self.journal_begin(
+            &format!("live revert {}", applied.patch.name),
+            applied.journal_transaction,
+            bytes,
+            &writes,
+            &note,
+        )?;
+        let restore: Vec<(ByteWrite, Option<usize>)> = writes
+            .iter()
+            .map(|(w, t)| {
+                (
+                    ByteWrite {
+                        offset: w.offset,
+                        bytes: bytes[w.offset as usize..w.range().end as usize].to_vec(),
+                    },
+                    *t,
+                )
+            })
+            .collect();
+        let expected = image_with(
+            bytes,
+            &range,
+            &[&writes
                 .iter()
-                .map(|(o, b)| (*o, &bytes[*o as usize..*o as usize + b.len()], b.as_slice()))
-                .collect();
-            let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
-            let txn = journal.begin(
-                &format!("live revert {}", applied.patch.name),
-                applied.journal_transaction,
-                &undo,
-            )?;
-            self.restore(&record)?;
-            journal.commit(txn)?;
-        } else {
-            self.restore(&record)?;
+                .map(|(w, _)| (w.offset, w.bytes.clone()))
+                .collect::<Vec<_>>()],
+        );
+        if let Err(error) = self.write_windowed(region, &writes) {
+            return Err(self.roll_back(region, &restore, journal_transaction, error));
         }
-        let after = crc(&self.mapping.bytes()[range.start as usize..range.end as usize]);
-        if after != applied.checksum_before {
+        if let Some((journal, txn)) = self.journal.as_ref().zip(journal_transaction) {
+            journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .commit(txn)?;
+        }
+        let (bytes, state) = region.parts();
+        let after = crc(&bytes[range.start as usize..range.end as usize]);
+        if after != crc(&expected) {
             LiveModel::notify(state, Event::IntegrityFailure { id });
             return Err(Error::ChecksumMismatch {
                 patch: applied.patch.name.clone(),
                 offset: range.start,
             });
         }
+        for (b, at, byte) in &handed {
+            state.applied[*b].amend(*at, *byte);
+        }
+        // The patches under this one whose bytes came back.
+        let restored: Vec<(Uuid, String)> = state.applied[..index]
+            .iter()
+            .filter(|a| {
+                a.undo
+                    .iter()
+                    .any(|(o, run)| (*o..o + run.len() as u64).any(|x| applied.owns(x)))
+            })
+            .map(|a| (a.patch.id, a.patch.name.clone()))
+            .collect();
         state.applied.remove(index);
+        LiveModel::refresh_checksums(bytes, state);
         state.history.push(HistoryEntry {
             id,
             name: applied.patch.name.clone(),
@@ -1155,9 +1524,32 @@ impl LiveModel {
         self.patches_reverted.fetch_add(1, Ordering::Relaxed);
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         LiveModel::notify(state, Event::Reverted { id, epoch });
+        for (restored_id, name) in restored {
+            state.history.push(HistoryEntry {
+                id: restored_id,
+                name,
+                action: Action::Restored,
+                at: SystemTime::now(),
+                duration: Duration::ZERO,
+                result: format!("bytes back after {} was reverted", applied.patch.name),
+                checksum_before: 0,
+                checksum_after: 0,
+            });
+            LiveModel::notify(
+                state,
+                Event::Restored {
+                    id: restored_id,
+                    by: id,
+                    epoch,
+                },
+            );
+        }
         Ok(())
     }
 
+    /// Stores (or compares and exchanges) an aligned word. On a shared file mapping the
+    /// store is journaled like any other change: undo record first, then the word, then
+    /// the commit.
     pub(crate) fn atomic(
         &self,
         offset: u64,
@@ -1165,28 +1557,66 @@ impl LiveModel {
         current: Option<u64>,
         new: u64,
     ) -> Result<Result<u64, u64>> {
-        let _state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let mut region = self.region.write();
         let start = offset as usize;
-        if start.saturating_add(width) > self.mapping.len() {
+        if start.saturating_add(width) > region.bytes().len() {
             return Err(Error::OutsideRegion {
                 start: offset,
                 end: offset + width as u64,
                 len: self.len(),
             });
         }
-        let window = WritableWindow::open(self, start..start + width)?;
-        let result = self.mapping.atomic_word(start, width, current, new);
+        let old = region.bytes()[start..start + width].to_vec();
+        let new_bytes = if width == 8 {
+            new.to_le_bytes().to_vec()
+        } else {
+            (new as u32).to_le_bytes().to_vec()
+        };
+        let journal_transaction = match &self.journal {
+            Some(journal) => Some(journal.lock().unwrap_or_else(|e| e.into_inner()).begin(
+                &format!("atomic store of {width} bytes at {offset}"),
+                None,
+                &[(offset, &old, &new_bytes)],
+            )?),
+            None => None,
+        };
+        let window = region.window(start..start + width)?;
+        self.protection_calls.fetch_add(2, Ordering::Relaxed);
+        let result = window.atomic_word(start, width, current, new);
         drop(window);
-        self.mapping.flush(start, width)?;
+        let finished = region.flush(start, width).and_then(|()| {
+            match (self.journal.as_ref(), journal_transaction, &result) {
+                (Some(journal), Some(txn), Ok(Ok(_))) => journal
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .commit(txn)
+                    .map_err(Error::from),
+                // The exchange did not happen: nothing changed, and the record says so.
+                (Some(journal), Some(txn), _) => journal
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .mark_rolled_back(txn)
+                    .map_err(Error::from),
+                _ => Ok(()),
+            }
+        });
+        finished?;
         if matches!(result, Ok(Ok(_))) {
             self.epoch.fetch_add(1, Ordering::AcqRel);
+            let (bytes, state) = region.parts();
+            LiveModel::refresh_checksums(bytes, state);
         }
         result
     }
 
+    /// Changes page protection by hand. Refused on a shared file mapping: pages left
+    /// writable there would let a write reach the file without a journal record.
     pub(crate) fn protect_pages(&self, range: Range<u64>, writable: bool) -> Result<()> {
-        let _state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        self.mapping.protect(
+        if writable && self.is_shared() {
+            return Err(Error::SharedFileProtection);
+        }
+        let mut region = self.region.write();
+        region.set_protection(
             range.start as usize,
             (range.end - range.start) as usize,
             writable,
@@ -1202,9 +1632,25 @@ impl LiveModel {
         if revert {
             self.revert_all()?;
         }
-        if matches!(self.mapping.backing(), Backing::Raw) {
-            self.mapping.protect(0, self.mapping.len(), true)?;
+        if matches!(self.region.mapping().backing(), Backing::Raw) {
+            let len = self.region.mapping().len();
+            self.region.write().set_protection(0, len, true)?;
         }
         Ok(())
     }
+}
+
+/// Bytes handed to patches above, grouped into runs per patch: (patch index, (offset,
+/// bytes)).
+fn group_handed(handed: &[(usize, u64, u8)]) -> Vec<(usize, (u64, Vec<u8>))> {
+    let mut out: Vec<(usize, (u64, Vec<u8>))> = Vec::new();
+    for &(patch, at, byte) in handed {
+        match out.last_mut() {
+            Some((p, (start, run))) if *p == patch && *start + run.len() as u64 == at => {
+                run.push(byte)
+            }
+            _ => out.push((patch, (at, vec![byte]))),
+        }
+    }
+    out
 }

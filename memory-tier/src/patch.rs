@@ -105,6 +105,9 @@ pub struct MemoryPatch {
     /// Keep a full copy of the target range while applied, even when a smaller delta
     /// would do (for callers that want the before-image at hand).
     pub snapshot: bool,
+    /// When a temporary patch is to be reverted. The journal records it, so that whoever
+    /// attaches after a restart can revert it on time; the model itself keeps no timer.
+    pub expires_at: Option<std::time::SystemTime>,
 }
 
 impl MemoryPatch {
@@ -119,12 +122,19 @@ impl MemoryPatch {
             priority: 0,
             enabled: true,
             snapshot: false,
+            expires_at: None,
         }
     }
 
     /// The same patch with another priority.
     pub fn with_priority(mut self, priority: i32) -> MemoryPatch {
         self.priority = priority;
+        self
+    }
+
+    /// The same patch, temporary: to be reverted at `at`.
+    pub fn with_expiry(mut self, at: std::time::SystemTime) -> MemoryPatch {
+        self.expires_at = Some(at);
         self
     }
 

@@ -4,7 +4,9 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
+use std::ops::Range;
 use std::ptr::NonNull;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -42,9 +44,10 @@ pub enum Backing {
 
 // SAFETY: the raw backing is only created through `attach_raw`, whose caller promises
 // the memory stays valid and is not written behind our back while attached; every other
-// variant owns its mapping. Writes are serialized by the region's lock.
+// variant owns its mapping. Nothing outside this module reads or writes through the
+// pointer: reads and writes go through a `Region`'s lock.
 unsafe impl Send for Mapping {}
-// SAFETY: as above; shared access is read-only outside writable windows.
+// SAFETY: as above; `&Mapping` gives no access to the bytes, only `Region`'s guards do.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
@@ -135,17 +138,23 @@ impl Mapping {
         self.len
     }
 
-    /// The bytes, read-only.
-    pub fn bytes(&self) -> &[u8] {
+    /// The bytes, read-only. Private: every reader outside this module goes through a
+    /// [`RegionRead`] or [`RegionWrite`], whose lock keeps writers out while the slice
+    /// lives.
+    fn bytes(&self) -> &[u8] {
         // SAFETY: the mapping is valid for `len` bytes for its whole life (owned, or
         // promised by `raw`'s caller), and its pages are always readable: protection only
-        // ever toggles between read-only and read-write.
+        // ever toggles between read-only and read-write. No write can change these bytes
+        // while the slice lives: writes go only through a `Window`, which borrows the
+        // region's write guard exclusively, and every caller of this function holds that
+        // guard or a read guard of the same lock for the slice's lifetime.
         unsafe { std::slice::from_raw_parts(self.start(), self.len()) }
     }
 
     /// Makes the pages covering `offset..offset + len` (rounded out to pages, clipped to
-    /// the mapping's pages) read-only or read-write.
-    pub fn protect(&self, offset: usize, len: usize, writable: bool) -> Result<()> {
+    /// the mapping's pages) read-only or read-write. Private: a [`Window`] opens pages
+    /// and closes them again; [`RegionWrite::set_protection`] does it by hand.
+    fn protect(&self, offset: usize, len: usize, writable: bool) -> Result<()> {
         let page = page_size();
         let first = offset / page * page;
         let end = (offset + len).div_ceil(page) * page;
@@ -171,21 +180,6 @@ impl Mapping {
         )
     }
 
-    /// Copies `bytes` to `offset`. The caller holds a writable window over those pages.
-    pub fn write(&self, offset: usize, bytes: &[u8]) {
-        assert!(
-            offset + bytes.len() <= self.len(),
-            "write outside the mapping"
-        );
-        // SAFETY: the range is inside the mapping (asserted above), the caller holds a
-        // writable window over its pages, and the region's lock keeps writers apart;
-        // `bytes` cannot overlap the mapping's pages being written, since it is a
-        // separate buffer owned by the caller.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.start().add(offset), bytes.len())
-        }
-    }
-
     /// Flushes written pages of a shared file mapping to the file.
     pub fn flush(&self, offset: usize, len: usize) -> Result<()> {
         match &self.backing {
@@ -198,9 +192,163 @@ impl Mapping {
     }
 }
 
-impl Mapping {
+/// A mapping and the lock that decides who reads and who writes it: the only way to
+/// its bytes. Readers hold a [`RegionRead`]; a writer holds the one [`RegionWrite`], and
+/// only a [`Window`] borrowed from it exclusively can write, so no `&[u8]` handed out by
+/// either guard can alias a write. The lock also guards the caller's state `S` (the
+/// patches, the history), so that the bytes and the record of them change together.
+#[derive(Debug)]
+pub struct Region<S> {
+    mapping: Mapping,
+    state: RwLock<S>,
+}
+
+impl<S> Region<S> {
+    /// Guards `mapping` and `state` with one lock.
+    pub fn new(mapping: Mapping, state: S) -> Region<S> {
+        Region {
+            mapping,
+            state: RwLock::new(state),
+        }
+    }
+
+    /// The mapping (its kind, start and length; never its bytes).
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
+    /// Shared access: the bytes and the state, while no writer runs.
+    pub fn read(&self) -> RegionRead<'_, S> {
+        RegionRead {
+            mapping: &self.mapping,
+            state: self.state.read().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    /// Exclusive access: the bytes, the state, and writable windows.
+    pub fn write(&self) -> RegionWrite<'_, S> {
+        RegionWrite {
+            mapping: &self.mapping,
+            state: self.state.write().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+}
+
+/// A reader's hold on a region: the bytes do not change while it lives.
+#[derive(Debug)]
+pub struct RegionRead<'a, S> {
+    mapping: &'a Mapping,
+    state: RwLockReadGuard<'a, S>,
+}
+
+impl<S> RegionRead<'_, S> {
+    /// The region's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.mapping.bytes()
+    }
+}
+
+impl<S> std::ops::Deref for RegionRead<'_, S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.state
+    }
+}
+
+/// The writer's hold on a region. Slices from [`RegionWrite::bytes`] or
+/// [`RegionWrite::parts`] borrow it; a [`Window`] borrows it exclusively, so the borrow
+/// checker ends every slice before a byte can change.
+#[derive(Debug)]
+pub struct RegionWrite<'a, S> {
+    mapping: &'a Mapping,
+    state: RwLockWriteGuard<'a, S>,
+}
+
+impl<S> RegionWrite<'_, S> {
+    /// The region's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.mapping.bytes()
+    }
+
+    /// The bytes and the state at once, the state writable.
+    pub fn parts(&mut self) -> (&[u8], &mut S) {
+        (self.mapping.bytes(), &mut self.state)
+    }
+
+    /// Makes the pages covering `bytes` writable until the window is dropped.
+    pub fn window(&mut self, bytes: Range<usize>) -> Result<Window<'_>> {
+        let page = page_size();
+        let pages = bytes.start / page * page..bytes.end.div_ceil(page) * page;
+        self.mapping
+            .protect(pages.start, pages.end - pages.start, true)?;
+        Ok(Window {
+            mapping: self.mapping,
+            pages,
+        })
+    }
+
+    /// Changes the protection of the pages covering `offset..offset + len` by hand.
+    pub fn set_protection(&mut self, offset: usize, len: usize, writable: bool) -> Result<()> {
+        self.mapping.protect(offset, len, writable)
+    }
+
+    /// Flushes written pages of a shared file mapping to the file.
+    pub fn flush(&self, offset: usize, len: usize) -> Result<()> {
+        self.mapping.flush(offset, len)
+    }
+}
+
+impl<S> std::ops::Deref for RegionWrite<'_, S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.state
+    }
+}
+
+impl<S> std::ops::DerefMut for RegionWrite<'_, S> {
+    fn deref_mut(&mut self) -> &mut S {
+        &mut self.state
+    }
+}
+
+/// Writable pages of a region: the only thing that can write to it. Made writable when
+/// it is opened and read-only again when it is dropped, also on error and on panic.
+#[must_use]
+#[derive(Debug)]
+pub struct Window<'a> {
+    mapping: &'a Mapping,
+    pages: Range<usize>,
+}
+
+impl Window<'_> {
+    /// Copies `bytes` to `offset`, which must lie inside the window's pages.
+    pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+        let end = offset.checked_add(bytes.len());
+        if offset < self.pages.start || end.is_none_or(|e| e > self.pages.end.min(self.mapping.len))
+        {
+            return Err(Error::OutsideRegion {
+                start: offset as u64,
+                end: offset as u64 + bytes.len() as u64,
+                len: self.mapping.len as u64,
+            });
+        }
+        // SAFETY: the range is inside the mapping and inside the pages this window made
+        // writable (checked above). The window borrows the region's write guard
+        // exclusively, so no reader's slice of these bytes is alive and no other writer
+        // runs. `bytes` is a caller's buffer, never the mapping's own memory: every slice
+        // of the mapping is borrowed from a guard that the window's borrow excludes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.mapping.start().add(offset),
+                bytes.len(),
+            )
+        }
+        Ok(())
+    }
+
     /// Stores `value` at `offset` as one atomic 32- or 64-bit store, or compares and
-    /// exchanges it. The caller holds a writable window over the word's page.
+    /// exchanges it. The word must lie inside the window's pages.
     pub fn atomic_word(
         &self,
         offset: usize,
@@ -208,20 +356,23 @@ impl Mapping {
         current: Option<u64>,
         new: u64,
     ) -> Result<Result<u64, u64>> {
-        if !(width == 4 || width == 8) || !offset.is_multiple_of(width) || offset + width > self.len
+        if !(width == 4 || width == 8)
+            || !offset.is_multiple_of(width)
+            || offset < self.pages.start
+            || offset + width > self.mapping.len.min(self.pages.end)
         {
             return Err(Error::OutsideRegion {
                 start: offset as u64,
                 end: (offset + width) as u64,
-                len: self.len as u64,
+                len: self.mapping.len as u64,
             });
         }
         use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-        // SAFETY: the word is inside the mapping and aligned to its width (checked
-        // above), the mapping is page-aligned so the address is too, and the caller holds
-        // a writable window over its page. Atomics on memory shared with other processes
-        // are sound for plain loads and stores of aligned words.
-        let ptr = unsafe { self.start().add(offset) };
+        // SAFETY: the word is inside the mapping and inside this window's writable pages,
+        // aligned to its width (checked above; the mapping is page-aligned so the address
+        // is too). Atomics on memory shared with other processes are sound for plain
+        // loads and stores of aligned words.
+        let ptr = unsafe { self.mapping.start().add(offset) };
         let result = if width == 4 {
             // SAFETY: aligned, valid and writable as established above.
             let word = unsafe { AtomicU32::from_ptr(ptr.cast::<u32>()) };
@@ -241,5 +392,19 @@ impl Mapping {
             }
         };
         Ok(result)
+    }
+}
+
+impl Drop for Window<'_> {
+    fn drop(&mut self) {
+        // Failing to make pages read-only again would leave them writable: there is no
+        // safe way to go on, so the process stops rather than run unprotected.
+        if let Err(error) =
+            self.mapping
+                .protect(self.pages.start, self.pages.end - self.pages.start, false)
+        {
+            eprintln!("memory-tier: cannot restore read-only protection: {error}");
+            std::process::abort();
+        }
     }
 }

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use byte_tier::{GgmlType, GgufWriter, MappedFile, TensorSpec};
 use memory_tier::{
-    AttachMode, Error, LiveModel, MemoryPatch, PatchTarget, Payload, ValueTransform, WindowPolicy,
+    Action, AttachMode, Error, Event, LiveModel, MemoryPatch, PatchTarget, Payload, ValueTransform,
+    WindowPolicy,
 };
 
 /// A small model: an F32 tensor of 64 KiB, a Q8_0 tensor and another F32 one.
@@ -156,12 +157,208 @@ fn conflicts_are_settled_by_priority() {
     assert!(!report[0].new_patch_wins);
     assert!(matches!(model.apply(equal), Err(Error::Conflict { .. })));
     let high = raw("high", s + 32..s + 96, 3).with_priority(5);
-    model.apply(high).unwrap();
+    let high_id = model.apply(high).unwrap();
     let bytes = model.read().bytes()[s as usize..s as usize + 96].to_vec();
-    // The lower patch was reverted before the higher one applied.
-    assert!(bytes[..32].iter().all(|&b| b != 1));
+    // The higher patch lies over the lower one, which stays applied where it is not
+    // covered.
+    assert!(bytes[..32].iter().all(|&b| b == 1));
     assert!(bytes[32..].iter().all(|&b| b == 3));
-    assert_eq!(model.applied().len(), 1);
+    assert_eq!(model.applied().len(), 2);
+    let covered = model.applied_patches();
+    assert_eq!(covered[0].covered_by, vec![high_id]);
+    assert!(covered[1].covered_by.is_empty());
+}
+
+/// The bytes of tensor `a` from its start, `len` of them.
+fn a_bytes(model: &LiveModel, len: usize) -> Vec<u8> {
+    let s = model.tensor("a").unwrap().data_offset as usize;
+    model.read().bytes()[s..s + len].to_vec()
+}
+
+#[test]
+fn reverting_a_patch_that_displaced_another_brings_the_displaced_one_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_model(dir.path());
+    let original = std::fs::read(&path).unwrap();
+    let model = LiveModel::attach(&path, AttachMode::Shared).unwrap();
+    let events = model.subscribe();
+    let s = model.tensor("a").unwrap().data_offset;
+    let before = a_bytes(&model, 96);
+    let a = model
+        .apply(raw("A", s..s + 64, 1).with_priority(1))
+        .unwrap();
+    let b = model
+        .apply(raw("B", s + 32..s + 96, 3).with_priority(5))
+        .unwrap();
+    model.revert(b).unwrap();
+    // A's bytes are back, and A is still applied: it can be reverted by its id.
+    let bytes = a_bytes(&model, 96);
+    assert!(bytes[..64].iter().all(|&x| x == 1), "{bytes:?}");
+    assert_eq!(&bytes[64..], &before[64..]);
+    assert_eq!(model.applied(), vec![(a, "A".to_owned())]);
+    let seen: Vec<Event> = events.try_iter().collect();
+    assert!(
+        seen.contains(&Event::Displaced { id: a, by: b }),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, Event::Restored { id, by, .. } if *id == a && *by == b)),
+        "{seen:?}"
+    );
+    let history = model.history();
+    assert!(
+        history
+            .iter()
+            .any(|h| h.id == a && h.action == Action::Restored)
+    );
+    model.revert(a).unwrap();
+    drop(model);
+    assert_eq!(std::fs::read(&path).unwrap(), original);
+}
+
+#[test]
+fn reverting_a_covered_patch_changes_only_its_uncovered_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_model(dir.path());
+    let original = std::fs::read(&path).unwrap();
+    let model = LiveModel::attach(&path, AttachMode::Shared).unwrap();
+    let s = model.tensor("a").unwrap().data_offset;
+    let before = a_bytes(&model, 96);
+    let a = model
+        .apply(raw("A", s..s + 64, 1).with_priority(1))
+        .unwrap();
+    let b = model
+        .apply(raw("B", s + 32..s + 96, 3).with_priority(5))
+        .unwrap();
+    model.revert(a).unwrap();
+    let bytes = a_bytes(&model, 96);
+    assert_eq!(&bytes[..32], &before[..32]);
+    assert!(bytes[32..].iter().all(|&x| x == 3));
+    // Reverting B now restores the original bytes, not A's.
+    model.revert(b).unwrap();
+    assert_eq!(a_bytes(&model, 96), before);
+    drop(model);
+    assert_eq!(std::fs::read(&path).unwrap(), original);
+}
+
+#[test]
+fn a_displacing_transform_starts_from_the_values_under_the_displaced_patch() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LiveModel::attach(small_model(dir.path()), AttachMode::Owned).unwrap();
+    let q = model.tensor("q").unwrap().data_range();
+    let before = model.read().bytes()[q.start as usize..q.end as usize].to_vec();
+    let low = MemoryPatch::transform("double", "q", ValueTransform::Scale(2.0)).with_priority(1);
+    model.apply(low).unwrap();
+    let high = MemoryPatch::transform("half", "q", ValueTransform::Scale(0.5)).with_priority(2);
+    let high_id = model.apply(high).unwrap();
+    // "half" replaces "double": the tensor holds half the original values, not the
+    // original ones.
+    let halved = {
+        let mut bytes = before.clone();
+        byte_tier::codec::transform_range(
+            model.tensor("q").unwrap().ggml_type,
+            &mut bytes,
+            0..model.tensor("q").unwrap().n_elements,
+            &byte_tier::codec::Transform::Scale(0.5),
+        )
+        .unwrap();
+        bytes
+    };
+    assert_eq!(
+        &model.read().bytes()[q.start as usize..q.end as usize],
+        &halved[..]
+    );
+    model.revert(high_id).unwrap();
+    model.revert_all().unwrap();
+    assert_eq!(
+        &model.read().bytes()[q.start as usize..q.end as usize],
+        &before[..]
+    );
+}
+
+#[test]
+fn patches_applied_before_a_restart_are_listed_again_and_revert_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_model(dir.path());
+    let original = std::fs::read(&path).unwrap();
+    let s;
+    let (a, b, expiry);
+    {
+        let model = LiveModel::attach(&path, AttachMode::Shared).unwrap();
+        s = model.tensor("a").unwrap().data_offset;
+        expiry = std::time::UNIX_EPOCH + std::time::Duration::from_secs(4_000_000_000);
+        a = model
+            .apply(
+                MemoryPatch::transform("scale q", "q", ValueTransform::Scale(0.5))
+                    .with_priority(1)
+                    .with_expiry(expiry),
+            )
+            .unwrap();
+        let low = model
+            .apply(raw("low", s..s + 64, 1).with_priority(1))
+            .unwrap();
+        b = model
+            .apply(raw("high", s + 32..s + 96, 3).with_priority(7))
+            .unwrap();
+        // Reverting the covered patch hands its originals to the one over it; the
+        // journal must remember that too.
+        model.revert(low).unwrap();
+        // Dropped without reverting, as a killed process would leave it.
+    }
+    let model = LiveModel::attach(&path, AttachMode::Shared).unwrap();
+    let listed = model.applied_patches();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0].patch.id, a);
+    assert_eq!(listed[0].patch.name, "scale q");
+    assert_eq!(listed[0].patch.priority, 1);
+    assert_eq!(listed[0].patch.expires_at, Some(expiry));
+    assert_eq!(
+        listed[0].patch.payload,
+        Payload::Transform(ValueTransform::Scale(0.5))
+    );
+    assert_eq!(listed[1].patch.id, b);
+    assert_eq!(listed[1].patch.priority, 7);
+    // A patch of lower priority over the listed one is still refused.
+    assert!(matches!(
+        model.apply(raw("lower", s + 40..s + 48, 9).with_priority(3)),
+        Err(Error::Conflict { .. })
+    ));
+    model.revert(b).unwrap();
+    model.revert(a).unwrap();
+    drop(model);
+    assert_eq!(std::fs::read(&path).unwrap(), original);
+}
+
+#[test]
+fn conflict_checks_run_against_a_writer_thread_without_tearing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LiveModel::attach(small_model(dir.path()), AttachMode::Owned).unwrap();
+    let s = model.tensor("a").unwrap().data_offset;
+    let probe = MemoryPatch::transform("probe", "q", ValueTransform::Scale(3.0)).with_priority(9);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for i in 0..200u32 {
+                let id = model
+                    .apply(raw(&format!("w{i}"), s..s + 64, (i % 250) as u8 + 1))
+                    .unwrap();
+                let scale =
+                    MemoryPatch::transform(format!("q{i}"), "q", ValueTransform::Scale(0.5));
+                let q = model.apply(scale).unwrap();
+                model.revert(q).unwrap();
+                model.revert(id).unwrap();
+            }
+        });
+        for _ in 0..400 {
+            // Planning reads the tensor's bytes; it must never see a half-written one.
+            let report = model.check_conflicts(&probe).unwrap();
+            assert!(report.len() <= 1);
+            assert!(report.iter().all(|c| c.new_patch_wins));
+            let planned = model.plan(std::slice::from_ref(&probe)).unwrap();
+            assert_eq!(planned.len(), 1);
+        }
+    });
+    assert!(model.applied().is_empty());
 }
 
 #[test]
