@@ -288,10 +288,13 @@ pub enum Error {
     },
     /// Another writer holds the journal (another hotpatch process editing the same file),
     /// or it was opened read-only.
-    #[error("journal {path} is in use by another writer")]
+    #[error("journal {path} is in use by another writer{}", holder.as_ref().map(|h| format!(": {h}")).unwrap_or_default())]
     JournalBusy {
         /// The journal.
         path: PathBuf,
+        /// Who holds it, when that can be found out: the process id and what the process
+        /// said about itself (a `hotpatch serve` names its admin API).
+        holder: Option<String>,
     },
     /// No transaction has this id.
     #[error("no transaction {0}")]
@@ -302,6 +305,13 @@ pub enum Error {
     /// The transaction was already reverted.
     #[error("transaction {0} was already reverted")]
     AlreadyReverted(u64),
+    /// The transaction carries a note of the program that made it (a live model's
+    /// patches, which later patches may lie over): only that program can revert it
+    /// correctly.
+    #[error(
+        "transaction {0} was made by a live model (its patches may lie under later ones): revert it through the live model, as `hotpatch revert` does"
+    )]
+    NotedTransaction(u64),
     /// The bytes a transaction wrote have changed since: reverting would destroy
     /// someone else's change.
     #[error(

@@ -120,11 +120,14 @@ impl InPlaceFile {
         Gguf::parse(self.map.bytes())
     }
 
-    /// The last committed transaction that is not a revert and has not been reverted.
+    /// The last committed transaction that is not a revert, has not been reverted, and
+    /// carries no maker's note (those are reverted by their maker: see
+    /// [`Error::NotedTransaction`]).
     pub fn last_revertible(&self) -> Option<&Transaction> {
         self.journal.transactions().iter().rev().find(|t| {
             matches!(t.state, TransactionState::Committed(_))
                 && t.reverts.is_none()
+                && t.note.is_empty()
                 && self.journal.reverted_by(t.id).is_none()
         })
     }
@@ -212,6 +215,9 @@ impl InPlaceFile {
         }
         if self.journal.reverted_by(transaction).is_some() {
             return Err(Error::AlreadyReverted(transaction));
+        }
+        if !txn.note.is_empty() {
+            return Err(Error::NotedTransaction(transaction));
         }
         let bytes = self.map.bytes();
         let mut writes = Vec::with_capacity(txn.writes.len());

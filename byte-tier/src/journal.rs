@@ -42,6 +42,43 @@ pub fn journal_path(target: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Who holds the lock on `file`: the process id from `/proc/locks` (Linux), and what that
+/// process wrote in the holder note, if the note is its own.
+fn lock_holder(file: &File, journal: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // "1: FLOCK  ADVISORY  WRITE 12345 fd:01:1234567 0 EOF"
+    let pid = locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (pid, id) = (fields.get(4)?, fields.get(5)?);
+        let mut parts = id.split(':');
+        let dev_major = u32::from_str_radix(parts.next()?, 16).ok()?;
+        let dev_minor = u32::from_str_radix(parts.next()?, 16).ok()?;
+        let inode: u64 = parts.next()?.parse().ok()?;
+        (fields.get(1) == Some(&"FLOCK")
+            && dev_major == major
+            && dev_minor == minor
+            && inode == meta.ino())
+        .then(|| pid.parse::<u32>().ok())
+        .flatten()
+    })?;
+    let mut text = format!("process {pid}");
+    let note_path = {
+        let mut name = journal.as_os_str().to_owned();
+        name.push(".holder");
+        PathBuf::from(name)
+    };
+    if let Ok(note) = std::fs::read_to_string(note_path)
+        && let Some((note_pid, what)) = note.split_once('\n')
+        && note_pid.trim() == pid.to_string()
+    {
+        text.push_str(&format!(" ({})", what.trim()));
+    }
+    Some(text)
+}
+
 /// Crashes the process on purpose at a named point when `HOTPATCH_FAILPOINT` names it:
 /// the crash-consistency tests use it to stop between every durable step. `abort` skips
 /// every destructor and buffer flush, as a kill does.
@@ -123,6 +160,18 @@ pub struct Journal {
     torn_tail: bool,
     transactions: Vec<Transaction>,
     writable: bool,
+    /// The holder note this journal wrote, removed when it is closed.
+    holder_note: Option<PathBuf>,
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        if let Some(note) = &self.holder_note {
+            // Best effort: a note left behind names a process that no longer holds the
+            // lock, and is never shown (the lock holder's id must match it).
+            let _ignored = std::fs::remove_file(note);
+        }
+    }
 }
 
 impl Journal {
@@ -147,7 +196,10 @@ impl Journal {
                 Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
-                Err(std::fs::TryLockError::WouldBlock) => return Err(Error::JournalBusy { path }),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let holder = lock_holder(&file, &path);
+                    return Err(Error::JournalBusy { path, holder });
+                }
                 Err(std::fs::TryLockError::Error(e)) => {
                     return Err(Error::io("lock journal", &path, e));
                 }
@@ -186,6 +238,7 @@ impl Journal {
             torn_tail: false,
             transactions: Vec::new(),
             writable,
+            holder_note: None,
         };
         journal.scan()?;
         Ok(journal)
@@ -194,6 +247,23 @@ impl Journal {
     /// The journal's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Says who holds this journal, for the error another writer gets while it is held
+    /// (`hotpatch serve, admin API at http://…`). Written beside the journal with this
+    /// process's id, replaced atomically, and removed when the journal is closed.
+    pub fn describe_holder(&mut self, what: &str) -> Result<()> {
+        let mut note = self.path.as_os_str().to_owned();
+        note.push(".holder");
+        let note = PathBuf::from(note);
+        let mut temporary = note.as_os_str().to_owned();
+        temporary.push(".tmp");
+        let temporary = PathBuf::from(temporary);
+        std::fs::write(&temporary, format!("{}\n{what}\n", std::process::id()))
+            .and_then(|()| std::fs::rename(&temporary, &note))
+            .map_err(|e| Error::io("write the journal's holder note", &note, e))?;
+        self.holder_note = Some(note);
+        Ok(())
     }
 
     /// Every transaction, oldest first.
@@ -348,6 +418,7 @@ impl Journal {
         if !self.writable {
             return Err(Error::JournalBusy {
                 path: self.path.clone(),
+                holder: Some("it was opened to read the history only".into()),
             });
         }
         self.cut_torn_tail()?;

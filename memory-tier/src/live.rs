@@ -648,6 +648,19 @@ impl LiveModel {
         Ok(())
     }
 
+    /// Says who holds this model's journal, so that another writer's refusal names it
+    /// (a `hotpatch serve` gives its admin API). Nothing happens for a region without a
+    /// journal.
+    pub fn describe_writer(&self, what: &str) -> Result<()> {
+        if let Some(journal) = &self.journal {
+            journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .describe_holder(what)?;
+        }
+        Ok(())
+    }
+
     /// Sets how writes are grouped into windows.
     pub fn set_window_policy(&mut self, policy: WindowPolicy) {
         self.policy = policy;
@@ -826,14 +839,32 @@ impl LiveModel {
             .collect()
     }
 
-    /// The patch applied by journal transaction `transaction`, if it is still applied.
-    pub fn patch_of_transaction(&self, transaction: u64) -> Option<Uuid> {
+    /// The patches journal transaction `transaction` applied that are still applied,
+    /// oldest first.
+    pub fn patches_of_transaction(&self, transaction: u64) -> Vec<Uuid> {
         self.region
             .read()
             .applied
             .iter()
-            .find(|a| a.journal_transaction == Some(transaction))
+            .filter(|a| a.journal_transaction == Some(transaction))
             .map(|a| a.patch.id)
+            .collect()
+    }
+
+    /// Reverts every patch that journal transaction `transaction` applied and that is
+    /// still applied, newest first; returns their ids. Empty when none is.
+    pub fn revert_transaction(&self, transaction: u64) -> Result<Vec<Uuid>> {
+        let mut region = self.region.write();
+        let ids: Vec<Uuid> = region
+            .applied
+            .iter()
+            .filter(|a| a.journal_transaction == Some(transaction))
+            .map(|a| a.patch.id)
+            .collect();
+        for id in ids.iter().rev() {
+            self.revert_locked(&mut region, *id)?;
+        }
+        Ok(ids)
     }
 
     /// The bytes a patch owns: checked against the region and its tensor.

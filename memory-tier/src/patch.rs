@@ -38,8 +38,14 @@ pub enum PatchTarget {
     Raw(Range<u64>),
 }
 
-/// A value transform, carried out by byte-tier's codecs.
-#[derive(Clone, Debug, PartialEq)]
+/// A value transform, carried out by byte-tier's codecs: the one transform type of the
+/// command line, the admin API, presets and patches, with one validation.
+///
+/// Serialized as a table with exactly one key (JSON `{"scale": 0.5}`, TOML
+/// `{ scale = 0.5 }`): `scale`, `offset`, `clamp = [min, max]`, `zero = true` or
+/// `set = [values…]`. Deserializing validates: finite numbers, `min <= max`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "TransformFields", into = "TransformFields")]
 #[non_exhaustive]
 pub enum ValueTransform {
     /// Multiply by a factor (on block scales alone where the type allows).
@@ -59,7 +65,129 @@ pub enum ValueTransform {
     Set(Vec<f32>),
 }
 
+/// The serialized form of a [`ValueTransform`]: one key of several.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransformFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scale: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offset: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clamp: Option<[f32; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    zero: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    set: Option<Vec<f32>>,
+}
+
+impl TryFrom<TransformFields> for ValueTransform {
+    type Error = String;
+
+    fn try_from(fields: TransformFields) -> Result<ValueTransform, String> {
+        let transform = match fields {
+            TransformFields {
+                scale: Some(f),
+                offset: None,
+                clamp: None,
+                zero: None,
+                set: None,
+            } => ValueTransform::Scale(f),
+            TransformFields {
+                scale: None,
+                offset: Some(f),
+                clamp: None,
+                zero: None,
+                set: None,
+            } => ValueTransform::Offset(f),
+            TransformFields {
+                scale: None,
+                offset: None,
+                clamp: Some([min, max]),
+                zero: None,
+                set: None,
+            } => ValueTransform::Clamp { min, max },
+            TransformFields {
+                scale: None,
+                offset: None,
+                clamp: None,
+                zero: Some(zero),
+                set: None,
+            } => {
+                if !zero {
+                    return Err("zero must be true".into());
+                }
+                ValueTransform::Zero
+            }
+            TransformFields {
+                scale: None,
+                offset: None,
+                clamp: None,
+                zero: None,
+                set: Some(values),
+            } => ValueTransform::Set(values),
+            _ => return Err("give exactly one of scale, offset, clamp, zero = true, set".into()),
+        };
+        transform.validate()?;
+        Ok(transform)
+    }
+}
+
+impl From<ValueTransform> for TransformFields {
+    fn from(transform: ValueTransform) -> TransformFields {
+        let mut fields = TransformFields::default();
+        match transform {
+            ValueTransform::Scale(f) => fields.scale = Some(f),
+            ValueTransform::Offset(f) => fields.offset = Some(f),
+            ValueTransform::Clamp { min, max } => fields.clamp = Some([min, max]),
+            ValueTransform::Zero => fields.zero = Some(true),
+            ValueTransform::Set(values) => fields.set = Some(values),
+        }
+        fields
+    }
+}
+
 impl ValueTransform {
+    /// Checks what can be checked without a tensor: every number finite, `min <= max`.
+    /// The codec checks the rest (the number of values to set, scales that overflow).
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |v: f32, what: &str| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(format!("{what} {v} is not finite"))
+            }
+        };
+        match self {
+            ValueTransform::Scale(f) => finite(*f, "scale"),
+            ValueTransform::Offset(f) => finite(*f, "offset"),
+            ValueTransform::Clamp { min, max } => {
+                finite(*min, "clamp minimum")?;
+                finite(*max, "clamp maximum")?;
+                if min > max {
+                    return Err(format!("clamp minimum {min} exceeds maximum {max}"));
+                }
+                Ok(())
+            }
+            ValueTransform::Zero => Ok(()),
+            ValueTransform::Set(values) => match values.iter().position(|v| !v.is_finite()) {
+                Some(i) => Err(format!("value {i} to set ({}) is not finite", values[i])),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// A short description: `scale 0.5`, `clamp -1 1`, `set 4096 values`.
+    pub fn describe(&self) -> String {
+        match self {
+            ValueTransform::Scale(f) => format!("scale {f}"),
+            ValueTransform::Offset(f) => format!("offset {f}"),
+            ValueTransform::Clamp { min, max } => format!("clamp {min} {max}"),
+            ValueTransform::Zero => "zero".into(),
+            ValueTransform::Set(values) => format!("set {} values", values.len()),
+        }
+    }
+
     /// The codec's form of this transform, borrowing its values.
     pub fn as_codec(&self) -> byte_tier::codec::Transform<'_> {
         use byte_tier::codec::Transform;

@@ -43,6 +43,8 @@ pub(crate) struct ModelOps {
     locks: Vec<Lock>,
     next_lock: u64,
     temporary: HashMap<Uuid, Temporary>,
+    /// Temporary patches whose revert failed when their time came, with why.
+    expiry_errors: Vec<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -56,9 +58,10 @@ struct Lock {
     reason: Option<String>,
 }
 
+/// The timer that reverts a temporary patch (its expiry is the patch's own, which the
+/// journal records).
 #[derive(Debug)]
 struct Temporary {
-    expires_at: SystemTime,
     task: tokio::task::AbortHandle,
 }
 
@@ -271,14 +274,16 @@ fn unix_seconds(at: SystemTime) -> f64 {
 
 async fn patches(State(shared): State<Arc<Shared>>) -> Result<Response> {
     let model = model(&shared)?;
-    let ops = shared.model_ops.lock().await;
     let list: Vec<Value> = model
-        .applied()
+        .applied_patches()
         .into_iter()
-        .map(|(id, name)| {
-            let expires = ops.temporary.get(&id).map(|t| unix_seconds(t.expires_at));
-            json!({"id": id.to_string(), "name": name, "temporary": expires.is_some(),
-                "expires_at": expires, "journal_transaction": model.journal_transaction(id)})
+        .map(|a| {
+            let expires = a.patch.expires_at.map(unix_seconds);
+            let covered_by: Vec<String> = a.covered_by.iter().map(Uuid::to_string).collect();
+            json!({"id": a.patch.id.to_string(), "name": a.patch.name,
+                "priority": a.patch.priority, "bytes": [a.range.start, a.range.end],
+                "temporary": expires.is_some(), "expires_at": expires,
+                "journal_transaction": a.journal_transaction, "covered_by": covered_by})
         })
         .collect();
     Ok(ok(Value::Array(list)))
@@ -300,12 +305,14 @@ async fn history(State(shared): State<Arc<Shared>>) -> Result<Response> {
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
+    let expiry_errors = shared.model_ops.lock().await.expiry_errors.clone();
     let model = shared.model.as_ref().map(|m| {
         let s = m.stats();
         json!({"patches_applied": s.patches_applied, "patches_reverted": s.patches_reverted,
             "applied_now": s.applied_now, "windows_opened": s.windows_opened, "writes": s.writes,
             "protection_calls": s.protection_calls, "bytes_written": s.bytes_written,
-            "undo_bytes_held": s.undo_bytes_held, "epoch": m.epoch()})
+            "undo_bytes_held": s.undo_bytes_held, "epoch": m.epoch(),
+            "expiry_errors": expiry_errors})
     });
     let cache = shared.cache.load();
     ok(json!({
@@ -316,23 +323,13 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     }))
 }
 
-/// The transform of a patch request: `{"scale": f}`, `{"offset": f}`, `{"clamp": [a, b]}`
-/// or `{"zero": true}`.
-#[derive(Clone, Copy, Debug, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-enum TransformBody {
-    Scale(f32),
-    Offset(f32),
-    Clamp([f32; 2]),
-    Zero(bool),
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PatchBody {
     name: String,
     tensor: String,
-    transform: TransformBody,
+    /// Memory-tier's one transform type, validated as it is read.
+    transform: ValueTransform,
     /// Element range `[start, end)`.
     #[serde(default)]
     range: Option<[u64; 2]>,
@@ -349,49 +346,20 @@ struct PatchBody {
     drain_timeout_secs: Option<u64>,
 }
 
-impl TransformBody {
-    fn value_transform(self) -> Result<ValueTransform> {
-        let finite = |f: f32| {
-            if f.is_finite() {
-                Ok(f)
-            } else {
-                Err(Error::BadRequest(format!("transform: {f} is not finite")))
-            }
-        };
-        Ok(match self {
-            TransformBody::Scale(f) => ValueTransform::Scale(finite(f)?),
-            TransformBody::Offset(f) => ValueTransform::Offset(finite(f)?),
-            TransformBody::Clamp([min, max]) => {
-                if finite(min)? > finite(max)? {
-                    return Err(Error::BadRequest(format!("transform: clamp {min} > {max}")));
-                }
-                ValueTransform::Clamp { min, max }
-            }
-            TransformBody::Zero(true) => ValueTransform::Zero,
-            TransformBody::Zero(false) => {
-                return Err(Error::BadRequest("transform: zero must be true".into()));
-            }
-        })
-    }
-}
-
-/// The absolute byte range of a tensor's elements (whole blocks).
+/// The absolute byte range of a tensor's elements: whole blocks, refused otherwise, by
+/// the same rule the library applies to a patch.
 fn byte_range(model: &LiveModel, tensor: &str, elements: Option<[u64; 2]>) -> Result<Range<u64>> {
     let info = model.tensor(tensor)?;
     let Some([start, end]) = elements else {
         return Ok(info.data_offset..info.data_offset + info.n_bytes);
     };
-    if start >= end || end > info.n_elements {
+    if start >= end {
         return Err(Error::BadRequest(format!(
-            "range {start}..{end} is not inside tensor {tensor:?} of {} elements",
-            info.n_elements
+            "range {start}..{end} of tensor {tensor:?} is empty"
         )));
     }
-    let block_len = info.ggml_type.block_len().max(1);
-    let block_bytes = info.ggml_type.block_bytes();
-    let first = start / block_len * block_bytes;
-    let last = end.div_ceil(block_len) * block_bytes;
-    Ok(info.data_offset + first..info.data_offset + last.min(info.n_bytes))
+    let span = byte_tier::tensor_edit::element_bytes(info, &(start..end))?;
+    Ok(info.data_offset + span.start..info.data_offset + span.end)
 }
 
 fn overlapping<'a>(locks: &'a [Lock], range: &Range<u64>) -> Option<&'a Lock> {
@@ -419,7 +387,7 @@ async fn drain(
 async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Result<Response> {
     let body: PatchBody = json_body(request).await?;
     let model = Arc::clone(model(&shared)?);
-    let transform = body.transform.value_transform()?;
+    let transform = body.transform.clone();
     if body.name.trim().is_empty() {
         return Err(Error::BadRequest("name: empty".into()));
     }
@@ -435,7 +403,16 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
             range.start, range.end, body.tensor, lock.id, lock.start, lock.end
         )));
     }
-    let patch = MemoryPatch::new(
+    let model_check = if shared.verify_model {
+        verify_model(&shared).await?;
+        "verified: the upstream serves this file"
+    } else {
+        "not verified: the proxy was started with --model-unverified, so this patch may not reach the model the upstream serves"
+    };
+    let expires_at = body
+        .ttl_secs
+        .map(|ttl| SystemTime::now() + Duration::from_secs(ttl));
+    let mut patch = MemoryPatch::new(
         body.name.clone(),
         PatchTarget::Tensor {
             name: body.tensor.clone(),
@@ -444,6 +421,7 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
         Payload::Transform(transform),
     )
     .with_priority(body.priority);
+    patch.expires_at = expires_at;
     let gate = if body.drain {
         let timeout = body
             .drain_timeout_secs
@@ -454,52 +432,158 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
     };
     let applied = {
         let model = Arc::clone(&model);
-        tokio::task::spawn_blocking(move || model.apply(patch))
+        tokio::task::spawn_blocking(move || model.apply_reported(vec![patch]))
             .await
             .map_err(|e| Error::Task(e.to_string()))?
     };
-    let id = match applied {
-        Ok(id) => id,
+    let report = match applied.map(|mut r| r.pop()) {
+        Ok(Some(report)) => report,
+        Ok(None) => return Err(Error::Task("the model applied no patch".into())),
         Err(error) => {
             shared.stats.patches_refused.fetch_add(1, Ordering::Relaxed);
             return Err(error.into());
         }
     };
+    let id = report.id;
     shared.stats.patches_applied.fetch_add(1, Ordering::Relaxed);
     shared.live_changes.fetch_add(1, Ordering::AcqRel);
     let epoch = shared.bump_epoch();
     let prompt_caches = erase_prompt_caches(&shared).await;
     drop(gate);
 
-    let expires_at = body.ttl_secs.map(|ttl| {
-        let expires_at = SystemTime::now() + Duration::from_secs(ttl);
-        let task_shared = Arc::clone(&shared);
-        let task = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(ttl)).await;
-            let mut ops = task_shared.model_ops.lock().await;
-            ops.temporary.remove(&id);
-            let _ = revert_locked(&task_shared, id).await;
-        });
-        ops.temporary.insert(
-            id,
-            Temporary {
-                expires_at,
-                task: task.abort_handle(),
-            },
-        );
-        unix_seconds(expires_at)
+    if let Some(at) = expires_at {
+        arm_expiry(&shared, &mut ops, id, at);
+    }
+    let transform_report = report.transform.as_ref().map(|t| {
+        json!({"path": format!("{:?}", t.path).to_lowercase(), "n_elements": t.n_elements,
+            "rms_error": t.rms_error, "max_abs_error": t.max_abs_error})
     });
+    let displaces: Vec<String> = report.displaces.iter().map(Uuid::to_string).collect();
     Ok(created(json!({
         "id": id.to_string(),
         "name": body.name,
         "tensor": body.tensor,
         "bytes": [range.start, range.end],
-        "journal_transaction": model.journal_transaction(id),
+        "bytes_changed": report.bytes_changed,
+        "runs": report.runs,
+        "transform_report": transform_report,
+        "displaces": displaces,
+        "journal_transaction": report.journal_transaction,
         "epoch": epoch,
         "drained": body.drain,
-        "expires_at": expires_at,
+        "expires_at": expires_at.map(unix_seconds),
+        "model": model_check,
         "upstream_prompt_cache": prompt_caches,
     })))
+}
+
+/// Reverts patch `id` at `at` (at once when that has passed).
+fn arm_expiry(shared: &Arc<Shared>, ops: &mut ModelOps, id: Uuid, at: SystemTime) {
+    let wait = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    let task_shared = Arc::clone(shared);
+    let task = tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        let mut ops = task_shared.model_ops.lock().await;
+        ops.temporary.remove(&id);
+        if let Err(error) = revert_locked(&task_shared, id).await {
+            ops.expiry_errors
+                .push(format!("patch {id}: {}", error.chain()));
+        }
+    });
+    ops.temporary.insert(
+        id,
+        Temporary {
+            task: task.abort_handle(),
+        },
+    );
+}
+
+/// After a restart: temporary patches the journal lists are reverted at once when their
+/// time has passed, and re-armed with the time they have left otherwise.
+pub(crate) async fn rearm_temporary_patches(shared: &Arc<Shared>) -> Result<()> {
+    let Some(model) = shared.model.clone() else {
+        return Ok(());
+    };
+    let mut ops = shared.model_ops.lock().await;
+    for applied in model.applied_patches() {
+        let Some(at) = applied.patch.expires_at else {
+            continue;
+        };
+        if at <= SystemTime::now() {
+            revert_locked(shared, applied.patch.id).await?;
+        } else {
+            arm_expiry(shared, &mut ops, applied.patch.id, at);
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the attached model file is the one the upstream serves: the same file
+/// (device and inode) as its `GET /props` `model_path`, or, when that path is not
+/// visible here, the same tensor table as its `GET /v1/models` description (element
+/// count, bytes, vocabulary and embedding sizes).
+pub(crate) async fn verify_model(shared: &Shared) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let model = model(shared)?;
+    let ours = model
+        .path()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let refuse = |reason: String| {
+        Error::Config(format!(
+            "the model file {} is not the one the upstream serves: {reason}; start with --model set to the upstream's file, or pass --model-unverified to patch it anyway",
+            ours.display()
+        ))
+    };
+    let (status, props) = upstream_json(shared, Method::GET, "/props")
+        .await
+        .map_err(|e| refuse(format!("GET /props failed: {}", e.chain())))?;
+    let served = props.get("model_path").and_then(Value::as_str);
+    let Some(served) = served.filter(|_| status.is_success()) else {
+        return Err(refuse(format!(
+            "GET /props answered {status} without a model_path"
+        )));
+    };
+    let served_path = std::path::Path::new(served);
+    match (std::fs::metadata(served_path), std::fs::metadata(&ours)) {
+        (Ok(theirs), Ok(mine)) => {
+            if theirs.dev() == mine.dev() && theirs.ino() == mine.ino() {
+                Ok(())
+            } else {
+                Err(refuse(format!(
+                    "the upstream serves {served}, a different file"
+                )))
+            }
+        }
+        (Err(_), Ok(_)) => {
+            // The path is the upstream's (another machine or container): compare what
+            // it says about its tensors with this file's.
+            let (_, models) = upstream_json(shared, Method::GET, "/v1/models")
+                .await
+                .map_err(|e| refuse(format!("GET /v1/models failed: {}", e.chain())))?;
+            let meta = models
+                .pointer("/data/0/meta")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let n_params: u64 = model.tensors().iter().map(|t| t.n_elements).sum();
+            let size: u64 = model.tensors().iter().map(|t| t.n_bytes).sum();
+            let theirs = (
+                meta.get("n_params").and_then(Value::as_u64),
+                meta.get("size").and_then(Value::as_u64),
+            );
+            if theirs == (Some(n_params), Some(size)) {
+                Ok(())
+            } else {
+                Err(refuse(format!(
+                    "the upstream serves {served} (not visible here) with {:?} parameters in {:?} bytes; this file has {n_params} in {size}",
+                    theirs.0, theirs.1
+                )))
+            }
+        }
+        (_, Err(e)) => Err(refuse(format!("cannot read it: {e}"))),
+    }
 }
 
 async fn revert_patch(
@@ -553,16 +637,22 @@ async fn revert_locked(shared: &Arc<Shared>, id: Uuid) -> Result<Value> {
     )
 }
 
-/// Reverts every temporary patch that has not expired (at shutdown).
-pub(crate) async fn revert_temporary_patches(shared: &Arc<Shared>) {
+/// Reverts every temporary patch that has not expired (at shutdown). Returns what could
+/// not be reverted, with why; those stay in the journal with their expiry, and the next
+/// attach reverts them.
+pub(crate) async fn revert_temporary_patches(shared: &Arc<Shared>) -> Vec<String> {
     let mut ops = shared.model_ops.lock().await;
     let ids: Vec<Uuid> = ops.temporary.keys().copied().collect();
+    let mut failures = Vec::new();
     for id in ids {
         if let Some(temporary) = ops.temporary.remove(&id) {
             temporary.task.abort();
         }
-        let _ = revert_locked(shared, id).await;
+        if let Err(error) = revert_locked(shared, id).await {
+            failures.push(format!("patch {id}: {}", error.chain()));
+        }
     }
+    failures
 }
 
 // ----- locks -----

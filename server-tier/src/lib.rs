@@ -136,6 +136,11 @@ pub struct ProxyConfig {
     /// keeps states computed with old weights and cannot be cleared over HTTP. On by
     /// default; turn it off only for an upstream started with `--cache-ram 0`.
     pub guard_prompt_cache: bool,
+    /// Check that [`ProxyConfig::model`] is the file the upstream serves (its
+    /// `GET /props` `model_path`: the same file, or the same header and tensor table
+    /// when that path is not visible here), at start and before every live patch. On by
+    /// default; without it every patch reply says the model was not verified.
+    pub verify_model: bool,
 }
 
 impl ProxyConfig {
@@ -149,6 +154,7 @@ impl ProxyConfig {
             admin: AdminAccess::Disabled,
             limits: Limits::default(),
             guard_prompt_cache: true,
+            verify_model: true,
         }
     }
 }
@@ -184,6 +190,10 @@ impl Proxy {
             return Err(Error::Config("the admin token is empty".into()));
         }
         let shared = Arc::new(Shared::new(&config)?);
+        if shared.model.is_some() && shared.verify_model {
+            admin::verify_model(&shared).await?;
+        }
+        admin::rearm_temporary_patches(&shared).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Io {
@@ -194,6 +204,11 @@ impl Proxy {
             action: "read the listening address".into(),
             source,
         })?;
+        if let Some(model) = &shared.model {
+            model.describe_writer(&format!(
+                "hotpatch serve, admin API at http://{local_addr}/admin: send patches there with --server http://{local_addr} --admin-token-file FILE"
+            ))?;
+        }
         let router = proxy::router(Arc::clone(&shared));
         // Small writes (SSE events, short answers) go out at once rather than waiting for
         // the client's acknowledgement of the previous segment.
@@ -239,7 +254,13 @@ impl Proxy {
         if finished.is_err() {
             self.server.abort();
         }
-        admin::revert_temporary_patches(&self.shared).await;
+        let failures = admin::revert_temporary_patches(&self.shared).await;
+        if !failures.is_empty() {
+            return Err(Error::Config(format!(
+                "temporary patches could not be reverted at shutdown (the journal keeps their expiry; the next start reverts them): {}",
+                failures.join("; ")
+            )));
+        }
         match finished {
             Ok(Ok(Ok(()))) | Err(_) => Ok(()),
             Ok(Ok(Err(source))) => Err(Error::Io {

@@ -129,9 +129,10 @@ pub(crate) fn document() -> Value {
                         {"type": "object", "required": ["scale"], "properties": {"scale": {"type": "number"}}},
                         {"type": "object", "required": ["offset"], "properties": {"offset": {"type": "number"}}},
                         {"type": "object", "required": ["clamp"], "properties": {"clamp": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}}},
-                        {"type": "object", "required": ["zero"], "properties": {"zero": {"const": true}}}
+                        {"type": "object", "required": ["zero"], "properties": {"zero": {"const": true}}},
+                        {"type": "object", "required": ["set"], "properties": {"set": {"type": "array", "items": {"type": "number"}}}}
                     ]},
-                    "range": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2, "description": "Element range [start, end), whole blocks"},
+                    "range": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2, "description": "Element range [start, end), whole blocks of the tensor's type (refused otherwise)"},
                     "priority": {"type": "integer"},
                     "ttl_secs": {"type": "integer", "minimum": 1, "description": "Revert by itself after this long"},
                     "drain": {"type": "boolean", "description": "Hold new requests and wait for in-flight ones first"},

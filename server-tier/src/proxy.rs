@@ -116,6 +116,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     pub(crate) admin: AdminAuth,
     pub(crate) model: Option<Arc<memory_tier::LiveModel>>,
+    /// Whether the model file must be checked against the one the upstream serves.
+    pub(crate) verify_model: bool,
     pub(crate) model_ops: tokio::sync::Mutex<crate::admin::ModelOps>,
 }
 
@@ -163,6 +165,7 @@ impl Shared {
             stats,
             admin,
             model,
+            verify_model: config.verify_model,
             model_ops: tokio::sync::Mutex::new(crate::admin::ModelOps::default()),
         })
     }

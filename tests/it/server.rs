@@ -714,6 +714,8 @@ fn server_locks_and_temporary_patches_on_an_attached_model() {
     let mut config = ProxyConfig::new(upstream.url(), local());
     config.admin = AdminAccess::InsecureLoopback;
     config.model = Some(model.clone());
+    // The test upstream is not a llama-server and serves no model file.
+    config.verify_model = false;
     let proxy = start_proxy(&runtime, config);
     let port = proxy.local_addr().port();
     let call = |method: &str, path: &str, body: Option<Value>| {

@@ -32,6 +32,15 @@ pub enum Error {
     /// No preset has this name.
     #[error("no preset named {0:?}")]
     NoSuchPreset(String),
+    /// A change failed, and undoing what had been done before it failed too: the error a
+    /// user most needs to see, since something is left half-applied.
+    #[error("{error}; rolling back what was already done also failed: {}", rollback.join("; "))]
+    RollbackFailed {
+        /// What failed first.
+        error: Box<Error>,
+        /// Each undo step that failed, with why.
+        rollback: Vec<String>,
+    },
     /// A preset's or pipeline's request cannot be carried out as asked.
     #[error("{0}")]
     Refused(String),

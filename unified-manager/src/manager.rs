@@ -287,16 +287,28 @@ impl Manager {
             for rule in rules {
                 let name = rule.name.clone();
                 if let Err(error) = server.add_rule(rule) {
+                    let mut rollback = Vec::new();
                     for name in added.iter().rev() {
-                        let _ = server.remove_rule(name);
+                        if let Err(e) = server.remove_rule(name) {
+                            rollback.push(format!("removing rule {name:?}: {e}"));
+                        }
                     }
-                    let _ = self.change(id, |live| {
+                    let reverted = self.change(id, |live| {
                         for patch in ids.iter().rev() {
                             live.revert(*patch)?;
                         }
                         Ok(())
                     });
-                    return Err(error);
+                    if let Err(e) = reverted {
+                        rollback.push(format!("reverting the memory patches: {e}"));
+                    }
+                    if rollback.is_empty() {
+                        return Err(error);
+                    }
+                    return Err(Error::RollbackFailed {
+                        error: Box::new(error),
+                        rollback,
+                    });
                 }
                 added.push(name);
             }

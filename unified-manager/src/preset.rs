@@ -29,63 +29,9 @@ use crate::manager::{Manager, ModelId, Patch, Receipt};
 use crate::safety::{Repair, ServerDefaults};
 use crate::server::Rule;
 
-/// A value transform in a preset: exactly one of the fields.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TransformSpec {
-    /// Multiply by this factor.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scale: Option<f32>,
-    /// Add this constant.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offset: Option<f32>,
-    /// Clamp into `[min, max]`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clamp: Option<[f32; 2]>,
-    /// Set to zero (`true`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zero: Option<bool>,
-}
-
-impl TransformSpec {
-    /// The memory tier's transform, after checking that exactly one is given and that
-    /// its values are finite.
-    pub fn to_transform(&self) -> std::result::Result<ValueTransform, String> {
-        let finite = |v: f32, what: &str| {
-            if v.is_finite() {
-                Ok(v)
-            } else {
-                Err(format!("{what} must be finite"))
-            }
-        };
-        let given = [
-            self.scale.is_some(),
-            self.offset.is_some(),
-            self.clamp.is_some(),
-            self.zero == Some(true),
-        ]
-        .iter()
-        .filter(|g| **g)
-        .count();
-        if given != 1 {
-            return Err("give exactly one of scale, offset, clamp, zero = true".to_owned());
-        }
-        if let Some(f) = self.scale {
-            return Ok(ValueTransform::Scale(finite(f, "scale")?));
-        }
-        if let Some(f) = self.offset {
-            return Ok(ValueTransform::Offset(finite(f, "offset")?));
-        }
-        if let Some([min, max]) = self.clamp {
-            let (min, max) = (finite(min, "clamp")?, finite(max, "clamp")?);
-            if min > max {
-                return Err(format!("clamp [{min}, {max}] is reversed"));
-            }
-            return Ok(ValueTransform::Clamp { min, max });
-        }
-        Ok(ValueTransform::Zero)
-    }
-}
+/// The transform of a memory patch in a preset: memory-tier's one transform type
+/// (`transform = { scale = 0.5 }`), validated as it is read.
+pub type TransformSpec = ValueTransform;
 
 /// A memory patch in a preset: a transform of a tensor's values (or of an element range).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -108,7 +54,8 @@ pub struct MemoryPatchSpec {
 impl MemoryPatchSpec {
     /// The memory-tier patch.
     pub fn to_patch(&self) -> std::result::Result<MemoryPatch, String> {
-        let transform = self.transform.to_transform()?;
+        self.transform.validate()?;
+        let transform = self.transform.clone();
         let elements = self.elements.map(|[start, end]| start..end);
         Ok(MemoryPatch::new(
             self.name.clone(),
@@ -185,7 +132,7 @@ impl Preset {
         }
         let mut names = HashSet::new();
         for (i, spec) in self.memory_patches.iter().enumerate() {
-            if let Err(message) = spec.transform.to_transform() {
+            if let Err(message) = spec.transform.validate() {
                 return bad(format!("memory_patch[{i}].transform"), message);
             }
             if let Some([start, end]) = spec.elements

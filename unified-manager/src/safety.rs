@@ -476,10 +476,24 @@ impl Manager {
             }
             let name = rule.name.clone();
             if let Err(error) = server.add_rule(rule) {
-                for name in added.iter().rev() {
-                    let _ = server.remove_rule(name);
+                let rollback: Vec<String> = added
+                    .iter()
+                    .rev()
+                    .filter_map(|added| {
+                        server
+                            .remove_rule(added)
+                            .err()
+                            .map(|e| format!("removing rule {added:?}: {e}"))
+                    })
+                    .collect();
+                let error = Error::Server(format!("rule {name:?}: {error}"));
+                if rollback.is_empty() {
+                    return Err(error);
                 }
-                return Err(Error::Server(format!("rule {name:?}: {error}")));
+                return Err(Error::RollbackFailed {
+                    error: Box::new(error),
+                    rollback,
+                });
             }
             added.push(name);
         }

@@ -153,6 +153,33 @@ impl AdminClient {
     }
 }
 
+impl AdminClient {
+    /// Applies a live patch through the proxy (`POST /admin/patches`); the answer is
+    /// the proxy's report.
+    pub fn apply_patch(&self, body: Value) -> Result<Value> {
+        self.call("POST", "/admin/patches", Some(body))
+    }
+
+    /// The patches the proxy has applied (`GET /admin/patches`).
+    pub fn patches(&self) -> Result<Vec<Value>> {
+        match self.call("GET", "/admin/patches", None)? {
+            Value::Array(list) => Ok(list),
+            other => Err(Error::Server(format!(
+                "GET /admin/patches: expected a list, got {other}"
+            ))),
+        }
+    }
+
+    /// Reverts a live patch through the proxy (`DELETE /admin/patches/{id}`).
+    pub fn revert_patch(&self, id: &str) -> Result<Value> {
+        self.call(
+            "DELETE",
+            &format!("/admin/patches/{}", encode_segment(id)),
+            None,
+        )
+    }
+}
+
 impl ServerLink for AdminClient {
     fn rules(&self) -> Result<Vec<Rule>> {
         let value = self.call("GET", "/admin/rules", None)?;

@@ -5,6 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use byte_tier::{BytePatcher, InPlaceFile, Journal, TransactionState};
+use memory_tier::{AttachMode, LiveModel};
 use serde_json::json;
 
 /// Arguments of `hotpatch history`.
@@ -31,6 +32,13 @@ pub struct RevertArgs {
     /// Say what would be restored and write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Revert through the admin API of the `hotpatch serve` that holds FILE
+    /// (`http://127.0.0.1:8081`), so that its caches stay right.
+    #[arg(long, value_name = "URL", requires = "admin_token_file")]
+    pub server: Option<String>,
+    /// A file holding that proxy's admin token.
+    #[arg(long, value_name = "FILE", requires = "server")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Arguments of `hotpatch recover`.
@@ -127,15 +135,58 @@ pub fn history(args: &HistoryArgs) -> anyhow::Result<()> {
 }
 
 pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
+    if let Some(server) = &args.server {
+        return revert_through_server(args, server);
+    }
+    // Live patches (the journal notes them) are reverted through a live model, which
+    // knows what lies over what; other transactions byte for byte.
+    let model = LiveModel::attach(&args.file, AttachMode::Shared)
+        .with_context(|| format!("open {} for in-place editing", args.file.display()))?;
+    let id = match args.id {
+        Some(id) => id,
+        None => {
+            let live_last = model
+                .applied_patches()
+                .iter()
+                .filter_map(|a| a.journal_transaction)
+                .max();
+            let journal = Journal::open_read_only(&args.file)?;
+            let plain_last = journal
+                .transactions()
+                .iter()
+                .rev()
+                .find(|t| {
+                    matches!(t.state, TransactionState::Committed(_))
+                        && t.reverts.is_none()
+                        && t.note.is_empty()
+                        && journal.reverted_by(t.id).is_none()
+                })
+                .map(|t| t.id);
+            match plain_last.max(live_last) {
+                Some(id) => id,
+                None => bail!("nothing to revert: no committed transaction is left unreverted"),
+            }
+        }
+    };
+    let live = model.patches_of_transaction(id);
+    if !live.is_empty() {
+        if args.dry_run {
+            println!(
+                "dry run: reverting transaction {id} would revert {} live patch(es)",
+                live.len()
+            );
+            return Ok(());
+        }
+        let reverted = model.revert_transaction(id)?;
+        println!(
+            "transaction {id}: reverted {} live patch(es) (their bytes checked before and after)",
+            reverted.len()
+        );
+        return Ok(());
+    }
+    drop(model);
     let mut file = InPlaceFile::open(&args.file)
         .with_context(|| format!("open {} for in-place editing", args.file.display()))?;
-    let id = match (args.id, args.last) {
-        (Some(id), _) => id,
-        (None, _) => match file.last_revertible() {
-            Some(t) => t.id,
-            None => bail!("nothing to revert: no committed transaction is left unreverted"),
-        },
-    };
     if args.dry_run {
         let writes = file.plan_revert(id)?;
         let bytes: usize = writes.iter().map(|w| w.bytes.len()).sum();
@@ -153,6 +204,49 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
             .map_or_else(|| "-".to_owned(), |t| t.to_string()),
         receipt.bytes
     );
+    Ok(())
+}
+
+/// Reverts through a running proxy's admin API: the patch that journal transaction ID
+/// applied, or the last one applied.
+fn revert_through_server(args: &RevertArgs, server: &str) -> anyhow::Result<()> {
+    let path = args
+        .admin_token_file
+        .as_deref()
+        .context("--server needs --admin-token-file")?;
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("read the admin token from {}", path.display()))?;
+    let client = unified_manager::server::AdminClient::new(server, Some(token.trim().to_owned()));
+    let patches = client.patches()?;
+    let chosen: Vec<&serde_json::Value> = match args.id {
+        Some(id) => patches
+            .iter()
+            .filter(|p| p.get("journal_transaction").and_then(|t| t.as_u64()) == Some(id))
+            .collect(),
+        None => patches.iter().last().into_iter().collect(),
+    };
+    if chosen.is_empty() {
+        bail!(
+            "the proxy at {server} holds no applied patch{}",
+            args.id
+                .map_or_else(String::new, |id| format!(" of transaction {id}"))
+        );
+    }
+    for patch in chosen.iter().rev() {
+        let id = patch
+            .get("id")
+            .and_then(|v| v.as_str())
+            .context("the proxy listed a patch without an id")?;
+        if args.dry_run {
+            println!("dry run: would revert live patch {id} through {server}");
+            continue;
+        }
+        client.revert_patch(id)?;
+        println!(
+            "reverted live patch {id} ({}) through {server}",
+            patch.get("name").and_then(|v| v.as_str()).unwrap_or("")
+        );
+    }
     Ok(())
 }
 

@@ -5,10 +5,14 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use byte_tier::codec::{self, Transform, TransformPath, read_npy_file, write_tensor_npy};
+use byte_tier::codec::{
+    self, Transform, TransformPath, TransformReport, read_npy_file, write_tensor_npy,
+};
 use byte_tier::tensor_edit::{TensorEdit, plan_transform};
 use byte_tier::{BytePatcher, InPlaceFile, MappedFile};
-use memory_tier::{AttachMode, LiveModel, MemoryPatch, PatchTarget, Payload, ValueTransform};
+use memory_tier::{
+    AttachMode, LiveModel, MemoryPatch, PatchReport, PatchTarget, Payload, ValueTransform,
+};
 use serde_json::json;
 
 /// Arguments of `hotpatch patch`.
@@ -45,6 +49,14 @@ pub struct PatchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Send the patch through the admin API of the `hotpatch serve` that holds FILE
+    /// (`http://127.0.0.1:8081`), so that its response cache and llama-server's prompt
+    /// caches stay right.
+    #[arg(long, value_name = "URL", requires = "admin_token_file")]
+    pub server: Option<String>,
+    /// A file holding that proxy's admin token.
+    #[arg(long, value_name = "FILE", requires = "server")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 fn parse_range(text: &str) -> Result<Range<u64>, String> {
@@ -59,141 +71,265 @@ fn parse_range(text: &str) -> Result<Range<u64>, String> {
     Ok(range)
 }
 
-/// The transform a command line asks for; `values` keeps .npy data alive.
-fn transform<'a>(
-    args: &PatchArgs,
-    values: &'a mut Vec<f32>,
-    expected_len: u64,
-) -> anyhow::Result<Transform<'a>> {
-    if let Some(f) = args.scale {
-        return Ok(Transform::Scale(f));
-    }
-    if let Some(f) = args.offset {
-        return Ok(Transform::Offset(f));
-    }
-    if let Some(bounds) = &args.clamp {
-        return Ok(Transform::Clamp {
+/// The transform a command line asks for, validated. `expected_len` is the number of
+/// elements a `--set-npy` file must hold.
+fn transform(args: &PatchArgs, expected_len: u64) -> anyhow::Result<ValueTransform> {
+    let transform = if let Some(f) = args.scale {
+        ValueTransform::Scale(f)
+    } else if let Some(f) = args.offset {
+        ValueTransform::Offset(f)
+    } else if let Some(bounds) = &args.clamp {
+        ValueTransform::Clamp {
             min: bounds[0],
             max: bounds[1],
-        });
-    }
-    if args.zero {
-        return Ok(Transform::Zero);
-    }
-    let path = args.set_npy.as_ref().context("no transform given")?;
-    let array = read_npy_file(path)?;
-    if array.values.len() as u64 != expected_len {
-        bail!(
-            "{} holds {} values (shape {:?}); the range has {expected_len}",
-            path.display(),
-            array.values.len(),
-            array.shape
-        );
-    }
-    *values = array.values;
-    Ok(Transform::Set(values))
+        }
+    } else if args.zero {
+        ValueTransform::Zero
+    } else {
+        let path = args.set_npy.as_ref().context("no transform given")?;
+        let array = read_npy_file(path)?;
+        if array.values.len() as u64 != expected_len {
+            bail!(
+                "{} holds {} values (shape {:?}); the range has {expected_len}",
+                path.display(),
+                array.values.len(),
+                array.shape
+            );
+        }
+        ValueTransform::Set(array.values)
+    };
+    transform.validate().map_err(anyhow::Error::msg)?;
+    Ok(transform)
 }
 
 fn describe(edit: &TensorEdit) -> String {
-    let path = match edit.report.path {
+    describe_parts(
+        &edit.tensor,
+        &edit.elements,
+        edit.changed_bytes,
+        edit.bytes(),
+        edit.writes.len(),
+        Some(&edit.report),
+    )
+}
+
+fn describe_parts(
+    tensor: &str,
+    elements: &Range<u64>,
+    changed_bytes: u64,
+    written: u64,
+    runs: usize,
+    report: Option<&TransformReport>,
+) -> String {
+    let Some(report) = report else {
+        return format!(
+            "{tensor} elements {}..{}: {changed_bytes} bytes change ({written} written in {runs} runs)",
+            elements.start, elements.end
+        );
+    };
+    let path = match report.path {
         TransformPath::Scales => "on the block scales alone",
         TransformPath::Elementwise => "element by element",
         _ => "dequantized, transformed and requantized",
     };
     format!(
-        "{} elements {}..{} {path}: {} bytes change ({} written in {} runs); error against the intended values: rms {:.3e}, max {:.3e}",
-        edit.tensor,
-        edit.elements.start,
-        edit.elements.end,
-        edit.changed_bytes,
-        edit.bytes(),
-        edit.writes.len(),
-        edit.report.rms_error,
-        edit.report.max_abs_error
+        "{tensor} elements {}..{} {path}: {changed_bytes} bytes change ({written} written in {runs} runs); error against the intended values: rms {:.3e}, max {:.3e}",
+        elements.start, elements.end, report.rms_error, report.max_abs_error
     )
 }
 
-/// The memory-tier form of the transform a command line asks for.
-fn value_transform(t: &Transform<'_>) -> ValueTransform {
-    match *t {
-        Transform::Scale(f) => ValueTransform::Scale(f),
-        Transform::Offset(f) => ValueTransform::Offset(f),
-        Transform::Clamp { min, max } => ValueTransform::Clamp { min, max },
-        Transform::Set(values) => ValueTransform::Set(values.to_vec()),
-        _ => ValueTransform::Zero,
+/// What one applied (or planned) patch did, as the command reports it.
+struct Outcome {
+    tensor: String,
+    elements: Range<u64>,
+    changed_bytes: u64,
+    runs: usize,
+    transform: Option<TransformReport>,
+    transaction: Option<u64>,
+    displaces: usize,
+}
+
+impl Outcome {
+    fn from_report(report: &PatchReport, elements: Range<u64>) -> Outcome {
+        Outcome {
+            tensor: report.tensor.clone().unwrap_or_default(),
+            elements,
+            changed_bytes: report.bytes_changed,
+            runs: report.runs,
+            transform: report.transform.clone(),
+            transaction: report.journal_transaction,
+            displaces: report.displaces.len(),
+        }
     }
 }
 
 pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
-    let mut values = Vec::new();
-    // Plan on a read-only map first: it checks everything and gives the report.
-    let (edit, value_transform) = {
+    let (elements, transform) = {
         let map = MappedFile::open(&args.file)?;
         let gguf = map.parse()?;
         let tensor = gguf.require_tensor(&args.tensor)?;
-        let range = args.range.clone().unwrap_or(0..tensor.n_elements);
-        let t = transform(args, &mut values, range.end.saturating_sub(range.start))?;
-        let edit = plan_transform(&gguf, &args.tensor, Some(range), &t)?;
-        (edit, value_transform(&t))
+        let elements = args.range.clone().unwrap_or(0..tensor.n_elements);
+        let transform = transform(args, elements.end.saturating_sub(elements.start))?;
+        (elements, transform)
     };
-    if args.dry_run {
-        report(args.json, &edit, None, true);
-        return Ok(());
+    let name = format!("patch {} {}", args.tensor, transform.describe());
+    if let Some(server) = &args.server {
+        return patch_through_server(args, server, &name, &elements, transform);
     }
-    if edit.writes.is_empty() {
-        report(args.json, &edit, None, false);
+    let patch = MemoryPatch::new(
+        name,
+        PatchTarget::Tensor {
+            name: args.tensor.clone(),
+            elements: Some(elements.clone()),
+        },
+        Payload::Transform(transform),
+    );
+    if args.dry_run {
+        // A private copy-on-write view: the same plan as the real apply, nothing written.
+        let model = LiveModel::attach(&args.file, AttachMode::Private)
+            .with_context(|| format!("map {}", args.file.display()))?;
+        let reports = model.plan(std::slice::from_ref(&patch))?;
+        let outcome = Outcome::from_report(&reports[0], elements);
+        print_outcome(args.json, &outcome, true);
         return Ok(());
     }
     // The write goes through a shared writable mapping of the file, under page
     // protection and through the journal: a llama-server that maps the file (on CPU,
-    // with --no-repack) computes its next token with the new values.
+    // with --no-repack) computes its next token with the new values. The transform is
+    // planned once, under the model's lock, and that plan is what is written and shown.
     let model = LiveModel::attach(&args.file, AttachMode::Shared)
-        .with_context(|| format!("attach to {}", args.file.display()))?;
-    let patch = MemoryPatch::new(
-        format!("patch {} {}", args.tensor, what(args)),
-        PatchTarget::Tensor {
-            name: args.tensor.clone(),
-            elements: Some(edit.elements.clone()),
-        },
-        Payload::Transform(value_transform),
-    );
-    let id = model.apply(patch)?;
-    report(args.json, &edit, model.journal_transaction(id), false);
+        .with_context(|| format!("attach to {}", args.file.display()))
+        .map_err(|e| with_server_hint(e, &args.file))?;
+    let reports = model.apply_reported(vec![patch])?;
+    let outcome = Outcome::from_report(&reports[0], elements);
+    print_outcome(args.json, &outcome, false);
     Ok(())
 }
 
-fn what(args: &PatchArgs) -> String {
-    match (
-        &args.scale,
-        &args.offset,
-        &args.clamp,
-        args.zero,
-        &args.set_npy,
-    ) {
-        (Some(f), ..) => format!("scale {f}"),
-        (_, Some(f), ..) => format!("offset {f}"),
-        (_, _, Some(b), ..) => format!("clamp {} {}", b[0], b[1]),
-        (_, _, _, true, _) => "zero".to_owned(),
-        (.., Some(p)) => format!("set from {}", p.display()),
-        _ => String::new(),
+/// When another writer holds the file, the way through it: its admin API.
+fn with_server_hint(error: anyhow::Error, file: &Path) -> anyhow::Error {
+    let busy = error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<byte_tier::Error>(),
+            Some(byte_tier::Error::JournalBusy { .. })
+        ) || matches!(
+            cause.downcast_ref::<memory_tier::Error>(),
+            Some(memory_tier::Error::Bytes(
+                byte_tier::Error::JournalBusy { .. }
+            ))
+        )
+    });
+    if busy {
+        error.context(format!(
+            "{} has another writer; if it is a hotpatch serve, send the change through it: --server URL --admin-token-file FILE",
+            file.display()
+        ))
+    } else {
+        error
     }
 }
 
-fn report(json: bool, edit: &TensorEdit, transaction: Option<u64>, dry_run: bool) {
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("read the admin token from {}", path.display()))?;
+    if token.trim().is_empty() {
+        bail!("the admin token file {} is empty", path.display());
+    }
+    Ok(token.trim().to_owned())
+}
+
+/// Sends the patch to a running proxy's admin API, which plans and applies it through
+/// the same library call and answers with the same report.
+fn patch_through_server(
+    args: &PatchArgs,
+    server: &str,
+    name: &str,
+    elements: &Range<u64>,
+    transform: ValueTransform,
+) -> anyhow::Result<()> {
+    if args.dry_run {
+        bail!("--dry-run plans on the file; without --server it writes nothing either");
+    }
+    let token = read_token(args.admin_token_file.as_deref().context("no token file")?)?;
+    let client = unified_manager::server::AdminClient::new(server, Some(token));
+    let reply = client.apply_patch(json!({
+        "name": name,
+        "tensor": args.tensor,
+        "transform": transform,
+        "range": [elements.start, elements.end],
+    }))?;
+    let transform_report = reply.get("transform_report").and_then(|t| {
+        Some(TransformReport {
+            path: match t.get("path")?.as_str()? {
+                "scales" => TransformPath::Scales,
+                "elementwise" => TransformPath::Elementwise,
+                _ => TransformPath::Requantized,
+            },
+            n_elements: t.get("n_elements")?.as_u64()?,
+            rms_error: t.get("rms_error")?.as_f64()?,
+            max_abs_error: t.get("max_abs_error")?.as_f64()?,
+        })
+    });
+    let outcome = Outcome {
+        tensor: args.tensor.clone(),
+        elements: elements.clone(),
+        changed_bytes: reply
+            .get("bytes_changed")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0),
+        runs: reply.get("runs").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
+        transform: transform_report,
+        transaction: reply.get("journal_transaction").and_then(|v| v.as_u64()),
+        displaces: reply
+            .get("displaces")
+            .and_then(|v| v.as_array())
+            .map_or(0, Vec::len),
+    };
+    print_outcome(args.json, &outcome, false);
+    if !args.json {
+        if let Some(id) = reply.get("id").and_then(|v| v.as_str()) {
+            println!("applied through {server} as live patch {id}");
+        }
+        if let Some(model) = reply.get("model").and_then(|v| v.as_str()) {
+            println!("model: {model}");
+        }
+    }
+    Ok(())
+}
+
+fn print_outcome(json: bool, outcome: &Outcome, dry_run: bool) {
+    let report = outcome.transform.as_ref();
     if json {
         println!(
             "{}",
-            json!({"dry_run": dry_run, "transaction": transaction, "tensor": edit.tensor,
-                "elements": [edit.elements.start, edit.elements.end], "bytes": edit.bytes(), "changed_bytes": edit.changed_bytes,
-                "writes": edit.writes.len(), "path": format!("{:?}", edit.report.path).to_lowercase(),
-                "rms_error": edit.report.rms_error, "max_abs_error": edit.report.max_abs_error})
+            json!({"dry_run": dry_run, "transaction": outcome.transaction, "tensor": outcome.tensor,
+                "elements": [outcome.elements.start, outcome.elements.end],
+                "bytes": outcome.changed_bytes, "changed_bytes": outcome.changed_bytes,
+                "writes": outcome.runs, "displaces": outcome.displaces,
+                "path": report.map(|r| format!("{:?}", r.path).to_lowercase()),
+                "rms_error": report.map(|r| r.rms_error),
+                "max_abs_error": report.map(|r| r.max_abs_error)})
         );
         return;
     }
-    match (dry_run, transaction) {
-        (true, _) => println!("dry run: {}", describe(edit)),
-        (false, Some(id)) => println!("patch id {id}: {}", describe(edit)),
-        (false, None) => println!("nothing changed: {}", describe(edit)),
+    let text = describe_parts(
+        &outcome.tensor,
+        &outcome.elements,
+        outcome.changed_bytes,
+        outcome.changed_bytes,
+        outcome.runs,
+        report,
+    );
+    match (dry_run, outcome.transaction) {
+        (true, _) => println!("dry run: {text}"),
+        (false, Some(id)) => println!("patch id {id}: {text}"),
+        (false, None) => println!("nothing changed: {text}"),
+    }
+    if outcome.displaces > 0 {
+        println!(
+            "it lies over {} applied patch(es) of lower priority; reverting it brings them back",
+            outcome.displaces
+        );
     }
 }
 

@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// that its prompt caches can be erased after each patch).
     #[arg(long, value_name = "FILE")]
     pub model: Option<PathBuf>,
+    /// Patch --model without checking that it is the file the upstream serves (its
+    /// `GET /props` model_path); every patch reply then says it was not verified.
+    #[arg(long, requires = "model")]
+    pub model_unverified: bool,
     /// A TOML rules file (`[[rule]]` tables and an optional `[cache]` table).
     #[arg(long, value_name = "FILE")]
     pub rules: Option<PathBuf>,
@@ -48,6 +52,7 @@ impl ServeArgs {
     pub fn config(&self) -> anyhow::Result<ProxyConfig> {
         let mut config = ProxyConfig::new(self.upstream.clone(), self.listen);
         config.model = self.model.clone();
+        config.verify_model = !self.model_unverified;
         if let Some(path) = &self.rules {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("read {}", path.display()))?;
