@@ -472,11 +472,7 @@ impl LiveModel {
             })?;
         let (mapping, journal) = match mode {
             AttachMode::Shared => {
-                // The journal is opened (and locked) first: it keeps every other writer
-                // out, and an unfinished in-place transaction is rolled back before the
-                // file is mapped.
-                let journal = Journal::open(path)?;
-                drop(journal);
+                // An unfinished in-place transaction is rolled back before anything else.
                 byte_tier::recover(path)?;
                 (
                     Mapping::shared(&file)?,

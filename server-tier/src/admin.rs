@@ -422,6 +422,8 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
     )
     .with_priority(body.priority);
     patch.expires_at = expires_at;
+    // How many requests the drain found in flight (and so waited for).
+    let in_flight_at_drain = shared.stats.in_flight.load(Ordering::Relaxed);
     let gate = if body.drain {
         let timeout = body
             .drain_timeout_secs
@@ -471,6 +473,7 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
         "journal_transaction": report.journal_transaction,
         "epoch": epoch,
         "drained": body.drain,
+        "in_flight_at_drain": body.drain.then_some(in_flight_at_drain),
         "expires_at": expires_at.map(unix_seconds),
         "model": model_check,
         "upstream_prompt_cache": prompt_caches,

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use server_tier::{AdminAccess, CacheSettings, Proxy, ProxyConfig, Rule, RuleSet};
@@ -322,20 +322,34 @@ action = { type = "system_prompt", text = "You are a terse assistant who answers
     let history = admin(port, "GET", "/admin/history", None).json();
     assert_eq!(history.as_array().unwrap().len(), 2);
 
-    // Drain-and-patch while requests are in flight: every request completes.
+    // Drain-and-patch while requests are in flight: the patch waits for them, and every
+    // request completes.
     let workers: Vec<_> = (0..6)
         .map(|i| {
             std::thread::spawn(move || {
-                post(
+                let status = post(
                     port,
                     "/completion",
-                    &json!({"prompt": format!("Count to {i}:"), "n_predict": 6, "temperature": 0.7}),
+                    &json!({"prompt": format!("Count to {i}:"), "n_predict": 24, "temperature": 0.7}),
                 )
-                .status
+                .status;
+                (status, Instant::now())
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
+    // The patch comes only once requests are in flight.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = admin(port, "GET", "/admin/stats", None).json();
+        if stats["proxy"]["in_flight"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request got in flight: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let drained = admin(
         port,
         "POST",
@@ -343,11 +357,27 @@ action = { type = "system_prompt", text = "You are a terse assistant who answers
         Some(&json!({"name": "drained", "tensor": "output_norm.weight",
             "transform": {"scale": 0.9}, "drain": true, "drain_timeout_secs": 120})),
     );
+    let replied = Instant::now();
     assert_eq!(drained.status, 201, "{}", drained.body);
-    assert_eq!(drained.json()["drained"], json!(true));
-    for worker in workers {
-        assert_eq!(worker.join().unwrap(), 200);
-    }
+    let drained = drained.json();
+    assert_eq!(drained["drained"], json!(true));
+    let waited_for = drained["in_flight_at_drain"].as_u64().unwrap();
+    assert!(waited_for >= 2, "{drained}");
+    let finished: Vec<Instant> = workers
+        .into_iter()
+        .map(|worker| {
+            let (status, at) = worker.join().unwrap();
+            assert_eq!(status, 200);
+            at
+        })
+        .collect();
+    // Every request that was in flight when the drain began finished before the patch
+    // was applied and answered.
+    let before_reply = finished.iter().filter(|at| **at <= replied).count() as u64;
+    assert!(
+        before_reply >= waited_for,
+        "{before_reply} requests finished before the patch answered; {waited_for} were in flight"
+    );
     let reverted = admin(port, "DELETE", "/admin/patches/drained?drain=true", None);
     assert_eq!(reverted.status, 200, "{}", reverted.body);
 

@@ -580,21 +580,28 @@ fn a_revert_refuses_bytes_changed_behind_its_back_and_read_only_files_are_refuse
     );
     drop(model);
 
-    let status = std::process::Command::new("chattr")
+    // Read-only for everyone: permissions stop other users, the immutable attribute
+    // stops root too. Where neither holds (root without chattr), the attach succeeds
+    // and the test fails: it never passes without checking.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let immutable = std::process::Command::new("chattr")
         .arg("+i")
         .arg(&path)
-        .status();
-    if status.is_ok_and(|s| s.success()) {
-        let result = LiveModel::attach(&path, AttachMode::Shared);
-        let _ = std::process::Command::new("chattr")
+        .status()
+        .is_ok_and(|s| s.success());
+    let result = LiveModel::attach(&path, AttachMode::Shared);
+    if immutable {
+        let undone = std::process::Command::new("chattr")
             .arg("-i")
             .arg(&path)
             .status();
-        assert!(
-            matches!(result, Err(Error::Bytes(byte_tier::Error::ReadOnly { .. }))),
-            "{result:?}"
-        );
+        assert!(undone.is_ok_and(|s| s.success()));
     }
+    assert!(
+        matches!(result, Err(Error::Bytes(byte_tier::Error::ReadOnly { .. }))),
+        "{result:?} (immutable attribute set: {immutable})"
+    );
 }
 
 #[test]
