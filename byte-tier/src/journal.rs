@@ -81,8 +81,9 @@ fn lock_holder(file: &File, journal: &Path) -> Option<String> {
 
 /// Crashes the process on purpose at a named point when `HOTPATCH_FAILPOINT` names it:
 /// the crash-consistency tests use it to stop between every durable step. `abort` skips
-/// every destructor and buffer flush, as a kill does.
-pub(crate) fn failpoint(name: &str) {
+/// every destructor and buffer flush, as a kill does. Public so that every writer that
+/// journals (the live model too) stops at the same named steps.
+pub fn failpoint(name: &str) {
     static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let configured = FAILPOINT.get_or_init(|| std::env::var("HOTPATCH_FAILPOINT").ok());
     if configured.as_deref() == Some(name) {

@@ -32,7 +32,7 @@ pub use gguf::{
     MetadataEntry, TensorInfo, align_up,
 };
 pub use inplace::{InPlaceFile, RecoveryReport, recover};
-pub use journal::{Journal, Transaction, TransactionState, UndoEntry, journal_path};
+pub use journal::{Journal, Transaction, TransactionState, UndoEntry, failpoint, journal_path};
 pub use patcher::{
     BufferPatcher, BytePatcher, ByteWrite, DryRun, EditReceipt, check_range, tensor_range,
 };

@@ -260,9 +260,12 @@ pub struct PatchReport {
     pub tensor: Option<String>,
     /// The absolute byte range it owns.
     pub range: Range<u64>,
-    /// Bytes it changes.
+    /// Bytes whose value it changes.
     pub bytes_changed: u64,
-    /// Separate runs of changed bytes.
+    /// Bytes it writes: the runs of changed bytes, with the unchanged bytes between
+    /// changes close enough to share a run.
+    pub bytes_written: u64,
+    /// Separate runs written.
     pub runs: usize,
     /// The codec's report of a value transform (the path taken and the error added).
     pub transform: Option<TransformReport>,
@@ -296,6 +299,8 @@ struct Plan {
     writes: Vec<ByteWrite>,
     tensor: Option<usize>,
     transform: Option<TransformReport>,
+    /// Bytes whose value changes.
+    changed: u64,
     /// Indices (into `State::applied`) of the patches it lies over.
     displaces: Vec<usize>,
 }
@@ -980,6 +985,7 @@ impl LiveModel {
             }
         };
         let current = &bytes[range.start as usize..range.end as usize];
+        let changed = current.iter().zip(&new).filter(|(a, b)| a != b).count() as u64;
         let writes = if patch.snapshot {
             vec![ByteWrite {
                 offset: range.start,
@@ -993,6 +999,7 @@ impl LiveModel {
             writes,
             tensor,
             transform,
+            changed,
             displaces,
         })
     }
@@ -1022,7 +1029,8 @@ impl LiveModel {
             name: patch.name.clone(),
             tensor: plan.tensor.map(|t| self.tensors[t].name.clone()),
             range: plan.range.clone(),
-            bytes_changed: plan.writes.iter().map(|w| w.bytes.len() as u64).sum(),
+            bytes_changed: plan.changed,
+            bytes_written: plan.writes.iter().map(|w| w.bytes.len() as u64).sum(),
             runs: plan.writes.len(),
             transform: plan.transform.clone(),
             displaces: plan
@@ -1266,17 +1274,20 @@ impl LiveModel {
                 )
             })
             .collect();
+        byte_tier::failpoint("after-journal-sync");
         if let Err(error) = self.write_windowed(&mut region, &all_writes) {
             let error = self.roll_back(&mut region, &restore, journal_transaction, error);
             LiveModel::record_failure(&mut region, &patches, &error, started);
             return Err(error);
         }
+        byte_tier::failpoint("after-file-sync");
         if let Some((journal, id)) = self.journal.as_ref().zip(journal_transaction) {
             journal
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .commit(id)?;
         }
+        byte_tier::failpoint("after-commit");
 
         let (bytes, state) = region.parts();
         let mut reports = Vec::with_capacity(patches.len());
@@ -1505,15 +1516,18 @@ impl LiveModel {
                 .map(|(w, _)| (w.offset, w.bytes.clone()))
                 .collect::<Vec<_>>()],
         );
+        byte_tier::failpoint("after-journal-sync");
         if let Err(error) = self.write_windowed(region, &writes) {
             return Err(self.roll_back(region, &restore, journal_transaction, error));
         }
+        byte_tier::failpoint("after-file-sync");
         if let Some((journal, txn)) = self.journal.as_ref().zip(journal_transaction) {
             journal
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .commit(txn)?;
         }
+        byte_tier::failpoint("after-commit");
         let (bytes, state) = region.parts();
         let after = crc(&bytes[range.start as usize..range.end as usize]);
         if after != crc(&expected) {
@@ -1666,6 +1680,9 @@ impl LiveModel {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
 
 /// Bytes handed to patches above, grouped into runs per patch: (patch index, (offset,
 /// bytes)).

@@ -165,7 +165,7 @@ impl ValueTransform {
                 finite(*min, "clamp minimum")?;
                 finite(*max, "clamp maximum")?;
                 if min > max {
-                    return Err(format!("clamp minimum {min} exceeds maximum {max}"));
+                    return Err(format!("clamp minimum exceeds maximum ({min} > {max})"));
                 }
                 Ok(())
             }

@@ -467,6 +467,7 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
         "tensor": body.tensor,
         "bytes": [range.start, range.end],
         "bytes_changed": report.bytes_changed,
+        "bytes_written": report.bytes_written,
         "runs": report.runs,
         "transform_report": transform_report,
         "displaces": displaces,

@@ -58,6 +58,23 @@ impl ConfigDir {
     pub fn import_from(&self, path: &Path) -> Result<ImportOutcome> {
         let document = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        // The schema version first: a document of another version is refused for that,
+        // not for a field this version reads differently.
+        #[derive(serde::Deserialize)]
+        struct Version {
+            schema_version: Option<u32>,
+        }
+        if let Ok(Version {
+            schema_version: Some(version),
+        }) = serde_json::from_str::<Version>(&text)
+            && version != SCHEMA_VERSION
+        {
+            return Err(Error::invalid(
+                &document,
+                "schema_version",
+                format!("{version} is not supported (this build reads {SCHEMA_VERSION})"),
+            ));
+        }
         let export = parse_export(&document, &text)?;
         self.import(&document, &export)
     }

@@ -428,7 +428,12 @@ pub fn walkthrough(model: &Path) -> crate::Result<Vec<Scene>> {
             "the safety pipeline did not repair the planted NaN".into(),
         ));
     }
-    let displaced = !live.applied().iter().any(|(_, name)| name == "plant-nan");
+    // The repair lies over the planted patch: the NaN is gone while the repair is
+    // applied, and reverting the repair would bring the planted patch's bytes back.
+    let displaced = live
+        .applied_patches()
+        .iter()
+        .any(|a| a.patch.name == "plant-nan" && !a.covered_by.is_empty());
     if !displaced {
         return Err(fail(
             "the repair did not displace the byte patch it repaired".into(),
@@ -452,7 +457,7 @@ pub fn walkthrough(model: &Path) -> crate::Result<Vec<Scene>> {
         ));
     }
     lines.push(
-        "the repair (a higher priority) displaced the byte patch that planted the NaN".into(),
+        "the repair (a higher priority) lies over the byte patch that planted the NaN; reverting the repair would bring it back".into(),
     );
     scenes.push(Scene {
         title: "The safety pipeline".into(),
@@ -487,9 +492,10 @@ pub fn walkthrough(model: &Path) -> crate::Result<Vec<Scene>> {
         lines,
     });
 
-    // Revert everything.
+    // Revert everything: the repair first (the planted NaN comes back with the patch
+    // under it), then the patches.
     manager.revert_pipeline(id, &report)?;
-    for name in ["halve-ffn-gate", "halve-attn-norm"] {
+    for name in ["plant-nan", "halve-ffn-gate", "halve-attn-norm"] {
         manager.revert_by_name(id, name)?;
     }
     drop(live);

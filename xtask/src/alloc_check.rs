@@ -1,5 +1,5 @@
-//! `alloc-check`: runs neural-alloc's tests under Miri, which checks every unsafe
-//! operation of the allocator as it runs (out-of-bounds and use-after-free accesses,
+//! `alloc-check`: runs neural-alloc's tests, and memory-tier's region logic, under Miri,
+//! which checks every unsafe operation as it runs (out-of-bounds and use-after-free accesses,
 //! aliasing and provenance under Stacked Borrows, data races between threads, leaks).
 //!
 //! Needs the nightly toolchain with the `miri` and `rust-src` components
@@ -17,22 +17,27 @@ use anyhow::{Context, bail};
 /// header's pointer, never from a bare integer, so Miri may hold it to that.
 const MIRI_FLAGS: &str = "-Zmiri-strict-provenance";
 
-/// Test targets of neural-alloc run under Miri, in order.
-const TARGETS: [&[&str]; 2] = [&["--lib"], &["--test", "it"]];
+/// Test targets run under Miri, in order: neural-alloc's unit and integration tests, and
+/// memory-tier's region logic on memory the tests own (its page protection is off under
+/// Miri, which has none; everything else, aliasing and races included, is checked).
+const TARGETS: [&[&str]; 3] = [
+    &["-p", "neural-alloc", "--lib"],
+    &["-p", "neural-alloc", "--test", "it"],
+    &["-p", "memory-tier", "--lib", "live::tests"],
+];
 
-/// Runs `cargo +nightly miri test -p neural-alloc` on the unit and integration tests and
-/// fails if either does.
+/// Runs `cargo +nightly miri test` on each target and fails if any does.
 pub fn run() -> anyhow::Result<()> {
     for target in TARGETS {
         let status = Command::new("cargo")
-            .args(["+nightly", "miri", "test", "-p", "neural-alloc"])
+            .args(["+nightly", "miri", "test"])
             .args(target)
             .env("MIRIFLAGS", MIRI_FLAGS)
             .status()
             .context("running `cargo +nightly miri` (are the nightly miri and rust-src components installed?)")?;
         if !status.success() {
             bail!(
-                "neural-alloc's tests ({}) failed under Miri ({status})",
+                "the tests ({}) failed under Miri ({status})",
                 target.join(" ")
             );
         }

@@ -43,6 +43,10 @@ pub struct PatchArgs {
     /// by default.
     #[arg(long, value_parser = parse_range)]
     pub range: Option<Range<u64>>,
+    /// Its priority: a patch of higher priority lies over applied ones it overlaps
+    /// (reverting it brings them back); one of equal or lower priority is refused.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub priority: i32,
     /// Say what would change and write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -143,6 +147,7 @@ struct Outcome {
     tensor: String,
     elements: Range<u64>,
     changed_bytes: u64,
+    written_bytes: u64,
     runs: usize,
     transform: Option<TransformReport>,
     transaction: Option<u64>,
@@ -155,6 +160,7 @@ impl Outcome {
             tensor: report.tensor.clone().unwrap_or_default(),
             elements,
             changed_bytes: report.bytes_changed,
+            written_bytes: report.bytes_written,
             runs: report.runs,
             transform: report.transform.clone(),
             transaction: report.journal_transaction,
@@ -183,7 +189,8 @@ pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
             elements: Some(elements.clone()),
         },
         Payload::Transform(transform),
-    );
+    )
+    .with_priority(args.priority);
     if args.dry_run {
         // A private copy-on-write view: the same plan as the real apply, nothing written.
         let model = LiveModel::attach(&args.file, AttachMode::Private)
@@ -257,6 +264,7 @@ fn patch_through_server(
         "tensor": args.tensor,
         "transform": transform,
         "range": [elements.start, elements.end],
+        "priority": args.priority,
     }))?;
     let transform_report = reply.get("transform_report").and_then(|t| {
         Some(TransformReport {
@@ -275,6 +283,10 @@ fn patch_through_server(
         elements: elements.clone(),
         changed_bytes: reply
             .get("bytes_changed")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0),
+        written_bytes: reply
+            .get("bytes_written")
             .and_then(|v| v.as_u64())
             .unwrap_or(0),
         runs: reply.get("runs").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
@@ -304,7 +316,7 @@ fn print_outcome(json: bool, outcome: &Outcome, dry_run: bool) {
             "{}",
             json!({"dry_run": dry_run, "transaction": outcome.transaction, "tensor": outcome.tensor,
                 "elements": [outcome.elements.start, outcome.elements.end],
-                "bytes": outcome.changed_bytes, "changed_bytes": outcome.changed_bytes,
+                "bytes": outcome.written_bytes, "changed_bytes": outcome.changed_bytes,
                 "writes": outcome.runs, "displaces": outcome.displaces,
                 "path": report.map(|r| format!("{:?}", r.path).to_lowercase()),
                 "rms_error": report.map(|r| r.rms_error),
@@ -316,7 +328,7 @@ fn print_outcome(json: bool, outcome: &Outcome, dry_run: bool) {
         &outcome.tensor,
         &outcome.elements,
         outcome.changed_bytes,
-        outcome.changed_bytes,
+        outcome.written_bytes,
         outcome.runs,
         report,
     );

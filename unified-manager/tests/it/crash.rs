@@ -185,3 +185,99 @@ fn sigkill_at_arbitrary_times_leaves_the_old_or_the_new_file() {
         "the kills must land both before and after the commit ({old} old, {new} new)"
     );
 }
+
+/// Runs `hotpatch` on `args` and asserts it succeeded.
+fn hotpatch_ok(args: &[&str]) {
+    let output = Command::new(HOTPATCH).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "hotpatch {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Copies a file and its journal (the journal holds the live patches' state).
+fn copy_with_journal(from: &Path, to: &Path) {
+    std::fs::copy(from, to).unwrap();
+    let (journal_from, journal_to) = (byte_tier::journal_path(from), byte_tier::journal_path(to));
+    if journal_from.exists() {
+        std::fs::copy(journal_from, journal_to).unwrap();
+    } else {
+        let _absent = std::fs::remove_file(journal_to);
+    }
+}
+
+#[test]
+fn a_crash_at_every_step_of_a_layered_patch_or_revert_stays_consistent_for_both_patches() {
+    let f = fixture();
+    let dir = f.work.parent().unwrap().to_owned();
+    let base = dir.join("layers.gguf");
+    std::fs::write(&base, &f.original).unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let tensor = "blk.1.ffn_down.weight";
+    let a = ["--tensor", tensor, "--scale", "2", "--priority", "1"];
+    let b = [
+        "--tensor",
+        tensor,
+        "--range",
+        "0..64",
+        "--scale",
+        "0.5",
+        "--priority",
+        "5",
+    ];
+    // Three states to start a step from: nothing applied; A applied; A under B.
+    let with_a = dir.join("with-a.gguf");
+    copy_with_journal(&base, &with_a);
+    hotpatch_ok(&[&["patch", &path(&with_a)][..], &a[..]].concat());
+    let with_ab = dir.join("with-ab.gguf");
+    copy_with_journal(&with_a, &with_ab);
+    hotpatch_ok(&[&["patch", &path(&with_ab)][..], &b[..]].concat());
+    let work = dir.join("layers-work.gguf");
+    let steps: [(&Path, Vec<String>); 3] = [
+        // Apply B over A.
+        (
+            &with_a,
+            [&["patch", &path(&work)][..], &b[..]]
+                .concat()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        ),
+        // Revert B: A comes back.
+        (
+            &with_ab,
+            vec!["revert".into(), path(&work), "--last".into()],
+        ),
+        // Revert A while B covers part of it: the transaction that applied A is the
+        // first one in the journal.
+        (&with_ab, vec!["revert".into(), path(&work), "1".into()]),
+    ];
+    for (start, args) in &steps {
+        for point in ["after-journal-sync", "after-file-sync", "after-commit"] {
+            copy_with_journal(start, &work);
+            let status = run_hotpatch(args, Some(point));
+            assert_eq!(status.signal(), Some(libc_sigabrt()), "{args:?} at {point}");
+            // Whatever the step left, reverting everything that is listed brings the
+            // original file back, byte for byte: both patches' undo data survived.
+            for _ in 0..4 {
+                let output = Command::new(HOTPATCH)
+                    .args(["revert", &path(&work), "--last"])
+                    .output()
+                    .unwrap();
+                if !output.status.success() {
+                    let message = String::from_utf8_lossy(&output.stderr);
+                    assert!(
+                        message.contains("nothing to revert"),
+                        "{args:?} at {point}: {message}"
+                    );
+                    break;
+                }
+            }
+            assert!(
+                std::fs::read(&work).unwrap() == f.original,
+                "{args:?} stopped at {point}: reverting every listed patch did not restore the file"
+            );
+        }
+    }
+}
