@@ -38,4 +38,4 @@ pub use patcher::{
 };
 pub use types::GgmlType;
 pub use value::{Array, ArrayIter, ArrayRef, Value, ValueRef, ValueType};
-pub use writer::{GgufWriter, Layout, TensorData, TensorSpec, WRITE_VERSION, sync_dir};
+pub use writer::{GgufWriter, Layout, TensorData, TensorSpec, WRITE_VERSION, parent_dir, sync_dir};

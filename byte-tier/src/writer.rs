@@ -314,10 +314,7 @@ impl<'a> GgufWriter<'a> {
         path: &Path,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
+        let dir = parent_dir(path);
         let mut temp = tempfile::Builder::new()
             .prefix(".hotpatch-")
             .suffix(".gguf.tmp")
@@ -356,8 +353,23 @@ fn with_path(error: Error, path: &Path) -> Error {
     }
 }
 
-/// Syncs a directory so that a rename in it is durable.
+/// The directory that holds `path`: its parent, or `.` for a bare file name (whose
+/// parent is the empty path, which no system call accepts) and for `/`.
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Syncs a directory so that a rename in it is durable. The empty path, what
+/// [`Path::parent`] gives for a bare file name, is the current directory.
 pub fn sync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io("sync directory", dir, e))
@@ -414,3 +426,6 @@ fn copy_tensor_data(tensor: &mut TensorSpec<'_>, n_bytes: u64, out: &mut dyn Wri
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
