@@ -116,6 +116,9 @@ pub struct Layout {
 pub struct GgufWriter<'a> {
     metadata: Vec<(String, Value)>,
     tensors: Vec<TensorSpec<'a>>,
+    /// Set by [`from_gguf`](Self::from_gguf) when the source has a key or tensor name
+    /// that is not UTF-8: keys and names are text here, so writing would change it.
+    lossy_source: Option<String>,
 }
 
 impl<'a> GgufWriter<'a> {
@@ -130,8 +133,9 @@ impl<'a> GgufWriter<'a> {
         let metadata = gguf
             .metadata()
             .iter()
-            .map(|e| (e.key.to_owned(), e.value.to_owned_value()))
+            .map(|e| (e.key.to_string(), e.value.to_owned_value()))
             .collect();
+        let lossy_source = gguf.first_name_not_utf8().map(str::to_owned);
         let tensors = gguf
             .tensors()
             .iter()
@@ -142,7 +146,11 @@ impl<'a> GgufWriter<'a> {
                 data: TensorData::Bytes(Cow::Borrowed(gguf.tensor_data(t))),
             })
             .collect();
-        GgufWriter { metadata, tensors }
+        GgufWriter {
+            metadata,
+            tensors,
+            lossy_source,
+        }
     }
 
     /// Sets `key` to `value`: replaced in place when the key exists, appended otherwise.
@@ -211,6 +219,9 @@ impl<'a> GgufWriter<'a> {
 
     /// Checks everything and computes where each part of the file goes.
     pub fn layout(&self) -> Result<Layout> {
+        if let Some(what) = &self.lossy_source {
+            return Err(Error::NameNotUtf8 { what: what.clone() });
+        }
         let alignment = self.alignment()?;
         let mut seen = HashSet::new();
         for (key, _) in &self.metadata {

@@ -4,6 +4,7 @@ mod commands;
 mod crash;
 mod edit;
 mod inspect;
+mod lenient;
 mod manage;
 mod serve;
 mod tensor;
