@@ -7,7 +7,7 @@
 //! and written back unchanged.
 
 use std::borrow::Cow;
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 /// A GGUF string as the file holds it: bytes that are usually, but not necessarily,
 /// UTF-8.
@@ -53,14 +53,17 @@ impl<'a> GgufStr<'a> {
     /// The text quoted and escaped as Rust's `{:?}` writes a string, with `\xNN` for
     /// each byte that is not part of valid UTF-8: `"abc\xff"`.
     pub fn escaped(&self) -> String {
+        if let Some(text) = self.as_str() {
+            return format!("{text:?}");
+        }
         let mut out = String::with_capacity(self.0.len() + 2);
         out.push('"');
         for chunk in self.0.utf8_chunks() {
-            for c in chunk.valid().chars() {
-                out.extend(c.escape_debug());
-            }
+            // The valid run escaped as `{:?}` escapes a whole string, without its quotes.
+            let valid = format!("{:?}", chunk.valid());
+            out.push_str(&valid[1..valid.len() - 1]);
             for byte in chunk.invalid() {
-                let _ = write!(out, "\\x{byte:02x}");
+                out.push_str(&format!("\\x{byte:02x}"));
             }
         }
         out.push('"');
