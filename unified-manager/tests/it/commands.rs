@@ -541,7 +541,8 @@ fn server_cases(url: &str) -> Vec<Case> {
 
 /// A `hotpatch serve` on a loopback port, stopped with SIGTERM by [`Serve::stop`].
 struct Serve {
-    child: Child,
+    /// `None` once stopped.
+    child: Option<Child>,
     port: u16,
 }
 
@@ -575,16 +576,19 @@ impl Serve {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut serve = Serve { child, port };
+        // Held by `Serve` from here on, so that a failed start does not leave it running.
+        let mut serve = Serve {
+            child: Some(child),
+            port,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while tests::http_request(port, "GET", "/metrics", None).is_err() {
-            if let Some(status) = serve.child.try_wait().unwrap() {
+            if let Some(status) = serve.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("hotpatch serve exited with {status} before it answered");
             }
             assert!(Instant::now() < deadline, "hotpatch serve did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        serve.port = port;
         (serve, command)
     }
 
@@ -594,14 +598,13 @@ impl Serve {
 
     /// Stops the server the way a service manager does and asserts a clean exit.
     fn stop(mut self) {
+        let child = self.child.take().unwrap();
         let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-TERM", &child.id().to_string()])
             .status()
             .unwrap();
         assert!(sent.success());
-        let output = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap();
+        let output = child.wait_with_output().unwrap();
         assert!(
             output.status.code() == Some(0),
             "hotpatch serve exited with {} on SIGTERM:\n{}",
@@ -613,9 +616,12 @@ impl Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        // Only reached when the test already failed: do not leave the server behind.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // A server still here means the test failed before stopping it: do not leave it
+        // behind. The test's own failure is the one to report, so errors are ignored.
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
