@@ -104,6 +104,18 @@ pub fn llama_tool(name: &str) -> PathBuf {
     binary
 }
 
+/// ggml's shared library (`libggml-base.so`, which holds its GGUF reader), built beside
+/// llama-server by `cargo xtask llama-server`.
+pub fn ggml_base_library() -> PathBuf {
+    let library = llama_server_binary().with_file_name("libggml-base.so");
+    assert!(
+        library.exists(),
+        "libggml-base.so is not built at {}: run `cargo xtask llama-server`",
+        library.display()
+    );
+    library
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

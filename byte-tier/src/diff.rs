@@ -78,8 +78,8 @@ pub fn diff(a: &Gguf<'_>, b: &Gguf<'_>) -> Diff {
     let mut d = Diff::default();
     for e in a.metadata() {
         match b.get(e.key) {
-            None => d.keys_removed.push(e.key.to_owned()),
-            Some(v) if !same_value(&e.value, &v) => d.keys_changed.push(e.key.to_owned()),
+            None => d.keys_removed.push(e.key.to_string()),
+            Some(v) if !same_value(&e.value, &v) => d.keys_changed.push(e.key.to_string()),
             Some(_) => {}
         }
     }
@@ -87,7 +87,7 @@ pub fn diff(a: &Gguf<'_>, b: &Gguf<'_>) -> Diff {
         .metadata()
         .iter()
         .filter(|e| a.get(e.key).is_none())
-        .map(|e| e.key.to_owned())
+        .map(|e| e.key.to_string())
         .collect();
     d.tensors_removed = a
         .tensors()

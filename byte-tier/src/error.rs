@@ -80,6 +80,15 @@ pub enum Error {
         /// Offset of the type field.
         offset: u64,
     },
+    /// A key or tensor name of the source file is not valid UTF-8, and a rewrite, which
+    /// writes keys and names as text, cannot keep it unchanged.
+    #[error(
+        "{what} is not valid UTF-8: a rewrite cannot keep it unchanged (edit the file in place instead)"
+    )]
+    NameNotUtf8 {
+        /// The key or tensor, with U+FFFD for the bad bytes, and its offset.
+        what: String,
+    },
     /// A boolean byte is neither 0 nor 1.
     #[error("boolean at offset {offset} holds {byte}, expected 0 or 1")]
     InvalidBool {

@@ -5,12 +5,12 @@
 //! is used, so a hostile file yields an [`Error`] carrying the offset of the bad field
 //! and never a panic, a large allocation or a long loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::types::GgmlType;
-use crate::value::{ArrayRef, LenWidth, ValueRef, ValueType, decode_fixed};
+use crate::value::{ArrayRef, GgufStr, LenWidth, ValueRef, ValueType, decode_fixed};
 
 /// The four bytes every GGUF file starts with.
 pub const MAGIC: [u8; 4] = *b"GGUF";
@@ -22,12 +22,15 @@ pub const ALIGNMENT_KEY: &str = "general.alignment";
 pub const MAX_ARRAY_DEPTH: usize = 8;
 /// Most dimensions a tensor may have (ggml's `GGML_MAX_DIMS`).
 pub const MAX_DIMS: u32 = 4;
+/// Most diagnostics of one kind of lenience (strings that are not UTF-8, boolean bytes
+/// other than 0 and 1) reported one by one; the rest are counted in one more.
+pub const MAX_DIAGNOSTICS: usize = 256;
 
 /// One metadata key-value pair, with where it sits in the file.
 #[derive(Clone, Copy, Debug)]
 pub struct MetadataEntry<'a> {
-    /// The key.
-    pub key: &'a str,
+    /// The key, as the file holds it (UTF-8 or not).
+    pub key: GgufStr<'a>,
     /// The value, borrowed from the file.
     pub value: ValueRef<'a>,
     /// Absolute offset of the entry (its key's length field).
@@ -80,8 +83,10 @@ impl TensorInfo {
     }
 }
 
-/// A property of the data layout that gguf-py accepts but llama.cpp's C reader refuses:
-/// reported, not fatal.
+/// A property of the file that one reference reader refuses and another accepts, or that
+/// llama.cpp reads loosely: reported, not fatal. Holes and tensors out of order are
+/// accepted by gguf-py and refused by llama.cpp's C reader; strings that are not UTF-8
+/// and boolean bytes other than 0 or 1 are accepted by llama.cpp, which checks neither.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LayoutDiagnostic {
@@ -102,6 +107,52 @@ pub enum LayoutDiagnostic {
         expected: u64,
         /// Where it is.
         found: u64,
+    },
+    /// A metadata key is not valid UTF-8. It is read and edited in place as it is; a
+    /// rewrite refuses, since it cannot keep it unchanged.
+    KeyNotUtf8 {
+        /// The key, U+FFFD in place of the bytes that are not UTF-8.
+        key: String,
+        /// Absolute offset of the key's bytes.
+        offset: u64,
+    },
+    /// A string value, or one element of a string array, is not valid UTF-8. It is kept
+    /// as read: every edit and rewrite writes its bytes back unchanged.
+    ValueNotUtf8 {
+        /// The key whose value holds it.
+        key: String,
+        /// The element's index in the array (a token id for `tokenizer.ggml.tokens`),
+        /// or `None` for a string value.
+        element: Option<u64>,
+        /// Absolute offset of the string's bytes.
+        offset: u64,
+    },
+    /// A tensor's name is not valid UTF-8. The tensor is found under its name with
+    /// U+FFFD in place of the bad bytes; a rewrite refuses, since it cannot keep it.
+    TensorNameNotUtf8 {
+        /// The tensor's index in the tensor table.
+        index: u64,
+        /// The name, U+FFFD in place of the bytes that are not UTF-8.
+        name: String,
+        /// Absolute offset of the name's bytes.
+        offset: u64,
+    },
+    /// A boolean holds a byte other than 0 or 1; it reads as `true`, as llama.cpp reads
+    /// it. In-place edits keep the byte; a rewrite stores 1.
+    NonBooleanByte {
+        /// The key whose value holds it.
+        key: String,
+        /// The element's index in the array, or `None` for a boolean value.
+        element: Option<u64>,
+        /// The byte.
+        byte: u8,
+        /// Its absolute offset.
+        offset: u64,
+    },
+    /// More diagnostics of the kinds above than [`MAX_DIAGNOSTICS`]: the rest, counted.
+    More {
+        /// How many were not reported one by one.
+        count: u64,
     },
 }
 
@@ -124,6 +175,53 @@ impl std::fmt::Display for LayoutDiagnostic {
                 f,
                 "tensor {tensor:?} starts at data offset {found}, before {expected} where the previous tensor ends (llama.cpp refuses tensors out of order)"
             ),
+            LayoutDiagnostic::KeyNotUtf8 { key, offset } => write!(
+                f,
+                "key {key:?} at offset {offset} is not valid UTF-8 (llama.cpp does not check; a rewrite would change it and refuses)"
+            ),
+            LayoutDiagnostic::ValueNotUtf8 {
+                key,
+                element,
+                offset,
+            } => {
+                match element {
+                    Some(i) => write!(f, "element {i} of {key:?}")?,
+                    None => write!(f, "the value of {key:?}")?,
+                }
+                write!(
+                    f,
+                    " at offset {offset} is not valid UTF-8 (llama.cpp does not check; kept as read)"
+                )
+            }
+            LayoutDiagnostic::TensorNameNotUtf8 {
+                index,
+                name,
+                offset,
+            } => write!(
+                f,
+                "the name of tensor {index} ({name:?}) at offset {offset} is not valid UTF-8 (llama.cpp does not check; a rewrite would change it and refuses)"
+            ),
+            LayoutDiagnostic::NonBooleanByte {
+                key,
+                element,
+                byte,
+                offset,
+            } => {
+                match element {
+                    Some(i) => write!(f, "element {i} of {key:?}")?,
+                    None => write!(f, "the value of {key:?}")?,
+                }
+                write!(
+                    f,
+                    " at offset {offset} is a boolean holding {byte}, not 0 or 1 (read as true, as llama.cpp does)"
+                )
+            }
+            LayoutDiagnostic::More { count } => {
+                write!(
+                    f,
+                    "{count} more strings that are not UTF-8 or non-boolean bytes"
+                )
+            }
         }
     }
 }
@@ -134,13 +232,14 @@ pub struct Gguf<'a> {
     bytes: &'a [u8],
     version: u32,
     metadata: Vec<MetadataEntry<'a>>,
-    key_index: HashMap<&'a str, usize>,
+    key_index: HashMap<&'a [u8], usize>,
     tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
     alignment: u64,
     data_offset: u64,
     tensor_infos_end: u64,
     diagnostics: Vec<LayoutDiagnostic>,
+    first_name_not_utf8: Option<String>,
 }
 
 impl<'a> Gguf<'a> {
@@ -169,22 +268,29 @@ impl<'a> Gguf<'a> {
         &self.metadata
     }
 
-    /// The metadata entry with this key.
-    pub fn entry(&self, key: &str) -> Option<&MetadataEntry<'a>> {
-        self.key_index.get(key).map(|&i| &self.metadata[i])
+    /// The metadata entry with this key (text, or the raw bytes of a key that is not
+    /// UTF-8).
+    pub fn entry(&self, key: impl AsRef<[u8]>) -> Option<&MetadataEntry<'a>> {
+        self.key_index.get(key.as_ref()).map(|&i| &self.metadata[i])
     }
 
     /// The value of this key.
-    pub fn get(&self, key: &str) -> Option<ValueRef<'a>> {
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Option<ValueRef<'a>> {
         self.entry(key).map(|e| e.value)
     }
 
-    /// The string value of `key`: an error if it is absent or not a string.
+    /// The string value of `key`: an error if it is absent, not a string, or not UTF-8.
     pub fn get_str(&self, key: &str) -> Result<&'a str> {
-        let value = self.require(key)?;
-        value
-            .as_str()
-            .ok_or_else(|| wrong_type(key, "STRING", value))
+        let entry = self
+            .entry(key)
+            .ok_or_else(|| Error::NoSuchKey(key.to_owned()))?;
+        let value = entry.value;
+        let string = value
+            .as_gguf_str()
+            .ok_or_else(|| wrong_type(key, "STRING", value))?;
+        string.as_str().ok_or(Error::InvalidUtf8 {
+            offset: entry.value_offset + 8,
+        })
     }
 
     /// The value of `key` as an unsigned integer (any integer type holding a value >= 0).
@@ -262,7 +368,14 @@ impl<'a> Gguf<'a> {
         self.tensor_infos_end
     }
 
-    /// Layout properties that llama.cpp's C reader would refuse.
+    /// The first key or tensor name that is not valid UTF-8, described with its offset
+    /// (found even when the diagnostics are capped): what a rewrite cannot keep.
+    pub fn first_name_not_utf8(&self) -> Option<&str> {
+        self.first_name_not_utf8.as_deref()
+    }
+
+    /// Layout properties that llama.cpp's C reader would refuse, and what it reads
+    /// loosely (strings that are not UTF-8, boolean bytes other than 0 or 1).
     pub fn diagnostics(&self) -> &[LayoutDiagnostic] {
         &self.diagnostics
     }
@@ -285,6 +398,99 @@ struct Parser<'a> {
     bytes: &'a [u8],
     position: usize,
     width: LenWidth,
+    /// Strings that are not UTF-8 and boolean bytes other than 0 or 1, in file order.
+    lenience: Lenience,
+}
+
+/// The diagnostics of what the reader accepts as llama.cpp does, capped.
+#[derive(Default)]
+struct Lenience {
+    diagnostics: Vec<LayoutDiagnostic>,
+    more: u64,
+    first_name_not_utf8: Option<String>,
+}
+
+impl Lenience {
+    fn push(&mut self, diagnostic: impl FnOnce() -> LayoutDiagnostic) {
+        if self.diagnostics.len() < MAX_DIAGNOSTICS {
+            self.diagnostics.push(diagnostic());
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// Reports the strings that are not UTF-8 and the non-boolean bytes in `value`, the
+    /// value of `key`, whose encoding is `encoded` and starts at `offset`.
+    fn check_value(
+        &mut self,
+        key: GgufStr<'_>,
+        value: &ValueRef<'_>,
+        encoded: &[u8],
+        offset: u64,
+        width: LenWidth,
+    ) {
+        match value {
+            ValueRef::String(s) if !s.is_utf8() => self.push(|| LayoutDiagnostic::ValueNotUtf8 {
+                key: key.to_string(),
+                element: None,
+                offset: offset + width.bytes(),
+            }),
+            // The decoded `bool` no longer tells 1 from 2: look at the byte itself.
+            ValueRef::Bool(_) => match encoded.first() {
+                Some(&byte) if byte > 1 => self.push(|| LayoutDiagnostic::NonBooleanByte {
+                    key: key.to_string(),
+                    element: None,
+                    byte,
+                    offset,
+                }),
+                _ => {}
+            },
+            ValueRef::Array(array) => self.check_array(key, None, array),
+            _ => {}
+        }
+    }
+
+    /// `top` is the index of the outermost array's element that holds `array`.
+    fn check_array(&mut self, key: GgufStr<'_>, top: Option<u64>, array: &ArrayRef<'_>) {
+        match array.element_type() {
+            ValueType::String => {
+                let mut position = array.offset();
+                for (i, item) in array.iter().enumerate() {
+                    let Some(s) = item.as_gguf_str() else {
+                        continue;
+                    };
+                    if !s.is_utf8() {
+                        self.push(|| LayoutDiagnostic::ValueNotUtf8 {
+                            key: key.to_string(),
+                            element: Some(top.unwrap_or(i as u64)),
+                            offset: position + array.width.bytes(),
+                        });
+                    }
+                    position += array.width.bytes() + s.len() as u64;
+                }
+            }
+            ValueType::Bool => {
+                for (i, &byte) in array.raw_bytes().iter().enumerate() {
+                    if byte > 1 {
+                        self.push(|| LayoutDiagnostic::NonBooleanByte {
+                            key: key.to_string(),
+                            element: Some(top.unwrap_or(i as u64)),
+                            byte,
+                            offset: array.offset() + i as u64,
+                        });
+                    }
+                }
+            }
+            ValueType::Array => {
+                for (i, item) in array.iter().enumerate() {
+                    if let Some(inner) = item.as_array() {
+                        self.check_array(key, Some(top.unwrap_or(i as u64)), &inner);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl<'a> Parser<'a> {
@@ -293,6 +499,7 @@ impl<'a> Parser<'a> {
             bytes,
             position: 0,
             width: LenWidth::U64,
+            lenience: Lenience::default(),
         }
     }
 
@@ -355,11 +562,11 @@ impl<'a> Parser<'a> {
         Ok(count)
     }
 
-    fn string(&mut self, what: &'static str) -> Result<&'a str> {
+    /// Reads a string as bytes: llama.cpp does not check UTF-8, so neither does the
+    /// reader; the caller reports what is not.
+    fn string(&mut self, what: &'static str) -> Result<GgufStr<'a>> {
         let len = self.count(what, 1)?;
-        let offset = self.offset();
-        let bytes = self.take(len, what)?;
-        std::str::from_utf8(bytes).map_err(|_| Error::InvalidUtf8 { offset })
+        self.take(len, what).map(GgufStr::new)
     }
 
     fn value_type(&mut self) -> Result<ValueType> {
@@ -379,9 +586,12 @@ impl<'a> Parser<'a> {
                 let offset = self.offset();
                 let size = fixed.fixed_size().unwrap_or(1);
                 let bytes = self.take(size, "value")?;
-                decode_fixed(fixed, bytes).ok_or(Error::InvalidBool {
-                    byte: bytes[0],
+                // `take` gave `size` bytes, all a fixed-size type needs.
+                decode_fixed(fixed, bytes).ok_or(Error::Truncated {
+                    what: "value",
                     offset,
+                    needed: size,
+                    available: bytes.len() as u64,
                 })
             }
         }
@@ -412,15 +622,6 @@ impl<'a> Parser<'a> {
             ValueType::Array => {
                 for _ in 0..len {
                     self.array(depth + 1)?;
-                }
-            }
-            ValueType::Bool => {
-                let bytes = self.take(len, "array of bools")?;
-                if let Some(i) = bytes.iter().position(|&b| b > 1) {
-                    return Err(Error::InvalidBool {
-                        byte: bytes[i],
-                        offset: start as u64 + i as u64,
-                    });
                 }
             }
             fixed => {
@@ -472,16 +673,29 @@ impl<'a> Parser<'a> {
         for _ in 0..kv_count {
             let entry_offset = self.offset();
             let key = self.string("key length")?;
+            if !key.is_utf8() {
+                let offset = entry_offset + self.width.bytes();
+                self.lenience
+                    .first_name_not_utf8
+                    .get_or_insert_with(|| format!("key {key:?} at offset {offset}"));
+                self.lenience.push(|| LayoutDiagnostic::KeyNotUtf8 {
+                    key: key.to_string(),
+                    offset,
+                });
+            }
             let type_offset = self.offset();
             let t = self.value_type()?;
             let value_offset = self.offset();
             let value = self.value(t, 0)?;
-            if key_index.insert(key, metadata.len()).is_some() {
+            if key_index.insert(key.as_bytes(), metadata.len()).is_some() {
                 return Err(Error::DuplicateKey {
-                    key: key.to_owned(),
+                    key: key.to_string(),
                     offset: entry_offset,
                 });
             }
+            let encoded = &self.bytes[value_offset as usize..self.position];
+            self.lenience
+                .check_value(key, &value, encoded, value_offset, self.width);
             metadata.push(MetadataEntry {
                 key,
                 value,
@@ -492,7 +706,10 @@ impl<'a> Parser<'a> {
             });
         }
 
-        let alignment = match key_index.get(ALIGNMENT_KEY).map(|&i| &metadata[i]) {
+        let alignment = match key_index
+            .get(ALIGNMENT_KEY.as_bytes())
+            .map(|&i| &metadata[i])
+        {
             None => DEFAULT_ALIGNMENT,
             Some(entry) => match entry.value {
                 ValueRef::U32(a) if a.is_power_of_two() => u64::from(a),
@@ -513,24 +730,45 @@ impl<'a> Parser<'a> {
 
         let mut tensors = Vec::with_capacity(tensor_count as usize);
         let mut tensor_index = HashMap::with_capacity(tensor_count as usize);
-        for _ in 0..tensor_count {
-            let tensor = self.tensor_info()?;
-            if tensor_index
-                .insert(tensor.name.clone(), tensors.len())
-                .is_some()
-            {
+        // Names as the file holds them: two names that differ only in bytes that are
+        // not UTF-8 are distinct, as they are to llama.cpp.
+        let mut raw_names = HashSet::with_capacity(tensor_count as usize);
+        for index in 0..tensor_count {
+            let (tensor, raw_name) = self.tensor_info()?;
+            if !raw_names.insert(raw_name.as_bytes()) {
                 return Err(Error::DuplicateTensor {
                     name: tensor.name,
                     offset: tensor.info_offset,
                 });
             }
+            if !raw_name.is_utf8() {
+                let offset = tensor.info_offset + self.width.bytes();
+                self.lenience
+                    .first_name_not_utf8
+                    .get_or_insert_with(|| format!("tensor name {raw_name:?} at offset {offset}"));
+                self.lenience.push(|| LayoutDiagnostic::TensorNameNotUtf8 {
+                    index,
+                    name: tensor.name.clone(),
+                    offset,
+                });
+            }
+            // A lossy name that another tensor's name already is keeps the first.
+            tensor_index
+                .entry(tensor.name.clone())
+                .or_insert(tensors.len());
             tensors.push(tensor);
         }
         let tensor_infos_end = self.offset();
         let data_offset = align_up(tensor_infos_end, alignment).unwrap_or(u64::MAX);
         let file_len = self.bytes.len() as u64;
         check_tensor_data(&mut tensors, data_offset, alignment, file_len)?;
-        let diagnostics = layout_diagnostics(&tensors, alignment);
+        let mut diagnostics = layout_diagnostics(&tensors, alignment);
+        diagnostics.append(&mut self.lenience.diagnostics);
+        if self.lenience.more > 0 {
+            diagnostics.push(LayoutDiagnostic::More {
+                count: self.lenience.more,
+            });
+        }
 
         Ok(Gguf {
             bytes: self.bytes,
@@ -543,12 +781,15 @@ impl<'a> Parser<'a> {
             data_offset,
             tensor_infos_end,
             diagnostics,
+            first_name_not_utf8: self.lenience.first_name_not_utf8,
         })
     }
 
-    fn tensor_info(&mut self) -> Result<TensorInfo> {
+    /// One tensor info, and its name as the file holds it.
+    fn tensor_info(&mut self) -> Result<(TensorInfo, GgufStr<'a>)> {
         let info_offset = self.offset();
-        let name = self.string("tensor name length")?.to_owned();
+        let raw_name = self.string("tensor name length")?;
+        let name = raw_name.to_string_lossy().into_owned();
         let dims_offset = self.offset();
         let n_dims = self.u32("tensor dimension count")?;
         if n_dims > MAX_DIMS {
@@ -595,7 +836,7 @@ impl<'a> Parser<'a> {
             .bytes_for(n_elements)
             .filter(|&n| i64::try_from(n).is_ok())
             .ok_or_else(|| shape_error("byte count overflows"))?;
-        Ok(TensorInfo {
+        let tensor = TensorInfo {
             name,
             dims,
             ggml_type,
@@ -604,7 +845,8 @@ impl<'a> Parser<'a> {
             n_elements,
             n_bytes,
             info_offset,
-        })
+        };
+        Ok((tensor, raw_name))
     }
 }
 

@@ -28,8 +28,8 @@ mod writer;
 pub use error::{Error, Result};
 pub use file::{MappedFile, evict_from_page_cache, memlock_limit};
 pub use gguf::{
-    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, Gguf, LayoutDiagnostic, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS,
-    MetadataEntry, TensorInfo, align_up,
+    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, Gguf, LayoutDiagnostic, MAGIC, MAX_ARRAY_DEPTH,
+    MAX_DIAGNOSTICS, MAX_DIMS, MetadataEntry, TensorInfo, align_up,
 };
 pub use inplace::{InPlaceFile, RecoveryReport, recover};
 pub use journal::{Journal, Transaction, TransactionState, UndoEntry, failpoint, journal_path};
@@ -37,5 +37,5 @@ pub use patcher::{
     BufferPatcher, BytePatcher, ByteWrite, DryRun, EditReceipt, check_range, tensor_range,
 };
 pub use types::GgmlType;
-pub use value::{Array, ArrayIter, ArrayRef, Value, ValueRef, ValueType};
-pub use writer::{GgufWriter, Layout, TensorData, TensorSpec, WRITE_VERSION, sync_dir};
+pub use value::{Array, ArrayIter, ArrayRef, GgufStr, Value, ValueRef, ValueType};
+pub use writer::{GgufWriter, Layout, TensorData, TensorSpec, WRITE_VERSION, parent_dir, sync_dir};

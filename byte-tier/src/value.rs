@@ -1,7 +1,112 @@
 //! GGUF metadata values: the thirteen value types, borrowed views for reading and owned
 //! values for writing.
+//!
+//! GGUF strings are meant to be UTF-8, but llama.cpp's reader does not check: a file
+//! whose strings are not UTF-8 loads there. Strings are therefore kept as the bytes the
+//! file holds ([`GgufStr`]); valid UTF-8 reads as `&str`, anything else is shown escaped
+//! and written back unchanged.
 
+use std::borrow::Cow;
 use std::fmt;
+
+/// A GGUF string as the file holds it: bytes that are usually, but not necessarily,
+/// UTF-8.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GgufStr<'a>(&'a [u8]);
+
+impl<'a> GgufStr<'a> {
+    /// The string made of these bytes.
+    pub const fn new(bytes: &'a [u8]) -> GgufStr<'a> {
+        GgufStr(bytes)
+    }
+
+    /// The bytes, exactly as stored.
+    pub const fn as_bytes(&self) -> &'a [u8] {
+        self.0
+    }
+
+    /// Length in bytes.
+    pub const fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the string is empty.
+    pub const fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The text, when the bytes are valid UTF-8.
+    pub fn as_str(&self) -> Option<&'a str> {
+        std::str::from_utf8(self.0).ok()
+    }
+
+    /// Whether the bytes are valid UTF-8.
+    pub fn is_utf8(&self) -> bool {
+        self.as_str().is_some()
+    }
+
+    /// The text, with U+FFFD in place of each byte sequence that is not UTF-8.
+    pub fn to_string_lossy(&self) -> Cow<'a, str> {
+        String::from_utf8_lossy(self.0)
+    }
+
+    /// The text quoted and escaped as Rust's `{:?}` writes a string, with `\xNN` for
+    /// each byte that is not part of valid UTF-8: `"abc\xff"`.
+    pub fn escaped(&self) -> String {
+        if let Some(text) = self.as_str() {
+            return format!("{text:?}");
+        }
+        let mut out = String::with_capacity(self.0.len() + 2);
+        out.push('"');
+        for chunk in self.0.utf8_chunks() {
+            // The valid run escaped as `{:?}` escapes a whole string, without its quotes.
+            let valid = format!("{:?}", chunk.valid());
+            out.push_str(&valid[1..valid.len() - 1]);
+            for byte in chunk.invalid() {
+                out.push_str(&format!("\\x{byte:02x}"));
+            }
+        }
+        out.push('"');
+        out
+    }
+}
+
+impl fmt::Debug for GgufStr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.escaped())
+    }
+}
+
+impl fmt::Display for GgufStr<'_> {
+    /// The lossy text (U+FFFD for bytes that are not UTF-8), unquoted.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_string_lossy())
+    }
+}
+
+impl AsRef<[u8]> for GgufStr<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.0
+    }
+}
+
+impl PartialEq<str> for GgufStr<'_> {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for GgufStr<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl<'a> From<&'a str> for GgufStr<'a> {
+    fn from(s: &'a str) -> GgufStr<'a> {
+        GgufStr(s.as_bytes())
+    }
+}
 
 /// A GGUF metadata value type, as stored in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -24,7 +129,7 @@ pub enum ValueType {
     F32 = 6,
     /// Boolean stored as one byte, 0 or 1.
     Bool = 7,
-    /// Length-prefixed UTF-8 string.
+    /// Length-prefixed string, UTF-8 by intent (not checked by llama.cpp).
     String = 8,
     /// Typed array: element type, count, elements.
     Array = 9,
@@ -128,8 +233,8 @@ impl fmt::Display for ValueType {
     }
 }
 
-/// A metadata value borrowed from a parsed file. Strings are validated UTF-8 slices of
-/// the file; arrays are lazy views that decode elements on demand.
+/// A metadata value borrowed from a parsed file. Strings are the file's bytes
+/// ([`GgufStr`], UTF-8 or not); arrays are lazy views that decode elements on demand.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ValueRef<'a> {
     /// `UINT8`.
@@ -149,7 +254,7 @@ pub enum ValueRef<'a> {
     /// `BOOL`.
     Bool(bool),
     /// `STRING`.
-    String(&'a str),
+    String(GgufStr<'a>),
     /// `ARRAY`.
     Array(ArrayRef<'a>),
     /// `UINT64`.
@@ -180,8 +285,16 @@ impl<'a> ValueRef<'a> {
         }
     }
 
-    /// The string, if this is a `STRING`.
+    /// The text, if this is a `STRING` holding valid UTF-8.
     pub fn as_str(&self) -> Option<&'a str> {
+        match *self {
+            ValueRef::String(s) => s.as_str(),
+            _ => None,
+        }
+    }
+
+    /// The string's bytes, UTF-8 or not, if this is a `STRING`.
+    pub fn as_gguf_str(&self) -> Option<GgufStr<'a>> {
         match *self {
             ValueRef::String(s) => Some(s),
             _ => None,
@@ -251,7 +364,7 @@ impl<'a> ValueRef<'a> {
             ValueRef::I32(v) => Value::I32(v),
             ValueRef::F32(v) => Value::F32(v),
             ValueRef::Bool(v) => Value::Bool(v),
-            ValueRef::String(v) => Value::String(v.to_owned()),
+            ValueRef::String(v) => Value::from(v),
             ValueRef::Array(a) => Value::Array(a.to_owned_array()),
             ValueRef::U64(v) => Value::U64(v),
             ValueRef::I64(v) => Value::I64(v),
@@ -272,7 +385,7 @@ impl fmt::Display for ValueRef<'_> {
             ValueRef::I32(v) => write!(f, "{v}"),
             ValueRef::F32(v) => write!(f, "{v}"),
             ValueRef::Bool(v) => write!(f, "{v}"),
-            ValueRef::String(v) => write!(f, "{v:?}"),
+            ValueRef::String(v) => f.write_str(&v.escaped()),
             ValueRef::U64(v) => write!(f, "{v}"),
             ValueRef::I64(v) => write!(f, "{v}"),
             ValueRef::F64(v) => write!(f, "{v}"),
@@ -315,8 +428,8 @@ impl LenWidth {
 
 /// A lazy view of a metadata array in a parsed file.
 ///
-/// The reader has checked every element when it parsed the file (lengths, UTF-8, boolean
-/// bytes, nested element types), so iterating cannot fail.
+/// The reader has checked every element when it parsed the file (lengths and nested
+/// element types), so iterating cannot fail.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ArrayRef<'a> {
     pub(crate) element_type: ValueType,
@@ -378,9 +491,11 @@ impl<'a> ArrayRef<'a> {
         }
     }
 
-    /// Iterates over the elements of a string array; `None` for other element types.
-    pub fn strings(&self) -> Option<impl Iterator<Item = &'a str> + 'a> {
-        (self.element_type == ValueType::String).then(|| self.iter().filter_map(|v| v.as_str()))
+    /// Iterates over the elements of a string array, UTF-8 or not (one item per
+    /// element, so indexes stay token ids); `None` for other element types.
+    pub fn strings(&self) -> Option<impl Iterator<Item = GgufStr<'a>> + 'a> {
+        (self.element_type == ValueType::String)
+            .then(|| self.iter().filter_map(|v| v.as_gguf_str()))
     }
 
     /// An owned copy of the whole array.
@@ -440,11 +555,9 @@ pub(crate) fn decode_fixed<'a>(t: ValueType, bytes: &[u8]) -> Option<ValueRef<'a
         ValueType::U32 => ValueRef::U32(u32::from_le_bytes(arr(bytes)?)),
         ValueType::I32 => ValueRef::I32(i32::from_le_bytes(arr(bytes)?)),
         ValueType::F32 => ValueRef::F32(f32::from_le_bytes(arr(bytes)?)),
-        ValueType::Bool => match *bytes.first()? {
-            0 => ValueRef::Bool(false),
-            1 => ValueRef::Bool(true),
-            _ => return None,
-        },
+        // Any byte but 0 is true, as llama.cpp reads it; the reader reports bytes other
+        // than 0 and 1.
+        ValueType::Bool => ValueRef::Bool(*bytes.first()? != 0),
         ValueType::U64 => ValueRef::U64(u64::from_le_bytes(arr(bytes)?)),
         ValueType::I64 => ValueRef::I64(i64::from_le_bytes(arr(bytes)?)),
         ValueType::F64 => ValueRef::F64(f64::from_le_bytes(arr(bytes)?)),
@@ -464,7 +577,7 @@ fn decode_checked<'a>(
     match t {
         ValueType::String => {
             let len = usize::try_from(width.read(bytes.get(..w)?)).ok()?;
-            let s = std::str::from_utf8(bytes.get(w..w.checked_add(len)?)?).ok()?;
+            let s = GgufStr::new(bytes.get(w..w.checked_add(len)?)?);
             Some((ValueRef::String(s), w + len))
         }
         ValueType::Array => {
@@ -521,8 +634,11 @@ pub enum Value {
     F32(f32),
     /// `BOOL`.
     Bool(bool),
-    /// `STRING`.
+    /// `STRING` holding valid UTF-8 (build one with `Value::from("text")`).
     String(String),
+    /// `STRING` whose bytes are not valid UTF-8, kept as read so that a rewrite writes
+    /// them back unchanged. [`Value::from`] a [`GgufStr`] chooses between the two.
+    RawString(Vec<u8>),
     /// `ARRAY`.
     Array(Array),
     /// `UINT64`.
@@ -572,7 +688,7 @@ impl Value {
             Value::I32(_) => ValueType::I32,
             Value::F32(_) => ValueType::F32,
             Value::Bool(_) => ValueType::Bool,
-            Value::String(_) => ValueType::String,
+            Value::String(_) | Value::RawString(_) => ValueType::String,
             Value::Array(_) => ValueType::Array,
             Value::U64(_) => ValueType::U64,
             Value::I64(_) => ValueType::I64,
@@ -612,6 +728,7 @@ impl Value {
             Value::F32(v) => out.extend_from_slice(&v.to_le_bytes()),
             Value::Bool(v) => out.push(u8::from(*v)),
             Value::String(s) => encode_str(s, out),
+            Value::RawString(bytes) => encode_bytes(bytes, out),
             Value::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
             Value::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
             Value::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
@@ -637,6 +754,7 @@ impl Value {
     pub fn encoded_len(&self) -> u64 {
         match self {
             Value::String(s) => 8 + s.len() as u64,
+            Value::RawString(bytes) => 8 + bytes.len() as u64,
             Value::Array(a) => 12 + a.items.iter().map(Value::encoded_len).sum::<u64>(),
             other => other.value_type().fixed_size().unwrap_or(0),
         }
@@ -644,8 +762,33 @@ impl Value {
 }
 
 pub(crate) fn encode_str(s: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
+    encode_bytes(s.as_bytes(), out);
+}
+
+pub(crate) fn encode_bytes(bytes: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+impl Value {
+    /// The string's bytes, if this is a `STRING` (UTF-8 or not).
+    pub fn string_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Value::String(s) => Some(s.as_bytes()),
+            Value::RawString(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+}
+
+impl From<GgufStr<'_>> for Value {
+    /// [`Value::String`] for valid UTF-8, [`Value::RawString`] otherwise.
+    fn from(s: GgufStr<'_>) -> Value {
+        match s.as_str() {
+            Some(text) => Value::String(text.to_owned()),
+            None => Value::RawString(s.as_bytes().to_vec()),
+        }
+    }
 }
 
 impl From<&str> for Value {

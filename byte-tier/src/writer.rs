@@ -116,6 +116,9 @@ pub struct Layout {
 pub struct GgufWriter<'a> {
     metadata: Vec<(String, Value)>,
     tensors: Vec<TensorSpec<'a>>,
+    /// Set by [`from_gguf`](Self::from_gguf) when the source has a key or tensor name
+    /// that is not UTF-8: keys and names are text here, so writing would change it.
+    lossy_source: Option<String>,
 }
 
 impl<'a> GgufWriter<'a> {
@@ -130,8 +133,9 @@ impl<'a> GgufWriter<'a> {
         let metadata = gguf
             .metadata()
             .iter()
-            .map(|e| (e.key.to_owned(), e.value.to_owned_value()))
+            .map(|e| (e.key.to_string(), e.value.to_owned_value()))
             .collect();
+        let lossy_source = gguf.first_name_not_utf8().map(str::to_owned);
         let tensors = gguf
             .tensors()
             .iter()
@@ -142,7 +146,11 @@ impl<'a> GgufWriter<'a> {
                 data: TensorData::Bytes(Cow::Borrowed(gguf.tensor_data(t))),
             })
             .collect();
-        GgufWriter { metadata, tensors }
+        GgufWriter {
+            metadata,
+            tensors,
+            lossy_source,
+        }
     }
 
     /// Sets `key` to `value`: replaced in place when the key exists, appended otherwise.
@@ -211,6 +219,9 @@ impl<'a> GgufWriter<'a> {
 
     /// Checks everything and computes where each part of the file goes.
     pub fn layout(&self) -> Result<Layout> {
+        if let Some(what) = &self.lossy_source {
+            return Err(Error::NameNotUtf8 { what: what.clone() });
+        }
         let alignment = self.alignment()?;
         let mut seen = HashSet::new();
         for (key, _) in &self.metadata {
@@ -314,10 +325,7 @@ impl<'a> GgufWriter<'a> {
         path: &Path,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
+        let dir = parent_dir(path);
         let mut temp = tempfile::Builder::new()
             .prefix(".hotpatch-")
             .suffix(".gguf.tmp")
@@ -356,8 +364,23 @@ fn with_path(error: Error, path: &Path) -> Error {
     }
 }
 
-/// Syncs a directory so that a rename in it is durable.
+/// The directory that holds `path`: its parent, or `.` for a bare file name (whose
+/// parent is the empty path, which no system call accepts) and for `/`.
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Syncs a directory so that a rename in it is durable. The empty path, what
+/// [`Path::parent`] gives for a bare file name, is the current directory.
 pub fn sync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io("sync directory", dir, e))
@@ -414,3 +437,6 @@ fn copy_tensor_data(tensor: &mut TensorSpec<'_>, n_bytes: u64, out: &mut dyn Wri
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

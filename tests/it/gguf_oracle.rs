@@ -110,7 +110,7 @@ fn scalar_json(value: &ValueRef<'_>) -> Json {
         ValueRef::I32(v) => json!(v),
         ValueRef::F32(v) => json!(f64::from(v)),
         ValueRef::Bool(v) => json!(v),
-        ValueRef::String(v) => json!(v),
+        ValueRef::String(v) => json!(v.to_string_lossy()),
         ValueRef::U64(v) => json!(v),
         ValueRef::I64(v) => json!(v),
         ValueRef::F64(v) => json!(v),
@@ -142,7 +142,7 @@ fn describe_with_byte_tier(gguf: &Gguf<'_>) -> Json {
                 }
                 scalar => scalar_json(&scalar),
             };
-            json!([e.key, type_chain(&e.value), contents])
+            json!([e.key.to_string(), type_chain(&e.value), contents])
         })
         .collect();
     let tensors: Vec<Json> = gguf

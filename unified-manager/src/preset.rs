@@ -398,7 +398,7 @@ impl ConfigDir {
 
 /// Writes a file through a temporary file in its directory, fsync and rename.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = byte_tier::parent_dir(path);
     std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
     let mut temp = tempfile::NamedTempFile::new_in(dir)
         .map_err(|e| Error::io("create a temporary file in", dir, e))?;

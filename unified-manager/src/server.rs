@@ -212,12 +212,18 @@ impl ServerLink for AdminClient {
     }
 
     fn set_cache_enabled(&self, enabled: bool) -> Result<()> {
-        let mut settings = self.call("GET", "/admin/cache", None)?;
-        match settings.as_object_mut() {
-            Some(map) => {
-                map.insert("enabled".to_owned(), json!(enabled));
+        // The answer to GET also reports state (`entries`) that PUT refuses as an
+        // unknown field: send back only the settable fields, with their current values.
+        let current = self.call("GET", "/admin/cache", None)?;
+        let mut settings = serde_json::to_value(server_tier::CacheSettings::default())
+            .map_err(|e| Error::Server(format!("encode the cache settings: {e}")))?;
+        if let Some(fields) = settings.as_object_mut() {
+            for (field, value) in fields.iter_mut() {
+                if let Some(now) = current.get(field) {
+                    *value = now.clone();
+                }
             }
-            None => settings = json!({ "enabled": enabled }),
+            fields.insert("enabled".to_owned(), json!(enabled));
         }
         self.call("PUT", "/admin/cache", Some(settings)).map(drop)
     }

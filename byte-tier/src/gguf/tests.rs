@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::value::{Array, Value};
+use crate::value::{Array, GgufStr, Value};
 use crate::writer::{GgufWriter, TensorSpec};
 
 /// A small valid file: a few keys (a string, a string array, a nested array) and three
@@ -61,7 +61,7 @@ fn the_small_file_is_valid() {
     assert_eq!(g.metadata().len(), 4);
     assert_eq!(g.tensors().len(), 3);
     assert!(g.diagnostics().is_empty());
-    let tokens: Vec<&str> = g
+    let tokens: Vec<GgufStr<'_>> = g
         .get_array("k.tokens")
         .unwrap()
         .strings()
@@ -243,14 +243,9 @@ fn holes_and_disorder_are_diagnostics_not_errors() {
 }
 
 #[test]
-fn bad_strings_keys_and_bools() {
+fn duplicate_keys_and_tensor_names() {
     let bytes = small_file();
     let g = parsed(&bytes);
-
-    let mut bad = bytes.clone();
-    let key_at = g.entry("k.u32").unwrap().entry_offset + 8;
-    put(&mut bad, key_at, &[0xff]);
-    assert!(matches!(Gguf::parse(&bad), Err(Error::InvalidUtf8 { offset }) if offset == key_at));
 
     // Rename "k.nested" to "k.tokens" in place (same length): a duplicate key.
     let nested = g.entry("k.nested").unwrap().entry_offset;
@@ -269,17 +264,154 @@ fn bad_strings_keys_and_bools() {
         Gguf::parse(&dup),
         Err(Error::DuplicateTensor { ref name, offset }) if name == "a" && offset == c
     ));
+}
 
-    let mut w = GgufWriter::new();
-    w.set("flag", true);
-    let mut bool_file = Vec::new();
-    w.write_to(&mut bool_file).unwrap();
-    let flag = parsed(&bool_file).entry("flag").unwrap().value_offset;
-    put(&mut bool_file, flag, &[2]);
+/// Re-encodes a parsed file through the writer.
+fn rewritten(g: &Gguf<'_>) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    GgufWriter::from_gguf(g).write_to(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn a_string_value_that_is_not_utf8_is_kept_byte_for_byte_and_diagnosed() {
+    let bytes = small_file();
+    let g = parsed(&bytes);
+    let mut bad = bytes.clone();
+    // "k.tokens" = ["a", "bc", ""]: make element 1 "b\xff".
+    let tokens = g.get_array("k.tokens").unwrap();
+    let element_1 = tokens.offset() + 8 + 1 + 8;
+    put(&mut bad, element_1 + 1, &[0xff]);
+    let architecture = g.entry("general.architecture").unwrap().value_offset + 8;
+    put(&mut bad, architecture, &[0xc3]);
+
+    let g = parsed(&bad);
+    assert_eq!(g.get("general.architecture").unwrap().as_str(), None);
     assert!(matches!(
-        Gguf::parse(&bool_file),
-        Err(Error::InvalidBool { byte: 2, offset }) if offset == flag
+        g.get_str("general.architecture"),
+        Err(Error::InvalidUtf8 { offset }) if offset == architecture
     ));
+    let strings: Vec<GgufStr<'_>> = g
+        .get_array("k.tokens")
+        .unwrap()
+        .strings()
+        .unwrap()
+        .collect();
+    assert_eq!(
+        strings.len(),
+        3,
+        "one item per element, so indexes stay token ids"
+    );
+    assert_eq!(strings[1].as_bytes(), b"b\xff");
+    assert_eq!(strings[1].escaped(), r#""b\xff""#);
+    assert_eq!(strings[1].to_string_lossy(), "b\u{fffd}");
+    assert_eq!(
+        g.diagnostics(),
+        [
+            LayoutDiagnostic::ValueNotUtf8 {
+                key: "general.architecture".into(),
+                element: None,
+                offset: architecture,
+            },
+            LayoutDiagnostic::ValueNotUtf8 {
+                key: "k.tokens".into(),
+                element: Some(1),
+                offset: element_1,
+            },
+        ]
+    );
+    // A rewrite writes both strings back unchanged: here the whole file is the same.
+    assert_eq!(rewritten(&g).unwrap(), bad);
+}
+
+#[test]
+fn a_key_or_tensor_name_that_is_not_utf8_is_read_and_a_rewrite_refuses_to_change_it() {
+    let bytes = small_file();
+    let g = parsed(&bytes);
+
+    let mut bad_key = bytes.clone();
+    let key_at = g.entry("k.u32").unwrap().entry_offset + 8;
+    put(&mut bad_key, key_at, &[0xff]);
+    let g2 = parsed(&bad_key);
+    assert_eq!(g2.get(b"\xff.u32").unwrap().as_u64(), Some(7));
+    assert_eq!(
+        g2.diagnostics(),
+        [LayoutDiagnostic::KeyNotUtf8 {
+            key: "\u{fffd}.u32".into(),
+            offset: key_at,
+        }]
+    );
+    assert!(
+        matches!(rewritten(&g2), Err(Error::NameNotUtf8 { ref what }) if what.contains("offset"))
+    );
+
+    let mut bad_name = bytes.clone();
+    let name_at = g.tensor("c").unwrap().info_offset + 8;
+    put(&mut bad_name, name_at, &[0x80]);
+    let g3 = parsed(&bad_name);
+    assert_eq!(
+        g3.tensor("\u{fffd}").unwrap().n_bytes,
+        g.tensor("c").unwrap().n_bytes
+    );
+    assert!(matches!(
+        g3.diagnostics(),
+        [LayoutDiagnostic::TensorNameNotUtf8 { index: 2, offset, .. }] if *offset == name_at
+    ));
+    assert!(matches!(rewritten(&g3), Err(Error::NameNotUtf8 { .. })));
+}
+
+#[test]
+fn a_boolean_byte_other_than_0_or_1_reads_as_true_and_is_diagnosed() {
+    let mut w = GgufWriter::new();
+    w.set("flag", false).set(
+        "flags",
+        Array::new(ValueType::Bool, vec![Value::Bool(false), Value::Bool(true)]),
+    );
+    let mut file = Vec::new();
+    w.write_to(&mut file).unwrap();
+    let g = parsed(&file);
+    let flag = g.entry("flag").unwrap().value_offset;
+    let flags = g.get_array("flags").unwrap().offset();
+    put(&mut file, flag, &[2]);
+    put(&mut file, flags, &[0x80]);
+    let g = parsed(&file);
+    assert_eq!(g.get("flag").unwrap().as_bool(), Some(true));
+    let flags_read: Vec<_> = g.get_array("flags").unwrap().iter().collect();
+    assert_eq!(flags_read, [ValueRef::Bool(true), ValueRef::Bool(true)]);
+    assert_eq!(
+        g.diagnostics(),
+        [
+            LayoutDiagnostic::NonBooleanByte {
+                key: "flag".into(),
+                element: None,
+                byte: 2,
+                offset: flag,
+            },
+            LayoutDiagnostic::NonBooleanByte {
+                key: "flags".into(),
+                element: Some(0),
+                byte: 0x80,
+                offset: flags,
+            },
+        ]
+    );
+}
+
+#[test]
+fn diagnostics_past_the_cap_are_counted_in_one() {
+    let tokens: Vec<Value> = (0..MAX_DIAGNOSTICS + 5)
+        .map(|_| Value::RawString(vec![0xff]))
+        .collect();
+    let mut w = GgufWriter::new();
+    w.set("k.tokens", Array::new(ValueType::String, tokens));
+    let mut file = Vec::new();
+    w.write_to(&mut file).unwrap();
+    let g = parsed(&file);
+    assert_eq!(g.diagnostics().len(), MAX_DIAGNOSTICS + 1);
+    assert_eq!(
+        g.diagnostics().last(),
+        Some(&LayoutDiagnostic::More { count: 5 })
+    );
 }
 
 #[test]

@@ -20,6 +20,25 @@ pub fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
     byte_tier::ops::from_hex(text).ok_or_else(|| format!("{text:?} is not hexadecimal bytes"))
 }
 
+/// Bytes given in hexadecimal on the command line, one argument's worth.
+///
+/// A newtype rather than `Vec<u8>`: clap reads a `Vec<T>` field as "many values of
+/// `T`", so a parser that returns `Vec<u8>` for one argument does not fit such a field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HexBytes(pub Vec<u8>);
+
+impl HexBytes {
+    /// Parses one argument (`"47 47 55 46"`, `"0x47475546"`).
+    pub fn parse(text: &str) -> Result<HexBytes, String> {
+        parse_hex(text).map(HexBytes)
+    }
+
+    /// The bytes of several arguments, in order.
+    pub fn concat(parts: &[HexBytes]) -> Vec<u8> {
+        parts.iter().flat_map(|p| p.0.iter().copied()).collect()
+    }
+}
+
 /// A byte range: `--offset` and `--len`, absolute or relative to `--tensor`'s data.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RangeArgs {

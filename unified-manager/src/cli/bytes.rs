@@ -7,7 +7,7 @@ use byte_tier::ops::{self, BitOp, WordWidth};
 use byte_tier::{BytePatcher, ByteWrite, DryRun, EditReceipt, InPlaceFile};
 use serde_json::json;
 
-use super::args::{RangeArgs, parse_hex, parse_number};
+use super::args::{HexBytes, RangeArgs, parse_hex, parse_number};
 
 /// Arguments of `hotpatch bytes`.
 #[derive(Debug, clap::Args)]
@@ -33,9 +33,9 @@ pub enum Operation {
     Write {
         #[command(flatten)]
         at: RangeArgs,
-        /// The bytes, in hexadecimal.
-        #[arg(value_parser = parse_hex)]
-        bytes: Vec<u8>,
+        /// The bytes, in hexadecimal; several arguments are written one after another.
+        #[arg(value_parser = HexBytes::parse, required = true, num_args = 1..)]
+        bytes: Vec<HexBytes>,
     },
     /// Set every byte of a range to one value.
     Fill {
@@ -74,8 +74,8 @@ pub enum Operation {
         #[command(flatten)]
         range: RangeArgs,
         /// The key, in hexadecimal.
-        #[arg(long, value_parser = parse_hex)]
-        key: Vec<u8>,
+        #[arg(long, value_parser = HexBytes::parse)]
+        key: HexBytes,
         /// Print the XORed bytes instead of writing them.
         #[arg(long)]
         copy: bool,
@@ -107,9 +107,10 @@ pub enum Operation {
     Compare {
         #[command(flatten)]
         at: RangeArgs,
-        /// The expected bytes, in hexadecimal.
-        #[arg(value_parser = parse_hex)]
-        expected: Vec<u8>,
+        /// The expected bytes, in hexadecimal; several arguments are compared one after
+        /// another.
+        #[arg(value_parser = HexBytes::parse, required = true, num_args = 1..)]
+        expected: Vec<HexBytes>,
     },
 }
 
@@ -209,6 +210,7 @@ fn read_only(args: &BytesArgs) -> anyhow::Result<Option<String>> {
             }
         }
         Operation::Compare { at, expected } => {
+            let expected = &HexBytes::concat(expected);
             let start = RangeArgs {
                 len: Some(expected.len() as u64),
                 ..at.clone()
@@ -234,7 +236,7 @@ fn read_only(args: &BytesArgs) -> anyhow::Result<Option<String>> {
         }
         Operation::Xor { range, key, .. } => {
             let r = range.resolve(&view, 256)?;
-            ops::to_hex(&view.xor_copy(r, key)?)
+            ops::to_hex(&view.xor_copy(r, &key.0)?)
         }
         _ => return Ok(None),
     };
@@ -244,6 +246,7 @@ fn read_only(args: &BytesArgs) -> anyhow::Result<Option<String>> {
 fn edit(patcher: &mut dyn BytePatcher, operation: &Operation) -> anyhow::Result<EditReceipt> {
     let receipt = match operation {
         Operation::Write { at, bytes } => {
+            let bytes = HexBytes::concat(bytes);
             let r = RangeArgs {
                 len: Some(bytes.len() as u64),
                 ..at.clone()
@@ -253,7 +256,7 @@ fn edit(patcher: &mut dyn BytePatcher, operation: &Operation) -> anyhow::Result<
                 &format!("write {} bytes at {}", bytes.len(), r.start),
                 vec![ByteWrite {
                     offset: r.start,
-                    bytes: bytes.clone(),
+                    bytes,
                 }],
             )?
         }
@@ -271,7 +274,7 @@ fn edit(patcher: &mut dyn BytePatcher, operation: &Operation) -> anyhow::Result<
         }
         Operation::Xor { range, key, .. } => {
             let r = range.resolve(patcher, 256)?;
-            patcher.xor(r, key)?
+            patcher.xor(r, &key.0)?
         }
         Operation::Bits { range, op } => {
             let r = range.resolve(patcher, 256)?;

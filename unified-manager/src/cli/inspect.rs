@@ -4,7 +4,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use byte_tier::{ArrayRef, Gguf, MappedFile, MetadataEntry, ValueRef, ValueType};
+use byte_tier::{ArrayRef, Gguf, GgufStr, MappedFile, MetadataEntry, ValueRef, ValueType};
 use serde_json::{Map, Value as Json, json};
 
 /// Arrays longer than this are summarized unless `--full` is given.
@@ -88,11 +88,23 @@ pub fn to_json(value: &ValueRef<'_>) -> Json {
         ValueRef::I32(v) => json!(v),
         ValueRef::F32(v) => json!(f64::from(v)),
         ValueRef::Bool(v) => json!(v),
-        ValueRef::String(v) => json!(v),
+        ValueRef::String(v) => string_json(v),
         ValueRef::U64(v) => json!(v),
         ValueRef::I64(v) => json!(v),
         ValueRef::F64(v) => json!(v),
         ValueRef::Array(a) => Json::Array(a.iter().map(|v| to_json(&v)).collect()),
+    }
+}
+
+/// A string as JSON: the text when it is UTF-8 (gguf-dump's form), otherwise the text
+/// with U+FFFD for the bad bytes and every byte in hexadecimal.
+pub fn string_json(s: GgufStr<'_>) -> Json {
+    match s.as_str() {
+        Some(text) => json!(text),
+        None => json!({
+            "lossy": s.to_string_lossy(),
+            "hex": byte_tier::ops::to_hex(s.as_bytes()),
+        }),
     }
 }
 
@@ -156,7 +168,7 @@ fn json_report(filename: &str, gguf: &Gguf<'_>, full: bool) -> Json {
         );
     }
     for (i, entry) in gguf.metadata().iter().enumerate() {
-        metadata.insert(entry.key.into(), metadata_json(i + 3, entry, full));
+        metadata.insert(entry.key.to_string(), metadata_json(i + 3, entry, full));
     }
     let mut tensors = Map::new();
     for (index, t) in gguf.tensors().iter().enumerate() {
@@ -187,17 +199,31 @@ fn json_report(filename: &str, gguf: &Gguf<'_>, full: bool) -> Json {
     })
 }
 
-fn summarize_string(s: &str, full: bool) -> String {
-    if full || s.chars().count() <= STRING_SUMMARY_LEN {
-        return format!("{s:?}");
+fn summarize_string(s: GgufStr<'_>, full: bool) -> String {
+    let Some(text) = s.as_str() else {
+        // Escaped byte by byte where it is not UTF-8, so what is shown is what is stored.
+        let shown = if full {
+            s.as_bytes()
+        } else {
+            &s.as_bytes()[..s.len().min(STRING_SUMMARY_LEN)]
+        };
+        let more = if shown.len() < s.len() { "..." } else { "" };
+        return format!(
+            "{}{more} ({} bytes, not UTF-8)",
+            GgufStr::new(shown).escaped(),
+            s.len()
+        );
+    };
+    if full || text.chars().count() <= STRING_SUMMARY_LEN {
+        return format!("{text:?}");
     }
-    let head: String = s.chars().take(STRING_SUMMARY_LEN).collect();
-    format!("{head:?}... ({} bytes)", s.len())
+    let head: String = text.chars().take(STRING_SUMMARY_LEN).collect();
+    format!("{head:?}... ({} bytes)", text.len())
 }
 
 fn text_value(value: &ValueRef<'_>, full: bool) -> String {
     match value {
-        ValueRef::String(s) => summarize_string(s, full),
+        ValueRef::String(s) => summarize_string(*s, full),
         ValueRef::Array(a) if !full && a.len() > ARRAY_SUMMARY_LEN => {
             let head: Vec<String> = a
                 .iter()

@@ -1,8 +1,10 @@
 //! The `hotpatch` binary, run as a user runs it.
 
+mod commands;
 mod crash;
 mod edit;
 mod inspect;
+mod lenient;
 mod manage;
 mod serve;
 mod served;
