@@ -34,6 +34,9 @@ pub struct RequantizationError {
     pub rms_intended: f64,
 }
 
+/// Sees a chunk of a rewrite: its first row, the values meant and the values stored.
+pub(crate) type Observer<'o> = dyn FnMut(u64, &[f32], &[f32]) + 'o;
+
 /// Whether a tensor of this type can be dequantized and quantized back.
 pub fn can_rewrite(ggml_type: crate::GgmlType) -> bool {
     codec::can_dequantize(ggml_type) && codec::can_quantize(ggml_type)
@@ -81,7 +84,7 @@ pub(crate) fn rewrite_rows(
     gguf: &Gguf<'_>,
     info: &TensorInfo,
     edit: &mut dyn FnMut(u64, &mut [f32]) -> Result<()>,
-    observe: &mut dyn FnMut(u64, &[f32], &[f32]),
+    observe: &mut Observer<'_>,
 ) -> Result<RewrittenTensor> {
     if !can_rewrite(info.ggml_type) {
         return Err(Error::UnsupportedType {

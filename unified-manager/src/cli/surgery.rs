@@ -188,8 +188,8 @@ fn merge_plan(file: &Path, adapter: &Path, scale: f32) -> anyhow::Result<LoraMer
         .parse()
         .with_context(|| format!("adapter {}", adapter.display()))?;
     let identity = file_identity(adapter)?;
-    Ok(plan_lora_merge(&base, &adapter_gguf, &identity, scale)
-        .with_context(|| format!("adapter {}", adapter.display()))?)
+    plan_lora_merge(&base, &adapter_gguf, &identity, scale)
+        .with_context(|| format!("adapter {}", adapter.display()))
 }
 
 pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
