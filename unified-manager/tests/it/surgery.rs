@@ -523,3 +523,118 @@ fn bad_surgery_input_is_refused_and_nothing_is_written() {
     assert!(std::fs::read(&model).unwrap() == before);
     assert!(!byte_tier::journal_path(&model).exists());
 }
+
+/// The top log-probabilities of the next token after `prompt`: (token, logprob), best
+/// first.
+fn top_logprobs(server: &tests::LlamaServer, prompt: &str) -> Vec<(String, f64)> {
+    let body = serde_json::json!({"prompt": prompt, "n_predict": 1, "n_probs": 5,
+        "temperature": 0, "cache_prompt": false})
+    .to_string();
+    let (status, answer) =
+        tests::http_request(server.port, "POST", "/completion", Some(&body)).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let json: Json = serde_json::from_str(&answer).unwrap();
+    json["completion_probabilities"][0]["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["token"].as_str().unwrap().to_owned(),
+                t["logprob"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn generates(model: &Path) -> String {
+    let server = tests::LlamaServer::start(model, &[]);
+    let body = r#"{"prompt": "Once upon a time", "n_predict": 8, "temperature": 0}"#;
+    let (status, answer) =
+        tests::http_request(server.port, "POST", "/completion", Some(body)).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let json: Json = serde_json::from_str(&answer).unwrap();
+    json["content"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn duplicated_and_grafted_models_load_and_generate_in_llama_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tests::real_model();
+    let duplicated = dir.path().join("duplicated.gguf");
+    ok(&[
+        "layers",
+        "duplicate",
+        s(&model),
+        "--layers",
+        "4..8",
+        "--at",
+        "9",
+        "-o",
+        s(&duplicated),
+    ]);
+    assert!(!generates(&duplicated).trim().is_empty());
+    let removed = dir.path().join("removed.gguf");
+    ok(&[
+        "tensor",
+        "remove",
+        s(&model),
+        "output_norm.weight",
+        "-o",
+        s(&removed),
+    ]);
+    let grafted = dir.path().join("grafted.gguf");
+    ok(&[
+        "tensor",
+        "copy",
+        s(&model),
+        "output_norm.weight",
+        s(&removed),
+        "-o",
+        s(&grafted),
+    ]);
+    // The graft puts back exactly what was removed: the model answers as the original.
+    assert_eq!(generates(&grafted), generates(&model));
+}
+
+/// The largest difference of log-probability measured between llama-server applying
+/// the adapter at run time and llama-server on our merged file, over the tokens both
+/// rank in their top five: 0.58 (rank 8 adapter on the Q4_K_M model, "The capital of
+/// France is" -> " Paris"). Requantizing 72 tensors of 4 to 8 bits adds an error of
+/// the same order as the adapter's change (both about 1e-3 rms per weight).
+const LORA_LOGPROB_BOUND: f64 = 0.75;
+
+#[test]
+fn llama_server_with_the_adapter_and_with_our_merged_model_agree_within_the_requantization_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = copy_model(dir.path(), "base.gguf");
+    let merged = copy_model(dir.path(), "merged.gguf");
+    let adapter = dir.path().join("adapter.gguf");
+    write_adapter(&base, &adapter, 8);
+    ok(&["lora", "merge", s(&merged), s(&adapter), "--scale", "0.5"]);
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time",
+        "def fibonacci(n):",
+    ];
+    let runtime: Vec<_> = {
+        let server =
+            tests::LlamaServer::start(&base, &["--lora-scaled", &format!("{}:0.5", s(&adapter))]);
+        prompts.iter().map(|p| top_logprobs(&server, p)).collect()
+    };
+    let ours: Vec<_> = {
+        let server = tests::LlamaServer::start(&merged, &[]);
+        prompts.iter().map(|p| top_logprobs(&server, p)).collect()
+    };
+    for ((prompt, want), got) in prompts.iter().zip(&runtime).zip(&ours) {
+        assert_eq!(want[0].0, got[0].0, "{prompt}: top tokens differ");
+        for (token, logprob) in want {
+            if let Some((_, ours)) = got.iter().find(|(t, _)| t == token) {
+                assert!(
+                    (logprob - ours).abs() <= LORA_LOGPROB_BOUND,
+                    "{prompt}: {token:?} {logprob} at run time, {ours} merged"
+                );
+            }
+        }
+    }
+}
