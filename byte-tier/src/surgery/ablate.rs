@@ -47,6 +47,12 @@ pub const RESIDUAL_WRITERS: &[&str] = &[
     "token_embd",
 ];
 
+/// Most rounds of error feedback after the plain requantization of a residual writer.
+const MAX_CORRECTIONS: u32 = 4;
+
+/// A stored component above this many times the noise floor starts another round.
+const CORRECTION_NOISE: f64 = 3.0;
+
 /// Direction vectors, unit length, each of the model's embedding length.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Directions {
@@ -212,8 +218,11 @@ pub struct AblatedTensor {
     /// `requantization.rms · √vectors`: the component a random requantization error of
     /// that size leaves along any unit direction.
     pub noise_floor: f64,
-    /// What requantizing cost.
+    /// What requantizing cost, against the exact ablated values.
     pub requantization: RequantizationError,
+    /// Rounds of error feedback that pushed the stored component down after the
+    /// plain requantization (0: the stored bytes are the plain requantization).
+    pub correction_rounds: u32,
     /// Bytes of the tensor whose value changes.
     pub changed_bytes: u64,
 }
@@ -436,6 +445,7 @@ fn finish(
         component_after: norm(components[2]),
         noise_floor: rewrite.requantization.rms * (vectors as f64).sqrt(),
         requantization: rewrite.requantization,
+        correction_rounds: 0,
         changed_bytes,
     };
     (report, rewrite)
@@ -550,55 +560,89 @@ fn ablate_writer(
     };
     let before: f64 = c.iter().map(|v| v * v).sum();
     // Pass 2: rewrite, and sum the projections of the intended and stored values.
-    let mut c_exact = vec![0f64; columns];
-    let mut c_after = vec![0f64; columns];
-    let rewrite = rewrite_rows(
-        gguf,
-        info,
-        &mut |first_row, values| {
-            for (k, row) in values.chunks_mut(n_in_us).enumerate() {
-                let g = first_row + k as u64;
-                let (slice, o) = ((g / n_out) as usize, (g % n_out) as usize);
-                let ro = weight * f64::from(r[o]);
-                let cs = &c[slice * n_in_us..(slice + 1) * n_in_us];
-                for (i, (v, &ci)) in row.iter_mut().zip(cs).enumerate() {
-                    let mut new = f64::from(*v) - ro * ci;
-                    if options.norm_preserve {
-                        new *= factors[slice * n_in_us + i];
+    // Requantizing a small change to values that already sit on the type's grid can
+    // round most of them back (a 4-bit K-quant step is larger than the change), which
+    // leaves much of the component in place. When the stored component is above
+    // CORRECTION_NOISE times the noise floor, the next round pushes every column
+    // further along -r by what was left (error feedback on the projection), so that
+    // more values cross a rounding boundary; the best round is kept. The requantization
+    // error is always measured against the exact ablated values.
+    let mut push = vec![0f64; columns];
+    let mut best: Option<(f64, f64, RewrittenTensor, u32)> = None;
+    for round in 0..=MAX_CORRECTIONS {
+        let mut c_exact = vec![0f64; columns];
+        let mut c_after = vec![0f64; columns];
+        let (mut err_sq, mut err_max, mut want_sq) = (0f64, 0f64, 0f64);
+        let mut rewrite = rewrite_rows(
+            gguf,
+            info,
+            &mut |first_row, values| {
+                for (k, row) in values.chunks_mut(n_in_us).enumerate() {
+                    let g = first_row + k as u64;
+                    let (slice, o) = ((g / n_out) as usize, (g % n_out) as usize);
+                    let ro = weight * f64::from(r[o]);
+                    let base = slice * n_in_us;
+                    for (i, v) in row.iter_mut().enumerate() {
+                        let mut new = f64::from(*v) - ro * c[base + i];
+                        if options.norm_preserve {
+                            new *= factors[base + i];
+                        }
+                        *v = (new - f64::from(r[o]) * push[base + i]) as f32;
                     }
-                    *v = new as f32;
                 }
-            }
-            Ok(())
-        },
-        &mut |first_row, intended, stored| {
-            for (k, (want, got)) in intended
-                .chunks(n_in_us)
-                .zip(stored.chunks(n_in_us))
-                .enumerate()
-            {
-                let g = first_row + k as u64;
-                let (slice, o) = ((g / n_out) as usize, (g % n_out) as usize);
-                let ro = f64::from(r[o]);
-                let range = slice * n_in_us..(slice + 1) * n_in_us;
-                for ((e, a), (&w, &s)) in c_exact[range.clone()]
-                    .iter_mut()
-                    .zip(&mut c_after[range])
-                    .zip(want.iter().zip(got))
+                Ok(())
+            },
+            &mut |first_row, intended, stored| {
+                for (k, (want, got)) in intended
+                    .chunks(n_in_us)
+                    .zip(stored.chunks(n_in_us))
+                    .enumerate()
                 {
-                    *e += ro * f64::from(w);
-                    *a += ro * f64::from(s);
+                    let g = first_row + k as u64;
+                    let (slice, o) = ((g / n_out) as usize, (g % n_out) as usize);
+                    let ro = f64::from(r[o]);
+                    let base = slice * n_in_us;
+                    for (i, (&w, &s)) in want.iter().zip(got).enumerate() {
+                        // The exact ablated value: the pushed one plus the push.
+                        let exact = if round == 0 {
+                            f64::from(w)
+                        } else {
+                            f64::from(w) + ro * push[base + i]
+                        };
+                        c_exact[base + i] += ro * exact;
+                        c_after[base + i] += ro * f64::from(s);
+                        let d = f64::from(s) - exact;
+                        err_sq += d * d;
+                        err_max = err_max.max(d.abs());
+                        want_sq += exact * exact;
+                    }
                 }
-            }
-        },
-    )?;
-    let exact: f64 = c_exact.iter().map(|v| v * v).sum();
-    let after: f64 = c_after.iter().map(|v| v * v).sum();
-    Ok(finish(
-        gguf,
-        info,
-        columns as u64,
-        [before, exact, after],
-        rewrite,
-    ))
+            },
+        )?;
+        let count = info.n_elements.max(1) as f64;
+        rewrite.requantization = RequantizationError {
+            rms: (err_sq / count).sqrt(),
+            max_abs: err_max,
+            rms_intended: (want_sq / count).sqrt(),
+        };
+        let exact: f64 = c_exact.iter().map(|v| v * v).sum();
+        let after: f64 = c_after.iter().map(|v| v * v).sum();
+        let noise = rewrite.requantization.rms * (columns as f64).sqrt();
+        let better = best.as_ref().is_none_or(|(_, a, _, _)| after < *a);
+        if better {
+            best = Some((exact, after, rewrite, round));
+        }
+        if !better || after.sqrt() <= CORRECTION_NOISE * noise {
+            break;
+        }
+        for (p, a) in push.iter_mut().zip(&c_after) {
+            *p += a;
+        }
+    }
+    let Some((exact, after, rewrite, rounds)) = best else {
+        return Err(Error::InvalidEdit(format!("tensor {:?} has no rows", info.name)));
+    };
+    let (mut report, rewrite) = finish(gguf, info, columns as u64, [before, exact, after], rewrite);
+    report.correction_rounds = rounds;
+    Ok((report, rewrite))
 }
