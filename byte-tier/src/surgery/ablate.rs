@@ -640,7 +640,10 @@ fn ablate_writer(
         }
     }
     let Some((exact, after, rewrite, rounds)) = best else {
-        return Err(Error::InvalidEdit(format!("tensor {:?} has no rows", info.name)));
+        return Err(Error::InvalidEdit(format!(
+            "tensor {:?} has no rows",
+            info.name
+        )));
     };
     let (mut report, rewrite) = finish(gguf, info, columns as u64, [before, exact, after], rewrite);
     report.correction_rounds = rounds;

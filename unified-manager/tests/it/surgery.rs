@@ -337,6 +337,11 @@ fn ablation_matches_a_numpy_reference_quantized_with_gguf_py_byte_for_byte() {
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     assert_eq!(names.len(), edited.len(), "{report}");
+    // These types need no error feedback here, so their bytes are the plain
+    // requantization the reference computes.
+    for t in report["tensors"].as_array().unwrap() {
+        assert_eq!(t["correction_rounds"], 0, "{t}");
+    }
     let ablated = dir.path().join("ablated.gguf");
     std::fs::copy(&model, &ablated).unwrap();
     ok(&["revert", s(&model), "--last"]);
@@ -408,13 +413,25 @@ fn ablation_on_the_real_model_removes_the_component_before_requantization() {
     .unwrap();
     let tensors = report["tensors"].as_array().unwrap();
     assert_eq!(tensors.len(), 36);
+    let mut worst: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for t in tensors {
         let before = t["component_before"].as_f64().unwrap();
         let exact = t["component_exact"].as_f64().unwrap();
         let after = t["component_after"].as_f64().unwrap();
+        let noise = t["noise_floor"].as_f64().unwrap();
+        // Before requantization the component is gone (at least 100x smaller). After
+        // it, 4-bit K-quants keep part of it: for this direction the worst Q4_K tensor
+        // is 3.2x smaller and 7x its noise floor after error feedback (Q6_K: 30x, 1.9x).
         assert!(before > 100.0 * exact, "{t}");
-        assert!(after < before, "{t}");
+        assert!(before > 2.5 * after, "{t}");
+        let entry = worst
+            .entry(t["ggml_type"].as_str().unwrap().to_owned())
+            .or_insert((f64::INFINITY, 0.0));
+        entry.0 = entry.0.min(before / after);
+        entry.1 = entry.1.max(after / noise);
     }
+    // The ratio per type (smallest reduction, largest multiple of the noise floor).
+    eprintln!("component along r, before / after requantization, per type: {worst:?}");
     // A dry run writes nothing.
     assert!(std::fs::read(&model).unwrap() == std::fs::read(tests::real_model()).unwrap());
     assert!(!byte_tier::journal_path(&model).exists());
