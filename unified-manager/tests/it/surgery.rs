@@ -655,3 +655,19 @@ fn llama_server_with_the_adapter_and_with_our_merged_model_agree_within_the_requ
         }
     }
 }
+
+#[test]
+fn a_running_llama_server_sees_a_merge_at_once_and_its_unmerge_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = copy_model(dir.path(), "model.gguf");
+    let adapter = dir.path().join("adapter.gguf");
+    write_adapter(&model, &adapter, 8);
+    let server = tests::LlamaServer::start(&model, &[]);
+    let prompt = "The capital of France is";
+    let before = top_logprobs(&server, prompt);
+    ok(&["lora", "merge", s(&model), s(&adapter)]);
+    let merged = top_logprobs(&server, prompt);
+    assert!(merged != before, "the server did not see the merge");
+    ok(&["lora", "unmerge", s(&model), s(&adapter)]);
+    assert_eq!(top_logprobs(&server, prompt), before);
+}
