@@ -133,7 +133,7 @@ pub struct PruneReport {
 }
 
 /// The block index and the rest of a `blk.N.rest` tensor name.
-fn split_block_name(name: &str) -> Option<(u64, &str)> {
+pub(crate) fn split_block_name(name: &str) -> Option<(u64, &str)> {
     let rest = name.strip_prefix("blk.")?;
     let (index, tail) = rest.split_once('.')?;
     if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {

@@ -458,6 +458,65 @@ pub enum Error {
         /// Why it was refused.
         reason: &'static str,
     },
+    /// A block range names blocks the model does not have.
+    #[error("layers {start}..{end} are out of range: the model has {blocks} blocks")]
+    LayersOutOfRange {
+        /// First block of the range.
+        start: u64,
+        /// One past the last block of the range.
+        end: u64,
+        /// Blocks in the model.
+        blocks: u64,
+    },
+    /// Copies of blocks would be inserted past the end of the model.
+    #[error("cannot insert blocks at {at}: the model has {blocks} blocks (at most {blocks})")]
+    DuplicationPastEnd {
+        /// The insertion point asked for.
+        at: u64,
+        /// Blocks in the model.
+        blocks: u64,
+    },
+    /// A tensor added to a file has the name of one already there.
+    #[error("the destination already has a tensor named {0:?}")]
+    TensorExists(String),
+    /// A grafted tensor does not fit the destination model.
+    #[error("tensor {tensor:?} does not fit the destination: {reason}")]
+    GraftMismatch {
+        /// The tensor, under its name in the destination.
+        tensor: String,
+        /// Why.
+        reason: String,
+    },
+    /// A LoRA adapter file is not a LoRA adapter in llama.cpp's format.
+    #[error("not a LoRA adapter: {0}")]
+    NotAnAdapter(String),
+    /// A LoRA adapter was made for another model (architecture or tensor shapes).
+    #[error("the adapter does not fit the model: {0}")]
+    AdapterMismatch(String),
+    /// A LoRA adapter has an `A` matrix without its `B` (or the other way round).
+    #[error("adapter tensor {present:?} has no {missing:?}")]
+    MissingLoraPair {
+        /// The tensor found.
+        present: String,
+        /// The tensor missing.
+        missing: String,
+    },
+    /// A direction vector does not have the model's embedding length.
+    #[error("direction {which} has {found} values, the model's n_embd is {expected}")]
+    DirectionLength {
+        /// Which direction (a layer, or the file).
+        which: String,
+        /// Values found.
+        found: u64,
+        /// The embedding length.
+        expected: u64,
+    },
+    /// A direction vector has zero norm (or is not finite), so it names no direction.
+    #[error("direction {0} has zero norm or non-finite values")]
+    ZeroDirection(String),
+    /// A direction file cannot be used.
+    #[error("direction file: {0}")]
+    InvalidDirection(String),
     /// A codec error, with the name of the tensor it happened in.
     #[error("tensor {tensor:?}")]
     InTensor {

@@ -128,6 +128,13 @@ impl GgmlType {
     }
 }
 
+/// Serialized as its name (`"Q4_K"`), as reports print it.
+impl serde::Serialize for GgmlType {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
 impl fmt::Display for GgmlType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

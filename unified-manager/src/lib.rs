@@ -20,6 +20,7 @@ pub mod preset;
 pub mod report;
 pub mod safety;
 pub mod server;
+pub mod surgery;
 
 pub use boost::BoostOptions;
 pub use config::{ConfigExport, SCHEMA_VERSION};

@@ -71,6 +71,15 @@ enum Command {
     /// Tensor-level commands.
     #[command(subcommand)]
     Tensor(cli::structure::StructureCommand),
+    /// Remove a direction from every matrix that writes into the residual stream (and
+    /// the embeddings), in place, each tensor requantized to its own type.
+    Ablate(cli::surgery::AblateArgs),
+    /// Merge a LoRA adapter keeping every tensor's type, or revert that merge.
+    #[command(subcommand)]
+    Lora(cli::surgery::LoraCommand),
+    /// Block-level commands (duplicate a run of blocks: the passthrough self-merge).
+    #[command(subcommand)]
+    Layers(cli::surgery::LayersCommand),
     /// Run the OpenAI-compatible proxy (rules, cache, live-patch admin API).
     Serve(cli::serve::ServeArgs),
     /// Integrity check, NaN/infinity scan and repair, outlier clamp, server safety rules.
@@ -115,6 +124,9 @@ fn run() -> ExitCode {
         Command::Requantize(args) => cli::structure::requantize(&args),
         Command::Verify(args) => cli::check::verify(&args),
         Command::Diff(args) => cli::check::run_diff(&args),
+        Command::Ablate(args) => cli::surgery::ablate(&args),
+        Command::Lora(command) => cli::surgery::lora(&command),
+        Command::Layers(command) => cli::surgery::layers(&command),
         Command::Serve(args) => cli::serve::run(&args),
         Command::Safety(args) => cli::pipeline::safety(&args),
         Command::Optimize(args) => cli::pipeline::optimize(&args),

@@ -118,6 +118,21 @@ pub enum StructureCommand {
     /// Convert the tensors whose names match a regular expression to another type (a
     /// rewrite).
     Requantize(RequantizeArgs),
+    /// Add a tensor of another model (rope_freqs, an MTP / nextn head) with a shape
+    /// check, keeping its type (a rewrite of DST).
+    Copy {
+        /// The model to take the tensor from.
+        source: PathBuf,
+        /// The tensor's name there.
+        name: String,
+        /// The model to add it to.
+        destination: PathBuf,
+        /// Its name in DST (its own name by default).
+        #[arg(long = "as", value_name = "NEW")]
+        as_name: Option<String>,
+        #[command(flatten)]
+        output: Output,
+    },
     /// Remove a tensor (a rewrite).
     Remove {
         /// The file.
@@ -148,6 +163,15 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
             dry_run,
         } => return super::patch::import(file, name, input, *dry_run),
         StructureCommand::Requantize(args) => return requantize(args),
+        StructureCommand::Copy {
+            source,
+            name,
+            destination,
+            as_name,
+            output,
+        } => {
+            return super::surgery::copy(source, name, destination, as_name.as_deref(), output);
+        }
     };
     {
         let map = MappedFile::open(file)?;

@@ -8,4 +8,5 @@ mod lenient;
 mod manage;
 mod serve;
 mod served;
+mod surgery;
 mod tensor;

@@ -1,0 +1,27 @@
+//! The surgery people ask for, on quantized GGUF: directional ablation, LoRA merge,
+//! grafting and layer duplication.
+//!
+//! Grafting ([`copy_tensor`]) and layer duplication ([`duplicate_layers`]) are edits of
+//! a rewrite through [`crate::GgufWriter`]; tensors keep their types and bytes.
+//! Ablation ([`plan_ablation`]) and LoRA merge ([`plan_lora_merge`]) are value edits
+//! planned here as whole-tensor new bytes, each tensor requantized to its own type by
+//! the codecs, with a report of what requantizing cost; whoever holds the file (the
+//! journal, a live mapping) applies them as one transaction.
+
+mod ablate;
+mod graft;
+mod layers;
+mod lora;
+mod rows;
+
+#[cfg(test)]
+mod tests;
+
+pub use ablate::{
+    AblatedTensor, AblationOptions, AblationPlan, Directions, RESIDUAL_WRITERS, SkippedTensor,
+    directions_from_gguf, plan_ablation, read_directions,
+};
+pub use graft::{GraftReport, copy_tensor};
+pub use layers::{DuplicateReport, duplicate_layers};
+pub use lora::{LoraMergePlan, LoraTensorReport, merge_label, plan_lora_merge};
+pub use rows::{RequantizationError, RewrittenTensor, can_rewrite};

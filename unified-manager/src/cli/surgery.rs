@@ -1,0 +1,397 @@
+//! `hotpatch ablate`, `hotpatch lora merge|unmerge`, `hotpatch layers duplicate` and
+//! `hotpatch tensor copy`: the surgery byte-tier plans and unified-manager applies.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use byte_tier::MappedFile;
+use byte_tier::surgery::{
+    AblationOptions, AblationPlan, LoraMergePlan, copy_tensor, duplicate_layers, merge_label,
+    plan_ablation, plan_lora_merge, read_directions,
+};
+use serde_json::json;
+use unified_manager::surgery::{apply_rewrites, file_identity, unmerge};
+
+use super::meta::{Output, note_archived, print_rewrite, rewrite};
+
+/// Parses `A..B` (blocks A to B-1).
+pub fn parse_layers(text: &str) -> Result<Range<u64>, String> {
+    let (start, end) = text
+        .split_once("..")
+        .ok_or_else(|| format!("{text:?}: expected A..B (blocks A to B-1)"))?;
+    let number = |s: &str| {
+        s.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{text:?}: {s:?} is not a block number: {e}"))
+    };
+    Ok(number(start)?..number(end)?)
+}
+
+/// Arguments of `hotpatch ablate`.
+#[derive(Debug, clap::Args)]
+pub struct AblateArgs {
+    /// The model, edited in place through the journal (a running llama-server that maps
+    /// it on CPU with --no-repack sees the change).
+    pub file: PathBuf,
+    /// The direction: a control-vector GGUF (direction.N per layer, as
+    /// llama-cvector-generator writes it) or a .npy of one vector or one per layer.
+    #[arg(long, value_name = "D")]
+    pub direction: PathBuf,
+    /// Only the blocks A..B (A to B-1); token_embd is edited whenever its kind is chosen.
+    #[arg(long, value_name = "A..B", value_parser = parse_layers)]
+    pub layers: Option<Range<u64>>,
+    /// Tensor kinds, comma-separated (attn_output,ffn_down,token_embd); by default
+    /// every matrix that writes into the residual stream.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub tensors: Option<Vec<String>>,
+    /// How much of the component to remove (1 removes it all).
+    #[arg(
+        long,
+        value_name = "W",
+        default_value_t = 1.0,
+        allow_hyphen_values = true
+    )]
+    pub weight: f32,
+    /// Keep the norm of every vector written into the residual stream.
+    #[arg(long)]
+    pub norm_preserve: bool,
+    /// Say what would change and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn ablation_json(
+    plan: &AblationPlan,
+    transaction: Option<u64>,
+    dry_run: bool,
+) -> serde_json::Value {
+    json!({"dry_run": dry_run, "transaction": transaction, "weight": plan.weight,
+        "norm_preserve": plan.norm_preserve, "tensors": plan.tensors,
+        "skipped": plan.skipped, "notes": plan.notes})
+}
+
+pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
+    let (plan, identity) = {
+        let map = MappedFile::open(&args.file)?;
+        let gguf = map.parse()?;
+        let arch = gguf
+            .architecture()
+            .context("the model has no general.architecture")?;
+        let n_embd = gguf.get_u64(&format!("{arch}.embedding_length"))?;
+        let directions = read_directions(&args.direction, n_embd)
+            .with_context(|| format!("direction {}", args.direction.display()))?;
+        let options = AblationOptions {
+            weight: args.weight,
+            norm_preserve: args.norm_preserve,
+            layers: args.layers.clone(),
+            kinds: args.tensors.clone(),
+        };
+        let plan = plan_ablation(&gguf, &directions, &options)?;
+        (plan, file_identity(&args.direction)?)
+    };
+    let transaction = if args.dry_run {
+        None
+    } else {
+        let label = format!(
+            "ablate direction sha256:{identity} weight {}{}",
+            args.weight,
+            if args.norm_preserve {
+                " norm-preserving"
+            } else {
+                ""
+            }
+        );
+        apply_rewrites(&args.file, &label, &plan.rewrites)?
+    };
+    if args.json {
+        println!("{}", ablation_json(&plan, transaction, args.dry_run));
+        return Ok(());
+    }
+    for t in &plan.tensors {
+        println!(
+            "{} ({}): component along r {:.4e} -> {:.4e} exact, {:.4e} stored (noise floor {:.4e}); requantization rms {:.3e}, max {:.3e}; {} bytes change",
+            t.name,
+            t.ggml_type,
+            t.component_before,
+            t.component_exact,
+            t.component_after,
+            t.noise_floor,
+            t.requantization.rms,
+            t.requantization.max_abs,
+            t.changed_bytes
+        );
+    }
+    for s in &plan.skipped {
+        println!("not edited: {} ({}): {}", s.name, s.ggml_type, s.reason);
+    }
+    for note in &plan.notes {
+        println!("note: {note}");
+    }
+    match (args.dry_run, transaction) {
+        (true, _) => println!("dry run: {} tensors would change", plan.tensors.len()),
+        (false, Some(id)) => println!(
+            "ablated {} tensors as transaction {id} (`hotpatch revert {} {id}` undoes it)",
+            plan.tensors.len(),
+            args.file.display()
+        ),
+        (false, None) => println!("nothing changed"),
+    }
+    Ok(())
+}
+
+/// `hotpatch lora`.
+#[derive(Debug, clap::Subcommand)]
+pub enum LoraCommand {
+    /// Merge a LoRA adapter into the model in place, each target requantized to its own
+    /// type (journaled, revertible, seen live by a server that maps the file).
+    Merge {
+        /// The model.
+        file: PathBuf,
+        /// The adapter, in llama.cpp's LoRA GGUF format.
+        adapter: PathBuf,
+        /// The adapter's scale S (W' = W + S·alpha/rank·B·A).
+        #[arg(
+            long,
+            value_name = "S",
+            default_value_t = 1.0,
+            allow_hyphen_values = true
+        )]
+        scale: f32,
+        /// Say what would change and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revert the last merge of this adapter, byte for byte.
+    Unmerge {
+        /// The model.
+        file: PathBuf,
+        /// The adapter that was merged (found in the journal by its SHA-256).
+        adapter: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn merge_plan(file: &Path, adapter: &Path, scale: f32) -> anyhow::Result<LoraMergePlan> {
+    let map = MappedFile::open(file)?;
+    let base = map.parse()?;
+    let adapter_map = MappedFile::open(adapter)?;
+    let adapter_gguf = adapter_map
+        .parse()
+        .with_context(|| format!("adapter {}", adapter.display()))?;
+    let identity = file_identity(adapter)?;
+    plan_lora_merge(&base, &adapter_gguf, &identity, scale)
+        .with_context(|| format!("adapter {}", adapter.display()))
+}
+
+pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
+    match command {
+        LoraCommand::Merge {
+            file,
+            adapter,
+            scale,
+            dry_run,
+            json,
+        } => {
+            let plan = merge_plan(file, adapter, *scale)?;
+            let transaction = if *dry_run {
+                None
+            } else {
+                let label = format!("{} scale {scale}", merge_label(&plan.adapter_sha256));
+                apply_rewrites(file, &label, &plan.rewrites)?
+            };
+            if *json {
+                println!(
+                    "{}",
+                    json!({"dry_run": dry_run, "transaction": transaction,
+                        "adapter_sha256": plan.adapter_sha256, "alpha": plan.alpha,
+                        "scale": plan.scale, "tensors": plan.tensors, "ignored": plan.ignored})
+                );
+                return Ok(());
+            }
+            for t in &plan.tensors {
+                println!(
+                    "{} ({}, rank {}, factor {}): change rms {:.3e}; requantization rms {:.3e}, max {:.3e}; {} bytes change",
+                    t.name,
+                    t.ggml_type,
+                    t.rank,
+                    t.factor,
+                    t.delta_rms,
+                    t.requantization.rms,
+                    t.requantization.max_abs,
+                    t.changed_bytes
+                );
+            }
+            for name in &plan.ignored {
+                println!("ignored (as llama.cpp does): {name}");
+            }
+            match (dry_run, transaction) {
+                (true, _) => println!("dry run: {} tensors would change", plan.tensors.len()),
+                (false, Some(id)) => println!(
+                    "merged {} tensors as transaction {id}; `hotpatch lora unmerge {} {}` undoes it",
+                    plan.tensors.len(),
+                    file.display(),
+                    adapter.display()
+                ),
+                (false, None) => println!("nothing changed"),
+            }
+            Ok(())
+        }
+        LoraCommand::Unmerge {
+            file,
+            adapter,
+            json,
+        } => {
+            let identity = file_identity(adapter)?;
+            let done = unmerge(file, &identity)?;
+            if *json {
+                println!("{}", serde_json::to_string(&done)?);
+            } else {
+                println!(
+                    "reverted merge transaction {} ({} bytes restored)",
+                    done.merge_transaction, done.bytes
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `hotpatch layers`.
+#[derive(Debug, clap::Subcommand)]
+pub enum LayersCommand {
+    /// Insert copies of blocks A..B at block N (the passthrough self-merge): blocks are
+    /// renumbered, block_count and every per-layer array updated, types kept (a rewrite).
+    Duplicate {
+        /// The model.
+        file: PathBuf,
+        /// The blocks to copy, A..B (A to B-1).
+        #[arg(long, value_name = "A..B", value_parser = parse_layers)]
+        layers: Range<u64>,
+        /// Where the copies start in the result (0 to block_count).
+        #[arg(long, value_name = "N")]
+        at: u64,
+        #[command(flatten)]
+        output: Output,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn layers(command: &LayersCommand) -> anyhow::Result<()> {
+    let LayersCommand::Duplicate {
+        file,
+        layers,
+        at,
+        output,
+        json,
+    } = command;
+    if output.dry_run {
+        let map = MappedFile::open(file)?;
+        let gguf = map.parse()?;
+        let mut writer = byte_tier::GgufWriter::from_gguf(&gguf);
+        let report = duplicate_layers(&gguf, &mut writer, layers.clone(), *at)?;
+        let layout = writer.layout()?;
+        println!(
+            "dry run: would add {} tensors, renumber {}, blocks {} -> {}, size {} -> {} bytes",
+            report.tensors_added.len(),
+            report.tensors_renamed.len(),
+            report.blocks_before,
+            report.blocks_after,
+            gguf.file_len(),
+            layout.file_len
+        );
+        return Ok(());
+    }
+    let outcome = rewrite(file, output, |gguf, writer| {
+        duplicate_layers(gguf, writer, layers.clone(), *at)
+    })?;
+    let report = &outcome.result;
+    if *json {
+        println!(
+            "{}",
+            json!({"output": outcome.output, "report": report,
+                "bytes_before": outcome.input_len, "bytes_after": outcome.bytes_written})
+        );
+    } else {
+        println!(
+            "copied blocks {}..{} to {}: blocks {} -> {}, {} tensors added, {} renumbered, per-layer arrays extended: {}",
+            report.copied.start,
+            report.copied.end,
+            report.at,
+            report.blocks_before,
+            report.blocks_after,
+            report.tensors_added.len(),
+            report.tensors_renamed.len(),
+            if report.arrays_extended.is_empty() {
+                "none".to_owned()
+            } else {
+                report.arrays_extended.join(", ")
+            }
+        );
+        print_rewrite("", &outcome);
+    }
+    note_archived(outcome.archived_journal.as_deref());
+    Ok(())
+}
+
+/// `hotpatch tensor copy SRC NAME DST [--as NEW] [-o OUT]`.
+pub fn copy(
+    source: &Path,
+    name: &str,
+    destination: &Path,
+    as_name: Option<&str>,
+    output: &Output,
+) -> anyhow::Result<()> {
+    let source_map = MappedFile::open(source)?;
+    let source_gguf = source_map
+        .parse()
+        .with_context(|| format!("source {}", source.display()))?;
+    if output.dry_run {
+        let map = MappedFile::open(destination)?;
+        let gguf = map.parse()?;
+        let mut writer = byte_tier::GgufWriter::from_gguf(&gguf);
+        let report = copy_tensor(&source_gguf, source, name, &gguf, &mut writer, as_name)?;
+        println!(
+            "dry run: would add {} ({}, dims {:?}, {} bytes) to {}",
+            report.name,
+            report.ggml_type,
+            report.dims,
+            report.bytes,
+            output.output.as_deref().unwrap_or(destination).display()
+        );
+        return Ok(());
+    }
+    let outcome = rewrite(destination, output, |gguf, writer| {
+        copy_tensor(&source_gguf, source, name, gguf, writer, as_name)
+    })?;
+    let report = &outcome.result;
+    println!(
+        "grafted {} as {} ({}, dims {:?}, {} bytes){}",
+        report.source_name,
+        report.name,
+        report.ggml_type,
+        report.dims,
+        report.bytes,
+        report
+            .matched_sibling
+            .as_ref()
+            .map(|s| format!(", shape of {s}"))
+            .unwrap_or_default()
+    );
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    print_rewrite("", &outcome);
+    note_archived(outcome.archived_journal.as_deref());
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Surgery applied: the value edits byte-tier plans (directional ablation, LoRA merge)
+//! written in place as one journal transaction through a shared writable mapping, so a
+//! llama-server that maps the file (CPU, `--no-repack`) computes with them at once; and
+//! the LoRA unmerge, which finds its merge in the journal by the adapter's identity and
+//! reverts it byte for byte.
+
+use std::path::Path;
+
+use byte_tier::surgery::{RewrittenTensor, merge_label};
+use byte_tier::{BytePatcher, InPlaceFile, TransactionState};
+use memory_tier::{AttachMode, LiveModel, MemoryPatch, PatchTarget, Payload};
+
+use crate::error::{Error, Result};
+
+/// Lowercase hex of the SHA-256 of a file: the identity of an adapter or a direction
+/// file in the journal.
+pub fn file_identity(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+    Ok(byte_tier::ops::sha256(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Writes the new bytes of every tensor of `rewrites` into `path` in place, as one
+/// journal transaction whose name starts with `label` (all the tensors or none). Only
+/// the bytes that change are written and journaled. Returns the transaction's id, or
+/// `None` when no byte changes.
+pub fn apply_rewrites(
+    path: &Path,
+    label: &str,
+    rewrites: &[RewrittenTensor],
+) -> Result<Option<u64>> {
+    let model = LiveModel::attach(path, AttachMode::Shared)?;
+    let patches: Vec<MemoryPatch> = rewrites
+        .iter()
+        .map(|r| {
+            MemoryPatch::new(
+                format!("{label} {}", r.name),
+                PatchTarget::Tensor {
+                    name: r.name.clone(),
+                    elements: None,
+                },
+                Payload::Bytes(r.bytes.clone()),
+            )
+        })
+        .collect();
+    if patches.is_empty() {
+        return Ok(None);
+    }
+    let ids = model.apply_all(patches)?;
+    Ok(ids.first().and_then(|&id| model.journal_transaction(id)))
+}
+
+/// What an unmerge did.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Unmerged {
+    /// The merge transaction reverted.
+    pub merge_transaction: u64,
+    /// The revert's own transaction (`None` when nothing had to change).
+    pub revert_transaction: Option<u64>,
+    /// Bytes restored.
+    pub bytes: u64,
+}
+
+/// The last merge of the adapter whose SHA-256 is `adapter_sha256` recorded in `file`'s
+/// journal that is committed and not reverted.
+pub fn find_merge(file: &InPlaceFile, adapter_sha256: &str) -> Option<u64> {
+    let label = merge_label(adapter_sha256);
+    let journal = file.journal();
+    journal
+        .transactions()
+        .iter()
+        .rev()
+        .find(|t| {
+            t.name.contains(&label)
+                && t.reverts.is_none()
+                && matches!(t.state, TransactionState::Committed(_))
+                && journal.reverted_by(t.id).is_none()
+        })
+        .map(|t| t.id)
+}
+
+/// Reverts the last merge of the adapter whose SHA-256 is `adapter_sha256` into
+/// `path`, byte for byte (refused when the bytes it wrote changed since).
+pub fn unmerge(path: &Path, adapter_sha256: &str) -> Result<Unmerged> {
+    let mut file = InPlaceFile::open(path)?;
+    let id = find_merge(&file, adapter_sha256).ok_or_else(|| {
+        Error::Refused(format!(
+            "the journal of {} records no merge of the adapter with sha256 {adapter_sha256} \
+             that is still applied",
+            path.display()
+        ))
+    })?;
+    let receipt = file.revert(id)?;
+    Ok(Unmerged {
+        merge_transaction: id,
+        revert_transaction: receipt.transaction,
+        bytes: receipt.bytes,
+    })
+}
