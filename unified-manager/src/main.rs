@@ -68,6 +68,10 @@ enum Command {
     Verify(cli::check::VerifyArgs),
     /// Compare two files: keys and tensors added, removed and changed.
     Diff(cli::check::DiffArgs),
+    /// Split a file into a shard set, byte for byte as llama-gguf-split does.
+    Split(cli::split::SplitArgs),
+    /// Merge a shard set into one file, byte for byte as llama-gguf-split --merge does.
+    Merge(cli::split::MergeArgs),
     /// Tensor-level commands.
     #[command(subcommand)]
     Tensor(cli::structure::StructureCommand),
@@ -115,6 +119,8 @@ fn run() -> ExitCode {
         Command::Requantize(args) => cli::structure::requantize(&args),
         Command::Verify(args) => cli::check::verify(&args),
         Command::Diff(args) => cli::check::run_diff(&args),
+        Command::Split(args) => cli::split::split(&args),
+        Command::Merge(args) => cli::split::merge(&args),
         Command::Serve(args) => cli::serve::run(&args),
         Command::Safety(args) => cli::pipeline::safety(&args),
         Command::Optimize(args) => cli::pipeline::optimize(&args),

@@ -5,4 +5,5 @@ mod edit;
 mod inspect;
 mod manage;
 mod serve;
+mod shards;
 mod tensor;

@@ -1,0 +1,158 @@
+//! `hotpatch split` and `hotpatch merge` against llama.cpp's `llama-gguf-split`, byte for
+//! byte, on the real model.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const HOTPATCH: &str = env!("CARGO_BIN_EXE_hotpatch");
+
+fn run(program: &Path, args: &[&std::ffi::OsStr]) -> String {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed: {}{}",
+        program.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The files `prefix-*-of-*.gguf` in `prefix`'s directory, sorted.
+fn shards_of(prefix: &Path) -> Vec<PathBuf> {
+    let name = prefix.file_name().unwrap().to_str().unwrap().to_owned();
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(prefix.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let file = p.file_name().unwrap().to_str().unwrap();
+            file.starts_with(&format!("{name}-")) && file.ends_with(".gguf")
+        })
+        .collect();
+    shards.sort();
+    shards
+}
+
+fn assert_same_files(ours: &[PathBuf], theirs: &[PathBuf]) {
+    assert_eq!(ours.len(), theirs.len(), "{ours:?} against {theirs:?}");
+    for (a, b) in ours.iter().zip(theirs) {
+        let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+        let first = x.iter().zip(&y).position(|(p, q)| p != q);
+        assert!(
+            x.len() == y.len() && first.is_none(),
+            "{} ({} bytes) differs from {} ({} bytes) at byte {first:?}",
+            a.display(),
+            x.len(),
+            b.display(),
+            y.len()
+        );
+    }
+}
+
+/// Splits the real model with both tools and the same options; returns both prefixes.
+fn split_both(dir: &Path, tag: &str, options: &[&str]) -> (PathBuf, PathBuf) {
+    let model = tests::real_model();
+    let ours = dir.join(format!("ours-{tag}"));
+    let theirs = dir.join(format!("theirs-{tag}"));
+    let mut args: Vec<&std::ffi::OsStr> = vec!["split".as_ref(), model.as_os_str()];
+    args.push(ours.as_os_str());
+    args.extend(options.iter().map(std::ffi::OsStr::new));
+    run(Path::new(HOTPATCH), &args);
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--split".as_ref()];
+    args.extend(options.iter().map(std::ffi::OsStr::new));
+    args.push(model.as_os_str());
+    args.push(theirs.as_os_str());
+    run(&tests::llama_tool("llama-gguf-split"), &args);
+    (ours, theirs)
+}
+
+#[test]
+fn split_into_three_shards_equals_llama_gguf_split_and_merges_back_as_it_does() {
+    let dir = tempfile::tempdir().unwrap();
+    // 236 tensors, 100 per shard: three shards.
+    let (ours, theirs) = split_both(dir.path(), "tensors", &["--split-max-tensors", "100"]);
+    let (ours, theirs) = (shards_of(&ours), shards_of(&theirs));
+    assert_eq!(ours.len(), 3);
+    assert_same_files(&ours, &theirs);
+
+    // Merging from the first shard gives llama-gguf-split --merge's bytes; both keep
+    // the split keys (split.count set to 0), so neither is the original file.
+    let merged_ours = dir.path().join("merged-ours.gguf");
+    let merged_theirs = dir.path().join("merged-theirs.gguf");
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "merge".as_ref(),
+            ours[0].as_os_str(),
+            merged_ours.as_os_str(),
+        ],
+    );
+    run(
+        &tests::llama_tool("llama-gguf-split"),
+        &[
+            "--merge".as_ref(),
+            theirs[0].as_os_str(),
+            merged_theirs.as_os_str(),
+        ],
+    );
+    assert_same_files(std::slice::from_ref(&merged_ours), &[merged_theirs]);
+
+    // The merged file holds every tensor of the original with the same bytes.
+    let original = byte_tier::MappedFile::open(tests::real_model()).unwrap();
+    let original = original.parse().unwrap();
+    let merged = byte_tier::MappedFile::open(&merged_ours).unwrap();
+    let merged = merged.parse().unwrap();
+    assert_eq!(merged.tensors().len(), original.tensors().len());
+    for (a, b) in original.tensors().iter().zip(merged.tensors()) {
+        assert_eq!(a.name, b.name);
+        assert!(
+            original.tensor_data(a) == merged.tensor_data(b),
+            "{}",
+            a.name
+        );
+    }
+}
+
+#[test]
+fn split_by_size_without_tensors_in_the_first_shard_equals_llama_gguf_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = split_both(
+        dir.path(),
+        "size",
+        &["--split-max-size", "100M", "--no-tensor-first-split"],
+    );
+    let (ours, theirs) = (shards_of(&ours), shards_of(&theirs));
+    assert!(ours.len() >= 3, "{ours:?}");
+    assert_same_files(&ours, &theirs);
+}
+
+#[test]
+fn merge_refuses_a_set_with_a_missing_shard_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("set");
+    let model = tests::real_model();
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "split".as_ref(),
+            model.as_os_str(),
+            prefix.as_os_str(),
+            "--split-max-tensors".as_ref(),
+            "100".as_ref(),
+        ],
+    );
+    let shards = shards_of(&prefix);
+    std::fs::remove_file(&shards[1]).unwrap();
+    let out = dir.path().join("merged.gguf");
+    let output = Command::new(HOTPATCH)
+        .args(["merge".as_ref(), shards[2].as_os_str(), out.as_os_str()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("shard 2 of 3 is missing") && stderr.contains("set-00002-of-00003.gguf"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
