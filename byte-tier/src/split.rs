@@ -206,10 +206,49 @@ impl ShardSet {
         &self.files
     }
 
+    /// The shards' mappings, in order, giving up the set.
+    pub fn into_files(self) -> Vec<MappedFile> {
+        self.files
+    }
+
     /// Tensors over the whole set.
     pub fn n_tensors(&self) -> u64 {
         self.n_tensors
     }
+
+    /// Every shard parsed, in order.
+    pub fn parse_all(&self) -> Result<Vec<Gguf<'_>>> {
+        self.files
+            .iter()
+            .map(|f| f.parse().map_err(|e| in_file(e, f.path())))
+            .collect()
+    }
+}
+
+/// The shard set `path` belongs to, when its name says it is one shard of several;
+/// `None` for any other file (a single file, or a set of one). A set that cannot be
+/// resolved is an error.
+pub fn open_set_of(path: &Path) -> Result<Option<ShardSet>> {
+    match parse_shard_name(path) {
+        Some(name) if name.count > 1 => ShardSet::open(path).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The file that holds tensor `name`: the shard of `path`'s set that holds it when
+/// `path` is one shard of several, otherwise (or when no shard holds it, which the
+/// caller reports) `path` itself. Commands that touch one tensor work on that file
+/// alone: every shard is a complete GGUF file with its own journal.
+pub fn file_holding_tensor(path: &Path, name: &str) -> Result<PathBuf> {
+    if let Some(set) = open_set_of(path)? {
+        for file in set.files() {
+            let gguf = file.parse().map_err(|e| in_file(e, file.path()))?;
+            if gguf.tensor(name).is_some() {
+                return Ok(file.path().to_owned());
+            }
+        }
+    }
+    Ok(path.to_owned())
 }
 
 fn in_file(error: Error, path: &Path) -> Error {
@@ -472,7 +511,7 @@ fn merged_alignment(parsed: &[Gguf<'_>]) -> u64 {
 }
 
 fn parse_all(set: &ShardSet) -> Result<Vec<Gguf<'_>>> {
-    set.files().iter().map(MappedFile::parse).collect()
+    set.parse_all()
 }
 
 /// What [`merge`] would write, without writing it.

@@ -12,7 +12,7 @@ use memory_tier::{AttachMode, LiveModel, MemoryPatch, PatchTarget, Payload, Valu
 use serde_json::json;
 
 /// Arguments of `hotpatch patch`.
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("transform").required(true).args(["scale", "offset", "clamp", "zero", "set_npy"])))]
 pub struct PatchArgs {
     /// The file to patch in place (a running llama-server that maps it sees the change).
@@ -125,6 +125,13 @@ fn value_transform(t: &Transform<'_>) -> ValueTransform {
 }
 
 pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
+    // In a shard set, the patch goes to the shard that holds the tensor, through that
+    // file's own journal.
+    let file = byte_tier::split::file_holding_tensor(&args.file, &args.tensor)?;
+    let args = &PatchArgs {
+        file,
+        ..args.clone()
+    };
     let mut values = Vec::new();
     // Plan on a read-only map first: it checks everything and gives the report.
     let (edit, value_transform) = {
@@ -199,6 +206,7 @@ fn report(json: bool, edit: &TensorEdit, transaction: Option<u64>, dry_run: bool
 
 /// Writes a tensor's dequantized values to a float32 .npy with the GGUF shape.
 pub fn export(file: &Path, name: &str, output: &Path, dry_run: bool) -> anyhow::Result<()> {
+    let file = &byte_tier::split::file_holding_tensor(file, name)?;
     let map = MappedFile::open(file)?;
     let gguf = map.parse()?;
     let tensor = gguf.require_tensor(name)?;
@@ -234,6 +242,7 @@ pub fn export(file: &Path, name: &str, output: &Path, dry_run: bool) -> anyhow::
 /// Replaces a tensor's values from a .npy of its shape, quantizing to its type, in place
 /// through the journal.
 pub fn import(file: &Path, name: &str, input: &Path, dry_run: bool) -> anyhow::Result<()> {
+    let file = &byte_tier::split::file_holding_tensor(file, name)?;
     let array = read_npy_file(input)?;
     let mut in_place = InPlaceFile::open(file)
         .with_context(|| format!("open {} for in-place editing", file.display()))?;

@@ -156,3 +156,149 @@ fn merge_refuses_a_set_with_a_missing_shard_and_writes_nothing() {
     );
     assert!(!out.exists());
 }
+
+/// The real model split by `hotpatch split` into three shards in `dir`.
+fn real_model_in_three_shards(dir: &Path) -> Vec<PathBuf> {
+    let prefix = dir.join("gemma");
+    let model = tests::real_model();
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "split".as_ref(),
+            model.as_os_str(),
+            prefix.as_os_str(),
+            "--split-max-tensors".as_ref(),
+            "100".as_ref(),
+        ],
+    );
+    shards_of(&prefix)
+}
+
+fn hotpatch_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    serde_json::from_str(&run(Path::new(HOTPATCH), args)).unwrap()
+}
+
+#[test]
+fn read_only_commands_on_any_shard_see_the_whole_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let model = tests::real_model();
+
+    // inspect on the first shard lists every tensor of the set.
+    let report = hotpatch_json(&["inspect".as_ref(), shards[0].as_os_str(), "--json".as_ref()]);
+    assert_eq!(report["n_shards"], 3);
+    assert_eq!(report["n_tensors"], 236);
+    let listed: usize = report["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tensors"].as_object().unwrap().len())
+        .sum();
+    assert_eq!(listed, 236);
+
+    // verify on the last shard writes one manifest whose digests are the original's.
+    let manifest_set = dir.path().join("set.sha256");
+    let manifest_model = dir.path().join("model.sha256");
+    let verified = hotpatch_json(&[
+        "verify".as_ref(),
+        shards[2].as_os_str(),
+        "--write-manifest".as_ref(),
+        manifest_set.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(verified["tensors"], 236);
+    assert_eq!(verified["shards"], 3);
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "verify".as_ref(),
+            model.as_os_str(),
+            "--write-manifest".as_ref(),
+            manifest_model.as_os_str(),
+        ],
+    );
+    let digests = |path: &Path| -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| l.split_whitespace().nth(1).unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(digests(&manifest_set), digests(&manifest_model));
+
+    // diff of the original against the middle shard compares every tensor of the set:
+    // only the split keys differ.
+    let d = hotpatch_json(&[
+        "diff".as_ref(),
+        model.as_os_str(),
+        shards[1].as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(d["tensors_unchanged"], 236, "{d}");
+    assert_eq!(d["tensors_changed"].as_array().unwrap().len(), 0, "{d}");
+    assert_eq!(
+        d["keys_added"],
+        serde_json::json!(["split.no", "split.tensors.count", "split.count"])
+    );
+
+    // tensor export through the first shard's name finds a tensor of the last shard.
+    let last = byte_tier::MappedFile::open(&shards[2]).unwrap();
+    let name = last.parse().unwrap().tensors()[0].name.clone();
+    let from_set = dir.path().join("set.npy");
+    let from_model = dir.path().join("model.npy");
+    for (file, out) in [(&shards[0], &from_set), (&model, &from_model)] {
+        run(
+            Path::new(HOTPATCH),
+            &[
+                "tensor".as_ref(),
+                "export".as_ref(),
+                file.as_os_str(),
+                name.as_ref(),
+                "-o".as_ref(),
+                out.as_os_str(),
+            ],
+        );
+    }
+    assert_eq!(
+        std::fs::read(&from_set).unwrap(),
+        std::fs::read(&from_model).unwrap()
+    );
+}
+
+#[test]
+fn a_patch_through_the_first_shard_changes_only_the_shard_that_holds_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let last = byte_tier::MappedFile::open(&shards[2]).unwrap();
+    let gguf = last.parse().unwrap();
+    let tensor = gguf
+        .tensors()
+        .iter()
+        .find(|t| t.ggml_type == byte_tier::GgmlType::F32)
+        .unwrap()
+        .clone();
+    drop(gguf);
+    drop(last);
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "patch".as_ref(),
+            shards[0].as_os_str(),
+            "--tensor".as_ref(),
+            tensor.name.as_ref(),
+            "--scale".as_ref(),
+            "2".as_ref(),
+        ],
+    );
+    assert_eq!(std::fs::read(&shards[0]).unwrap(), before[0]);
+    assert_eq!(std::fs::read(&shards[1]).unwrap(), before[1]);
+    let after = std::fs::read(&shards[2]).unwrap();
+    let range = tensor.data_range();
+    let (start, end) = (range.start as usize, range.end as usize);
+    assert_eq!(after[..start], before[2][..start]);
+    assert_eq!(after[end..], before[2][end..]);
+    let old = f32::from_le_bytes(before[2][start..start + 4].try_into().unwrap());
+    let new = f32::from_le_bytes(after[start..start + 4].try_into().unwrap());
+    assert_eq!(new, old * 2.0);
+}
