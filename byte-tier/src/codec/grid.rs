@@ -86,12 +86,24 @@ const KSIGNS: [u8; 128] = {
 /// The IQ1 delta: grid points are shifted by +-1/8 before scaling.
 const IQ1_DELTA: f32 = 0.125;
 
-/// +1.0 or -1.0 for sign bit `bit` of `signs`; a multiplication (not a negation), as in
-/// gguf-py, so that even a NaN keeps the same bits.
-#[inline(always)]
-fn sign(signs: u8, bit: usize) -> f32 {
-    if (signs >> bit) & 1 == 0 { 1.0 } else { -1.0 }
-}
+/// For each sign byte, +1.0 or -1.0 per bit (low bit first): multiplying by these (not
+/// negating), as gguf-py does, keeps even a NaN's bits the same, and a table lookup
+/// lets the compiler vectorize a group's eight products.
+static SIGNS: [[f32; 8]; 256] = {
+    let mut table = [[1f32; 8]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let mut bit = 0;
+        while bit < 8 {
+            if (byte >> bit) & 1 == 1 {
+                table[byte][bit] = -1.0;
+            }
+            bit += 1;
+        }
+        byte += 1;
+    }
+    table
+};
 
 #[inline(always)]
 fn u16_at(bytes: &[u8], at: usize) -> u16 {
@@ -112,9 +124,18 @@ fn nibble(bytes: &[u8], k: usize) -> u8 {
 /// Writes eight values `db * grid * sign` of one group.
 #[inline(always)]
 fn group8(out: &mut [f32], db: f32, point: &[f32; 8], signs: u8) {
-    for (j, (y, &g)) in out.iter_mut().zip(point).enumerate() {
-        *y = db * g * sign(signs, j);
+    let signs = &SIGNS[usize::from(signs)];
+    for ((y, &g), &s) in out.iter_mut().zip(point).zip(signs) {
+        *y = db * g * s;
     }
+}
+
+/// Two 4-coordinate grid points side by side: one group of eight values.
+#[inline(always)]
+fn pair(first: &[f32; 4], second: &[f32; 4]) -> [f32; 8] {
+    [
+        first[0], first[1], first[2], first[3], second[0], second[1], second[2], second[3],
+    ]
 }
 
 #[inline]
@@ -181,9 +202,7 @@ pub(super) fn dequant_iq3_xxs(src: &[u8], dst: &mut [f32]) {
                 let signs = KSIGNS[((aux >> (7 * l)) & 127) as usize];
                 let first = &IQ3XXS_GRID[usize::from(qs[8 * ib + 2 * l])];
                 let second = &IQ3XXS_GRID[usize::from(qs[8 * ib + 2 * l + 1])];
-                for (j, &g) in first.iter().chain(second).enumerate() {
-                    group[j] = db * g * sign(signs, j);
-                }
+                group8(group, db, &pair(first, second), signs);
             }
         }
     }
@@ -205,9 +224,7 @@ pub(super) fn dequant_iq3_s(src: &[u8], dst: &mut [f32]) {
                     |k: usize| usize::from(qs[k]) | (usize::from((qh[k / 8] >> (k % 8)) & 1) << 8);
                 let first = &IQ3S_GRID[index(k)];
                 let second = &IQ3S_GRID[index(k + 1)];
-                for (j, &g) in first.iter().chain(second).enumerate() {
-                    group[j] = db * g * sign(s, j);
-                }
+                group8(group, db, &pair(first, second), s);
             }
         }
     }

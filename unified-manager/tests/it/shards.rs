@@ -302,3 +302,61 @@ fn a_patch_through_the_first_shard_changes_only_the_shard_that_holds_the_tensor(
     let new = f32::from_le_bytes(after[start..start + 4].try_into().unwrap());
     assert_eq!(new, old * 2.0);
 }
+
+#[test]
+fn meta_on_any_shard_edits_the_first_shard_and_leaves_the_split_keys_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "meta".as_ref(),
+            "set".as_ref(),
+            shards[2].as_os_str(),
+            "general.name".as_ref(),
+            "sharded".as_ref(),
+        ],
+    );
+    let got = run(
+        Path::new(HOTPATCH),
+        &[
+            "meta".as_ref(),
+            "get".as_ref(),
+            shards[1].as_os_str(),
+            "general.name".as_ref(),
+        ],
+    );
+    assert_eq!(got.trim(), "sharded");
+    assert_ne!(std::fs::read(&shards[0]).unwrap(), before[0]);
+    assert_eq!(std::fs::read(&shards[1]).unwrap(), before[1]);
+    assert_eq!(std::fs::read(&shards[2]).unwrap(), before[2]);
+    // Each shard answers for its own split keys, and meta does not change them.
+    let no = run(
+        Path::new(HOTPATCH),
+        &[
+            "meta".as_ref(),
+            "get".as_ref(),
+            shards[2].as_os_str(),
+            "split.no".as_ref(),
+        ],
+    );
+    assert_eq!(no.trim(), "2");
+    let output = Command::new(HOTPATCH)
+        .args([
+            "meta".as_ref(),
+            "set".as_ref(),
+            shards[1].as_os_str(),
+            "split.count".as_ref(),
+            "4".as_ref(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("split.count is part of the shard set"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(std::fs::read(&shards[1]).unwrap(), before[1]);
+}
