@@ -1,6 +1,8 @@
 //! Differences between two GGUF files: metadata keys and tensors, with the size of each
 //! tensor's change in bytes and in dequantized values.
 
+use std::collections::HashMap;
+
 use rayon::prelude::*;
 
 use crate::codec;
@@ -75,40 +77,62 @@ fn layout(t: &TensorInfo) -> String {
 
 /// Compares `a` with `b`.
 pub fn diff(a: &Gguf<'_>, b: &Gguf<'_>) -> Diff {
+    diff_sets(std::slice::from_ref(a), std::slice::from_ref(b))
+}
+
+/// Compares two models given as shard sets (a single file is a set of one): the keys of
+/// their first shards, which hold the general metadata, and the tensors of all shards,
+/// matched by name wherever they sit.
+pub fn diff_sets(a: &[Gguf<'_>], b: &[Gguf<'_>]) -> Diff {
     let mut d = Diff::default();
-    for e in a.metadata() {
-        match b.get(e.key) {
+    let (Some(a0), Some(b0)) = (a.first(), b.first()) else {
+        return d;
+    };
+    for e in a0.metadata() {
+        match b0.get(e.key) {
             None => d.keys_removed.push(e.key.to_string()),
             Some(v) if !same_value(&e.value, &v) => d.keys_changed.push(e.key.to_string()),
             Some(_) => {}
         }
     }
-    d.keys_added = b
+    d.keys_added = b0
         .metadata()
         .iter()
-        .filter(|e| a.get(e.key).is_none())
+        .filter(|e| a0.get(e.key).is_none())
         .map(|e| e.key.to_string())
         .collect();
-    d.tensors_removed = a
-        .tensors()
+    let index = |set: &[Gguf<'_>]| -> HashMap<String, usize> {
+        let mut names = HashMap::new();
+        for (shard, gguf) in set.iter().enumerate() {
+            for t in gguf.tensors() {
+                names.entry(t.name.clone()).or_insert(shard);
+            }
+        }
+        names
+    };
+    let (in_a, in_b) = (index(a), index(b));
+    let (all_a, all_b) = (all_tensors(a), all_tensors(b));
+    d.tensors_removed = all_a
         .iter()
-        .filter(|t| b.tensor(&t.name).is_none())
-        .map(|t| t.name.clone())
+        .filter(|(_, t)| !in_b.contains_key(&t.name))
+        .map(|(_, t)| t.name.clone())
         .collect();
-    d.tensors_added = b
-        .tensors()
+    d.tensors_added = all_b
         .iter()
-        .filter(|t| a.tensor(&t.name).is_none())
-        .map(|t| t.name.clone())
+        .filter(|(_, t)| !in_a.contains_key(&t.name))
+        .map(|(_, t)| t.name.clone())
         .collect();
-    let pairs: Vec<(&TensorInfo, &TensorInfo)> = a
-        .tensors()
+    let pairs: Vec<(&Gguf<'_>, &TensorInfo, &Gguf<'_>, &TensorInfo)> = all_a
         .iter()
-        .filter_map(|t| b.tensor(&t.name).map(|u| (t, u)))
+        .filter_map(|&(sa, ta)| {
+            let sb = *in_b.get(&ta.name)?;
+            let tb = b[sb].tensor(&ta.name)?;
+            Some((&a[sa], ta, &b[sb], tb))
+        })
         .collect();
     let changes: Vec<Option<TensorChange>> = pairs
         .par_iter()
-        .map(|(ta, tb)| compare_tensor(a, b, ta, tb))
+        .map(|(ga, ta, gb, tb)| compare_tensor(ga, gb, ta, tb))
         .collect();
     for change in changes {
         match change {
@@ -117,6 +141,14 @@ pub fn diff(a: &Gguf<'_>, b: &Gguf<'_>) -> Diff {
         }
     }
     d
+}
+
+/// Every tensor of a set with the index of its shard, in set order.
+fn all_tensors<'s>(set: &'s [Gguf<'_>]) -> Vec<(usize, &'s TensorInfo)> {
+    set.iter()
+        .enumerate()
+        .flat_map(|(shard, g)| g.tensors().iter().map(move |t| (shard, t)))
+        .collect()
 }
 
 fn compare_tensor(

@@ -517,6 +517,100 @@ pub enum Error {
     /// A direction file cannot be used.
     #[error("direction file: {0}")]
     InvalidDirection(String),
+    /// A file name that should name a shard does not end in `-NNNNN-of-NNNNN.gguf`.
+    #[error("{} is not named as a shard (NAME-00001-of-00003.gguf)", path.display())]
+    NotAShardName {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A shard of a set is missing: a gap in the set.
+    #[error("shard {} of {count} is missing: {}", index + 1, path.display())]
+    ShardMissing {
+        /// The file the set needs.
+        path: PathBuf,
+        /// Its 0-based number.
+        index: u32,
+        /// Shards in the set.
+        count: u32,
+    },
+    /// A shard lacks a split key, or holds it with the wrong type.
+    #[error("{}: no valid {key} key, so it is not a shard of a set", path.display())]
+    NotAShard {
+        /// The file.
+        path: PathBuf,
+        /// The missing key.
+        key: &'static str,
+    },
+    /// A shard's `split.no` is not its place in the set: a duplicate or misplaced shard.
+    #[error("{}: split.no is {found}, but the file is shard {expected} (0-based) of its set", path.display())]
+    ShardNumberMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Its place in the set, from its name.
+        expected: u32,
+        /// The `split.no` it holds.
+        found: u64,
+    },
+    /// A shard's `split.count` disagrees with the set's.
+    #[error("{}: split.count is {found}, but the set has {expected} shards", path.display())]
+    ShardCountMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Shards in the set.
+        expected: u32,
+        /// The `split.count` it holds.
+        found: u64,
+    },
+    /// A shard's `split.tensors.count` disagrees with the set's, or the set's shards do
+    /// not hold that many tensors: a shard from another set.
+    #[error("{}: split.tensors.count is {found}, but the set has {expected} tensors", path.display())]
+    ShardTensorCountMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The set's tensor count (the first shard's key, or the sum over the shards).
+        expected: u64,
+        /// What this file says or holds.
+        found: u64,
+    },
+    /// Two shards of a set hold a tensor of the same name.
+    #[error("tensor {name:?} is in both {} and {}", first.display(), second.display())]
+    DuplicateShardTensor {
+        /// The tensor.
+        name: String,
+        /// The shard that holds it first.
+        first: PathBuf,
+        /// The shard that holds it again.
+        second: PathBuf,
+    },
+    /// A shard of a set is not a valid GGUF file.
+    #[error("shard {}", path.display())]
+    InShard {
+        /// The shard.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: Box<Error>,
+    },
+    /// A split request cannot be carried out as asked.
+    #[error("cannot split: {reason}")]
+    InvalidSplit {
+        /// Why.
+        reason: String,
+    },
+    /// The output of a merge already exists (llama-gguf-split refuses it too).
+    #[error("{} already exists", path.display())]
+    OutputExists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A split or merge input is GGUF v1, whose length fields ggml's reader no longer
+    /// accepts.
+    #[error("{}: GGUF v{version} cannot be split or merged; v2 and v3 can", path.display())]
+    SplitVersion {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        version: u32,
+    },
     /// A codec error, with the name of the tensor it happened in.
     #[error("tensor {tensor:?}")]
     InTensor {

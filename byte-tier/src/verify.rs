@@ -36,20 +36,26 @@ pub struct Manifest {
 impl Manifest {
     /// Hashes every tensor of `gguf` (in parallel).
     pub fn of(gguf: &Gguf<'_>) -> Manifest {
-        let hashed: Vec<_> = gguf
-            .tensors()
+        Manifest::of_set(std::slice::from_ref(gguf))
+    }
+
+    /// Hashes every tensor of a shard set, shard after shard: one manifest for the
+    /// whole model, whose last digest covers all tensor data in set order.
+    pub fn of_set(shards: &[Gguf<'_>]) -> Manifest {
+        let hashed: Vec<_> = shards
             .iter()
-            .filter(|t| !SKIPPED_SUFFIXES.iter().any(|s| t.name.ends_with(s)))
+            .flat_map(|gguf| gguf.tensors().iter().map(move |t| (gguf, t)))
+            .filter(|(_, t)| !SKIPPED_SUFFIXES.iter().any(|s| t.name.ends_with(s)))
             .collect();
         let tensors = hashed
             .par_iter()
-            .map(|t| TensorDigest {
+            .map(|(gguf, t)| TensorDigest {
                 name: t.name.clone(),
                 sha256: Sha256::digest(gguf.tensor_data(t)).into(),
             })
             .collect();
         let mut whole = Sha256::new();
-        for t in &hashed {
+        for (gguf, t) in &hashed {
             whole.update(gguf.tensor_data(t));
         }
         Manifest {

@@ -68,6 +68,10 @@ enum Command {
     Verify(cli::check::VerifyArgs),
     /// Compare two files: keys and tensors added, removed and changed.
     Diff(cli::check::DiffArgs),
+    /// Split a file into a shard set, byte for byte as llama-gguf-split does.
+    Split(cli::split::SplitArgs),
+    /// Merge a shard set into one file, byte for byte as llama-gguf-split --merge does.
+    Merge(cli::split::MergeArgs),
     /// Tensor-level commands.
     #[command(subcommand)]
     Tensor(cli::structure::StructureCommand),
@@ -127,6 +131,8 @@ fn run() -> ExitCode {
         Command::Ablate(args) => cli::surgery::ablate(&args),
         Command::Lora(command) => cli::surgery::lora(&command),
         Command::Layers(command) => cli::surgery::layers(&command),
+        Command::Split(args) => cli::split::split(&args),
+        Command::Merge(args) => cli::split::merge(&args),
         Command::Serve(args) => cli::serve::run(&args),
         Command::Safety(args) => cli::pipeline::safety(&args),
         Command::Optimize(args) => cli::pipeline::optimize(&args),

@@ -7,6 +7,10 @@
 //! (best of two runs), and prints a table of throughputs (GB/s of f32 produced) with the
 //! ratio ours / numpy. The oracle and the model are found as the integration tests find
 //! them: `HOTPATCH_ORACLE_PYTHON` and `HOTPATCH_REAL_MODEL`, or the shared cache.
+//!
+//! The real model holds no grid IQ tensors, so a second table times those types the
+//! same way on generated blocks (random codes under a small finite scale, 4 Mi
+//! elements per type), written to a temporary file that gguf-py reads back.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -106,6 +110,155 @@ fn time_ours(t: GgmlType, group: &Group<'_>, pool: &rayon::ThreadPool) -> Result
 
 fn gb_per_s(elements: u64, time: Duration) -> f64 {
     elements as f64 * 4.0 / time.as_secs_f64() / 1e9
+}
+
+/// The grid IQ types timed on generated blocks.
+const GRID_TYPES: &[GgmlType] = &[
+    GgmlType::IQ1_S,
+    GgmlType::IQ1_M,
+    GgmlType::IQ2_XXS,
+    GgmlType::IQ2_XS,
+    GgmlType::IQ2_S,
+    GgmlType::IQ3_XXS,
+    GgmlType::IQ3_S,
+];
+
+/// Elements generated per grid type.
+const GRID_ELEMENTS: u64 = 4 << 20;
+
+const GRID_SCRIPT: &str = r#"
+import sys, time
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+for arg in sys.argv[1:]:
+    name, path = arg.split("=", 1)
+    raw = np.fromfile(path, dtype=np.uint8)
+    best = None
+    for _ in range(2):
+        start = time.perf_counter()
+        dequantize(raw, T[name])
+        elapsed = time.perf_counter() - start
+        best = elapsed if best is None else min(best, elapsed)
+    print(name, best)
+"#;
+
+/// Random blocks of a grid type whose super-block scale is 2^-7 (finite, so that both
+/// sides compute ordinary values).
+fn grid_blocks(t: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) as u8
+    };
+    let block_bytes = t.block_bytes() as usize;
+    let mut data: Vec<u8> = (0..n_blocks * block_bytes).map(|_| next()).collect();
+    for block in data.chunks_exact_mut(block_bytes) {
+        if t == GgmlType::IQ1_M {
+            // The f16 scale 0x2000 sits in the top nibbles of bytes 49, 51, 53, 55.
+            for (at, nibble) in [(49, 0u8), (51, 0), (53, 0), (55, 2)] {
+                block[at] = (block[at] & 0x0f) | (nibble << 4);
+            }
+        } else {
+            block[0] = 0x00;
+            block[1] = 0x20;
+        }
+    }
+    data
+}
+
+/// Times our dequantization of the grid IQ types against gguf-py's on generated blocks
+/// and prints the second table.
+fn grid_table(
+    python: &std::path::Path,
+    one: &rayon::ThreadPool,
+    all: &rayon::ThreadPool,
+    threads: usize,
+) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("hotpatch-bench-grid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = grid_rows(python, one, all, threads, &dir);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    result
+}
+
+fn grid_rows(
+    python: &std::path::Path,
+    one: &rayon::ThreadPool,
+    all: &rayon::ThreadPool,
+    threads: usize,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let mut args = Vec::new();
+    let mut ours = BTreeMap::new();
+    for (i, &t) in GRID_TYPES.iter().enumerate() {
+        let n_blocks = (GRID_ELEMENTS / t.block_len()) as usize;
+        let data = grid_blocks(t, n_blocks, 0x6772_6964 + i as u64);
+        let path = dir.join(format!("{}.bin", t.name()));
+        std::fs::write(&path, &data)?;
+        args.push(format!("{}={}", t.name(), path.display()));
+        let group = Group {
+            tensors: vec![&data],
+            elements: GRID_ELEMENTS,
+        };
+        ours.insert(t, (time_ours(t, &group, one)?, time_ours(t, &group, all)?));
+    }
+    eprintln!("running gguf-py's dequantize on generated grid IQ blocks ...");
+    let output = Command::new(python)
+        .arg("-c")
+        .arg(GRID_SCRIPT)
+        .args(&args)
+        .output()
+        .with_context(|| format!("start {}", python.display()))?;
+    if !output.status.success() {
+        bail!(
+            "gguf-py benchmark failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    println!(
+        "\n{:<8} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "grid",
+        "elements",
+        "ours 1t",
+        format!("ours {threads}t"),
+        "numpy",
+        "1t/numpy",
+        format!("{threads}t/numpy")
+    );
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Some((name, secs)) = line.split_once(' ') else {
+            continue;
+        };
+        let t = GgmlType::from_name(name).with_context(|| format!("unknown type {name}"))?;
+        let secs: f64 = secs
+            .trim()
+            .parse()
+            .with_context(|| format!("bad time {secs:?}"))?;
+        let Some(&(single, parallel)) = ours.get(&t) else {
+            continue;
+        };
+        let theirs = gb_per_s(GRID_ELEMENTS, Duration::from_secs_f64(secs));
+        let (ours_1, ours_n) = (
+            gb_per_s(GRID_ELEMENTS, single),
+            gb_per_s(GRID_ELEMENTS, parallel),
+        );
+        println!(
+            "{:<8} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+            t.name(),
+            GRID_ELEMENTS,
+            format!("{ours_1:.2} GB/s"),
+            format!("{ours_n:.2} GB/s"),
+            format!("{theirs:.3} GB/s"),
+            format!("{:.1}x", ours_1 / theirs),
+            format!("{:.1}x", ours_n / theirs)
+        );
+    }
+    Ok(())
 }
 
 /// Times our dequantization and gguf-py's on the real model and prints the table.
@@ -211,5 +364,5 @@ pub fn run() -> Result<()> {
             ratio_n
         );
     }
-    Ok(())
+    grid_table(&python, &one, &all, threads)
 }

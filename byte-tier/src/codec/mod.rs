@@ -21,17 +21,21 @@
 //!
 //! What each type supports:
 //! - dequantize: F32, F16, BF16, F64, I8..I64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K,
-//!   IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0 ([`can_dequantize`]);
-//! - quantize (and so every transform): the same but the integer types
-//!   ([`can_quantize`]);
-//! - not handled: the grid-based IQ types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S,
-//!   IQ3_XXS, IQ3_S), the activation types Q8_1 and Q8_K, and NVFP4, Q1_0, Q2_0: every
+//!   IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0, and the grid types IQ1_S, IQ1_M, IQ2_XXS,
+//!   IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S ([`can_dequantize`]);
+//! - quantize (and so every transform): the same but the integer types and the grid
+//!   types ([`can_quantize`]);
+//! - the grid types, which have no quantizer here, still take the transforms that work
+//!   on their block scales alone (scale, zero); any other transform of them fails with
+//!   [`Error::UnsupportedType`] naming the type and "transform (requantize)";
+//! - not handled: the activation types Q8_1 and Q8_K, and NVFP4, Q1_0, Q2_0: every
 //!   operation on them fails with [`Error::UnsupportedType`] naming the type.
 //!
 //! The module also reads and writes numpy `.npy` files ([`write_tensor_npy`],
 //! [`read_npy_file`]) for moving a tensor's values to numpy and back.
 
 mod float;
+mod grid;
 mod kquants;
 mod legacy;
 mod lut;
@@ -126,6 +130,13 @@ fn dequant_kernel(ggml_type: GgmlType) -> Option<DequantKernel> {
         T::Q6_K => kquants::dequant_q6_k,
         T::IQ4_NL => lut::dequant_iq4_nl,
         T::IQ4_XS => lut::dequant_iq4_xs,
+        T::IQ1_S => grid::dequant_iq1_s,
+        T::IQ1_M => grid::dequant_iq1_m,
+        T::IQ2_XXS => grid::dequant_iq2_xxs,
+        T::IQ2_XS => grid::dequant_iq2_xs,
+        T::IQ2_S => grid::dequant_iq2_s,
+        T::IQ3_XXS => grid::dequant_iq3_xxs,
+        T::IQ3_S => grid::dequant_iq3_s,
         T::MXFP4 => lut::dequant_mxfp4,
         T::TQ1_0 => lut::dequant_tq1_0,
         T::TQ2_0 => lut::dequant_tq2_0,

@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{Span, check_range, chunk_blocks, dequant_kernel, f16_at};
+use super::{Span, check_range, chunk_blocks, dequant_kernel, f16_to_f32};
 use crate::error::{Error, Result};
 use crate::types::GgmlType;
 
@@ -52,21 +52,68 @@ fn extend_capped(list: &mut Vec<u64>, more: Vec<u64>) {
     list.extend(more.into_iter().take(room));
 }
 
-/// Byte offsets, within a block, of the f16 scale fields of a block type.
-pub(crate) fn scale_fields(ggml_type: GgmlType) -> &'static [usize] {
+/// Where a block type keeps its f16 scale fields (d, m, dmin).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ScaleFields {
+    /// Whole little-endian f16 fields at these byte offsets of a block.
+    At(&'static [usize]),
+    /// IQ1_M's one f16 scale, spread over the top nibbles of its four scale words.
+    Iq1M,
+}
+
+impl ScaleFields {
+    /// How many scale fields a block has.
+    pub(crate) fn len(self) -> usize {
+        match self {
+            ScaleFields::At(offsets) => offsets.len(),
+            ScaleFields::Iq1M => 1,
+        }
+    }
+
+    pub(crate) fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    /// The f16 bits of scale field `field` of `block`.
+    pub(crate) fn get(self, block: &[u8], field: usize) -> u16 {
+        match self {
+            ScaleFields::At(offsets) => {
+                let at = offsets[field];
+                u16::from_le_bytes([block[at], block[at + 1]])
+            }
+            ScaleFields::Iq1M => super::grid::iq1_m_scale_bits(block),
+        }
+    }
+
+    /// Stores f16 bits as scale field `field` of `block`, leaving every other bit alone.
+    pub(crate) fn set(self, block: &mut [u8], field: usize, bits: u16) {
+        match self {
+            ScaleFields::At(offsets) => {
+                let at = offsets[field];
+                block[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+            }
+            ScaleFields::Iq1M => super::grid::set_iq1_m_scale_bits(block, bits),
+        }
+    }
+}
+
+/// The f16 scale fields of a block type.
+pub(crate) fn scale_fields(ggml_type: GgmlType) -> ScaleFields {
     use GgmlType as T;
-    match ggml_type {
+    ScaleFields::At(match ggml_type {
         T::Q4_0 | T::Q5_0 | T::Q8_0 | T::IQ4_NL | T::IQ4_XS => &[0],
+        T::IQ2_XXS | T::IQ2_XS | T::IQ2_S | T::IQ3_XXS | T::IQ3_S | T::IQ1_S => &[0],
         T::Q4_1 | T::Q5_1 | T::Q4_K | T::Q5_K => &[0, 2],
         T::Q2_K => &[80, 82],
         T::Q3_K => &[108],
         T::Q6_K => &[208],
         T::TQ1_0 => &[52],
         T::TQ2_0 => &[64],
+        T::IQ1_M => return ScaleFields::Iq1M,
         // MXFP4's e8m0 exponent has no infinity, and ggml decodes 0xff as 2^127 rather
         // than NaN; the plain types have no scales.
         _ => &[],
-    }
+    })
 }
 
 /// Counts NaN and infinite values in the elements `range` of a tensor of `ggml_type`
@@ -117,8 +164,8 @@ fn scan_chunk(
     if !fields.is_empty() {
         for (b, block) in chunk.chunks_exact(block_bytes).enumerate() {
             let mut bad = false;
-            for &at in fields {
-                let v = f16_at(block, at);
+            for field in 0..fields.len() {
+                let v = f16_to_f32(fields.get(block, field));
                 if v.is_nan() {
                     report.nan_scales += 1;
                     bad = true;

@@ -40,6 +40,12 @@ const SCALED_TYPES: &[GgmlType] = &[
     GgmlType::Q6_K,
     GgmlType::IQ4_NL,
     GgmlType::IQ4_XS,
+    GgmlType::IQ1_S,
+    GgmlType::IQ2_XXS,
+    GgmlType::IQ2_XS,
+    GgmlType::IQ2_S,
+    GgmlType::IQ3_XXS,
+    GgmlType::IQ3_S,
 ];
 
 /// Random blocks of `t` whose f16 fields hold `scales` (cycled), in the normal range.
@@ -383,12 +389,12 @@ fn invalid_transforms_are_refused() {
         ),
         "{err}"
     );
-    let err = dequantize(GgmlType::IQ2_XXS, &[0u8; 66]).unwrap_err();
+    let err = dequantize(GgmlType::Q8_K, &[0u8; 292]).unwrap_err();
     assert!(
         matches!(
             err,
             Error::UnsupportedType {
-                ggml_type: GgmlType::IQ2_XXS,
+                ggml_type: GgmlType::Q8_K,
                 operation: "dequantize"
             }
         ),
@@ -793,4 +799,174 @@ proptest! {
             }
         }
     }
+}
+
+const GRID_TYPES: &[GgmlType] = &[
+    GgmlType::IQ1_S,
+    GgmlType::IQ1_M,
+    GgmlType::IQ2_XXS,
+    GgmlType::IQ2_XS,
+    GgmlType::IQ2_S,
+    GgmlType::IQ3_XXS,
+    GgmlType::IQ3_S,
+];
+
+/// One block of `t` with the f16 scale `d` and every other byte zero.
+fn grid_block_with_scale(t: GgmlType, d: f32) -> Vec<u8> {
+    let mut block = vec![0u8; t.block_bytes() as usize];
+    let fields = scan::scale_fields(t);
+    fields.set(&mut block, 0, half::f16::from_f32(d).to_bits());
+    block
+}
+
+#[test]
+fn grid_blocks_decode_to_their_grid_points() {
+    // With every index, sign and sub-block scale zero, each type decodes to its first
+    // grid point under its smallest sub-block scale.
+    let cases: &[(GgmlType, f32)] = &[
+        // d * (0.5 + 0) * 0.25 * 8: grid point 0 is all 8s.
+        (GgmlType::IQ2_XXS, 1.0),
+        (GgmlType::IQ2_XS, 1.0),
+        (GgmlType::IQ2_S, 1.0),
+        // d * (0.5 + 0) * 0.5 * 4: grid point 0 is all 4s.
+        (GgmlType::IQ3_XXS, 1.0),
+        // d * (1 + 0) * 1: grid point 0 is all 1s.
+        (GgmlType::IQ3_S, 1.0),
+        // d * 1 * (-1 + 0.125): grid point 0 is all -1s, the delta is +1/8.
+        (GgmlType::IQ1_S, -0.875),
+        (GgmlType::IQ1_M, -0.875),
+    ];
+    for &(t, want) in cases {
+        let values = dequantize(t, &grid_block_with_scale(t, 1.0)).unwrap();
+        assert_eq!(values.len(), 256, "{t}");
+        assert!(values.iter().all(|&v| v == want), "{t}: {:?}", &values[..8]);
+    }
+}
+
+#[test]
+fn grid_sign_indices_flip_an_even_number_of_signs() {
+    // IQ2_XXS: sign index 1 of the first group sets bit 0 and, for even parity, bit 7.
+    let mut block = grid_block_with_scale(GgmlType::IQ2_XXS, 1.0);
+    block[2 + 4] = 1;
+    let values = dequantize(GgmlType::IQ2_XXS, &block).unwrap();
+    assert_eq!(&values[..8], &[-1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0]);
+    assert!(values[8..].iter().all(|&v| v == 1.0));
+    // IQ2_S stores whole sign bytes: 0x01 flips only the first element.
+    let mut block = grid_block_with_scale(GgmlType::IQ2_S, 1.0);
+    block[34] = 0x01;
+    let values = dequantize(GgmlType::IQ2_S, &block).unwrap();
+    assert_eq!(&values[..8], &[-1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
+}
+
+#[test]
+fn the_highest_grid_index_of_each_type_decodes() {
+    // Every index field is exactly as wide as its grid is long: the all-ones index is
+    // the grid's last point, never past it.
+    for &t in GRID_TYPES {
+        let mut block = vec![0xffu8; t.block_bytes() as usize];
+        let fields = scan::scale_fields(t);
+        fields.set(&mut block, 0, half::f16::from_f32(1.0).to_bits());
+        let values = dequantize(t, &block).unwrap();
+        assert!(values.iter().all(|v| v.is_finite()), "{t}");
+        assert!(values.iter().any(|&v| v != 0.0), "{t}");
+    }
+}
+
+#[test]
+fn a_partial_grid_block_is_refused() {
+    for &t in GRID_TYPES {
+        let bytes = t.block_bytes() as usize;
+        let err = dequantize(t, &vec![0u8; 2 * bytes - 1]).unwrap_err();
+        assert!(
+            matches!(err, Error::PartialBlock { ggml_type, len, block_bytes }
+                if ggml_type == t && len == 2 * bytes as u64 - 1 && block_bytes == bytes as u64),
+            "{t}: {err}"
+        );
+    }
+}
+
+#[test]
+fn grid_types_scale_and_zero_on_block_scales_and_refuse_other_transforms() {
+    let raw: Vec<u8> = (0..4 * 110u32).map(|i| (i * 37 + 11) as u8).collect();
+    for &t in GRID_TYPES {
+        let bytes = t.block_bytes() as usize;
+        let mut data = raw[..4 * bytes].to_vec();
+        for block in data.chunks_exact_mut(bytes) {
+            scan::scale_fields(t).set(block, 0, half::f16::from_f32(0.75).to_bits());
+        }
+        let old = dequantize(t, &data).unwrap();
+
+        let mut scaled = data.clone();
+        let report = transform_range(t, &mut scaled, 0..1024, &Transform::Scale(2.0)).unwrap();
+        assert_eq!(report.path, TransformPath::Scales, "{t}");
+        // A power of two scales d exactly, and only the scale bits changed.
+        let new = dequantize(t, &scaled).unwrap();
+        for (a, b) in old.iter().zip(&new) {
+            assert_eq!(a * 2.0, *b, "{t}");
+        }
+        let changed: Vec<usize> = (0..data.len()).filter(|&i| data[i] != scaled[i]).collect();
+        let fields = scan::scale_fields(t);
+        for block in scaled.chunks_exact(bytes) {
+            assert_eq!(
+                fields.get(block, 0),
+                half::f16::from_f32(1.5).to_bits(),
+                "{t}"
+            );
+        }
+        for i in changed {
+            let within = i % bytes;
+            let scale_byte = match t {
+                GgmlType::IQ1_M => (48..56).contains(&within),
+                _ => within < 2,
+            };
+            assert!(scale_byte, "{t}: byte {within} of a block changed");
+        }
+
+        let mut zeroed = data.clone();
+        let report = transform_range(t, &mut zeroed, 0..1024, &Transform::Zero).unwrap();
+        assert_eq!(report.path, TransformPath::Scales, "{t}");
+        assert!(dequantize(t, &zeroed).unwrap().iter().all(|&v| v == 0.0));
+
+        let mut offset = data.clone();
+        let err = transform_range(t, &mut offset, 0..1024, &Transform::Offset(1.0)).unwrap_err();
+        assert!(
+            matches!(err, Error::UnsupportedType { ggml_type, operation: "transform (requantize)" }
+                if ggml_type == t),
+            "{t}: {err}"
+        );
+        assert_eq!(offset, data, "{t}: a refused transform wrote");
+    }
+}
+
+#[test]
+fn iq1_m_scale_nibbles_leave_the_sub_block_scales_alone() {
+    let mut block = vec![0u8; 56];
+    for (i, b) in block[48..].iter_mut().enumerate() {
+        *b = 0x5a ^ (i as u8 * 17);
+    }
+    let fields = scan::scale_fields(GgmlType::IQ1_M);
+    let before: Vec<u16> = block[48..]
+        .chunks_exact(2)
+        .map(|w| u16::from_le_bytes([w[0], w[1]]) & 0x0fff)
+        .collect();
+    fields.set(&mut block, 0, 0xabcd);
+    assert_eq!(fields.get(&block, 0), 0xabcd);
+    let after: Vec<u16> = block[48..]
+        .chunks_exact(2)
+        .map(|w| u16::from_le_bytes([w[0], w[1]]) & 0x0fff)
+        .collect();
+    assert_eq!(before, after);
+    // The lowest nibble of the scale sits at the top of the first word.
+    assert_eq!(block[49] >> 4, 0xd);
+    assert_eq!(block[55] >> 4, 0xa);
+}
+
+#[test]
+fn scan_counts_a_non_finite_iq1_m_scale() {
+    let mut data = vec![0u8; 2 * 56];
+    scan::scale_fields(GgmlType::IQ1_M).set(&mut data[56..], 0, 0x7e00);
+    let report = scan_non_finite(GgmlType::IQ1_M, &data, 0..512).unwrap();
+    assert_eq!(report.nan_scales, 1);
+    assert_eq!(report.first_bad_blocks, vec![1]);
+    assert_eq!(report.nan_count, 256);
 }

@@ -3,7 +3,8 @@
 //! Three paths, chosen per type and transform, reported in [`TransformReport::path`]:
 //!
 //! - [`TransformPath::Scales`]: scaling a block type multiplies its f16 scale fields (d;
-//!   d and m for Q4_1 / Q5_1; d and dmin for the K-quants) and leaves its codes alone, so
+//!   d and m for Q4_1 / Q5_1; d and dmin for the K-quants; the super-block d of the grid
+//!   IQ types, which IQ1_M spreads over four nibbles) and leaves its codes alone, so
 //!   no requantization error is added. Each new scale is rounded once to f16: in the
 //!   normal f16 range its relative error is at most 2^-11 (half an ulp), so an element
 //!   `x = d * q` (or `x = d * q + m`, `d * q - dmin * m`) ends within
@@ -26,7 +27,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::scan::scale_fields;
+use super::scan::{ScaleFields, scale_fields};
 use super::{
     Span, check_len, check_range, chunk_blocks, dequant_kernel, f16_bits, first_non_finite,
     quant_kernel,
@@ -223,13 +224,13 @@ fn intended(transform: &Transform<'_>, index: usize, x: f32) -> f32 {
 }
 
 /// New bytes for a scale transform done on the f16 scale fields alone.
-fn scale_fields_of(span: &Span, old: &[u8], fields: &[usize], factor: f32) -> Result<Vec<u8>> {
+fn scale_fields_of(span: &Span, old: &[u8], fields: ScaleFields, factor: f32) -> Result<Vec<u8>> {
     let ggml_type = span.ggml_type;
     let block_bytes = ggml_type.block_bytes() as usize;
     let mut new = old.to_vec();
     for (b, block) in new.chunks_exact_mut(block_bytes).enumerate() {
-        for &at in fields {
-            let old_scale = super::f16_at(block, at);
+        for field in 0..fields.len() {
+            let old_scale = super::f16_to_f32(fields.get(block, field));
             let scaled = old_scale * factor;
             // A NaN or infinite scale stays what it was times the factor; only a finite
             // scale that overflows is refused.
@@ -242,7 +243,7 @@ fn scale_fields_of(span: &Span, old: &[u8], fields: &[usize], factor: f32) -> Re
             } else {
                 half::f16::from_f32(scaled).to_bits()
             };
-            block[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+            fields.set(block, field, bits);
         }
     }
     Ok(new)

@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use byte_tier::MappedFile;
 use byte_tier::codec;
-use byte_tier::diff::diff;
+use byte_tier::diff::diff_sets;
+use byte_tier::split;
 use byte_tier::verify::Manifest;
+use byte_tier::{Gguf, MappedFile};
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -31,18 +32,52 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
+/// A model as a command sees it: the shard set a shard belongs to, or a single file.
+struct Model {
+    maps: Vec<MappedFile>,
+}
+
+impl Model {
+    fn open(path: &std::path::Path) -> anyhow::Result<Model> {
+        let maps = match split::open_set_of(path)? {
+            Some(set) => set.into_files(),
+            None => vec![MappedFile::open(path)?],
+        };
+        Ok(Model { maps })
+    }
+
+    fn parse(&self) -> anyhow::Result<Vec<Gguf<'_>>> {
+        self.maps
+            .iter()
+            .map(|m| {
+                m.parse()
+                    .with_context(|| format!("{} is not a valid GGUF file", m.path().display()))
+            })
+            .collect()
+    }
+}
+
 pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
-    let map = MappedFile::open(&args.file)?;
-    let gguf = map
-        .parse()
-        .with_context(|| format!("{} is not a valid GGUF file", args.file.display()))?;
-    let bar = bytes_bar("scanning", gguf.file_len());
+    // A shard of a set is verified with its whole set: every shard is checked and
+    // scanned, and one manifest covers every tensor.
+    let model = Model::open(&args.file)?;
+    let shards = model.parse()?;
+    let n_tensors: usize = shards.iter().map(|g| g.tensors().len()).sum();
+    let file_len: u64 = shards.iter().map(Gguf::file_len).sum();
+    let diagnostics: Vec<String> = shards
+        .iter()
+        .flat_map(|g| g.diagnostics().iter().map(ToString::to_string))
+        .collect();
+    let bar = bytes_bar("scanning", file_len);
     // Every tensor is scanned for NaN and infinity; types without a decoder are listed.
-    let scans: Vec<(String, Result<codec::NonFiniteReport, byte_tier::Error>)> = gguf
-        .tensors()
+    let pairs: Vec<_> = shards
+        .iter()
+        .flat_map(|g| g.tensors().iter().map(move |t| (g, t)))
+        .collect();
+    let scans: Vec<(String, Result<codec::NonFiniteReport, byte_tier::Error>)> = pairs
         .par_iter()
-        .map(|t| {
-            let r = codec::scan_tensor(&gguf, t);
+        .map(|(gguf, t)| {
+            let r = codec::scan_tensor(gguf, t);
             bar.inc(t.n_bytes);
             (t.name.clone(), r)
         })
@@ -58,7 +93,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         }
     }
     let manifest =
-        (args.write_manifest.is_some() || args.check.is_some()).then(|| Manifest::of(&gguf));
+        (args.write_manifest.is_some() || args.check.is_some()).then(|| Manifest::of_set(&shards));
     let label = args.file.display().to_string();
     if let (true, Some(_), Some(m)) = (args.dry_run, &args.write_manifest, &manifest) {
         print!("{}", m.to_text(&label));
@@ -89,20 +124,22 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
             json!({"matched": c.matched, "mismatched": c.mismatched, "missing": c.missing,
                 "unlisted": c.unlisted, "whole_matches": c.whole_matches})
         });
-        let diagnostics: Vec<String> = gguf.diagnostics().iter().map(ToString::to_string).collect();
         println!(
             "{}",
-            json!({"ok": ok, "structure": "valid", "diagnostics": diagnostics, "tensors": gguf.tensors().len(),
-                "non_finite": nf, "unscanned": un, "manifest": check_json})
+            json!({"ok": ok, "structure": "valid", "diagnostics": diagnostics, "tensors": n_tensors,
+                "shards": shards.len(), "non_finite": nf, "unscanned": un, "manifest": check_json})
         );
     } else {
+        let shard_note = if shards.len() > 1 {
+            format!(", a set of {} shards", shards.len())
+        } else {
+            String::new()
+        };
         println!(
-            "structure: valid (GGUF v{}, {} tensors, {} bytes)",
-            gguf.version(),
-            gguf.tensors().len(),
-            gguf.file_len()
+            "structure: valid (GGUF v{}, {n_tensors} tensors, {file_len} bytes{shard_note})",
+            shards[0].version(),
         );
-        for d in gguf.diagnostics() {
+        for d in &diagnostics {
             println!("note: {d}");
         }
         if non_finite.is_empty() {
@@ -126,7 +163,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         if let Some(path) = args.write_manifest.as_ref().filter(|_| !args.dry_run) {
             println!(
                 "manifest: wrote {} tensor digests to {}",
-                gguf.tensors().len(),
+                n_tensors,
                 path.display()
             );
         }
@@ -168,11 +205,16 @@ pub struct DiffArgs {
 }
 
 pub fn run_diff(args: &DiffArgs) -> anyhow::Result<()> {
-    let (map_a, map_b) = (MappedFile::open(&args.a)?, MappedFile::open(&args.b)?);
-    let (a, b) = (map_a.parse()?, map_b.parse()?);
-    let d = diff(&a, &b);
+    // A shard stands for its whole set: tensors are matched by name across shards.
+    let (model_a, model_b) = (Model::open(&args.a)?, Model::open(&args.b)?);
+    let (shards_a, shards_b) = (model_a.parse()?, model_b.parse()?);
+    let d = diff_sets(&shards_a, &shards_b);
+    let (a, b) = (&shards_a[0], &shards_b[0]);
     if let Some(path) = &args.plot {
-        let changes = unified_manager::plot::layer_changes(&a, &b)?;
+        if shards_a.len() > 1 || shards_b.len() > 1 {
+            bail!("--plot compares single files; merge a shard set first");
+        }
+        let changes = unified_manager::plot::layer_changes(a, b)?;
         let title = format!(
             "{} -> {}",
             args.a.file_name().unwrap_or_default().to_string_lossy(),
@@ -217,9 +259,9 @@ pub fn run_diff(args: &DiffArgs) -> anyhow::Result<()> {
                     .unwrap_or_default()
             };
             match label {
-                "+ key" => println!("{label} {k} = {}", value(&b)),
-                "- key" => println!("{label} {k} = {}", value(&a)),
-                _ => println!("{label} {k}: {} -> {}", value(&a), value(&b)),
+                "+ key" => println!("{label} {k} = {}", value(b)),
+                "- key" => println!("{label} {k} = {}", value(a)),
+                _ => println!("{label} {k}: {} -> {}", value(a), value(b)),
             }
         }
     }

@@ -28,6 +28,9 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
+    if let Some(set) = byte_tier::split::open_set_of(&args.file)? {
+        return run_set(args, &set);
+    }
     let file = MappedFile::open(&args.file)?;
     let gguf = file
         .parse()
@@ -40,6 +43,49 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         writeln!(out)?;
     } else {
         write_text(&mut out, &args.file.display().to_string(), &gguf, args.full)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A shard set: one report per shard, in order (the general metadata is in the first);
+/// JSON holds them under `shards`.
+fn run_set(args: &InspectArgs, set: &byte_tier::split::ShardSet) -> anyhow::Result<()> {
+    let shards = set.parse_all()?;
+    let stdout = io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    if args.json {
+        let reports: Vec<Json> = set
+            .files()
+            .iter()
+            .zip(&shards)
+            .map(|(file, gguf)| json_report(&file.path().display().to_string(), gguf, args.full))
+            .collect();
+        let report = json!({
+            "filename": args.file.display().to_string(),
+            "n_shards": shards.len(),
+            "n_tensors": set.n_tensors(),
+            "shards": reports,
+        });
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "shard set {}: {} shards, {} tensors\n",
+            set.prefix().display(),
+            shards.len(),
+            set.n_tensors()
+        )?;
+        for (file, gguf) in set.files().iter().zip(&shards) {
+            write_text(
+                &mut out,
+                &file.path().display().to_string(),
+                gguf,
+                args.full,
+            )?;
+            writeln!(out)?;
+        }
     }
     out.flush()?;
     Ok(())

@@ -83,9 +83,28 @@ fn parse_value_type(text: &str) -> Result<ValueType, String> {
         .ok_or_else(|| format!("unknown or unsupported value type {text:?}"))
 }
 
+/// The file that holds `key` for a command given `file`: in a shard set, the general
+/// metadata lives in the first shard, and each shard's `split.*` keys in itself, which
+/// only split and merge may change.
+fn metadata_file(file: &Path, key: &str, writing: bool) -> anyhow::Result<PathBuf> {
+    let Some(set) = byte_tier::split::open_set_of(file)? else {
+        return Ok(file.to_owned());
+    };
+    if key.starts_with("split.") {
+        if writing {
+            bail!(
+                "{key} is part of the shard set's structure; split and merge write it, meta does not"
+            );
+        }
+        return Ok(file.to_owned());
+    }
+    Ok(set.files()[0].path().to_owned())
+}
+
 pub fn run(args: &MetaArgs) -> anyhow::Result<()> {
     match &args.command {
         MetaCommand::Get { file, key, json } => {
+            let file = &metadata_file(file, key, false)?;
             let map = MappedFile::open(file)?;
             let gguf = map.parse()?;
             let value = gguf.get(key).with_context(|| format!("no key {key:?}"))?;
@@ -110,6 +129,7 @@ pub fn run(args: &MetaArgs) -> anyhow::Result<()> {
             value_type,
             output,
         } => {
+            let file = &metadata_file(file, key, true)?;
             let parsed = {
                 let map = MappedFile::open(file)?;
                 let gguf = map.parse()?;
@@ -123,11 +143,13 @@ pub fn run(args: &MetaArgs) -> anyhow::Result<()> {
             path,
             output,
         } => {
+            let file = &metadata_file(file, key, true)?;
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("read {}", path.display()))?;
             set(file, key, Value::String(text), output)
         }
         MetaCommand::Delete { file, key, output } => {
+            let file = &metadata_file(file, key, true)?;
             {
                 let map = MappedFile::open(file)?;
                 if map.parse()?.get(key).is_none() {

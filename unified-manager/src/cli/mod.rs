@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod preset;
 pub mod progress;
 pub mod serve;
+pub mod split;
 pub mod structure;
 pub mod surgery;
 pub mod view;

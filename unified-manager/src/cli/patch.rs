@@ -16,7 +16,7 @@ use memory_tier::{
 use serde_json::json;
 
 /// Arguments of `hotpatch patch`.
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("transform").required(true).args(["scale", "offset", "clamp", "zero", "set_npy"])))]
 pub struct PatchArgs {
     /// The file to patch in place (a running llama-server that maps it sees the change).
@@ -170,6 +170,13 @@ impl Outcome {
 }
 
 pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
+    // In a shard set, the patch goes to the shard that holds the tensor, through that
+    // file's own journal.
+    let file = byte_tier::split::file_holding_tensor(&args.file, &args.tensor)?;
+    let args = &PatchArgs {
+        file,
+        ..args.clone()
+    };
     let (elements, transform) = {
         let map = MappedFile::open(&args.file)?;
         let gguf = map.parse()?;
@@ -347,6 +354,7 @@ fn print_outcome(json: bool, outcome: &Outcome, dry_run: bool) {
 
 /// Writes a tensor's dequantized values to a float32 .npy with the GGUF shape.
 pub fn export(file: &Path, name: &str, output: &Path, dry_run: bool) -> anyhow::Result<()> {
+    let file = &byte_tier::split::file_holding_tensor(file, name)?;
     let map = MappedFile::open(file)?;
     let gguf = map.parse()?;
     let tensor = gguf.require_tensor(name)?;
@@ -382,6 +390,7 @@ pub fn export(file: &Path, name: &str, output: &Path, dry_run: bool) -> anyhow::
 /// Replaces a tensor's values from a .npy of its shape, quantizing to its type, in place
 /// through the journal.
 pub fn import(file: &Path, name: &str, input: &Path, dry_run: bool) -> anyhow::Result<()> {
+    let file = &byte_tier::split::file_holding_tensor(file, name)?;
     let array = read_npy_file(input)?;
     let mut in_place = InPlaceFile::open(file)
         .with_context(|| format!("open {} for in-place editing", file.display()))?;

@@ -40,8 +40,17 @@ pub struct SearchArgs {
     pub limit: usize,
 }
 
+/// The file a command looks at: with `--tensor` in a shard set, the shard that holds
+/// the tensor; otherwise the file named.
+fn file_for(file: &std::path::Path, tensor: Option<&str>) -> anyhow::Result<PathBuf> {
+    Ok(match tensor {
+        Some(name) => byte_tier::split::file_holding_tensor(file, name)?,
+        None => file.to_owned(),
+    })
+}
+
 pub fn hexdump(args: &HexdumpArgs) -> anyhow::Result<()> {
-    let map = MappedFile::open(&args.file)?;
+    let map = MappedFile::open(file_for(&args.file, args.range.tensor.as_deref())?)?;
     let view = DryRun::new(map.bytes());
     let range = args.range.resolve(&view, 256)?;
     if args.json {
@@ -59,7 +68,7 @@ pub fn hexdump(args: &HexdumpArgs) -> anyhow::Result<()> {
 
 pub fn search(args: &SearchArgs) -> anyhow::Result<()> {
     let pattern = pattern_bytes(&args.pattern, args.hex)?;
-    let map = MappedFile::open(&args.file)?;
+    let map = MappedFile::open(file_for(&args.file, args.tensor.as_deref())?)?;
     let view = DryRun::new(map.bytes());
     let within = match &args.tensor {
         Some(name) => {

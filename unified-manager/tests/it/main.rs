@@ -8,5 +8,6 @@ mod lenient;
 mod manage;
 mod serve;
 mod served;
+mod shards;
 mod surgery;
 mod tensor;

@@ -1,0 +1,345 @@
+//! Shard naming, split planning and writing, merging, and every way a shard set can be
+//! broken, on small generated files.
+
+use std::path::Path;
+
+use super::*;
+use crate::types::GgmlType;
+use crate::value::Value;
+use crate::writer::{GgufWriter, TensorSpec};
+
+/// A file of five F32 tensors of 8, 16, 24, 32 and 40 elements (element i of tensor t is
+/// t * 100 + i), one of them stored with a trailing dimension of 1, and an alignment of
+/// 64 that the first shard keeps.
+fn five_tensors(dir: &Path) -> PathBuf {
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", "llama")
+        .set("general.alignment", Value::U32(64))
+        .set("llama.block_count", Value::U32(2));
+    for t in 0..5u32 {
+        let n = 8 * (t + 1);
+        let bytes: Vec<u8> = (0..n)
+            .flat_map(|i| ((t * 100 + i) as f32).to_le_bytes())
+            .collect();
+        let dims = if t == 2 {
+            vec![u64::from(n), 1]
+        } else {
+            vec![u64::from(n)]
+        };
+        w.add_tensor(TensorSpec::from_bytes(
+            format!("t{t}"),
+            dims,
+            GgmlType::F32,
+            bytes,
+        ));
+    }
+    let path = dir.join("model.gguf");
+    w.write_to_path(&path).unwrap();
+    path
+}
+
+fn split_into(source: &Path, prefix: &Path, options: &SplitOptions) -> Vec<OutputFile> {
+    let file = MappedFile::open(source).unwrap();
+    let gguf = file.parse().unwrap();
+    SplitPlan::new(&gguf, prefix, options)
+        .unwrap()
+        .write(&gguf, source)
+        .unwrap()
+}
+
+fn tensors_of(path: &Path) -> Vec<String> {
+    let file = MappedFile::open(path).unwrap();
+    let gguf = file.parse().unwrap();
+    gguf.tensors().iter().map(|t| t.name.clone()).collect()
+}
+
+#[test]
+fn shard_names_round_trip_and_only_the_canonical_spelling_parses() {
+    let path = shard_path(Path::new("dir/model"), 1, 3);
+    assert_eq!(path, Path::new("dir/model-00002-of-00003.gguf"));
+    assert_eq!(
+        parse_shard_name(&path),
+        Some(ShardName {
+            prefix: PathBuf::from("dir/model"),
+            index: 1,
+            count: 3
+        })
+    );
+    for bad in [
+        "model-2-of-3.gguf",
+        "model-00000-of-00003.gguf",
+        "model-00004-of-00003.gguf",
+        "model-00001-of-00003.bin",
+        "model.gguf",
+    ] {
+        assert_eq!(parse_shard_name(Path::new(bad)), None, "{bad}");
+    }
+}
+
+#[test]
+fn a_split_by_tensor_count_makes_a_set_that_merges_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = five_tensors(dir.path());
+    let prefix = dir.path().join("out");
+    let options = SplitOptions {
+        limit: SplitLimit::Tensors(2),
+        no_tensor_first_split: false,
+    };
+    let outputs = split_into(&source, &prefix, &options);
+    assert_eq!(outputs.len(), 3);
+    assert_eq!(tensors_of(&outputs[0].path), ["t0", "t1"]);
+    assert_eq!(tensors_of(&outputs[2].path), ["t4"]);
+    for output in &outputs {
+        let len = std::fs::metadata(&output.path).unwrap().len();
+        assert_eq!(len, output.n_bytes);
+        assert_eq!(len % SPLIT_ALIGNMENT, 0);
+    }
+    // The first shard keeps the file's 64-byte alignment, the others the default.
+    let first_tensor_offset = |path: &Path| {
+        let file = MappedFile::open(path).unwrap();
+        let gguf = file.parse().unwrap();
+        (gguf.alignment(), gguf.data_offset())
+    };
+    let (alignment, data_offset) = first_tensor_offset(&outputs[0].path);
+    assert_eq!((alignment, data_offset % 64), (64, 0));
+    assert_eq!(first_tensor_offset(&outputs[1].path).0, 32);
+
+    // The general keys stay in the first shard; the split keys come last everywhere.
+    let first = MappedFile::open(&outputs[0].path).unwrap();
+    let gguf = first.parse().unwrap();
+    let keys: Vec<&str> = gguf
+        .metadata()
+        .iter()
+        .map(|e| e.key.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "general.architecture",
+            "general.alignment",
+            "llama.block_count",
+            "split.no",
+            "split.tensors.count",
+            "split.count"
+        ]
+    );
+    assert_eq!(gguf.get("split.count").and_then(|v| v.as_u64()), Some(3));
+    assert_eq!(
+        gguf.get("split.tensors.count"),
+        Some(crate::ValueRef::I32(5))
+    );
+    let last = MappedFile::open(&outputs[2].path).unwrap();
+    let gguf = last.parse().unwrap();
+    assert_eq!(gguf.metadata().len(), 3);
+    assert_eq!(gguf.get("split.no"), Some(crate::ValueRef::U16(2)));
+
+    // Any shard resolves the set; the merge holds every tensor's bytes, t2 with its
+    // trailing 1 dropped as ggml writes it.
+    let set = ShardSet::open(&outputs[1].path).unwrap();
+    assert_eq!(set.n_tensors(), 5);
+    let merged = dir.path().join("merged.gguf");
+    let report = merge(&set, &merged).unwrap();
+    assert_eq!(report.n_bytes, std::fs::metadata(&merged).unwrap().len());
+    assert_eq!(plan_merge(&set, &merged).unwrap().n_bytes, report.n_bytes);
+    let original = MappedFile::open(&source).unwrap();
+    let original = original.parse().unwrap();
+    let merged_file = MappedFile::open(&merged).unwrap();
+    let merged_gguf = merged_file.parse().unwrap();
+    assert_eq!(
+        merged_gguf.get("split.count"),
+        Some(crate::ValueRef::U16(0))
+    );
+    for (a, b) in original.tensors().iter().zip(merged_gguf.tensors()) {
+        assert_eq!(a.name, b.name);
+        assert_eq!(original.tensor_data(a), merged_gguf.tensor_data(b));
+    }
+    assert_eq!(merged_gguf.tensor("t2").unwrap().dims, [24]);
+
+    // Merging again onto an existing file is refused.
+    let err = merge(&set, &merged).unwrap_err();
+    assert!(matches!(err, Error::OutputExists { .. }), "{err}");
+}
+
+#[test]
+fn a_split_by_size_starts_a_shard_before_the_padded_size_passes_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = five_tensors(dir.path());
+    let file = MappedFile::open(&source).unwrap();
+    let gguf = file.parse().unwrap();
+    // Padded sizes: 32, 64, 96, 128, 160. A 200-byte limit: [t0 t1 t2] [t3] [t4].
+    let plan = SplitPlan::new(
+        &gguf,
+        &dir.path().join("s"),
+        &SplitOptions {
+            limit: SplitLimit::Bytes(200),
+            no_tensor_first_split: true,
+        },
+    )
+    .unwrap();
+    let outputs = plan.outputs(&gguf).unwrap();
+    let counts: Vec<u64> = outputs.iter().map(|o| o.n_tensors).collect();
+    assert_eq!(counts, [0, 3, 1, 1]);
+    // Nothing was written by planning.
+    assert!(!outputs[0].path.exists());
+
+    // A limit below the first tensor's size would leave a shard empty.
+    let err = SplitPlan::new(
+        &gguf,
+        &dir.path().join("s"),
+        &SplitOptions {
+            limit: SplitLimit::Bytes(16),
+            no_tensor_first_split: false,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::InvalidSplit { .. }), "{err}");
+}
+
+#[test]
+fn split_sizes_parse_as_gguf_split_reads_them() {
+    assert_eq!(
+        SplitLimit::parse_size("500M").unwrap(),
+        SplitLimit::Bytes(500_000_000)
+    );
+    assert_eq!(
+        SplitLimit::parse_size("2G").unwrap(),
+        SplitLimit::Bytes(2_000_000_000)
+    );
+    for bad in ["500", "0M", "-1G", "1.5G", "M", ""] {
+        let err = SplitLimit::parse_size(bad).unwrap_err();
+        assert!(matches!(err, Error::InvalidSplit { .. }), "{bad}: {err}");
+    }
+}
+
+/// A three-shard set of the five-tensor file in `dir`, and its paths.
+fn three_shards(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let source = five_tensors(dir);
+    let options = SplitOptions {
+        limit: SplitLimit::Tensors(2),
+        no_tensor_first_split: false,
+    };
+    split_into(&source, &dir.join(name), &options)
+        .into_iter()
+        .map(|o| o.path)
+        .collect()
+}
+
+#[test]
+fn a_gap_in_a_set_is_an_error_naming_the_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "m");
+    std::fs::remove_file(&shards[1]).unwrap();
+    let err = ShardSet::open(&shards[0]).unwrap_err();
+    assert!(
+        matches!(&err, Error::ShardMissing { path, index: 1, count: 3 } if *path == shards[1]),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_duplicated_shard_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "m");
+    std::fs::copy(&shards[0], &shards[1]).unwrap();
+    let err = ShardSet::open(&shards[2]).unwrap_err();
+    assert!(
+        matches!(&err, Error::ShardNumberMismatch { path, expected: 1, found: 0 } if *path == shards[1]),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_shard_of_a_set_of_another_size_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "m");
+    // The same file split in two, its second shard renamed into the set of three.
+    let source = dir.path().join("model.gguf");
+    let other = split_into(
+        &source,
+        &dir.path().join("two"),
+        &SplitOptions {
+            limit: SplitLimit::Tensors(3),
+            no_tensor_first_split: false,
+        },
+    );
+    std::fs::copy(&other[1].path, &shards[1]).unwrap();
+    let err = ShardSet::open(&shards[0]).unwrap_err();
+    assert!(
+        matches!(&err, Error::ShardCountMismatch { path, expected: 3, found: 2 } if *path == shards[1]),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_foreign_shard_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "m");
+    // A set of three from a file with one tensor less: its last shard claims 4 tensors.
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", "llama");
+    for t in 0..4u32 {
+        w.add_tensor(TensorSpec::from_bytes(
+            format!("t{t}"),
+            vec![8],
+            GgmlType::F32,
+            vec![0u8; 32],
+        ));
+    }
+    let small = dir.path().join("small.gguf");
+    w.write_to_path(&small).unwrap();
+    let foreign = split_into(
+        &small,
+        &dir.path().join("f"),
+        &SplitOptions {
+            limit: SplitLimit::Tensors(2),
+            no_tensor_first_split: true,
+        },
+    );
+    assert_eq!(foreign.len(), 3);
+    std::fs::copy(&foreign[2].path, &shards[2]).unwrap();
+    let err = ShardSet::open(&shards[0]).unwrap_err();
+    assert!(
+        matches!(&err, Error::ShardTensorCountMismatch { path, expected: 5, found: 4 } if *path == shards[2]),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tensor_in_two_shards_is_an_error_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "m");
+    // A third shard holding t0 again (with the right split keys) instead of t4.
+    let mut w = GgufWriter::new();
+    w.set("split.no", Value::U16(2))
+        .set("split.count", Value::U16(3))
+        .set("split.tensors.count", Value::I32(5));
+    w.add_tensor(TensorSpec::from_bytes(
+        "t0",
+        vec![8],
+        GgmlType::F32,
+        vec![0u8; 32],
+    ));
+    std::fs::remove_file(&shards[2]).unwrap();
+    w.write_to_path(&shards[2]).unwrap();
+    let err = ShardSet::open(&shards[0]).unwrap_err();
+    assert!(
+        matches!(&err, Error::DuplicateShardTensor { name, first, second }
+            if name == "t0" && *first == shards[0] && *second == shards[2]),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_file_without_split_keys_or_a_shard_name_is_not_a_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = five_tensors(dir.path());
+    let err = ShardSet::open(&source).unwrap_err();
+    assert!(matches!(err, Error::NotAShardName { .. }), "{err}");
+    let named = dir.path().join("x-00001-of-00001.gguf");
+    std::fs::copy(&source, &named).unwrap();
+    let err = ShardSet::open(&named).unwrap_err();
+    assert!(
+        matches!(&err, Error::NotAShard { path, key: "split.no" } if *path == named),
+        "{err}"
+    );
+}

@@ -1,0 +1,362 @@
+//! `hotpatch split` and `hotpatch merge` against llama.cpp's `llama-gguf-split`, byte for
+//! byte, on the real model.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const HOTPATCH: &str = env!("CARGO_BIN_EXE_hotpatch");
+
+fn run(program: &Path, args: &[&std::ffi::OsStr]) -> String {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed: {}{}",
+        program.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The files `prefix-*-of-*.gguf` in `prefix`'s directory, sorted.
+fn shards_of(prefix: &Path) -> Vec<PathBuf> {
+    let name = prefix.file_name().unwrap().to_str().unwrap().to_owned();
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(prefix.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let file = p.file_name().unwrap().to_str().unwrap();
+            file.starts_with(&format!("{name}-")) && file.ends_with(".gguf")
+        })
+        .collect();
+    shards.sort();
+    shards
+}
+
+fn assert_same_files(ours: &[PathBuf], theirs: &[PathBuf]) {
+    assert_eq!(ours.len(), theirs.len(), "{ours:?} against {theirs:?}");
+    for (a, b) in ours.iter().zip(theirs) {
+        let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+        let first = x.iter().zip(&y).position(|(p, q)| p != q);
+        assert!(
+            x.len() == y.len() && first.is_none(),
+            "{} ({} bytes) differs from {} ({} bytes) at byte {first:?}",
+            a.display(),
+            x.len(),
+            b.display(),
+            y.len()
+        );
+    }
+}
+
+/// Splits the real model with both tools and the same options; returns both prefixes.
+fn split_both(dir: &Path, tag: &str, options: &[&str]) -> (PathBuf, PathBuf) {
+    let model = tests::real_model();
+    let ours = dir.join(format!("ours-{tag}"));
+    let theirs = dir.join(format!("theirs-{tag}"));
+    let mut args: Vec<&std::ffi::OsStr> = vec!["split".as_ref(), model.as_os_str()];
+    args.push(ours.as_os_str());
+    args.extend(options.iter().map(std::ffi::OsStr::new));
+    run(Path::new(HOTPATCH), &args);
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--split".as_ref()];
+    args.extend(options.iter().map(std::ffi::OsStr::new));
+    args.push(model.as_os_str());
+    args.push(theirs.as_os_str());
+    run(&tests::llama_tool("llama-gguf-split"), &args);
+    (ours, theirs)
+}
+
+#[test]
+fn split_into_three_shards_equals_llama_gguf_split_and_merges_back_as_it_does() {
+    let dir = tempfile::tempdir().unwrap();
+    // 236 tensors, 100 per shard: three shards.
+    let (ours, theirs) = split_both(dir.path(), "tensors", &["--split-max-tensors", "100"]);
+    let (ours, theirs) = (shards_of(&ours), shards_of(&theirs));
+    assert_eq!(ours.len(), 3);
+    assert_same_files(&ours, &theirs);
+
+    // Merging from the first shard gives llama-gguf-split --merge's bytes; both keep
+    // the split keys (split.count set to 0), so neither is the original file.
+    let merged_ours = dir.path().join("merged-ours.gguf");
+    let merged_theirs = dir.path().join("merged-theirs.gguf");
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "merge".as_ref(),
+            ours[0].as_os_str(),
+            merged_ours.as_os_str(),
+        ],
+    );
+    run(
+        &tests::llama_tool("llama-gguf-split"),
+        &[
+            "--merge".as_ref(),
+            theirs[0].as_os_str(),
+            merged_theirs.as_os_str(),
+        ],
+    );
+    assert_same_files(std::slice::from_ref(&merged_ours), &[merged_theirs]);
+
+    // The merged file holds every tensor of the original with the same bytes.
+    let original = byte_tier::MappedFile::open(tests::real_model()).unwrap();
+    let original = original.parse().unwrap();
+    let merged = byte_tier::MappedFile::open(&merged_ours).unwrap();
+    let merged = merged.parse().unwrap();
+    assert_eq!(merged.tensors().len(), original.tensors().len());
+    for (a, b) in original.tensors().iter().zip(merged.tensors()) {
+        assert_eq!(a.name, b.name);
+        assert!(
+            original.tensor_data(a) == merged.tensor_data(b),
+            "{}",
+            a.name
+        );
+    }
+}
+
+#[test]
+fn split_by_size_without_tensors_in_the_first_shard_equals_llama_gguf_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = split_both(
+        dir.path(),
+        "size",
+        &["--split-max-size", "100M", "--no-tensor-first-split"],
+    );
+    let (ours, theirs) = (shards_of(&ours), shards_of(&theirs));
+    assert!(ours.len() >= 3, "{ours:?}");
+    assert_same_files(&ours, &theirs);
+}
+
+#[test]
+fn merge_refuses_a_set_with_a_missing_shard_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("set");
+    let model = tests::real_model();
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "split".as_ref(),
+            model.as_os_str(),
+            prefix.as_os_str(),
+            "--split-max-tensors".as_ref(),
+            "100".as_ref(),
+        ],
+    );
+    let shards = shards_of(&prefix);
+    std::fs::remove_file(&shards[1]).unwrap();
+    let out = dir.path().join("merged.gguf");
+    let output = Command::new(HOTPATCH)
+        .args(["merge".as_ref(), shards[2].as_os_str(), out.as_os_str()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("shard 2 of 3 is missing") && stderr.contains("set-00002-of-00003.gguf"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
+
+/// The real model split by `hotpatch split` into three shards in `dir`.
+fn real_model_in_three_shards(dir: &Path) -> Vec<PathBuf> {
+    let prefix = dir.join("gemma");
+    let model = tests::real_model();
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "split".as_ref(),
+            model.as_os_str(),
+            prefix.as_os_str(),
+            "--split-max-tensors".as_ref(),
+            "100".as_ref(),
+        ],
+    );
+    shards_of(&prefix)
+}
+
+fn hotpatch_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    serde_json::from_str(&run(Path::new(HOTPATCH), args)).unwrap()
+}
+
+#[test]
+fn read_only_commands_on_any_shard_see_the_whole_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let model = tests::real_model();
+
+    // inspect on the first shard lists every tensor of the set.
+    let report = hotpatch_json(&["inspect".as_ref(), shards[0].as_os_str(), "--json".as_ref()]);
+    assert_eq!(report["n_shards"], 3);
+    assert_eq!(report["n_tensors"], 236);
+    let listed: usize = report["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tensors"].as_object().unwrap().len())
+        .sum();
+    assert_eq!(listed, 236);
+
+    // verify on the last shard writes one manifest whose digests are the original's.
+    let manifest_set = dir.path().join("set.sha256");
+    let manifest_model = dir.path().join("model.sha256");
+    let verified = hotpatch_json(&[
+        "verify".as_ref(),
+        shards[2].as_os_str(),
+        "--write-manifest".as_ref(),
+        manifest_set.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(verified["tensors"], 236);
+    assert_eq!(verified["shards"], 3);
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "verify".as_ref(),
+            model.as_os_str(),
+            "--write-manifest".as_ref(),
+            manifest_model.as_os_str(),
+        ],
+    );
+    let digests = |path: &Path| -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| l.split_whitespace().nth(1).unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(digests(&manifest_set), digests(&manifest_model));
+
+    // diff of the original against the middle shard compares every tensor of the set:
+    // only the split keys differ.
+    let d = hotpatch_json(&[
+        "diff".as_ref(),
+        model.as_os_str(),
+        shards[1].as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(d["tensors_unchanged"], 236, "{d}");
+    assert_eq!(d["tensors_changed"].as_array().unwrap().len(), 0, "{d}");
+    assert_eq!(
+        d["keys_added"],
+        serde_json::json!(["split.no", "split.tensors.count", "split.count"])
+    );
+
+    // tensor export through the first shard's name finds a tensor of the last shard.
+    let last = byte_tier::MappedFile::open(&shards[2]).unwrap();
+    let name = last.parse().unwrap().tensors()[0].name.clone();
+    let from_set = dir.path().join("set.npy");
+    let from_model = dir.path().join("model.npy");
+    for (file, out) in [(&shards[0], &from_set), (&model, &from_model)] {
+        run(
+            Path::new(HOTPATCH),
+            &[
+                "tensor".as_ref(),
+                "export".as_ref(),
+                file.as_os_str(),
+                name.as_ref(),
+                "-o".as_ref(),
+                out.as_os_str(),
+            ],
+        );
+    }
+    assert_eq!(
+        std::fs::read(&from_set).unwrap(),
+        std::fs::read(&from_model).unwrap()
+    );
+}
+
+#[test]
+fn a_patch_through_the_first_shard_changes_only_the_shard_that_holds_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let last = byte_tier::MappedFile::open(&shards[2]).unwrap();
+    let gguf = last.parse().unwrap();
+    let tensor = gguf
+        .tensors()
+        .iter()
+        .find(|t| t.ggml_type == byte_tier::GgmlType::F32)
+        .unwrap()
+        .clone();
+    drop(gguf);
+    drop(last);
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "patch".as_ref(),
+            shards[0].as_os_str(),
+            "--tensor".as_ref(),
+            tensor.name.as_ref(),
+            "--scale".as_ref(),
+            "2".as_ref(),
+        ],
+    );
+    assert_eq!(std::fs::read(&shards[0]).unwrap(), before[0]);
+    assert_eq!(std::fs::read(&shards[1]).unwrap(), before[1]);
+    let after = std::fs::read(&shards[2]).unwrap();
+    let range = tensor.data_range();
+    let (start, end) = (range.start as usize, range.end as usize);
+    assert_eq!(after[..start], before[2][..start]);
+    assert_eq!(after[end..], before[2][end..]);
+    let old = f32::from_le_bytes(before[2][start..start + 4].try_into().unwrap());
+    let new = f32::from_le_bytes(after[start..start + 4].try_into().unwrap());
+    assert_eq!(new, old * 2.0);
+}
+
+#[test]
+fn meta_on_any_shard_edits_the_first_shard_and_leaves_the_split_keys_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    run(
+        Path::new(HOTPATCH),
+        &[
+            "meta".as_ref(),
+            "set".as_ref(),
+            shards[2].as_os_str(),
+            "general.name".as_ref(),
+            "sharded".as_ref(),
+        ],
+    );
+    let got = run(
+        Path::new(HOTPATCH),
+        &[
+            "meta".as_ref(),
+            "get".as_ref(),
+            shards[1].as_os_str(),
+            "general.name".as_ref(),
+        ],
+    );
+    assert_eq!(got.trim(), "sharded");
+    assert_ne!(std::fs::read(&shards[0]).unwrap(), before[0]);
+    assert_eq!(std::fs::read(&shards[1]).unwrap(), before[1]);
+    assert_eq!(std::fs::read(&shards[2]).unwrap(), before[2]);
+    // Each shard answers for its own split keys, and meta does not change them.
+    let no = run(
+        Path::new(HOTPATCH),
+        &[
+            "meta".as_ref(),
+            "get".as_ref(),
+            shards[2].as_os_str(),
+            "split.no".as_ref(),
+        ],
+    );
+    assert_eq!(no.trim(), "2");
+    let output = Command::new(HOTPATCH)
+        .args([
+            "meta".as_ref(),
+            "set".as_ref(),
+            shards[1].as_os_str(),
+            "split.count".as_ref(),
+            "4".as_ref(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("split.count is part of the shard set"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(std::fs::read(&shards[1]).unwrap(), before[1]);
+}
