@@ -47,6 +47,7 @@
 
 mod admin;
 mod cache;
+mod conn;
 mod error;
 mod openapi;
 mod patcher;
@@ -99,11 +100,21 @@ pub struct Limits {
     /// Longest wait for in-flight requests in a drain-and-patch (409 beyond, nothing
     /// applied).
     pub drain_timeout: Duration,
+    /// Longest time a client may take to send a whole request head (counted from its
+    /// connection, or from the end of the previous response on a kept-alive one);
+    /// the connection is closed beyond.
+    pub header_read_timeout: Duration,
+    /// Longest time a kept-alive connection may sit with no request before it is closed.
+    pub idle_timeout: Duration,
+    /// Most connections open at once; past it a new connection is answered 503.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
     /// 8 MiB requests, 64 MiB responses, 5 s to connect, 600 s to the response head,
-    /// 120 s of stream silence, 30 s of drain.
+    /// 120 s of stream silence, 30 s of drain, 30 s to send a request head, 60 s of
+    /// keep-alive idleness, 512 connections (half a common file limit of 1,024, since
+    /// each client connection may hold an upstream one too).
     fn default() -> Limits {
         Limits {
             body_limit: 8 << 20,
@@ -112,6 +123,9 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(600),
             stream_idle_timeout: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 512,
         }
     }
 }
@@ -183,6 +197,16 @@ impl Proxy {
         {
             return Err(Error::Config("the admin token is empty".into()));
         }
+        if config.limits.header_read_timeout.is_zero()
+            || config.limits.idle_timeout.is_zero()
+            || config.limits.max_connections == 0
+        {
+            return Err(Error::Config(
+                "the header-read timeout, the idle timeout and the connection limit must be \
+                 above zero"
+                    .into(),
+            ));
+        }
         let shared = Arc::new(Shared::new(&config)?);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -195,19 +219,15 @@ impl Proxy {
             source,
         })?;
         let router = proxy::router(Arc::clone(&shared));
-        // Small writes (SSE events, short answers) go out at once rather than waiting for
-        // the client's acknowledgement of the previous segment.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
-            let _ = stream.set_nodelay(true);
-        });
         let (sender, receiver) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async {
-                    let _ = receiver.await;
-                })
-                .await
-        });
+        let limits = config.limits;
+        let server = tokio::spawn(conn::serve(
+            listener,
+            router,
+            limits,
+            conn::PlainAcceptor,
+            receiver,
+        ));
         Ok(Proxy {
             local_addr,
             shared,

@@ -1,5 +1,6 @@
 //! The integration-test binary.
 mod codecs;
+mod connections;
 mod gguf_oracle;
 mod pipelines;
 mod server;

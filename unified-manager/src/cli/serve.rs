@@ -41,6 +41,16 @@ pub struct ServeArgs {
     /// Seconds a drain-and-patch waits for in-flight requests.
     #[arg(long, value_name = "SECS", default_value_t = Limits::default().drain_timeout.as_secs())]
     pub drain_timeout_secs: u64,
+    /// Seconds a client may take to send a whole request head (from connecting, or from
+    /// the previous response on a kept-alive connection) before it is disconnected.
+    #[arg(long, value_name = "SECS", default_value_t = Limits::default().header_read_timeout.as_secs())]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a kept-alive connection may sit with no request before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = Limits::default().idle_timeout.as_secs())]
+    pub idle_timeout_secs: u64,
+    /// Most client connections open at once; past it a new one is answered 503.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
 }
 
 impl ServeArgs {
@@ -69,6 +79,9 @@ impl ServeArgs {
         config.limits.body_limit = self.body_limit;
         config.limits.upstream_timeout = Duration::from_secs(self.upstream_timeout_secs);
         config.limits.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
+        config.limits.header_read_timeout = Duration::from_secs(self.header_read_timeout_secs);
+        config.limits.idle_timeout = Duration::from_secs(self.idle_timeout_secs);
+        config.limits.max_connections = self.max_connections;
         Ok(config)
     }
 }
