@@ -350,10 +350,7 @@ impl<'a> GgufWriter<'a> {
 }
 
 fn with_path(error: Error, path: &Path) -> Error {
-    match error {
-        Error::Io { action, source, .. } => Error::io(action, path, source),
-        other => other,
-    }
+    error.with_path(path)
 }
 
 /// Syncs a directory so that a rename in it is durable.

@@ -99,6 +99,10 @@ fn main() -> ExitCode {
 
 fn run() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(error) = cli::report_file_size_limit_as_error() {
+        eprintln!("hotpatch: {error:#}");
+        return ExitCode::from(1);
+    }
     let result = match cli.command {
         Command::Inspect(args) => cli::inspect::run(&args),
         Command::Demo(args) => cli::demo::run(&args),

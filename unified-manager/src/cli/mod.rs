@@ -24,3 +24,18 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
             .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
+
+/// Makes a write past the file-size limit (`ulimit -f`) fail with EFBIG, which byte-tier
+/// reports as a typed error naming the limit, instead of killing the process with
+/// SIGXFSZ halfway through a journal record. A handler that only sets a flag does this
+/// (and, unlike ignoring the signal, is not inherited by programs this one starts).
+pub fn report_file_size_limit_as_error() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .map(drop)
+    .map_err(|e| anyhow::anyhow!("install a SIGXFSZ handler: {e}"))
+}

@@ -2,6 +2,7 @@
 
 mod crash;
 mod edit;
+mod full_disk;
 mod inspect;
 mod manage;
 mod serve;
