@@ -47,6 +47,8 @@ const OVERFLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) trait Acceptor: Clone + Send + Sync + 'static {
     /// The stream HTTP runs over.
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Whether the stream is encrypted.
+    const ENCRYPTED: bool;
     /// Completes whatever handshake the stream needs.
     fn accept(&self, stream: TcpStream) -> impl Future<Output = io::Result<Self::Stream>> + Send;
 }
@@ -57,6 +59,7 @@ pub(crate) struct PlainAcceptor;
 
 impl Acceptor for PlainAcceptor {
     type Stream = TcpStream;
+    const ENCRYPTED: bool = false;
     async fn accept(&self, stream: TcpStream) -> io::Result<TcpStream> {
         Ok(stream)
     }
@@ -64,11 +67,35 @@ impl Acceptor for PlainAcceptor {
 
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting, asks every
 /// open connection to finish its current request and waits for them all.
+/// What the admin API allows on a connection.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AdminPolicy {
+    /// The admin API takes a bearer token.
+    pub(crate) token: bool,
+    /// `--admin-allow-plaintext`: the token may cross a non-loopback network in clear.
+    pub(crate) allow_plaintext: bool,
+}
+
+impl AdminPolicy {
+    /// Whether admin requests on a connection to `local` must be refused: the bearer
+    /// token would cross a network unencrypted.
+    pub(crate) fn refuses(self, encrypted: bool, local: std::net::IpAddr) -> bool {
+        self.token && !encrypted && !self.allow_plaintext && !local.to_canonical().is_loopback()
+    }
+}
+
+/// Why a plaintext admin request is refused.
+pub(crate) const PLAINTEXT_ADMIN_REFUSED: &str = "the admin API does not take its bearer token \
+    over plain HTTP on a non-loopback address, where anyone on the network path could read \
+    it: serve TLS (--tls-cert, --tls-key), listen on a loopback address, or pass \
+    --admin-allow-plaintext";
+
 pub(crate) async fn serve<A: Acceptor>(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     acceptor: A,
+    admin: AdminPolicy,
     shutdown: tokio::sync::oneshot::Receiver<()>,
 ) -> io::Result<()> {
     let max_connections = limits.max_connections.max(1);
@@ -98,8 +125,11 @@ pub(crate) async fn serve<A: Acceptor>(
             let router = router.clone();
             let acceptor = acceptor.clone();
             let stop = stop.clone();
+            let refuse_admin = stream
+                .local_addr()
+                .map_or(true, |local| admin.refuses(A::ENCRYPTED, local.ip()));
             tokio::spawn(async move {
-                serve_connection(stream, router, limits, acceptor, stop).await;
+                serve_connection(stream, router, limits, acceptor, refuse_admin, stop).await;
                 drop(permit);
             });
         } else if let Ok(permit) = Arc::clone(&overflow).try_acquire_owned() {
@@ -143,7 +173,8 @@ async fn serve_connection<A: Acceptor>(
     router: Router,
     limits: Limits,
     acceptor: A,
-    mut stop: watch::Receiver<bool>,
+    refuse_admin: bool,
+    stop: watch::Receiver<bool>,
 ) {
     // The handshake (TLS) counts against the header-read timeout: a client that stalls in
     // it is as slow as one that stalls in its request head.
@@ -157,6 +188,28 @@ async fn serve_connection<A: Acceptor>(
         .header_read_timeout
         .saturating_sub(started.elapsed())
         .max(Duration::from_millis(1));
+    serve_http(
+        stream,
+        router,
+        limits,
+        header_read_timeout,
+        refuse_admin,
+        stop,
+    )
+    .await;
+}
+
+/// Serves HTTP/1 on an accepted (and, for TLS, handshaken) stream until the client
+/// leaves, a timeout closes it or `stop` asks it to finish. With `refuse_admin`, every
+/// `/admin` request is answered 403 with the reason, before the router sees it.
+pub(crate) async fn serve_http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    router: Router,
+    limits: Limits,
+    header_read_timeout: Duration,
+    refuse_admin: bool,
+    mut stop: watch::Receiver<bool>,
+) {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(CountingStream {
         inner: stream,
@@ -168,8 +221,15 @@ async fn serve_connection<A: Acceptor>(
             let request_guard = activity.begin_request();
             let mut router = router.clone();
             async move {
-                let response =
-                    tower_service::Service::call(&mut router, request.map(Body::new)).await?;
+                let response = if refuse_admin && is_admin_path(request.uri().path()) {
+                    crate::error::error_response(
+                        StatusCode::FORBIDDEN,
+                        "plaintext_admin_refused",
+                        PLAINTEXT_ADMIN_REFUSED,
+                    )
+                } else {
+                    tower_service::Service::call(&mut router, request.map(Body::new)).await?
+                };
                 Ok::<_, Infallible>(response.map(|body| TrackedBody {
                     inner: body,
                     _request: request_guard,
@@ -197,6 +257,10 @@ async fn serve_connection<A: Acceptor>(
             }
         }
     }
+}
+
+fn is_admin_path(path: &str) -> bool {
+    path == "/admin" || path.starts_with("/admin/")
 }
 
 /// Reads an over-limit connection's request head and answers 503.
@@ -379,3 +443,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountingStream<S> {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -55,6 +55,7 @@ mod proxy;
 mod redact;
 pub mod rules;
 mod stats;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +69,7 @@ pub use patcher::{
 };
 pub use rules::{CacheSettings, Rule, RuleSet};
 pub use stats::{HookCounts, RuleCounts, StatsSnapshot};
+pub use tls::TlsFiles;
 
 use proxy::Shared;
 
@@ -133,8 +135,18 @@ impl Default for Limits {
 /// Everything a proxy needs to start.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// The upstream server's base URL (`http://host:port`, optionally with a path prefix).
+    /// The upstream server's base URL (`http://host:port` or `https://host:port`,
+    /// optionally with a path prefix).
     pub upstream: String,
+    /// TLS to an `https://` upstream: `ca` to trust instead of the system's roots, and a
+    /// client certificate to present.
+    pub upstream_tls: TlsFiles,
+    /// TLS on the listening side: the certificate and key to serve (`ca` to require client
+    /// certificates). [`Proxy::reload_tls`] reads the files again.
+    pub tls: Option<TlsFiles>,
+    /// Let the admin API take its bearer token over plain HTTP on a non-loopback address
+    /// (refused by default, with the reason, since anyone on the path could read it).
+    pub admin_allow_plaintext: bool,
     /// Where to listen.
     pub listen: SocketAddr,
     /// The GGUF file the upstream server maps, for live patches (attached shared).
@@ -157,6 +169,9 @@ impl ProxyConfig {
     pub fn new(upstream: impl Into<String>, listen: SocketAddr) -> ProxyConfig {
         ProxyConfig {
             upstream: upstream.into(),
+            upstream_tls: TlsFiles::default(),
+            tls: None,
+            admin_allow_plaintext: false,
             listen,
             model: None,
             rules: RuleSet::default(),
@@ -180,6 +195,7 @@ pub struct Proxy {
     shared: Arc<Shared>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    tls: Option<tls::TlsAcceptor>,
 }
 
 impl Proxy {
@@ -221,19 +237,51 @@ impl Proxy {
         let router = proxy::router(Arc::clone(&shared));
         let (sender, receiver) = tokio::sync::oneshot::channel::<()>();
         let limits = config.limits;
-        let server = tokio::spawn(conn::serve(
-            listener,
-            router,
-            limits,
-            conn::PlainAcceptor,
-            receiver,
-        ));
+        let admin = conn::AdminPolicy {
+            token: matches!(config.admin, AdminAccess::Token(_)),
+            allow_plaintext: config.admin_allow_plaintext,
+        };
+        let tls = config.tls.clone().map(tls::TlsAcceptor::new).transpose()?;
+        let server = match &tls {
+            Some(acceptor) => tokio::spawn(conn::serve(
+                listener,
+                router,
+                limits,
+                acceptor.clone(),
+                admin,
+                receiver,
+            )),
+            None => tokio::spawn(conn::serve(
+                listener,
+                router,
+                limits,
+                conn::PlainAcceptor,
+                admin,
+                receiver,
+            )),
+        };
         Ok(Proxy {
             local_addr,
             shared,
             shutdown: Some(sender),
             server,
+            tls,
         })
+    }
+
+    /// Whether it serves TLS.
+    pub fn serves_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Reads the listener's certificate and key files again (after a renewal); new
+    /// connections get the new certificate, open ones keep theirs. On an error the
+    /// certificate in use stays. Without TLS it does nothing.
+    pub fn reload_tls(&self) -> Result<()> {
+        match &self.tls {
+            Some(acceptor) => acceptor.reload(),
+            None => Ok(()),
+        }
     }
 
     /// The address it listens on.

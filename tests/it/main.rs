@@ -5,3 +5,4 @@ mod gguf_oracle;
 mod pipelines;
 mod server;
 mod support;
+mod tls;

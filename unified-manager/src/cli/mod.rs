@@ -13,6 +13,7 @@ pub mod preset;
 pub mod progress;
 pub mod serve;
 pub mod structure;
+pub mod tls;
 pub mod view;
 
 /// Whether the error is a write to a closed pipe (`hotpatch inspect | head`), which is

@@ -32,6 +32,12 @@ pub struct ServeArgs {
     /// Serve the admin API without a token (only on a loopback listen address).
     #[arg(long)]
     pub admin_insecure_loopback: bool,
+    /// Let the admin API take its bearer token over plain HTTP on a non-loopback listen
+    /// address (refused by default: anyone on the network path could read the token).
+    #[arg(long)]
+    pub admin_allow_plaintext: bool,
+    #[command(flatten)]
+    pub tls: super::tls::ServeTlsArgs,
     /// Largest request body accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().body_limit)]
     pub body_limit: usize,
@@ -58,6 +64,9 @@ impl ServeArgs {
     pub fn config(&self) -> anyhow::Result<ProxyConfig> {
         let mut config = ProxyConfig::new(self.upstream.clone(), self.listen);
         config.model = self.model.clone();
+        config.upstream_tls = self.tls.upstream();
+        config.tls = self.tls.listen();
+        config.admin_allow_plaintext = self.admin_allow_plaintext;
         if let Some(path) = &self.rules {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("read {}", path.display()))?;
@@ -101,20 +110,35 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let upstream = config.upstream.clone();
         let proxy = Proxy::bind(config).await.context("start the proxy")?;
+        let scheme = if proxy.serves_tls() { "https" } else { "http" };
         println!(
-            "hotpatch serve: listening on http://{} -> {upstream}; admin API {admin}",
+            "hotpatch serve: listening on {scheme}://{} -> {upstream}; admin API {admin}",
             proxy.local_addr()
         );
-        wait_for_signal().await?;
+        wait_for_signal(&proxy).await?;
         proxy.shutdown().await.context("shut the proxy down")
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("listen for SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("listen for SIGINT"),
-        _ = terminate.recv() => Ok(()),
+/// Waits for SIGINT or SIGTERM; on SIGHUP reloads the TLS certificate and key.
+async fn wait_for_signal(proxy: &Proxy) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+    let mut hangup = signal(SignalKind::hangup()).context("listen for SIGHUP")?;
+    loop {
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => return result.context("listen for SIGINT"),
+            _ = terminate.recv() => return Ok(()),
+            _ = hangup.recv() => match proxy.reload_tls() {
+                Ok(()) if proxy.serves_tls() => {
+                    println!("hotpatch serve: reloaded the TLS certificate and key");
+                }
+                Ok(()) => {}
+                Err(error) => eprintln!(
+                    "hotpatch serve: kept the TLS certificate in use: {}",
+                    error.chain()
+                ),
+            },
+        }
     }
 }

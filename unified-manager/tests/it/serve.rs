@@ -91,7 +91,7 @@ fn serve_answers_and_stops_on_sigterm() {
 }
 
 #[test]
-fn serve_help_shows_the_slow_client_limits() {
+fn serve_help_shows_the_connection_limits_and_the_tls_flags() {
     let output = Command::new(HOTPATCH)
         .args(["serve", "--help"])
         .output()
@@ -102,6 +102,10 @@ fn serve_help_shows_the_slow_client_limits() {
         "--header-read-timeout-secs <SECS>",
         "--idle-timeout-secs <SECS>",
         "--max-connections <N>",
+        "--tls-cert <FILE>",
+        "--tls-key <FILE>",
+        "--upstream-ca <FILE>",
+        "--admin-allow-plaintext",
     ] {
         assert!(help.contains(flag), "{flag} is not in:\n{help}");
     }
