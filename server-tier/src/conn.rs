@@ -12,7 +12,7 @@
 //!   connection is closed at once, because answering costs a socket too.
 //!
 //! The per-connection stream is whatever the [`Acceptor`] makes of the TCP stream: the
-//! stream itself, or a TLS session (see `tls.rs`), whose handshake is bounded by the
+//! stream itself, or a TLS stream over it (see `tls.rs`), whose handshake is bounded by the
 //! header-read timeout as well.
 
 use std::convert::Infallible;
