@@ -22,6 +22,33 @@ pub enum Error {
         /// The underlying error.
         source: io::Error,
     },
+    /// A write met a limit on space: the device or a quota is full, or the file reached
+    /// the process's file-size limit (`RLIMIT_FSIZE`, `ulimit -f`) or the largest file its
+    /// file system holds. A journal cuts the partial record back before this is returned;
+    /// a rewrite leaves its temporary file behind for no one (it is removed).
+    #[error("{action} {path}: {limit}")]
+    SpaceLimit {
+        /// What was being done ("append to journal", "write", ...).
+        action: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+        /// Which limit was met.
+        limit: SpaceLimit,
+        /// The underlying error (ENOSPC, EDQUOT or EFBIG).
+        source: io::Error,
+    },
+    /// A journal write failed and the partial record it left could not be cut back. The
+    /// record is incomplete or uncommitted: the next writer cuts it as a torn tail or
+    /// rolls its transaction back (`hotpatch recover`); the target file was not written.
+    #[error("{cause}; cutting the partial record back from the journal {path} failed too")]
+    JournalNotCut {
+        /// The journal.
+        path: PathBuf,
+        /// The write's error.
+        cause: Box<Error>,
+        /// Why the cut failed.
+        source: io::Error,
+    },
     /// The file does not start with the four bytes `GGUF`.
     #[error("not a GGUF file: magic is {found:02x?}, expected \"GGUF\"")]
     BadMagic {
@@ -637,11 +664,82 @@ impl Error {
         }
     }
 
+    /// An operating-system error on a file; one that says a space limit was met becomes
+    /// [`Error::SpaceLimit`], naming the limit.
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
-        Error::Io {
-            action,
-            path: path.into(),
-            source,
+        match SpaceLimit::of(&source) {
+            Some(limit) => Error::SpaceLimit {
+                action,
+                path: path.into(),
+                limit,
+                source,
+            },
+            None => Error::Io {
+                action,
+                path: path.into(),
+                source,
+            },
+        }
+    }
+
+    /// The same error about another path (a writer's `<output>` placeholder replaced by
+    /// the file it wrote).
+    pub(crate) fn with_path(self, path: &std::path::Path) -> Error {
+        match self {
+            Error::Io { action, source, .. } | Error::SpaceLimit { action, source, .. } => {
+                Error::io(action, path, source)
+            }
+            other => other,
+        }
+    }
+}
+
+/// A limit on space that a write met.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SpaceLimit {
+    /// No space left on the device (ENOSPC).
+    DeviceFull,
+    /// The user's disk quota is used up (EDQUOT).
+    QuotaExceeded,
+    /// The process's file-size limit (`RLIMIT_FSIZE`, set by `ulimit -f`), in bytes
+    /// (EFBIG).
+    FileSizeLimit(u64),
+    /// The largest file the file system holds (EFBIG with no process limit set).
+    FileSystemMaximum,
+}
+
+impl SpaceLimit {
+    /// The limit an operating-system error says was met, if any.
+    pub fn of(error: &io::Error) -> Option<SpaceLimit> {
+        match error.raw_os_error()? {
+            libc::ENOSPC => Some(SpaceLimit::DeviceFull),
+            libc::EDQUOT => Some(SpaceLimit::QuotaExceeded),
+            libc::EFBIG => match rlimit::getrlimit(rlimit::Resource::FSIZE) {
+                Ok((soft, _)) if soft != rlimit::INFINITY => Some(SpaceLimit::FileSizeLimit(soft)),
+                _ => Some(SpaceLimit::FileSystemMaximum),
+            },
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for SpaceLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpaceLimit::DeviceFull => write!(f, "no space left on the device (ENOSPC)"),
+            SpaceLimit::QuotaExceeded => write!(f, "the disk quota is used up (EDQUOT)"),
+            SpaceLimit::FileSizeLimit(bytes) => write!(
+                f,
+                "the file reached this process's file-size limit of {bytes} bytes \
+                 (RLIMIT_FSIZE, `ulimit -f`)"
+            ),
+            SpaceLimit::FileSystemMaximum => {
+                write!(
+                    f,
+                    "the file reached the largest size its file system holds (EFBIG)"
+                )
+            }
         }
     }
 }

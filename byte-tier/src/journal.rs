@@ -423,6 +423,31 @@ impl Journal {
             });
         }
         self.cut_torn_tail()?;
+        let start = self.valid_len;
+        self.write_record(kind, txn, payload)
+            .map_err(|error| self.cut_back(start, error))
+    }
+
+    /// Cuts the journal back to `len` bytes after a failed write (a full disk, a file-size
+    /// limit), so that no partial record waits for the next open; returns the write's
+    /// error, or [`Error::JournalNotCut`] when the cut fails too.
+    fn cut_back(&mut self, len: u64, error: Error) -> Error {
+        self.valid_len = len;
+        match self.file.set_len(len).and_then(|()| self.file.sync_all()) {
+            Ok(()) => error,
+            Err(source) => {
+                // The next append (or open) cuts it as a torn tail.
+                self.torn_tail = true;
+                Error::JournalNotCut {
+                    path: self.path.clone(),
+                    cause: Box::new(error),
+                    source,
+                }
+            }
+        }
+    }
+
+    fn write_record(&mut self, kind: u8, txn: u64, payload: &[&[u8]]) -> Result<()> {
         let payload_len: u64 = payload.iter().map(|p| p.len() as u64).sum();
         let mut header = Vec::with_capacity(RECORD_HEADER_LEN as usize);
         header.push(kind);
@@ -478,6 +503,24 @@ impl Journal {
                 id: t.id,
             });
         }
+        let start = self.valid_len;
+        match self.write_transaction(name, reverts, writes, note) {
+            Ok(id) => Ok(id),
+            // The file is untouched; the journal goes back to what it was, so that no
+            // unfinished transaction waits for a `recover`.
+            Err(error @ Error::JournalNotCut { .. }) => Err(error),
+            Err(error) if self.valid_len > start => Err(self.cut_back(start, error)),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn write_transaction(
+        &mut self,
+        name: &str,
+        reverts: Option<u64>,
+        writes: &[(u64, &[u8], &[u8])],
+        note: &[u8],
+    ) -> Result<u64> {
         let id = self.transactions.last().map_or(1, |t| t.id + 1);
         let started_ms = now_ms();
         let name_len = (name.len() as u32).to_le_bytes();

@@ -27,7 +27,7 @@ mod value;
 pub mod verify;
 mod writer;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, SpaceLimit};
 pub use file::{MappedFile, evict_from_page_cache, memlock_limit};
 pub use gguf::{
     ALIGNMENT_KEY, DEFAULT_ALIGNMENT, Gguf, LayoutDiagnostic, MAGIC, MAX_ARRAY_DEPTH,

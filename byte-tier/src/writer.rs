@@ -358,10 +358,7 @@ impl<'a> GgufWriter<'a> {
 }
 
 fn with_path(error: Error, path: &Path) -> Error {
-    match error {
-        Error::Io { action, source, .. } => Error::io(action, path, source),
-        other => other,
-    }
+    error.with_path(path)
 }
 
 /// The directory that holds `path`: its parent, or `.` for a bare file name (whose

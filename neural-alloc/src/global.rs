@@ -8,15 +8,15 @@ use crate::NeuralAlloc;
 /// Environment variable read by [`enable_tracking_from_env`].
 pub const HOTPATCH_ALLOC_VARIABLE: &str = "HOTPATCH_ALLOC";
 
-/// Switches tracking on when `HOTPATCH_ALLOC` is `track`, or `track-backtrace` to also
-/// keep return addresses; returns whether tracking is now on. Other values leave the
-/// settings alone.
+/// Switches tracking on when `HOTPATCH_ALLOC` is `track` or `track-backtrace`; returns
+/// whether tracking is now on. Other values leave the settings alone. Both keep each
+/// block's return addresses, which tell the program's leaks from the blocks the runtime
+/// holds; `track-backtrace` also prints them.
 pub fn enable_tracking_from_env(allocator: &NeuralAlloc) -> bool {
     let wanted = std::env::var_os(HOTPATCH_ALLOC_VARIABLE);
     let mut config = allocator.config();
     match wanted.as_deref().and_then(|value| value.to_str()) {
-        Some("track") => config.tracking = true,
-        Some("track-backtrace") => {
+        Some("track" | "track-backtrace") => {
             config.tracking = true;
             config.backtraces = true;
         }
@@ -26,11 +26,19 @@ pub fn enable_tracking_from_env(allocator: &NeuralAlloc) -> bool {
     true
 }
 
-/// Writes the leak report (live blocks grouped by call site) to standard error.
+/// Writes the leak report to standard error: the program's leaks by call site, then the
+/// blocks the runtime holds for the life of the process (see [`LeakReport::attribute`]);
+/// with `HOTPATCH_ALLOC=track-backtrace`, also every live block's return addresses.
+///
+/// [`LeakReport::attribute`]: crate::LeakReport::attribute
 pub fn print_leak_report(allocator: &NeuralAlloc) {
     let report = allocator.leak_report();
+    let attribution = report.attribute();
     let mut stderr = std::io::stderr().lock();
-    let _ = write!(stderr, "{report}");
+    let _ = write!(stderr, "{attribution}");
+    if std::env::var_os(HOTPATCH_ALLOC_VARIABLE).is_some_and(|value| value == "track-backtrace") {
+        let _ = write!(stderr, "{report}");
+    }
 }
 
 /// Aborts the process if dropped during unwinding: `GlobalAlloc` methods must not unwind.

@@ -64,6 +64,7 @@
 //! destructor is registered.
 
 mod alloc;
+mod attribution;
 mod cache;
 mod class;
 mod error;
@@ -86,6 +87,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+pub use attribution::{AttributedSite, Attribution, CallSite, RuntimeHold};
 pub use class::{CLASS_SIZES, GUARD_LEN};
 pub use error::AllocError;
 pub use global::{HOTPATCH_ALLOC_VARIABLE, enable_tracking_from_env, print_leak_report};

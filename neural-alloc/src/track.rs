@@ -12,8 +12,9 @@ use crate::class::GEOMETRY;
 use crate::slab::SlabHeader;
 use crate::sys;
 
-/// Return addresses kept per tracked allocation when backtraces are on.
-pub const MAX_FRAMES: usize = 8;
+/// Return addresses kept per tracked allocation when backtraces are on: enough to reach
+/// past the allocator's and the standard library's frames to the program's own caller.
+pub const MAX_FRAMES: usize = 24;
 
 /// What is known about one tracked block. Every field is atomic because leak reports read
 /// records while other threads allocate and free.

@@ -47,6 +47,7 @@
 
 mod admin;
 mod cache;
+mod conn;
 mod error;
 mod openapi;
 mod patcher;
@@ -54,6 +55,7 @@ mod proxy;
 mod redact;
 pub mod rules;
 mod stats;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +69,7 @@ pub use patcher::{
 };
 pub use rules::{CacheSettings, Rule, RuleSet};
 pub use stats::{HookCounts, RuleCounts, StatsSnapshot};
+pub use tls::TlsFiles;
 
 use proxy::Shared;
 
@@ -99,11 +102,21 @@ pub struct Limits {
     /// Longest wait for in-flight requests in a drain-and-patch (409 beyond, nothing
     /// applied).
     pub drain_timeout: Duration,
+    /// Longest time a client may take to send a whole request head (counted from its
+    /// connection, or from the end of the previous response on a kept-alive one);
+    /// the connection is closed beyond.
+    pub header_read_timeout: Duration,
+    /// Longest time a kept-alive connection may sit with no request before it is closed.
+    pub idle_timeout: Duration,
+    /// Most connections open at once; past it a new connection is answered 503.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
     /// 8 MiB requests, 64 MiB responses, 5 s to connect, 600 s to the response head,
-    /// 120 s of stream silence, 30 s of drain.
+    /// 120 s of stream silence, 30 s of drain, 30 s to send a request head, 60 s of
+    /// keep-alive idleness, 512 connections (half a common file limit of 1,024, since
+    /// each client connection may hold an upstream one too).
     fn default() -> Limits {
         Limits {
             body_limit: 8 << 20,
@@ -112,6 +125,9 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(600),
             stream_idle_timeout: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 512,
         }
     }
 }
@@ -119,8 +135,18 @@ impl Default for Limits {
 /// Everything a proxy needs to start.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// The upstream server's base URL (`http://host:port`, optionally with a path prefix).
+    /// The upstream server's base URL (`http://host:port` or `https://host:port`,
+    /// optionally with a path prefix).
     pub upstream: String,
+    /// TLS to an `https://` upstream: `ca` to trust instead of the system's roots, and a
+    /// client certificate to present.
+    pub upstream_tls: TlsFiles,
+    /// TLS on the listening side: the certificate and key to serve (`ca` to require client
+    /// certificates). [`Proxy::reload_tls`] reads the files again.
+    pub tls: Option<TlsFiles>,
+    /// Let the admin API take its bearer token over plain HTTP on a non-loopback address
+    /// (refused by default, with the reason, since anyone on the path could read it).
+    pub admin_allow_plaintext: bool,
     /// Where to listen.
     pub listen: SocketAddr,
     /// The GGUF file the upstream server maps, for live patches (attached shared).
@@ -148,6 +174,9 @@ impl ProxyConfig {
     pub fn new(upstream: impl Into<String>, listen: SocketAddr) -> ProxyConfig {
         ProxyConfig {
             upstream: upstream.into(),
+            upstream_tls: TlsFiles::default(),
+            tls: None,
+            admin_allow_plaintext: false,
             listen,
             model: None,
             rules: RuleSet::default(),
@@ -172,6 +201,7 @@ pub struct Proxy {
     shared: Arc<Shared>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    tls: Option<tls::TlsAcceptor>,
 }
 
 impl Proxy {
@@ -188,6 +218,16 @@ impl Proxy {
             && token.trim().is_empty()
         {
             return Err(Error::Config("the admin token is empty".into()));
+        }
+        if config.limits.header_read_timeout.is_zero()
+            || config.limits.idle_timeout.is_zero()
+            || config.limits.max_connections == 0
+        {
+            return Err(Error::Config(
+                "the header-read timeout, the idle timeout and the connection limit must be \
+                 above zero"
+                    .into(),
+            ));
         }
         let shared = Arc::new(Shared::new(&config)?);
         if shared.model.is_some() && shared.verify_model {
@@ -210,25 +250,53 @@ impl Proxy {
             ))?;
         }
         let router = proxy::router(Arc::clone(&shared));
-        // Small writes (SSE events, short answers) go out at once rather than waiting for
-        // the client's acknowledgement of the previous segment.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
-            let _ = stream.set_nodelay(true);
-        });
         let (sender, receiver) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async {
-                    let _ = receiver.await;
-                })
-                .await
-        });
+        let limits = config.limits;
+        let admin = conn::AdminPolicy {
+            token: matches!(config.admin, AdminAccess::Token(_)),
+            allow_plaintext: config.admin_allow_plaintext,
+        };
+        let tls = config.tls.clone().map(tls::TlsAcceptor::new).transpose()?;
+        let server = match &tls {
+            Some(acceptor) => tokio::spawn(conn::serve(
+                listener,
+                router,
+                limits,
+                acceptor.clone(),
+                admin,
+                receiver,
+            )),
+            None => tokio::spawn(conn::serve(
+                listener,
+                router,
+                limits,
+                conn::PlainAcceptor,
+                admin,
+                receiver,
+            )),
+        };
         Ok(Proxy {
             local_addr,
             shared,
             shutdown: Some(sender),
             server,
+            tls,
         })
+    }
+
+    /// Whether it serves TLS.
+    pub fn serves_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Reads the listener's certificate and key files again (after a renewal); new
+    /// connections get the new certificate, open ones keep theirs. On an error the
+    /// certificate in use stays. Without TLS it does nothing.
+    pub fn reload_tls(&self) -> Result<()> {
+        match &self.tls {
+            Some(acceptor) => acceptor.reload(),
+            None => Ok(()),
+        }
     }
 
     /// The address it listens on.

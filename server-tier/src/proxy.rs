@@ -41,7 +41,7 @@ use crate::{AdminAccess, Error, Limits, ProxyConfig, Result};
 pub(crate) const CACHE_HEADER: &str = "x-hotpatch-cache";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub(crate) type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Where requests go.
 #[derive(Debug)]
@@ -60,9 +60,9 @@ impl Upstream {
             .scheme()
             .cloned()
             .ok_or_else(|| Error::Config(format!("upstream {url:?}: no scheme (http://...)")))?;
-        if scheme != http::uri::Scheme::HTTP {
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
             return Err(Error::Config(format!(
-                "upstream {url:?}: only http:// upstreams are supported"
+                "upstream {url:?}: only http:// and https:// upstreams are supported"
             )));
         }
         let authority = uri
@@ -127,6 +127,11 @@ impl Shared {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.limits.connect_timeout));
         connector.set_nodelay(true);
+        let connector = crate::tls::upstream_connector(
+            connector,
+            upstream.scheme == http::uri::Scheme::HTTPS,
+            &config.upstream_tls,
+        )?;
         let client = Client::builder(TokioExecutor::new())
             // Below the 5 s keep-alive of llama-server's HTTP library, so that the pool
             // rarely hands out a connection the upstream is closing.

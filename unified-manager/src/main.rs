@@ -101,6 +101,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before tracking starts: the handler's registration is kept for the life of the
+    // process and is no leak.
+    if let Err(error) = cli::report_file_size_limit_as_error() {
+        eprintln!("hotpatch: {error:#}");
+        return ExitCode::FAILURE;
+    }
     let tracking = std::env::var_os(neural_alloc::HOTPATCH_ALLOC_VARIABLE).is_some()
         && neural_alloc::enable_tracking_from_env(&ALLOCATOR);
     let code = run();

@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use byte_tier::codec::{self, CHUNK_ELEMENTS, NonFiniteReport};
+use byte_tier::codec::{self, NonFiniteReport};
 use byte_tier::verify::Manifest;
 use byte_tier::{Gguf, TensorInfo};
 use memory_tier::{MemoryPatch, PatchKind, PatchTarget, Payload};
@@ -109,69 +109,156 @@ impl Moments {
     }
 }
 
-/// Element chunks of a tensor: whole blocks, about `CHUNK_ELEMENTS` each.
-fn chunks(tensor: &TensorInfo) -> impl Iterator<Item = Range<u64>> {
+/// Largest tensor, in values, decoded once and kept for the scan, the statistics and the
+/// fix (64 MiB of f32 per tensor being examined); a larger one is decoded twice, window by
+/// window of this size: scan and statistics, then fix.
+const ONE_PASS_VALUES: u64 = 16 << 20;
+
+/// Element windows of a tensor: whole blocks, about `size` elements each.
+fn windows(tensor: &TensorInfo, size: u64) -> impl Iterator<Item = Range<u64>> {
     let block = tensor.ggml_type.block_len();
-    let step = (CHUNK_ELEMENTS as u64).div_ceil(block) * block;
+    let step = size.div_ceil(block) * block;
     let n = tensor.n_elements;
     (0..n.div_ceil(step)).map(move |i| i * step..((i + 1) * step).min(n))
 }
 
-fn plan_fix(
+/// The NaN/Inf scan of a tensor and the plan of its repair and outlier clamp, from one
+/// decode of its values when there are at most `one_pass_values` of them, else from two
+/// (window by window of that size).
+fn examine(
     gguf: &Gguf<'_>,
+    tensor: &TensorInfo,
+    repair: Option<Repair>,
+    sigmas: Option<f32>,
+    one_pass_values: u64,
+) -> Result<(NonFiniteReport, TensorFix)> {
+    if repair.is_none() && sigmas.is_none() {
+        return Ok((codec::scan_tensor(gguf, tensor)?, TensorFix::default()));
+    }
+    let ty = tensor.ggml_type;
+    let data = gguf.tensor_data(tensor);
+    let in_tensor = |e: byte_tier::Error| e.in_tensor(&tensor.name);
+    let n = tensor.n_elements;
+    if n <= one_pass_values {
+        let mut values = vec![0f32; n as usize];
+        let scan = codec::scan_non_finite_into(ty, data, 0..n, &mut values).map_err(in_tensor)?;
+        let mut planner = FixPlanner::new(tensor, data, &scan, repair, sigmas)?;
+        if let Some(planner) = &mut planner {
+            planner.moments.add(&values);
+            planner.add_values(0, &values)?;
+        }
+        let fix = planner.map_or_else(
+            || Ok(skipped_or_nothing(tensor, &scan, repair, sigmas)),
+            FixPlanner::finish,
+        )?;
+        return Ok((scan, fix));
+    }
+    let mut values = Vec::new();
+    let mut scan = NonFiniteReport::default();
+    let mut moments = Moments::default();
+    for window in windows(tensor, one_pass_values) {
+        values.resize((window.end - window.start) as usize, 0.0);
+        let part = codec::scan_non_finite_into(ty, data, window, &mut values).map_err(in_tensor)?;
+        scan = scan.merge(part);
+        moments.add(&values);
+    }
+    let Some(mut planner) = FixPlanner::new(tensor, data, &scan, repair, sigmas)? else {
+        return Ok((
+            scan.clone(),
+            skipped_or_nothing(tensor, &scan, repair, sigmas),
+        ));
+    };
+    planner.moments = moments;
+    for window in windows(tensor, one_pass_values) {
+        values.resize((window.end - window.start) as usize, 0.0);
+        codec::dequantize_range(ty, data, window.clone(), &mut values).map_err(in_tensor)?;
+        planner.add_values(window.start, &values)?;
+    }
+    Ok((scan, planner.finish()?))
+}
+
+/// The fix of a tensor that needs no values: nothing, or why it cannot be fixed.
+fn skipped_or_nothing(
     tensor: &TensorInfo,
     scan: &NonFiniteReport,
     repair: Option<Repair>,
     sigmas: Option<f32>,
-) -> Result<TensorFix> {
+) -> TensorFix {
+    let wanted = (repair.is_some() && !scan.is_clean()) || sigmas.is_some();
     let mut fix = TensorFix::default();
-    let non_finite = !scan.is_clean();
-    let repairing = repair.is_some() && non_finite;
-    if !repairing && sigmas.is_none() {
-        return Ok(fix);
-    }
-    let ty = tensor.ggml_type;
-    if !codec::can_quantize(ty) {
+    if wanted && !codec::can_quantize(tensor.ggml_type) {
         fix.skipped = Some(format!(
             "{} has no quantizer to write fixed values",
-            ty.name()
+            tensor.ggml_type.name()
         ));
-        return Ok(fix);
     }
-    let data = gguf.tensor_data(tensor);
-    let in_tensor = |e: byte_tier::Error| e.in_tensor(&tensor.name);
-    let mut values = Vec::new();
-    let mut moments = Moments::default();
-    if sigmas.is_some() || repair == Some(Repair::Clamp) {
-        for chunk in chunks(tensor) {
-            values.resize((chunk.end - chunk.start) as usize, 0.0);
-            codec::dequantize_range(ty, data, chunk, &mut values).map_err(in_tensor)?;
-            moments.add(&values);
+    fix
+}
+
+/// Plans a tensor's repair and outlier clamp block by block from its decoded values.
+struct FixPlanner<'a> {
+    tensor: &'a TensorInfo,
+    data: &'a [u8],
+    repair: Option<Repair>,
+    sigmas: Option<f32>,
+    /// Statistics of the finite values, complete before the first `add_values`.
+    moments: Moments,
+    fix: TensorFix,
+    /// (byte offset in the tensor, new bytes) of each changed block.
+    blocks: Vec<(usize, Vec<u8>)>,
+    /// One block's values, reused.
+    fixed: Vec<f32>,
+}
+
+impl<'a> FixPlanner<'a> {
+    /// A planner, or `None` when the tensor needs no fix or cannot be fixed.
+    fn new(
+        tensor: &'a TensorInfo,
+        data: &'a [u8],
+        scan: &NonFiniteReport,
+        repair: Option<Repair>,
+        sigmas: Option<f32>,
+    ) -> Result<Option<FixPlanner<'a>>> {
+        let repairing = repair.is_some() && !scan.is_clean();
+        if (!repairing && sigmas.is_none()) || !codec::can_quantize(tensor.ggml_type) {
+            return Ok(None);
         }
+        Ok(Some(FixPlanner {
+            tensor,
+            data,
+            repair,
+            sigmas,
+            moments: Moments::default(),
+            fix: TensorFix::default(),
+            blocks: Vec::new(),
+            fixed: Vec::new(),
+        }))
     }
-    let outlier_bounds = sigmas.and_then(|k| moments.bounds(k));
-    let block_len = ty.block_len() as usize;
-    let block_bytes = ty.block_bytes() as usize;
-    // (byte offset in the tensor, new bytes) of each changed block.
-    let mut blocks: Vec<(usize, Vec<u8>)> = Vec::new();
-    for chunk in chunks(tensor) {
-        values.resize((chunk.end - chunk.start) as usize, 0.0);
-        codec::dequantize_range(ty, data, chunk.clone(), &mut values).map_err(in_tensor)?;
-        let first_block = (chunk.start / ty.block_len()) as usize;
+
+    /// Plans the blocks of `values`, the decoded elements from `first_element` on (whole
+    /// blocks).
+    fn add_values(&mut self, first_element: u64, values: &[f32]) -> Result<()> {
+        let ty = self.tensor.ggml_type;
+        let in_tensor = |e: byte_tier::Error| e.in_tensor(&self.tensor.name);
+        let outlier_bounds = self.sigmas.and_then(|k| self.moments.bounds(k));
+        let block_len = ty.block_len() as usize;
+        let block_bytes = ty.block_bytes() as usize;
+        let first_block = (first_element / ty.block_len()) as usize;
         for (b, old) in values.chunks(block_len).enumerate() {
-            if repair.is_none() && old.iter().any(|v| !v.is_finite()) {
+            if self.repair.is_none() && old.iter().any(|v| !v.is_finite()) {
                 // Without a repair, a block holding NaN or infinity cannot be written
                 // back; it is left as it is (and counted by the scan).
                 continue;
             }
-            let mut fixed = old.to_vec();
             let (mut repaired, mut clamped) = (0u64, 0u64);
-            for v in &mut fixed {
+            self.fixed.clear();
+            self.fixed.extend_from_slice(old);
+            for v in &mut self.fixed {
                 if !v.is_finite() {
-                    match repair {
+                    match self.repair {
                         Some(Repair::Zero) => *v = 0.0,
                         Some(Repair::Clamp) if v.is_nan() => *v = 0.0,
-                        Some(Repair::Clamp) => *v = moments.max_abs.copysign(*v),
+                        Some(Repair::Clamp) => *v = self.moments.max_abs.copysign(*v),
                         None => continue,
                     }
                     repaired += 1;
@@ -186,40 +273,47 @@ fn plan_fix(
                 continue;
             }
             let offset = (first_block + b) * block_bytes;
-            let new = codec::quantize(ty, &fixed).map_err(in_tensor)?;
-            let old_bytes = &data[offset..offset + block_bytes];
+            let new = codec::quantize(ty, &self.fixed).map_err(in_tensor)?;
+            let old_bytes = &self.data[offset..offset + block_bytes];
             let changed: u64 = byte_tier::ops::differences(old_bytes, &new)
                 .iter()
                 .map(|r| r.end - r.start)
                 .sum();
-            fix.repaired_values += repaired;
-            fix.clamped_values += clamped;
+            self.fix.repaired_values += repaired;
+            self.fix.clamped_values += clamped;
             if repaired > 0 {
-                fix.repair_bytes += changed;
+                self.fix.repair_bytes += changed;
             } else {
-                fix.clamp_bytes += changed;
+                self.fix.clamp_bytes += changed;
             }
             if changed > 0 {
-                blocks.push((offset, new));
+                self.blocks.push((offset, new));
             }
         }
+        Ok(())
     }
-    if let (Some(first), Some(last)) = (blocks.first(), blocks.last()) {
-        let span = first.0..last.0 + block_bytes;
-        let mut new = data[span.clone()].to_vec();
-        for (offset, bytes) in &blocks {
-            new[offset - span.start..offset - span.start + block_bytes].copy_from_slice(bytes);
+
+    /// The fix: one patch over the span of the changed blocks.
+    fn finish(self) -> Result<TensorFix> {
+        let mut fix = self.fix;
+        let block_bytes = self.tensor.ggml_type.block_bytes() as usize;
+        if let (Some(first), Some(last)) = (self.blocks.first(), self.blocks.last()) {
+            let span = first.0..last.0 + block_bytes;
+            let mut new = self.data[span.clone()].to_vec();
+            for (offset, bytes) in &self.blocks {
+                new[offset - span.start..offset - span.start + block_bytes].copy_from_slice(bytes);
+            }
+            let base = self.tensor.data_offset;
+            let mut patch = MemoryPatch::new(
+                format!("safety:{}", self.tensor.name),
+                PatchTarget::Raw(base + span.start as u64..base + span.end as u64),
+                Payload::Bytes(new),
+            );
+            patch.kind = PatchKind::WeightModification;
+            fix.patch = Some(patch.with_priority(SAFETY_PRIORITY));
         }
-        let base = tensor.data_offset;
-        let mut patch = MemoryPatch::new(
-            format!("safety:{}", tensor.name),
-            PatchTarget::Raw(base + span.start as u64..base + span.end as u64),
-            Payload::Bytes(new),
-        );
-        patch.kind = PatchKind::WeightModification;
-        fix.patch = Some(patch.with_priority(SAFETY_PRIORITY));
+        Ok(fix)
     }
-    Ok(fix)
 }
 
 /// The integrity, scan, repair, clamp and write steps, with the model's writers held
@@ -279,10 +373,22 @@ fn plan_and_write(
             .iter()
             .filter(|t| codec::can_dequantize(t.ggml_type))
             .collect();
-        let scans: Vec<NonFiniteReport> = tensors
+        // One pass per tensor: the scan, the statistics and the fix plan share its decode.
+        let (scans, fixes): (Vec<NonFiniteReport>, Vec<(&TensorInfo, TensorFix)>) = tensors
             .par_iter()
-            .map(|t| codec::scan_tensor(&gguf, t))
-            .collect::<byte_tier::Result<_>>()?;
+            .map(|t| {
+                examine(
+                    &gguf,
+                    t,
+                    options.repair,
+                    options.outlier_sigmas,
+                    ONE_PASS_VALUES,
+                )
+                .map(|(scan, fix)| (scan, (*t, fix)))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
         let (nan, inf): (u64, u64) = scans
             .iter()
             .fold((0, 0), |(n, i), s| (n + s.nan_count, i + s.inf_count));
@@ -302,13 +408,6 @@ fn plan_and_write(
         );
 
         let started = Instant::now();
-        let fixes: Vec<(&TensorInfo, TensorFix)> = tensors
-            .par_iter()
-            .zip(&scans)
-            .map(|(t, scan)| {
-                plan_fix(&gguf, t, scan, options.repair, options.outlier_sigmas).map(|f| (*t, f))
-            })
-            .collect::<Result<_>>()?;
         let skipped: Vec<String> = fixes
             .iter()
             .filter_map(|(t, f)| f.skipped.as_ref().map(|why| format!("{}: {why}", t.name)))
@@ -500,3 +599,6 @@ impl Manager {
         Ok((added, present))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -36,7 +36,8 @@ impl NonFiniteReport {
         self.nan_count == 0 && self.inf_count == 0 && self.nan_scales == 0 && self.inf_scales == 0
     }
 
-    fn merge(mut self, other: NonFiniteReport) -> NonFiniteReport {
+    /// The report of two disjoint ranges, `self`'s before `other`'s.
+    pub fn merge(mut self, other: NonFiniteReport) -> NonFiniteReport {
         self.nan_count += other.nan_count;
         self.inf_count += other.inf_count;
         self.nan_scales += other.nan_scales;
@@ -151,10 +152,73 @@ pub fn scan_non_finite(
     Ok(report)
 }
 
+/// [`scan_non_finite`] that also keeps the values it decodes: `out` (exactly
+/// `range.end - range.start` values) receives what [`super::dequantize_range`] would
+/// write, so a caller that needs both the scan and the values decodes once.
+pub fn scan_non_finite_into(
+    ggml_type: GgmlType,
+    data: &[u8],
+    range: Range<u64>,
+    out: &mut [f32],
+) -> Result<NonFiniteReport> {
+    let kernel = dequant_kernel(ggml_type).ok_or(Error::UnsupportedType {
+        ggml_type,
+        operation: "scan",
+    })?;
+    let span = check_range(ggml_type, data.len(), &range)?;
+    super::check_len("output buffer", &span, out.len())?;
+    let blocks = chunk_blocks(ggml_type);
+    let block_bytes = ggml_type.block_bytes() as usize;
+    let block_len = ggml_type.block_len() as usize;
+    let bytes = &data[span.bytes.clone()];
+    let report = bytes
+        .par_chunks(blocks * block_bytes)
+        .zip(out.par_chunks_mut(blocks * block_len))
+        .enumerate()
+        .map(|(index, (chunk, values))| {
+            let first_block = span.first_block() + index * blocks;
+            scan_decoded(
+                kernel,
+                &span,
+                chunk,
+                values,
+                first_block,
+                block_bytes,
+                block_len,
+            )
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(NonFiniteReport::default(), NonFiniteReport::merge);
+    Ok(report)
+}
+
 fn scan_chunk(
     kernel: super::DequantKernel,
     span: &Span,
     chunk: &[u8],
+    first_block: usize,
+    block_bytes: usize,
+    block_len: usize,
+) -> NonFiniteReport {
+    let mut values = vec![0f32; chunk.len() / block_bytes * block_len];
+    scan_decoded(
+        kernel,
+        span,
+        chunk,
+        &mut values,
+        first_block,
+        block_bytes,
+        block_len,
+    )
+}
+
+/// Scans one chunk's scale fields, decodes its values into `values` and scans them.
+fn scan_decoded(
+    kernel: super::DequantKernel,
+    span: &Span,
+    chunk: &[u8],
+    values: &mut [f32],
     first_block: usize,
     block_bytes: usize,
     block_len: usize,
@@ -179,8 +243,7 @@ fn scan_chunk(
             }
         }
     }
-    let mut values = vec![0f32; chunk.len() / block_bytes * block_len];
-    kernel(chunk, &mut values);
+    kernel(chunk, values);
     let any_bad = values.iter().fold(false, |acc, v| acc | !v.is_finite());
     if any_bad {
         let first_element = first_block * block_len;

@@ -6,6 +6,7 @@
 //! reports are exact however the harness schedules tests.
 
 mod arena;
+mod attribution;
 mod bad_input;
 mod checks;
 mod global;

@@ -220,7 +220,7 @@ pub fn run_diff(args: &DiffArgs) -> anyhow::Result<()> {
             args.a.file_name().unwrap_or_default().to_string_lossy(),
             args.b.file_name().unwrap_or_default().to_string_lossy()
         );
-        unified_manager::plot::plot_layer_changes(&changes, &title, path)?;
+        unified_manager::plot::plot_layer_changes(&changes, &d.tensors_changed, &title, path)?;
         if !args.json {
             println!("per-layer change plotted to {}", path.display());
         }
@@ -272,24 +272,9 @@ pub fn run_diff(args: &DiffArgs) -> anyhow::Result<()> {
         println!("- tensor {t}");
     }
     for c in &d.tensors_changed {
-        let layout = c
-            .layout_change
-            .as_ref()
-            .map(|(x, y)| format!(" ({x} -> {y})"))
-            .unwrap_or_default();
-        let values = match (c.max_abs, c.rms, c.rms_a) {
-            (Some(m), Some(r), Some(ra)) if ra > 0.0 => {
-                format!(
-                    ", values: max |d| {m:.4e}, rms {r:.4e} ({:.2}% of rms)",
-                    100.0 * r / ra
-                )
-            }
-            (Some(m), Some(r), _) => format!(", values: max |d| {m:.4e}, rms {r:.4e}"),
-            _ => String::new(),
-        };
         println!(
-            "~ tensor {}{layout}: {} bytes differ{values}",
-            c.name, c.bytes_changed
+            "~ tensor {}",
+            unified_manager::plot::describe_tensor_change(c)
         );
     }
     println!(

@@ -15,6 +15,7 @@ pub mod serve;
 pub mod split;
 pub mod structure;
 pub mod surgery;
+pub mod tls;
 pub mod view;
 
 /// Whether the error is a write to a closed pipe (`hotpatch inspect | head`), which is
@@ -25,4 +26,19 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// Makes a write past the file-size limit (`ulimit -f`) fail with EFBIG, which byte-tier
+/// reports as a typed error naming the limit, instead of killing the process with
+/// SIGXFSZ halfway through a journal record. A handler that only sets a flag does this
+/// (and, unlike ignoring the signal, is not inherited by programs this one starts).
+pub fn report_file_size_limit_as_error() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .map(drop)
+    .map_err(|e| anyhow::anyhow!("install a SIGXFSZ handler: {e}"))
 }

@@ -36,6 +36,12 @@ pub struct ServeArgs {
     /// Serve the admin API without a token (only on a loopback listen address).
     #[arg(long)]
     pub admin_insecure_loopback: bool,
+    /// Let the admin API take its bearer token over plain HTTP on a non-loopback listen
+    /// address (refused by default: anyone on the network path could read the token).
+    #[arg(long)]
+    pub admin_allow_plaintext: bool,
+    #[command(flatten)]
+    pub tls: super::tls::ServeTlsArgs,
     /// Largest request body accepted, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().body_limit)]
     pub body_limit: usize,
@@ -45,6 +51,16 @@ pub struct ServeArgs {
     /// Seconds a drain-and-patch waits for in-flight requests.
     #[arg(long, value_name = "SECS", default_value_t = Limits::default().drain_timeout.as_secs())]
     pub drain_timeout_secs: u64,
+    /// Seconds a client may take to send a whole request head (from connecting, or from
+    /// the previous response on a kept-alive connection) before it is disconnected.
+    #[arg(long, value_name = "SECS", default_value_t = Limits::default().header_read_timeout.as_secs())]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a kept-alive connection may sit with no request before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = Limits::default().idle_timeout.as_secs())]
+    pub idle_timeout_secs: u64,
+    /// Most client connections open at once; past it a new one is answered 503.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
 }
 
 impl ServeArgs {
@@ -53,6 +69,9 @@ impl ServeArgs {
         let mut config = ProxyConfig::new(self.upstream.clone(), self.listen);
         config.model = self.model.clone();
         config.verify_model = !self.model_unverified;
+        config.upstream_tls = self.tls.upstream();
+        config.tls = self.tls.listen();
+        config.admin_allow_plaintext = self.admin_allow_plaintext;
         if let Some(path) = &self.rules {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("read {}", path.display()))?;
@@ -74,6 +93,9 @@ impl ServeArgs {
         config.limits.body_limit = self.body_limit;
         config.limits.upstream_timeout = Duration::from_secs(self.upstream_timeout_secs);
         config.limits.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
+        config.limits.header_read_timeout = Duration::from_secs(self.header_read_timeout_secs);
+        config.limits.idle_timeout = Duration::from_secs(self.idle_timeout_secs);
+        config.limits.max_connections = self.max_connections;
         Ok(config)
     }
 }
@@ -93,20 +115,35 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let upstream = config.upstream.clone();
         let proxy = Proxy::bind(config).await.context("start the proxy")?;
+        let scheme = if proxy.serves_tls() { "https" } else { "http" };
         println!(
-            "hotpatch serve: listening on http://{} -> {upstream}; admin API {admin}",
+            "hotpatch serve: listening on {scheme}://{} -> {upstream}; admin API {admin}",
             proxy.local_addr()
         );
-        wait_for_signal().await?;
+        wait_for_signal(&proxy).await?;
         proxy.shutdown().await.context("shut the proxy down")
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("listen for SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("listen for SIGINT"),
-        _ = terminate.recv() => Ok(()),
+/// Waits for SIGINT or SIGTERM; on SIGHUP reloads the TLS certificate and key.
+async fn wait_for_signal(proxy: &Proxy) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+    let mut hangup = signal(SignalKind::hangup()).context("listen for SIGHUP")?;
+    loop {
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => return result.context("listen for SIGINT"),
+            _ = terminate.recv() => return Ok(()),
+            _ = hangup.recv() => match proxy.reload_tls() {
+                Ok(()) if proxy.serves_tls() => {
+                    println!("hotpatch serve: reloaded the TLS certificate and key");
+                }
+                Ok(()) => {}
+                Err(error) => eprintln!(
+                    "hotpatch serve: kept the TLS certificate in use: {}",
+                    error.chain()
+                ),
+            },
+        }
     }
 }

@@ -144,3 +144,37 @@ fn bad_files_give_one_clear_line_and_exit_1() {
     let output = hotpatch(&["inspect"]);
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// `HOTPATCH_ALLOC=track` on a run with no leak: zero leaks, and the blocks the standard
+/// library keeps (stdout's buffer among them) reported apart as held by the runtime.
+#[test]
+fn a_tracked_inspect_reports_no_leak_and_the_runtime_held_blocks_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_hotpatch"))
+        .args(["demo", "--keep"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hotpatch"))
+        .arg("inspect")
+        .arg(dir.path().join("demo-llama.gguf"))
+        .env("HOTPATCH_ALLOC", "track")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let report = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        report.starts_with("neural-alloc: 0 leaks, 0 bytes"),
+        "{report}"
+    );
+    assert!(
+        report.contains("held by the runtime for the life of the process"),
+        "{report}"
+    );
+    assert!(
+        report.contains("1024 bytes in 1 block: a standard stream's buffer"),
+        "{report}"
+    );
+}

@@ -3,6 +3,7 @@
 mod commands;
 mod crash;
 mod edit;
+mod full_disk;
 mod inspect;
 mod lenient;
 mod manage;

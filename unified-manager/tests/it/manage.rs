@@ -257,7 +257,35 @@ fn optimize_and_a_per_layer_diff_plot() {
     assert!(text.contains("per-layer change plotted"), "{text}");
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg"), "{svg}");
-    assert!(svg.contains("relative change of the weights"));
+    assert!(svg.contains(unified_manager::plot::Y_AXIS), "{svg}");
+    // The axis is in percent: its highest tick is at or above the bar's 50 (%), not 0.5.
+    let ticks: Vec<f64> = svg
+        .split("</text>")
+        .filter_map(|piece| piece.rsplit('>').next()?.trim().parse().ok())
+        .collect();
+    let highest = ticks.iter().copied().fold(0.0f64, f64::max);
+    assert!((50.0..=57.5).contains(&highest), "{ticks:?}");
+    // The bar's tooltip holds the text report's line for the tensor, and says 50%.
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("~ tensor blk.1.ffn_down.weight"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.ends_with("(50.00% of rms)"), "{line}");
+    let tooltip = svg
+        .split("<title>")
+        .skip(1)
+        .map(|piece| piece.split("</title>").next().unwrap())
+        .find(|t| t.starts_with("block 1:"))
+        .unwrap_or_else(|| panic!("{svg}"));
+    assert!(
+        tooltip.starts_with("block 1: largest tensor change 50.00% of rms"),
+        "{tooltip}"
+    );
+    assert!(
+        tooltip.contains(line.strip_prefix("~ tensor ").unwrap()),
+        "{tooltip}"
+    );
+    assert_eq!(svg.matches("<title>").count(), 5, "one tooltip per bar");
 
     let layers = {
         let a = byte_tier::MappedFile::open(model).unwrap();

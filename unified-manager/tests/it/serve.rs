@@ -89,3 +89,25 @@ fn serve_answers_and_stops_on_sigterm() {
     let exit = child.wait().unwrap();
     assert!(exit.success(), "hotpatch serve exited with {exit}");
 }
+
+#[test]
+fn serve_help_shows_the_connection_limits_and_the_tls_flags() {
+    let output = Command::new(HOTPATCH)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--header-read-timeout-secs <SECS>",
+        "--idle-timeout-secs <SECS>",
+        "--max-connections <N>",
+        "--tls-cert <FILE>",
+        "--tls-key <FILE>",
+        "--upstream-ca <FILE>",
+        "--admin-allow-plaintext",
+    ] {
+        assert!(help.contains(flag), "{flag} is not in:\n{help}");
+    }
+    assert!(help.contains("[default: 30]"), "{help}");
+}
