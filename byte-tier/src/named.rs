@@ -141,8 +141,8 @@ pub struct Conflict {
     pub applied_priority: i32,
     /// The overlapping absolute range.
     pub overlap: Range<u64>,
-    /// Whether the new patch wins (its priority is higher) and the applied one would be
-    /// reverted first.
+    /// Whether the new patch wins (its priority is higher) and would lie over the
+    /// applied one.
     pub new_patch_wins: bool,
 }
 
@@ -157,6 +157,8 @@ pub struct AppliedPatch {
     pub range: Range<u64>,
     /// Its priority.
     pub priority: i32,
+    /// The bytes of its range before it was applied: what reverting it restores.
+    undo: Vec<u8>,
 }
 
 /// The outcome of applying a patch.
@@ -164,7 +166,8 @@ pub struct AppliedPatch {
 pub struct ApplyOutcome {
     /// The write.
     pub receipt: EditReceipt,
-    /// Lower-priority patches reverted to make room.
+    /// Lower-priority patches it lies over: it replaces their bytes where they overlap,
+    /// they stay applied, and reverting it brings their bytes back.
     pub displaced: Vec<String>,
 }
 
@@ -233,14 +236,29 @@ impl PatchBook {
                 && journal.reverted_by(t.id).is_none()
             {
                 let range = self.resolve(patch, bytes)?;
+                // The bytes it replaced, from the journal's undo records.
+                let mut undo = bytes
+                    .get(range.start as usize..range.end as usize)
+                    .unwrap_or_default()
+                    .to_vec();
+                for entry in &t.writes {
+                    if entry.offset >= range.start && entry.offset + entry.len <= range.end {
+                        let original = journal.original_bytes(entry)?;
+                        let at = (entry.offset - range.start) as usize;
+                        undo[at..at + original.len()].copy_from_slice(&original);
+                    }
+                }
                 self.applied.push(AppliedPatch {
                     name: patch.name.clone(),
                     transaction: t.id,
                     range,
                     priority: patch.priority,
+                    undo,
                 });
             }
         }
+        // Oldest first, as they were applied: later ones lie over earlier ones.
+        self.applied.sort_by_key(|a| a.transaction);
         Ok(())
     }
 
@@ -266,9 +284,11 @@ impl PatchBook {
             .collect())
     }
 
-    /// Applies patch `name`: checks the expected bytes, settles overlaps by priority
-    /// (reverting lower-priority patches first, refusing when an equal or higher one is
-    /// in the way), and writes in one transaction.
+    /// Applies patch `name`: settles overlaps by priority (an equal or higher one in the
+    /// way refuses it), computes its bytes from its range as it would be without the
+    /// lower-priority patches it overlaps, checks the bytes it expects there, and writes
+    /// in one transaction. The patches it lies over stay applied: reverting it brings
+    /// their bytes back.
     pub fn apply(&mut self, name: &str, patcher: &mut dyn BytePatcher) -> Result<ApplyOutcome> {
         if self.applied.iter().any(|a| a.name == name) {
             return Err(Error::InvalidEdit(format!(
@@ -286,22 +306,16 @@ impl PatchBook {
                 end: blocking.overlap.end,
             });
         }
-        // Check the operation before anything moves, then make room.
-        compute(&patch, patcher.read(range.clone())?)?;
-        let mut displaced = Vec::new();
-        for c in &conflicts {
-            self.revert(&c.applied, patcher)?;
-            displaced.push(c.applied.clone());
-        }
-        let before = patcher.read(range.clone())?.to_vec();
-        if let Err(error) = check_expected(&patch, &before) {
-            // All or nothing: put the displaced patches back.
-            for name in &displaced {
-                self.apply(name, patcher)?;
+        let current = patcher.read(range.clone())?.to_vec();
+        // What the range holds without the patches it displaces, newest undone first.
+        let mut base = current.clone();
+        for applied in self.applied.iter().rev() {
+            if conflicts.iter().any(|c| c.applied == applied.name) {
+                overlay(&mut base, &range, &applied.range, &applied.undo);
             }
-            return Err(error);
         }
-        let new_bytes = compute(&patch, &before)?;
+        check_expected(&patch, &base)?;
+        let new_bytes = compute(&patch, &base)?;
         let receipt = patcher.commit(
             &transaction_name(name),
             vec![ByteWrite {
@@ -315,13 +329,50 @@ impl PatchBook {
                 transaction,
                 range,
                 priority: patch.priority,
+                undo: current,
             });
         }
+        let displaced = conflicts.into_iter().map(|c| c.applied).collect();
         Ok(ApplyOutcome { receipt, displaced })
     }
 
-    /// Reverts patch `name` (refused when its bytes changed since).
+    /// Reverts patch `name` (refused when its bytes changed since). Its bytes that a
+    /// patch over it changed stay that patch's: the patches over it are reverted first,
+    /// then it, then they are applied again, each step its own transaction, so that what
+    /// reverting it restores is only what nothing above covers.
     pub fn revert(&mut self, name: &str, patcher: &mut dyn BytePatcher) -> Result<EditReceipt> {
+        let index = self
+            .applied
+            .iter()
+            .position(|a| a.name == name)
+            .ok_or_else(|| Error::InvalidEdit(format!("patch {name:?} is not applied")))?;
+        // Every later patch that overlaps it, or overlaps one of those.
+        let mut above: Vec<usize> = Vec::new();
+        for j in index + 1..self.applied.len() {
+            let overlaps = |k: usize| {
+                let (a, b) = (&self.applied[j].range, &self.applied[k].range);
+                a.start < b.end && b.start < a.end
+            };
+            if overlaps(index) || above.iter().any(|&k| overlaps(k)) {
+                above.push(j);
+            }
+        }
+        let lifted: Vec<String> = above
+            .iter()
+            .map(|&j| self.applied[j].name.clone())
+            .collect();
+        for lifted_name in lifted.iter().rev() {
+            self.revert_top(lifted_name, patcher)?;
+        }
+        let receipt = self.revert_top(name, patcher)?;
+        for lifted_name in &lifted {
+            self.apply(lifted_name, patcher)?;
+        }
+        Ok(receipt)
+    }
+
+    /// Reverts an applied patch that no applied patch lies over.
+    fn revert_top(&mut self, name: &str, patcher: &mut dyn BytePatcher) -> Result<EditReceipt> {
         let index = self
             .applied
             .iter()
@@ -330,6 +381,18 @@ impl PatchBook {
         let receipt = patcher.revert(self.applied[index].transaction)?;
         self.applied.remove(index);
         Ok(receipt)
+    }
+}
+
+/// Writes `undo` (the bytes of `undo_range`) over `base` (the bytes of `range`) where the
+/// two ranges overlap.
+fn overlay(base: &mut [u8], range: &Range<u64>, undo_range: &Range<u64>, undo: &[u8]) {
+    let start = range.start.max(undo_range.start);
+    let end = range.end.min(undo_range.end);
+    if start < end {
+        base[(start - range.start) as usize..(end - range.start) as usize].copy_from_slice(
+            &undo[(start - undo_range.start) as usize..(end - undo_range.start) as usize],
+        );
     }
 }
 
@@ -422,7 +485,8 @@ mod tests {
         assert_eq!(conflicts[0].overlap, 8..16);
         let outcome = book.apply("high", &mut buffer).unwrap();
         assert_eq!(outcome.displaced, vec!["low".to_owned()]);
-        assert_eq!(&buffer.bytes()[0..8], &[0; 8]);
+        // It lies over the lower one, which stays applied where it is not covered.
+        assert_eq!(&buffer.bytes()[0..8], &[1; 8]);
         assert_eq!(&buffer.bytes()[8..24], &[2; 16]);
         // An equal priority is refused, and nothing is written.
         let before = buffer.bytes().to_vec();
@@ -432,9 +496,42 @@ mod tests {
         ));
         assert_eq!(buffer.bytes(), &before[..]);
         book.revert("high", &mut buffer).unwrap();
+        // Reverting the higher one brings the lower one's bytes back.
+        assert_eq!(&buffer.bytes()[0..16], &[1; 16]);
+        book.revert("low", &mut buffer).unwrap();
         book.revert("apart", &mut buffer).unwrap();
         assert_eq!(buffer.bytes(), &[0u8; 64][..]);
         assert!(book.applied().is_empty());
+    }
+
+    #[test]
+    fn reverting_a_covered_patch_restores_only_its_uncovered_bytes() {
+        let mut buffer = BufferPatcher::new(vec![0u8; 32]);
+        let mut book =
+            PatchBook::new(vec![patch("low", 0, 16, 1, 0), patch("high", 8, 16, 2, 5)]).unwrap();
+        book.apply("low", &mut buffer).unwrap();
+        book.apply("high", &mut buffer).unwrap();
+        book.revert("low", &mut buffer).unwrap();
+        assert_eq!(&buffer.bytes()[0..8], &[0; 8]);
+        assert_eq!(&buffer.bytes()[8..24], &[2; 16]);
+        assert_eq!(book.applied().len(), 1);
+        // The higher one now restores the original bytes, not the lower one's.
+        book.revert("high", &mut buffer).unwrap();
+        assert_eq!(buffer.bytes(), &[0u8; 32][..]);
+    }
+
+    #[test]
+    fn a_displacing_operation_starts_from_the_bytes_under_the_displaced_patch() {
+        let mut buffer = BufferPatcher::new(vec![0x0fu8; 16]);
+        let mut flip = patch("flip", 0, 8, 0, 5);
+        flip.operation = PatchOperation::FlipBit { bit: 7 };
+        let mut book = PatchBook::new(vec![patch("fill", 0, 8, 0x55, 0), flip]).unwrap();
+        book.apply("fill", &mut buffer).unwrap();
+        book.apply("flip", &mut buffer).unwrap();
+        // Bit 7 of the original 0x0f, not of the filled 0x55.
+        assert_eq!(&buffer.bytes()[0..8], &[0x8f; 8]);
+        book.revert("flip", &mut buffer).unwrap();
+        assert_eq!(&buffer.bytes()[0..8], &[0x55; 8]);
     }
 
     #[test]
@@ -460,6 +557,33 @@ mod tests {
         assert_eq!(buffer.bytes(), b"GGUF\x03\0\0\0");
         book.apply("good", &mut buffer).unwrap();
         assert_eq!(buffer.bytes(), b"GGUF\x02\0\0\0");
+    }
+
+    #[test]
+    fn layers_survive_a_restart_through_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        std::fs::write(&path, [0u8; 32]).unwrap();
+        let patches = vec![patch("low", 0, 16, 1, 0), patch("high", 8, 16, 2, 5)];
+        {
+            let mut file = crate::InPlaceFile::open(&path).unwrap();
+            let mut book = PatchBook::new(patches.clone()).unwrap();
+            book.apply("low", &mut file).unwrap();
+            book.apply("high", &mut file).unwrap();
+        }
+        // A new process: the book learns what is applied, and the bytes each replaced,
+        // from the journal.
+        let mut file = crate::InPlaceFile::open(&path).unwrap();
+        let mut book = PatchBook::new(patches).unwrap();
+        let bytes = file.bytes().to_vec();
+        book.load_applied(file.journal(), &bytes).unwrap();
+        assert_eq!(book.applied().len(), 2);
+        book.revert("low", &mut file).unwrap();
+        assert_eq!(&file.bytes()[0..8], &[0; 8]);
+        assert_eq!(&file.bytes()[8..24], &[2; 16]);
+        book.revert("high", &mut file).unwrap();
+        drop(file);
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; 32]);
     }
 
     #[test]

@@ -1262,32 +1262,10 @@ impl LiveModel {
                 return Err(error);
             }
         };
-        let restore: Vec<(ByteWrite, Option<usize>)> = all_writes
-            .iter()
-            .map(|(w, t)| {
-                (
-                    ByteWrite {
-                        offset: w.offset,
-                        bytes: bytes[w.offset as usize..w.range().end as usize].to_vec(),
-                    },
-                    *t,
-                )
-            })
-            .collect();
-        byte_tier::failpoint("after-journal-sync");
-        if let Err(error) = self.write_windowed(&mut region, &all_writes) {
-            let error = self.roll_back(&mut region, &restore, journal_transaction, error);
+        if let Err(error) = self.write_and_commit(&mut region, &all_writes, journal_transaction) {
             LiveModel::record_failure(&mut region, &patches, &error, started);
             return Err(error);
         }
-        byte_tier::failpoint("after-file-sync");
-        if let Some((journal, id)) = self.journal.as_ref().zip(journal_transaction) {
-            journal
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .commit(id)?;
-        }
-        byte_tier::failpoint("after-commit");
 
         let (bytes, state) = region.parts();
         let mut reports = Vec::with_capacity(patches.len());
@@ -1344,6 +1322,43 @@ impl LiveModel {
         }
         LiveModel::refresh_checksums(bytes, state);
         Ok(reports)
+    }
+
+    /// Writes a journaled transaction's bytes and commits it, stopping at the named
+    /// durable steps for the crash tests. A failed write puts back the bytes it replaced
+    /// and marks the transaction rolled back.
+    fn write_and_commit(
+        &self,
+        region: &mut RegionWrite<'_, State>,
+        writes: &[(ByteWrite, Option<usize>)],
+        journal_transaction: Option<u64>,
+    ) -> Result<()> {
+        let bytes = region.bytes();
+        let restore: Vec<(ByteWrite, Option<usize>)> = writes
+            .iter()
+            .map(|(w, t)| {
+                (
+                    ByteWrite {
+                        offset: w.offset,
+                        bytes: bytes[w.offset as usize..w.range().end as usize].to_vec(),
+                    },
+                    *t,
+                )
+            })
+            .collect();
+        byte_tier::failpoint("after-journal-sync");
+        if let Err(error) = self.write_windowed(region, writes) {
+            return Err(self.roll_back(region, &restore, journal_transaction, error));
+        }
+        byte_tier::failpoint("after-file-sync");
+        if let Some((journal, id)) = self.journal.as_ref().zip(journal_transaction) {
+            journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .commit(id)?;
+        }
+        byte_tier::failpoint("after-commit");
+        Ok(())
     }
 
     /// Writes `restore` back after a failed write and marks the journal transaction
@@ -1496,18 +1511,6 @@ impl LiveModel {
             &writes,
             &note,
         )?;
-        let restore: Vec<(ByteWrite, Option<usize>)> = writes
-            .iter()
-            .map(|(w, t)| {
-                (
-                    ByteWrite {
-                        offset: w.offset,
-                        bytes: bytes[w.offset as usize..w.range().end as usize].to_vec(),
-                    },
-                    *t,
-                )
-            })
-            .collect();
         let expected = image_with(
             bytes,
             &range,
@@ -1516,18 +1519,7 @@ impl LiveModel {
                 .map(|(w, _)| (w.offset, w.bytes.clone()))
                 .collect::<Vec<_>>()],
         );
-        byte_tier::failpoint("after-journal-sync");
-        if let Err(error) = self.write_windowed(region, &writes) {
-            return Err(self.roll_back(region, &restore, journal_transaction, error));
-        }
-        byte_tier::failpoint("after-file-sync");
-        if let Some((journal, txn)) = self.journal.as_ref().zip(journal_transaction) {
-            journal
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .commit(txn)?;
-        }
-        byte_tier::failpoint("after-commit");
+        self.write_and_commit(region, &writes, journal_transaction)?;
         let (bytes, state) = region.parts();
         let after = crc(&bytes[range.start as usize..range.end as usize]);
         if after != crc(&expected) {

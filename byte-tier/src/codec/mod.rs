@@ -55,7 +55,7 @@ use crate::types::GgmlType;
 
 pub use npy::{NpyArray, npy_shape, parse_npy, read_npy_file, write_npy_f32, write_tensor_npy};
 pub use scan::{MAX_REPORTED_OFFSETS, NonFiniteReport, scan_non_finite, scan_non_finite_into};
-pub use transform::{Transform, TransformPath, TransformReport, transform_range};
+pub use transform::{Transform, TransformPath, TransformReport, transform_range, transforms_run};
 
 /// Dequantizes the elements `range` of a tensor of a parsed file; errors name the
 /// tensor.

@@ -130,6 +130,16 @@ impl ErrorSums {
     }
 }
 
+/// How many transforms [`transform_range`] has been called for on this thread: a
+/// diagnostic counter, so that callers can show they plan each transform once.
+pub fn transforms_run() -> u64 {
+    TRANSFORMS_RUN.with(std::cell::Cell::get)
+}
+
+thread_local! {
+    static TRANSFORMS_RUN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Applies `transform` to the elements `range` of a tensor of `ggml_type` whose bytes are
 /// `data`, in place, and reports the path taken and the error against the intended
 /// values. On error nothing is written.
@@ -145,6 +155,7 @@ pub fn transform_range(
     range: Range<u64>,
     transform: &Transform<'_>,
 ) -> Result<TransformReport> {
+    TRANSFORMS_RUN.with(|n| n.set(n.get() + 1));
     let span = check_range(ggml_type, data.len(), &range)?;
     check_transform(&span, transform)?;
     let dequant = dequant_kernel(ggml_type).ok_or(Error::UnsupportedType {

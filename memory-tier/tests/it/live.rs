@@ -649,3 +649,19 @@ fn a_callers_raw_region_is_protected_while_attached_and_given_back_writable() {
     let refused = unsafe { LiveModel::attach_raw(unaligned, page, None) };
     assert!(matches!(refused, Err(Error::UnalignedRegion { .. })));
 }
+
+#[test]
+fn an_applied_transform_is_planned_once_and_its_report_is_the_written_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = LiveModel::attach(small_model(dir.path()), AttachMode::Owned).unwrap();
+    // A transform that requantizes: the costly kind, which used to be planned twice.
+    let patch = MemoryPatch::transform("offset q", "q", ValueTransform::Offset(0.25));
+    let before = byte_tier::codec::transforms_run();
+    let reports = model.apply_reported(vec![patch]).unwrap();
+    // The counter is this thread's: other tests planning at the same time do not count.
+    let planned = byte_tier::codec::transforms_run() - before;
+    assert_eq!(planned, 1, "the transform was planned {planned} times");
+    let report = reports[0].transform.clone().unwrap();
+    assert_eq!(report.path, byte_tier::codec::TransformPath::Requantized);
+    assert!(report.rms_error > 0.0);
+}

@@ -139,9 +139,11 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
         return revert_through_server(args, server);
     }
     // Live patches (the journal notes them) are reverted through a live model, which
-    // knows what lies over what; other transactions byte for byte.
-    let model = LiveModel::attach(&args.file, AttachMode::Shared)
-        .with_context(|| format!("open {} for in-place editing", args.file.display()))?;
+    // knows what lies over what; other transactions byte for byte. A file that is not a
+    // GGUF (byte edits work on any file) has no live patches.
+    let Ok(model) = LiveModel::attach(&args.file, AttachMode::Shared) else {
+        return revert_in_place(args);
+    };
     let id = match args.id {
         Some(id) => id,
         None => {
@@ -185,6 +187,25 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     drop(model);
+    revert_transaction_in_place(args, id)
+}
+
+/// Reverts a transaction byte for byte (no live model: the file is not a GGUF, or the
+/// transaction made no live patch).
+fn revert_in_place(args: &RevertArgs) -> anyhow::Result<()> {
+    let file = InPlaceFile::open(&args.file)
+        .with_context(|| format!("open {} for in-place editing", args.file.display()))
+        .map_err(|e| super::patch::with_server_hint(e, &args.file))?;
+    let id = match (args.id, file.last_revertible()) {
+        (Some(id), _) => id,
+        (None, Some(t)) => t.id,
+        (None, None) => bail!("nothing to revert: no committed transaction is left unreverted"),
+    };
+    drop(file);
+    revert_transaction_in_place(args, id)
+}
+
+fn revert_transaction_in_place(args: &RevertArgs, id: u64) -> anyhow::Result<()> {
     let mut file = InPlaceFile::open(&args.file)
         .with_context(|| format!("open {} for in-place editing", args.file.display()))?;
     if args.dry_run {

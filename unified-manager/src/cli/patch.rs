@@ -221,7 +221,7 @@ pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
 }
 
 /// When another writer holds the file, the way through it: its admin API.
-fn with_server_hint(error: anyhow::Error, file: &Path) -> anyhow::Error {
+pub(crate) fn with_server_hint(error: anyhow::Error, file: &Path) -> anyhow::Error {
     let busy = error.chain().any(|cause| {
         matches!(
             cause.downcast_ref::<byte_tier::Error>(),

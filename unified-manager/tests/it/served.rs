@@ -192,27 +192,7 @@ fn serve_refuses_a_model_that_is_not_the_one_llama_server_serves() {
     assert!(message.contains("--model-unverified"), "{message}");
     // With --model-unverified it starts, and says so in every patch reply.
     let port = tests::free_port();
-    let mut child = Command::new(HOTPATCH)
-        .args([
-            "serve",
-            "--upstream",
-            &format!("http://127.0.0.1:{}", llama.port),
-        ])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--model")
-        .arg(&copy)
-        .arg("--model-unverified")
-        .arg("--admin-token-file")
-        .arg(&s.token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while admin(port, "GET", "/admin/patches", None).0 != 200 {
-        assert!(Instant::now() < deadline, "hotpatch serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let serve = start_serve_with(llama.port, &copy, &s.token, port, &["--model-unverified"]);
     let (status, reply) = admin(
         port,
         "POST",
@@ -224,8 +204,7 @@ fn serve_refuses_a_model_that_is_not_the_one_llama_server_serves() {
         reply["model"].as_str().unwrap().contains("not verified"),
         "{reply}"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(serve);
 }
 
 #[test]
@@ -237,34 +216,14 @@ fn a_patch_sent_through_the_serving_proxy_misses_its_cache_and_reverts_exactly()
     let rules = s.model.with_file_name("rules.toml");
     std::fs::write(&rules, "[cache]\nenabled = true\n").unwrap();
     let port = tests::free_port();
-    let serve = {
-        // The rules file turns the response cache on.
-        let child = Command::new(HOTPATCH)
-            .args([
-                "serve",
-                "--upstream",
-                &format!("http://127.0.0.1:{}", llama.port),
-            ])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--model")
-            .arg(&s.model)
-            .arg("--rules")
-            .arg(&rules)
-            .arg("--admin-token-file")
-            .arg(&s.token)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut serve = Serve { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while admin(port, "GET", "/admin/patches", None).0 != 200 {
-            assert!(serve.child.try_wait().unwrap().is_none(), "serve exited");
-            assert!(Instant::now() < deadline, "hotpatch serve did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        serve
-    };
+    // The rules file turns the response cache on.
+    let serve = start_serve_with(
+        llama.port,
+        &s.model,
+        &s.token,
+        port,
+        &["--rules", rules.to_str().unwrap()],
+    );
     let (first, before) = complete(serve.port);
     assert_eq!(first, "miss");
     let (again, cached) = complete(serve.port);
