@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
+use byte_tier::TransactionState;
 use byte_tier::surgery::{RewrittenTensor, merge_label};
-use byte_tier::{BytePatcher, InPlaceFile, TransactionState};
 use memory_tier::{AttachMode, LiveModel, MemoryPatch, PatchTarget, Payload};
 
 use crate::error::{Error, Result};
@@ -63,11 +63,10 @@ pub struct Unmerged {
     pub bytes: u64,
 }
 
-/// The last merge of the adapter whose SHA-256 is `adapter_sha256` recorded in `file`'s
-/// journal that is committed and not reverted.
-pub fn find_merge(file: &InPlaceFile, adapter_sha256: &str) -> Option<u64> {
+/// The last merge of the adapter whose SHA-256 is `adapter_sha256` recorded in `journal`
+/// that is committed and not reverted.
+pub fn find_merge(journal: &byte_tier::Journal, adapter_sha256: &str) -> Option<u64> {
     let label = merge_label(adapter_sha256);
-    let journal = file.journal();
     journal
         .transactions()
         .iter()
@@ -82,20 +81,39 @@ pub fn find_merge(file: &InPlaceFile, adapter_sha256: &str) -> Option<u64> {
 }
 
 /// Reverts the last merge of the adapter whose SHA-256 is `adapter_sha256` into
-/// `path`, byte for byte (refused when the bytes it wrote changed since).
+/// `path`, byte for byte (refused when the bytes it wrote changed since). The merge was
+/// a live transaction, so the live model reverts it: patches applied over it since keep
+/// their bytes.
 pub fn unmerge(path: &Path, adapter_sha256: &str) -> Result<Unmerged> {
-    let mut file = InPlaceFile::open(path)?;
-    let id = find_merge(&file, adapter_sha256).ok_or_else(|| {
+    let model = LiveModel::attach(path, AttachMode::Shared)?;
+    let journal = byte_tier::Journal::open_read_only(path)?;
+    let id = find_merge(&journal, adapter_sha256).ok_or_else(|| {
         Error::Refused(format!(
             "the journal of {} records no merge of the adapter with sha256 {adapter_sha256} \
              that is still applied",
             path.display()
         ))
     })?;
-    let receipt = file.revert(id)?;
+    let bytes = journal
+        .transaction(id)
+        .map_or(0, byte_tier::Transaction::bytes);
+    let reverted = model.revert_transaction(id)?;
+    if reverted.is_empty() {
+        return Err(Error::Refused(format!(
+            "transaction {id} of {} holds no live patch to revert",
+            path.display()
+        )));
+    }
+    let after = byte_tier::Journal::open_read_only(path)?;
+    let revert_transaction = after
+        .transactions()
+        .iter()
+        .rev()
+        .find(|t| t.reverts == Some(id))
+        .map(|t| t.id);
     Ok(Unmerged {
         merge_transaction: id,
-        revert_transaction: receipt.transaction,
-        bytes: receipt.bytes,
+        revert_transaction,
+        bytes,
     })
 }

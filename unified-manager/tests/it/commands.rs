@@ -482,6 +482,43 @@ fn offline_cases(data: u64) -> Vec<Case> {
             "preset delete",
             &["preset", "delete", "smoke", "--config-dir", "config"],
         ),
+        case(
+            "split",
+            &["split", MODEL, "part", "--split-max-tensors", "16"],
+        ),
+        case(
+            "merge",
+            &["merge", "part-00001-of-00003.gguf", "merged.gguf"],
+        ),
+        case(
+            "tensor copy",
+            &[
+                "tensor",
+                "copy",
+                MODEL,
+                "output.weight",
+                "removed.gguf",
+                "-o",
+                "grafted.gguf",
+            ],
+        ),
+        case(
+            "layers duplicate",
+            &[
+                "layers",
+                "duplicate",
+                MODEL,
+                "--layers",
+                "1..2",
+                "--at",
+                "2",
+                "-o",
+                "duplicated.gguf",
+            ],
+        ),
+        case("ablate", &["ablate", MODEL, "--direction", "direction.npy"]),
+        case("lora merge", &["lora", "merge", MODEL, "adapter.gguf"]),
+        case("lora unmerge", &["lora", "unmerge", MODEL, "adapter.gguf"]),
     ]
 }
 
@@ -527,7 +564,7 @@ fn server_cases(url: &str) -> Vec<Case> {
                 "preset",
                 "apply",
                 "smoke",
-                MODEL,
+                "preset-target.gguf",
                 "--server",
                 url,
                 "--admin-token-file",
@@ -549,6 +586,9 @@ struct Serve {
 impl Serve {
     fn start(dir: &Path) -> (Serve, Case) {
         std::fs::copy(dir.join(MODEL), dir.join("served.gguf")).unwrap();
+        // The local `preset apply` case left its patch applied to the model (it stays
+        // listed in the journal); the server case applies the preset to a fresh copy.
+        std::fs::copy(dir.join(MODEL), dir.join("preset-target.gguf")).unwrap();
         let port = tests::free_port();
         let dead = tests::free_port();
         let command = case(
@@ -563,6 +603,8 @@ impl Serve {
                 // cases edit `model.gguf` while it runs.
                 "--model",
                 "served.gguf",
+                // No llama-server runs here to say which model it serves.
+                "--model-unverified",
                 "--rules",
                 "rules.toml",
                 "--admin-token-file",
@@ -648,6 +690,35 @@ fn write_inputs(dir: &Path) {
     )
     .unwrap();
     std::fs::write(dir.join("token.txt"), "smoke-token\n").unwrap();
+    // A direction in the demo's embedding space, and a rank-2 LoRA adapter for one of
+    // its attention matrices.
+    let n_embd = u64::from(DemoShape::default().embedding_length);
+    let direction: Vec<f32> = (0..n_embd).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
+    byte_tier::codec::write_tensor_npy(&dir.join("direction.npy"), &[n_embd], &direction).unwrap();
+    let mut adapter = byte_tier::GgufWriter::new();
+    adapter.set("general.architecture", "llama");
+    adapter.set("general.type", "adapter");
+    adapter.set("adapter.type", "lora");
+    adapter.set("adapter.lora.alpha", 2.0f32);
+    let rank = 2u64;
+    let values = |n: u64| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| (((i % 5) as f32 - 2.0) * 0.01).to_le_bytes())
+            .collect()
+    };
+    adapter.add_tensor(byte_tier::TensorSpec::from_bytes(
+        "blk.0.attn_q.weight.lora_a",
+        vec![n_embd, rank],
+        byte_tier::GgmlType::F32,
+        values(n_embd * rank),
+    ));
+    adapter.add_tensor(byte_tier::TensorSpec::from_bytes(
+        "blk.0.attn_q.weight.lora_b",
+        vec![rank, n_embd],
+        byte_tier::GgmlType::F32,
+        values(n_embd * rank),
+    ));
+    adapter.write_to_path(&dir.join("adapter.gguf")).unwrap();
     std::fs::write(
         dir.join("rules.toml"),
         "[[rule]]\nname = \"cap\"\naction = { type = \"clamp\", key = \"max_tokens\", min = 1, max = 256 }\n",

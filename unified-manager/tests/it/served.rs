@@ -40,6 +40,11 @@ impl Drop for Serve {
 }
 
 fn start_serve(upstream: u16, model: &Path, token: &Path, port: u16) -> Serve {
+    start_serve_with(upstream, model, token, port, &[])
+}
+
+/// `hotpatch serve` with `extra` arguments, once its admin API answers.
+fn start_serve_with(upstream: u16, model: &Path, token: &Path, port: u16, extra: &[&str]) -> Serve {
     let child = Command::new(HOTPATCH)
         .args([
             "serve",
@@ -51,6 +56,7 @@ fn start_serve(upstream: u16, model: &Path, token: &Path, port: u16) -> Serve {
         .arg(model)
         .arg("--admin-token-file")
         .arg(token)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
