@@ -682,7 +682,7 @@ impl Error {
         }
     }
 
-    /// The same error about another path (a writer's `<output>` placeholder replaced by
+    /// The same error about another path (a writer's `<output>` stand-in replaced by
     /// the file it wrote).
     pub(crate) fn with_path(self, path: &std::path::Path) -> Error {
         match self {

@@ -204,25 +204,82 @@ impl Applied {
         self.undo.iter().map(|(_, b)| 16 + b.len() as u64).sum()
     }
 
-    /// Whether byte `offset` is one this patch changed.
-    fn owns(&self, offset: u64) -> bool {
-        let i = self.undo.partition_point(|(o, _)| *o <= offset);
-        i > 0 && {
-            let (o, b) = &self.undo[i - 1];
-            offset < o + b.len() as u64
+    /// Whether this patch changed any byte that `other` changed.
+    fn shares_bytes_with(&self, other: &Applied) -> bool {
+        let (mut i, mut j) = (0, 0);
+        while i < self.undo.len() && j < other.undo.len() {
+            let (a, b) = (run_range(&self.undo[i]), run_range(&other.undo[j]));
+            if a.start < b.end && b.start < a.end {
+                return true;
+            }
+            if a.end <= b.end {
+                i += 1;
+            } else {
+                j += 1;
+            }
         }
+        false
     }
 
-    /// Replaces the undo byte at `offset`, which the patch owns.
-    fn amend(&mut self, offset: u64, byte: u8) {
+    /// Replaces the undo bytes at `offset`, which lie inside one of the patch's runs.
+    fn amend(&mut self, offset: u64, bytes: &[u8]) {
         let i = self.undo.partition_point(|(o, _)| *o <= offset);
         if i > 0 {
-            let (o, b) = &mut self.undo[i - 1];
-            if let Some(slot) = b.get_mut((offset - *o) as usize) {
-                *slot = byte;
+            let (o, run) = &mut self.undo[i - 1];
+            let at = (offset - *o) as usize;
+            if let Some(slots) = run.get_mut(at..at + bytes.len()) {
+                slots.copy_from_slice(bytes);
             }
         }
     }
+}
+
+/// The byte range of an undo run.
+fn run_range((offset, bytes): &(u64, Vec<u8>)) -> Range<u64> {
+    *offset..offset + bytes.len() as u64
+}
+
+/// Where each byte of `runs` goes when their patch is reverted under `above` (the patches
+/// applied after it, oldest first): a piece that a patch above changed is handed to the
+/// first such patch (its index in `above`), which restores it when it is reverted; the
+/// rest goes back to the region. Works on runs, never byte by byte.
+type Handed = Vec<(usize, u64, Vec<u8>)>;
+
+fn split_for_revert(runs: &[(u64, Vec<u8>)], above: &[Applied]) -> (Vec<(u64, Vec<u8>)>, Handed) {
+    let mut handed = Vec::new();
+    // Pieces not yet claimed by a patch above: (offset, bytes).
+    let mut pieces: Vec<(u64, &[u8])> = runs.iter().map(|(o, b)| (*o, b.as_slice())).collect();
+    for (k, patch) in above.iter().enumerate() {
+        let mut left = Vec::with_capacity(pieces.len());
+        for (start, bytes) in pieces {
+            let end = start + bytes.len() as u64;
+            let mut cursor = start;
+            for owned in patch.undo.iter().map(run_range) {
+                if owned.end <= cursor || owned.start >= end {
+                    continue;
+                }
+                let (from, to) = (owned.start.max(cursor), owned.end.min(end));
+                if cursor < from {
+                    left.push((
+                        cursor,
+                        &bytes[(cursor - start) as usize..(from - start) as usize],
+                    ));
+                }
+                handed.push((
+                    k,
+                    from,
+                    bytes[(from - start) as usize..(to - start) as usize].to_vec(),
+                ));
+                cursor = to;
+            }
+            if cursor < end {
+                left.push((cursor, &bytes[(cursor - start) as usize..]));
+            }
+        }
+        pieces = left;
+    }
+    let to_region = pieces.into_iter().map(|(o, b)| (o, b.to_vec())).collect();
+    (to_region, handed)
 }
 
 #[derive(Debug, Default)]
@@ -443,18 +500,6 @@ fn image_with(bytes: &[u8], range: &Range<u64>, overlays: &[&[(u64, Vec<u8>)]]) 
     image
 }
 
-/// Contiguous runs of `(offset, byte)` pairs sorted by offset.
-fn runs_of(bytes: impl IntoIterator<Item = (u64, u8)>) -> Vec<(u64, Vec<u8>)> {
-    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
-    for (offset, byte) in bytes {
-        match runs.last_mut() {
-            Some((start, run)) if *start + run.len() as u64 == offset => run.push(byte),
-            _ => runs.push((offset, vec![byte])),
-        }
-    }
-    runs
-}
-
 impl LiveModel {
     /// Attaches to the GGUF file at `path`. A shared attach rolls back an unfinished
     /// transaction first, then lists again the live patches the file's journal records
@@ -599,9 +644,7 @@ impl LiveModel {
                     .iter_mut()
                     .find(|a| a.patch.id.to_string() == amend.patch)
                 {
-                    for (i, byte) in run.into_iter().enumerate() {
-                        applied.amend(amend.offset + i as u64, byte);
-                    }
+                    applied.amend(amend.offset, &run);
                 }
             }
             for noted in &note.patches {
@@ -829,11 +872,7 @@ impl LiveModel {
                 journal_transaction: a.journal_transaction,
                 covered_by: region.applied[i + 1..]
                     .iter()
-                    .filter(|b| {
-                        a.undo
-                            .iter()
-                            .any(|(o, run)| (*o..o + run.len() as u64).any(|x| b.owns(x)))
-                    })
+                    .filter(|b| a.shares_bytes_with(b))
                     .map(|b| b.patch.id)
                     .collect(),
             })
@@ -1474,30 +1513,23 @@ impl LiveModel {
         }
         // Each byte the patch changed goes back to the region, or to the first patch
         // over it that changed the same byte.
-        let above = &state.applied[index + 1..];
-        let mut to_region = Vec::new();
-        let mut handed: Vec<(usize, u64, u8)> = Vec::new();
-        for (offset, run) in &applied.undo {
-            for (i, &byte) in run.iter().enumerate() {
-                let at = offset + i as u64;
-                match above.iter().position(|b| b.owns(at)) {
-                    Some(b) => handed.push((index + 1 + b, at, byte)),
-                    None => to_region.push((at, byte)),
-                }
-            }
-        }
-        let writes: Vec<(ByteWrite, Option<usize>)> = runs_of(to_region)
+        let (to_region, handed) = split_for_revert(&applied.undo, &state.applied[index + 1..]);
+        let handed: Handed = handed
+            .into_iter()
+            .map(|(k, offset, bytes)| (index + 1 + k, offset, bytes))
+            .collect();
+        let writes: Vec<(ByteWrite, Option<usize>)> = to_region
             .into_iter()
             .map(|(offset, bytes)| (ByteWrite { offset, bytes }, None))
             .collect();
-        let mut amends = Vec::new();
-        for (b, run) in group_handed(&handed) {
-            amends.push(Amend {
-                patch: state.applied[b].patch.id.to_string(),
-                offset: run.0,
-                bytes: crate::note::to_hex(&run.1),
-            });
-        }
+        let amends: Vec<Amend> = handed
+            .iter()
+            .map(|(b, offset, bytes)| Amend {
+                patch: state.applied[*b].patch.id.to_string(),
+                offset: *offset,
+                bytes: crate::note::to_hex(bytes),
+            })
+            .collect();
         let note = LiveNote {
             format: crate::note::FORMAT.into(),
             reverts: Some(id.to_string()),
@@ -1529,17 +1561,13 @@ impl LiveModel {
                 offset: range.start,
             });
         }
-        for (b, at, byte) in &handed {
-            state.applied[*b].amend(*at, *byte);
+        for (b, offset, bytes) in &handed {
+            state.applied[*b].amend(*offset, bytes);
         }
         // The patches under this one whose bytes came back.
         let restored: Vec<(Uuid, String)> = state.applied[..index]
             .iter()
-            .filter(|a| {
-                a.undo
-                    .iter()
-                    .any(|(o, run)| (*o..o + run.len() as u64).any(|x| applied.owns(x)))
-            })
+            .filter(|a| a.shares_bytes_with(&applied))
             .map(|a| (a.patch.id, a.patch.name.clone()))
             .collect();
         state.applied.remove(index);
@@ -1675,18 +1703,3 @@ impl LiveModel {
 
 #[cfg(test)]
 mod tests;
-
-/// Bytes handed to patches above, grouped into runs per patch: (patch index, (offset,
-/// bytes)).
-fn group_handed(handed: &[(usize, u64, u8)]) -> Vec<(usize, (u64, Vec<u8>))> {
-    let mut out: Vec<(usize, (u64, Vec<u8>))> = Vec::new();
-    for &(patch, at, byte) in handed {
-        match out.last_mut() {
-            Some((p, (start, run))) if *p == patch && *start + run.len() as u64 == at => {
-                run.push(byte)
-            }
-            _ => out.push((patch, (at, vec![byte]))),
-        }
-    }
-    out
-}

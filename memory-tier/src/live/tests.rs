@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 
 use uuid::Uuid;
 
-use super::{LiveModel, image_with, runs_of};
+use super::{LiveModel, image_with, split_for_revert};
 use crate::patch::{MemoryPatch, PatchTarget, Payload};
 use crate::sys::page_size;
 
@@ -40,6 +40,11 @@ impl Memory {
 
 impl Drop for Memory {
     fn drop(&mut self) {
+        // A failed assertion unwinds past the model's detach, leaving the pages
+        // read-only: the memory is leaked then rather than freed under the allocator.
+        if std::thread::panicking() {
+            return;
+        }
         // SAFETY: allocated in `new` with this layout, freed once.
         unsafe { dealloc(self.start.as_ptr(), self.layout) }
     }
@@ -122,8 +127,25 @@ fn images_and_runs_compose_undo_data() {
         image_with(&region, &(1..7), &[&undo_a, &undo_b]),
         vec![1, 9, 5, 5, 5, 8]
     );
-    assert_eq!(
-        runs_of([(1, 1), (2, 2), (4, 4)]),
-        vec![(1, vec![1, 2]), (4, vec![4])]
-    );
+}
+
+#[test]
+fn a_reverted_patchs_runs_split_between_the_region_and_the_patches_above() {
+    let memory = Memory::new(1);
+    let model = memory.model();
+    let a = model.apply(raw("A", 0, 16, 1).with_priority(1)).unwrap();
+    let b = model.apply(raw("B", 4, 4, 2).with_priority(2)).unwrap();
+    let c = model.apply(raw("C", 6, 6, 3).with_priority(3)).unwrap();
+    let state = model.region.read();
+    let (to_region, handed) = split_for_revert(&state.applied[0].undo, &state.applied[1..]);
+    // 4..8 to B (the first above that changed them), 8..12 to C, the rest back to the
+    // region.
+    assert_eq!(to_region, vec![(0, vec![0; 4]), (12, vec![0; 4])]);
+    assert_eq!(handed, vec![(0, 4, vec![0; 4]), (1, 8, vec![0; 4])]);
+    drop(state);
+    for id in [a, c, b] {
+        model.revert(id).unwrap();
+    }
+    assert_eq!(bytes(&model, 16), vec![0; 16]);
+    model.detach(false).unwrap();
 }
