@@ -2,33 +2,15 @@
 //! cut at the header-read timeout, idle kept-alive connections at the idle timeout, and
 //! connections past the limit are answered 503 while `/health` keeps answering.
 
+use crate::support::{health_upstream, runtime};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use server_tier::{Proxy, ProxyConfig};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// An upstream that answers `/health` with "ok".
-fn start_upstream(runtime: &tokio::runtime::Runtime) -> SocketAddr {
-    let app = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    runtime.spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
 fn start_proxy(runtime: &tokio::runtime::Runtime, change: impl FnOnce(&mut ProxyConfig)) -> Proxy {
-    let upstream = start_upstream(runtime);
+    let upstream = health_upstream(runtime);
     let mut config = ProxyConfig::new(format!("http://{upstream}"), "127.0.0.1:0".parse().unwrap());
     change(&mut config);
     runtime.block_on(Proxy::bind(config)).unwrap()

@@ -2,6 +2,7 @@
 //! of the real model (rules, cache, live patches through the admin API, drain), and in
 //! front of a small test upstream for hostile input and a bounded load run.
 
+use crate::support::{local, runtime};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -109,22 +110,10 @@ fn streamed_text(body: &str) -> String {
     text
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn start_proxy(runtime: &tokio::runtime::Runtime, config: ProxyConfig) -> Proxy {
     runtime
         .block_on(Proxy::bind(config))
         .expect("start the proxy")
-}
-
-fn local() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
 }
 
 fn rule(value: Value) -> Rule {

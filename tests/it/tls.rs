@@ -2,7 +2,7 @@
 //! to the proxy (and gets the new certificate after a reload), and a proxied request
 //! reaches an HTTPS upstream that only a named CA vouches for.
 
-use std::net::SocketAddr;
+use crate::support::{health_upstream, local, runtime};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -38,29 +38,6 @@ fn make_authority(dir: &Path, name: &str) -> Authority {
     std::fs::write(&authority.cert, cert.pem()).unwrap();
     std::fs::write(&authority.key, key.serialize_pem()).unwrap();
     authority
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A plain upstream that answers `/health` with "ok".
-fn start_upstream(runtime: &tokio::runtime::Runtime) -> SocketAddr {
-    let app = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    runtime.spawn(async move { axum::serve(listener, app).await });
-    addr
-}
-
-fn local() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
 }
 
 /// One `GET path` over TLS to 127.0.0.1:`port`, trusting only the CA in `ca`: the
@@ -118,7 +95,7 @@ fn tls_a_client_talks_https_to_the_proxy_and_gets_the_new_certificate_after_a_re
     let first = make_authority(dir.path(), "first");
     let second = make_authority(dir.path(), "second");
     let runtime = runtime();
-    let upstream = start_upstream(&runtime);
+    let upstream = health_upstream(&runtime);
     let mut config = ProxyConfig::new(format!("http://{upstream}"), local());
     // The files the proxy reads; replaced in place below, as a renewal does.
     let cert = dir.path().join("serve-cert.pem");
@@ -175,7 +152,7 @@ fn tls_a_proxied_request_reaches_an_https_upstream_its_ca_vouches_for() {
     let dir = tempfile::tempdir().unwrap();
     let authority = make_authority(dir.path(), "upstream");
     let runtime = runtime();
-    let upstream = start_upstream(&runtime);
+    let upstream = health_upstream(&runtime);
     // The HTTPS upstream: a TLS-serving proxy in front of the plain one.
     let mut front = ProxyConfig::new(format!("http://{upstream}"), local());
     front.tls = Some(serving_tls(&authority));
