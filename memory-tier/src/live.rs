@@ -618,10 +618,17 @@ impl LiveModel {
         let journal = journal.lock().unwrap_or_else(|e| e.into_inner());
         let mut region = self.region.write();
         let (bytes, state) = region.parts();
-        for txn in journal.transactions() {
-            if !matches!(txn.state, TransactionState::Committed(_)) {
-                continue;
-            }
+        let committed =
+            |t: &&byte_tier::Transaction| matches!(t.state, TransactionState::Committed(_));
+        // The patches a later transaction reverted: their undo bytes are never read back
+        // from the journal, so attaching costs what is applied now, not the history.
+        let reverted: std::collections::HashSet<String> = journal
+            .transactions()
+            .iter()
+            .filter(committed)
+            .filter_map(|t| LiveNote::parse(&t.note)?.reverts)
+            .collect();
+        for txn in journal.transactions().iter().filter(committed) {
             let Some(note) = LiveNote::parse(&txn.note) else {
                 // A transaction made outside a live model (a metadata edit, a repair): if
                 // it reverted a live apply, that patch is gone.
@@ -648,6 +655,9 @@ impl LiveModel {
                 }
             }
             for noted in &note.patches {
+                if reverted.contains(&noted.id) {
+                    continue;
+                }
                 let range = noted.range[0]..noted.range[1];
                 if range.start > range.end || range.end > bytes.len() as u64 {
                     continue;
