@@ -135,6 +135,81 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The agent's socket could not be reached.
+    #[error("cannot reach the agent at {socket}: is the server running under `hotpatch launch`?")]
+    AgentConnect {
+        /// The socket.
+        socket: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A frame to or from the agent failed.
+    #[error("talking to the agent at {socket}")]
+    AgentChannel {
+        /// The socket.
+        socket: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: crate::agent::proto::FrameError,
+    },
+    /// The agent refused a request; it wrote nothing.
+    #[error("the agent refused")]
+    AgentRefused(#[source] crate::agent::proto::AgentError),
+    /// The server holds a tensor of another size than the file's: it serves another model.
+    #[error(
+        "tensor {tensor:?} has {file_bytes} bytes in the file but {server_bytes} in the server: the server runs another model"
+    )]
+    AgentTensorMismatch {
+        /// The tensor.
+        tensor: String,
+        /// Its size in the file.
+        file_bytes: u64,
+        /// Its size in the server.
+        server_bytes: u64,
+    },
+    /// The server did not place this tensor where the agent saw it.
+    #[error(
+        "the agent never saw tensor {tensor:?} placed (the server loaded it without a call the agent watches, e.g. a CPU buffer with --no-mmap)"
+    )]
+    AgentUnseenTensor {
+        /// The tensor.
+        tensor: String,
+    },
+    /// A tensor the server reads straight from the file mapping can only be patched
+    /// through the file.
+    #[error(
+        "tensor {tensor:?} is read by the server straight from the file mapping: only a change of the file reaches it (use --persist, which journals the file)"
+    )]
+    FileViewNeedsFile {
+        /// The tensor.
+        tensor: String,
+    },
+    /// Patches kept only in the server's memory would be written to the file.
+    #[error(
+        "the agent holds {count} memory-only patch(es); revert them first, or keep patching memory-only (without --persist)"
+    )]
+    AgentMemoryOnlyPatches {
+        /// How many.
+        count: usize,
+    },
+    /// A record kept by the agent is not one this library wrote.
+    #[error("the agent's record {key:?} is not a patch record: {reason}")]
+    AgentRecord {
+        /// Its key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server changed but the library's model could not follow (and the reverse).
+    #[error("the server and the model disagree after a failed write; revert patch {patch:?} again")]
+    AgentDiverged {
+        /// The patch.
+        patch: String,
+        /// What failed.
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 /// The result type of memory-tier.

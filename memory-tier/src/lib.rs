@@ -11,6 +11,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod agent;
 mod error;
 mod live;
 mod note;
@@ -19,6 +20,7 @@ mod patch;
 mod rcu;
 mod sys;
 
+pub use agent::{AgentClient, AgentModel};
 pub use error::{Error, Result};
 pub use live::{
     Action, AppliedPatch, AttachMode, ConflictReport, Event, HistoryEntry, LiveModel,
