@@ -193,24 +193,41 @@ impl LlamaServer {
     /// are read straight from the shared mapping) plus `extra` arguments, and waits until
     /// `/health` answers 200. Panics with the server's log if it does not within 120 s.
     pub fn start(model: &std::path::Path, extra: &[&str]) -> LlamaServer {
+        let mut args = vec!["--no-repack", "-ngl", "0", "-c", "512", "-t", "2"];
+        args.extend_from_slice(extra);
+        LlamaServer::start_via(&[], model, &args)
+    }
+
+    /// Starts `LAUNCHER… llama-server -m MODEL --host 127.0.0.1 --port P --no-webui ARGS`
+    /// (a launcher such as `hotpatch launch --socket S --`, or none) and waits for
+    /// `/health` as [`LlamaServer::start`] does.
+    pub fn start_via(
+        launcher: &[&std::ffi::OsStr],
+        model: &std::path::Path,
+        args: &[&str],
+    ) -> LlamaServer {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("llama-server-{port}.log"));
         let log_file = std::fs::File::create(&log).expect("create the server log");
-        let child = Command::new(llama_server_binary())
+        let mut command = match launcher.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(llama_server_binary());
+                c
+            }
+            None => Command::new(llama_server_binary()),
+        };
+        let child = command
             .arg("-m")
             .arg(model)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args([
-                "--no-repack",
-                "-ngl",
-                "0",
-                "-c",
-                "512",
-                "-t",
-                "2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
                 "--no-webui",
             ])
-            .args(extra)
+            .args(args)
             .stdout(log_file.try_clone().expect("clone the log handle"))
             .stderr(log_file)
             .spawn()
@@ -236,6 +253,11 @@ impl LlamaServer {
             }
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -17,6 +17,7 @@ pub mod manager;
 pub mod optimize;
 pub mod plot;
 pub mod preset;
+pub mod reach;
 pub mod report;
 pub mod safety;
 pub mod server;

@@ -86,6 +86,12 @@ enum Command {
     Layers(cli::surgery::LayersCommand),
     /// Run the OpenAI-compatible proxy (rules, cache, live-patch admin API).
     Serve(cli::serve::ServeArgs),
+    /// Start llama-server (or another program) with the agent preloaded, so that live
+    /// patches reach every weight it holds: `hotpatch launch -- llama-server -m M.gguf`.
+    Launch(cli::agent::LaunchArgs),
+    /// The agent inside a server started with `hotpatch launch`.
+    #[command(subcommand)]
+    Agent(cli::agent::AgentCommand),
     /// Integrity check, NaN/infinity scan and repair, outlier clamp, server safety rules.
     Safety(cli::pipeline::SafetyArgs),
     /// Requantize and prune in one rewrite into a new file; sizes before and after.
@@ -140,6 +146,8 @@ fn run() -> ExitCode {
         Command::Split(args) => cli::split::split(&args),
         Command::Merge(args) => cli::split::merge(&args),
         Command::Serve(args) => cli::serve::run(&args),
+        Command::Launch(args) => cli::agent::launch(&args),
+        Command::Agent(command) => cli::agent::status(&command),
         Command::Safety(args) => cli::pipeline::safety(&args),
         Command::Optimize(args) => cli::pipeline::optimize(&args),
         Command::Boost(args) => cli::pipeline::boost(&args),

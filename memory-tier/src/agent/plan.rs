@@ -1,6 +1,9 @@
 //! How a change of a tensor's bytes reaches the server's copy of it: which writes the
 //! agent is sent, depending on the buffer that holds the tensor.
 
+// One range in a list of ranges is the common case here, not a mistake.
+#![allow(clippy::single_range_in_vec_init)]
+
 use std::ops::Range;
 
 use super::proto::{Access, TensorEntry, WriteSpec};

@@ -24,7 +24,7 @@ pub struct RevertArgs {
     /// The file.
     pub file: PathBuf,
     /// The transaction to revert (see `hotpatch history`).
-    #[arg(required_unless_present = "last", conflicts_with = "last")]
+    #[arg(required_unless_present_any = ["last", "patch"], conflicts_with_all = ["last", "patch"])]
     pub id: Option<u64>,
     /// Revert the last transaction that is not reverted yet.
     #[arg(long)]
@@ -39,6 +39,20 @@ pub struct RevertArgs {
     /// A file holding that proxy's admin token.
     #[arg(long, value_name = "FILE", requires = "server")]
     pub admin_token_file: Option<PathBuf>,
+    /// Revert through the agent at SOCKET (see `hotpatch launch`).
+    #[arg(long, value_name = "SOCKET", conflicts_with = "server")]
+    pub agent: Option<PathBuf>,
+    /// With --agent: the patch was journaled (`patch --persist`).
+    #[arg(long, requires = "agent")]
+    pub persist: bool,
+    /// With --agent: the live patch to revert, by id or name.
+    #[arg(
+        long,
+        value_name = "ID|NAME",
+        requires = "agent",
+        conflicts_with = "last"
+    )]
+    pub patch: Option<String>,
 }
 
 /// Arguments of `hotpatch recover`.
@@ -137,6 +151,25 @@ pub fn history(args: &HistoryArgs) -> anyhow::Result<()> {
 pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
     if let Some(server) = &args.server {
         return revert_through_server(args, server);
+    }
+    if let Some(socket) = &args.agent {
+        use super::agent::Which;
+        if args.dry_run {
+            bail!("--dry-run is not available with --agent: the agent's state is in the server");
+        }
+        let which = match (&args.patch, args.id) {
+            (Some(key), _) => Which::Patch(key),
+            (None, Some(id)) => Which::Transaction(id),
+            (None, None) => Which::Last,
+        };
+        let names = super::agent::revert(&args.file, socket, args.persist, which)?;
+        for name in names {
+            println!(
+                "reverted {name:?} through the agent at {}",
+                socket.display()
+            );
+        }
+        return Ok(());
     }
     // Live patches (the journal notes them) are reverted through a live model, which
     // knows what lies over what; other transactions byte for byte. A file that is not a

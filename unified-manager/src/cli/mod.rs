@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod agent;
 pub mod args;
 pub mod bytes;
 pub mod check;

@@ -61,6 +61,14 @@ pub struct PatchArgs {
     /// A file holding that proxy's admin token.
     #[arg(long, value_name = "FILE", requires = "server")]
     pub admin_token_file: Option<PathBuf>,
+    /// Patch the weights of the llama-server running under `hotpatch launch` with the
+    /// agent at SOCKET: its copies (repacked, GPU, remote) as well as the file mapping.
+    #[arg(long, value_name = "SOCKET", conflicts_with = "server")]
+    pub agent: Option<PathBuf>,
+    /// With --agent, also journal the patch into the file, so a restarted server keeps
+    /// it (and tensors the server reads from the mapping can be reached).
+    #[arg(long, requires = "agent")]
+    pub persist: bool,
 }
 
 fn parse_range(text: &str) -> Result<Range<u64>, String> {
@@ -207,6 +215,46 @@ pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
         print_outcome(args.json, &outcome, true);
         return Ok(());
     }
+    if let Some(socket) = &args.agent {
+        let (report, delivery) = super::agent::apply(&args.file, socket, args.persist, patch)?;
+        let outcome = Outcome::from_report(&report, elements);
+        if args.json {
+            let r = outcome.transform.as_ref();
+            println!(
+                "{}",
+                json!({"id": report.id.to_string(), "transaction": outcome.transaction,
+                    "tensor": outcome.tensor, "elements": [outcome.elements.start, outcome.elements.end],
+                    "changed_bytes": outcome.changed_bytes, "persist": args.persist,
+                    "path": r.map(|r| format!("{:?}", r.path).to_lowercase()),
+                    "rms_error": r.map(|r| r.rms_error), "max_abs_error": r.map(|r| r.max_abs_error),
+                    "agent": {"writes": delivery.writes, "bytes": delivery.bytes,
+                        "waited_us": delivery.waited_us, "through_file": delivery.through_file}})
+            );
+        } else {
+            let text = describe_parts(
+                &outcome.tensor,
+                &outcome.elements,
+                outcome.changed_bytes,
+                outcome.written_bytes,
+                outcome.runs,
+                outcome.transform.as_ref(),
+            );
+            println!("live patch {}: {text}", report.id);
+            println!(
+                "through the agent at {}: {} write(s), {} bytes, {} us waiting for a pass boundary; {} tensor(s) reached through the file{}",
+                socket.display(),
+                delivery.writes,
+                delivery.bytes,
+                delivery.waited_us,
+                delivery.through_file,
+                match outcome.transaction {
+                    Some(t) => format!(" (journaled as transaction {t})"),
+                    None => " (memory only: revert with --agent and --last or --patch ID)".into(),
+                }
+            );
+        }
+        return Ok(());
+    }
     // The write goes through a shared writable mapping of the file, under page
     // protection and through the journal: a llama-server that maps the file (on CPU,
     // with --no-repack) computes its next token with the new values. The transform is
@@ -217,6 +265,10 @@ pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
     let reports = model.apply_reported(vec![patch])?;
     let outcome = Outcome::from_report(&reports[0], elements);
     print_outcome(args.json, &outcome, false);
+    // No silent no-op: say which servers that map the file hold the tensor as a copy.
+    if let Ok(tensor) = model.tensor(&args.tensor) {
+        super::agent::report_reach(&args.file, tensor);
+    }
     Ok(())
 }
 

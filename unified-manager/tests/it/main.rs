@@ -1,5 +1,6 @@
 //! The `hotpatch` binary, run as a user runs it.
 
+mod agent;
 mod commands;
 mod crash;
 mod edit;
