@@ -434,9 +434,13 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
     };
     let applied = {
         let model = Arc::clone(&model);
-        tokio::task::spawn_blocking(move || model.apply_reported(vec![patch]))
-            .await
-            .map_err(|e| Error::Task(e.to_string()))?
+        let agent = shared.agent.clone();
+        tokio::task::spawn_blocking(move || match agent {
+            Some(agent) => agent.apply_reported(vec![patch]),
+            None => model.apply_reported(vec![patch]),
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
     };
     let report = match applied.map(|mut r| r.pop()) {
         Ok(Some(report)) => report,
@@ -625,9 +629,13 @@ async fn revert_patch(
 /// Reverts a patch; the caller holds the model-ops lock.
 async fn revert_locked(shared: &Arc<Shared>, id: Uuid) -> Result<Value> {
     let model = Arc::clone(model(shared)?);
-    tokio::task::spawn_blocking(move || model.revert(id))
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??;
+    let agent = shared.agent.clone();
+    tokio::task::spawn_blocking(move || match agent {
+        Some(agent) => agent.revert(id),
+        None => model.revert(id),
+    })
+    .await
+    .map_err(|e| Error::Task(e.to_string()))??;
     shared
         .stats
         .patches_reverted

@@ -167,6 +167,10 @@ pub struct ProxyConfig {
     /// when that path is not visible here), at start and before every live patch. On by
     /// default; without it every patch reply says the model was not verified.
     pub verify_model: bool,
+    /// The control socket of the agent inside the upstream llama-server (started with
+    /// `hotpatch launch`): every live patch and revert then also reaches the weights the
+    /// server holds as copies (repacked, GPU, remote), and is journaled into `model`.
+    pub agent: Option<PathBuf>,
 }
 
 impl ProxyConfig {
@@ -184,6 +188,7 @@ impl ProxyConfig {
             limits: Limits::default(),
             guard_prompt_cache: true,
             verify_model: true,
+            agent: None,
         }
     }
 }

@@ -116,6 +116,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     pub(crate) admin: AdminAuth,
     pub(crate) model: Option<Arc<memory_tier::LiveModel>>,
+    /// The patcher over the upstream's agent, when there is one: it owns `model`.
+    pub(crate) agent: Option<Arc<memory_tier::AgentModel>>,
     /// Whether the model file must be checked against the one the upstream serves.
     pub(crate) verify_model: bool,
     pub(crate) model_ops: tokio::sync::Mutex<crate::admin::ModelOps>,
@@ -148,12 +150,25 @@ impl Shared {
             AdminAccess::Token(token) => AdminAuth::Token(crate::admin::token_digest(token.trim())),
             AdminAccess::InsecureLoopback => AdminAuth::Open,
         };
-        let model = match &config.model {
-            Some(path) => Some(Arc::new(memory_tier::LiveModel::attach(
-                path,
-                memory_tier::AttachMode::Shared,
-            )?)),
-            None => None,
+        let (model, agent) = match (&config.model, &config.agent) {
+            (Some(path), Some(socket)) => {
+                let agent = memory_tier::AgentModel::attach(path, socket, true)?;
+                (Some(Arc::clone(agent.live())), Some(Arc::new(agent)))
+            }
+            (Some(path), None) => (
+                Some(Arc::new(memory_tier::LiveModel::attach(
+                    path,
+                    memory_tier::AttachMode::Shared,
+                )?)),
+                None,
+            ),
+            (None, Some(_)) => {
+                return Err(Error::Config(
+                    "--agent needs --model: the file the server loaded, whose bytes are the undo"
+                        .into(),
+                ));
+            }
+            (None, None) => (None, None),
         };
         Ok(Shared {
             upstream,
@@ -170,6 +185,7 @@ impl Shared {
             stats,
             admin,
             model,
+            agent,
             verify_model: config.verify_model,
             model_ops: tokio::sync::Mutex::new(crate::admin::ModelOps::default()),
         })

@@ -27,6 +27,11 @@ pub struct ServeArgs {
     /// `GET /props` model_path); every patch reply then says it was not verified.
     #[arg(long, requires = "model")]
     pub model_unverified: bool,
+    /// The agent socket of the upstream llama-server started with `hotpatch launch`:
+    /// live patches then reach every weight it holds (repacked, on a GPU, remote), not
+    /// only those it reads from the file mapping. Needs --model.
+    #[arg(long, value_name = "SOCKET", requires = "model")]
+    pub agent: Option<PathBuf>,
     /// A TOML rules file (`[[rule]]` tables and an optional `[cache]` table).
     #[arg(long, value_name = "FILE")]
     pub rules: Option<PathBuf>,
@@ -69,6 +74,7 @@ impl ServeArgs {
         let mut config = ProxyConfig::new(self.upstream.clone(), self.listen);
         config.model = self.model.clone();
         config.verify_model = !self.model_unverified;
+        config.agent = self.agent.clone();
         config.upstream_tls = self.tls.upstream();
         config.tls = self.tls.listen();
         config.admin_allow_plaintext = self.admin_allow_plaintext;

@@ -433,3 +433,33 @@ fn a_tensor_held_by_a_remote_rpc_server_is_patched_and_restored() {
     let _ = rpc.kill();
     let _ = rpc.wait();
 }
+
+#[test]
+fn serve_with_the_agent_patches_a_repacked_tensor_through_the_admin_api() {
+    use crate::served::{TOKEN, admin, start_serve_with};
+    let l = launch(&cpu_args());
+    let all = tensors(&l.socket);
+    let repacked = first_with(&all, Access::WholeTensor, "q4_K");
+    let token = l.model.with_file_name("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let port = tests::free_port();
+    let socket = l.socket.to_str().unwrap();
+    let _serve = start_serve_with(l.server.port, &l.model, &token, port, &["--agent", socket]);
+    let before = top_logprobs(l.server.port);
+    let (status, reply) = admin(
+        port,
+        "POST",
+        "/admin/patches",
+        Some(json!({"name": "quiet", "tensor": repacked, "transform": {"scale": 0.1}})),
+    );
+    assert_eq!(status, 201, "{reply}");
+    assert_ne!(top_logprobs(l.server.port), before);
+    let id = reply["id"].as_str().unwrap();
+    let (status, reply) = admin(port, "DELETE", &format!("/admin/patches/{id}"), None);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(top_logprobs(l.server.port), before);
+    assert_eq!(
+        std::fs::read(&l.model).unwrap(),
+        std::fs::read(tests::real_model()).unwrap()
+    );
+}

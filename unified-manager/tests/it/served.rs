@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value as Json, json};
 
 const HOTPATCH: &str = env!("CARGO_BIN_EXE_hotpatch");
-const TOKEN: &str = "served-test-token";
+pub(crate) const TOKEN: &str = "served-test-token";
 
 fn run(args: &[&str]) -> Output {
     Command::new(HOTPATCH).args(args).output().unwrap()
@@ -27,7 +27,7 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// A `hotpatch serve` child process, killed when dropped.
-struct Serve {
+pub(crate) struct Serve {
     child: Child,
     port: u16,
 }
@@ -44,7 +44,13 @@ fn start_serve(upstream: u16, model: &Path, token: &Path, port: u16) -> Serve {
 }
 
 /// `hotpatch serve` with `extra` arguments, once its admin API answers.
-fn start_serve_with(upstream: u16, model: &Path, token: &Path, port: u16, extra: &[&str]) -> Serve {
+pub(crate) fn start_serve_with(
+    upstream: u16,
+    model: &Path,
+    token: &Path,
+    port: u16,
+    extra: &[&str],
+) -> Serve {
     let child = Command::new(HOTPATCH)
         .args([
             "serve",
@@ -76,7 +82,7 @@ fn start_serve_with(upstream: u16, model: &Path, token: &Path, port: u16, extra:
 }
 
 /// An admin request with the token: status and JSON body.
-fn admin(port: u16, method: &str, path: &str, body: Option<Json>) -> (u16, Json) {
+pub(crate) fn admin(port: u16, method: &str, path: &str, body: Option<Json>) -> (u16, Json) {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return (0, Json::Null);
