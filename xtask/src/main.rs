@@ -10,6 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod alloc_check;
+mod bench_agent;
 mod bench_codecs;
 mod bench_edit;
 mod bench_live;
@@ -31,6 +32,8 @@ tasks:
   bench-codecs  dequantize throughput per type on the real model against gguf-py, same run
   bench-edit    in-place meta set and tensor scale against gguf-py's tools, same run
   bench-live    live patch latency under page protection, batched and not
+  bench-agent   live patch latency through the agent (partial write, whole-tensor re-set)
+                against the file mapping, under load, same run
   bench-proxy   latency hotpatch serve adds (p50, p99) against calling the upstream directly,
                 same run, and cache-hit throughput
   iq-grids      write the grid IQ types' lattice tables from ggml-common.h [PATH] as
@@ -53,6 +56,7 @@ fn main() -> Result<()> {
         Some("bench-parse") => bench_parse::run(),
         Some("bench-edit") => bench_edit::run(),
         Some("bench-live") => bench_live::run(),
+        Some("bench-agent") => bench_agent::run(),
         Some("bench-proxy") => bench_proxy::run(),
         Some("bench-codecs") => bench_codecs::run(),
         Some("llama-server") => {
@@ -98,7 +102,7 @@ fn render(command: &Command) -> String {
     text
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 

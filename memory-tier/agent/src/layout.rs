@@ -100,3 +100,54 @@ fn compare(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe_tensor() -> Tensor {
+        let mut name = [0 as c_char; crate::ffi::MAX_NAME];
+        for (dst, src) in name.iter_mut().zip(b"probe") {
+            *dst = *src as c_char;
+        }
+        Tensor {
+            type_: 0,
+            buffer: std::ptr::null_mut(),
+            ne: [7, 3, 1, 1],
+            nb: [4, 28, 84, 84],
+            op: 0,
+            op_params: [0; 16],
+            flags: 0,
+            src: [std::ptr::null_mut(); 10],
+            view_src: std::ptr::null_mut(),
+            view_offs: 0,
+            data: std::ptr::null_mut(),
+            name,
+            extra: std::ptr::null_mut(),
+            padding: [0; 8],
+        }
+    }
+
+    #[test]
+    fn the_layout_it_was_built_for_passes() {
+        let t = probe_tensor();
+        assert_eq!(compare(&t, t.name.as_ptr(), 84, 21, 0, c"probe"), Ok(()));
+    }
+
+    #[test]
+    fn any_field_read_wrong_makes_the_agent_inert() {
+        let t = probe_tensor();
+        let name = t.name.as_ptr();
+        // Another ggml's struct reads as a shifted shape, a name elsewhere, or other sizes.
+        let mut shifted = probe_tensor();
+        shifted.ne = [3, 1, 1, 4];
+        assert!(compare(&shifted, shifted.name.as_ptr(), 84, 21, 0, c"probe").is_err());
+        assert!(compare(&t, name.wrapping_add(8), 84, 21, 0, c"probe").is_err());
+        assert!(compare(&t, name, 96, 21, 0, c"probe").is_err());
+        assert!(compare(&t, name, 84, 21, 0x1000, c"probe").is_err());
+        assert!(compare(&t, name, 84, 21, 0, c"other").is_err());
+        let mut typed = probe_tensor();
+        typed.type_ = 1;
+        assert!(compare(&typed, typed.name.as_ptr(), 84, 21, 0, c"probe").is_err());
+    }
+}
