@@ -345,6 +345,34 @@ fn offline_cases(data: u64) -> Vec<Case> {
         ),
         case("history", &["history", MODEL]),
         case("revert", &["revert", MODEL, "--last"]),
+        // The agent loads into any program; in one without ggml it says it is inert.
+        case(
+            "launch",
+            &[
+                "launch",
+                "--socket",
+                "agent.sock",
+                "--",
+                HOTPATCH,
+                "agent",
+                "status",
+                "agent.sock",
+            ],
+        ),
+        case(
+            "agent status",
+            &[
+                "launch",
+                "--socket",
+                "agent.sock",
+                "--",
+                HOTPATCH,
+                "agent",
+                "status",
+                "agent.sock",
+                "--json",
+            ],
+        ),
         case("recover", &["recover", MODEL]),
         case(
             "tensor export",
