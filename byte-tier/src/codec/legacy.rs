@@ -145,7 +145,7 @@ fn min_max(x: &[f32; 32]) -> (f32, f32) {
 }
 
 #[inline]
-fn inverse(d: f32) -> f32 {
+pub(super) fn inverse(d: f32) -> f32 {
     if d == 0.0 { 0.0 } else { 1.0 / d }
 }
 
@@ -182,7 +182,7 @@ pub(super) fn round_half_away(x: f32) -> i32 {
     if x < 0.0 { -rounded } else { rounded }
 }
 
-fn scale_bits(d: f32, block: usize) -> Result<[u8; 2], BlockOverflow> {
+pub(super) fn scale_bits(d: f32, block: usize) -> Result<[u8; 2], BlockOverflow> {
     f16_bits(d)
         .map(u16::to_le_bytes)
         .ok_or(BlockOverflow { block, value: d })

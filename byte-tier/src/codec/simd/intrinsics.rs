@@ -1,5 +1,5 @@
-//! Hand-written AVX2 and AVX-512 dequantization kernels for Q8_0 and Q4_K, the types
-//! whose compiler-vectorized kernels stay below ggml's own speed.
+//! Hand-written kernels: Q8_0 (AVX2) and Q4_K (AVX2, AVX-512) dequantization, whose
+//! compiler-vectorized kernels stay below ggml's own speed, and Q8_0 quantization (AVX2).
 //!
 //! Each one computes what the scalar kernel computes, operation for operation: the
 //! block's scales come from the same scalar code, and every value is `d * q` (Q8_0) or
@@ -9,8 +9,24 @@
 
 use std::arch::x86_64::*;
 
+use crate::codec::BlockOverflow;
 use crate::codec::f16_at;
 use crate::codec::kquants::scales_mins_k4;
+use crate::codec::legacy::{inverse, scale_bits};
+
+/// Reads 8 values.
+#[target_feature(enable = "avx2")]
+fn load_8(values: &[f32; 8]) -> __m256 {
+    // SAFETY: the array holds the 8 values read, and `loadu` needs no alignment.
+    unsafe { _mm256_loadu_ps(values.as_ptr()) }
+}
+
+/// Writes 32 bytes.
+#[target_feature(enable = "avx2")]
+fn store_256(out: &mut [u8; 32], bytes: __m256i) {
+    // SAFETY: the array holds the 32 bytes written, and `storeu` needs no alignment.
+    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), bytes) }
+}
 
 /// Reads 32 bytes.
 #[target_feature(enable = "avx2")]
@@ -40,29 +56,19 @@ pub(super) fn dequant_q8_0_avx2(src: &[u8], dst: &mut [f32]) {
     let (outs, _) = dst.as_chunks_mut::<32>();
     for (b, y) in blocks.iter().zip(outs.iter_mut()) {
         let d = _mm256_set1_ps(f16_at(b, 0));
-        let (codes, _) = b[2..].as_chunks::<8>();
+        let (codes, _) = b[2..].as_chunks::<32>();
+        let x = load_256(&codes[0]);
+        let (low, high) = (_mm256_castsi256_si128(x), _mm256_extracti128_si256::<1>(x));
+        let parts = [
+            low,
+            _mm_srli_si128::<8>(low),
+            high,
+            _mm_srli_si128::<8>(high),
+        ];
         let (ys, _) = y.as_chunks_mut::<8>();
-        for (q, o) in codes.iter().zip(ys.iter_mut()) {
-            let q = _mm_set_epi64x(0, i64::from_le_bytes(*q));
+        for (q, o) in parts.into_iter().zip(ys.iter_mut()) {
             let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
             store_8(o, _mm256_mul_ps(d, q));
-        }
-    }
-}
-
-/// Q8_0 with AVX-512: sixteen codes at a time.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-pub(super) fn dequant_q8_0_avx512(src: &[u8], dst: &mut [f32]) {
-    let (blocks, _) = src.as_chunks::<34>();
-    let (outs, _) = dst.as_chunks_mut::<32>();
-    for (b, y) in blocks.iter().zip(outs.iter_mut()) {
-        let d = _mm512_set1_ps(f16_at(b, 0));
-        let (codes, _) = b[2..].as_chunks::<8>();
-        let (ys, _) = y.as_chunks_mut::<16>();
-        for (q, o) in codes.as_chunks::<2>().0.iter().zip(ys.iter_mut()) {
-            let q = _mm_set_epi64x(i64::from_le_bytes(q[1]), i64::from_le_bytes(q[0]));
-            let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-            store_16(o, _mm512_mul_ps(d, q));
         }
     }
 }
@@ -158,4 +164,64 @@ pub(super) fn dequant_q4_k_avx512(src: &[u8], dst: &mut [f32]) {
             nibbles_avx512(high, _mm512_set1_ps(d2), _mm512_set1_ps(m2), hi);
         }
     }
+}
+
+/// `round_half_away(x) as u8` of eight values, as the scalar quantizer computes it:
+/// truncate `|x|`, add the truncation of twice the remainder (both exact below 2^31),
+/// give it `x`'s sign; NaN and magnitudes of 2^31 or more give 0, as the scalar cast of
+/// `i32::MIN` or 0 to a byte does. Returns the codes as i32 lanes holding their low byte.
+#[target_feature(enable = "avx2,fma")]
+fn round_half_away_bytes(x: __m256) -> __m256i {
+    let sign_mask = _mm256_set1_ps(-0.0);
+    let a = _mm256_andnot_ps(sign_mask, x);
+    let in_range = _mm256_cmp_ps::<_CMP_LT_OQ>(a, _mm256_set1_ps(2_147_483_648.0));
+    let floored = _mm256_cvttps_epi32(a);
+    let twice = _mm256_mul_ps(
+        _mm256_set1_ps(2.0),
+        _mm256_sub_ps(a, _mm256_cvtepi32_ps(floored)),
+    );
+    let rounded = _mm256_add_epi32(floored, _mm256_cvttps_epi32(twice));
+    let negative = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps()));
+    // Negation where x < 0: (r ^ m) - m with m all ones.
+    let signed = _mm256_sub_epi32(_mm256_xor_si256(rounded, negative), negative);
+    let kept = _mm256_and_si256(signed, _mm256_castps_si256(in_range));
+    _mm256_and_si256(kept, _mm256_set1_epi32(0xff))
+}
+
+/// Q8_0 quantization with AVX2: the absolute maximum and the codes eight at a time, the
+/// scale and its inverse in scalar code as the scalar kernel has them.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn quant_q8_0_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
+    let (xs, _) = src.as_chunks::<32>();
+    let (blocks, _) = dst.as_chunks_mut::<34>();
+    let sign_mask = _mm256_set1_ps(-0.0);
+    for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
+        let (parts, _) = x.as_chunks::<8>();
+        let v = [
+            load_8(&parts[0]),
+            load_8(&parts[1]),
+            load_8(&parts[2]),
+            load_8(&parts[3]),
+        ];
+        // The values are finite (checked before any kernel runs), so the maximum of
+        // their magnitudes is the same whatever the order it is taken in.
+        let m = v.map(|v| _mm256_andnot_ps(sign_mask, v));
+        let m = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
+        let amax = 0.0f32.max(_mm_cvtss_f32(m));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(inverse(d));
+        b[..2].copy_from_slice(&scale_bits(d, i)?);
+        let q = v.map(|v| round_half_away_bytes(_mm256_mul_ps(v, id)));
+        let words_01 = _mm256_packus_epi32(q[0], q[1]);
+        let words_23 = _mm256_packus_epi32(q[2], q[3]);
+        let bytes = _mm256_packus_epi16(words_01, words_23);
+        // The packs work within 128-bit lanes: put the four-byte groups back in order.
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let (codes, _) = b[2..].as_chunks_mut::<32>();
+        store_256(&mut codes[0], bytes);
+    }
+    Ok(())
 }

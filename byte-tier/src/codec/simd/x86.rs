@@ -1,5 +1,5 @@
-//! The x86-64 levels: every kernel of the parent module compiled again with AVX2 and FMA
-//! and with AVX-512, and hand-written AVX2 and AVX-512 kernels for the hottest types.
+//! The x86-64 levels: kernels of the parent module compiled again with AVX2 and FMA and
+//! with AVX-512, and hand-written kernels for the hottest types.
 
 use super::{SimdLevel, intrinsics};
 use crate::codec::{DequantKernel, QuantKernel};
@@ -87,70 +87,50 @@ macro_rules! compiled_for {
     };
 }
 
-/// Both levels' lists of kernels: every type the scalar tables handle.
-macro_rules! every_kernel {
-    ($module:ident, $features:literal) => {
-        compiled_for! {
-            $module, $features,
-            dequant {
-                F32 => crate::codec::float::dequant_f32,
-                F16 => crate::codec::float::dequant_f16,
-                BF16 => crate::codec::float::dequant_bf16,
-                F64 => crate::codec::float::dequant_f64,
-                I8 => crate::codec::float::dequant_i8,
-                I16 => crate::codec::float::dequant_i16,
-                I32 => crate::codec::float::dequant_i32,
-                I64 => crate::codec::float::dequant_i64,
-                Q4_0 => crate::codec::legacy::dequant_q4_0,
-                Q4_1 => crate::codec::legacy::dequant_q4_1,
-                Q5_0 => crate::codec::legacy::dequant_q5_0,
-                Q5_1 => crate::codec::legacy::dequant_q5_1,
-                Q8_0 => crate::codec::legacy::dequant_q8_0,
-                Q2_K => crate::codec::kquants::dequant_q2_k,
-                Q3_K => crate::codec::kquants::dequant_q3_k,
-                Q4_K => crate::codec::kquants::dequant_q4_k,
-                Q5_K => crate::codec::kquants::dequant_q5_k,
-                Q6_K => crate::codec::kquants::dequant_q6_k,
-                IQ4_NL => crate::codec::lut::dequant_iq4_nl,
-                IQ4_XS => crate::codec::lut::dequant_iq4_xs,
-                IQ1_S => crate::codec::grid::dequant_iq1_s,
-                IQ1_M => crate::codec::grid::dequant_iq1_m,
-                IQ2_XXS => crate::codec::grid::dequant_iq2_xxs,
-                IQ2_XS => crate::codec::grid::dequant_iq2_xs,
-                IQ2_S => crate::codec::grid::dequant_iq2_s,
-                IQ3_XXS => crate::codec::grid::dequant_iq3_xxs,
-                IQ3_S => crate::codec::grid::dequant_iq3_s,
-                MXFP4 => crate::codec::lut::dequant_mxfp4,
-                TQ1_0 => crate::codec::lut::dequant_tq1_0,
-                TQ2_0 => crate::codec::lut::dequant_tq2_0,
-            }
-            quant {
-                F32 => crate::codec::float::quant_f32,
-                F16 => crate::codec::float::quant_f16,
-                BF16 => crate::codec::float::quant_bf16,
-                F64 => crate::codec::float::quant_f64,
-                Q4_0 => crate::codec::legacy::quant_q4_0,
-                Q4_1 => crate::codec::legacy::quant_q4_1,
-                Q5_0 => crate::codec::legacy::quant_q5_0,
-                Q5_1 => crate::codec::legacy::quant_q5_1,
-                Q8_0 => crate::codec::legacy::quant_q8_0,
-                Q2_K => crate::codec::kquants::quant_q2_k,
-                Q3_K => crate::codec::kquants::quant_q3_k,
-                Q4_K => crate::codec::kquants::quant_q4_k,
-                Q5_K => crate::codec::kquants::quant_q5_k,
-                Q6_K => crate::codec::kquants::quant_q6_k,
-                IQ4_NL => crate::codec::lut::quant_iq4_nl,
-                IQ4_XS => crate::codec::lut::quant_iq4_xs,
-                MXFP4 => crate::codec::lut::quant_mxfp4,
-                TQ1_0 => crate::codec::lut::quant_tq1_0,
-                TQ2_0 => crate::codec::lut::quant_tq2_0,
-            }
-        }
-    };
+// Each level lists the types whose recompiled kernel is faster than the scalar one
+// (measured kernel against kernel, in cache, on an AVX-512 machine); the others keep
+// the scalar kernel, or at the AVX-512 level the AVX2 one where that pays. Gathers,
+// which the compiler uses for the table lookups of the grid and lookup-table types at
+// the AVX-512 level, made those up to three times slower there.
+compiled_for! {
+    avx2, "avx2,fma",
+    dequant {
+        F64 => crate::codec::float::dequant_f64,
+        Q2_K => crate::codec::kquants::dequant_q2_k,
+        Q3_K => crate::codec::kquants::dequant_q3_k,
+        Q5_K => crate::codec::kquants::dequant_q5_k,
+        Q6_K => crate::codec::kquants::dequant_q6_k,
+        IQ4_NL => crate::codec::lut::dequant_iq4_nl,
+        IQ4_XS => crate::codec::lut::dequant_iq4_xs,
+        IQ1_S => crate::codec::grid::dequant_iq1_s,
+        IQ2_XXS => crate::codec::grid::dequant_iq2_xxs,
+        IQ3_XXS => crate::codec::grid::dequant_iq3_xxs,
+        MXFP4 => crate::codec::lut::dequant_mxfp4,
+        TQ1_0 => crate::codec::lut::dequant_tq1_0,
+        TQ2_0 => crate::codec::lut::dequant_tq2_0,
+    }
+    quant {
+        TQ1_0 => crate::codec::lut::quant_tq1_0,
+        TQ2_0 => crate::codec::lut::quant_tq2_0,
+    }
 }
 
-every_kernel!(avx2, "avx2,fma");
-every_kernel!(avx512, "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma");
+compiled_for! {
+    avx512, "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma",
+    dequant {
+        F16 => crate::codec::float::dequant_f16,
+        F64 => crate::codec::float::dequant_f64,
+        I64 => crate::codec::float::dequant_i64,
+        Q2_K => crate::codec::kquants::dequant_q2_k,
+        Q3_K => crate::codec::kquants::dequant_q3_k,
+        Q5_K => crate::codec::kquants::dequant_q5_k,
+        Q6_K => crate::codec::kquants::dequant_q6_k,
+        TQ1_0 => crate::codec::lut::dequant_tq1_0,
+    }
+    quant {
+        MXFP4 => crate::codec::lut::quant_mxfp4,
+    }
+}
 
 /// The kernel of `ggml_type` at `level`, or `None` (the scalar one then runs).
 pub(super) fn dequant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<DequantKernel> {
@@ -160,12 +140,15 @@ pub(super) fn dequant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<De
     }
     match (level, ggml_type) {
         (SimdLevel::Scalar, _) => None,
-        (SimdLevel::Avx2, GgmlType::Q8_0) => Some(q8_0_avx2),
+        // Q8_0's AVX-512 kernel was slower than its AVX2 one: both levels take that.
+        (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q8_0) => Some(q8_0_avx2),
         (SimdLevel::Avx2, GgmlType::Q4_K) => Some(q4_k_avx2),
-        (SimdLevel::Avx512, GgmlType::Q8_0) => Some(q8_0_avx512),
         (SimdLevel::Avx512, GgmlType::Q4_K) => Some(q4_k_avx512),
         (SimdLevel::Avx2, _) => avx2::dequant_kernel(ggml_type),
-        (SimdLevel::Avx512, _) => avx512::dequant_kernel(ggml_type),
+        // An AVX-512 CPU has AVX2 too (`is_supported` checks both).
+        (SimdLevel::Avx512, _) => {
+            avx512::dequant_kernel(ggml_type).or_else(|| dequant_kernel(SimdLevel::Avx2, ggml_type))
+        }
     }
 }
 
@@ -183,11 +166,6 @@ fn q4_k_avx2(src: &[u8], dst: &mut [f32]) {
     unsafe { intrinsics::dequant_q4_k_avx2(src, dst) }
 }
 
-fn q8_0_avx512(src: &[u8], dst: &mut [f32]) {
-    // SAFETY: see above; AVX-512 F, BW, DQ, VL, AVX2 and FMA are present.
-    unsafe { intrinsics::dequant_q8_0_avx512(src, dst) }
-}
-
 fn q4_k_avx512(src: &[u8], dst: &mut [f32]) {
     // SAFETY: see above; AVX-512 F, BW, DQ, VL, AVX2 and FMA are present.
     unsafe { intrinsics::dequant_q4_k_avx512(src, dst) }
@@ -198,9 +176,18 @@ pub(super) fn quant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<Quan
     if !level.is_supported() {
         return None;
     }
-    match level {
-        SimdLevel::Scalar => None,
-        SimdLevel::Avx2 => avx2::quant_kernel(ggml_type),
-        SimdLevel::Avx512 => avx512::quant_kernel(ggml_type),
+    match (level, ggml_type) {
+        (SimdLevel::Scalar, _) => None,
+        (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q8_0) => Some(quant_q8_0_avx2),
+        (SimdLevel::Avx2, _) => avx2::quant_kernel(ggml_type),
+        (SimdLevel::Avx512, _) => {
+            avx512::quant_kernel(ggml_type).or_else(|| quant_kernel(SimdLevel::Avx2, ggml_type))
+        }
     }
+}
+
+fn quant_q8_0_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::BlockOverflow> {
+    // SAFETY: handed out by `quant_kernel` only after `is_supported` confirmed AVX2 and
+    // FMA (which the AVX-512 level includes).
+    unsafe { intrinsics::quant_q8_0_avx2(src, dst) }
 }
