@@ -1,5 +1,5 @@
-//! Hand-written kernels: Q8_0 (AVX2) and Q4_K (AVX2, AVX-512) dequantization, whose
-//! compiler-vectorized kernels stay below ggml's own speed, and Q8_0 quantization (AVX2).
+//! Hand-written kernels: Q8_0, Q4_0 (AVX2) and Q4_K (AVX2, AVX-512) dequantization,
+//! whose compiler-vectorized kernels gain little or nothing, and Q8_0 quantization (AVX2).
 //!
 //! Each one computes what the scalar kernel computes, operation for operation: the
 //! block's scales come from the same scalar code, and every value is `d * q` (Q8_0) or
@@ -19,6 +19,13 @@ use crate::codec::legacy::{inverse, scale_bits};
 fn load_8(values: &[f32; 8]) -> __m256 {
     // SAFETY: the array holds the 8 values read, and `loadu` needs no alignment.
     unsafe { _mm256_loadu_ps(values.as_ptr()) }
+}
+
+/// Reads 16 bytes.
+#[target_feature(enable = "avx2")]
+fn load_128(bytes: &[u8; 16]) -> __m128i {
+    // SAFETY: the array holds the 16 bytes read, and `loadu` needs no alignment.
+    unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
 }
 
 /// Writes 32 bytes.
@@ -69,6 +76,34 @@ pub(super) fn dequant_q8_0_avx2(src: &[u8], dst: &mut [f32]) {
         for (q, o) in parts.into_iter().zip(ys.iter_mut()) {
             let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
             store_8(o, _mm256_mul_ps(d, q));
+        }
+    }
+}
+
+/// Q4_0 with AVX2: `d * (nibble - 8)`, the low nibbles giving the block's first 16
+/// values and the high nibbles the last 16.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn dequant_q4_0_avx2(src: &[u8], dst: &mut [f32]) {
+    let (blocks, _) = src.as_chunks::<18>();
+    let (outs, _) = dst.as_chunks_mut::<32>();
+    let mask = _mm_set1_epi8(0x0f);
+    let eight = _mm256_set1_epi32(8);
+    for (b, y) in blocks.iter().zip(outs.iter_mut()) {
+        let d = _mm256_set1_ps(f16_at(b, 0));
+        let (codes, _) = b[2..].as_chunks::<16>();
+        let x = load_128(&codes[0]);
+        let low = _mm_and_si128(x, mask);
+        let high = _mm_and_si128(_mm_srli_epi16::<4>(x), mask);
+        let parts = [
+            low,
+            _mm_srli_si128::<8>(low),
+            high,
+            _mm_srli_si128::<8>(high),
+        ];
+        let (ys, _) = y.as_chunks_mut::<8>();
+        for (q, o) in parts.into_iter().zip(ys.iter_mut()) {
+            let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(q), eight);
+            store_8(o, _mm256_mul_ps(d, _mm256_cvtepi32_ps(q)));
         }
     }
 }

@@ -3,8 +3,8 @@
 //! The crate is built for baseline x86-64 (SSE2), and every kernel in the parent module is
 //! plain Rust written so that the compiler vectorizes it for whatever the build allows.
 //! This module compiles those kernels again with AVX2 and FMA, and with AVX-512 (F, BW,
-//! DQ, VL) enabled, for the types where that was measured to pay, and hand-writes Q8_0
-//! and Q4_K dequantization and Q8_0 quantization with intrinsics. Every other type keeps
+//! DQ, VL) enabled, for the types where that was measured to pay, and hand-writes Q8_0,
+//! Q4_0 and Q4_K dequantization and Q8_0 quantization with intrinsics. Every other type keeps
 //! its scalar kernel at every level. [`simd_level`] picks the level once per process,
 //! from the CPU's features or the `HOTPATCH_SIMD` environment variable (`scalar`,
 //! `avx2`, `avx512`).

@@ -142,6 +142,7 @@ pub(super) fn dequant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<De
         (SimdLevel::Scalar, _) => None,
         // Q8_0's AVX-512 kernel was slower than its AVX2 one: both levels take that.
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q8_0) => Some(q8_0_avx2),
+        (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q4_0) => Some(q4_0_avx2),
         (SimdLevel::Avx2, GgmlType::Q4_K) => Some(q4_k_avx2),
         (SimdLevel::Avx512, GgmlType::Q4_K) => Some(q4_k_avx512),
         (SimdLevel::Avx2, _) => avx2::dequant_kernel(ggml_type),
@@ -159,6 +160,11 @@ pub(super) fn dequant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<De
 fn q8_0_avx2(src: &[u8], dst: &mut [f32]) {
     // SAFETY: see above; AVX2 and FMA are present.
     unsafe { intrinsics::dequant_q8_0_avx2(src, dst) }
+}
+
+fn q4_0_avx2(src: &[u8], dst: &mut [f32]) {
+    // SAFETY: see above; AVX2 and FMA are present (the AVX-512 level includes them).
+    unsafe { intrinsics::dequant_q4_0_avx2(src, dst) }
 }
 
 fn q4_k_avx2(src: &[u8], dst: &mut [f32]) {
