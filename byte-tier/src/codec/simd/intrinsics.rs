@@ -4,7 +4,7 @@
 //! Each one computes what the scalar kernel computes, operation for operation: the
 //! block's scales come from the same scalar code, and every value is `d * q` (Q8_0) or
 //! `d1 * q - m1` (Q4_K) as one multiply and one subtract, never fused. Only the loads
-//! and stores are unsafe, and they live in the small helpers below, which take arrays
+//! and stores are unsafe, and they live in the small functions below, which take arrays
 //! of exactly the size they touch.
 
 use std::arch::x86_64::*;
