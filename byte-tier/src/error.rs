@@ -388,6 +388,12 @@ pub enum Error {
     /// A structural edit cannot be made.
     #[error("invalid edit: {0}")]
     InvalidEdit(String),
+    /// `HOTPATCH_SIMD` names no SIMD level of the codecs.
+    #[error("{SIMD_ENV}={value:?} is not a SIMD level: expected scalar, avx2 or avx512", SIMD_ENV = crate::codec::SIMD_ENV)]
+    UnknownSimdLevel {
+        /// The variable's value.
+        value: String,
+    },
     /// A codec operation is not available for this ggml type.
     #[error("{operation} is not supported for ggml type {ggml_type}")]
     UnsupportedType {

@@ -29,7 +29,8 @@ tasks:
   oracle-env    create the Python venv with gguf-py and numpy (cached); print its python
   real-model    install the real model (gemma-3-270m-q4_k_m.gguf, cached); print its path
   bench-parse   time parsing the real model against gguf-py's GGUFReader, same run
-  bench-codecs  dequantize throughput per type on the real model against gguf-py, same run
+  bench-codecs  dequantize throughput per type on the real model against ggml's to_float
+                and gguf-py, same run
   bench-edit    in-place meta set and tensor scale against gguf-py's tools, same run
   bench-live    live patch latency under page protection, batched and not
   bench-agent   live patch latency through the agent (partial write, whole-tensor re-set)

@@ -4,6 +4,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::{BlockOverflow, f16_bits};
 
+#[inline(always)]
 pub(super) fn dequant_f32(src: &[u8], dst: &mut [f32]) {
     let (words, _) = src.as_chunks::<4>();
     for (w, y) in words.iter().zip(dst.iter_mut()) {
@@ -11,6 +12,7 @@ pub(super) fn dequant_f32(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub(super) fn dequant_f16(src: &[u8], dst: &mut [f32]) {
     // Converting through a u16 buffer lets half use the F16C instructions when the CPU
     // has them; f16 to f32 is exact, so every path gives the same bits.
@@ -25,6 +27,7 @@ pub(super) fn dequant_f16(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub(super) fn dequant_bf16(src: &[u8], dst: &mut [f32]) {
     let (pairs, _) = src.as_chunks::<2>();
     for (p, y) in pairs.iter().zip(dst.iter_mut()) {
@@ -32,6 +35,7 @@ pub(super) fn dequant_bf16(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub(super) fn dequant_f64(src: &[u8], dst: &mut [f32]) {
     let (words, _) = src.as_chunks::<8>();
     for (w, y) in words.iter().zip(dst.iter_mut()) {
@@ -40,12 +44,14 @@ pub(super) fn dequant_f64(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub(super) fn dequant_i8(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.iter().zip(dst.iter_mut()) {
         *y = f32::from(*b as i8);
     }
 }
 
+#[inline(always)]
 pub(super) fn dequant_i16(src: &[u8], dst: &mut [f32]) {
     let (pairs, _) = src.as_chunks::<2>();
     for (p, y) in pairs.iter().zip(dst.iter_mut()) {
@@ -53,6 +59,7 @@ pub(super) fn dequant_i16(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub(super) fn dequant_i32(src: &[u8], dst: &mut [f32]) {
     let (words, _) = src.as_chunks::<4>();
     for (w, y) in words.iter().zip(dst.iter_mut()) {
@@ -60,6 +67,7 @@ pub(super) fn dequant_i32(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub(super) fn dequant_i64(src: &[u8], dst: &mut [f32]) {
     let (words, _) = src.as_chunks::<8>();
     for (w, y) in words.iter().zip(dst.iter_mut()) {
@@ -67,6 +75,7 @@ pub(super) fn dequant_i64(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub(super) fn quant_f32(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (words, _) = dst.as_chunks_mut::<4>();
     for (x, w) in src.iter().zip(words.iter_mut()) {
@@ -75,6 +84,7 @@ pub(super) fn quant_f32(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow
     Ok(())
 }
 
+#[inline(always)]
 pub(super) fn quant_f64(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (words, _) = dst.as_chunks_mut::<8>();
     for (x, w) in src.iter().zip(words.iter_mut()) {
@@ -83,6 +93,7 @@ pub(super) fn quant_f64(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow
     Ok(())
 }
 
+#[inline(always)]
 pub(super) fn quant_f16(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (pairs, _) = dst.as_chunks_mut::<2>();
     for (i, (x, p)) in src.iter().zip(pairs.iter_mut()).enumerate() {
@@ -114,6 +125,7 @@ pub(super) fn bf16_bits(x: f32) -> Option<u16> {
     Some(rounded)
 }
 
+#[inline(always)]
 pub(super) fn quant_bf16(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (pairs, _) = dst.as_chunks_mut::<2>();
     for (i, (x, p)) in src.iter().zip(pairs.iter_mut()).enumerate() {

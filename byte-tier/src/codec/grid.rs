@@ -138,7 +138,7 @@ fn pair(first: &[f32; 4], second: &[f32; 4]) -> [f32; 8] {
     ]
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_iq2_xxs(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<66>();
     let (outs, _) = dst.as_chunks_mut::<256>();
@@ -156,7 +156,7 @@ pub(super) fn dequant_iq2_xxs(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_iq2_xs(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<74>();
     let (outs, _) = dst.as_chunks_mut::<256>();
@@ -172,7 +172,7 @@ pub(super) fn dequant_iq2_xs(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_iq2_s(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<82>();
     let (outs, _) = dst.as_chunks_mut::<256>();
@@ -188,7 +188,7 @@ pub(super) fn dequant_iq2_s(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_iq3_xxs(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<98>();
     let (outs, _) = dst.as_chunks_mut::<256>();
@@ -208,7 +208,7 @@ pub(super) fn dequant_iq3_xxs(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_iq3_s(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<110>();
     let (outs, _) = dst.as_chunks_mut::<256>();
@@ -238,7 +238,7 @@ fn group_iq1(out: &mut [f32], dl: f32, point: &[f32; 8], delta: f32) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_iq1_s(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<50>();
     let (outs, _) = dst.as_chunks_mut::<256>();
@@ -280,7 +280,7 @@ pub(super) fn set_iq1_m_scale_bits(block: &mut [u8], bits: u16) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_iq1_m(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<56>();
     let (outs, _) = dst.as_chunks_mut::<256>();

@@ -27,8 +27,8 @@ const QK_K: usize = 256;
 const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// The eight 6-bit scales and eight 6-bit mins of a Q4_K / Q5_K block.
-#[inline]
-fn scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+#[inline(always)]
+pub(super) fn scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let mut sc = [0u8; 8];
     let mut mn = [0u8; 8];
     for j in 0..4 {
@@ -40,7 +40,7 @@ fn scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_q2_k(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<84>();
     let (outs, _) = dst.as_chunks_mut::<QK_K>();
@@ -80,7 +80,7 @@ fn scales_q3_k(s: &[u8]) -> [i8; 16] {
     out
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_q3_k(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<110>();
     let (outs, _) = dst.as_chunks_mut::<QK_K>();
@@ -113,7 +113,7 @@ pub(super) fn dequant_q3_k(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_q4_k(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<144>();
     let (outs, _) = dst.as_chunks_mut::<QK_K>();
@@ -137,7 +137,7 @@ pub(super) fn dequant_q4_k(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_q5_k(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<176>();
     let (outs, _) = dst.as_chunks_mut::<QK_K>();
@@ -164,7 +164,7 @@ pub(super) fn dequant_q5_k(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_q6_k(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<210>();
     let (outs, _) = dst.as_chunks_mut::<QK_K>();
@@ -398,6 +398,7 @@ fn quant_k4_common(
     })
 }
 
+#[inline(always)]
 pub(super) fn quant_q4_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<144>();
@@ -422,6 +423,7 @@ pub(super) fn quant_q4_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
     Ok(())
 }
 
+#[inline(always)]
 pub(super) fn quant_q5_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<176>();
@@ -504,6 +506,7 @@ fn make_qx_quants(nmax: i32, x: &[f32; 16], codes: &mut [u8; 16]) -> f32 {
     scale
 }
 
+#[inline(always)]
 pub(super) fn quant_q6_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<210>();
@@ -581,6 +584,7 @@ fn pack_2bit(codes: &[u8; QK_K], qs: &mut [u8]) {
     }
 }
 
+#[inline(always)]
 pub(super) fn quant_q2_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     const Q4SCALE: f32 = 15.0;
     let (xs, _) = src.as_chunks::<QK_K>();
@@ -706,6 +710,7 @@ fn make_q3_quants(nmax: i32, x: &[f32; 16], codes: &mut [i8; 16]) -> f32 {
     if suml2 > 0.0 { sumlx / suml2 } else { 0.0 }
 }
 
+#[inline(always)]
 pub(super) fn quant_q3_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<110>();

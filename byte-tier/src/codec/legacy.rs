@@ -8,7 +8,7 @@
 
 use super::{BlockOverflow, f16_at, f16_bits};
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_q4_0(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<18>();
     let (outs, _) = dst.as_chunks_mut::<32>();
@@ -22,7 +22,7 @@ pub(super) fn dequant_q4_0(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_q4_1(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<20>();
     let (outs, _) = dst.as_chunks_mut::<32>();
@@ -62,7 +62,7 @@ fn fifth_bit_terms(qh: u32, set: f32, clear: f32) -> ([f32; 16], [f32; 16]) {
     (low, high)
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<22>();
     let (outs, _) = dst.as_chunks_mut::<32>();
@@ -84,7 +84,7 @@ pub(super) fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<24>();
     let (outs, _) = dst.as_chunks_mut::<32>();
@@ -106,7 +106,7 @@ pub(super) fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_q8_0(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<34>();
     let (outs, _) = dst.as_chunks_mut::<32>();
@@ -145,7 +145,7 @@ fn min_max(x: &[f32; 32]) -> (f32, f32) {
 }
 
 #[inline]
-fn inverse(d: f32) -> f32 {
+pub(super) fn inverse(d: f32) -> f32 {
     if d == 0.0 { 0.0 } else { 1.0 / d }
 }
 
@@ -182,7 +182,7 @@ pub(super) fn round_half_away(x: f32) -> i32 {
     if x < 0.0 { -rounded } else { rounded }
 }
 
-fn scale_bits(d: f32, block: usize) -> Result<[u8; 2], BlockOverflow> {
+pub(super) fn scale_bits(d: f32, block: usize) -> Result<[u8; 2], BlockOverflow> {
     f16_bits(d)
         .map(u16::to_le_bytes)
         .ok_or(BlockOverflow { block, value: d })
@@ -233,6 +233,7 @@ fn fifth_bits(q: &[u8; 32]) -> [u8; 4] {
     qh.to_le_bytes()
 }
 
+#[inline(always)]
 pub(super) fn quant_q4_0(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<32>();
     let (blocks, _) = dst.as_chunks_mut::<18>();
@@ -244,6 +245,7 @@ pub(super) fn quant_q4_0(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
     Ok(())
 }
 
+#[inline(always)]
 pub(super) fn quant_q5_0(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<32>();
     let (blocks, _) = dst.as_chunks_mut::<22>();
@@ -256,6 +258,7 @@ pub(super) fn quant_q5_0(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
     Ok(())
 }
 
+#[inline(always)]
 pub(super) fn quant_q4_1(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<32>();
     let (blocks, _) = dst.as_chunks_mut::<20>();
@@ -268,6 +271,7 @@ pub(super) fn quant_q4_1(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
     Ok(())
 }
 
+#[inline(always)]
 pub(super) fn quant_q5_1(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<32>();
     let (blocks, _) = dst.as_chunks_mut::<24>();
@@ -281,6 +285,7 @@ pub(super) fn quant_q5_1(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
     Ok(())
 }
 
+#[inline(always)]
 pub(super) fn quant_q8_0(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<32>();
     let (blocks, _) = dst.as_chunks_mut::<34>();

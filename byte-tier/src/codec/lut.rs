@@ -27,7 +27,7 @@ const IQ4_VALUES: [i8; 16] = [
 /// Doubled e2m1 values: code 0..15 of MXFP4.
 const E2M1_DOUBLED: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_iq4_nl(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<18>();
     let (outs, _) = dst.as_chunks_mut::<32>();
@@ -41,7 +41,7 @@ pub(super) fn dequant_iq4_nl(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_iq4_xs(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<136>();
     let (outs, _) = dst.as_chunks_mut::<256>();
@@ -75,7 +75,7 @@ fn e8m0_half(e: u8) -> f32 {
     f32::from_bits(bits)
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_mxfp4(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<17>();
     let (outs, _) = dst.as_chunks_mut::<32>();
@@ -97,7 +97,7 @@ fn ternary(byte: u8, pow3: u8) -> f32 {
     f32::from(((u16::from(shifted) * 3) >> 8) as i8 - 1)
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_tq1_0(src: &[u8], dst: &mut [f32]) {
     const POW3: [u8; 5] = [1, 3, 9, 27, 81];
     let (blocks, _) = src.as_chunks::<54>();
@@ -120,7 +120,7 @@ pub(super) fn dequant_tq1_0(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dequant_tq2_0(src: &[u8], dst: &mut [f32]) {
     let (blocks, _) = src.as_chunks::<66>();
     let (outs, _) = dst.as_chunks_mut::<256>();
@@ -156,6 +156,7 @@ fn ternary_codes(x: &[f32; 256]) -> (f32, [u8; 256]) {
     (d, q)
 }
 
+#[inline(always)]
 pub(super) fn quant_tq2_0(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<256>();
     let (blocks, _) = dst.as_chunks_mut::<66>();
@@ -172,6 +173,7 @@ pub(super) fn quant_tq2_0(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverfl
     Ok(())
 }
 
+#[inline(always)]
 pub(super) fn quant_tq1_0(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     const POW3: [u16; 5] = [81, 27, 9, 3, 1];
     let (xs, _) = src.as_chunks::<256>();
@@ -202,6 +204,7 @@ pub(super) fn quant_tq1_0(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverfl
     Ok(())
 }
 
+#[inline(always)]
 pub(super) fn quant_mxfp4(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<32>();
     let (blocks, _) = dst.as_chunks_mut::<17>();
@@ -309,6 +312,7 @@ fn pack_iq4_nibbles(codes: &[u8; 32], out: &mut [u8]) {
     }
 }
 
+#[inline(always)]
 pub(super) fn quant_iq4_nl(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<32>();
     let (blocks, _) = dst.as_chunks_mut::<18>();
@@ -323,6 +327,7 @@ pub(super) fn quant_iq4_nl(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverf
     Ok(())
 }
 
+#[inline(always)]
 pub(super) fn quant_iq4_xs(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<256>();
     let (blocks, _) = dst.as_chunks_mut::<136>();

@@ -41,6 +41,7 @@ mod legacy;
 mod lut;
 mod npy;
 mod scan;
+mod simd;
 mod transform;
 
 #[cfg(test)]
@@ -55,6 +56,7 @@ use crate::types::GgmlType;
 
 pub use npy::{NpyArray, npy_shape, parse_npy, read_npy_file, write_npy_f32, write_tensor_npy};
 pub use scan::{MAX_REPORTED_OFFSETS, NonFiniteReport, scan_non_finite, scan_non_finite_into};
+pub use simd::{SIMD_ENV, SimdLevel, requested_simd_level, simd_level};
 pub use transform::{Transform, TransformPath, TransformReport, transform_range, transforms_run};
 
 /// Dequantizes the elements `range` of a tensor of a parsed file; errors name the
@@ -107,7 +109,29 @@ pub(crate) struct BlockOverflow {
     pub(crate) value: f32,
 }
 
+/// The dequantization kernel of a type at the level the process runs at
+/// ([`simd_level`]).
 fn dequant_kernel(ggml_type: GgmlType) -> Option<DequantKernel> {
+    dequant_kernel_at(simd_level(), ggml_type)
+}
+
+/// The dequantization kernel of a type at `level`, or the scalar one when the level has
+/// none of its own or the CPU does not support it.
+pub(crate) fn dequant_kernel_at(level: SimdLevel, ggml_type: GgmlType) -> Option<DequantKernel> {
+    simd::dequant_kernel(level, ggml_type).or_else(|| scalar_dequant_kernel(ggml_type))
+}
+
+/// The quantization kernel of a type at the level the process runs at.
+fn quant_kernel(ggml_type: GgmlType) -> Option<QuantKernel> {
+    quant_kernel_at(simd_level(), ggml_type)
+}
+
+/// The quantization kernel of a type at `level`, as [`dequant_kernel_at`].
+pub(crate) fn quant_kernel_at(level: SimdLevel, ggml_type: GgmlType) -> Option<QuantKernel> {
+    simd::quant_kernel(level, ggml_type).or_else(|| scalar_quant_kernel(ggml_type))
+}
+
+pub(crate) fn scalar_dequant_kernel(ggml_type: GgmlType) -> Option<DequantKernel> {
     use GgmlType as T;
     Some(match ggml_type {
         T::F32 => float::dequant_f32,
@@ -144,7 +168,7 @@ fn dequant_kernel(ggml_type: GgmlType) -> Option<DequantKernel> {
     })
 }
 
-fn quant_kernel(ggml_type: GgmlType) -> Option<QuantKernel> {
+pub(crate) fn scalar_quant_kernel(ggml_type: GgmlType) -> Option<QuantKernel> {
     use GgmlType as T;
     Some(match ggml_type {
         T::F32 => float::quant_f32,

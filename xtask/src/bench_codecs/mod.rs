@@ -1,19 +1,25 @@
 //! `cargo xtask bench-codecs`: dequantization speed on the real model, ours against
-//! gguf-py's numpy code, measured in the same run on the same tensors.
+//! ggml's own `to_float` and gguf-py's numpy code, measured in the same run on the same
+//! tensors.
 //!
 //! For every tensor type in the model it times our `codec::dequantize_range` over all
 //! tensors of that type on one thread and on every thread (best of a few runs), then
-//! runs gguf-py's `gguf.quants.dequantize` over the same tensors in the oracle's Python
-//! (best of two runs), and prints a table of throughputs (GB/s of f32 produced) with the
-//! ratio ours / numpy. The oracle and the model are found as the integration tests find
-//! them: `HOTPATCH_ORACLE_PYTHON` and `HOTPATCH_REAL_MODEL`, or the shared cache.
+//! ggml's `to_float` for that type on one thread, through a small C program
+//! (`to_float.c`) compiled here against the llama.cpp build that `cargo xtask
+//! llama-server` keeps in the cache (best of as many runs), then gguf-py's
+//! `gguf.quants.dequantize` over the same tensors in the oracle's Python (best of two
+//! runs). It prints a table of throughputs (GB/s of f32 produced) with the ratios ours /
+//! ggml and ours / numpy, and the SIMD level our kernels ran at (`HOTPATCH_SIMD` forces
+//! one). The oracle and the model are found as the integration tests find them:
+//! `HOTPATCH_ORACLE_PYTHON` and `HOTPATCH_REAL_MODEL`, or the shared cache.
 //!
 //! The real model holds no grid IQ tensors, so a second table times those types the
 //! same way on generated blocks (random codes under a small finite scale, 4 Mi
 //! elements per type), written to a temporary file that gguf-py reads back.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -112,6 +118,99 @@ fn gb_per_s(elements: u64, time: Duration) -> f64 {
     elements as f64 * 4.0 / time.as_secs_f64() / 1e9
 }
 
+/// The C program that times ggml's `to_float`.
+const TO_FLOAT_C: &str = include_str!("to_float.c");
+
+/// Compiles the `to_float` program in `dir` against the cached llama.cpp build (its
+/// `ggml.h` and `libggml-base`), building llama.cpp first if it is missing.
+fn build_to_float(dir: &Path) -> Result<PathBuf> {
+    let server = crate::llama_server::llama_server()?;
+    let lib_dir = server
+        .parent()
+        .context("llama-server has no parent folder")?
+        .to_path_buf();
+    let include = crate::llama_server::source_dir()?
+        .join("ggml")
+        .join("include");
+    let source = dir.join("to_float.c");
+    std::fs::write(&source, TO_FLOAT_C).with_context(|| format!("write {}", source.display()))?;
+    let binary = dir.join("to_float");
+    let mut rpath = std::ffi::OsString::from("-Wl,-rpath,");
+    rpath.push(&lib_dir);
+    crate::run(
+        Command::new(std::env::var_os("CC").unwrap_or_else(|| "cc".into()))
+            .arg("-O2")
+            .arg("-I")
+            .arg(&include)
+            .arg(&source)
+            .arg("-L")
+            .arg(&lib_dir)
+            .arg("-lggml-base")
+            .arg(rpath)
+            .arg("-o")
+            .arg(&binary),
+    )?;
+    Ok(binary)
+}
+
+/// Best time of ggml's `to_float` over every tensor of `group` on one thread, or `None`
+/// when ggml has no `to_float` for the type. The tensors are written end to end to a
+/// file in `dir` that the C program reads.
+fn time_ggml(
+    to_float: &Path,
+    dir: &Path,
+    t: GgmlType,
+    group: &Group<'_>,
+) -> Result<Option<Duration>> {
+    let path = dir.join(format!("{}.ggml.bin", t.name()));
+    let mut counts = Vec::with_capacity(group.tensors.len());
+    {
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?,
+        );
+        for data in &group.tensors {
+            file.write_all(data)?;
+            counts.push(codec::element_count(t, data.len())?.to_string());
+        }
+        file.flush()?;
+    }
+    let output = Command::new(to_float)
+        .arg(OUR_RUNS.to_string())
+        .arg((t as u32).to_string())
+        .arg(&path)
+        .args(&counts)
+        .output()
+        .with_context(|| format!("start {}", to_float.display()))?;
+    std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    if output.status.code() == Some(3) {
+        return Ok(None);
+    }
+    if !output.status.success() {
+        bail!(
+            "ggml's to_float for {} failed ({}):\n{}",
+            t.name(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("bad time {text:?} from to_float"))?;
+    Ok(Some(Duration::from_secs_f64(secs)))
+}
+
+/// A ratio cell, or `-` when the other side has no time.
+fn ratio(ours: f64, theirs: Option<f64>) -> String {
+    theirs.map_or_else(|| "-".into(), |g| format!("{:.2}x", ours / g))
+}
+
+/// A throughput cell, or `-`.
+fn throughput(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |g| format!("{g:.3} GB/s"))
+}
+
 /// The grid IQ types timed on generated blocks.
 const GRID_TYPES: &[GgmlType] = &[
     GgmlType::IQ1_S,
@@ -172,25 +271,13 @@ fn grid_blocks(t: GgmlType, n_blocks: usize, seed: u64) -> Vec<u8> {
 
 /// Times our dequantization of the grid IQ types against gguf-py's on generated blocks
 /// and prints the second table.
-fn grid_table(
-    python: &std::path::Path,
-    one: &rayon::ThreadPool,
-    all: &rayon::ThreadPool,
-    threads: usize,
-) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("hotpatch-bench-grid-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let result = grid_rows(python, one, all, threads, &dir);
-    std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
-    result
-}
-
 fn grid_rows(
-    python: &std::path::Path,
+    python: &Path,
+    to_float: &Path,
     one: &rayon::ThreadPool,
     all: &rayon::ThreadPool,
     threads: usize,
-    dir: &std::path::Path,
+    dir: &Path,
 ) -> Result<()> {
     let mut args = Vec::new();
     let mut ours = BTreeMap::new();
@@ -204,7 +291,11 @@ fn grid_rows(
             tensors: vec![&data],
             elements: GRID_ELEMENTS,
         };
-        ours.insert(t, (time_ours(t, &group, one)?, time_ours(t, &group, all)?));
+        let ggml = time_ggml(to_float, dir, t, &group)?;
+        ours.insert(
+            t,
+            (time_ours(t, &group, one)?, time_ours(t, &group, all)?, ggml),
+        );
     }
     eprintln!("running gguf-py's dequantize on generated grid IQ blocks ...");
     let output = Command::new(python)
@@ -221,12 +312,14 @@ fn grid_rows(
         );
     }
     println!(
-        "\n{:<8} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "\n{:<8} {:>9} {:>11} {:>11} {:>11} {:>12} {:>8} {:>9} {:>9}",
         "grid",
         "elements",
         "ours 1t",
         format!("ours {threads}t"),
+        "ggml 1t",
         "numpy",
+        "1t/ggml",
         "1t/numpy",
         format!("{threads}t/numpy")
     );
@@ -239,23 +332,26 @@ fn grid_rows(
             .trim()
             .parse()
             .with_context(|| format!("bad time {secs:?}"))?;
-        let Some(&(single, parallel)) = ours.get(&t) else {
+        let Some(&(single, parallel, ggml)) = ours.get(&t) else {
             continue;
         };
         let theirs = gb_per_s(GRID_ELEMENTS, Duration::from_secs_f64(secs));
+        let ggml = ggml.map(|time| gb_per_s(GRID_ELEMENTS, time));
         let (ours_1, ours_n) = (
             gb_per_s(GRID_ELEMENTS, single),
             gb_per_s(GRID_ELEMENTS, parallel),
         );
         println!(
-            "{:<8} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+            "{:<8} {:>9} {:>11} {:>11} {:>11} {:>12} {:>8} {:>9} {:>9}",
             t.name(),
             GRID_ELEMENTS,
             format!("{ours_1:.2} GB/s"),
             format!("{ours_n:.2} GB/s"),
+            throughput(ggml),
             format!("{theirs:.3} GB/s"),
-            format!("{:.1}x", ours_1 / theirs),
-            format!("{:.1}x", ours_n / theirs)
+            ratio(ours_1, ggml),
+            ratio(ours_1, Some(theirs)),
+            ratio(ours_n, Some(theirs))
         );
     }
     Ok(())
@@ -266,6 +362,8 @@ pub fn run() -> Result<()> {
     if crate::rerun_in_release("bench-codecs")? {
         return Ok(());
     }
+    // A misspelt HOTPATCH_SIMD would otherwise time the detected level unnoticed.
+    codec::requested_simd_level()?;
     let model = real_model()?;
     let python = oracle_python()?;
     let file = MappedFile::open(&model).with_context(|| format!("open {}", model.display()))?;
@@ -281,26 +379,42 @@ pub fn run() -> Result<()> {
         group.elements += tensor.n_elements;
     }
 
+    let dir = std::env::temp_dir().join(format!("hotpatch-bench-codecs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = tables(&groups, &python, &model, &dir);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    result
+}
+
+/// Builds the `to_float` program in `dir`, times every side and prints both tables.
+fn tables(
+    groups: &BTreeMap<GgmlType, Group<'_>>,
+    python: &Path,
+    model: &Path,
+    dir: &Path,
+) -> Result<()> {
+    let to_float = build_to_float(dir)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let all = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
     let mut ours = BTreeMap::new();
-    for (&t, group) in &groups {
+    for (&t, group) in groups {
         if !codec::can_dequantize(t) {
             continue;
         }
         let single = time_ours(t, group, &one)?;
         let parallel = time_ours(t, group, &all)?;
-        ours.insert(t, (single, parallel));
+        let ggml = time_ggml(&to_float, dir, t, group)?;
+        ours.insert(t, (single, parallel, ggml));
     }
 
     eprintln!("running gguf-py's dequantize on {} ...", model.display());
-    let output = Command::new(&python)
+    let output = Command::new(python)
         .arg("-c")
         .arg(PYTHON_SCRIPT)
-        .arg(&model)
+        .arg(model)
         .output()
         .with_context(|| format!("start {}", python.display()))?;
     if !output.status.success() {
@@ -323,46 +437,42 @@ pub fn run() -> Result<()> {
         numpy.insert(t, Duration::from_secs_f64(secs));
     }
 
+    println!("SIMD level of our kernels: {}", codec::simd_level().name());
     println!(
-        "{:<6} {:>7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "{:<6} {:>7} {:>9} {:>11} {:>11} {:>11} {:>12} {:>8} {:>9} {:>9}",
         "type",
         "tensors",
         "elements",
         "ours 1t",
         format!("ours {threads}t"),
+        "ggml 1t",
         "numpy",
+        "1t/ggml",
         "1t/numpy",
         format!("{threads}t/numpy")
     );
-    for (t, group) in &groups {
-        let Some(&(single, parallel)) = ours.get(t) else {
+    for (t, group) in groups {
+        let Some(&(single, parallel, ggml)) = ours.get(t) else {
             println!("{:<6} (not dequantized by byte-tier)", t.name());
             continue;
         };
         let ours_1 = gb_per_s(group.elements, single);
         let ours_n = gb_per_s(group.elements, parallel);
-        let (theirs, ratio_1, ratio_n) = match numpy.get(t) {
-            Some(&time) => {
-                let g = gb_per_s(group.elements, time);
-                (
-                    format!("{g:.3} GB/s"),
-                    format!("{:.1}x", ours_1 / g),
-                    format!("{:.1}x", ours_n / g),
-                )
-            }
-            None => ("-".into(), "-".into(), "-".into()),
-        };
+        let ggml = ggml.map(|time| gb_per_s(group.elements, time));
+        let theirs = numpy.get(t).map(|&time| gb_per_s(group.elements, time));
         println!(
-            "{:<6} {:>7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+            "{:<6} {:>7} {:>9} {:>11} {:>11} {:>11} {:>12} {:>8} {:>9} {:>9}",
             t.name(),
             group.tensors.len(),
             group.elements,
             format!("{ours_1:.2} GB/s"),
             format!("{ours_n:.2} GB/s"),
-            theirs,
-            ratio_1,
-            ratio_n
+            throughput(ggml),
+            throughput(theirs),
+            ratio(ours_1, ggml),
+            ratio(ours_1, theirs),
+            ratio(ours_n, theirs)
         );
     }
-    grid_table(&python, &one, &all, threads)
+    grid_rows(python, &to_float, &one, &all, threads, dir)
 }

@@ -1,0 +1,262 @@
+//! Hand-written kernels: Q8_0, Q4_0 (AVX2) and Q4_K (AVX2, AVX-512) dequantization,
+//! whose compiler-vectorized kernels gain little or nothing, and Q8_0 quantization (AVX2).
+//!
+//! Each one computes what the scalar kernel computes, operation for operation: the
+//! block's scales come from the same scalar code, and every value is `d * q` (Q8_0) or
+//! `d1 * q - m1` (Q4_K) as one multiply and one subtract, never fused. Only the loads
+//! and stores are unsafe, and they live in the small functions below, which take arrays
+//! of exactly the size they touch.
+
+use std::arch::x86_64::*;
+
+use crate::codec::BlockOverflow;
+use crate::codec::f16_at;
+use crate::codec::kquants::scales_mins_k4;
+use crate::codec::legacy::{inverse, scale_bits};
+
+/// Reads 8 values.
+#[target_feature(enable = "avx2")]
+fn load_8(values: &[f32; 8]) -> __m256 {
+    // SAFETY: the array holds the 8 values read, and `loadu` needs no alignment.
+    unsafe { _mm256_loadu_ps(values.as_ptr()) }
+}
+
+/// Reads 16 bytes.
+#[target_feature(enable = "avx2")]
+fn load_128(bytes: &[u8; 16]) -> __m128i {
+    // SAFETY: the array holds the 16 bytes read, and `loadu` needs no alignment.
+    unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
+}
+
+/// Writes 32 bytes.
+#[target_feature(enable = "avx2")]
+fn store_256(out: &mut [u8; 32], bytes: __m256i) {
+    // SAFETY: the array holds the 32 bytes written, and `storeu` needs no alignment.
+    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), bytes) }
+}
+
+/// Reads 32 bytes.
+#[target_feature(enable = "avx2")]
+fn load_256(bytes: &[u8; 32]) -> __m256i {
+    // SAFETY: the array holds the 32 bytes read, and `loadu` needs no alignment.
+    unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
+}
+
+/// Writes 8 values.
+#[target_feature(enable = "avx2")]
+fn store_8(out: &mut [f32; 8], values: __m256) {
+    // SAFETY: the array holds the 8 values written, and `storeu` needs no alignment.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), values) }
+}
+
+/// Writes 16 values.
+#[target_feature(enable = "avx512f")]
+fn store_16(out: &mut [f32; 16], values: __m512) {
+    // SAFETY: the array holds the 16 values written, and `storeu` needs no alignment.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), values) }
+}
+
+/// Q8_0 with AVX2: eight codes at a time sign-extended to i32, converted and scaled.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn dequant_q8_0_avx2(src: &[u8], dst: &mut [f32]) {
+    let (blocks, _) = src.as_chunks::<34>();
+    let (outs, _) = dst.as_chunks_mut::<32>();
+    for (b, y) in blocks.iter().zip(outs.iter_mut()) {
+        let d = _mm256_set1_ps(f16_at(b, 0));
+        let (codes, _) = b[2..].as_chunks::<32>();
+        let x = load_256(&codes[0]);
+        let (low, high) = (_mm256_castsi256_si128(x), _mm256_extracti128_si256::<1>(x));
+        let parts = [
+            low,
+            _mm_srli_si128::<8>(low),
+            high,
+            _mm_srli_si128::<8>(high),
+        ];
+        let (ys, _) = y.as_chunks_mut::<8>();
+        for (q, o) in parts.into_iter().zip(ys.iter_mut()) {
+            let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            store_8(o, _mm256_mul_ps(d, q));
+        }
+    }
+}
+
+/// Q4_0 with AVX2: `d * (nibble - 8)`, the low nibbles giving the block's first 16
+/// values and the high nibbles the last 16.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn dequant_q4_0_avx2(src: &[u8], dst: &mut [f32]) {
+    let (blocks, _) = src.as_chunks::<18>();
+    let (outs, _) = dst.as_chunks_mut::<32>();
+    let mask = _mm_set1_epi8(0x0f);
+    let eight = _mm256_set1_epi32(8);
+    for (b, y) in blocks.iter().zip(outs.iter_mut()) {
+        let d = _mm256_set1_ps(f16_at(b, 0));
+        let (codes, _) = b[2..].as_chunks::<16>();
+        let x = load_128(&codes[0]);
+        let low = _mm_and_si128(x, mask);
+        let high = _mm_and_si128(_mm_srli_epi16::<4>(x), mask);
+        let parts = [
+            low,
+            _mm_srli_si128::<8>(low),
+            high,
+            _mm_srli_si128::<8>(high),
+        ];
+        let (ys, _) = y.as_chunks_mut::<8>();
+        for (q, o) in parts.into_iter().zip(ys.iter_mut()) {
+            let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(q), eight);
+            store_8(o, _mm256_mul_ps(d, _mm256_cvtepi32_ps(q)));
+        }
+    }
+}
+
+/// 32 nibbles (one per byte of `x`) as `d * q - m` into `out`, with AVX2.
+#[target_feature(enable = "avx2,fma")]
+fn nibbles_avx2(x: __m256i, d: __m256, m: __m256, out: &mut [f32; 32]) {
+    let low = _mm256_castsi256_si128(x);
+    let high = _mm256_extracti128_si256::<1>(x);
+    let parts = [
+        low,
+        _mm_srli_si128::<8>(low),
+        high,
+        _mm_srli_si128::<8>(high),
+    ];
+    let (outs, _) = out.as_chunks_mut::<8>();
+    for (part, o) in parts.into_iter().zip(outs.iter_mut()) {
+        let q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+        store_8(o, _mm256_sub_ps(_mm256_mul_ps(d, q), m));
+    }
+}
+
+/// 32 nibbles as `d * q - m` into `out`, with AVX-512.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+fn nibbles_avx512(x: __m256i, d: __m512, m: __m512, out: &mut [f32; 32]) {
+    let parts = [_mm256_castsi256_si128(x), _mm256_extracti128_si256::<1>(x)];
+    let (outs, _) = out.as_chunks_mut::<16>();
+    for (part, o) in parts.into_iter().zip(outs.iter_mut()) {
+        let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part));
+        store_16(o, _mm512_sub_ps(_mm512_mul_ps(d, q), m));
+    }
+}
+
+/// The low and high nibbles of 32 bytes, each in a byte of its own.
+#[target_feature(enable = "avx2")]
+fn split_nibbles(q: &[u8; 32]) -> (__m256i, __m256i) {
+    let x = load_256(q);
+    let mask = _mm256_set1_epi8(0x0f);
+    let low = _mm256_and_si256(x, mask);
+    let high = _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask);
+    (low, high)
+}
+
+/// The scales of one 64-element group of a Q4_K block, as the scalar kernel computes
+/// them: `(d * sc1, dmin * m1, d * sc2, dmin * m2)`.
+#[inline(always)]
+fn q4_k_group_scales(d: f32, dmin: f32, sc: &[u8; 8], mn: &[u8; 8], c: usize) -> [f32; 4] {
+    [
+        d * f32::from(sc[2 * c]),
+        dmin * f32::from(mn[2 * c]),
+        d * f32::from(sc[2 * c + 1]),
+        dmin * f32::from(mn[2 * c + 1]),
+    ]
+}
+
+/// Q4_K with AVX2.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn dequant_q4_k_avx2(src: &[u8], dst: &mut [f32]) {
+    let (blocks, _) = src.as_chunks::<144>();
+    let (outs, _) = dst.as_chunks_mut::<256>();
+    for (b, y) in blocks.iter().zip(outs.iter_mut()) {
+        let d = f16_at(b, 0);
+        let dmin = f16_at(b, 2);
+        let (sc, mn) = scales_mins_k4(&b[4..16]);
+        let (qs, _) = b[16..].as_chunks::<32>();
+        let (ys, _) = y.as_chunks_mut::<32>();
+        for (c, (q, out)) in qs.iter().zip(ys.as_chunks_mut::<2>().0).enumerate() {
+            let [d1, m1, d2, m2] = q4_k_group_scales(d, dmin, &sc, &mn, c);
+            let (low, high) = split_nibbles(q);
+            let [lo, hi] = out;
+            nibbles_avx2(low, _mm256_set1_ps(d1), _mm256_set1_ps(m1), lo);
+            nibbles_avx2(high, _mm256_set1_ps(d2), _mm256_set1_ps(m2), hi);
+        }
+    }
+}
+
+/// Q4_K with AVX-512.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+pub(super) fn dequant_q4_k_avx512(src: &[u8], dst: &mut [f32]) {
+    let (blocks, _) = src.as_chunks::<144>();
+    let (outs, _) = dst.as_chunks_mut::<256>();
+    for (b, y) in blocks.iter().zip(outs.iter_mut()) {
+        let d = f16_at(b, 0);
+        let dmin = f16_at(b, 2);
+        let (sc, mn) = scales_mins_k4(&b[4..16]);
+        let (qs, _) = b[16..].as_chunks::<32>();
+        let (ys, _) = y.as_chunks_mut::<32>();
+        for (c, (q, out)) in qs.iter().zip(ys.as_chunks_mut::<2>().0).enumerate() {
+            let [d1, m1, d2, m2] = q4_k_group_scales(d, dmin, &sc, &mn, c);
+            let (low, high) = split_nibbles(q);
+            let [lo, hi] = out;
+            nibbles_avx512(low, _mm512_set1_ps(d1), _mm512_set1_ps(m1), lo);
+            nibbles_avx512(high, _mm512_set1_ps(d2), _mm512_set1_ps(m2), hi);
+        }
+    }
+}
+
+/// `round_half_away(x) as u8` of eight values, as the scalar quantizer computes it:
+/// truncate `|x|`, add the truncation of twice the remainder (both exact below 2^31),
+/// give it `x`'s sign; NaN and magnitudes of 2^31 or more give 0, as the scalar cast of
+/// `i32::MIN` or 0 to a byte does. Returns the codes as i32 lanes holding their low byte.
+#[target_feature(enable = "avx2,fma")]
+fn round_half_away_bytes(x: __m256) -> __m256i {
+    let sign_mask = _mm256_set1_ps(-0.0);
+    let a = _mm256_andnot_ps(sign_mask, x);
+    let in_range = _mm256_cmp_ps::<_CMP_LT_OQ>(a, _mm256_set1_ps(2_147_483_648.0));
+    let floored = _mm256_cvttps_epi32(a);
+    let twice = _mm256_mul_ps(
+        _mm256_set1_ps(2.0),
+        _mm256_sub_ps(a, _mm256_cvtepi32_ps(floored)),
+    );
+    let rounded = _mm256_add_epi32(floored, _mm256_cvttps_epi32(twice));
+    let negative = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps()));
+    // Negation where x < 0: (r ^ m) - m with m all ones.
+    let signed = _mm256_sub_epi32(_mm256_xor_si256(rounded, negative), negative);
+    let kept = _mm256_and_si256(signed, _mm256_castps_si256(in_range));
+    _mm256_and_si256(kept, _mm256_set1_epi32(0xff))
+}
+
+/// Q8_0 quantization with AVX2: the absolute maximum and the codes eight at a time, the
+/// scale and its inverse in scalar code as the scalar kernel has them.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn quant_q8_0_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
+    let (xs, _) = src.as_chunks::<32>();
+    let (blocks, _) = dst.as_chunks_mut::<34>();
+    let sign_mask = _mm256_set1_ps(-0.0);
+    for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
+        let (parts, _) = x.as_chunks::<8>();
+        let v = [
+            load_8(&parts[0]),
+            load_8(&parts[1]),
+            load_8(&parts[2]),
+            load_8(&parts[3]),
+        ];
+        // The values are finite (checked before any kernel runs), so the maximum of
+        // their magnitudes is the same whatever the order it is taken in.
+        let m = v.map(|v| _mm256_andnot_ps(sign_mask, v));
+        let m = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
+        let amax = 0.0f32.max(_mm_cvtss_f32(m));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(inverse(d));
+        b[..2].copy_from_slice(&scale_bits(d, i)?);
+        let q = v.map(|v| round_half_away_bytes(_mm256_mul_ps(v, id)));
+        let words_01 = _mm256_packus_epi32(q[0], q[1]);
+        let words_23 = _mm256_packus_epi32(q[2], q[3]);
+        let bytes = _mm256_packus_epi16(words_01, words_23);
+        // The packs work within 128-bit lanes: put the four-byte groups back in order.
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let (codes, _) = b[2..].as_chunks_mut::<32>();
+        store_256(&mut codes[0], bytes);
+    }
+    Ok(())
+}
