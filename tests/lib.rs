@@ -267,3 +267,192 @@ impl Drop for LlamaServer {
         let _ = self.child.wait();
     }
 }
+
+/// The etcd binary: `HOTPATCH_ETCD`, else `etcd` on `PATH` (`cargo xtask etcd` installs
+/// it). Panics when there is none: the fleet tests fail, not skip, without it.
+pub fn etcd_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOTPATCH_ETCD") {
+        return PathBuf::from(p);
+    }
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("etcd"))
+            .find(|candidate| candidate.is_file())
+    });
+    found.unwrap_or_else(|| panic!("etcd is not installed: run `cargo xtask etcd`"))
+}
+
+/// A static etcd cluster on loopback ports, in a directory of its own, SIGKILLed and
+/// removed when dropped (a SIGTERM to the leader waits seconds for a leadership
+/// transfer).
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Option<std::process::Child>>,
+    /// Each member's client port.
+    pub client_ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members (every one named in `--initial-cluster`) with short
+    /// heartbeat and election times, and waits until each answers `/health` with a
+    /// leader. Panics with the members' logs if that takes over 60 s.
+    pub fn start(size: usize) -> EtcdCluster {
+        let etcd = etcd_binary();
+        let dir = std::env::temp_dir().join(format!(
+            "hotpatch-etcd-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the cluster's directory");
+        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let peer_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let initial: Vec<String> = peer_ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let token = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut members = Vec::new();
+        for i in 0..size {
+            let log =
+                std::fs::File::create(dir.join(format!("m{i}.log"))).expect("create a member log");
+            let client = format!("http://127.0.0.1:{}", client_ports[i]);
+            let peer = format!("http://127.0.0.1:{}", peer_ports[i]);
+            let child = Command::new(&etcd)
+                .args(["--name", &format!("m{i}")])
+                .arg("--data-dir")
+                .arg(dir.join(format!("m{i}.data")))
+                .args([
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args([
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    &token,
+                ])
+                .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+                .args(["--logger", "zap", "--log-level", "error"])
+                .stdout(log.try_clone().expect("clone the log handle"))
+                .stderr(log)
+                .spawn()
+                .expect("failed to start etcd");
+            members.push(Some(child));
+        }
+        let cluster = EtcdCluster {
+            members,
+            client_ports,
+            dir,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !(0..size).all(|i| cluster.healthy(i)) {
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "the etcd cluster did not become healthy in 60 s:\n{}",
+                    cluster.logs()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn healthy(&self, member: usize) -> bool {
+        matches!(
+            http_request(self.client_ports[member], "GET", "/health", None),
+            Ok((200, body)) if body.contains("true")
+        )
+    }
+
+    /// Every member's log.
+    pub fn logs(&self) -> String {
+        (0..self.members.len())
+            .map(|i| {
+                let text =
+                    std::fs::read_to_string(self.dir.join(format!("m{i}.log"))).unwrap_or_default();
+                format!("--- m{i}\n{text}")
+            })
+            .collect()
+    }
+
+    /// The client endpoints, `http://127.0.0.1:PORT`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.client_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The client endpoints, comma-separated (`--etcd`'s form).
+    pub fn endpoint_list(&self) -> String {
+        self.endpoints().join(",")
+    }
+
+    /// The index of the member that leads now (asked through etcd's JSON gateway).
+    pub fn leader(&self) -> Option<usize> {
+        for (i, port) in self.client_ports.iter().enumerate() {
+            if self.members[i].is_none() {
+                continue;
+            }
+            let Ok((200, body)) = http_request(*port, "POST", "/v3/maintenance/status", Some("{}"))
+            else {
+                continue;
+            };
+            let field = |name: &str| {
+                let start = body.find(&format!("\"{name}\":\""))? + name.len() + 4;
+                let end = start + body[start..].find('"')?;
+                Some(body[start..end].to_owned())
+            };
+            if let (Some(member), Some(leader)) = (field("member_id"), field("leader"))
+                && member == leader
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Freezes every running member (SIGSTOP) when `frozen`, thaws them (SIGCONT)
+    /// otherwise: the cluster stops answering without losing anything.
+    pub fn freeze(&self, frozen: bool) {
+        for child in self.members.iter().flatten() {
+            let signal = if frozen { "-STOP" } else { "-CONT" };
+            let sent = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(sent.success(), "kill {signal} {} failed", child.id());
+        }
+    }
+
+    /// SIGKILLs member `index`.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.members[index].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -369,7 +369,7 @@ fn overlapping<'a>(locks: &'a [Lock], range: &Range<u64>) -> Option<&'a Lock> {
 }
 
 /// Holds new requests and waits for in-flight ones, at most `timeout`.
-async fn drain(
+pub(crate) async fn drain(
     shared: &Shared,
     timeout: Duration,
 ) -> Result<tokio::sync::OwnedRwLockWriteGuard<()>> {
@@ -738,7 +738,7 @@ async fn openapi() -> Response {
 
 /// What was done about the upstream's prompt caches after a live patch or revert.
 #[derive(Debug, serde::Serialize)]
-struct PromptCacheReport {
+pub(crate) struct PromptCacheReport {
     /// Slots whose prompt cache was erased.
     slots_erased: Vec<u64>,
     /// Why some could not be (empty when every slot was erased).
@@ -780,7 +780,7 @@ async fn upstream_json(shared: &Shared, method: Method, path: &str) -> Result<(S
 /// Erases every slot's prompt cache on the upstream llama-server: they hold KV values
 /// computed with the old weights, and llama-server reuses them when a new prompt shares
 /// a prefix, which would mix old and new weights in one answer.
-async fn erase_prompt_caches(shared: &Shared) -> PromptCacheReport {
+pub(crate) async fn erase_prompt_caches(shared: &Shared) -> PromptCacheReport {
     let mut report = PromptCacheReport {
         slots_erased: Vec::new(),
         errors: Vec::new(),

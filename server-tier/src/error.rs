@@ -71,6 +71,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The proxy does not serve generation requests now (a fleet member that has not
+    /// yet converged to its fleet's desired state).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// A background task failed to finish (it panicked or was cancelled).
     #[error("background task failed: {0}")]
     Task(String),
@@ -93,6 +97,7 @@ impl Error {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::Upstream(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Memory(error) => Error::status_of_memory(error),
             Error::Bytes(_) | Error::Config(_) | Error::Io { .. } | Error::Task(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -125,6 +130,7 @@ impl Error {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
             StatusCode::BAD_GATEWAY => "upstream_failure",
             StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
             _ => "internal_error",
         }
     }

@@ -49,6 +49,7 @@ mod admin;
 mod cache;
 mod conn;
 mod error;
+mod fleet;
 mod openapi;
 mod patcher;
 mod proxy;
@@ -64,6 +65,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub use error::{Error, Result};
+pub use fleet::{FleetGauges, LiveApplied};
 pub use patcher::{
     ChunkFlow, GenerationRequest, ResponsePlan, RulePatcher, ServerPatcher, StreamState,
 };
@@ -171,6 +173,9 @@ pub struct ProxyConfig {
     /// `hotpatch launch`): every live patch and revert then also reaches the weights the
     /// server holds as copies (repacked, GPU, remote), and is journaled into `model`.
     pub agent: Option<PathBuf>,
+    /// Answer generation requests 503 with this reason from the start, until
+    /// [`Control::hold_generation`] lifts it (a fleet member converging first).
+    pub hold_generation: Option<String>,
 }
 
 impl ProxyConfig {
@@ -189,6 +194,7 @@ impl ProxyConfig {
             guard_prompt_cache: true,
             verify_model: true,
             agent: None,
+            hold_generation: None,
         }
     }
 }

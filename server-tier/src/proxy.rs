@@ -121,6 +121,10 @@ pub(crate) struct Shared {
     /// Whether the model file must be checked against the one the upstream serves.
     pub(crate) verify_model: bool,
     pub(crate) model_ops: tokio::sync::Mutex<crate::admin::ModelOps>,
+    /// Why generation requests are answered 503 now (none: they are served).
+    pub(crate) generation_hold: Mutex<Option<String>>,
+    /// The fleet's gauges for `GET /metrics`, when the proxy is a fleet member.
+    pub(crate) fleet: Mutex<Option<crate::fleet::FleetGauges>>,
 }
 
 impl Shared {
@@ -188,6 +192,8 @@ impl Shared {
             agent,
             verify_model: config.verify_model,
             model_ops: tokio::sync::Mutex::new(crate::admin::ModelOps::default()),
+            generation_hold: Mutex::new(config.hold_generation.clone()),
+            fleet: Mutex::new(None),
         })
     }
 
@@ -242,10 +248,11 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let start = Instant::now();
     let cache = shared.cache.load();
-    let text = shared.stats.prometheus(
+    let mut text = shared.stats.prometheus(
         shared.epoch.load(Ordering::Acquire),
         cache.entries.entry_count(),
     );
+    crate::fleet::prometheus(&shared, &mut text);
     let response = (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         text,
@@ -412,6 +419,9 @@ async fn forward(shared: &Arc<Shared>, request: Request) -> Result<Response> {
     let bytes = read_body(&parts.headers, body, shared.limits.body_limit).await?;
     let generation = parts.method == Method::POST
         && (GENERATION_PATHS.contains(&path.as_str()) || shared.patcher.any_rule_for(&path));
+    if generation {
+        crate::fleet::check_hold(shared)?;
+    }
     if !generation {
         let upstream = send(
             shared,

@@ -44,6 +44,54 @@ pub enum Error {
     /// A preset's or pipeline's request cannot be carried out as asked.
     #[error("{0}")]
     Refused(String),
+    /// The etcd cluster could not be reached, or refused a call.
+    #[error("etcd at {endpoints}: {message}")]
+    Etcd {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A fleet's state in etcd is not what this version writes (edited by hand, or by
+    /// another version); nothing was changed.
+    #[error("fleet {fleet:?}: malformed {key}: {message}; nothing was changed")]
+    FleetState {
+        /// The fleet.
+        fleet: String,
+        /// The key at fault.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A fleet operation was refused before anything changed (no members, members with
+    /// different models, a rollout already in flight, an unknown rollout).
+    #[error("fleet {fleet:?}: {message}")]
+    FleetRefused {
+        /// The fleet.
+        fleet: String,
+        /// Why.
+        message: String,
+    },
+    /// Another rollout of the fleet is in flight.
+    #[error("fleet {fleet:?}: rollout {rollout} is in flight (phase {phase}); nothing was changed")]
+    RolloutInFlight {
+        /// The fleet.
+        fleet: String,
+        /// The rollout in flight.
+        rollout: String,
+        /// Its phase.
+        phase: String,
+    },
+    /// A rollout was aborted: no replica changed.
+    #[error("fleet {fleet:?}: rollout {rollout} aborted: {reason}; no replica changed")]
+    RolloutAborted {
+        /// The fleet.
+        fleet: String,
+        /// The rollout.
+        rollout: String,
+        /// Why (a refusal with the member's reason, a member gone, the deadline).
+        reason: String,
+    },
     /// A file could not be read or written.
     #[error("{action} {}: {source}", path.display())]
     Io {

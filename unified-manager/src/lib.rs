@@ -13,6 +13,7 @@ pub mod boost;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod fleet;
 pub mod manager;
 pub mod optimize;
 pub mod plot;

@@ -104,6 +104,10 @@ enum Command {
     /// Export or import every preset and setting.
     #[command(subcommand)]
     Config(cli::preset::ConfigCommand),
+    /// A fleet of `hotpatch serve --fleet` replicas on etcd: members, status, history,
+    /// and two-phase apply / revert of a patch set on every replica.
+    #[command(subcommand)]
+    Fleet(cli::fleet::FleetCommand),
 }
 
 fn main() -> ExitCode {
@@ -153,6 +157,7 @@ fn run() -> ExitCode {
         Command::Boost(args) => cli::pipeline::boost(&args),
         Command::Preset(command) => cli::preset::preset(&command),
         Command::Config(command) => cli::preset::config(&command),
+        Command::Fleet(command) => cli::fleet::run(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

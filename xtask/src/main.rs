@@ -17,6 +17,7 @@ mod bench_live;
 mod bench_parse;
 mod bench_proxy;
 mod env;
+mod etcd;
 mod iq_grids;
 mod llama_server;
 
@@ -26,6 +27,7 @@ usage: cargo xtask <task>
 tasks:
   alloc-check   neural-alloc's tests under Miri (nightly with miri and rust-src)
   ci            format check, clippy (warnings are errors), every test, docs
+  etcd          install etcd (apt's etcd-server and etcd-client) when missing; print its path
   oracle-env    create the Python venv with gguf-py and numpy (cached); print its python
   real-model    install the real model (gemma-3-270m-q4_k_m.gguf, cached); print its path
   bench-parse   time parsing the real model against gguf-py's GGUFReader, same run
@@ -46,6 +48,10 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("alloc-check") => alloc_check::run(),
+        Some("etcd") => {
+            println!("{}", etcd::etcd()?.display());
+            Ok(())
+        }
         Some("oracle-env") => {
             println!("{}", env::oracle_python()?.display());
             Ok(())
@@ -137,6 +143,7 @@ fn ci() -> Result<()> {
     let python = env::oracle_python()?;
     let model = env::real_model()?;
     let server = llama_server::llama_server()?;
+    let etcd = etcd::etcd()?;
 
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
@@ -168,7 +175,8 @@ fn ci() -> Result<()> {
     }
     test.env("HOTPATCH_ORACLE_PYTHON", &python)
         .env("HOTPATCH_REAL_MODEL", &model)
-        .env("HOTPATCH_LLAMA_SERVER", &server);
+        .env("HOTPATCH_LLAMA_SERVER", &server)
+        .env("HOTPATCH_ETCD", &etcd);
     run(&mut test)?;
 
     run(cargo()

@@ -5,6 +5,7 @@ pub mod args;
 pub mod bytes;
 pub mod check;
 pub mod demo;
+pub mod fleet;
 pub mod inspect;
 pub mod journal;
 pub mod meta;

@@ -63,6 +63,8 @@ pub struct ServeArgs {
     /// Seconds a kept-alive connection may sit with no request before it is closed.
     #[arg(long, value_name = "SECS", default_value_t = Limits::default().idle_timeout.as_secs())]
     pub idle_timeout_secs: u64,
+    #[command(flatten)]
+    pub fleet: Box<super::fleet::FleetMemberArgs>,
     /// Most client connections open at once; past it a new one is answered 503.
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections)]
     pub max_connections: usize,
@@ -102,6 +104,9 @@ impl ServeArgs {
         config.limits.header_read_timeout = Duration::from_secs(self.header_read_timeout_secs);
         config.limits.idle_timeout = Duration::from_secs(self.idle_timeout_secs);
         config.limits.max_connections = self.max_connections;
+        if self.fleet.fleet.is_some() {
+            config.hold_generation = Some(unified_manager::fleet::member::CONVERGING.into());
+        }
         Ok(config)
     }
 }
@@ -126,7 +131,38 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             "hotpatch serve: listening on {scheme}://{} -> {upstream}; admin API {admin}",
             proxy.local_addr()
         );
-        wait_for_signal(&proxy).await?;
+        let member = args.fleet.fleet.as_ref().map(|fleet| {
+            let options = unified_manager::fleet::MemberOptions {
+                fleet: fleet.clone(),
+                replica: args
+                    .fleet
+                    .replica
+                    .clone()
+                    .unwrap_or_else(|| format!("replica-{}", proxy.local_addr().port())),
+                endpoints: args.fleet.etcd.clone(),
+                upstream: upstream.clone(),
+                listen: proxy.local_addr().to_string(),
+                lease_ttl_secs: args.fleet.fleet_lease_ttl_secs.max(2),
+            };
+            println!(
+                "hotpatch serve: fleet {fleet} member {} on etcd {}",
+                options.replica,
+                options.endpoints.join(",")
+            );
+            tokio::spawn(unified_manager::fleet::run_member(options, proxy.control()))
+        });
+        let result = match member {
+            None => wait_for_signal(&proxy).await,
+            Some(mut member) => tokio::select! {
+                result = wait_for_signal(&proxy) => result,
+                joined = &mut member => match joined {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(anyhow::Error::new(error).context("fleet member")),
+                    Err(join) => Err(anyhow::anyhow!("fleet member task: {join}")),
+                },
+            },
+        };
+        result?;
         proxy.shutdown().await.context("shut the proxy down")
     })
 }

@@ -604,6 +604,71 @@ fn server_cases(url: &str) -> Vec<Case> {
     ]
 }
 
+/// Runs the `hotpatch fleet` commands against a one-member etcd cluster and one
+/// `hotpatch serve --fleet` sidecar on a fresh copy of the model; returns the commands
+/// covered.
+fn fleet_cases(dir: &Path) -> Vec<&'static str> {
+    let etcd = tests::EtcdCluster::start(1);
+    let endpoints = etcd.endpoint_list();
+    std::fs::copy(dir.join(MODEL), dir.join("fleet.gguf")).unwrap();
+    let port = tests::free_port();
+    let dead = tests::free_port();
+    let mut sidecar = Command::new(HOTPATCH)
+        .args(["serve", "--upstream", &format!("http://127.0.0.1:{dead}")])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--model", "fleet.gguf", "--model-unverified"])
+        .args(["--fleet", "smoke", "--etcd", &endpoints, "--replica", "one"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let members = ["fleet", "members", "smoke", "--etcd", &endpoints, "--json"].map(str::to_owned);
+    while !run_in(dir, &members).contains("\"one\"") {
+        assert!(Instant::now() < deadline, "the sidecar did not register");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cases = [
+        case(
+            "fleet members",
+            &["fleet", "members", "smoke", "--etcd", &endpoints],
+        ),
+        case(
+            "fleet apply",
+            &[
+                "fleet",
+                "apply",
+                "smoke",
+                "preset.toml",
+                "--etcd",
+                &endpoints,
+                "--drain",
+            ],
+        ),
+        case(
+            "fleet status",
+            &["fleet", "status", "smoke", "--etcd", &endpoints, "--json"],
+        ),
+        case(
+            "fleet revert",
+            &["fleet", "revert", "smoke", "--etcd", &endpoints],
+        ),
+        case(
+            "fleet history",
+            &["fleet", "history", "smoke", "--etcd", &endpoints],
+        ),
+    ];
+    let mut covered = Vec::new();
+    for case in cases {
+        run_in(dir, &case.args);
+        covered.push(case.command);
+    }
+    let _already_exited = sidecar.kill();
+    let _reaped = sidecar.wait();
+    covered
+}
+
 /// A `hotpatch serve` on a loopback port, stopped with SIGTERM by [`Serve::stop`].
 struct Serve {
     /// `None` once stopped.
@@ -772,6 +837,9 @@ fn every_listed_command_runs_with_valid_arguments_and_relative_paths() {
         covered.insert(case.command);
     }
     serve.stop();
+    for command in fleet_cases(&dir_path) {
+        covered.insert(command);
+    }
 
     let covered: BTreeSet<String> = covered.into_iter().map(str::to_owned).collect();
     let missing: Vec<_> = listed.difference(&covered).collect();

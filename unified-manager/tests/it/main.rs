@@ -4,6 +4,7 @@ mod agent;
 mod commands;
 mod crash;
 mod edit;
+mod fleet;
 mod full_disk;
 mod inspect;
 mod lenient;
