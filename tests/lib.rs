@@ -116,6 +116,42 @@ pub fn ggml_base_library() -> PathBuf {
     library
 }
 
+/// The agent library (`libhotpatch_agent.so`) beside the `hotpatch` binary under test,
+/// where `hotpatch launch` looks for it. `cargo test` builds a cdylib-only package's test
+/// harness but not the library itself, so when it is missing it is built here, into the
+/// same target directory and profile as `hotpatch`.
+pub fn agent_library(hotpatch: &std::path::Path) -> PathBuf {
+    let library = hotpatch.with_file_name("libhotpatch_agent.so");
+    if library.exists() {
+        return library;
+    }
+    let profile_dir = hotpatch
+        .parent()
+        .expect("the hotpatch binary has a directory");
+    let target_dir = profile_dir
+        .parent()
+        .expect("the profile directory has a parent");
+    let mut build = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    build
+        .args(["build", "-p", "hotpatch-agent", "--manifest-path"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    if profile_dir
+        .file_name()
+        .is_some_and(|name| name == "release")
+    {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo runs");
+    assert!(
+        status.success() && library.exists(),
+        "building hotpatch-agent did not give {} ({status})",
+        library.display()
+    );
+    library
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

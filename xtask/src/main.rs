@@ -156,6 +156,17 @@ fn ci() -> Result<()> {
         "warnings",
     ]))?;
 
+    // `cargo test` builds the agent's test harness, not the `cdylib` that `hotpatch
+    // launch` preloads; the agent tests need the library beside the `hotpatch` binary.
+    run(cargo().args([
+        "build",
+        "--locked",
+        "-p",
+        "hotpatch-agent",
+        "-p",
+        "unified-manager",
+    ]))?;
+
     if has_nextest() {
         // nextest does not run doctests; they run first so that the test runner's summary
         // is the last one printed.

@@ -48,6 +48,7 @@ fn launch(args: &[&str]) -> Launched {
     let model = dir.path().join("model.gguf");
     std::fs::copy(tests::real_model(), &model).unwrap();
     let socket = dir.path().join("agent.sock");
+    tests::agent_library(std::path::Path::new(HOTPATCH));
     let launcher = [
         OsStr::new(HOTPATCH),
         OsStr::new("launch"),

@@ -821,6 +821,8 @@ fn write_inputs(dir: &Path) {
 
 #[test]
 fn every_listed_command_runs_with_valid_arguments_and_relative_paths() {
+    // `launch` preloads the agent library, which `cargo test` alone does not build.
+    tests::agent_library(std::path::Path::new(HOTPATCH));
     let listed = every_listed_command();
     let (dir, data) = workspace();
     let dir_path = dir.path().to_owned();
