@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::patcher::ByteWrite;
+use crate::plan::RewritePlan;
 use crate::value::{Value, ValueRef};
 use crate::writer::GgufWriter;
 
@@ -36,49 +37,13 @@ pub fn rewrite_file<R>(
     progress: &mut dyn FnMut(u64, u64),
     edit: impl for<'a> FnOnce(&Gguf<'a>, &mut GgufWriter<'a>) -> Result<R>,
 ) -> Result<RewriteOutcome<R>> {
-    let journal = crate::journal::journal_path(input);
-    // Replacing the file: roll back an unfinished transaction, then hold the journal so
-    // that no other writer (a live attach, another hotpatch) works on the old file
-    // while it is replaced; a busy journal refuses the rewrite.
-    let held = if output.is_none() && journal.exists() {
+    if output.is_none() && crate::journal::journal_path(input).exists() {
         crate::inplace::recover(input)?;
-        Some(crate::journal::Journal::open(input)?)
-    } else {
-        None
-    };
+    }
     let map = crate::file::MappedFile::open(input)?;
     let gguf = map.parse()?;
-    let mut writer = GgufWriter::from_gguf(&gguf);
-    let result = edit(&gguf, &mut writer)?;
-    let target = output.unwrap_or(input);
-    let bytes_written = writer.write_to_path_reporting(target, progress)?;
-    let mut archived_journal = None;
-    if let Some(held) = held {
-        let empty = held.transactions().is_empty();
-        drop(held);
-        if empty {
-            std::fs::remove_file(&journal)
-                .map_err(|e| Error::io("remove empty journal", &journal, e))?;
-        } else {
-            // Its offsets describe the old layout: keep it for the record, aside.
-            let mut archived = journal.clone().into_os_string();
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis());
-            archived.push(format!(".before-rewrite-{stamp}"));
-            let archived = PathBuf::from(archived);
-            std::fs::rename(&journal, &archived)
-                .map_err(|e| Error::io("archive journal", &journal, e))?;
-            archived_journal = Some(archived);
-        }
-    }
-    Ok(RewriteOutcome {
-        result,
-        output: target.to_owned(),
-        bytes_written,
-        input_len: gguf.file_len(),
-        archived_journal,
-    })
+    let plan = RewritePlan::new(input, output, &gguf, edit)?;
+    plan.with_progress(progress).write()
 }
 
 /// The in-place writes that set `key` to `value`, when the new encoding (type tag and

@@ -644,6 +644,15 @@ pub enum Error {
         /// Its version.
         version: u32,
     },
+    /// The file changed between the plan and its apply: the plan no longer says what
+    /// applying it would do, so it is refused (plan again).
+    #[error("{}: the file changed since the plan was made ({what}); plan again", path.display())]
+    StalePlan {
+        /// The file.
+        path: PathBuf,
+        /// What changed: its length, its modification time or the bytes the plan read.
+        what: String,
+    },
     /// A codec error, with the name of the tensor it happened in.
     #[error("tensor {tensor:?}")]
     InTensor {

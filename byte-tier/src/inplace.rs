@@ -132,7 +132,7 @@ impl InPlaceFile {
         })
     }
 
-    fn run_transaction(
+    pub(crate) fn run_transaction(
         &mut self,
         name: &str,
         reverts: Option<u64>,
@@ -206,41 +206,50 @@ impl InPlaceFile {
     /// The writes that would revert `transaction`, after checking that it committed, was
     /// not reverted yet, and that the bytes it wrote are still there.
     pub fn plan_revert(&self, transaction: u64) -> Result<Vec<ByteWrite>> {
-        let txn = self
-            .journal
-            .transaction(transaction)
-            .ok_or(Error::NoSuchTransaction(transaction))?;
-        if !matches!(txn.state, TransactionState::Committed(_)) {
-            return Err(Error::NotCommitted(transaction));
-        }
-        if self.journal.reverted_by(transaction).is_some() {
-            return Err(Error::AlreadyReverted(transaction));
-        }
-        if !txn.note.is_empty() {
-            return Err(Error::NotedTransaction(transaction));
-        }
-        let bytes = self.map.bytes();
-        let mut writes = Vec::with_capacity(txn.writes.len());
-        for entry in &txn.writes {
-            let current = bytes
-                .get(entry.offset as usize..(entry.offset + entry.len) as usize)
-                .ok_or(Error::RevertMismatch {
-                    transaction,
-                    offset: entry.offset,
-                })?;
-            if sha256(current) != entry.new_sha256 {
-                return Err(Error::RevertMismatch {
-                    transaction,
-                    offset: entry.offset,
-                });
-            }
-            writes.push(ByteWrite {
+        revert_writes(&self.journal, self.map.bytes(), transaction)
+    }
+}
+
+/// The writes that would revert `transaction` of `journal` on a file whose bytes are
+/// `bytes`, after checking that it committed, was not reverted yet, carries no maker's
+/// note, and that the bytes it wrote are still there.
+pub(crate) fn revert_writes(
+    journal: &Journal,
+    bytes: &[u8],
+    transaction: u64,
+) -> Result<Vec<ByteWrite>> {
+    let txn = journal
+        .transaction(transaction)
+        .ok_or(Error::NoSuchTransaction(transaction))?;
+    if !matches!(txn.state, TransactionState::Committed(_)) {
+        return Err(Error::NotCommitted(transaction));
+    }
+    if journal.reverted_by(transaction).is_some() {
+        return Err(Error::AlreadyReverted(transaction));
+    }
+    if !txn.note.is_empty() {
+        return Err(Error::NotedTransaction(transaction));
+    }
+    let mut writes = Vec::with_capacity(txn.writes.len());
+    for entry in &txn.writes {
+        let current = bytes
+            .get(entry.offset as usize..(entry.offset + entry.len) as usize)
+            .ok_or(Error::RevertMismatch {
+                transaction,
                 offset: entry.offset,
-                bytes: self.journal.original_bytes(entry)?,
+            })?;
+        if sha256(current) != entry.new_sha256 {
+            return Err(Error::RevertMismatch {
+                transaction,
+                offset: entry.offset,
             });
         }
-        Ok(writes)
+        writes.push(ByteWrite {
+            offset: entry.offset,
+            bytes: journal.original_bytes(entry)?,
+        });
     }
+    Ok(writes)
 }
 
 impl BytePatcher for InPlaceFile {

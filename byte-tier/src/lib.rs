@@ -19,6 +19,7 @@ mod journal;
 pub mod named;
 pub mod ops;
 mod patcher;
+pub mod plan;
 pub mod split;
 pub mod surgery;
 pub mod tensor_edit;

@@ -1,0 +1,561 @@
+//! Plans: what a write would do, made once, reported (serialized) before anything is
+//! written, and applied unchanged afterwards.
+//!
+//! Every write-planning call returns a [`Plan`]. A plan records a [`FileStamp`] of the
+//! file it was made from (length, modification time and a SHA-256 of the bytes the plan
+//! read or replaces); `apply` checks the stamp again and refuses with
+//! [`Error::StalePlan`] when the file changed in between, because the plan would then
+//! no longer say what applying it does. A dry run is a plan that is reported and never
+//! applied: making one writes nothing (no journal is created, no byte moves).
+//!
+//! - [`WritePlan`]: same-size writes in place, applied as one journal transaction.
+//! - [`RewritePlan`]: a rewrite through [`GgufWriter`] into a new file, or over the
+//!   input (temporary file, fsync, rename).
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::edit::RewriteOutcome;
+use crate::error::{Error, Result};
+use crate::gguf::Gguf;
+use crate::inplace::InPlaceFile;
+use crate::journal::{Journal, journal_path};
+use crate::ops::to_hex;
+use crate::patcher::{ByteWrite, EditReceipt, check_and_drop_unchanged};
+use crate::writer::GgufWriter;
+
+/// A planned write: serialized to report what it would do, applied to do it.
+pub trait Plan: Serialize {
+    /// What applying returns.
+    type Applied;
+    /// What applying can fail with.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Whether applying would change nothing.
+    fn is_noop(&self) -> bool;
+
+    /// Does what the plan says, after checking that the file is still the one it was
+    /// made from.
+    fn apply(self) -> std::result::Result<Self::Applied, Self::Error>;
+}
+
+/// What a plan knows of the file it was made from, checked again before it is applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FileStamp {
+    /// The file.
+    pub path: PathBuf,
+    /// Its length.
+    pub len: u64,
+    /// Its modification time, in nanoseconds since the Unix epoch.
+    pub modified_ns: u64,
+    /// SHA-256 (hex) of the bytes of `ranges`, one after another.
+    pub sha256: String,
+    /// The ranges the digest covers: what the plan read or replaces.
+    pub ranges: Vec<Range<u64>>,
+}
+
+fn modified_ns(path: &Path) -> Result<(u64, u64)> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
+    let modified = meta
+        .modified()
+        .map_err(|e| Error::io("read the modification time of", path, e))?;
+    let ns = modified
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    Ok((meta.len(), ns))
+}
+
+fn digest(bytes: &[u8], ranges: &[Range<u64>]) -> Option<String> {
+    let mut hasher = Sha256::new();
+    for r in ranges {
+        hasher.update(bytes.get(r.start as usize..r.end as usize)?);
+    }
+    Some(to_hex(&hasher.finalize()))
+}
+
+impl FileStamp {
+    /// Stamps `path`, whose bytes (as mapped or read) are `bytes`, covering `ranges`.
+    pub fn take(path: &Path, bytes: &[u8], ranges: Vec<Range<u64>>) -> Result<FileStamp> {
+        let (len, modified_ns) = modified_ns(path)?;
+        let stale = |what: &str| Error::StalePlan {
+            path: path.to_owned(),
+            what: what.to_owned(),
+        };
+        if len != bytes.len() as u64 {
+            return Err(stale("its length differs from the bytes read"));
+        }
+        let sha256 = digest(bytes, &ranges).ok_or_else(|| stale("a range lies past its end"))?;
+        Ok(FileStamp {
+            path: path.to_owned(),
+            len,
+            modified_ns,
+            sha256,
+            ranges,
+        })
+    }
+
+    /// Checks that `path` still has the stamp's length and modification time and that
+    /// `bytes` (the file as it is now) still hold the digested ranges.
+    pub fn check(&self, bytes: &[u8]) -> Result<()> {
+        let stale = |what: String| Error::StalePlan {
+            path: self.path.clone(),
+            what,
+        };
+        let (len, modified_ns) = modified_ns(&self.path)?;
+        if len != self.len || bytes.len() as u64 != self.len {
+            return Err(stale(format!("length {} -> {len}", self.len)));
+        }
+        if modified_ns != self.modified_ns {
+            return Err(stale("modified since".to_owned()));
+        }
+        if digest(bytes, &self.ranges).as_deref() != Some(self.sha256.as_str()) {
+            return Err(stale("the bytes the plan read differ".to_owned()));
+        }
+        Ok(())
+    }
+}
+
+/// No details beyond the writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NoDetails {}
+
+/// One write of a [`WritePlan`], as reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlannedWrite {
+    /// Absolute offset.
+    pub offset: u64,
+    /// Bytes written.
+    pub len: u64,
+    /// The tensor whose data it lies in, or `None` in the header (metadata).
+    pub tensor: Option<String>,
+    /// The metadata key whose value it lies in, when it lies in the header.
+    pub key: Option<String>,
+}
+
+/// Same-size writes to a file in place, applied as one journal transaction (all or
+/// none); `details` carries what the planner adds (codec costs, tensors, keys).
+#[derive(Clone, Debug, Serialize)]
+pub struct WritePlan<D = NoDetails> {
+    /// `"in_place"`.
+    pub kind: &'static str,
+    /// The file.
+    pub file: PathBuf,
+    /// The journal transaction's name.
+    pub name: String,
+    /// The transaction it reverts, for a revert.
+    pub reverts: Option<u64>,
+    /// The file's length (in place: unchanged).
+    pub size_before: u64,
+    /// The file's length afterwards.
+    pub size_after: u64,
+    /// The writes, sorted, only those that change bytes.
+    pub writes: Vec<PlannedWrite>,
+    /// Bytes written.
+    pub bytes: u64,
+    /// What the plan was made from.
+    pub stamp: FileStamp,
+    /// What the planner adds.
+    #[serde(flatten)]
+    pub details: D,
+    #[serde(skip)]
+    data: Vec<ByteWrite>,
+}
+
+impl<D> WritePlan<D> {
+    /// Plans `writes` (any order, disjoint, inside the file) on `path`, whose bytes now
+    /// are `bytes`, as a transaction named `name`. Writes that would put back what is
+    /// there are dropped; nothing is written.
+    pub fn new(
+        path: &Path,
+        bytes: &[u8],
+        name: impl Into<String>,
+        writes: Vec<ByteWrite>,
+        details: D,
+    ) -> Result<WritePlan<D>> {
+        WritePlan::build(path, bytes, name.into(), None, writes, details)
+    }
+
+    fn build(
+        path: &Path,
+        bytes: &[u8],
+        name: String,
+        reverts: Option<u64>,
+        mut writes: Vec<ByteWrite>,
+        details: D,
+    ) -> Result<WritePlan<D>> {
+        check_and_drop_unchanged(&mut writes, bytes)?;
+        let gguf = Gguf::parse(bytes).ok();
+        let planned = writes
+            .iter()
+            .map(|w| {
+                let (tensor, key) = gguf.as_ref().map_or((None, None), |g| place(g, w.offset));
+                PlannedWrite {
+                    offset: w.offset,
+                    len: w.bytes.len() as u64,
+                    tensor,
+                    key,
+                }
+            })
+            .collect();
+        let ranges = writes.iter().map(ByteWrite::range).collect();
+        Ok(WritePlan {
+            kind: "in_place",
+            file: path.to_owned(),
+            name,
+            reverts,
+            size_before: bytes.len() as u64,
+            size_after: bytes.len() as u64,
+            writes: planned,
+            bytes: writes.iter().map(|w| w.bytes.len() as u64).sum(),
+            stamp: FileStamp::take(path, bytes, ranges)?,
+            details,
+            data: writes,
+        })
+    }
+
+    /// The writes themselves.
+    pub fn byte_writes(&self) -> &[ByteWrite] {
+        &self.data
+    }
+}
+
+impl WritePlan {
+    /// Plans the revert of `transaction` of `path`'s journal, read under a shared lock:
+    /// nothing is created or written. A journal with an unfinished transaction is
+    /// refused (recovery comes first).
+    pub fn revert(path: &Path, transaction: u64) -> Result<WritePlan> {
+        if !journal_path(path).exists() {
+            return Err(Error::NoSuchTransaction(transaction));
+        }
+        let journal = Journal::open_read_only(path)?;
+        if let Some(txn) = journal.unfinished() {
+            return Err(Error::UnfinishedTransaction {
+                path: journal.path().to_owned(),
+                id: txn.id,
+            });
+        }
+        let map = crate::file::MappedFile::open(path)?;
+        let writes = crate::inplace::revert_writes(&journal, map.bytes(), transaction)?;
+        WritePlan::build(
+            path,
+            map.bytes(),
+            format!("revert {transaction}"),
+            Some(transaction),
+            writes,
+            NoDetails {},
+        )
+    }
+}
+
+/// The tensor or metadata key that holds `offset`.
+fn place(gguf: &Gguf<'_>, offset: u64) -> (Option<String>, Option<String>) {
+    if offset >= gguf.data_offset() {
+        let tensor = gguf
+            .tensors()
+            .iter()
+            .find(|t| t.data_range().contains(&offset))
+            .map(|t| t.name.clone());
+        return (tensor, None);
+    }
+    let key = gguf
+        .metadata()
+        .iter()
+        .find(|e| (e.entry_offset..e.value_range().end).contains(&offset))
+        .map(|e| e.key.to_string());
+    (None, key)
+}
+
+impl<D: Serialize> Plan for WritePlan<D> {
+    type Applied = EditReceipt;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Opens the file for in-place editing (rolling back an unfinished transaction,
+    /// which changes the file and so makes the plan stale), checks the stamp and commits
+    /// the writes as one transaction.
+    fn apply(self) -> Result<EditReceipt> {
+        let mut file = InPlaceFile::open(&self.file)?;
+        self.stamp
+            .check(crate::patcher::BytePatcher::bytes(&file))?;
+        file.run_transaction(&self.name, self.reverts, self.data)
+    }
+}
+
+/// Keys and tensors a rewrite adds, removes or changes, computed from the source and the
+/// writer that would produce the new file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RewriteChanges {
+    /// Keys the new file has and the old one does not.
+    pub keys_added: Vec<String>,
+    /// Keys the old file has and the new one does not.
+    pub keys_removed: Vec<String>,
+    /// Keys in both whose value differs.
+    pub keys_changed: Vec<String>,
+    /// Tensors the new file has and the old one does not.
+    pub tensors_added: Vec<String>,
+    /// Tensors the old file has and the new one does not.
+    pub tensors_removed: Vec<String>,
+    /// Tensors in both whose type or shape differs.
+    pub tensors_changed: Vec<String>,
+}
+
+impl RewriteChanges {
+    /// Compares what `writer` would write with `gguf`.
+    pub fn between(gguf: &Gguf<'_>, writer: &GgufWriter<'_>) -> RewriteChanges {
+        use std::collections::BTreeMap;
+        let old_keys: BTreeMap<String, crate::value::Value> = gguf
+            .metadata()
+            .iter()
+            .map(|e| (e.key.to_string(), e.value.to_owned_value()))
+            .collect();
+        let new_keys: BTreeMap<&str, &crate::value::Value> = writer
+            .metadata()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let mut changes = RewriteChanges::default();
+        for (key, value) in &old_keys {
+            match new_keys.get(key.as_str()) {
+                None => changes.keys_removed.push(key.clone()),
+                Some(new) if *new != value => changes.keys_changed.push(key.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.keys_added = new_keys
+            .keys()
+            .filter(|k| !old_keys.contains_key(**k))
+            .map(|k| (*k).to_owned())
+            .collect();
+        let old_tensors: BTreeMap<&str, _> = gguf
+            .tensors()
+            .iter()
+            .map(|t| (t.name.as_str(), (t.ggml_type, &t.dims)))
+            .collect();
+        let new_tensors: BTreeMap<&str, _> = writer
+            .tensors()
+            .iter()
+            .map(|t| (t.name.as_str(), (t.ggml_type, &t.dims)))
+            .collect();
+        for (name, old) in &old_tensors {
+            match new_tensors.get(name) {
+                None => changes.tensors_removed.push((*name).to_owned()),
+                Some(new) if new != old => changes.tensors_changed.push((*name).to_owned()),
+                Some(_) => {}
+            }
+        }
+        changes.tensors_added = new_tensors
+            .keys()
+            .filter(|k| !old_tensors.contains_key(*k))
+            .map(|k| (*k).to_owned())
+            .collect();
+        changes
+    }
+
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.keys_added.is_empty()
+            && self.keys_removed.is_empty()
+            && self.keys_changed.is_empty()
+            && self.tensors_added.is_empty()
+            && self.tensors_removed.is_empty()
+            && self.tensors_changed.is_empty()
+    }
+}
+
+/// A rewrite of a GGUF file through a [`GgufWriter`] that an edit has prepared: into
+/// `output`, or over the input itself (atomically) when there is none. Tensor data is
+/// streamed from the input's map when it is applied. `details` is what the edit
+/// returned (prune report, requantized tensors, ...).
+pub struct RewritePlan<'a, R> {
+    input: PathBuf,
+    output: Option<PathBuf>,
+    source: &'a [u8],
+    stamp: FileStamp,
+    writer: GgufWriter<'a>,
+    size_after: u64,
+    changes: RewriteChanges,
+    details: R,
+    progress: Option<Box<dyn FnMut(u64, u64) + 'a>>,
+}
+
+impl<R: std::fmt::Debug> std::fmt::Debug for RewritePlan<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RewritePlan")
+            .field("input", &self.input)
+            .field("output", &self.output)
+            .field("stamp", &self.stamp)
+            .field("size_after", &self.size_after)
+            .field("changes", &self.changes)
+            .field("details", &self.details)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+struct RewriteReport<'p, R> {
+    kind: &'static str,
+    file: &'p Path,
+    output: &'p Path,
+    size_before: u64,
+    size_after: u64,
+    #[serde(flatten)]
+    changes: &'p RewriteChanges,
+    stamp: &'p FileStamp,
+    #[serde(flatten)]
+    details: &'p R,
+}
+
+impl<R: Serialize> Serialize for RewritePlan<'_, R> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        RewriteReport {
+            kind: "rewrite",
+            file: &self.input,
+            output: self.target(),
+            size_before: self.stamp.len,
+            size_after: self.size_after,
+            changes: &self.changes,
+            stamp: &self.stamp,
+            details: &self.details,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'a, R> RewritePlan<'a, R> {
+    /// Plans the rewrite of `input`, parsed as `gguf`, through `edit`, into `output`
+    /// (over `input` when `None`). The edit runs now, once; nothing is written. The
+    /// stamp covers the input's header (metadata and tensor table).
+    pub fn new(
+        input: &Path,
+        output: Option<&Path>,
+        gguf: &Gguf<'a>,
+        edit: impl FnOnce(&Gguf<'a>, &mut GgufWriter<'a>) -> Result<R>,
+    ) -> Result<RewritePlan<'a, R>> {
+        let stamp = FileStamp::take(input, gguf.bytes(), vec![0..gguf.data_offset()])?;
+        let mut writer = GgufWriter::from_gguf(gguf);
+        let details = edit(gguf, &mut writer)?;
+        let size_after = writer.layout()?.file_len;
+        let changes = RewriteChanges::between(gguf, &writer);
+        Ok(RewritePlan {
+            input: input.to_owned(),
+            output: output.map(Path::to_owned),
+            source: gguf.bytes(),
+            stamp,
+            writer,
+            size_after,
+            changes,
+            details,
+            progress: None,
+        })
+    }
+
+    /// Reports progress (bytes written, total) while the plan is applied.
+    pub fn with_progress(mut self, progress: impl FnMut(u64, u64) + 'a) -> Self {
+        self.progress = Some(Box::new(progress));
+        self
+    }
+
+    /// The file that would be written.
+    pub fn target(&self) -> &Path {
+        self.output.as_deref().unwrap_or(&self.input)
+    }
+
+    /// What the edit returned.
+    pub fn details(&self) -> &R {
+        &self.details
+    }
+
+    /// Keys and tensors added, removed, changed.
+    pub fn changes(&self) -> &RewriteChanges {
+        &self.changes
+    }
+
+    /// The new file's length.
+    pub fn size_after(&self) -> u64 {
+        self.size_after
+    }
+}
+
+impl<R: Serialize> Plan for RewritePlan<'_, R> {
+    type Applied = RewriteOutcome<R>;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.changes.is_empty() && self.output.is_none() && self.size_after == self.stamp.len
+    }
+
+    fn apply(self) -> Result<RewriteOutcome<R>> {
+        self.write()
+    }
+}
+
+impl<R> RewritePlan<'_, R> {
+    /// Writes the new file (what [`Plan::apply`] does, for any `R`). Replacing the
+    /// input, it holds the input's journal (no other writer works on the old file
+    /// meanwhile; an unfinished transaction there makes the plan stale) and afterwards
+    /// removes the journal, or moves it aside when it has transactions, whose offsets
+    /// describe the old layout.
+    pub fn write(mut self) -> Result<RewriteOutcome<R>> {
+        let journal = journal_path(&self.input);
+        let held = if self.output.is_none() && journal.exists() {
+            let held = Journal::open(&self.input)?;
+            if held.unfinished().is_some() {
+                return Err(Error::StalePlan {
+                    path: self.input.clone(),
+                    what: "its journal has an unfinished transaction".to_owned(),
+                });
+            }
+            Some(held)
+        } else {
+            None
+        };
+        self.stamp.check(self.source)?;
+        let target = self.target().to_owned();
+        let mut progress = self.progress.take();
+        let mut report = |done: u64, total: u64| {
+            if let Some(p) = progress.as_mut() {
+                p(done, total);
+            }
+        };
+        let bytes_written = self.writer.write_to_path_reporting(&target, &mut report)?;
+        let mut archived_journal = None;
+        if let Some(held) = held {
+            let empty = held.transactions().is_empty();
+            drop(held);
+            if empty {
+                std::fs::remove_file(&journal)
+                    .map_err(|e| Error::io("remove empty journal", &journal, e))?;
+            } else {
+                let mut archived = journal.clone().into_os_string();
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                archived.push(format!(".before-rewrite-{stamp}"));
+                let archived = PathBuf::from(archived);
+                std::fs::rename(&journal, &archived)
+                    .map_err(|e| Error::io("archive journal", &journal, e))?;
+                archived_journal = Some(archived);
+            }
+        }
+        Ok(RewriteOutcome {
+            result: self.details,
+            output: target,
+            bytes_written,
+            input_len: self.stamp.len,
+            archived_journal,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::file::MappedFile;
+use crate::patcher::BytePatcher;
+use crate::types::GgmlType;
+use crate::writer::TensorSpec;
+
+fn model() -> Vec<u8> {
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", "toy")
+        .set("general.name", "abcd")
+        .set("toy.block_count", 2u32);
+    for b in 0..2u8 {
+        w.add_tensor(TensorSpec::from_bytes(
+            format!("blk.{b}.w"),
+            vec![4],
+            GgmlType::F32,
+            vec![b; 16],
+        ));
+    }
+    let mut out = Vec::new();
+    w.write_to(&mut out).unwrap();
+    out
+}
+
+fn two_copies() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
+    std::fs::write(&a, model()).unwrap();
+    std::fs::write(&b, model()).unwrap();
+    (dir, a, b)
+}
+
+fn tensor_offset(path: &Path, name: &str) -> u64 {
+    let map = MappedFile::open(path).unwrap();
+    map.parse()
+        .unwrap()
+        .require_tensor(name)
+        .unwrap()
+        .data_offset
+}
+
+fn writes(at: u64) -> Vec<ByteWrite> {
+    vec![
+        ByteWrite {
+            offset: at + 4,
+            bytes: vec![0xab; 4],
+        },
+        ByteWrite {
+            offset: at,
+            bytes: vec![0xcd; 2],
+        },
+    ]
+}
+
+fn stat(path: &Path) -> (Vec<u8>, SystemTime) {
+    let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+    (std::fs::read(path).unwrap(), modified)
+}
+
+fn in_place_plan(path: &Path) -> WritePlan {
+    let at = tensor_offset(path, "blk.1.w");
+    let map = MappedFile::open(path).unwrap();
+    WritePlan::new(path, map.bytes(), "test", writes(at), NoDetails {}).unwrap()
+}
+
+#[test]
+fn an_applied_write_plan_equals_the_direct_write_byte_for_byte() {
+    let (_dir, planned, direct) = two_copies();
+    let plan = in_place_plan(&planned);
+    let json = serde_json::to_value(&plan).unwrap();
+    assert_eq!(json["kind"], "in_place");
+    assert_eq!(json["bytes"], 6);
+    assert_eq!(json["writes"][0]["tensor"], "blk.1.w");
+    assert_eq!(json["writes"].as_array().unwrap().len(), 2);
+    let receipt = plan.apply().unwrap();
+    assert_eq!(receipt.transaction, Some(1));
+
+    let at = tensor_offset(&direct, "blk.1.w");
+    let mut file = InPlaceFile::open(&direct).unwrap();
+    file.commit("test", writes(at)).unwrap();
+    drop(file);
+    assert_eq!(
+        std::fs::read(&planned).unwrap(),
+        std::fs::read(&direct).unwrap()
+    );
+}
+
+#[test]
+fn a_write_plan_names_the_metadata_key_it_changes() {
+    let (_dir, path, _) = two_copies();
+    let map = MappedFile::open(&path).unwrap();
+    let gguf = map.parse().unwrap();
+    let write = crate::edit::in_place_metadata_write(&gguf, "general.name", &"wxyz".into())
+        .unwrap()
+        .unwrap();
+    let plan = WritePlan::new(&path, map.bytes(), "meta", vec![write], NoDetails {}).unwrap();
+    let json = serde_json::to_value(&plan).unwrap();
+    assert_eq!(json["writes"][0]["key"], "general.name");
+    assert_eq!(json["writes"][0]["tensor"], serde_json::Value::Null);
+}
+
+#[test]
+fn an_applied_rewrite_plan_equals_the_direct_rewrite_byte_for_byte() {
+    let (dir, input, _) = two_copies();
+    let (planned, direct) = (dir.path().join("p.gguf"), dir.path().join("d.gguf"));
+    let map = MappedFile::open(&input).unwrap();
+    let gguf = map.parse().unwrap();
+    let plan = RewritePlan::new(&input, Some(&planned), &gguf, |_, w| {
+        w.set("general.name", "a longer name");
+        crate::edit::remove_tensor(w, "blk.0.w")
+    })
+    .unwrap();
+    let json = serde_json::to_value(&plan).unwrap();
+    assert_eq!(json["kind"], "rewrite");
+    assert_eq!(json["keys_changed"], serde_json::json!(["general.name"]));
+    assert_eq!(json["tensors_removed"], serde_json::json!(["blk.0.w"]));
+    let size_after = plan.size_after();
+    let outcome = plan.apply().unwrap();
+    assert_eq!(outcome.bytes_written, size_after);
+
+    let mut writer = GgufWriter::from_gguf(&gguf);
+    writer.set("general.name", "a longer name");
+    crate::edit::remove_tensor(&mut writer, "blk.0.w").unwrap();
+    writer.write_to_path(&direct).unwrap();
+    assert_eq!(
+        std::fs::read(&planned).unwrap(),
+        std::fs::read(&direct).unwrap()
+    );
+}
+
+#[test]
+fn planning_writes_nothing_and_creates_no_journal() {
+    let (dir, path, _) = two_copies();
+    let before = stat(&path);
+    let plan = in_place_plan(&path);
+    assert!(!plan.is_noop());
+    drop(plan);
+    {
+        let map = MappedFile::open(&path).unwrap();
+        let gguf = map.parse().unwrap();
+        let plan = RewritePlan::new(&path, None, &gguf, |_, w| {
+            w.set("general.name", "a longer name");
+            Ok(())
+        })
+        .unwrap();
+        assert!(!plan.is_noop());
+    }
+    assert!(matches!(
+        WritePlan::revert(&path, 1),
+        Err(Error::NoSuchTransaction(1))
+    ));
+    assert_eq!(stat(&path), before);
+    assert!(!journal_path(&path).exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+}
+
+#[test]
+fn a_revert_plan_restores_what_the_transaction_replaced() {
+    let (_dir, path, _) = two_copies();
+    let original = std::fs::read(&path).unwrap();
+    in_place_plan(&path).apply().unwrap();
+    let before = stat(&path);
+    let plan = WritePlan::revert(&path, 1).unwrap();
+    assert_eq!(plan.reverts, Some(1));
+    assert_eq!(plan.bytes, 6);
+    assert_eq!(stat(&path), before, "planning a revert wrote");
+    let receipt = plan.apply().unwrap();
+    assert_eq!(receipt.transaction, Some(2));
+    assert_eq!(std::fs::read(&path).unwrap(), original);
+    assert!(matches!(
+        WritePlan::revert(&path, 1),
+        Err(Error::AlreadyReverted(1))
+    ));
+}
+
+#[test]
+fn a_file_changed_in_the_planned_bytes_is_refused_as_stale() {
+    let (_dir, path, _) = two_copies();
+    let plan = in_place_plan(&path);
+    let at = plan.byte_writes()[0].offset;
+    let mut file = InPlaceFile::open(&path).unwrap();
+    file.fill(at..at + 1, 0x11).unwrap();
+    drop(file);
+    let changed = std::fs::read(&path).unwrap();
+    assert!(matches!(plan.apply(), Err(Error::StalePlan { .. })));
+    assert_eq!(std::fs::read(&path).unwrap(), changed);
+}
+
+#[test]
+fn a_file_modified_elsewhere_is_refused_as_stale() {
+    let (_dir, path, _) = two_copies();
+    let plan = in_place_plan(&path);
+    // A byte outside the planned writes, and a new modification time.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let file = std::fs::File::options().write(true).open(&path).unwrap();
+    file.set_modified(SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    drop(file);
+    assert!(matches!(plan.apply(), Err(Error::StalePlan { .. })));
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+
+    let map = MappedFile::open(&path).unwrap();
+    let gguf = map.parse().unwrap();
+    let rewrite = RewritePlan::new(&path, None, &gguf, |_, w| {
+        w.set("general.name", "a longer name");
+        Ok(())
+    })
+    .unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .set_len(bytes.len() as u64 + 1)
+        .unwrap();
+    assert!(matches!(rewrite.write(), Err(Error::StalePlan { .. })));
+}
