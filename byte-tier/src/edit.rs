@@ -83,7 +83,7 @@ pub fn in_place_metadata_write(
 }
 
 /// What pruning layers changed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PruneReport {
     /// The block count before.
     pub blocks_before: u64,
@@ -361,7 +361,7 @@ mod tests {
 }
 
 /// One tensor requantized by [`requantize_tensors`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Requantized {
     /// The tensor.
     pub name: String,

@@ -394,6 +394,8 @@ pub struct DryRun<'a> {
     bytes: &'a [u8],
     /// The writes the operations would make.
     pub planned: Vec<ByteWrite>,
+    /// The names of the transactions they would be, in order.
+    pub names: Vec<String>,
 }
 
 impl<'a> DryRun<'a> {
@@ -402,6 +404,7 @@ impl<'a> DryRun<'a> {
         DryRun {
             bytes,
             planned: Vec::new(),
+            names: Vec::new(),
         }
     }
 }
@@ -411,8 +414,9 @@ impl BytePatcher for DryRun<'_> {
         self.bytes
     }
 
-    fn commit(&mut self, _name: &str, mut writes: Vec<ByteWrite>) -> Result<EditReceipt> {
+    fn commit(&mut self, name: &str, mut writes: Vec<ByteWrite>) -> Result<EditReceipt> {
         check_and_drop_unchanged(&mut writes, self.bytes)?;
+        self.names.push(name.to_owned());
         let r = receipt(
             None,
             writes.iter().map(|w| (w.offset, w.bytes.len() as u64)),

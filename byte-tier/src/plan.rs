@@ -465,6 +465,11 @@ impl<'a, R> RewritePlan<'a, R> {
         self
     }
 
+    /// The file the plan was made from.
+    pub fn input(&self) -> &Path {
+        &self.input
+    }
+
     /// The file that would be written.
     pub fn target(&self) -> &Path {
         self.output.as_deref().unwrap_or(&self.input)

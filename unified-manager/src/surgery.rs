@@ -4,9 +4,10 @@
 //! the LoRA unmerge, which finds its merge in the journal by the adapter's identity and
 //! reverts it byte for byte.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use byte_tier::TransactionState;
+use byte_tier::plan::{FileStamp, Plan};
 use byte_tier::surgery::{RewrittenTensor, merge_label};
 use memory_tier::{AttachMode, LiveModel, MemoryPatch, PatchTarget, Payload};
 
@@ -50,6 +51,79 @@ pub fn apply_rewrites(
     }
     let ids = model.apply_all(patches)?;
     Ok(ids.first().and_then(|&id| model.journal_transaction(id)))
+}
+
+/// New bytes for whole tensors of a file (an ablation, a LoRA merge), planned and not
+/// yet written: reported as it is, applied by [`apply_rewrites`] as one journal
+/// transaction through a shared live model. The stamp covers the file's header and the
+/// data of every tensor it rewrites, which the planner read.
+#[derive(Debug, serde::Serialize)]
+pub struct SurgeryPlan<D> {
+    /// `"in_place"`.
+    pub kind: &'static str,
+    /// The model.
+    pub file: PathBuf,
+    /// The label of the journal transaction (each tensor's patch is named after it).
+    pub name: String,
+    /// The file's length, before and after (unchanged: in place).
+    pub size_before: u64,
+    /// The file's length afterwards.
+    pub size_after: u64,
+    /// Bytes of the tensors rewritten (only those that change are journaled).
+    pub bytes: u64,
+    /// What the plan was made from.
+    pub stamp: FileStamp,
+    /// What the planner reported (per-tensor costs, skipped tensors, notes).
+    #[serde(flatten)]
+    pub details: D,
+    #[serde(skip)]
+    rewrites: Vec<RewrittenTensor>,
+}
+
+impl<D> SurgeryPlan<D> {
+    /// Plans writing `rewrites` into `path` as a transaction labelled `label`.
+    pub fn new(
+        path: &Path,
+        label: impl Into<String>,
+        rewrites: Vec<RewrittenTensor>,
+        details: D,
+    ) -> Result<SurgeryPlan<D>> {
+        let map = byte_tier::MappedFile::open(path)?;
+        let gguf = map.parse()?;
+        let mut ranges = vec![0..gguf.data_offset()];
+        for r in &rewrites {
+            ranges.push(gguf.require_tensor(&r.name)?.data_range());
+        }
+        Ok(SurgeryPlan {
+            kind: "in_place",
+            file: path.to_owned(),
+            name: label.into(),
+            size_before: gguf.file_len(),
+            size_after: gguf.file_len(),
+            bytes: rewrites.iter().map(|r| r.bytes.len() as u64).sum(),
+            stamp: FileStamp::take(path, map.bytes(), ranges)?,
+            details,
+            rewrites,
+        })
+    }
+}
+
+impl<D: serde::Serialize> Plan for SurgeryPlan<D> {
+    /// The journal transaction, `None` when no byte changes.
+    type Applied = Option<u64>;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.rewrites.is_empty()
+    }
+
+    fn apply(self) -> Result<Option<u64>> {
+        {
+            let map = byte_tier::MappedFile::open(&self.file)?;
+            self.stamp.check(map.bytes())?;
+        }
+        apply_rewrites(&self.file, &self.name, &self.rewrites)
+    }
 }
 
 /// What an unmerge did.

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use byte_tier::ops::{self, BitOp, WordWidth};
-use byte_tier::{BytePatcher, ByteWrite, DryRun, EditReceipt, InPlaceFile};
+use byte_tier::plan::{NoDetails, WritePlan};
+use byte_tier::{BytePatcher, ByteWrite, DryRun, EditReceipt};
 use serde_json::json;
 
 use super::args::{HexBytes, RangeArgs, parse_hex, parse_number};
@@ -146,22 +147,25 @@ pub fn run(args: &BytesArgs) -> anyhow::Result<()> {
         println!("{text}");
         return Ok(());
     }
-    let mut file = InPlaceFile::open(&args.file)
-        .with_context(|| format!("open {} for in-place editing", args.file.display()))?;
-    if let Some(report) = file.recovered() {
+    // One plan, reported by --dry-run and applied otherwise: the operation runs on a
+    // view that records its writes.
+    let recovered = super::plan::prepare(&args.file, args.dry_run)?;
+    if let Some(report) = recovered {
         eprintln!(
             "recovered: rolled back unfinished transaction {} ({}, {} bytes)",
             report.transaction, report.name, report.bytes
         );
     }
-    if args.dry_run {
-        let mut plan = DryRun::new(byte_tier::BytePatcher::bytes(&file));
-        let receipt = edit(&mut plan, &args.operation)?;
-        print_receipt(&receipt, args.json, true);
-        return Ok(());
+    let map = byte_tier::MappedFile::open(&args.file)?;
+    let mut view = DryRun::new(map.bytes());
+    edit(&mut view, &args.operation)?;
+    let name = view.names.join("; ");
+    let plan = WritePlan::new(&args.file, map.bytes(), name, view.planned, NoDetails {})?;
+    if let Some(receipt) = super::plan::run(plan, args.dry_run, args.json)
+        .map_err(|e| super::patch::with_server_hint(e, &args.file))?
+    {
+        print_receipt(&receipt, args.json);
     }
-    let receipt = edit(&mut file, &args.operation)?;
-    print_receipt(&receipt, args.json, false);
     Ok(())
 }
 
@@ -296,7 +300,7 @@ fn edit(patcher: &mut dyn BytePatcher, operation: &Operation) -> anyhow::Result<
     Ok(receipt)
 }
 
-fn print_receipt(receipt: &EditReceipt, json: bool, dry_run: bool) {
+fn print_receipt(receipt: &EditReceipt, json: bool) {
     if json {
         let ranges: Vec<_> = receipt
             .ranges
@@ -305,7 +309,7 @@ fn print_receipt(receipt: &EditReceipt, json: bool, dry_run: bool) {
             .collect();
         println!(
             "{}",
-            json!({"dry_run": dry_run, "transaction": receipt.transaction, "bytes": receipt.bytes, "ranges": ranges})
+            json!({"dry_run": false, "transaction": receipt.transaction, "bytes": receipt.bytes, "ranges": ranges})
         );
         return;
     }
@@ -314,15 +318,9 @@ fn print_receipt(receipt: &EditReceipt, json: bool, dry_run: bool) {
         .iter()
         .map(|r| format!("{}..{}", r.start, r.end))
         .collect();
-    match (dry_run, receipt.transaction) {
-        (true, _) if receipt.bytes == 0 => println!("dry run: nothing would change"),
-        (true, _) => println!(
-            "dry run: would write {} bytes at {}",
-            receipt.bytes,
-            ranges.join(", ")
-        ),
-        (false, None) => println!("nothing changed"),
-        (false, Some(id)) => println!(
+    match receipt.transaction {
+        None => println!("nothing changed"),
+        Some(id) => println!(
             "transaction {id}: wrote {} bytes at {}",
             receipt.bytes,
             ranges.join(", ")

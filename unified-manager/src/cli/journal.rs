@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use byte_tier::{BytePatcher, InPlaceFile, Journal, TransactionState};
+use byte_tier::{Journal, TransactionState};
 use memory_tier::{AttachMode, LiveModel};
 use serde_json::json;
 
@@ -32,6 +32,9 @@ pub struct RevertArgs {
     /// Say what would be restored and write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print JSON (the plan, with --dry-run).
+    #[arg(long)]
+    pub json: bool,
     /// Revert through the admin API of the `hotpatch serve` that holds FILE
     /// (`http://127.0.0.1:8081`), so that its caches stay right.
     #[arg(long, value_name = "URL", requires = "admin_token_file")]
@@ -226,31 +229,53 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
 /// Reverts a transaction byte for byte (no live model: the file is not a GGUF, or the
 /// transaction made no live patch).
 fn revert_in_place(args: &RevertArgs) -> anyhow::Result<()> {
-    let file = InPlaceFile::open(&args.file)
-        .with_context(|| format!("open {} for in-place editing", args.file.display()))
-        .map_err(|e| super::patch::with_server_hint(e, &args.file))?;
-    let id = match (args.id, file.last_revertible()) {
-        (Some(id), _) => id,
-        (None, Some(t)) => t.id,
-        (None, None) => bail!("nothing to revert: no committed transaction is left unreverted"),
+    let id = match args.id {
+        Some(id) => id,
+        None => {
+            let last = byte_tier::journal_path(&args.file)
+                .exists()
+                .then(|| Journal::open_read_only(&args.file))
+                .transpose()?
+                .and_then(|journal| {
+                    journal
+                        .transactions()
+                        .iter()
+                        .rev()
+                        .find(|t| {
+                            matches!(t.state, TransactionState::Committed(_))
+                                && t.reverts.is_none()
+                                && t.note.is_empty()
+                                && journal.reverted_by(t.id).is_none()
+                        })
+                        .map(|t| t.id)
+                });
+            match last {
+                Some(id) => id,
+                None => {
+                    bail!("nothing to revert: no committed transaction is left unreverted")
+                }
+            }
+        }
     };
-    drop(file);
     revert_transaction_in_place(args, id)
 }
 
 fn revert_transaction_in_place(args: &RevertArgs, id: u64) -> anyhow::Result<()> {
-    let mut file = InPlaceFile::open(&args.file)
-        .with_context(|| format!("open {} for in-place editing", args.file.display()))?;
-    if args.dry_run {
-        let writes = file.plan_revert(id)?;
-        let bytes: usize = writes.iter().map(|w| w.bytes.len()).sum();
+    super::meta::note_recovered(super::plan::prepare(&args.file, args.dry_run)?);
+    let plan = byte_tier::plan::WritePlan::revert(&args.file, id)?;
+    let applied = super::plan::run(plan, args.dry_run, args.json)
+        .map_err(|e| super::patch::with_server_hint(e, &args.file))?;
+    let Some(receipt) = applied else {
+        return Ok(());
+    };
+    if args.json {
         println!(
-            "dry run: reverting transaction {id} would restore {bytes} bytes in {} ranges",
-            writes.len()
+            "{}",
+            json!({"dry_run": false, "reverted": id, "transaction": receipt.transaction,
+                "bytes": receipt.bytes})
         );
         return Ok(());
     }
-    let receipt = file.revert(id)?;
     println!(
         "transaction {}: reverted transaction {id}, restored {} bytes (checked against the original SHA-256)",
         receipt

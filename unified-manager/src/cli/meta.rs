@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use byte_tier::edit::{in_place_metadata_write, parse_metadata_value, rewrite_file};
-use byte_tier::{BytePatcher, InPlaceFile, MappedFile, Value, ValueType};
+use byte_tier::edit::{RewriteOutcome, in_place_metadata_write, parse_metadata_value};
+use byte_tier::plan::{NoDetails, RewritePlan, WritePlan};
+use byte_tier::{MappedFile, Value, ValueType};
 
 use super::progress::{bytes_bar, reporter};
 
@@ -25,6 +26,9 @@ pub struct Output {
     /// Say what would change and write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print JSON (the plan, with --dry-run).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A metadata command.
@@ -150,104 +154,117 @@ pub fn run(args: &MetaArgs) -> anyhow::Result<()> {
         }
         MetaCommand::Delete { file, key, output } => {
             let file = &metadata_file(file, key, true)?;
-            {
-                let map = MappedFile::open(file)?;
-                if map.parse()?.get(key).is_none() {
-                    bail!("no key {key:?} in {}", file.display());
-                }
+            note_recovered(super::plan::prepare(file, output.dry_run)?);
+            let map = MappedFile::open(file)?;
+            let gguf = map.parse()?;
+            if gguf.get(key).is_none() {
+                bail!("no key {key:?} in {}", file.display());
             }
-            if output.dry_run {
-                println!(
-                    "dry run: would rewrite {} without {key:?}",
-                    target(file, output).display()
-                );
-                return Ok(());
-            }
-            let outcome = rewrite(file, output, |_, writer| {
+            let plan = RewritePlan::new(file, output.output.as_deref(), &gguf, |_, writer| {
                 writer.remove(key);
-                Ok(())
+                Ok(NoDetails {})
             })?;
-            print_rewrite(&format!("removed {key:?}: "), &outcome);
-            note_archived(outcome.archived_journal.as_deref());
+            if let Some(outcome) = run_rewrite(plan, output)? {
+                print_rewrite(&format!("removed {key:?}: "), &outcome, output.json);
+            }
             Ok(())
         }
     }
 }
 
-fn target<'a>(file: &'a Path, output: &'a Output) -> &'a Path {
-    output.output.as_deref().unwrap_or(file)
+/// Prints what recovery rolled back before a plan was made.
+pub fn note_recovered(report: Option<byte_tier::RecoveryReport>) {
+    if let Some(report) = report {
+        eprintln!(
+            "recovered: rolled back unfinished transaction {} ({}, {} bytes)",
+            report.transaction, report.name, report.bytes
+        );
+    }
+}
+
+/// The key a metadata plan sets.
+#[derive(serde::Serialize)]
+struct MetaDetails<'k> {
+    key: &'k str,
 }
 
 fn set(file: &Path, key: &str, value: Value, output: &Output) -> anyhow::Result<()> {
-    if output.output.is_none() {
-        let mut in_place = InPlaceFile::open(file)
-            .with_context(|| format!("open {} for in-place editing", file.display()))?;
-        let write = in_place_metadata_write(&in_place.gguf()?, key, &value)?;
-        if let Some(write) = write {
-            let range = write.range();
-            if output.dry_run {
-                let changed = in_place.read(range.clone())? != write.bytes.as_slice();
+    note_recovered(super::plan::prepare(file, output.dry_run)?);
+    let map = MappedFile::open(file)?;
+    let gguf = map.parse()?;
+    if output.output.is_none()
+        && let Some(write) = in_place_metadata_write(&gguf, key, &value)?
+    {
+        let start = write.offset;
+        let plan = WritePlan::new(
+            file,
+            map.bytes(),
+            format!("meta set {key}"),
+            vec![write],
+            MetaDetails { key },
+        )?;
+        let applied = super::plan::run(plan, output.dry_run, output.json)
+            .map_err(|e| super::patch::with_server_hint(e, file))?;
+        if let Some(receipt) = applied {
+            if output.json {
                 println!(
-                    "dry run: would set {key:?} in place ({} bytes at {}..{}){}",
-                    write.bytes.len(),
-                    range.start,
-                    range.end,
-                    if changed {
-                        ""
-                    } else {
-                        ", which already hold that value"
-                    }
+                    "{}",
+                    serde_json::json!({"dry_run": false, "key": key, "in_place": true,
+                        "transaction": receipt.transaction, "bytes": receipt.bytes})
                 );
                 return Ok(());
             }
-            let receipt = in_place.commit(&format!("meta set {key}"), vec![write])?;
             match receipt.transaction {
                 Some(id) => println!(
-                    "set {key:?} in place: transaction {id}, {} bytes at {}",
-                    receipt.bytes, range.start
+                    "set {key:?} in place: transaction {id}, {} bytes at {start}",
+                    receipt.bytes
                 ),
                 None => println!("{key:?} already holds that value: nothing changed"),
             }
-            return Ok(());
         }
-    }
-    if output.dry_run {
-        println!(
-            "dry run: would rewrite {} with {key:?} set (its encoded size changes)",
-            target(file, output).display()
-        );
         return Ok(());
     }
-    let outcome = rewrite(file, output, |_, writer| {
+    let plan = RewritePlan::new(file, output.output.as_deref(), &gguf, |_, writer| {
         writer.set(key, value);
-        Ok(())
+        Ok(NoDetails {})
     })?;
-    print_rewrite(&format!("set {key:?}: "), &outcome);
-    note_archived(outcome.archived_journal.as_deref());
+    if let Some(outcome) = run_rewrite(plan, output)? {
+        print_rewrite(&format!("set {key:?}: "), &outcome, output.json);
+    }
     Ok(())
 }
 
-/// Runs a rewrite with a progress bar.
-pub fn rewrite<R>(
-    file: &Path,
+/// Reports a rewrite's plan with --dry-run, or applies it with a progress bar; a
+/// journal set aside by the rewrite is noted.
+pub fn run_rewrite<'a, R: serde::Serialize>(
+    plan: RewritePlan<'a, R>,
     output: &Output,
-    edit: impl for<'a> FnOnce(
-        &byte_tier::Gguf<'a>,
-        &mut byte_tier::GgufWriter<'a>,
-    ) -> byte_tier::Result<R>,
-) -> anyhow::Result<byte_tier::edit::RewriteOutcome<R>> {
-    let len = std::fs::metadata(file)
-        .with_context(|| format!("stat {}", file.display()))?
-        .len();
-    let bar = bytes_bar("rewriting", len);
-    let outcome = rewrite_file(file, output.output.as_deref(), &mut reporter(&bar), edit)
+) -> anyhow::Result<Option<RewriteOutcome<R>>> {
+    let bar = bytes_bar("rewriting", plan.size_after());
+    let drive = bar.clone();
+    let plan = plan.with_progress(move |done, total| reporter(&drive)(done, total));
+    let file = plan.input().to_owned();
+    let outcome = super::plan::run(plan, output.dry_run, output.json)
         .with_context(|| format!("rewrite {}", file.display()))?;
     bar.finish_and_clear();
+    if let Some(outcome) = &outcome {
+        note_archived(outcome.archived_journal.as_deref());
+    }
     Ok(outcome)
 }
 
-/// Prints the file a rewrite wrote and its size before and after, after `what`.
-pub fn print_rewrite<R>(what: &str, outcome: &byte_tier::edit::RewriteOutcome<R>) {
+/// Prints the file a rewrite wrote and its size before and after, after `what` (or, with
+/// `json`, the outcome as JSON).
+pub fn print_rewrite<R: serde::Serialize>(what: &str, outcome: &RewriteOutcome<R>, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"dry_run": false, "output": outcome.output,
+                "bytes_before": outcome.input_len, "bytes_after": outcome.bytes_written,
+                "report": outcome.result})
+        );
+        return;
+    }
     println!(
         "{what}rewrote into {} ({} -> {} bytes)",
         outcome.output.display(),

@@ -11,6 +11,7 @@ pub mod journal;
 pub mod meta;
 pub mod patch;
 pub mod pipeline;
+pub mod plan;
 pub mod preset;
 pub mod progress;
 pub mod serve;

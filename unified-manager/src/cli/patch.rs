@@ -5,11 +5,12 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use byte_tier::MappedFile;
 use byte_tier::codec::{
     self, Transform, TransformPath, TransformReport, read_npy_file, write_tensor_npy,
 };
+use byte_tier::plan::WritePlan;
 use byte_tier::tensor_edit::{TensorEdit, plan_transform};
-use byte_tier::{BytePatcher, InPlaceFile, MappedFile};
 use memory_tier::{
     AttachMode, LiveModel, MemoryPatch, PatchReport, PatchTarget, Payload, ValueTransform,
 };
@@ -441,13 +442,19 @@ pub fn export(file: &Path, name: &str, output: &Path, dry_run: bool) -> anyhow::
 
 /// Replaces a tensor's values from a .npy of its shape, quantizing to its type, in place
 /// through the journal.
-pub fn import(file: &Path, name: &str, input: &Path, dry_run: bool) -> anyhow::Result<()> {
+pub fn import(
+    file: &Path,
+    name: &str,
+    input: &Path,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let file = &byte_tier::split::file_holding_tensor(file, name)?;
     let array = read_npy_file(input)?;
-    let mut in_place = InPlaceFile::open(file)
-        .with_context(|| format!("open {} for in-place editing", file.display()))?;
-    let edit = {
-        let gguf = in_place.gguf()?;
+    super::meta::note_recovered(super::plan::prepare(file, dry_run)?);
+    let map = MappedFile::open(file)?;
+    let (edit, plan) = {
+        let gguf = map.parse()?;
         let tensor = gguf.require_tensor(name)?;
         if array.gguf_dims() != tensor.dims {
             bail!(
@@ -457,19 +464,40 @@ pub fn import(file: &Path, name: &str, input: &Path, dry_run: bool) -> anyhow::R
                 codec::npy_shape(&tensor.dims)
             );
         }
-        plan_transform(&gguf, name, None, &Transform::Set(&array.values))?
+        let edit = plan_transform(&gguf, name, None, &Transform::Set(&array.values))?;
+        let plan = WritePlan::new(
+            file,
+            map.bytes(),
+            format!("import {name} from {}", input.display()),
+            edit.writes.clone(),
+            edit_details(&edit),
+        )?;
+        (edit, plan)
     };
-    if dry_run {
-        println!("dry run: {}", describe(&edit));
+    let applied = super::plan::run(plan, dry_run, json).map_err(|e| with_server_hint(e, file))?;
+    let Some(receipt) = applied else {
+        return Ok(());
+    };
+    if json {
+        let mut value = edit_details(&edit);
+        value["dry_run"] = json!(false);
+        value["transaction"] = json!(receipt.transaction);
+        println!("{value}");
         return Ok(());
     }
-    let receipt = in_place.commit(
-        &format!("import {name} from {}", input.display()),
-        edit.writes.clone(),
-    )?;
     match receipt.transaction {
         Some(id) => println!("patch id {id}: {}", describe(&edit)),
         None => println!("nothing changed: {}", describe(&edit)),
     }
     Ok(())
+}
+
+/// What a planned value edit reports besides its writes: the tensor, the elements and
+/// the codec's cost.
+fn edit_details(edit: &TensorEdit) -> serde_json::Value {
+    let r = &edit.report;
+    json!({"tensor": edit.tensor, "elements": [edit.elements.start, edit.elements.end],
+        "changed_bytes": edit.changed_bytes,
+        "path": format!("{:?}", r.path).to_lowercase(),
+        "rms_error": r.rms_error, "max_abs_error": r.max_abs_error})
 }

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
 use byte_tier::MappedFile;
 use byte_tier::edit::{prune_layers, remove_tensor, rename_tensor};
+use byte_tier::plan::{NoDetails, RewritePlan};
 use serde_json::json;
 
-use super::meta::{Output, note_archived, print_rewrite, rewrite};
+use super::meta::{Output, note_recovered, print_rewrite, run_rewrite};
 
 /// Arguments of `hotpatch prune`.
 #[derive(Debug, clap::Args)]
@@ -20,35 +20,23 @@ pub struct PruneArgs {
     pub layers: Vec<u64>,
     #[command(flatten)]
     pub output: Output,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
 }
 
 pub fn prune(args: &PruneArgs) -> anyhow::Result<()> {
-    if args.output.dry_run {
-        let map = MappedFile::open(&args.file)?;
-        let gguf = map.parse()?;
-        let mut writer = byte_tier::GgufWriter::from_gguf(&gguf);
-        let report = prune_layers(&gguf, &mut writer, &args.layers)?;
-        let layout = writer.layout()?;
-        println!(
-            "dry run: would remove {} tensors, renumber {}, trim {:?}, blocks {} -> {}, size {} -> {} bytes",
-            report.tensors_removed.len(),
-            report.tensors_renamed.len(),
-            report.arrays_trimmed,
-            report.blocks_before,
-            report.blocks_after,
-            gguf.file_len(),
-            layout.file_len
-        );
+    note_recovered(super::plan::prepare(&args.file, args.output.dry_run)?);
+    let map = MappedFile::open(&args.file)?;
+    let gguf = map.parse()?;
+    let plan = RewritePlan::new(
+        &args.file,
+        args.output.output.as_deref(),
+        &gguf,
+        |gguf, writer| prune_layers(gguf, writer, &args.layers),
+    )?;
+    let Some(outcome) = run_rewrite(plan, &args.output)? else {
         return Ok(());
-    }
-    let outcome = rewrite(&args.file, &args.output, |gguf, writer| {
-        prune_layers(gguf, writer, &args.layers)
-    })?;
+    };
     let report = &outcome.result;
-    if args.json {
+    if args.output.json {
         println!(
             "{}",
             json!({"output": outcome.output, "blocks_before": report.blocks_before, "blocks_after": report.blocks_after,
@@ -69,9 +57,8 @@ pub fn prune(args: &PruneArgs) -> anyhow::Result<()> {
                 report.arrays_trimmed.join(", ")
             }
         );
-        print_rewrite("", &outcome);
+        print_rewrite("", &outcome, false);
     }
-    note_archived(outcome.archived_journal.as_deref());
     Ok(())
 }
 
@@ -114,6 +101,9 @@ pub enum StructureCommand {
         /// Say what would change and write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON (the plan, with --dry-run).
+        #[arg(long)]
+        json: bool,
     },
     /// Convert the tensors whose names match a regular expression to another type (a
     /// rewrite).
@@ -161,7 +151,8 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
             name,
             input,
             dry_run,
-        } => return super::patch::import(file, name, input, *dry_run),
+            json,
+        } => return super::patch::import(file, name, input, *dry_run, *json),
         StructureCommand::Requantize(args) => return requantize(args),
         StructureCommand::Copy {
             source,
@@ -173,32 +164,20 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
             return super::surgery::copy(source, name, destination, as_name.as_deref(), output);
         }
     };
-    {
-        let map = MappedFile::open(file)?;
-        let gguf = map.parse()?;
-        let name = match command {
-            StructureCommand::Rename { from, .. } => from,
-            StructureCommand::Remove { name, .. } => name,
+    note_recovered(super::plan::prepare(file, output.dry_run)?);
+    let map = MappedFile::open(file)?;
+    let gguf = map.parse()?;
+    let plan = RewritePlan::new(file, output.output.as_deref(), &gguf, |_, writer| {
+        match command {
+            StructureCommand::Rename { from, to, .. } => rename_tensor(writer, from, to),
+            StructureCommand::Remove { name, .. } => remove_tensor(writer, name),
             _ => unreachable!("handled above"),
-        };
-        if gguf.tensor(name).is_none() {
-            bail!("no tensor named {name:?} in {}", file.display());
         }
-        if output.dry_run {
-            println!(
-                "dry run: the tensor exists; the rewrite would go to {}",
-                output.output.as_deref().unwrap_or(file).display()
-            );
-            return Ok(());
-        }
-    }
-    let outcome = rewrite(file, output, |_, writer| match command {
-        StructureCommand::Rename { from, to, .. } => rename_tensor(writer, from, to),
-        StructureCommand::Remove { name, .. } => remove_tensor(writer, name),
-        _ => unreachable!("handled above"),
+        .map(|()| NoDetails {})
     })?;
-    print_rewrite("", &outcome);
-    note_archived(outcome.archived_journal.as_deref());
+    if let Some(outcome) = run_rewrite(plan, output)? {
+        print_rewrite("", &outcome, output.json);
+    }
     Ok(())
 }
 
@@ -215,45 +194,48 @@ pub struct RequantizeArgs {
     pub target: byte_tier::GgmlType,
     #[command(flatten)]
     pub output: Output,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
 }
 
 pub fn parse_ggml_type(text: &str) -> Result<byte_tier::GgmlType, String> {
     byte_tier::GgmlType::from_name(text).ok_or_else(|| format!("unknown ggml type {text:?}"))
 }
 
+/// The tensors a requantization converts.
+#[derive(serde::Serialize)]
+struct Converted {
+    target: byte_tier::GgmlType,
+    converted: Vec<byte_tier::edit::Requantized>,
+}
+
 pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
     let pattern = regex::Regex::new(&args.tensors)?;
     let select = |name: &str| pattern.is_match(name);
-    if args.output.dry_run {
-        let map = MappedFile::open(&args.file)?;
-        let gguf = map.parse()?;
-        let mut writer = byte_tier::GgufWriter::from_gguf(&gguf);
-        let done = byte_tier::edit::requantize_tensors(&gguf, &mut writer, &select, args.target)?;
-        let layout = writer.layout()?;
-        println!(
-            "dry run: would convert {} tensors to {}; size {} -> {} bytes",
-            done.len(),
-            args.target,
-            gguf.file_len(),
-            layout.file_len
-        );
+    note_recovered(super::plan::prepare(&args.file, args.output.dry_run)?);
+    let map = MappedFile::open(&args.file)?;
+    let gguf = map.parse()?;
+    let plan = RewritePlan::new(
+        &args.file,
+        args.output.output.as_deref(),
+        &gguf,
+        |gguf, writer| {
+            Ok(Converted {
+                target: args.target,
+                converted: byte_tier::edit::requantize_tensors(gguf, writer, &select, args.target)?,
+            })
+        },
+    )?;
+    let Some(outcome) = run_rewrite(plan, &args.output)? else {
         return Ok(());
-    }
-    let outcome = rewrite(&args.file, &args.output, |gguf, writer| {
-        byte_tier::edit::requantize_tensors(gguf, writer, &select, args.target)
-    })?;
-    if outcome.result.is_empty() {
+    };
+    let converted = &outcome.result.converted;
+    if converted.is_empty() {
         println!(
             "no tensor matched {:?} (or all are {} already): the file was rewritten unchanged",
             args.tensors, args.target
         );
     }
-    if args.json {
-        let tensors: Vec<_> = outcome
-            .result
+    if args.output.json {
+        let tensors: Vec<_> = converted
             .iter()
             .map(|r| json!({"name": r.name, "from": r.from.name(), "bytes_before": r.bytes_before, "bytes_after": r.bytes_after}))
             .collect();
@@ -263,14 +245,13 @@ pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
                 "bytes_before": outcome.input_len, "bytes_after": outcome.bytes_written})
         );
     } else {
-        for r in &outcome.result {
+        for r in converted {
             println!(
                 "{}: {} -> {} ({} -> {} bytes)",
                 r.name, r.from, args.target, r.bytes_before, r.bytes_after
             );
         }
-        print_rewrite("", &outcome);
+        print_rewrite("", &outcome, false);
     }
-    note_archived(outcome.archived_journal.as_deref());
     Ok(())
 }

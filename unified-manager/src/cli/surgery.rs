@@ -6,14 +6,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use byte_tier::MappedFile;
+use byte_tier::plan::RewritePlan;
 use byte_tier::surgery::{
     AblationOptions, AblationPlan, LoraMergePlan, copy_tensor, duplicate_layers, merge_label,
     plan_ablation, plan_lora_merge, read_directions,
 };
 use serde_json::json;
-use unified_manager::surgery::{apply_rewrites, file_identity, unmerge};
+use unified_manager::surgery::{SurgeryPlan, file_identity, unmerge};
 
-use super::meta::{Output, note_archived, print_rewrite, rewrite};
+use super::meta::{Output, note_recovered, print_rewrite, run_rewrite};
 
 /// Parses `A..B` (blocks A to B-1).
 pub fn parse_layers(text: &str) -> Result<Range<u64>, String> {
@@ -64,18 +65,9 @@ pub struct AblateArgs {
     pub json: bool,
 }
 
-fn ablation_json(
-    plan: &AblationPlan,
-    transaction: Option<u64>,
-    dry_run: bool,
-) -> serde_json::Value {
-    json!({"dry_run": dry_run, "transaction": transaction, "weight": plan.weight,
-        "norm_preserve": plan.norm_preserve, "tensors": plan.tensors,
-        "skipped": plan.skipped, "notes": plan.notes})
-}
-
 pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
-    let (plan, identity) = {
+    note_recovered(super::plan::prepare(&args.file, args.dry_run)?);
+    let plan = {
         let map = MappedFile::open(&args.file)?;
         let gguf = map.parse()?;
         let arch = gguf
@@ -90,28 +82,42 @@ pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
             layers: args.layers.clone(),
             kinds: args.tensors.clone(),
         };
-        let plan = plan_ablation(&gguf, &directions, &options)?;
-        (plan, file_identity(&args.direction)?)
+        plan_ablation(&gguf, &directions, &options)?
     };
-    let transaction = if args.dry_run {
-        None
-    } else {
-        let label = format!(
-            "ablate direction sha256:{identity} weight {}{}",
-            args.weight,
-            if args.norm_preserve {
-                " norm-preserving"
-            } else {
-                ""
-            }
-        );
-        apply_rewrites(&args.file, &label, &plan.rewrites)?
+    let identity = file_identity(&args.direction)?;
+    let label = format!(
+        "ablate direction sha256:{identity} weight {}{}",
+        args.weight,
+        if args.norm_preserve {
+            " norm-preserving"
+        } else {
+            ""
+        }
+    );
+    let AblationPlan {
+        weight,
+        norm_preserve,
+        tensors,
+        skipped,
+        notes,
+        rewrites,
+    } = plan;
+    let details = json!({"weight": weight, "norm_preserve": norm_preserve, "tensors": tensors,
+        "skipped": skipped, "notes": notes});
+    let n_tensors = tensors.len();
+    let plan = SurgeryPlan::new(&args.file, label, rewrites, details)?;
+    let details = plan.details.clone();
+    let Some(transaction) = super::plan::run(plan, args.dry_run, args.json)? else {
+        return Ok(());
     };
     if args.json {
-        println!("{}", ablation_json(&plan, transaction, args.dry_run));
+        let mut value = details;
+        value["dry_run"] = json!(false);
+        value["transaction"] = json!(transaction);
+        println!("{value}");
         return Ok(());
     }
-    for t in &plan.tensors {
+    for t in &tensors {
         println!(
             "{} ({}): component along r {:.4e} -> {:.4e} exact, {:.4e} stored (noise floor {:.4e}); requantization rms {:.3e}, max {:.3e}; {} bytes change",
             t.name,
@@ -125,20 +131,18 @@ pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
             t.changed_bytes
         );
     }
-    for s in &plan.skipped {
+    for s in &skipped {
         println!("not edited: {} ({}): {}", s.name, s.ggml_type, s.reason);
     }
-    for note in &plan.notes {
+    for note in &notes {
         println!("note: {note}");
     }
-    match (args.dry_run, transaction) {
-        (true, _) => println!("dry run: {} tensors would change", plan.tensors.len()),
-        (false, Some(id)) => println!(
-            "ablated {} tensors as transaction {id} (`hotpatch revert {} {id}` undoes it)",
-            plan.tensors.len(),
+    match transaction {
+        Some(id) => println!(
+            "ablated {n_tensors} tensors as transaction {id} (`hotpatch revert {} {id}` undoes it)",
             args.file.display()
         ),
-        (false, None) => println!("nothing changed"),
+        None => println!("nothing changed"),
     }
     Ok(())
 }
@@ -201,23 +205,31 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
             dry_run,
             json,
         } => {
-            let plan = merge_plan(file, adapter, *scale)?;
-            let transaction = if *dry_run {
-                None
-            } else {
-                let label = format!("{} scale {scale}", merge_label(&plan.adapter_sha256));
-                apply_rewrites(file, &label, &plan.rewrites)?
+            note_recovered(super::plan::prepare(file, *dry_run)?);
+            let LoraMergePlan {
+                adapter_sha256,
+                alpha,
+                scale,
+                tensors,
+                ignored,
+                rewrites,
+            } = merge_plan(file, adapter, *scale)?;
+            let label = format!("{} scale {scale}", merge_label(&adapter_sha256));
+            let details = json!({"adapter_sha256": adapter_sha256, "alpha": alpha,
+                "scale": scale, "tensors": tensors, "ignored": ignored});
+            let plan = SurgeryPlan::new(file, label, rewrites, details)?;
+            let details = plan.details.clone();
+            let Some(transaction) = super::plan::run(plan, *dry_run, *json)? else {
+                return Ok(());
             };
             if *json {
-                println!(
-                    "{}",
-                    json!({"dry_run": dry_run, "transaction": transaction,
-                        "adapter_sha256": plan.adapter_sha256, "alpha": plan.alpha,
-                        "scale": plan.scale, "tensors": plan.tensors, "ignored": plan.ignored})
-                );
+                let mut value = details;
+                value["dry_run"] = json!(false);
+                value["transaction"] = json!(transaction);
+                println!("{value}");
                 return Ok(());
             }
-            for t in &plan.tensors {
+            for t in &tensors {
                 println!(
                     "{} ({}, rank {}, factor {}): change rms {:.3e}; requantization rms {:.3e}, max {:.3e}; {} bytes change",
                     t.name,
@@ -230,18 +242,17 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
                     t.changed_bytes
                 );
             }
-            for name in &plan.ignored {
+            for name in &ignored {
                 println!("ignored (as llama.cpp does): {name}");
             }
-            match (dry_run, transaction) {
-                (true, _) => println!("dry run: {} tensors would change", plan.tensors.len()),
-                (false, Some(id)) => println!(
+            match transaction {
+                Some(id) => println!(
                     "merged {} tensors as transaction {id}; `hotpatch lora unmerge {} {}` undoes it",
-                    plan.tensors.len(),
+                    tensors.len(),
                     file.display(),
                     adapter.display()
                 ),
-                (false, None) => println!("nothing changed"),
+                None => println!("nothing changed"),
             }
             Ok(())
         }
@@ -281,9 +292,6 @@ pub enum LayersCommand {
         at: u64,
         #[command(flatten)]
         output: Output,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -293,30 +301,18 @@ pub fn layers(command: &LayersCommand) -> anyhow::Result<()> {
         layers,
         at,
         output,
-        json,
     } = command;
-    if output.dry_run {
-        let map = MappedFile::open(file)?;
-        let gguf = map.parse()?;
-        let mut writer = byte_tier::GgufWriter::from_gguf(&gguf);
-        let report = duplicate_layers(&gguf, &mut writer, layers.clone(), *at)?;
-        let layout = writer.layout()?;
-        println!(
-            "dry run: would add {} tensors, renumber {}, blocks {} -> {}, size {} -> {} bytes",
-            report.tensors_added.len(),
-            report.tensors_renamed.len(),
-            report.blocks_before,
-            report.blocks_after,
-            gguf.file_len(),
-            layout.file_len
-        );
-        return Ok(());
-    }
-    let outcome = rewrite(file, output, |gguf, writer| {
+    note_recovered(super::plan::prepare(file, output.dry_run)?);
+    let map = MappedFile::open(file)?;
+    let gguf = map.parse()?;
+    let plan = RewritePlan::new(file, output.output.as_deref(), &gguf, |gguf, writer| {
         duplicate_layers(gguf, writer, layers.clone(), *at)
     })?;
+    let Some(outcome) = run_rewrite(plan, output)? else {
+        return Ok(());
+    };
     let report = &outcome.result;
-    if *json {
+    if output.json {
         println!(
             "{}",
             json!({"output": outcome.output, "report": report,
@@ -338,9 +334,8 @@ pub fn layers(command: &LayersCommand) -> anyhow::Result<()> {
                 report.arrays_extended.join(", ")
             }
         );
-        print_rewrite("", &outcome);
+        print_rewrite("", &outcome, false);
     }
-    note_archived(outcome.archived_journal.as_deref());
     Ok(())
 }
 
@@ -356,24 +351,22 @@ pub fn copy(
     let source_gguf = source_map
         .parse()
         .with_context(|| format!("source {}", source.display()))?;
-    if output.dry_run {
-        let map = MappedFile::open(destination)?;
-        let gguf = map.parse()?;
-        let mut writer = byte_tier::GgufWriter::from_gguf(&gguf);
-        let report = copy_tensor(&source_gguf, source, name, &gguf, &mut writer, as_name)?;
-        println!(
-            "dry run: would add {} ({}, dims {:?}, {} bytes) to {}",
-            report.name,
-            report.ggml_type,
-            report.dims,
-            report.bytes,
-            output.output.as_deref().unwrap_or(destination).display()
-        );
+    note_recovered(super::plan::prepare(destination, output.dry_run)?);
+    let map = MappedFile::open(destination)?;
+    let gguf = map.parse()?;
+    let plan = RewritePlan::new(
+        destination,
+        output.output.as_deref(),
+        &gguf,
+        |gguf, writer| copy_tensor(&source_gguf, source, name, gguf, writer, as_name),
+    )?;
+    let Some(outcome) = run_rewrite(plan, output)? else {
+        return Ok(());
+    };
+    if output.json {
+        print_rewrite("", &outcome, true);
         return Ok(());
     }
-    let outcome = rewrite(destination, output, |gguf, writer| {
-        copy_tensor(&source_gguf, source, name, gguf, writer, as_name)
-    })?;
     let report = &outcome.result;
     println!(
         "grafted {} as {} ({}, dims {:?}, {} bytes){}",
@@ -391,7 +384,6 @@ pub fn copy(
     for note in &report.notes {
         println!("note: {note}");
     }
-    print_rewrite("", &outcome);
-    note_archived(outcome.archived_journal.as_deref());
+    print_rewrite("", &outcome, false);
     Ok(())
 }

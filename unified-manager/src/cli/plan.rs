@@ -1,0 +1,158 @@
+//! The one dry-run mechanism of every writing command: the command builds its plan once
+//! (a `byte_tier::plan::Plan`); `--dry-run` prints it (text, or JSON with `--json`) and
+//! writes nothing; otherwise the same plan is applied.
+
+use byte_tier::plan::Plan;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Reports `plan` and returns `None` when `dry_run`; applies it otherwise.
+pub fn run<P: Plan>(plan: P, dry_run: bool, json: bool) -> anyhow::Result<Option<P::Applied>> {
+    if dry_run {
+        report(&plan, plan.is_noop(), json)?;
+        return Ok(None);
+    }
+    Ok(Some(plan.apply()?))
+}
+
+/// Prints what `plan` would do: its JSON with `"dry_run": true` added, or text.
+pub fn report(plan: &impl Serialize, noop: bool, json: bool) -> anyhow::Result<()> {
+    let mut value = serde_json::to_value(plan)?;
+    if let Value::Object(map) = &mut value {
+        map.insert("dry_run".to_owned(), Value::Bool(true));
+        map.insert("changes_nothing".to_owned(), Value::Bool(noop));
+    }
+    if json {
+        println!("{value}");
+    } else {
+        print!("{}", text(&value, noop));
+    }
+    Ok(())
+}
+
+/// Keys the text rendering shows in its own words; the rest are printed as they are.
+const SHOWN: &[&str] = &[
+    "kind",
+    "file",
+    "output",
+    "name",
+    "reverts",
+    "size_before",
+    "size_after",
+    "writes",
+    "bytes",
+    "stamp",
+    "dry_run",
+    "changes_nothing",
+    "keys_added",
+    "keys_removed",
+    "keys_changed",
+    "tensors_added",
+    "tensors_removed",
+    "tensors_changed",
+];
+
+/// Lines of a list, at most this many items each.
+const LIST_ITEMS: usize = 12;
+
+fn list(items: &[Value]) -> String {
+    let mut names: Vec<String> = items
+        .iter()
+        .take(LIST_ITEMS)
+        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+        .collect();
+    if items.len() > LIST_ITEMS {
+        names.push(format!("and {} more", items.len() - LIST_ITEMS));
+    }
+    names.join(", ")
+}
+
+fn text(plan: &Value, noop: bool) -> String {
+    let field = |key: &str| plan.get(key).cloned().unwrap_or(Value::Null);
+    let show = |v: Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let mut out = String::new();
+    let file = show(field("file"));
+    match field("kind").as_str() {
+        _ if noop => out.push_str(&format!("dry run: nothing would change in {file}\n")),
+        Some("in_place") => {
+            let writes = field("writes");
+            let writes = writes.as_array().map_or(&[][..], Vec::as_slice);
+            out.push_str(&format!(
+                "dry run: would write {} bytes in {} range(s) of {file} in place, as transaction {:?}\n",
+                show(field("bytes")),
+                writes.len(),
+                show(field("name")),
+            ));
+            for w in writes.iter().take(LIST_ITEMS) {
+                let offset = w["offset"].as_u64().unwrap_or(0);
+                let len = w["len"].as_u64().unwrap_or(0);
+                let place = match (w["tensor"].as_str(), w["key"].as_str()) {
+                    (Some(t), _) => format!(" in tensor {t}"),
+                    (None, Some(k)) => format!(" in key {k}"),
+                    (None, None) => String::new(),
+                };
+                out.push_str(&format!(
+                    "  {offset}..{} ({len} bytes){place}\n",
+                    offset + len
+                ));
+            }
+            if writes.len() > LIST_ITEMS {
+                out.push_str(&format!("  and {} more\n", writes.len() - LIST_ITEMS));
+            }
+        }
+        Some("rewrite") => out.push_str(&format!(
+            "dry run: would rewrite {file} into {} ({} -> {} bytes)\n",
+            show(field("output")),
+            show(field("size_before")),
+            show(field("size_after")),
+        )),
+        _ => out.push_str(&format!(
+            "dry run: would write {} ({} bytes)\n",
+            show(field("output")),
+            show(field("size_after")),
+        )),
+    }
+    for key in [
+        "keys_added",
+        "keys_removed",
+        "keys_changed",
+        "tensors_added",
+        "tensors_removed",
+        "tensors_changed",
+    ] {
+        if let Some(items) = plan.get(key).and_then(Value::as_array)
+            && !items.is_empty()
+        {
+            out.push_str(&format!("  {}: {}\n", key.replace('_', " "), list(items)));
+        }
+    }
+    if let Value::Object(map) = plan {
+        for (key, value) in map.iter().filter(|(k, _)| !SHOWN.contains(&k.as_str())) {
+            let value = match value {
+                Value::Array(items) => list(items),
+                other => show(other.clone()),
+            };
+            out.push_str(&format!("  {key}: {value}\n"));
+        }
+    }
+    out
+}
+
+/// Before a plan that will be applied is made: rolls back an unfinished transaction of
+/// `file`'s journal, as opening it for writing would, so that the plan is made from the
+/// bytes it will be applied to. A dry run recovers nothing (it writes nothing).
+pub fn prepare(
+    file: &std::path::Path,
+    dry_run: bool,
+) -> anyhow::Result<Option<byte_tier::RecoveryReport>> {
+    if dry_run || !byte_tier::journal_path(file).exists() {
+        return Ok(None);
+    }
+    if byte_tier::Journal::open_read_only(file)?
+        .unfinished()
+        .is_none()
+    {
+        return Ok(None);
+    }
+    byte_tier::recover(file).map_err(|e| super::patch::with_server_hint(e.into(), file))
+}
