@@ -98,6 +98,29 @@ impl FileStamp {
         })
     }
 
+    /// Checks that the file still has the stamp's length and modification time, without
+    /// reading it.
+    pub fn check_unread(&self) -> Result<()> {
+        let stale = |what: String| Error::StalePlan {
+            path: self.path.clone(),
+            what,
+        };
+        let (len, modified_ns) = match modified_ns(&self.path) {
+            Ok(found) => found,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(stale("removed since".to_owned()));
+            }
+            Err(e) => return Err(e),
+        };
+        if len != self.len {
+            return Err(stale(format!("length {} -> {len}", self.len)));
+        }
+        if modified_ns != self.modified_ns {
+            return Err(stale("modified since".to_owned()));
+        }
+        Ok(())
+    }
+
     /// Checks that `path` still has the stamp's length and modification time and that
     /// `bytes` (the file as it is now) still hold the digested ranges.
     pub fn check(&self, bytes: &[u8]) -> Result<()> {
@@ -105,12 +128,9 @@ impl FileStamp {
             path: self.path.clone(),
             what,
         };
-        let (len, modified_ns) = modified_ns(&self.path)?;
-        if len != self.len || bytes.len() as u64 != self.len {
-            return Err(stale(format!("length {} -> {len}", self.len)));
-        }
-        if modified_ns != self.modified_ns {
-            return Err(stale("modified since".to_owned()));
+        self.check_unread()?;
+        if bytes.len() as u64 != self.len {
+            return Err(stale(format!("length {} -> {}", self.len, bytes.len())));
         }
         if digest(bytes, &self.ranges).as_deref() != Some(self.sha256.as_str()) {
             return Err(stale("the bytes the plan read differ".to_owned()));
@@ -372,7 +392,7 @@ impl RewriteChanges {
 /// A rewrite of a GGUF file through a [`GgufWriter`] that an edit has prepared: into
 /// `output`, or over the input itself (atomically) when there is none. Tensor data is
 /// streamed from the input's map when it is applied. `details` is what the edit
-/// returned (prune report, requantized tensors, ...).
+/// returned (prune report, requantized tensors, ...), serialized as `report`.
 pub struct RewritePlan<'a, R> {
     input: PathBuf,
     output: Option<PathBuf>,
@@ -408,8 +428,9 @@ struct RewriteReport<'p, R> {
     #[serde(flatten)]
     changes: &'p RewriteChanges,
     stamp: &'p FileStamp,
-    #[serde(flatten)]
-    details: &'p R,
+    /// What the edit returned, under its own key: its names (a prune's
+    /// `tensors_removed`) would otherwise collide with the changes'.
+    report: &'p R,
 }
 
 impl<R: Serialize> Serialize for RewritePlan<'_, R> {
@@ -425,7 +446,7 @@ impl<R: Serialize> Serialize for RewritePlan<'_, R> {
             size_after: self.size_after,
             changes: &self.changes,
             stamp: &self.stamp,
-            details: &self.details,
+            report: &self.details,
         }
         .serialize(serializer)
     }
@@ -560,6 +581,144 @@ impl<R> RewritePlan<'_, R> {
             archived_journal,
         })
     }
+}
+
+/// One file a [`NewFilesPlan`] writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NewFile {
+    /// Where.
+    pub path: PathBuf,
+    /// Its length.
+    pub n_bytes: u64,
+    /// SHA-256 (hex) of its content.
+    pub sha256: String,
+    /// The file it replaces, when there is one: replacing it is refused if it changed
+    /// since the plan was made.
+    pub replaces: Option<FileStamp>,
+}
+
+/// Whole files whose content is computed when the plan is made (a manifest, a `.npy`,
+/// a preset), each written atomically (temporary file in the same directory, fsync,
+/// rename) when it is applied. `stamp` is the file they were computed from, if any.
+#[derive(Clone, Debug, Serialize)]
+pub struct NewFilesPlan<D = NoDetails> {
+    /// `"new_files"`.
+    pub kind: &'static str,
+    /// The file the content was computed from, if any.
+    pub file: Option<PathBuf>,
+    /// The files written.
+    pub files: Vec<NewFile>,
+    /// What the content was computed from.
+    pub stamp: Option<FileStamp>,
+    /// What the planner adds.
+    #[serde(flatten)]
+    pub details: D,
+    #[serde(skip)]
+    contents: Vec<Vec<u8>>,
+}
+
+impl<D> NewFilesPlan<D> {
+    /// Plans writing `files` (path, content), computed from `source` (its path and the
+    /// bytes read, stamped over `ranges`) when given.
+    pub fn new(
+        source: Option<(&Path, &[u8], Vec<Range<u64>>)>,
+        files: Vec<(PathBuf, Vec<u8>)>,
+        details: D,
+    ) -> Result<NewFilesPlan<D>> {
+        let stamp = source
+            .map(|(path, bytes, ranges)| FileStamp::take(path, bytes, ranges))
+            .transpose()?;
+        let mut planned = Vec::with_capacity(files.len());
+        let mut contents = Vec::with_capacity(files.len());
+        for (path, content) in files {
+            let replaces = match std::fs::symlink_metadata(&path) {
+                Ok(_) => {
+                    let (len, modified_ns) = modified_ns(&path)?;
+                    Some(FileStamp {
+                        path: path.clone(),
+                        len,
+                        modified_ns,
+                        sha256: to_hex(&Sha256::digest([])),
+                        ranges: Vec::new(),
+                    })
+                }
+                Err(_) => None,
+            };
+            planned.push(NewFile {
+                path,
+                n_bytes: content.len() as u64,
+                sha256: to_hex(&Sha256::digest(&content)),
+                replaces,
+            });
+            contents.push(content);
+        }
+        Ok(NewFilesPlan {
+            kind: "new_files",
+            file: stamp.as_ref().map(|s| s.path.clone()),
+            files: planned,
+            stamp,
+            details,
+            contents,
+        })
+    }
+}
+
+impl<D: Serialize> Plan for NewFilesPlan<D> {
+    /// The files written.
+    type Applied = Vec<NewFile>;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Checks the source's stamp (length and modification time; its bytes were read
+    /// when the content was computed) and each replaced file's, and that no file
+    /// appeared where there was none; then writes each file.
+    fn apply(self) -> Result<Vec<NewFile>> {
+        if let Some(stamp) = &self.stamp {
+            stamp.check_unread()?;
+        }
+        for file in &self.files {
+            match &file.replaces {
+                Some(stamp) => stamp.check_unread()?,
+                None if std::fs::symlink_metadata(&file.path).is_ok() => {
+                    return Err(Error::StalePlan {
+                        path: file.path.clone(),
+                        what: "it was created since".to_owned(),
+                    });
+                }
+                None => {}
+            }
+        }
+        for (file, content) in self.files.iter().zip(&self.contents) {
+            write_atomically(&file.path, content)?;
+        }
+        Ok(self.files)
+    }
+}
+
+/// Writes `content` to `path` through a temporary file in the same directory, fsynced
+/// and renamed over it (permissions 0644).
+fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    let dir = crate::writer::parent_dir(path);
+    let mut temp = tempfile::Builder::new()
+        .prefix(".hotpatch-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io("create a temporary file in", dir, e))?;
+    temp.write_all(content)
+        .map_err(|e| Error::io("write", path, e))?;
+    temp.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(|e| Error::io("set permissions of", path, e))?;
+    temp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io("sync", path, e))?;
+    temp.persist(path)
+        .map_err(|e| Error::io("rename into", path, e.error))?;
+    crate::writer::sync_dir(dir)
 }
 
 #[cfg(test)]

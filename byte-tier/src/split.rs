@@ -34,7 +34,9 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::file::MappedFile;
 use crate::gguf::{Gguf, MAGIC, align_up};
+use crate::plan::{FileStamp, Plan};
 use crate::writer::sync_dir;
+use serde::Serialize;
 
 /// The 0-based number of a shard in its set (u16).
 pub const SPLIT_NO_KEY: &str = "split.no";
@@ -693,6 +695,104 @@ fn write_temp<'r>(
         .sync_all()
         .map_err(|e| Error::io("sync", temp.path(), e))?;
     Ok((temp, written))
+}
+
+/// A split as a [`Plan`]: the shards it would write, reported before anything is
+/// written, and written by `apply` from the same parse (refused with
+/// [`Error::StalePlan`] when the input changed since).
+#[derive(Debug, Serialize)]
+pub struct SplitFiles<'a> {
+    kind: &'static str,
+    file: PathBuf,
+    files: Vec<OutputFile>,
+    stamp: FileStamp,
+    #[serde(skip)]
+    gguf: &'a Gguf<'a>,
+    #[serde(skip)]
+    split: SplitPlan,
+}
+
+impl<'a> SplitFiles<'a> {
+    /// Plans the split of `source`, parsed as `gguf`, by `split`.
+    pub fn new(source: &Path, gguf: &'a Gguf<'a>, split: SplitPlan) -> Result<SplitFiles<'a>> {
+        Ok(SplitFiles {
+            kind: "new_files",
+            file: source.to_owned(),
+            files: split.outputs(gguf)?,
+            stamp: FileStamp::take(source, gguf.bytes(), vec![0..gguf.data_offset()])?,
+            gguf,
+            split,
+        })
+    }
+}
+
+impl Plan for SplitFiles<'_> {
+    type Applied = Vec<OutputFile>;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        false
+    }
+
+    fn apply(self) -> Result<Vec<OutputFile>> {
+        self.stamp.check(self.gguf.bytes())?;
+        self.split.write(self.gguf, &self.file)
+    }
+}
+
+/// A merge as a [`Plan`]: the file it would write, reported before anything is written,
+/// and written by `apply` (refused with [`Error::StalePlan`] when a shard changed since).
+#[derive(Debug, Serialize)]
+pub struct MergeFiles<'a> {
+    kind: &'static str,
+    file: PathBuf,
+    files: Vec<OutputFile>,
+    stamps: Vec<FileStamp>,
+    #[serde(skip)]
+    set: &'a ShardSet,
+}
+
+impl<'a> MergeFiles<'a> {
+    /// Plans the merge of `set` into `out`, which must not exist.
+    pub fn new(set: &'a ShardSet, out: &Path) -> Result<MergeFiles<'a>> {
+        if out.exists() {
+            return Err(Error::OutputExists {
+                path: out.to_owned(),
+            });
+        }
+        let output = plan_merge(set, out)?;
+        let stamps = set
+            .files()
+            .iter()
+            .map(|f| {
+                let header = f.parse()?.data_offset();
+                FileStamp::take(f.path(), f.bytes(), vec![0..header])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MergeFiles {
+            kind: "new_files",
+            file: set.files()[0].path().to_owned(),
+            files: vec![output],
+            stamps,
+            set,
+        })
+    }
+}
+
+impl Plan for MergeFiles<'_> {
+    type Applied = OutputFile;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        false
+    }
+
+    fn apply(self) -> Result<OutputFile> {
+        for (stamp, file) in self.stamps.iter().zip(self.set.files()) {
+            stamp.check(file.bytes())?;
+        }
+        merge(self.set, &self.files[0].path)
+    }
 }
 
 #[cfg(test)]

@@ -54,7 +54,10 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::types::GgmlType;
 
-pub use npy::{NpyArray, npy_shape, parse_npy, read_npy_file, write_npy_f32, write_tensor_npy};
+pub use npy::{
+    NpyArray, npy_shape, parse_npy, read_npy_file, tensor_npy_bytes, write_npy_f32,
+    write_tensor_npy,
+};
 pub use scan::{MAX_REPORTED_OFFSETS, NonFiniteReport, scan_non_finite, scan_non_finite_into};
 pub use simd::{SIMD_ENV, SimdLevel, requested_simd_level, simd_level};
 pub use transform::{Transform, TransformPath, TransformReport, transform_range, transforms_run};

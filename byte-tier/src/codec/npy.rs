@@ -131,6 +131,13 @@ pub fn write_tensor_npy(path: &Path, dims: &[u64], values: &[f32]) -> Result<()>
         .map_err(|e| Error::io("sync", path, e))
 }
 
+/// The bytes of the `.npy` file [`write_tensor_npy`] writes, in memory.
+pub fn tensor_npy_bytes(dims: &[u64], values: &[f32]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(128 + values.len() * 4);
+    write_npy_f32(&mut out, Path::new("<memory>"), &npy_shape(dims), values)?;
+    Ok(out)
+}
+
 /// Reads a `.npy` file into f32 values and its shape.
 pub fn read_npy_file(path: &Path) -> Result<NpyArray> {
     let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use byte_tier::codec;
 use byte_tier::diff::diff_sets;
+use byte_tier::plan::{NewFilesPlan, NoDetails};
 use byte_tier::split;
 use byte_tier::verify::Manifest;
 use byte_tier::{Gguf, MappedFile};
@@ -24,7 +25,7 @@ pub struct VerifyArgs {
     /// Check the tensors against a manifest (ours or gguf-hash's output).
     #[arg(long, value_name = "MANIFEST")]
     pub check: Option<PathBuf>,
-    /// With --write-manifest: print the manifest instead of writing it.
+    /// With --write-manifest: say what would be written and write nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Print JSON.
@@ -95,11 +96,23 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let manifest =
         (args.write_manifest.is_some() || args.check.is_some()).then(|| Manifest::of_set(&shards));
     let label = args.file.display().to_string();
-    if let (true, Some(_), Some(m)) = (args.dry_run, &args.write_manifest, &manifest) {
-        print!("{}", m.to_text(&label));
-    } else if let (Some(path), Some(m)) = (&args.write_manifest, &manifest) {
-        std::fs::write(path, m.to_text(&label))
-            .with_context(|| format!("write {}", path.display()))?;
+    // The manifest file is a plan like every other write: reported with --dry-run (in
+    // the JSON report under "plan" with --json), written otherwise.
+    let mut plan_json = None;
+    if let (Some(path), Some(m)) = (&args.write_manifest, &manifest) {
+        let first = &model.maps[0];
+        let header = shards[0].data_offset();
+        let plan = NewFilesPlan::new(
+            Some((first.path(), first.bytes(), vec![0..header])),
+            vec![(path.clone(), m.to_text(&label).into_bytes())],
+            NoDetails {},
+        )?;
+        if args.dry_run && args.json {
+            plan_json = Some(serde_json::to_value(&plan)?);
+        } else {
+            super::plan::run(plan, args.dry_run, false)
+                .with_context(|| format!("write {}", path.display()))?;
+        }
     }
     let check = match (&args.check, &manifest) {
         (Some(path), Some(m)) => {
@@ -127,7 +140,8 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({"ok": ok, "structure": "valid", "diagnostics": diagnostics, "tensors": n_tensors,
-                "shards": shards.len(), "non_finite": nf, "unscanned": un, "manifest": check_json})
+                "shards": shards.len(), "non_finite": nf, "unscanned": un, "manifest": check_json,
+                "plan": plan_json})
         );
     } else {
         let shard_note = if shards.len() > 1 {

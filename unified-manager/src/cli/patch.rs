@@ -6,10 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use byte_tier::MappedFile;
-use byte_tier::codec::{
-    self, Transform, TransformPath, TransformReport, read_npy_file, write_tensor_npy,
-};
-use byte_tier::plan::WritePlan;
+use byte_tier::codec::{self, Transform, TransformPath, TransformReport, read_npy_file};
+use byte_tier::plan::{NewFilesPlan, WritePlan};
 use byte_tier::tensor_edit::{TensorEdit, plan_transform};
 use memory_tier::{
     AttachMode, LiveModel, MemoryPatch, PatchReport, PatchTarget, Payload, ValueTransform,
@@ -406,30 +404,36 @@ fn print_outcome(json: bool, outcome: &Outcome, dry_run: bool) {
 }
 
 /// Writes a tensor's dequantized values to a float32 .npy with the GGUF shape.
-pub fn export(file: &Path, name: &str, output: &Path, dry_run: bool) -> anyhow::Result<()> {
+pub fn export(
+    file: &Path,
+    name: &str,
+    output: &Path,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let file = &byte_tier::split::file_holding_tensor(file, name)?;
     let map = MappedFile::open(file)?;
     let gguf = map.parse()?;
     let tensor = gguf.require_tensor(name)?;
-    if dry_run {
-        if !codec::can_dequantize(tensor.ggml_type) {
-            bail!(
-                "tensor {name:?} is {}, which has no decoder",
-                tensor.ggml_type
-            );
-        }
+    let values = codec::dequantize_tensor(&gguf, tensor, 0..tensor.n_elements)?;
+    let npy = codec::tensor_npy_bytes(&tensor.dims, &values)?;
+    let details = json!({"tensor": name, "ggml_type": tensor.ggml_type,
+        "numpy_shape": codec::npy_shape(&tensor.dims), "values": values.len()});
+    let plan = NewFilesPlan::new(
+        Some((file, map.bytes(), vec![tensor.data_range()])),
+        vec![(output.to_owned(), npy)],
+        details,
+    )?;
+    if super::plan::run(plan, dry_run, json)?.is_none() {
+        return Ok(());
+    }
+    if json {
         println!(
-            "dry run: would write {} ({} {} values as float32, numpy shape {:?}, {} bytes of data)",
-            output.display(),
-            tensor.n_elements,
-            tensor.ggml_type,
-            codec::npy_shape(&tensor.dims),
-            tensor.n_elements * 4
+            "{}",
+            json!({"dry_run": false, "output": output, "tensor": name, "values": values.len()})
         );
         return Ok(());
     }
-    let values = codec::dequantize_tensor(&gguf, tensor, 0..tensor.n_elements)?;
-    write_tensor_npy(output, &tensor.dims, &values)?;
     println!(
         "wrote {} ({} {} values, numpy shape {:?})",
         output.display(),

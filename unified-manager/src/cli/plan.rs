@@ -42,6 +42,8 @@ const SHOWN: &[&str] = &[
     "writes",
     "bytes",
     "stamp",
+    "stamps",
+    "files",
     "dry_run",
     "changes_nothing",
     "keys_added",
@@ -106,11 +108,24 @@ fn text(plan: &Value, noop: bool) -> String {
             show(field("size_before")),
             show(field("size_after")),
         )),
-        _ => out.push_str(&format!(
-            "dry run: would write {} ({} bytes)\n",
-            show(field("output")),
-            show(field("size_after")),
-        )),
+        _ => {
+            let files = field("files");
+            for f in files.as_array().map_or(&[][..], Vec::as_slice) {
+                let tensors = f["n_tensors"]
+                    .as_u64()
+                    .map_or_else(String::new, |n| format!("{n} tensors, "));
+                let replaces = if f["replaces"].is_object() {
+                    ", replacing the file there"
+                } else {
+                    ""
+                };
+                out.push_str(&format!(
+                    "dry run: would write {} ({tensors}{} bytes{replaces})\n",
+                    show(f["path"].clone()),
+                    show(f["n_bytes"].clone()),
+                ));
+            }
+        }
     }
     for key in [
         "keys_added",
@@ -128,11 +143,20 @@ fn text(plan: &Value, noop: bool) -> String {
     }
     if let Value::Object(map) = plan {
         for (key, value) in map.iter().filter(|(k, _)| !SHOWN.contains(&k.as_str())) {
-            let value = match value {
-                Value::Array(items) => list(items),
-                other => show(other.clone()),
-            };
-            out.push_str(&format!("  {key}: {value}\n"));
+            match value {
+                // A planner's report: one line per field.
+                Value::Object(fields) => {
+                    for (field, value) in fields {
+                        let value = match value {
+                            Value::Array(items) => list(items),
+                            other => show(other.clone()),
+                        };
+                        out.push_str(&format!("  {key}.{field}: {value}\n"));
+                    }
+                }
+                Value::Array(items) => out.push_str(&format!("  {key}: {}\n", list(items))),
+                other => out.push_str(&format!("  {key}: {}\n", show(other.clone()))),
+            }
         }
     }
     out

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use byte_tier::MappedFile;
 use byte_tier::split::{self, OutputFile, ShardSet, SplitLimit, SplitOptions, SplitPlan};
 use serde_json::json;
@@ -64,39 +64,33 @@ pub fn split(args: &SplitArgs) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("{} is not a valid GGUF file", args.file.display()))?;
     let plan = SplitPlan::new(&gguf, &args.out_prefix, &options)?;
-    let outputs = if args.dry_run {
-        plan.outputs(&gguf)?
-    } else {
-        plan.write(&gguf, &args.file)?
-    };
-    print_outputs(&outputs, args.dry_run, args.json)
+    let plan = split::SplitFiles::new(&args.file, &gguf, plan)?;
+    match super::plan::run(plan, args.dry_run, args.json)? {
+        Some(outputs) => print_outputs(&outputs, args.json),
+        None => Ok(()),
+    }
 }
 
 pub fn merge(args: &MergeArgs) -> anyhow::Result<()> {
     let set = ShardSet::open(&args.first_shard)?;
-    if args.dry_run && args.out.exists() {
-        bail!("{} already exists", args.out.display());
+    let plan = split::MergeFiles::new(&set, &args.out)?;
+    match super::plan::run(plan, args.dry_run, args.json)? {
+        Some(output) => print_outputs(std::slice::from_ref(&output), args.json),
+        None => Ok(()),
     }
-    let output = if args.dry_run {
-        split::plan_merge(&set, &args.out)?
-    } else {
-        split::merge(&set, &args.out)?
-    };
-    print_outputs(std::slice::from_ref(&output), args.dry_run, args.json)
 }
 
-fn print_outputs(outputs: &[OutputFile], dry_run: bool, json: bool) -> anyhow::Result<()> {
+fn print_outputs(outputs: &[OutputFile], json: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
-        let value = json!({ "dry_run": dry_run, "files": outputs });
+        let value = json!({ "dry_run": false, "files": outputs });
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    let verb = if dry_run { "would write" } else { "wrote" };
     for output in outputs {
         writeln!(
             out,
-            "{verb} {} ({} tensors, {} bytes)",
+            "wrote {} ({} tensors, {} bytes)",
             output.path.display(),
             output.n_tensors,
             output.n_bytes

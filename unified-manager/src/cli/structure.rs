@@ -88,6 +88,9 @@ pub enum StructureCommand {
         /// Say what would be written and write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON (the plan, with --dry-run).
+        #[arg(long)]
+        json: bool,
     },
     /// Replace a tensor's values from a .npy of its shape (quantized to its type), in
     /// place through the journal.
@@ -143,8 +146,9 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
             name,
             output,
             dry_run,
+            json,
         } => {
-            return super::patch::export(file, name, output, *dry_run);
+            return super::patch::export(file, name, output, *dry_run, *json);
         }
         StructureCommand::Import {
             file,

@@ -9,6 +9,7 @@ mod full_disk;
 mod inspect;
 mod lenient;
 mod manage;
+mod plans;
 mod serve;
 mod served;
 mod shards;
