@@ -98,6 +98,35 @@ impl FileStamp {
         })
     }
 
+    /// Stamps `path` by its length and modification time alone (no bytes read), or
+    /// `None` when there is no such file.
+    pub fn of_metadata(path: &Path) -> Result<Option<FileStamp>> {
+        if std::fs::symlink_metadata(path).is_err() {
+            return Ok(None);
+        }
+        let (len, modified_ns) = modified_ns(path)?;
+        Ok(Some(FileStamp {
+            path: path.to_owned(),
+            len,
+            modified_ns,
+            sha256: to_hex(&Sha256::digest([])),
+            ranges: Vec::new(),
+        }))
+    }
+
+    /// Checks that `path` is as `stamp` found it: unchanged when it was there, still
+    /// absent when it was not.
+    pub fn check_path(path: &Path, stamp: Option<&FileStamp>) -> Result<()> {
+        match stamp {
+            Some(stamp) => stamp.check_unread(),
+            None if std::fs::symlink_metadata(path).is_ok() => Err(Error::StalePlan {
+                path: path.to_owned(),
+                what: "it was created since".to_owned(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Checks that the file still has the stamp's length and modification time, without
     /// reading it.
     pub fn check_unread(&self) -> Result<()> {
@@ -631,19 +660,7 @@ impl<D> NewFilesPlan<D> {
         let mut planned = Vec::with_capacity(files.len());
         let mut contents = Vec::with_capacity(files.len());
         for (path, content) in files {
-            let replaces = match std::fs::symlink_metadata(&path) {
-                Ok(_) => {
-                    let (len, modified_ns) = modified_ns(&path)?;
-                    Some(FileStamp {
-                        path: path.clone(),
-                        len,
-                        modified_ns,
-                        sha256: to_hex(&Sha256::digest([])),
-                        ranges: Vec::new(),
-                    })
-                }
-                Err(_) => None,
-            };
+            let replaces = FileStamp::of_metadata(&path)?;
             planned.push(NewFile {
                 path,
                 n_bytes: content.len() as u64,
@@ -680,16 +697,7 @@ impl<D: Serialize> Plan for NewFilesPlan<D> {
             stamp.check_unread()?;
         }
         for file in &self.files {
-            match &file.replaces {
-                Some(stamp) => stamp.check_unread()?,
-                None if std::fs::symlink_metadata(&file.path).is_ok() => {
-                    return Err(Error::StalePlan {
-                        path: file.path.clone(),
-                        what: "it was created since".to_owned(),
-                    });
-                }
-                None => {}
-            }
+            FileStamp::check_path(&file.path, file.replaces.as_ref())?;
         }
         for (file, content) in self.files.iter().zip(&self.contents) {
             write_atomically(&file.path, content)?;

@@ -1,8 +1,9 @@
 //! Configuration export and import: every preset and setting in one JSON document with
 //! a schema version.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use byte_tier::plan::{FileStamp, Plan};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -58,29 +59,27 @@ impl ConfigDir {
     pub fn import_from(&self, path: &Path) -> Result<ImportOutcome> {
         let document = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
-        // The schema version first: a document of another version is refused for that,
-        // not for a field this version reads differently.
-        #[derive(serde::Deserialize)]
-        struct Version {
-            schema_version: Option<u32>,
-        }
-        if let Ok(Version {
-            schema_version: Some(version),
-        }) = serde_json::from_str::<Version>(&text)
-            && version != SCHEMA_VERSION
-        {
-            return Err(Error::invalid(
-                &document,
-                "schema_version",
-                format!("{version} is not supported (this build reads {SCHEMA_VERSION})"),
-            ));
-        }
+        check_schema_version(&document, &text)?;
         let export = parse_export(&document, &text)?;
         self.import(&document, &export)
     }
 
+    /// What [`import_from`](Self::import_from) would write, checked, nothing written.
+    pub fn plan_import_from(&self, path: &Path) -> Result<ConfigPlan> {
+        let document = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        check_schema_version(&document, &text)?;
+        let export = parse_export(&document, &text)?;
+        self.plan_import(&document, &export)
+    }
+
     /// Checks and writes an export.
     pub fn import(&self, document: &str, export: &ConfigExport) -> Result<ImportOutcome> {
+        self.plan_import(document, export)?.apply()
+    }
+
+    /// Checks an export and plans writing its settings and presets; nothing is written.
+    pub fn plan_import(&self, document: &str, export: &ConfigExport) -> Result<ConfigPlan> {
         if export.schema_version != SCHEMA_VERSION {
             return Err(Error::invalid(
                 document,
@@ -109,20 +108,162 @@ impl ConfigDir {
             }
         }
         let existing: Vec<String> = self.presets()?.into_iter().map(|p| p.name).collect();
-        self.save_settings(&export.settings)?;
-        let mut outcome = ImportOutcome {
+        let mut plan = ConfigPlan::new(self.path());
+        plan.write(
+            self.settings_path(),
+            self.settings_text(&export.settings)?.into_bytes(),
+        )?;
+        for preset in &export.presets {
+            plan.write(
+                self.preset_file(&preset.name)?,
+                preset.to_toml()?.into_bytes(),
+            )?;
+            if existing.contains(&preset.name) {
+                plan.replaced.push(preset.name.clone());
+            }
+            plan.presets.push(preset.name.clone());
+        }
+        Ok(plan)
+    }
+
+    /// Plans storing `preset` (validated first), replacing one of the same name.
+    pub fn plan_save_preset(&self, preset: &Preset) -> Result<ConfigPlan> {
+        preset.validate(&preset.name)?;
+        let path = self.preset_file(&preset.name)?;
+        let mut plan = ConfigPlan::new(self.path());
+        if path.exists() {
+            plan.replaced.push(preset.name.clone());
+        }
+        plan.write(path, preset.to_toml()?.into_bytes())?;
+        plan.presets.push(preset.name.clone());
+        Ok(plan)
+    }
+
+    /// Plans deleting the stored preset `name` (refused when there is none).
+    pub fn plan_delete_preset(&self, name: &str) -> Result<ConfigPlan> {
+        let path = self.preset_file(name)?;
+        let Some(stamp) = FileStamp::of_metadata(&path)? else {
+            return Err(Error::NoSuchPreset(name.to_owned()));
+        };
+        let mut plan = ConfigPlan::new(self.path());
+        plan.removes.push(path);
+        plan.remove_stamps.push(stamp);
+        plan.presets.push(name.to_owned());
+        Ok(plan)
+    }
+}
+
+/// One file a [`ConfigPlan`] writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfigFile {
+    /// Where.
+    pub path: PathBuf,
+    /// Its length.
+    pub n_bytes: u64,
+    /// Whether it replaces a file that is there.
+    pub replaces: bool,
+}
+
+/// Changes to a configuration directory, planned and not yet made: whole files written
+/// atomically, files removed. Applying refuses with a stale-plan error when one of
+/// them changed (or appeared) since the plan was made.
+#[derive(Debug, Serialize)]
+pub struct ConfigPlan {
+    /// `"config"`.
+    pub kind: &'static str,
+    /// The configuration directory.
+    pub file: PathBuf,
+    /// Files written.
+    pub files: Vec<ConfigFile>,
+    /// Files removed.
+    pub removes: Vec<PathBuf>,
+    /// The presets written or removed, by name.
+    pub presets: Vec<String>,
+    /// Presets of the same name that are replaced.
+    pub replaced: Vec<String>,
+    #[serde(skip)]
+    contents: Vec<Vec<u8>>,
+    #[serde(skip)]
+    stamps: Vec<Option<FileStamp>>,
+    #[serde(skip)]
+    remove_stamps: Vec<FileStamp>,
+}
+
+impl ConfigPlan {
+    fn new(dir: &Path) -> ConfigPlan {
+        ConfigPlan {
+            kind: "config",
+            file: dir.to_owned(),
+            files: Vec::new(),
+            removes: Vec::new(),
             presets: Vec::new(),
             replaced: Vec::new(),
-        };
-        for preset in &export.presets {
-            self.save_preset(preset)?;
-            if existing.contains(&preset.name) {
-                outcome.replaced.push(preset.name.clone());
-            }
-            outcome.presets.push(preset.name.clone());
+            contents: Vec::new(),
+            stamps: Vec::new(),
+            remove_stamps: Vec::new(),
         }
-        Ok(outcome)
     }
+
+    fn write(&mut self, path: PathBuf, content: Vec<u8>) -> Result<()> {
+        let stamp = FileStamp::of_metadata(&path)?;
+        self.files.push(ConfigFile {
+            path,
+            n_bytes: content.len() as u64,
+            replaces: stamp.is_some(),
+        });
+        self.contents.push(content);
+        self.stamps.push(stamp);
+        Ok(())
+    }
+}
+
+impl Plan for ConfigPlan {
+    type Applied = ImportOutcome;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.files.is_empty() && self.removes.is_empty()
+    }
+
+    fn apply(self) -> Result<ImportOutcome> {
+        for (file, stamp) in self.files.iter().zip(&self.stamps) {
+            FileStamp::check_path(&file.path, stamp.as_ref())?;
+        }
+        for stamp in &self.remove_stamps {
+            stamp.check_unread()?;
+        }
+        for (file, content) in self.files.iter().zip(&self.contents) {
+            write_atomic(&file.path, content)?;
+        }
+        for path in &self.removes {
+            std::fs::remove_file(path).map_err(|e| Error::io("remove", path, e))?;
+        }
+        Ok(ImportOutcome {
+            presets: self.presets,
+            replaced: self.replaced,
+        })
+    }
+}
+
+/// The schema version first: a document of another version is refused for that, not
+/// for a field this version reads differently.
+fn check_schema_version(document: &str, text: &str) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Version {
+        schema_version: Option<u32>,
+    }
+    if let Ok(Version {
+        schema_version: Some(version),
+    }) = serde_json::from_str::<Version>(text)
+        && version != SCHEMA_VERSION
+    {
+        return Err(Error::invalid(
+            document,
+            "schema_version",
+            format!("{version} is not supported (this build reads {SCHEMA_VERSION})"),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses an export, naming the field at fault.

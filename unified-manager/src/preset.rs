@@ -304,6 +304,22 @@ impl ConfigDir {
         self.dir.join("presets")
     }
 
+    /// The file that holds (or would hold) the preset `name`.
+    pub fn preset_file(&self, name: &str) -> Result<PathBuf> {
+        self.preset_path(name)
+    }
+
+    /// The settings file.
+    pub fn settings_path(&self) -> PathBuf {
+        self.dir.join("settings.toml")
+    }
+
+    /// `settings` as the settings file holds them (validated first).
+    pub fn settings_text(&self, settings: &Settings) -> Result<String> {
+        settings.validate("settings")?;
+        toml::to_string(settings).map_err(|e| Error::invalid("settings", "", e.to_string()))
+    }
+
     fn preset_path(&self, name: &str) -> Result<PathBuf> {
         check_name(name).map_err(|message| Error::invalid(name, "name", message))?;
         Ok(self.presets_dir().join(format!("{name}.toml")))
@@ -389,10 +405,8 @@ impl ConfigDir {
 
     /// Saves the settings.
     pub fn save_settings(&self, settings: &Settings) -> Result<()> {
-        settings.validate("settings")?;
-        let text =
-            toml::to_string(settings).map_err(|e| Error::invalid("settings", "", e.to_string()))?;
-        write_atomic(&self.dir.join("settings.toml"), text.as_bytes())
+        let text = self.settings_text(settings)?;
+        write_atomic(&self.settings_path(), text.as_bytes())
     }
 }
 

@@ -44,6 +44,7 @@ const SHOWN: &[&str] = &[
     "stamp",
     "stamps",
     "files",
+    "removes",
     "dry_run",
     "changes_nothing",
     "keys_added",
@@ -102,6 +103,11 @@ fn text(plan: &Value, noop: bool) -> String {
                 out.push_str(&format!("  and {} more\n", writes.len() - LIST_ITEMS));
             }
         }
+        Some("config") if field("files").as_array().is_none_or(Vec::is_empty) => {
+            for path in field("removes").as_array().map_or(&[][..], Vec::as_slice) {
+                out.push_str(&format!("dry run: would remove {}\n", show(path.clone())));
+            }
+        }
         Some("rewrite") => out.push_str(&format!(
             "dry run: would rewrite {file} into {} ({} -> {} bytes)\n",
             show(field("output")),
@@ -114,7 +120,7 @@ fn text(plan: &Value, noop: bool) -> String {
                 let tensors = f["n_tensors"]
                     .as_u64()
                     .map_or_else(String::new, |n| format!("{n} tensors, "));
-                let replaces = if f["replaces"].is_object() {
+                let replaces = if f["replaces"].is_object() || f["replaces"] == true {
                     ", replacing the file there"
                 } else {
                     ""

@@ -21,9 +21,12 @@ pub enum PresetCommand {
         name: Option<String>,
         #[command(flatten)]
         config: ConfigDirArg,
-        /// Check it; store nothing.
+        /// Check it and say what would be stored; store nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON (the plan, with --dry-run).
+        #[arg(long)]
+        json: bool,
     },
     /// List the stored presets.
     List {
@@ -68,9 +71,12 @@ pub enum PresetCommand {
         name: String,
         #[command(flatten)]
         config: ConfigDirArg,
-        /// Check that it exists; delete nothing.
+        /// Check that it exists and say what would be removed; delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON (the plan, with --dry-run).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -81,6 +87,7 @@ pub fn preset(command: &PresetCommand) -> anyhow::Result<()> {
             name,
             config,
             dry_run,
+            json,
         } => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("read {}", file.display()))?;
@@ -89,19 +96,13 @@ pub fn preset(command: &PresetCommand) -> anyhow::Result<()> {
                 preset.name = name.clone();
             }
             let config = config.open()?;
-            if *dry_run {
-                preset.validate(&preset.name)?;
-                println!(
-                    "dry run: preset {} v{} is valid; nothing stored",
-                    preset.name, preset.version
-                );
-            } else {
-                let path = config.save_preset(&preset)?;
+            let plan = config.plan_save_preset(&preset)?;
+            if super::plan::run(plan, *dry_run, *json)?.is_some() {
                 println!(
                     "saved preset {} v{} to {}",
                     preset.name,
                     preset.version,
-                    path.display()
+                    config.preset_file(&preset.name)?.display()
                 );
             }
         }
@@ -224,16 +225,11 @@ pub fn preset(command: &PresetCommand) -> anyhow::Result<()> {
             name,
             config,
             dry_run,
+            json,
         } => {
             let config = config.open()?;
-            if *dry_run {
-                let preset = config.load_preset(name)?;
-                println!(
-                    "dry run: would delete preset {} v{}",
-                    preset.name, preset.version
-                );
-            } else {
-                config.delete_preset(name)?;
+            let plan = config.plan_delete_preset(name)?;
+            if super::plan::run(plan, *dry_run, *json)?.is_some() {
                 println!("deleted preset {name}");
             }
         }
@@ -257,9 +253,12 @@ pub enum ConfigCommand {
         file: PathBuf,
         #[command(flatten)]
         config: ConfigDirArg,
-        /// Check it; store nothing.
+        /// Check it and say what would be stored; store nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON (the plan, with --dry-run).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -280,21 +279,11 @@ pub fn config(command: &ConfigCommand) -> anyhow::Result<()> {
             file,
             config,
             dry_run,
+            json,
         } => {
             let config = config.open()?;
-            if *dry_run {
-                let document = file.display().to_string();
-                let text = std::fs::read_to_string(file)
-                    .with_context(|| format!("read {}", file.display()))?;
-                let export = unified_manager::config::parse_export(&document, &text)?;
-                let scratch = tempfile::tempdir()?;
-                unified_manager::ConfigDir::new(scratch.path()).import(&document, &export)?;
-                println!(
-                    "dry run: {} presets and the settings are valid; nothing stored",
-                    export.presets.len()
-                );
-            } else {
-                let outcome = config.import_from(file)?;
+            let plan = config.plan_import_from(file)?;
+            if let Some(outcome) = super::plan::run(plan, *dry_run, *json)? {
                 println!(
                     "imported {} presets ({} replaced) and the settings into {}",
                     outcome.presets.len(),

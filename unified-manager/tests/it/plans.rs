@@ -138,6 +138,17 @@ fn plan_then_apply(dir: &Path, args: &[&str]) -> Json {
                 }
             }
         }
+        "config" => {
+            ok(dir, args);
+            for file in plan["files"].as_array().unwrap() {
+                let path = dir.join(file["path"].as_str().unwrap());
+                let bytes = std::fs::read(&path).unwrap();
+                assert_eq!(bytes.len() as u64, file["n_bytes"].as_u64().unwrap());
+            }
+            for path in plan["removes"].as_array().unwrap() {
+                assert!(!dir.join(path.as_str().unwrap()).exists(), "{path} is left");
+            }
+        }
         other => panic!("unknown plan kind {other}"),
     }
     plan
@@ -460,4 +471,35 @@ fn a_plan_of_nothing_says_so_and_writes_nothing() {
     );
     assert!(text.starts_with("dry run: would write 4 bytes"), "{text}");
     assert_eq!(snapshot(d), before);
+}
+
+#[test]
+fn configuration_writes_plan_then_apply_the_same_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("config")).unwrap();
+    std::fs::write(
+        d.join("quiet.toml"),
+        "name = \"quiet\"\nversion = 2\n\n[[memory_patch]]\nname = \"halve\"\n\
+         tensor = \"output_norm.weight\"\ntransform = { scale = 0.5 }\n",
+    )
+    .unwrap();
+    let plan = plan_then_apply(
+        d,
+        &["preset", "save", "quiet.toml", "--config-dir", "config"],
+    );
+    assert_eq!(plan["files"][0]["path"], "config/presets/quiet.toml");
+    assert_eq!(plan["files"][0]["replaces"], false);
+    ok(
+        d,
+        &["config", "export", "all.json", "--config-dir", "config"],
+    );
+    let plan = plan_then_apply(
+        d,
+        &["config", "import", "all.json", "--config-dir", "config"],
+    );
+    assert_eq!(strings(&plan["replaced"]), ["quiet"]);
+    assert_eq!(plan["files"].as_array().unwrap().len(), 2);
+    let plan = plan_then_apply(d, &["preset", "delete", "quiet", "--config-dir", "config"]);
+    assert_eq!(plan["removes"][0], "config/presets/quiet.toml");
 }
