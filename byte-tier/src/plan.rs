@@ -79,7 +79,12 @@ fn digest(bytes: &[u8], ranges: &[Range<u64>]) -> Option<String> {
 
 impl FileStamp {
     /// Stamps `path`, whose bytes (as mapped or read) are `bytes`, covering `ranges`.
-    pub fn take(path: &Path, bytes: &[u8], ranges: Vec<Range<u64>>) -> Result<FileStamp> {
+    pub fn take(
+        path: &Path,
+        bytes: &[u8],
+        ranges: impl IntoIterator<Item = Range<u64>>,
+    ) -> Result<FileStamp> {
+        let ranges: Vec<Range<u64>> = ranges.into_iter().collect();
         let (len, modified_ns) = modified_ns(path)?;
         let stale = |what: &str| Error::StalePlan {
             path: path.to_owned(),
@@ -250,7 +255,7 @@ impl<D> WritePlan<D> {
                 }
             })
             .collect();
-        let ranges = writes.iter().map(ByteWrite::range).collect();
+        let ranges: Vec<Range<u64>> = writes.iter().map(ByteWrite::range).collect();
         Ok(WritePlan {
             kind: "in_place",
             file: path.to_owned(),
@@ -491,7 +496,7 @@ impl<'a, R> RewritePlan<'a, R> {
         gguf: &Gguf<'a>,
         edit: impl FnOnce(&Gguf<'a>, &mut GgufWriter<'a>) -> Result<R>,
     ) -> Result<RewritePlan<'a, R>> {
-        let stamp = FileStamp::take(input, gguf.bytes(), vec![0..gguf.data_offset()])?;
+        let stamp = FileStamp::take(input, gguf.bytes(), std::iter::once(0..gguf.data_offset()))?;
         let mut writer = GgufWriter::from_gguf(gguf);
         let details = edit(gguf, &mut writer)?;
         let size_after = writer.layout()?.file_len;
@@ -647,16 +652,14 @@ pub struct NewFilesPlan<D = NoDetails> {
 }
 
 impl<D> NewFilesPlan<D> {
-    /// Plans writing `files` (path, content), computed from `source` (its path and the
-    /// bytes read, stamped over `ranges`) when given.
+    /// Plans writing `files` (path, content), computed from the file `source` stamps,
+    /// when given.
     pub fn new(
-        source: Option<(&Path, &[u8], Vec<Range<u64>>)>,
+        source: Option<FileStamp>,
         files: Vec<(PathBuf, Vec<u8>)>,
         details: D,
     ) -> Result<NewFilesPlan<D>> {
-        let stamp = source
-            .map(|(path, bytes, ranges)| FileStamp::take(path, bytes, ranges))
-            .transpose()?;
+        let stamp = source;
         let mut planned = Vec::with_capacity(files.len());
         let mut contents = Vec::with_capacity(files.len());
         for (path, content) in files {

@@ -719,7 +719,7 @@ impl<'a> SplitFiles<'a> {
             kind: "new_files",
             file: source.to_owned(),
             files: split.outputs(gguf)?,
-            stamp: FileStamp::take(source, gguf.bytes(), vec![0..gguf.data_offset()])?,
+            stamp: FileStamp::take(source, gguf.bytes(), std::iter::once(0..gguf.data_offset()))?,
             gguf,
             split,
         })
@@ -766,7 +766,7 @@ impl<'a> MergeFiles<'a> {
             .iter()
             .map(|f| {
                 let header = f.parse()?.data_offset();
-                FileStamp::take(f.path(), f.bytes(), vec![0..header])
+                FileStamp::take(f.path(), f.bytes(), std::iter::once(0..header))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(MergeFiles {

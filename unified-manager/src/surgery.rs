@@ -90,7 +90,8 @@ impl<D> SurgeryPlan<D> {
     ) -> Result<SurgeryPlan<D>> {
         let map = byte_tier::MappedFile::open(path)?;
         let gguf = map.parse()?;
-        let mut ranges = vec![0..gguf.data_offset()];
+        let mut ranges = Vec::with_capacity(rewrites.len() + 1);
+        ranges.push(0..gguf.data_offset());
         for r in &rewrites {
             ranges.push(gguf.require_tensor(&r.name)?.data_range());
         }

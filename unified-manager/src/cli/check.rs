@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use byte_tier::codec;
 use byte_tier::diff::diff_sets;
-use byte_tier::plan::{NewFilesPlan, NoDetails};
+use byte_tier::plan::{FileStamp, NewFilesPlan, NoDetails};
 use byte_tier::split;
 use byte_tier::verify::Manifest;
 use byte_tier::{Gguf, MappedFile};
@@ -103,7 +103,11 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         let first = &model.maps[0];
         let header = shards[0].data_offset();
         let plan = NewFilesPlan::new(
-            Some((first.path(), first.bytes(), vec![0..header])),
+            Some(FileStamp::take(
+                first.path(),
+                first.bytes(),
+                std::iter::once(0..header),
+            )?),
             vec![(path.clone(), m.to_text(&label).into_bytes())],
             NoDetails {},
         )?;

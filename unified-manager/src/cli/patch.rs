@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use byte_tier::MappedFile;
 use byte_tier::codec::{self, Transform, TransformPath, TransformReport, read_npy_file};
-use byte_tier::plan::{NewFilesPlan, WritePlan};
+use byte_tier::plan::{FileStamp, NewFilesPlan, WritePlan};
 use byte_tier::tensor_edit::{TensorEdit, plan_transform};
 use memory_tier::{
     AttachMode, LiveModel, MemoryPatch, PatchReport, PatchTarget, Payload, ValueTransform,
@@ -420,7 +420,11 @@ pub fn export(
     let details = json!({"tensor": name, "ggml_type": tensor.ggml_type,
         "numpy_shape": codec::npy_shape(&tensor.dims), "values": values.len()});
     let plan = NewFilesPlan::new(
-        Some((file, map.bytes(), vec![tensor.data_range()])),
+        Some(FileStamp::take(
+            file,
+            map.bytes(),
+            std::iter::once(tensor.data_range()),
+        )?),
         vec![(output.to_owned(), npy)],
         details,
     )?;
