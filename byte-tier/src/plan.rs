@@ -305,6 +305,88 @@ impl WritePlan {
     }
 }
 
+/// What a [`RecoveryPlan`] rolls back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RollBack {
+    /// The unfinished transaction, or `None` when there is nothing to recover.
+    pub rolls_back: Option<u64>,
+}
+
+/// The rollback of the unfinished transaction of a file's journal, planned from the
+/// journal read under a shared lock: the writes put back each original byte (those
+/// already back are left out). Applying it runs recovery, after checking the file and
+/// that the same transaction is still the unfinished one.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecoveryPlan {
+    #[serde(flatten)]
+    plan: WritePlan<RollBack>,
+}
+
+impl RecoveryPlan {
+    /// Plans the recovery of `path`; nothing is created or written.
+    pub fn new(path: &Path) -> Result<RecoveryPlan> {
+        let map = crate::file::MappedFile::open(path)?;
+        let mut writes = Vec::new();
+        let mut name = "nothing to roll back".to_owned();
+        let mut rolls_back = None;
+        if journal_path(path).exists() {
+            let journal = Journal::open_read_only(path)?;
+            if let Some(txn) = journal.unfinished() {
+                for entry in &txn.writes {
+                    writes.push(ByteWrite {
+                        offset: entry.offset,
+                        bytes: journal.original_bytes(entry)?,
+                    });
+                }
+                name = format!("roll back {} ({})", txn.id, txn.name);
+                rolls_back = Some(txn.id);
+            }
+        }
+        let plan = WritePlan::build(
+            path,
+            map.bytes(),
+            name,
+            None,
+            writes,
+            RollBack { rolls_back },
+        )?;
+        Ok(RecoveryPlan { plan })
+    }
+
+    /// The transaction it rolls back.
+    pub fn rolls_back(&self) -> Option<u64> {
+        self.plan.details.rolls_back
+    }
+}
+
+impl Plan for RecoveryPlan {
+    type Applied = Option<crate::inplace::RecoveryReport>;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.rolls_back().is_none()
+    }
+
+    fn apply(self) -> Result<Self::Applied> {
+        let Some(id) = self.rolls_back() else {
+            return Ok(None);
+        };
+        {
+            let map = crate::file::MappedFile::open(&self.plan.file)?;
+            self.plan.stamp.check(map.bytes())?;
+        }
+        let journal = Journal::open_read_only(&self.plan.file)?;
+        if journal.unfinished().map(|t| t.id) != Some(id) {
+            return Err(Error::StalePlan {
+                path: self.plan.file.clone(),
+                what: format!("transaction {id} is no longer the unfinished one"),
+            });
+        }
+        drop(journal);
+        crate::inplace::recover(&self.plan.file)
+    }
+}
+
 /// The tensor or metadata key that holds `offset`.
 fn place(gguf: &Gguf<'_>, offset: u64) -> (Option<String>, Option<String>) {
     if offset >= gguf.data_offset() {

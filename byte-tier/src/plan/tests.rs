@@ -219,3 +219,39 @@ fn a_file_modified_elsewhere_is_refused_as_stale() {
         .unwrap();
     assert!(matches!(rewrite.write(), Err(Error::StalePlan { .. })));
 }
+
+#[test]
+fn a_recovery_plan_names_the_unfinished_transaction_and_applies_its_rollback() {
+    let (_dir, path, _) = two_copies();
+    let original = std::fs::read(&path).unwrap();
+    let nothing = RecoveryPlan::new(&path).unwrap();
+    assert!(nothing.is_noop());
+    assert!(!journal_path(&path).exists(), "planning created a journal");
+
+    // A crash after the undo record and the first write: an unfinished transaction.
+    let at = tensor_offset(&path, "blk.0.w");
+    let new = [0x5au8; 4];
+    let mut journal = Journal::open(&path).unwrap();
+    let id = journal
+        .begin(
+            "torn",
+            None,
+            &[(at, &original[at as usize..at as usize + 4], &new)],
+        )
+        .unwrap();
+    drop(journal);
+    let mut torn = original.clone();
+    torn[at as usize..at as usize + 4].copy_from_slice(&new);
+    std::fs::write(&path, &torn).unwrap();
+
+    let before = stat(&path);
+    let plan = RecoveryPlan::new(&path).unwrap();
+    assert_eq!(plan.rolls_back(), Some(id));
+    let json = serde_json::to_value(&plan).unwrap();
+    assert_eq!(json["rolls_back"], id);
+    assert_eq!(json["writes"][0]["tensor"], "blk.0.w");
+    assert_eq!(stat(&path), before, "planning a recovery wrote");
+    let report = plan.apply().unwrap().unwrap();
+    assert_eq!(report.transaction, id);
+    assert_eq!(std::fs::read(&path).unwrap(), original);
+}

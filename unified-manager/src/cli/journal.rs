@@ -66,6 +66,9 @@ pub struct RecoverArgs {
     /// Say what would be rolled back and write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print JSON (the plan, with --dry-run).
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn time(ms: u64) -> String {
@@ -330,28 +333,21 @@ fn revert_through_server(args: &RevertArgs, server: &str) -> anyhow::Result<()> 
 }
 
 pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
-    if args.dry_run {
-        if !byte_tier::journal_path(&args.file).exists() {
-            println!(
-                "dry run: nothing to recover: {} has no journal",
-                args.file.display()
-            );
-            return Ok(());
-        }
-        let journal = Journal::open_read_only(&args.file)?;
-        match journal.unfinished() {
-            Some(t) => println!(
-                "dry run: would roll back unfinished transaction {} ({}): {} bytes in {} writes",
-                t.id,
-                t.name,
-                t.bytes(),
-                t.writes.len()
-            ),
-            None => println!("dry run: nothing to recover: no unfinished transaction"),
-        }
+    let plan = byte_tier::plan::RecoveryPlan::new(&args.file)?;
+    let Some(report) = super::plan::run(plan, args.dry_run, args.json)
+        .map_err(|e| super::patch::with_server_hint(e, &args.file))?
+    else {
+        return Ok(());
+    };
+    if args.json {
+        println!(
+            "{}",
+            json!({"dry_run": false, "rolled_back": report.as_ref().map(|r| r.transaction),
+                "bytes": report.as_ref().map_or(0, |r| r.bytes)})
+        );
         return Ok(());
     }
-    match byte_tier::recover(&args.file)? {
+    match report {
         Some(report) => println!(
             "rolled back unfinished transaction {} ({}): restored {} bytes in {} writes",
             report.transaction, report.name, report.bytes, report.writes
