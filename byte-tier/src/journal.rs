@@ -228,6 +228,23 @@ impl Journal {
     pub fn open_read_only(target: &Path) -> Result<Journal> {
         let path = journal_path(target);
         let file = File::open(&path).map_err(|e| Error::io("open journal", &path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat journal", &path, e))?
+            .len();
+        if len == 0 {
+            // Created by a writer that stopped before its first byte: what `open` makes
+            // an empty journal, with no transaction in it.
+            return Ok(Journal {
+                path,
+                file,
+                valid_len: 0,
+                torn_tail: false,
+                transactions: Vec::new(),
+                writable: false,
+                holder_note: None,
+            });
+        }
         Journal::read(path, file, false)
     }
 

@@ -255,3 +255,16 @@ fn a_recovery_plan_names_the_unfinished_transaction_and_applies_its_rollback() {
     assert_eq!(report.transaction, id);
     assert_eq!(std::fs::read(&path).unwrap(), original);
 }
+
+#[test]
+fn a_journal_left_empty_by_a_writer_stopped_at_its_creation_has_nothing_to_recover() {
+    let (_dir, path, _) = two_copies();
+    std::fs::write(journal_path(&path), b"").unwrap();
+    let plan = RecoveryPlan::new(&path).unwrap();
+    assert!(plan.is_noop());
+    assert_eq!(plan.apply().unwrap(), None);
+    assert!(matches!(
+        WritePlan::revert(&path, 1),
+        Err(Error::NoSuchTransaction(1))
+    ));
+}

@@ -242,6 +242,32 @@ fn in_place_commands_plan_then_apply_the_same_writes() {
     assert_eq!(plan["tensor"], "output_norm.weight");
     assert!(plan["rms_error"].is_number(), "{plan}");
 
+    // A write stopped halfway (the process aborts between its two halves): recovery
+    // is planned from the journal and rolls back exactly what the plan says.
+    let status = Command::new(HOTPATCH)
+        .current_dir(d)
+        .args([
+            "bytes",
+            "m.gguf",
+            "fill",
+            "--tensor",
+            "output_norm.weight",
+            "--len",
+            "16",
+            "--byte",
+            "7",
+        ])
+        .env("HOTPATCH_FAILPOINT", "mid-write")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the failpoint did not stop the write");
+    let plan = plan_then_apply(d, &["recover", "m.gguf"]);
+    assert!(plan["rolls_back"].is_u64(), "{plan}");
+    assert_eq!(plan["writes"][0]["tensor"], "output_norm.weight");
+    assert_eq!(plan["bytes"], 16, "{plan}");
+
     // An ablation: whole tensors, with their requantization cost.
     let direction = d.join("d.npy");
     let r: Vec<f32> = (0..640)
