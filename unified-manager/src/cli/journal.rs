@@ -177,6 +177,10 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // Without a journal there is nothing to revert (and attaching would create one).
+    if !byte_tier::journal_path(&args.file).exists() {
+        bail!("nothing to revert: {} has no journal", args.file.display());
+    }
     // Live patches (the journal notes them) are reverted through a live model, which
     // knows what lies over what; other transactions byte for byte. A file that is not a
     // GGUF (byte edits work on any file) has no live patches.
