@@ -57,7 +57,6 @@ const EXCLUDED: &[&str] = &[
     "conversion",
     "requirements",
     "ci",
-    "app",
     "skills",
     "tools/ui/tests",
     "tools/ui/node_modules",
