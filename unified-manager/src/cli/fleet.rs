@@ -8,7 +8,8 @@ use anyhow::Context;
 use unified_manager::Preset;
 use unified_manager::fleet::coordinator::{FleetStatus, HistoryEntry};
 use unified_manager::fleet::{
-    Decision, Fleet, MemberRecord, PrepareVerdict, RolloutKind, RolloutOptions, RolloutReport,
+    Decision, EtcdTls, Fleet, MemberRecord, PrepareVerdict, RolloutKind, RolloutOptions,
+    RolloutReport,
 };
 
 use super::pipeline::ConfigDirArg;
@@ -26,9 +27,45 @@ pub struct FleetArgs {
         required = true
     )]
     pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+impl FleetArgs {
+    /// The fleet on its etcd cluster (nothing is contacted yet).
+    fn fleet(&self) -> unified_manager::Result<Fleet> {
+        Fleet::with_tls(&self.name, &self.etcd, &self.tls.tls())
+    }
+}
+
+/// TLS for the etcd connection (`https://` endpoints).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdTlsArgs {
+    /// PEM file of the CA that signed the etcd members' certificates (default: the
+    /// system's roots).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM file of the client certificate for an etcd cluster that checks clients
+    /// (`--client-cert-auth`).
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The library's TLS options.
+    pub fn tls(&self) -> EtcdTls {
+        EtcdTls {
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+        }
+    }
 }
 
 /// `hotpatch serve`'s fleet membership flags.
@@ -46,6 +83,8 @@ pub struct FleetMemberArgs {
         requires = "fleet"
     )]
     pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
     /// This replica's id in the fleet (default: `replica-PORT`).
     #[arg(long, value_name = "ID", requires = "fleet")]
     pub replica: Option<String>,
@@ -123,7 +162,7 @@ pub fn run(command: &FleetCommand) -> anyhow::Result<()> {
 async fn run_async(command: &FleetCommand) -> anyhow::Result<()> {
     match command {
         FleetCommand::Members(args) => {
-            let members = Fleet::new(&args.name, &args.etcd)?.members().await?;
+            let members = args.fleet()?.members().await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&members)?);
             } else {
@@ -131,7 +170,7 @@ async fn run_async(command: &FleetCommand) -> anyhow::Result<()> {
             }
         }
         FleetCommand::Status(args) => {
-            let status = Fleet::new(&args.name, &args.etcd)?.status().await?;
+            let status = args.fleet()?.status().await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -139,7 +178,7 @@ async fn run_async(command: &FleetCommand) -> anyhow::Result<()> {
             }
         }
         FleetCommand::History(args) => {
-            let history = Fleet::new(&args.name, &args.etcd)?.history().await?;
+            let history = args.fleet()?.history().await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&history)?);
             } else {
@@ -153,9 +192,7 @@ async fn run_async(command: &FleetCommand) -> anyhow::Result<()> {
             rollout,
         } => {
             let preset = load_preset(preset, config)?;
-            let report = Fleet::new(&fleet.name, &fleet.etcd)?
-                .apply(&preset, &rollout.options())
-                .await?;
+            let report = fleet.fleet()?.apply(&preset, &rollout.options()).await?;
             print_report(&report, fleet.json)?;
         }
         FleetCommand::Revert {
@@ -163,7 +200,8 @@ async fn run_async(command: &FleetCommand) -> anyhow::Result<()> {
             rollout_id,
             rollout,
         } => {
-            let report = Fleet::new(&fleet.name, &fleet.etcd)?
+            let report = fleet
+                .fleet()?
                 .revert(rollout_id.as_deref(), &rollout.options())
                 .await?;
             print_report(&report, fleet.json)?;

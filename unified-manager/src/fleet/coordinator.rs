@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::etcd::{Compare, EtcdClient, Op};
+use super::etcd::{Compare, EtcdClient, EtcdTls, Op};
 use super::{
     Decision, DesiredRollout, DesiredState, Done, Follower, MemberRecord, Mirror, PrepareVerdict,
     RolloutKind, RolloutSpec, SCHEMA, now_ms, prefix, to_json,
@@ -138,10 +138,15 @@ enum Verdicts {
 impl Fleet {
     /// The fleet `name` on the etcd cluster at `endpoints` (nothing is contacted yet).
     pub fn new(name: &str, endpoints: &[String]) -> Result<Fleet> {
+        Fleet::with_tls(name, endpoints, &EtcdTls::default())
+    }
+
+    /// The fleet `name` on the etcd cluster at `endpoints`, over TLS as `tls` says.
+    pub fn with_tls(name: &str, endpoints: &[String], tls: &EtcdTls) -> Result<Fleet> {
         super::check_name("fleet", name)?;
         Ok(Fleet {
             name: name.to_owned(),
-            client: Arc::new(EtcdClient::new(endpoints)?),
+            client: Arc::new(EtcdClient::with_tls(endpoints, tls)?),
         })
     }
 

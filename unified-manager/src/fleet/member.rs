@@ -20,7 +20,7 @@ use std::time::Duration;
 use memory_tier::MemoryPatch;
 use server_tier::{Control, FleetGauges, RuleSet};
 
-use super::etcd::EtcdClient;
+use super::etcd::{EtcdClient, EtcdTls};
 use super::{
     Decision, DesiredState, Done, Follower, MemberRecord, PrepareVerdict, RolloutKind, RolloutSpec,
     SCHEMA, fleet_patch_name, model_header_sha256, now_ms, prefix, rollout_of, to_json,
@@ -37,6 +37,8 @@ pub struct MemberOptions {
     pub replica: String,
     /// The etcd endpoints.
     pub endpoints: Vec<String>,
+    /// TLS for the etcd connection.
+    pub tls: EtcdTls,
     /// The upstream it fronts (recorded for operators).
     pub upstream: String,
     /// The proxy's address (recorded for operators).
@@ -71,7 +73,7 @@ pub async fn run_member(options: MemberOptions, control: Control) -> Result<()> 
         fleet: options.fleet.clone(),
         message: "a fleet member needs --model (the file its upstream serves)".into(),
     })?;
-    let client = Arc::new(EtcdClient::new(&options.endpoints)?);
+    let client = Arc::new(EtcdClient::with_tls(&options.endpoints, &options.tls)?);
     let member = Arc::new(Member {
         model_sha256: model_header_sha256(&model),
         client,

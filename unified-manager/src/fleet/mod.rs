@@ -34,6 +34,7 @@ use crate::preset::Preset;
 use etcd::{EtcdClient, Event, WatchItem};
 
 pub use coordinator::{Fleet, RolloutOptions, RolloutReport};
+pub use etcd::EtcdTls;
 pub use member::{MemberOptions, run_member};
 
 /// The version of the records this code writes.

@@ -5,6 +5,7 @@ mod commands;
 mod crash;
 mod edit;
 mod fleet;
+mod fleet_tls;
 mod full_disk;
 mod inspect;
 mod lenient;
