@@ -12,6 +12,10 @@
 //!   tier runs before a byte moves (`LiveModel::plan`, nothing written) and checks the
 //!   rules, then writes `ready` or `refused` with the reason.
 //! - done: once a committed rollout is applied here, it writes `done` with its epoch.
+//! - rolling: a rolling rollout's `wave/MEMBER` key lets this member apply before the
+//!   decision; it converges to the desired state with the rollout's change made and
+//!   writes `done`. An abort then takes the change back out by the same convergence,
+//!   and it writes `reverted`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -243,13 +247,32 @@ impl Member {
             (Some(_), Some(Decision::Abort { .. })) => 3,
         };
 
+        // A rolling rollout that has let this member apply (and is not decided yet) is
+        // part of what it converges to; once decided, the desired state says all: a
+        // commit carries the rollout, an abort leaves it out, so a member that applied
+        // reverts.
+        let in_wave = match (&active, &spec, &decision) {
+            (Some(id), Some(spec), None) => {
+                spec.rolling.is_some()
+                    && spec.base_revision == desired.revision
+                    && mirror
+                        .get(&format!("rollouts/{id}/wave/{}", self.options.replica))
+                        .is_some()
+            }
+            _ => false,
+        };
+        let target = match &spec {
+            Some(spec) if in_wave => spec.applied_to(&desired),
+            _ => desired.clone(),
+        };
         // Converge first: a commit shows up as a new desired state. A committed rollout
         // that asked for a drain is applied with one.
-        let drain = matches!(
-            (&spec, &decision),
-            (Some(spec), Some(Decision::Commit { .. })) if spec.drain
-        );
-        self.converge(&desired, drain).await?;
+        let drain = match (&spec, &decision) {
+            (Some(spec), Some(Decision::Commit { .. })) => spec.drain,
+            (Some(spec), None) => in_wave && spec.drain,
+            _ => false,
+        };
+        self.converge(&target, drain).await?;
         self.applied_revision
             .store(desired.revision, std::sync::atomic::Ordering::Release);
         if !self
@@ -272,6 +295,32 @@ impl Member {
                     };
                     self.client
                         .put(&self.key(&mine("prepare")), &to_json(&verdict), 0)
+                        .await?;
+                }
+                None if in_wave && mirror.get(&mine("done")).is_none() => {
+                    let done = Done {
+                        revision: target.revision + 1,
+                        epoch: self.control.epoch(),
+                        at_ms: now_ms(),
+                    };
+                    self.client
+                        .put(&self.key(&mine("done")), &to_json(&done), 0)
+                        .await?;
+                }
+                Some(Decision::Abort { .. })
+                    if spec.rolling.is_some()
+                        && mirror.get(&mine("wave")).is_some()
+                        && mirror.get(&mine("reverted")).is_none() =>
+                {
+                    // Converged to a desired state without the rollout just above: the
+                    // change it applied in its turn is out again.
+                    let reverted = Done {
+                        revision: desired.revision,
+                        epoch: self.control.epoch(),
+                        at_ms: now_ms(),
+                    };
+                    self.client
+                        .put(&self.key(&mine("reverted")), &to_json(&reverted), 0)
                         .await?;
                 }
                 Some(Decision::Commit { revision, .. })
