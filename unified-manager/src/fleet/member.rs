@@ -63,6 +63,9 @@ struct Member {
     converged_once: std::sync::atomic::AtomicBool,
     /// The desired revision this member last converged to.
     applied_revision: std::sync::atomic::AtomicU64,
+    /// The rollout records this member has written (keys without the fleet's prefix),
+    /// for the rollout in flight.
+    written: std::sync::Mutex<BTreeSet<String>>,
 }
 
 /// Runs a member until the future is dropped. The proxy must have been started with
@@ -84,6 +87,7 @@ pub async fn run_member(options: MemberOptions, control: Control) -> Result<()> 
         last_record: std::sync::Mutex::new(Vec::new()),
         converged_once: std::sync::atomic::AtomicBool::new(false),
         applied_revision: std::sync::atomic::AtomicU64::new(0),
+        written: std::sync::Mutex::new(BTreeSet::new()),
         options,
     });
     // The lease is kept alive by its own task, so that slow work here never lets it
@@ -220,6 +224,26 @@ impl Member {
         Ok(())
     }
 
+    /// Writes one of this member's rollout records (`prepare`, `done`, `reverted`) once.
+    /// The mirror shows the write only when the watch delivers it, and every other
+    /// member's write wakes this member meanwhile: without this, each wake-up would write
+    /// the record again, and each write would wake every member, so the writes of a
+    /// fleet grew with the square of its size (tens of thousands of puts per rollout
+    /// at 50 members, enough to push etcd past its request timeouts and the members past
+    /// their lease TTL).
+    async fn put_once(&self, suffix: String, value: Vec<u8>) -> Result<()> {
+        let seen = |written: &BTreeSet<String>| written.contains(&suffix);
+        if seen(&self.written.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(());
+        }
+        self.client.put(&self.key(&suffix), &value, 0).await?;
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(suffix);
+        Ok(())
+    }
+
     fn applied_revision(&self) -> u64 {
         self.applied_revision
             .load(std::sync::atomic::Ordering::Acquire)
@@ -240,6 +264,15 @@ impl Member {
             Some(id) => mirror.record(&format!("rollouts/{id}/decision"))?,
             None => None,
         };
+        // Records of rollouts no longer in flight are never written again.
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key| {
+                active
+                    .as_ref()
+                    .is_some_and(|id| key.starts_with(&format!("rollouts/{id}/")))
+            });
         let phase = match (&spec, &decision) {
             (None, _) => 0,
             (Some(_), None) => 1,
@@ -293,9 +326,7 @@ impl Member {
                         Ok(()) => PrepareVerdict::Ready,
                         Err(reason) => PrepareVerdict::Refused { reason },
                     };
-                    self.client
-                        .put(&self.key(&mine("prepare")), &to_json(&verdict), 0)
-                        .await?;
+                    self.put_once(mine("prepare"), to_json(&verdict)).await?;
                 }
                 None if in_wave && mirror.get(&mine("done")).is_none() => {
                     let done = Done {
@@ -303,9 +334,7 @@ impl Member {
                         epoch: self.control.epoch(),
                         at_ms: now_ms(),
                     };
-                    self.client
-                        .put(&self.key(&mine("done")), &to_json(&done), 0)
-                        .await?;
+                    self.put_once(mine("done"), to_json(&done)).await?;
                 }
                 Some(Decision::Abort { .. })
                     if spec.rolling.is_some()
@@ -319,9 +348,7 @@ impl Member {
                         epoch: self.control.epoch(),
                         at_ms: now_ms(),
                     };
-                    self.client
-                        .put(&self.key(&mine("reverted")), &to_json(&reverted), 0)
-                        .await?;
+                    self.put_once(mine("reverted"), to_json(&reverted)).await?;
                 }
                 Some(Decision::Commit { revision, .. })
                     if *revision == desired.revision && mirror.get(&mine("done")).is_none() =>
@@ -331,9 +358,7 @@ impl Member {
                         epoch: self.control.epoch(),
                         at_ms: now_ms(),
                     };
-                    self.client
-                        .put(&self.key(&mine("done")), &to_json(&done), 0)
-                        .await?;
+                    self.put_once(mine("done"), to_json(&done)).await?;
                 }
                 _ => {}
             }

@@ -729,4 +729,21 @@ fn a_passing_rolling_rollout_reaches_every_replica_one_at_a_time() {
         history.contains("(rolling)") && history.contains("committed (revision 1)"),
         "{history}"
     );
+    // Every rollout record was written once: a member that wrote its verdict or its
+    // `done` does not write it again on the events that follow (each write wakes every
+    // member, so repeats would grow with the square of the fleet).
+    let etcdctl = tests::etcd_binary().with_file_name("etcdctl");
+    let listed = Command::new(etcdctl)
+        .args(["--endpoints", &endpoints, "get", "--prefix", "-w", "json"])
+        .arg(format!("/hotpatch/fleet/{FLEET}/rollouts/"))
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    let listed: Json = serde_json::from_slice(&listed.stdout).unwrap();
+    let kvs = listed["kvs"].as_array().unwrap();
+    // spec, decision, coordinator gone with its lease; per member: prepare, wave,
+    // done, health.
+    assert_eq!(kvs.len(), 2 + 3 * 4, "{listed}");
+    assert!(kvs.iter().all(|kv| kv["version"] == 1), "{listed}");
 }
