@@ -408,6 +408,11 @@ impl Fleet {
         let requests_before = self.client.requests();
         let mut follower = Follower::start(Arc::clone(&self.client), &self.name).await?;
         let settled_first = self.settle(&mut follower, options).await?;
+        if settled_first.is_some() {
+            // The settled rollout's last writes (its decision and desired state) may not
+            // have come through the watch yet: read everything again.
+            follower = Follower::start(Arc::clone(&self.client), &self.name).await?;
+        }
         let mirror = &follower.mirror;
         let desired = mirror.desired()?;
         let desired_bytes = mirror.get("desired").map(<[u8]>::to_vec);
@@ -850,6 +855,7 @@ impl Fleet {
                     result.detail
                 )));
             }
+            byte_tier::failpoint("fleet-coordinator-after-health");
         }
         Ok(Ok(()))
     }

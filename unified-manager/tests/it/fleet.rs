@@ -747,3 +747,82 @@ fn a_passing_rolling_rollout_reaches_every_replica_one_at_a_time() {
     assert_eq!(kvs.len(), 2 + 3 * 4, "{listed}");
     assert!(kvs.iter().all(|kv| kv["version"] == 1), "{listed}");
 }
+
+#[test]
+fn a_rolling_rollout_whose_coordinator_dies_is_resumed_by_the_next_call() {
+    let etcd = tests::EtcdCluster::start(3);
+    let endpoints = etcd.endpoint_list();
+    let dir = tempfile::tempdir().unwrap();
+    let (models, original, _servers, sidecars) = rolling_fleet(dir.path(), &endpoints, &[]);
+    let before = complete(sidecars[0].port).1;
+    assert!(!before.is_null());
+    let preset = write_preset(dir.path(), "halve", HALVE_NORM);
+
+    // The coordinator dies (as a SIGKILL would) once the first replica has passed.
+    let crashed = Command::new(HOTPATCH)
+        .args([
+            "fleet",
+            "apply",
+            FLEET,
+            &preset,
+            "--etcd",
+            &endpoints,
+            "--rolling",
+        ])
+        .args(["--health-request", HEALTH_REQUEST])
+        .args(["--health-expect-pointer", "/stop=true"])
+        .env("HOTPATCH_FAILPOINT", "fleet-coordinator-after-health")
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success());
+    let left = status(&endpoints);
+    assert_eq!(left["active"]["phase"], "rolling", "{left}");
+    assert_eq!(
+        left["active"]["rolling"]["admitted"],
+        json!(["r0"]),
+        "{left}"
+    );
+    assert_ne!(complete(sidecars[0].port).1, before, "r0 did not apply");
+    assert_eq!(
+        complete(sidecars[1].port).1,
+        before,
+        "r1 applied out of turn"
+    );
+    assert_eq!(std::fs::read(&models[2]).unwrap(), original);
+
+    // Its lease expires; the next call takes the rollout over, checks the other two
+    // replicas and commits it, then does its own work: here, reverting it.
+    wait_until("the dead coordinator's lease to expire", || {
+        status(&endpoints)["active"]["rolling"]["driven"] == false
+    });
+    let text = fleet_ok(&endpoints, &["status", FLEET]);
+    assert!(text.contains("resumes it"), "{text}");
+    let reverted = fleet_ok(&endpoints, &["revert", FLEET]);
+    assert!(
+        reverted.contains("first settled") && reverted.contains("committed at revision 1"),
+        "{reverted}"
+    );
+    let history: Json =
+        serde_json::from_str(&fleet_ok(&endpoints, &["history", FLEET, "--json"])).unwrap();
+    let rolling = &history[0]["rolling"];
+    assert_eq!(history[0]["decision"]["decision"], "commit", "{history}");
+    assert_eq!(rolling["admitted"], json!(["r0", "r1", "r2"]), "{history}");
+    for replica in ["r0", "r1", "r2"] {
+        assert_eq!(rolling["health"][replica]["passed"], true, "{history}");
+    }
+    for sidecar in &sidecars {
+        assert_eq!(
+            complete(sidecar.port).1,
+            before,
+            "replica {}",
+            sidecar.replica
+        );
+    }
+    for model in &models {
+        assert!(
+            std::fs::read(model).unwrap() == original,
+            "{}",
+            model.display()
+        );
+    }
+}
