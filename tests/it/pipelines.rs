@@ -275,6 +275,7 @@ fn optimize_prunes_and_requantizes_into_a_new_file() {
             )),
             prune: vec![1],
             dry_run: false,
+            imatrix: None,
         },
     );
     snapshot_report!("optimize_generated", &report);
@@ -291,6 +292,7 @@ fn optimize_prunes_and_requantizes_into_a_new_file() {
             requantize: None,
             prune: vec![0],
             dry_run: false,
+            imatrix: None,
         },
         &mut |_, _| {},
     );
@@ -310,6 +312,7 @@ fn optimize_on_the_real_model() {
             )),
             prune: vec![17],
             dry_run: false,
+            imatrix: None,
         },
     );
     snapshot_report!("optimize_real_model", &report);
