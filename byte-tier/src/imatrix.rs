@@ -410,3 +410,240 @@ fn parse_gguf(bytes: &[u8]) -> Result<ImportanceMatrix> {
         datasets,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::Array;
+    use crate::writer::{GgufWriter, TensorSpec};
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// A legacy file: entries of (name, ncall, values), then an optional trailer.
+    fn legacy(entries: &[(&str, i32, &[f32])], trailer: Option<(i32, &str)>) -> Vec<u8> {
+        let mut b = (entries.len() as i32).to_le_bytes().to_vec();
+        for (name, ncall, values) in entries {
+            b.extend((name.len() as i32).to_le_bytes());
+            b.extend(name.as_bytes());
+            b.extend(ncall.to_le_bytes());
+            b.extend((values.len() as i32).to_le_bytes());
+            b.extend(f32_bytes(values));
+        }
+        if let Some((chunks, dataset)) = trailer {
+            b.extend(chunks.to_le_bytes());
+            b.extend((dataset.len() as i32).to_le_bytes());
+            b.extend(dataset.as_bytes());
+        }
+        b
+    }
+
+    /// An imatrix GGUF: per entry its sums and counts (and optionally `in_sum`).
+    fn gguf_matrix(entries: &[(&str, Vec<f32>, Vec<f32>)], metadata: bool) -> Vec<u8> {
+        let mut w = GgufWriter::new();
+        if metadata {
+            w.set("imatrix.datasets", Array::of_strings(["text.txt"]))
+                .set("imatrix.chunk_count", 3u32)
+                .set("imatrix.chunk_size", 512u32);
+        }
+        for (name, sums, counts) in entries {
+            w.add_tensor(TensorSpec::from_bytes(
+                format!("{name}.in_sum2"),
+                vec![sums.len() as u64],
+                GgmlType::F32,
+                f32_bytes(sums),
+            ));
+            w.add_tensor(TensorSpec::from_bytes(
+                format!("{name}.counts"),
+                vec![1, counts.len() as u64],
+                GgmlType::F32,
+                f32_bytes(counts),
+            ));
+        }
+        let mut out = Vec::new();
+        w.write_to(&mut out).unwrap();
+        out
+    }
+
+    /// A model with a 2-D tensor of 64 columns and a 3-D expert tensor of 32 columns,
+    /// 4 rows, 2 experts.
+    fn model() -> Vec<u8> {
+        let mut w = GgufWriter::new();
+        w.set("general.architecture", "llama");
+        w.add_tensor(TensorSpec::from_bytes(
+            "blk.0.ffn_up.weight",
+            vec![64, 2],
+            GgmlType::F32,
+            vec![0u8; 64 * 2 * 4],
+        ));
+        w.add_tensor(TensorSpec::from_bytes(
+            "blk.0.ffn_up_exps.weight",
+            vec![32, 4, 2],
+            GgmlType::F32,
+            vec![0u8; 32 * 4 * 2 * 4],
+        ));
+        let mut out = Vec::new();
+        w.write_to(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn legacy_weights_are_the_values_divided_by_the_call_count() {
+        let bytes = legacy(
+            &[("a.weight", 4, &[8.0, 2.0, 1.0]), ("b.weight", 0, &[3.0])],
+            Some((7, "wiki.txt")),
+        );
+        let m = ImportanceMatrix::parse(&bytes).unwrap();
+        assert_eq!(m.format(), ImatrixFormat::Legacy);
+        assert_eq!(m.get("a.weight").unwrap(), &[2.0, 0.5, 0.25]);
+        assert_eq!(m.get("b.weight").unwrap(), &[3.0]);
+        assert_eq!(m.chunk_count(), 7);
+        assert_eq!(m.datasets(), &["wiki.txt".to_owned()]);
+        // The trailer is optional.
+        let bare = legacy(&[("a.weight", 1, &[5.0])], None);
+        assert_eq!(
+            ImportanceMatrix::parse(&bare).unwrap().get("a.weight"),
+            Some(&[5.0f32][..])
+        );
+    }
+
+    #[test]
+    fn gguf_weights_are_sums_over_counts_per_expert_and_one_where_nothing_was_counted() {
+        let bytes = gguf_matrix(
+            &[
+                ("blk.0.ffn_up.weight", vec![6.0, 3.0], vec![3.0]),
+                (
+                    "blk.0.ffn_up_exps.weight",
+                    vec![4.0, 8.0, 5.0, 7.0],
+                    vec![2.0, 0.0],
+                ),
+            ],
+            true,
+        );
+        let m = ImportanceMatrix::parse(&bytes).unwrap();
+        assert_eq!(m.format(), ImatrixFormat::Gguf);
+        assert_eq!(m.get("blk.0.ffn_up.weight").unwrap(), &[2.0, 1.0]);
+        assert_eq!(
+            m.get("blk.0.ffn_up_exps.weight").unwrap(),
+            &[2.0, 4.0, 1.0, 1.0]
+        );
+        assert_eq!(m.chunk_count(), 3);
+        assert_eq!(m.len(), 2);
+    }
+
+    fn is_bad(result: Result<ImportanceMatrix>) -> bool {
+        matches!(result, Err(Error::BadImatrix { .. }))
+    }
+
+    #[test]
+    fn every_truncation_of_either_format_is_refused() {
+        let dat = legacy(
+            &[("a.weight", 2, &[1.0, 2.0]), ("b.weight", 1, &[3.0])],
+            Some((1, "t")),
+        );
+        // Cutting the trailer's length and name is refused like the rest; only a cut
+        // exactly after the entries (no trailer) or after the chunk count is whole.
+        let whole_at = [dat.len() - 9, dat.len() - 5];
+        for cut in 0..dat.len() {
+            if whole_at.contains(&cut) {
+                assert!(ImportanceMatrix::parse(&dat[..cut]).is_ok(), "cut {cut}");
+            } else {
+                assert!(is_bad(ImportanceMatrix::parse(&dat[..cut])), "cut {cut}");
+            }
+        }
+        let gguf = gguf_matrix(&[("a.weight", vec![1.0; 8], vec![1.0])], true);
+        // Cuts inside the padding after the last tensor leave every byte that counts.
+        let parsed = Gguf::parse(&gguf).unwrap();
+        let end = parsed
+            .tensors()
+            .iter()
+            .map(|t| t.data_range().end)
+            .max()
+            .unwrap();
+        for cut in (0..end as usize).step_by(7).chain([end as usize - 1]) {
+            assert!(ImportanceMatrix::parse(&gguf[..cut]).is_err(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn malformed_files_are_refused_without_huge_allocations() {
+        // An entry count or a value count far beyond the file.
+        let mut dat = legacy(&[("a.weight", 1, &[1.0])], None);
+        dat[..4].copy_from_slice(&i32::MAX.to_le_bytes());
+        assert!(matches!(
+            ImportanceMatrix::parse(&dat),
+            Err(Error::BadImatrix { offset: 0, .. })
+        ));
+        let mut dat = legacy(&[("a.weight", 1, &[1.0])], None);
+        let nval_at = 4 + 4 + 8 + 4;
+        dat[nval_at..nval_at + 4].copy_from_slice(&i32::MAX.to_le_bytes());
+        assert!(matches!(
+            ImportanceMatrix::parse(&dat),
+            Err(Error::BadImatrix { .. })
+        ));
+        // Negative counts, non-finite values, duplicates.
+        let dat = legacy(&[("a.weight", -1, &[1.0])], None);
+        assert!(matches!(
+            ImportanceMatrix::parse(&dat),
+            Err(Error::BadImatrix { .. })
+        ));
+        let dat = legacy(&[("a.weight", 1, &[f32::NAN])], None);
+        assert!(matches!(
+            ImportanceMatrix::parse(&dat),
+            Err(Error::BadImatrix { .. })
+        ));
+        let dat = legacy(&[("a.weight", 1, &[1.0]), ("a.weight", 1, &[1.0])], None);
+        assert!(matches!(
+            ImportanceMatrix::parse(&dat),
+            Err(Error::BadImatrix { .. })
+        ));
+        // GGUF: counts that do not divide the sums, negative counts, no metadata, and a
+        // GGUF file that is no importance matrix.
+        let bad = [
+            gguf_matrix(&[("a.weight", vec![1.0; 3], vec![1.0, 1.0])], true),
+            gguf_matrix(&[("a.weight", vec![1.0; 2], vec![-1.0])], true),
+            gguf_matrix(&[("a.weight", vec![1.0; 2], vec![1.0])], false),
+            model(),
+        ];
+        for bytes in bad {
+            assert!(matches!(
+                ImportanceMatrix::parse(&bytes),
+                Err(Error::BadImatrix { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_matrix_of_another_model_is_refused_and_a_missing_tensor_has_no_weights() {
+        let bytes = model();
+        let gguf = Gguf::parse(&bytes).unwrap();
+        let fits = gguf_matrix(
+            &[
+                ("blk.0.ffn_up.weight", vec![1.0; 64], vec![1.0]),
+                ("blk.0.ffn_up_exps.weight", vec![1.0; 64], vec![1.0, 1.0]),
+            ],
+            true,
+        );
+        let m = ImportanceMatrix::parse(&fits).unwrap();
+        m.check_model(&gguf).unwrap();
+        let exps = gguf.require_tensor("blk.0.ffn_up_exps.weight").unwrap();
+        assert_eq!(m.weights_for(exps).unwrap().map(<[f32]>::len), Some(64));
+        let only_one = legacy(&[("blk.0.ffn_up.weight", 1, &[1.0; 64])], None);
+        let m = ImportanceMatrix::parse(&only_one).unwrap();
+        m.check_model(&gguf).unwrap();
+        assert_eq!(m.weights_for(exps).unwrap(), None);
+        for (name, n) in [
+            ("blk.0.ffn_up.weight", 32),
+            ("blk.0.ffn_up_exps.weight", 32),
+            ("blk.9.ffn_up.weight", 64),
+        ] {
+            let values = vec![1.0f32; n];
+            let m = ImportanceMatrix::parse(&legacy(&[(name, 1, &values)], None)).unwrap();
+            assert!(
+                matches!(m.check_model(&gguf), Err(Error::ImatrixMismatch { ref tensor, .. }) if tensor == name),
+                "{name} with {n} weights"
+            );
+        }
+    }
+}

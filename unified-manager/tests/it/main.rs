@@ -6,6 +6,7 @@ mod crash;
 mod edit;
 mod fleet;
 mod full_disk;
+mod imatrix;
 mod inspect;
 mod lenient;
 mod manage;
