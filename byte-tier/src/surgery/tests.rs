@@ -443,3 +443,43 @@ fn an_ablation_with_an_imatrix_of_another_model_is_refused() {
         Err(Error::ImatrixMismatch { .. })
     ));
 }
+
+#[test]
+fn an_ablation_with_an_imatrix_quantizes_the_tensors_it_names_with_their_weights() {
+    let metadata = [
+        ("general.architecture", Value::from("toy")),
+        ("toy.block_count", Value::U32(2)),
+        ("toy.embedding_length", Value::U32(N_EMBD as u32)),
+    ];
+    let writer = |l: u64| {
+        (
+            format!("blk.{l}.attn_output.weight"),
+            vec![N_IN, N_EMBD],
+            GgmlType::Q5_0,
+            values(40 + l, (N_IN * N_EMBD) as usize),
+        )
+    };
+    let base = file(&metadata, vec![writer(0), writer(1)]);
+    let gguf = Gguf::parse(&base).unwrap();
+    let importance: Vec<f32> = (0..N_IN).map(|i| 0.05 + (i % 5) as f32 * 2.0).collect();
+    let direction = Directions::Single(unit_direction(12));
+    let plain = plan_ablation(&gguf, &direction, &AblationOptions::default()).unwrap();
+    let options = AblationOptions {
+        imatrix: Some(std::sync::Arc::new(legacy_imatrix(&[(
+            "blk.1.attn_output.weight",
+            importance,
+        )]))),
+        ..AblationOptions::default()
+    };
+    let weighted = plan_ablation(&gguf, &direction, &options).unwrap();
+    assert_eq!(plain.rewrites.len(), 2);
+    assert_eq!(weighted.rewrites.len(), 2);
+    for (w, p) in weighted.rewrites.iter().zip(&plain.rewrites) {
+        assert_eq!(w.name, p.name);
+        if w.name == "blk.1.attn_output.weight" {
+            assert_ne!(w.bytes, p.bytes, "the weights changed nothing");
+        } else {
+            assert_eq!(w.bytes, p.bytes, "{} is not named by the matrix", w.name);
+        }
+    }
+}
