@@ -213,6 +213,10 @@ pub struct RequantizeArgs {
     /// The target type (Q8_0, Q4_K, F16, ...).
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_ggml_type)]
     pub target: byte_tier::GgmlType,
+    /// An importance matrix (llama-imatrix's GGUF or legacy .dat output): tensors it
+    /// names are quantized with its weights, as llama-quantize --imatrix does.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
     #[command(flatten)]
     pub output: Output,
     /// Print the report as JSON.
@@ -227,11 +231,21 @@ pub fn parse_ggml_type(text: &str) -> Result<byte_tier::GgmlType, String> {
 pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
     let pattern = regex::Regex::new(&args.tensors)?;
     let select = |name: &str| pattern.is_match(name);
+    let imatrix = match &args.imatrix {
+        Some(path) => Some(byte_tier::imatrix::ImportanceMatrix::read(path)?),
+        None => None,
+    };
     if args.output.dry_run {
         let map = MappedFile::open(&args.file)?;
         let gguf = map.parse()?;
         let mut writer = byte_tier::GgufWriter::from_gguf(&gguf);
-        let done = byte_tier::edit::requantize_tensors(&gguf, &mut writer, &select, args.target)?;
+        let done = byte_tier::edit::requantize_tensors_weighted(
+            &gguf,
+            &mut writer,
+            &select,
+            args.target,
+            imatrix.as_ref(),
+        )?;
         let layout = writer.layout()?;
         println!(
             "dry run: would convert {} tensors to {}; size {} -> {} bytes",
@@ -243,7 +257,13 @@ pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let outcome = rewrite(&args.file, &args.output, |gguf, writer| {
-        byte_tier::edit::requantize_tensors(gguf, writer, &select, args.target)
+        byte_tier::edit::requantize_tensors_weighted(
+            gguf,
+            writer,
+            &select,
+            args.target,
+            imatrix.as_ref(),
+        )
     })?;
     if outcome.result.is_empty() {
         println!(
@@ -255,7 +275,7 @@ pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
         let tensors: Vec<_> = outcome
             .result
             .iter()
-            .map(|r| json!({"name": r.name, "from": r.from.name(), "bytes_before": r.bytes_before, "bytes_after": r.bytes_after}))
+            .map(|r| json!({"name": r.name, "from": r.from.name(), "bytes_before": r.bytes_before, "bytes_after": r.bytes_after, "weighted": r.weighted}))
             .collect();
         println!(
             "{}",
@@ -265,8 +285,17 @@ pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
     } else {
         for r in &outcome.result {
             println!(
-                "{}: {} -> {} ({} -> {} bytes)",
-                r.name, r.from, args.target, r.bytes_before, r.bytes_after
+                "{}: {} -> {} ({} -> {} bytes{})",
+                r.name,
+                r.from,
+                args.target,
+                r.bytes_before,
+                r.bytes_after,
+                if r.weighted {
+                    ", importance-weighted"
+                } else {
+                    ""
+                }
             );
         }
         print_rewrite("", &outcome);

@@ -7,6 +7,7 @@ mod edit;
 mod fleet;
 mod fleet_tls;
 mod full_disk;
+mod imatrix;
 mod inspect;
 mod lenient;
 mod manage;
