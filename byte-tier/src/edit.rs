@@ -371,6 +371,9 @@ pub struct Requantized {
     pub bytes_before: u64,
     /// Its byte count after.
     pub bytes_after: u64,
+    /// Whether importance weights shaped its new bytes (an importance matrix was given,
+    /// it has the tensor, and the target type's quantizer uses them).
+    pub weighted: bool,
 }
 
 /// Elements converted per step by a requantizing reader: a multiple of every block size
@@ -387,6 +390,46 @@ struct RequantizeReader<'a> {
     next_element: u64,
     buffer: Vec<u8>,
     position: usize,
+    weights: Option<RowWeights>,
+}
+
+/// The importance weights of a tensor being requantized: `n_per_row` per expert, each
+/// expert `rows_per_expert` rows (ggml's `ne1`).
+struct RowWeights {
+    weights: Vec<f32>,
+    n_per_row: u64,
+    rows_per_expert: u64,
+}
+
+impl RequantizeReader<'_> {
+    /// Converts the next chunk: whole rows of one expert when weighted.
+    fn next_chunk(&mut self) -> Result<Vec<u8>> {
+        let start = self.next_element;
+        let (end, weights) = match &self.weights {
+            None => ((start + REQUANTIZE_CHUNK).min(self.n_elements), None),
+            Some(w) => {
+                let row = start / w.n_per_row;
+                let expert = row / w.rows_per_expert;
+                let rows = (REQUANTIZE_CHUNK / w.n_per_row).max(1);
+                let end_row = (row + rows).min((expert + 1) * w.rows_per_expert);
+                let at = (expert * w.n_per_row) as usize;
+                let slice = &w.weights[at..at + w.n_per_row as usize];
+                (
+                    (end_row * w.n_per_row).min(self.n_elements),
+                    Some((slice, w.n_per_row)),
+                )
+            }
+        };
+        let mut values = vec![0f32; (end - start) as usize];
+        crate::codec::dequantize_range(self.from, self.source, start..end, &mut values)?;
+        self.next_element = end;
+        match weights {
+            None => crate::codec::quantize(self.to, &values),
+            Some((w, n_per_row)) => {
+                crate::codec::quantize_weighted(self.to, &values, n_per_row as usize, w)
+            }
+        }
+    }
 }
 
 impl std::io::Read for RequantizeReader<'_> {
@@ -395,19 +438,8 @@ impl std::io::Read for RequantizeReader<'_> {
             if self.next_element == self.n_elements {
                 return Ok(0);
             }
-            let end = (self.next_element + REQUANTIZE_CHUNK).min(self.n_elements);
-            let mut values = vec![0f32; (end - self.next_element) as usize];
-            crate::codec::dequantize_range(
-                self.from,
-                self.source,
-                self.next_element..end,
-                &mut values,
-            )
-            .and_then(|()| crate::codec::quantize(self.to, &values))
-            .map(|bytes| self.buffer = bytes)
-            .map_err(std::io::Error::other)?;
+            self.buffer = self.next_chunk().map_err(std::io::Error::other)?;
             self.position = 0;
-            self.next_element = end;
         }
         let n = out.len().min(self.buffer.len() - self.position);
         out[..n].copy_from_slice(&self.buffer[self.position..self.position + n]);
@@ -425,6 +457,27 @@ pub fn requantize_tensors<'a>(
     select: &dyn Fn(&str) -> bool,
     target: crate::types::GgmlType,
 ) -> Result<Vec<Requantized>> {
+    requantize_tensors_weighted(gguf, writer, select, target, None)
+}
+
+/// [`requantize_tensors`] with an importance matrix, as `llama-quantize --imatrix`:
+/// the matrix is checked against the whole model first
+/// ([`ImportanceMatrix::check_model`]: a matrix of another model is refused before
+/// anything is planned), then each selected tensor the matrix names is quantized with
+/// its weights ([`crate::codec::quantize_weighted`], expert by expert for a 3-D
+/// tensor), and a tensor it does not name without them, as llama-quantize does.
+///
+/// [`ImportanceMatrix::check_model`]: crate::imatrix::ImportanceMatrix::check_model
+pub fn requantize_tensors_weighted<'a>(
+    gguf: &Gguf<'a>,
+    writer: &mut GgufWriter<'a>,
+    select: &dyn Fn(&str) -> bool,
+    target: crate::types::GgmlType,
+    imatrix: Option<&crate::imatrix::ImportanceMatrix>,
+) -> Result<Vec<Requantized>> {
+    if let Some(imatrix) = imatrix {
+        imatrix.check_model(gguf)?;
+    }
     if !crate::codec::can_quantize(target) {
         return Err(Error::UnsupportedType {
             ggml_type: target,
@@ -458,6 +511,17 @@ pub fn requantize_tensors<'a>(
         let bytes_after = target
             .bytes_for(info.n_elements)
             .ok_or_else(|| Error::InvalidEdit(format!("tensor {:?} is too large", info.name)))?;
+        let weights = match imatrix {
+            Some(m) if crate::codec::uses_importance(target) => {
+                m.weights_for(info)?.map(|weights| RowWeights {
+                    weights: weights.to_vec(),
+                    n_per_row: first_dim,
+                    rows_per_expert: info.dims.get(1).copied().unwrap_or(1).max(1),
+                })
+            }
+            _ => None,
+        };
+        let weighted = weights.is_some();
         spec.ggml_type = target;
         spec.data = crate::writer::TensorData::Reader(Box::new(RequantizeReader {
             source: gguf.tensor_data(info),
@@ -467,12 +531,14 @@ pub fn requantize_tensors<'a>(
             next_element: 0,
             buffer: Vec::new(),
             position: 0,
+            weights,
         }));
         done.push(Requantized {
             name: info.name.clone(),
             from: info.ggml_type,
             bytes_before: info.n_bytes,
             bytes_after,
+            weighted,
         });
     }
     Ok(done)

@@ -462,6 +462,34 @@ pub enum Error {
         /// The value.
         value: f32,
     },
+    /// An importance weight is negative, NaN or infinite; nothing was written.
+    #[error(
+        "importance weight of column {column} is {value}: weights must be finite and not negative"
+    )]
+    BadImportance {
+        /// The column (index within one row).
+        column: u64,
+        /// The weight.
+        value: f32,
+    },
+    /// An importance matrix file (llama-imatrix's GGUF or legacy `.dat` output) is
+    /// truncated or malformed.
+    #[error("importance matrix at offset {offset}: {reason}")]
+    BadImatrix {
+        /// Byte offset in the file where the problem was found.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An importance matrix does not fit the model: an entry names a tensor the model
+    /// lacks, or its size is not the tensor's row length (times its experts).
+    #[error("importance matrix entry {tensor:?} does not fit the model: {reason}")]
+    ImatrixMismatch {
+        /// The entry's tensor name.
+        tensor: String,
+        /// What does not match.
+        reason: String,
+    },
     /// A scale field would not fit in its storage format (f16 overflows to infinity, or
     /// an 8-bit exponent leaves its range); nothing was written.
     #[error(

@@ -14,6 +14,7 @@ pub mod edit;
 mod error;
 mod file;
 mod gguf;
+pub mod imatrix;
 mod inplace;
 mod journal;
 pub mod named;

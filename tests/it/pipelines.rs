@@ -210,6 +210,11 @@ fn safety_on_the_real_model() {
     );
 }
 
+fn blocks_of(g: &byte_tier::Gguf<'_>) -> u64 {
+    let arch = g.architecture().unwrap().to_owned();
+    g.get_u64(&format!("{arch}.block_count")).unwrap()
+}
+
 fn check_optimize(input: &Path, options: &OptimizeOptions) -> PipelineReport {
     let manager = Manager::new();
     let report = manager.optimize(input, options, &mut |_, _| {}).unwrap();
@@ -246,12 +251,30 @@ fn check_optimize(input: &Path, options: &OptimizeOptions) -> PipelineReport {
             .map(|t| t.n_bytes)
             .sum();
         assert_eq!(step_bytes(&report, "requantize"), converted);
+        // Each converted tensor holds its own source's data, under its new number.
+        let kept: Vec<u64> = (0..blocks_of(&a))
+            .filter(|l| !options.prune.contains(l))
+            .collect();
+        for t in b.tensors().iter().filter(|t| pattern.is_match(&t.name)) {
+            let source_name = match t.name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+                Some((n, tail)) => format!("blk.{}.{tail}", kept[n.parse::<usize>().unwrap()]),
+                None => t.name.clone(),
+            };
+            let source = a.require_tensor(&source_name).unwrap();
+            if source.ggml_type == *ty {
+                continue;
+            }
+            let values =
+                byte_tier::codec::dequantize(source.ggml_type, a.tensor_data(source)).unwrap();
+            let expected = byte_tier::codec::quantize(*ty, &values).unwrap();
+            assert!(
+                b.tensor_data(t) == expected.as_slice(),
+                "{} is not {source_name} requantized",
+                t.name
+            );
+        }
     }
-    let blocks = |g: &byte_tier::Gguf<'_>| {
-        let arch = g.architecture().unwrap().to_owned();
-        g.get_u64(&format!("{arch}.block_count")).unwrap()
-    };
-    assert_eq!(blocks(&b), blocks(&a) - options.prune.len() as u64);
+    assert_eq!(blocks_of(&b), blocks_of(&a) - options.prune.len() as u64);
     drop((map_in, map_out));
     manager
         .revert_pipeline(unified_manager::ModelId(0), &report)
@@ -275,6 +298,7 @@ fn optimize_prunes_and_requantizes_into_a_new_file() {
             )),
             prune: vec![1],
             dry_run: false,
+            imatrix: None,
         },
     );
     snapshot_report!("optimize_generated", &report);
@@ -291,6 +315,7 @@ fn optimize_prunes_and_requantizes_into_a_new_file() {
             requantize: None,
             prune: vec![0],
             dry_run: false,
+            imatrix: None,
         },
         &mut |_, _| {},
     );
@@ -310,6 +335,7 @@ fn optimize_on_the_real_model() {
             )),
             prune: vec![17],
             dry_run: false,
+            imatrix: None,
         },
     );
     snapshot_report!("optimize_real_model", &report);

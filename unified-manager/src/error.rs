@@ -92,6 +92,25 @@ pub enum Error {
         /// Why (a refusal with the member's reason, a member gone, the deadline).
         reason: String,
     },
+    /// A rolling rollout stopped (a failed health check, a member that did not apply in
+    /// time or left) and the members that had applied took the change back out.
+    #[error(
+        "fleet {fleet:?}: rolling rollout {rollout} stopped and rolled back: {reason}; {}",
+        rollback_summary(reverted, pending)
+    )]
+    RolloutRolledBack {
+        /// The fleet.
+        fleet: String,
+        /// The rollout.
+        rollout: String,
+        /// Why it stopped.
+        reason: String,
+        /// Members that had applied and reverted.
+        reverted: Vec<String>,
+        /// Members that had applied and had not reverted when the wait ended (they do
+        /// when they converge).
+        pending: Vec<String>,
+    },
     /// A file could not be read or written.
     #[error("{action} {}: {source}", path.display())]
     Io {
@@ -133,3 +152,18 @@ impl Error {
 
 /// The manager's result type.
 pub type Result<T> = std::result::Result<T, Error>;
+
+fn rollback_summary(reverted: &[String], pending: &[String]) -> String {
+    let mut text = if reverted.is_empty() {
+        "no replica had applied it".to_owned()
+    } else {
+        format!("reverted on {}", reverted.join(", "))
+    };
+    if !pending.is_empty() {
+        text.push_str(&format!(
+            "; {} still hold it and revert when they converge",
+            pending.join(", ")
+        ));
+    }
+    text
+}

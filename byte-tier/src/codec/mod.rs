@@ -43,6 +43,7 @@ mod npy;
 mod scan;
 mod simd;
 mod transform;
+mod weighted;
 
 #[cfg(test)]
 mod tests;
@@ -376,6 +377,110 @@ pub fn quantize(ggml_type: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
     let mut data = vec![0u8; n_bytes as usize];
     quantize_range(ggml_type, values, &mut data, 0..n)?;
     Ok(data)
+}
+
+/// Whether ggml's quantizer of this type uses importance weights (an importance
+/// matrix) when given them: Q2_K..Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL and IQ4_XS.
+/// Every other type quantizes the same with or without them.
+pub fn uses_importance(ggml_type: GgmlType) -> bool {
+    weighted::row_kernel(ggml_type).is_some()
+}
+
+/// Quantizes rows of `n_per_row` values with one importance weight per column, as
+/// ggml's `quantize_*` functions do with non-null `quant_weights` (and so
+/// `llama-quantize --imatrix`), into new bytes. `weights` holds `n_per_row` values (one
+/// expert's slice of an importance matrix, see [`crate::imatrix`]).
+///
+/// Types whose quantizer ignores importance weights ([`uses_importance`] is false)
+/// quantize as [`quantize`] does. Rows must be whole blocks; values and weights must be
+/// finite, and weights not negative. Errors as [`quantize`], nothing is written on error.
+pub fn quantize_weighted(
+    ggml_type: GgmlType,
+    values: &[f32],
+    n_per_row: usize,
+    weights: &[f32],
+) -> Result<Vec<u8>> {
+    let block_len = ggml_type.block_len();
+    let n = values.len() as u64;
+    let unaligned = || Error::UnalignedRange {
+        ggml_type,
+        start: 0,
+        end: n_per_row as u64,
+        block_len,
+    };
+    if n_per_row == 0 || !(n_per_row as u64).is_multiple_of(block_len) {
+        return Err(unaligned());
+    }
+    if !values.len().is_multiple_of(n_per_row) {
+        return Err(Error::LengthMismatch {
+            what: "input values (whole rows)",
+            expected: n.div_ceil(n_per_row as u64) * n_per_row as u64,
+            found: n,
+            start: 0,
+            end: n,
+        });
+    }
+    if weights.len() != n_per_row {
+        return Err(Error::LengthMismatch {
+            what: "importance weights (one per column)",
+            expected: n_per_row as u64,
+            found: weights.len() as u64,
+            start: 0,
+            end: n_per_row as u64,
+        });
+    }
+    if let Some(i) = weights.iter().position(|w| !w.is_finite() || *w < 0.0) {
+        return Err(Error::BadImportance {
+            column: i as u64,
+            value: weights[i],
+        });
+    }
+    let Some(kernel) = weighted::row_kernel(ggml_type) else {
+        return quantize(ggml_type, values);
+    };
+    if let Some(i) = first_non_finite(values) {
+        return Err(Error::NonFiniteInput {
+            index: i as u64,
+            value: values[i],
+        });
+    }
+    let row_bytes = ggml_type
+        .bytes_for(n_per_row as u64)
+        .ok_or_else(unaligned)? as usize;
+    let rows = values.len() / n_per_row;
+    let mut bytes = vec![0u8; rows * row_bytes];
+    let blocks_per_row = n_per_row / block_len as usize;
+    // Whole rows per parallel item, about CHUNK_ELEMENTS values each.
+    let rows_per_item = (CHUNK_ELEMENTS / n_per_row).max(1);
+    let run =
+        |item: usize, src: &[f32], dst: &mut [u8]| -> std::result::Result<(), BlockOverflow> {
+            for (r, (x, d)) in src
+                .chunks(n_per_row)
+                .zip(dst.chunks_mut(row_bytes))
+                .enumerate()
+            {
+                kernel(x, weights, d).map_err(|e| BlockOverflow {
+                    block: (item * rows_per_item + r) * blocks_per_row + e.block,
+                    value: e.value,
+                })?;
+            }
+            Ok(())
+        };
+    let result = if rows <= rows_per_item {
+        run(0, values, &mut bytes)
+    } else {
+        values
+            .par_chunks(rows_per_item * n_per_row)
+            .zip(bytes.par_chunks_mut(rows_per_item * row_bytes))
+            .enumerate()
+            .try_for_each(|(i, (s, d))| run(i, s, d))
+    };
+    result.map_err(|e| Error::ScaleOverflow {
+        ggml_type,
+        block: e.block as u64,
+        value: e.value,
+    })?;
+    Ok(bytes)
 }
 
 /// The value of largest magnitude (the first one, on ties) and that magnitude: the

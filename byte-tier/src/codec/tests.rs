@@ -970,3 +970,108 @@ fn scan_counts_a_non_finite_iq1_m_scale() {
     assert_eq!(report.first_bad_blocks, vec![1]);
     assert_eq!(report.nan_count, 256);
 }
+
+/// Deterministic values with a spread of magnitudes, `n` of them.
+fn wavy(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let t =
+                (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) as f32 / u32::MAX as f32;
+            (t - 0.5) * (1.0 + (i % 7) as f32)
+        })
+        .collect()
+}
+
+#[test]
+fn weighted_quantization_ignores_weights_where_ggml_does() {
+    let values = wavy(512, 1);
+    let weights = wavy(256, 2).iter().map(|w| w.abs()).collect::<Vec<_>>();
+    for t in [GgmlType::Q8_0, GgmlType::F16, GgmlType::BF16, GgmlType::F32] {
+        assert!(!uses_importance(t));
+        assert_eq!(
+            quantize_weighted(t, &values, 256, &weights).unwrap(),
+            quantize(t, &values).unwrap(),
+            "{t}"
+        );
+    }
+}
+
+#[test]
+fn weights_change_the_bytes_of_every_weighted_type_and_rows_are_independent() {
+    let n_per_row = 512;
+    let values = wavy(n_per_row * 3, 3);
+    let skewed: Vec<f32> = (0..n_per_row)
+        .map(|i| if i % 5 == 0 { 50.0 } else { 0.01 })
+        .collect();
+    let flat = vec![1.0f32; n_per_row];
+    for t in [
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
+    ] {
+        assert!(uses_importance(t));
+        let a = quantize_weighted(t, &values, n_per_row, &skewed).unwrap();
+        let b = quantize_weighted(t, &values, n_per_row, &flat).unwrap();
+        assert_ne!(a, b, "{t}: the weights changed nothing");
+        // Each row is quantized on its own (legacy types use the row's mean square).
+        let row_bytes = a.len() / 3;
+        for r in 0..3 {
+            let row = &values[r * n_per_row..(r + 1) * n_per_row];
+            let alone = quantize_weighted(t, row, n_per_row, &skewed).unwrap();
+            assert_eq!(alone, a[r * row_bytes..(r + 1) * row_bytes], "{t} row {r}");
+        }
+        // The result decodes to values nearer the input than zeros are.
+        let back = dequantize(t, &a).unwrap();
+        let err = values
+            .iter()
+            .zip(&back)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        let amax = values.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        assert!(err < amax, "{t}: max error {err}, largest value {amax}");
+    }
+}
+
+#[test]
+fn weighted_quantization_refuses_bad_shapes_and_weights() {
+    let values = wavy(512, 4);
+    let weights = vec![1.0f32; 256];
+    let t = GgmlType::Q4_K;
+    assert!(matches!(
+        quantize_weighted(t, &values, 200, &weights[..200]),
+        Err(Error::UnalignedRange { .. })
+    ));
+    assert!(matches!(
+        quantize_weighted(t, &values[..300], 256, &weights),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        quantize_weighted(t, &values, 256, &weights[..128]),
+        Err(Error::LengthMismatch { .. })
+    ));
+    let mut bad = weights.clone();
+    bad[7] = -1.0;
+    assert!(matches!(
+        quantize_weighted(t, &values, 256, &bad),
+        Err(Error::BadImportance { column: 7, .. })
+    ));
+    bad[7] = f32::NAN;
+    assert!(matches!(
+        quantize_weighted(t, &values, 256, &bad),
+        Err(Error::BadImportance { column: 7, .. })
+    ));
+    let mut inf = values.clone();
+    inf[300] = f32::INFINITY;
+    assert!(matches!(
+        quantize_weighted(t, &inf, 256, &weights),
+        Err(Error::NonFiniteInput { index: 300, .. })
+    ));
+}

@@ -182,6 +182,9 @@ pub struct AblationOptions {
     pub layers: Option<Range<u64>>,
     /// Only these tensor kinds ([`RESIDUAL_WRITERS`] when `None`).
     pub kinds: Option<Vec<String>>,
+    /// Importance weights for requantizing the edited tensors (as `llama-quantize
+    /// --imatrix` would quantize them); checked against the model first.
+    pub imatrix: Option<std::sync::Arc<crate::imatrix::ImportanceMatrix>>,
 }
 
 impl Default for AblationOptions {
@@ -191,6 +194,7 @@ impl Default for AblationOptions {
             norm_preserve: false,
             layers: None,
             kinds: None,
+            imatrix: None,
         }
     }
 }
@@ -287,6 +291,9 @@ pub fn plan_ablation(
             "weight {} is not finite",
             options.weight
         )));
+    }
+    if let Some(m) = &options.imatrix {
+        m.check_model(gguf)?;
     }
     let check_len = |which: String, v: &[f32]| {
         if v.len() as u64 == n_embd {
@@ -451,6 +458,14 @@ fn finish(
     (report, rewrite)
 }
 
+/// The importance weights of a tensor, when the options carry a matrix naming it.
+fn importance<'o>(options: &'o AblationOptions, info: &TensorInfo) -> Result<Option<&'o [f32]>> {
+    match &options.imatrix {
+        Some(m) => m.weights_for(info),
+        None => Ok(None),
+    }
+}
+
 /// The embeddings: each row `e` becomes `e − w·(e·r)·r`.
 fn ablate_rows(
     gguf: &Gguf<'_>,
@@ -503,6 +518,7 @@ fn ablate_rows(
                 after += a * a;
             }
         },
+        importance(options, info)?,
     )?;
     Ok(finish(gguf, info, n_rows, [before, exact, after], rewrite))
 }
@@ -618,6 +634,7 @@ fn ablate_writer(
                     }
                 }
             },
+            importance(options, info)?,
         )?;
         let count = info.n_elements.max(1) as f64;
         rewrite.requantization = RequantizationError {

@@ -100,6 +100,21 @@ pub fn plan_lora_merge(
     adapter_sha256: &str,
     scale: f32,
 ) -> Result<LoraMergePlan> {
+    plan_lora_merge_weighted(base, adapter, adapter_sha256, scale, None)
+}
+
+/// [`plan_lora_merge`] with an importance matrix: each target the matrix names is
+/// requantized with its weights (the matrix is checked against the base model first).
+pub fn plan_lora_merge_weighted(
+    base: &Gguf<'_>,
+    adapter: &Gguf<'_>,
+    adapter_sha256: &str,
+    scale: f32,
+    imatrix: Option<&crate::imatrix::ImportanceMatrix>,
+) -> Result<LoraMergePlan> {
+    if let Some(m) = imatrix {
+        m.check_model(base)?;
+    }
     if !scale.is_finite() {
         return Err(Error::InvalidEdit(format!("scale {scale} is not finite")));
     }
@@ -201,7 +216,11 @@ pub fn plan_lora_merge(
     let mut tensors = Vec::with_capacity(pairs.len());
     let mut rewrites = Vec::with_capacity(pairs.len());
     for pair in pairs {
-        let (report, rewrite) = merge_one(base, adapter, &pair, alpha, scale)?;
+        let weights = match imatrix {
+            Some(m) => m.weights_for(pair.target)?,
+            None => None,
+        };
+        let (report, rewrite) = merge_one(base, adapter, &pair, alpha, scale, weights)?;
         tensors.push(report);
         rewrites.push(rewrite);
     }
@@ -264,6 +283,7 @@ fn merge_one(
     pair: &Pair<'_>,
     alpha: f32,
     scale: f32,
+    weights: Option<&[f32]>,
 ) -> Result<(LoraTensorReport, RewrittenTensor)> {
     let dequantize = |t: &TensorInfo| codec::dequantize_tensor(adapter, t, 0..t.n_elements);
     let a = dequantize(pair.a)?;
@@ -321,6 +341,7 @@ fn merge_one(
             Ok(())
         },
         &mut |_, _, _| {},
+        weights,
     )?;
     let old = base.tensor_data(pair.target);
     let changed_bytes = crate::ops::differences(old, &rewrite.bytes)

@@ -23,5 +23,7 @@ pub use ablate::{
 };
 pub use graft::{GraftReport, copy_tensor};
 pub use layers::{DuplicateReport, duplicate_layers};
-pub use lora::{LoraMergePlan, LoraTensorReport, merge_label, plan_lora_merge};
+pub use lora::{
+    LoraMergePlan, LoraTensorReport, merge_label, plan_lora_merge, plan_lora_merge_weighted,
+};
 pub use rows::{RequantizationError, RewrittenTensor, can_rewrite};

@@ -76,8 +76,39 @@ pub(crate) fn for_each_rows(
     Ok(())
 }
 
+/// Quantizes the rows `first_row..` of a tensor (values of whole rows) with importance
+/// weights, `row_len` per expert, expert by expert (each `rows_per_expert` rows).
+fn quantize_rows_weighted(
+    info: &TensorInfo,
+    values: &[f32],
+    first_row: u64,
+    weights: &[f32],
+) -> Result<Vec<u8>> {
+    let (row_len, _) = rows(info);
+    let rows_per_expert = info.dims.get(1).copied().unwrap_or(1).max(1);
+    let n_rows = values.len() as u64 / row_len;
+    let mut out = Vec::new();
+    let mut row = first_row;
+    while row < first_row + n_rows {
+        let expert = row / rows_per_expert;
+        let end = ((expert + 1) * rows_per_expert).min(first_row + n_rows);
+        let at = ((row - first_row) * row_len) as usize;
+        let len = ((end - row) * row_len) as usize;
+        let w = (expert * row_len) as usize;
+        out.extend(codec::quantize_weighted(
+            info.ggml_type,
+            &values[at..at + len],
+            row_len as usize,
+            &weights[w..w + row_len as usize],
+        )?);
+        row = end;
+    }
+    Ok(out)
+}
+
 /// Rewrites a tensor chunk by chunk: `edit(first_row, values)` changes the dequantized
-/// values of whole rows in place, the result is quantized to the tensor's own type, and
+/// values of whole rows in place, the result is quantized to the tensor's own type (with
+/// `weights`, an importance matrix's entry for the tensor, when given), and
 /// `observe(first_row, intended, stored)` sees both the values meant and the values the
 /// new bytes hold. Nothing is written anywhere: the new bytes are returned.
 pub(crate) fn rewrite_rows(
@@ -85,6 +116,7 @@ pub(crate) fn rewrite_rows(
     info: &TensorInfo,
     edit: &mut dyn FnMut(u64, &mut [f32]) -> Result<()>,
     observe: &mut Observer<'_>,
+    weights: Option<&[f32]>,
 ) -> Result<RewrittenTensor> {
     if !can_rewrite(info.ggml_type) {
         return Err(Error::UnsupportedType {
@@ -109,7 +141,10 @@ pub(crate) fn rewrite_rows(
         let mut run = |values: &mut Vec<f32>, stored: &mut Vec<f32>| -> Result<Vec<u8>> {
             codec::dequantize_range(info.ggml_type, data, row * row_len..end * row_len, values)?;
             edit(row, values)?;
-            let chunk = codec::quantize(info.ggml_type, values)?;
+            let chunk = match weights {
+                None => codec::quantize(info.ggml_type, values)?,
+                Some(w) => quantize_rows_weighted(info, values, row, w)?,
+            };
             codec::dequantize_range(info.ggml_type, &chunk, 0..n as u64, stored)?;
             Ok(chunk)
         };

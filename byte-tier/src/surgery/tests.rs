@@ -339,3 +339,147 @@ fn bad_directions_and_layers_are_refused() {
     };
     assert_eq!(map.len(), 2);
 }
+
+/// A legacy importance matrix file naming `entries` (tensor, weights).
+fn legacy_imatrix(entries: &[(&str, Vec<f32>)]) -> crate::imatrix::ImportanceMatrix {
+    let mut b = (entries.len() as i32).to_le_bytes().to_vec();
+    for (name, w) in entries {
+        b.extend((name.len() as i32).to_le_bytes());
+        b.extend(name.as_bytes());
+        b.extend(1i32.to_le_bytes());
+        b.extend((w.len() as i32).to_le_bytes());
+        b.extend(w.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    crate::imatrix::ImportanceMatrix::parse(&b).unwrap()
+}
+
+#[test]
+fn a_lora_merge_with_an_imatrix_requantizes_the_targets_it_names_with_their_weights() {
+    let metadata = [
+        ("general.architecture", Value::from("toy")),
+        ("toy.block_count", Value::U32(2)),
+        ("toy.embedding_length", Value::U32(N_EMBD as u32)),
+    ];
+    let target = |l: u64, t: GgmlType| {
+        let name = format!("blk.{l}.attn_q.weight");
+        (
+            name,
+            vec![N_EMBD, N_IN],
+            t,
+            values(20 + l, (N_EMBD * N_IN) as usize),
+        )
+    };
+    let base = file(
+        &metadata,
+        vec![target(0, GgmlType::Q4_1), target(1, GgmlType::Q5_0)],
+    );
+    let mut tensors = lora_pair("blk.0.attn_q.weight", 2, N_EMBD, N_IN);
+    tensors.extend(lora_pair("blk.1.attn_q.weight", 2, N_EMBD, N_IN));
+    let adapter_bytes = adapter("toy", tensors);
+    let (base_gguf, adapter_gguf) = (
+        Gguf::parse(&base).unwrap(),
+        Gguf::parse(&adapter_bytes).unwrap(),
+    );
+    let importance: Vec<f32> = (0..N_EMBD).map(|i| 0.1 + (i % 4) as f32 * 3.0).collect();
+    let matrix = legacy_imatrix(&[("blk.0.attn_q.weight", importance.clone())]);
+    let weighted =
+        plan_lora_merge_weighted(&base_gguf, &adapter_gguf, "abc", 0.5, Some(&matrix)).unwrap();
+    let plain = plan_lora_merge(&base_gguf, &adapter_gguf, "abc", 0.5).unwrap();
+    // Both plans mean the same values; the named target is quantized with its weights,
+    // the other as without a matrix.
+    for ((report, w), p) in weighted
+        .tensors
+        .iter()
+        .zip(&weighted.rewrites)
+        .zip(&plain.rewrites)
+    {
+        if report.name == "blk.0.attn_q.weight" {
+            assert_ne!(w.bytes, p.bytes, "the weights changed nothing");
+        } else {
+            assert_eq!(
+                w.bytes, p.bytes,
+                "{} is not named by the matrix",
+                report.name
+            );
+        }
+    }
+    // The weighted bytes are quantize_weighted of the merged values.
+    let a = values(7, (N_EMBD * 2) as usize);
+    let b = values(8, (2 * N_IN) as usize);
+    let mut expected = dequantized(&base, "blk.0.attn_q.weight");
+    for o in 0..N_IN as usize {
+        for i in 0..N_EMBD as usize {
+            let mut d = 0f32;
+            for k in 0..2 {
+                d += b[o * 2 + k] * a[k * N_EMBD as usize + i];
+            }
+            expected[o * N_EMBD as usize + i] += d;
+        }
+    }
+    let want =
+        codec::quantize_weighted(GgmlType::Q4_1, &expected, N_EMBD as usize, &importance).unwrap();
+    assert_eq!(weighted.rewrites[0].bytes, want);
+    // A matrix of another model is refused.
+    let foreign = legacy_imatrix(&[("blk.0.attn_q.weight", vec![1.0; 16])]);
+    assert!(matches!(
+        plan_lora_merge_weighted(&base_gguf, &adapter_gguf, "abc", 0.5, Some(&foreign)),
+        Err(Error::ImatrixMismatch { .. })
+    ));
+}
+
+#[test]
+fn an_ablation_with_an_imatrix_of_another_model_is_refused() {
+    let base = base_model();
+    let gguf = Gguf::parse(&base).unwrap();
+    let options = AblationOptions {
+        imatrix: Some(std::sync::Arc::new(legacy_imatrix(&[(
+            "blk.0.attn_output.weight",
+            vec![1.0; 8],
+        )]))),
+        ..AblationOptions::default()
+    };
+    assert!(matches!(
+        plan_ablation(&gguf, &Directions::Single(unit_direction(12)), &options),
+        Err(Error::ImatrixMismatch { .. })
+    ));
+}
+
+#[test]
+fn an_ablation_with_an_imatrix_quantizes_the_tensors_it_names_with_their_weights() {
+    let metadata = [
+        ("general.architecture", Value::from("toy")),
+        ("toy.block_count", Value::U32(2)),
+        ("toy.embedding_length", Value::U32(N_EMBD as u32)),
+    ];
+    let writer = |l: u64| {
+        (
+            format!("blk.{l}.attn_output.weight"),
+            vec![N_IN, N_EMBD],
+            GgmlType::Q5_0,
+            values(40 + l, (N_IN * N_EMBD) as usize),
+        )
+    };
+    let base = file(&metadata, vec![writer(0), writer(1)]);
+    let gguf = Gguf::parse(&base).unwrap();
+    let importance: Vec<f32> = (0..N_IN).map(|i| 0.05 + (i % 5) as f32 * 2.0).collect();
+    let direction = Directions::Single(unit_direction(12));
+    let plain = plan_ablation(&gguf, &direction, &AblationOptions::default()).unwrap();
+    let options = AblationOptions {
+        imatrix: Some(std::sync::Arc::new(legacy_imatrix(&[(
+            "blk.1.attn_output.weight",
+            importance,
+        )]))),
+        ..AblationOptions::default()
+    };
+    let weighted = plan_ablation(&gguf, &direction, &options).unwrap();
+    assert_eq!(plain.rewrites.len(), 2);
+    assert_eq!(weighted.rewrites.len(), 2);
+    for (w, p) in weighted.rewrites.iter().zip(&plain.rewrites) {
+        assert_eq!(w.name, p.name);
+        if w.name == "blk.1.attn_output.weight" {
+            assert_ne!(w.bytes, p.bytes, "the weights changed nothing");
+        } else {
+            assert_eq!(w.bytes, p.bytes, "{} is not named by the matrix", w.name);
+        }
+    }
+}

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use unified_manager::Preset;
+use unified_manager::fleet::coordinator::RollingProgress;
 use unified_manager::fleet::coordinator::{FleetStatus, HistoryEntry};
 use unified_manager::fleet::{
-    Decision, Fleet, MemberRecord, PrepareVerdict, RolloutKind, RolloutOptions, RolloutReport,
+    Decision, EtcdTls, Fleet, HealthCheck, HealthExpect, MemberRecord, PrepareVerdict, RolloutKind,
+    RolloutOptions, RolloutReport,
 };
 
 use super::pipeline::ConfigDirArg;
@@ -26,9 +28,45 @@ pub struct FleetArgs {
         required = true
     )]
     pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+impl FleetArgs {
+    /// The fleet on its etcd cluster (nothing is contacted yet).
+    fn fleet(&self) -> unified_manager::Result<Fleet> {
+        Fleet::with_tls(&self.name, &self.etcd, &self.tls.tls())
+    }
+}
+
+/// TLS for the etcd connection (`https://` endpoints).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdTlsArgs {
+    /// PEM file of the CA that signed the etcd members' certificates (default: the
+    /// system's roots).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM file of the client certificate for an etcd cluster that checks clients
+    /// (`--client-cert-auth`).
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The library's TLS options.
+    pub fn tls(&self) -> EtcdTls {
+        EtcdTls {
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+        }
+    }
 }
 
 /// `hotpatch serve`'s fleet membership flags.
@@ -46,6 +84,8 @@ pub struct FleetMemberArgs {
         requires = "fleet"
     )]
     pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
     /// This replica's id in the fleet (default: `replica-PORT`).
     #[arg(long, value_name = "ID", requires = "fleet")]
     pub replica: Option<String>,
@@ -56,6 +96,11 @@ pub struct FleetMemberArgs {
 
 /// How a rollout runs.
 #[derive(Debug, clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("health_expect")
+        .args(["health_expect_contains", "health_expect_regex", "health_expect_pointer"])
+        .multiple(false)
+))]
 pub struct RolloutArgs {
     /// Seconds members have to prepare before the rollout is aborted.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
@@ -66,15 +111,96 @@ pub struct RolloutArgs {
     /// Drain every member (hold new requests, wait for in-flight ones) while it applies.
     #[arg(long)]
     pub drain: bool,
+    /// Apply one member at a time (in replica-id order) after all have prepared; after
+    /// each, send the health check to its proxy and go on only when the answer passes.
+    /// A failed check, or a member that does not apply within --apply-timeout-secs,
+    /// reverts the members already done, records the rollout as rolled back with the
+    /// reason, and exits 1.
+    #[arg(long, requires_all = ["health_request", "health_expect"])]
+    pub rolling: bool,
+    /// The health check's request: JSON `{"path": "/completion", "body": {...}}`, or a
+    /// file holding it. It is sent as a POST to each member's proxy with `temperature`
+    /// 0 and `cache_prompt` false.
+    #[arg(long, value_name = "FILE|JSON", requires = "rolling")]
+    pub health_request: Option<String>,
+    /// Pass when the generated text (`content`, `choices[0].message.content` or
+    /// `choices[0].text`; else the whole body) contains TEXT.
+    #[arg(long, value_name = "TEXT", requires = "rolling")]
+    pub health_expect_contains: Option<String>,
+    /// Pass when the generated text matches the regular expression RE.
+    #[arg(long, value_name = "RE", requires = "rolling")]
+    pub health_expect_regex: Option<String>,
+    /// Pass when the answer's JSON value at POINTER (RFC 6901) equals JSON, e.g.
+    /// `/stop_type="limit"`.
+    #[arg(long, value_name = "POINTER=JSON", requires = "rolling")]
+    pub health_expect_pointer: Option<String>,
+    /// Seconds each health check's answer may take.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub health_timeout_secs: u64,
+}
+
+/// The request part of `--health-request`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthRequest {
+    path: String,
+    body: serde_json::Value,
 }
 
 impl RolloutArgs {
-    fn options(&self) -> RolloutOptions {
-        RolloutOptions {
+    fn options(&self) -> anyhow::Result<RolloutOptions> {
+        Ok(RolloutOptions {
             prepare_timeout: Duration::from_secs(self.prepare_timeout_secs),
             apply_timeout: Duration::from_secs(self.apply_timeout_secs),
             drain: self.drain,
-        }
+            rolling: if self.rolling {
+                Some(self.health_check()?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn health_check(&self) -> anyhow::Result<HealthCheck> {
+        let given = self
+            .health_request
+            .as_deref()
+            .context("--rolling needs --health-request")?;
+        let text = if given.trim_start().starts_with('{') {
+            given.to_owned()
+        } else {
+            std::fs::read_to_string(given).with_context(|| format!("read {given}"))?
+        };
+        let request: HealthRequest = serde_json::from_str(&text)
+            .context("--health-request: expected {\"path\": \"/…\", \"body\": {…}}")?;
+        let expect = if let Some(text) = &self.health_expect_contains {
+            HealthExpect::Contains { text: text.clone() }
+        } else if let Some(pattern) = &self.health_expect_regex {
+            HealthExpect::Regex {
+                pattern: pattern.clone(),
+            }
+        } else if let Some(pair) = &self.health_expect_pointer {
+            let (pointer, value) = pair
+                .split_once('=')
+                .context("--health-expect-pointer: expected POINTER=JSON")?;
+            HealthExpect::Pointer {
+                pointer: pointer.to_owned(),
+                equals: serde_json::from_str(value)
+                    .with_context(|| format!("--health-expect-pointer: {value:?} is not JSON"))?,
+            }
+        } else {
+            anyhow::bail!(
+                "--rolling needs one of --health-expect-contains, --health-expect-regex, --health-expect-pointer"
+            );
+        };
+        let check = HealthCheck {
+            path: request.path,
+            body: request.body,
+            expect,
+            timeout_ms: self.health_timeout_secs.saturating_mul(1000),
+        };
+        check.validate().map_err(anyhow::Error::msg)?;
+        Ok(check)
     }
 }
 
@@ -88,7 +214,8 @@ pub enum FleetCommand {
     /// Every rollout recorded, with its decision.
     History(FleetArgs),
     /// Roll a preset (a stored preset's name, or a preset TOML file) out to every member:
-    /// all prepare, then all commit, or nothing changes.
+    /// all prepare, then all commit, or nothing changes. With --rolling, one member at a
+    /// time behind a health check, rolled back on a failure.
     Apply {
         #[command(flatten)]
         fleet: FleetArgs,
@@ -123,7 +250,7 @@ pub fn run(command: &FleetCommand) -> anyhow::Result<()> {
 async fn run_async(command: &FleetCommand) -> anyhow::Result<()> {
     match command {
         FleetCommand::Members(args) => {
-            let members = Fleet::new(&args.name, &args.etcd)?.members().await?;
+            let members = args.fleet()?.members().await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&members)?);
             } else {
@@ -131,7 +258,7 @@ async fn run_async(command: &FleetCommand) -> anyhow::Result<()> {
             }
         }
         FleetCommand::Status(args) => {
-            let status = Fleet::new(&args.name, &args.etcd)?.status().await?;
+            let status = args.fleet()?.status().await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -139,7 +266,7 @@ async fn run_async(command: &FleetCommand) -> anyhow::Result<()> {
             }
         }
         FleetCommand::History(args) => {
-            let history = Fleet::new(&args.name, &args.etcd)?.history().await?;
+            let history = args.fleet()?.history().await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&history)?);
             } else {
@@ -153,9 +280,8 @@ async fn run_async(command: &FleetCommand) -> anyhow::Result<()> {
             rollout,
         } => {
             let preset = load_preset(preset, config)?;
-            let report = Fleet::new(&fleet.name, &fleet.etcd)?
-                .apply(&preset, &rollout.options())
-                .await?;
+            let options = rollout.options()?;
+            let report = fleet.fleet()?.apply(&preset, &options).await?;
             print_report(&report, fleet.json)?;
         }
         FleetCommand::Revert {
@@ -163,8 +289,10 @@ async fn run_async(command: &FleetCommand) -> anyhow::Result<()> {
             rollout_id,
             rollout,
         } => {
-            let report = Fleet::new(&fleet.name, &fleet.etcd)?
-                .revert(rollout_id.as_deref(), &rollout.options())
+            let options = rollout.options()?;
+            let report = fleet
+                .fleet()?
+                .revert(rollout_id.as_deref(), &options)
                 .await?;
             print_report(&report, fleet.json)?;
         }
@@ -236,7 +364,37 @@ fn print_status(status: &FleetStatus) {
             for (replica, verdict) in &active.prepared {
                 println!("  {replica}: {}", describe_verdict(verdict));
             }
+            if let Some(progress) = &active.rolling {
+                print_progress(progress, active.spec.members.len());
+            }
         }
+    }
+}
+
+fn print_progress(progress: &RollingProgress, members: usize) {
+    println!(
+        "  rolling: {} of {members} let apply, {} applied, {} passed the health check{}",
+        progress.admitted.len(),
+        progress.applied.len(),
+        progress.health.values().filter(|h| h.passed).count(),
+        if progress.driven {
+            ""
+        } else {
+            " (no coordinator drives it now: the next `hotpatch fleet` call resumes it)"
+        }
+    );
+    for replica in &progress.admitted {
+        let health = match progress.health.get(replica) {
+            None => "not checked".to_owned(),
+            Some(h) if h.passed => format!("health passed ({} ms)", h.latency_ms),
+            Some(h) => format!("health failed: {}", h.detail),
+        };
+        let reverted = if progress.reverted.contains(replica) {
+            ", reverted"
+        } else {
+            ""
+        };
+        println!("    {replica}: {health}{reverted}");
     }
 }
 
@@ -256,12 +414,27 @@ fn print_history(fleet: &str, history: &[HistoryEntry]) {
             Some(Decision::Abort { reason, .. }) => format!("aborted: {reason}"),
         };
         println!(
-            "  {}  {}  {} members, {} done  {outcome}",
+            "  {}  {}{}  {} members, {} done  {outcome}",
             entry.spec.id,
             describe_action(&entry.spec.action),
+            if entry.rolling.is_some() {
+                " (rolling)"
+            } else {
+                ""
+            },
             entry.spec.members.len(),
             entry.done
         );
+        if let Some(progress) = &entry.rolling {
+            print_progress(progress, entry.spec.members.len());
+            if let Some(rollback) = &progress.rollback {
+                println!(
+                    "    rolled back: reverted on [{}], still holding [{}]",
+                    rollback.reverted.join(", "),
+                    rollback.pending.join(", ")
+                );
+            }
+        }
     }
 }
 
@@ -285,8 +458,13 @@ fn print_report(report: &RolloutReport, json: bool) -> anyhow::Result<()> {
         report.etcd_requests
     );
     for m in &report.members {
+        let health = match &m.health {
+            Some(h) if h.passed => format!(", health passed ({} ms)", h.latency_ms),
+            Some(h) => format!(", health failed: {}", h.detail),
+            None => String::new(),
+        };
         match &m.done {
-            Some(done) => println!("  {}: done (epoch {})", m.replica, done.epoch),
+            Some(done) => println!("  {}: done (epoch {}){health}", m.replica, done.epoch),
             None => println!(
                 "  {}: not applied yet (it converges when it is back)",
                 m.replica

@@ -234,6 +234,10 @@ pub struct OptimizeArgs {
     /// Blocks to remove, comma-separated (0-based).
     #[arg(long, value_delimiter = ',')]
     pub prune: Vec<u64>,
+    /// An importance matrix (llama-imatrix's GGUF or legacy .dat output) for the
+    /// requantization, applied as llama-quantize --imatrix does.
+    #[arg(long, value_name = "FILE", requires = "tensors")]
+    pub imatrix: Option<PathBuf>,
     /// The file to write (default: FILE with `.optimized.gguf`).
     #[arg(short, long, value_name = "OUT")]
     pub output: Option<PathBuf>,
@@ -265,6 +269,12 @@ pub fn optimize(args: &OptimizeArgs) -> anyhow::Result<()> {
         requantize,
         prune: args.prune.clone(),
         dry_run: args.dry_run,
+        imatrix: match &args.imatrix {
+            Some(path) => Some(std::sync::Arc::new(
+                byte_tier::imatrix::ImportanceMatrix::read(path)?,
+            )),
+            None => None,
+        },
     };
     let manager = Manager::new();
     let bar = bytes_bar("optimizing", std::fs::metadata(&args.file)?.len());

@@ -140,6 +140,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
                     .clone()
                     .unwrap_or_else(|| format!("replica-{}", proxy.local_addr().port())),
                 endpoints: args.fleet.etcd.clone(),
+                tls: args.fleet.tls.tls(),
                 upstream: upstream.clone(),
                 listen: proxy.local_addr().to_string(),
                 lease_ttl_secs: args.fleet.fleet_lease_ttl_secs.max(2),

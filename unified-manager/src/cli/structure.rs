@@ -196,6 +196,10 @@ pub struct RequantizeArgs {
     /// The target type (Q8_0, Q4_K, F16, ...).
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_ggml_type)]
     pub target: byte_tier::GgmlType,
+    /// An importance matrix (llama-imatrix's GGUF or legacy .dat output): tensors it
+    /// names are quantized with its weights, as llama-quantize --imatrix does.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
     #[command(flatten)]
     pub output: Output,
 }
@@ -214,6 +218,10 @@ struct Converted {
 pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
     let pattern = regex::Regex::new(&args.tensors)?;
     let select = |name: &str| pattern.is_match(name);
+    let imatrix = match &args.imatrix {
+        Some(path) => Some(byte_tier::imatrix::ImportanceMatrix::read(path)?),
+        None => None,
+    };
     note_recovered(super::plan::prepare(&args.file, args.output.dry_run)?);
     let map = MappedFile::open(&args.file)?;
     let gguf = map.parse()?;
@@ -224,7 +232,13 @@ pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
         |gguf, writer| {
             Ok(Converted {
                 target: args.target,
-                converted: byte_tier::edit::requantize_tensors(gguf, writer, &select, args.target)?,
+                converted: byte_tier::edit::requantize_tensors_weighted(
+                    gguf,
+                    writer,
+                    &select,
+                    args.target,
+                    imatrix.as_ref(),
+                )?,
             })
         },
     )?;
@@ -241,7 +255,7 @@ pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
     if args.output.json {
         let tensors: Vec<_> = converted
             .iter()
-            .map(|r| json!({"name": r.name, "from": r.from.name(), "bytes_before": r.bytes_before, "bytes_after": r.bytes_after}))
+            .map(|r| json!({"name": r.name, "from": r.from.name(), "bytes_before": r.bytes_before, "bytes_after": r.bytes_after, "weighted": r.weighted}))
             .collect();
         println!(
             "{}",
@@ -251,8 +265,17 @@ pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
     } else {
         for r in converted {
             println!(
-                "{}: {} -> {} ({} -> {} bytes)",
-                r.name, r.from, args.target, r.bytes_before, r.bytes_after
+                "{}: {} -> {} ({} -> {} bytes{})",
+                r.name,
+                r.from,
+                args.target,
+                r.bytes_before,
+                r.bytes_after,
+                if r.weighted {
+                    ", importance-weighted"
+                } else {
+                    ""
+                }
             );
         }
         print_rewrite("", &outcome, false);

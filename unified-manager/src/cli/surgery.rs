@@ -9,7 +9,7 @@ use byte_tier::MappedFile;
 use byte_tier::plan::RewritePlan;
 use byte_tier::surgery::{
     AblationOptions, AblationPlan, LoraMergePlan, copy_tensor, duplicate_layers, merge_label,
-    plan_ablation, plan_lora_merge, read_directions,
+    plan_ablation, plan_lora_merge_weighted, read_directions,
 };
 use serde_json::json;
 use unified_manager::surgery::{SurgeryPlan, file_identity, unmerge};
@@ -57,6 +57,10 @@ pub struct AblateArgs {
     /// Keep the norm of every vector written into the residual stream.
     #[arg(long)]
     pub norm_preserve: bool,
+    /// An importance matrix (llama-imatrix's output) for requantizing the edited
+    /// tensors, applied as llama-quantize --imatrix does.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
     /// Say what would change and write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -81,6 +85,12 @@ pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
             norm_preserve: args.norm_preserve,
             layers: args.layers.clone(),
             kinds: args.tensors.clone(),
+            imatrix: match &args.imatrix {
+                Some(path) => Some(std::sync::Arc::new(
+                    byte_tier::imatrix::ImportanceMatrix::read(path)?,
+                )),
+                None => None,
+            },
         };
         plan_ablation(&gguf, &directions, &options)?
     };
@@ -165,6 +175,10 @@ pub enum LoraCommand {
             allow_hyphen_values = true
         )]
         scale: f32,
+        /// An importance matrix (llama-imatrix's output) for requantizing the merged
+        /// targets, applied as llama-quantize --imatrix does.
+        #[arg(long, value_name = "FILE")]
+        imatrix: Option<PathBuf>,
         /// Say what would change and write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -184,7 +198,16 @@ pub enum LoraCommand {
     },
 }
 
-fn merge_plan(file: &Path, adapter: &Path, scale: f32) -> anyhow::Result<LoraMergePlan> {
+fn merge_plan(
+    file: &Path,
+    adapter: &Path,
+    scale: f32,
+    imatrix: Option<&Path>,
+) -> anyhow::Result<LoraMergePlan> {
+    let imatrix = match imatrix {
+        Some(path) => Some(byte_tier::imatrix::ImportanceMatrix::read(path)?),
+        None => None,
+    };
     let map = MappedFile::open(file)?;
     let base = map.parse()?;
     let adapter_map = MappedFile::open(adapter)?;
@@ -192,7 +215,7 @@ fn merge_plan(file: &Path, adapter: &Path, scale: f32) -> anyhow::Result<LoraMer
         .parse()
         .with_context(|| format!("adapter {}", adapter.display()))?;
     let identity = file_identity(adapter)?;
-    plan_lora_merge(&base, &adapter_gguf, &identity, scale)
+    plan_lora_merge_weighted(&base, &adapter_gguf, &identity, scale, imatrix.as_ref())
         .with_context(|| format!("adapter {}", adapter.display()))
 }
 
@@ -202,6 +225,7 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
             file,
             adapter,
             scale,
+            imatrix,
             dry_run,
             json,
         } => {
@@ -213,7 +237,7 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
                 tensors,
                 ignored,
                 rewrites,
-            } = merge_plan(file, adapter, *scale)?;
+            } = merge_plan(file, adapter, *scale, imatrix.as_deref())?;
             let label = format!("{} scale {scale}", merge_label(&adapter_sha256));
             let details = json!({"adapter_sha256": adapter_sha256, "alpha": alpha,
                 "scale": scale, "tensors": tensors, "ignored": ignored});

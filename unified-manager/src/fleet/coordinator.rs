@@ -9,6 +9,16 @@
 //! member's `done`. Every step is in etcd, so a call that finds a rollout left by a
 //! coordinator that died finishes it (all ready, or already committed) or aborts it
 //! (a refusal, a member gone, the deadline passed) before doing its own work.
+//!
+//! A rolling rollout prepares the same way, then lets one member apply at a time (its
+//! `wave` key), waits for its `done`, sends the health check to its proxy and records
+//! the result; the next member goes only after a pass. When every member has passed it
+//! commits as above (the members hold the change already, so nothing moves). A failed
+//! check, a member that does not apply in time or leaves: `abort`, which every member
+//! that applied takes back out by converging (each writes `reverted`), and the call
+//! fails with the reason. The coordinator driving it holds `rollouts/ID/coordinator`
+//! under a lease of its own; when that key is gone (the coordinator died), the next
+//! call takes it and resumes the rollout where the keys say it stands.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,16 +26,20 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::etcd::{Compare, EtcdClient, Op};
+use super::etcd::{Compare, EtcdClient, EtcdTls, Op};
 use super::{
-    Decision, DesiredRollout, DesiredState, Done, Follower, MemberRecord, Mirror, PrepareVerdict,
-    RolloutKind, RolloutSpec, SCHEMA, now_ms, prefix, to_json,
+    Decision, DesiredRollout, DesiredState, Done, Follower, HealthCheck, HealthResult,
+    MemberRecord, Mirror, PrepareVerdict, Rollback, RollingSpec, RolloutKind, RolloutSpec, SCHEMA,
+    WaveStep, now_ms, prefix, to_json,
 };
 use crate::error::{Error, Result};
 use crate::preset::Preset;
 
+/// Seconds the lease of a rolling rollout's coordinator lives without a renewal.
+const COORDINATOR_LEASE_TTL_SECS: i64 = 5;
+
 /// How a rollout runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RolloutOptions {
     /// How long members have to prepare before the rollout is aborted.
     pub prepare_timeout: Duration,
@@ -34,6 +48,10 @@ pub struct RolloutOptions {
     pub apply_timeout: Duration,
     /// Apply with a drain on every member.
     pub drain: bool,
+    /// Roll out one member at a time, each checked with this before the next (after
+    /// the commit when none is given: every member at once). `apply_timeout` bounds
+    /// each member's apply.
+    pub rolling: Option<HealthCheck>,
 }
 
 impl Default for RolloutOptions {
@@ -42,6 +60,7 @@ impl Default for RolloutOptions {
             prepare_timeout: Duration::from_secs(30),
             apply_timeout: Duration::from_secs(60),
             drain: false,
+            rolling: None,
         }
     }
 }
@@ -55,6 +74,9 @@ pub struct MemberOutcome {
     pub prepared: Option<PrepareVerdict>,
     /// Its report of having applied the commit.
     pub done: Option<Done>,
+    /// Its health check (rolling rollouts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthResult>,
 }
 
 /// What a rollout did.
@@ -83,6 +105,25 @@ pub struct RolloutReport {
     pub etcd_requests: usize,
     /// A rollout left in flight by an earlier call, finished or aborted first.
     pub settled_first: Option<String>,
+    /// Whether it rolled out one member at a time.
+    pub rolling: bool,
+}
+
+/// Where a rolling rollout stands.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RollingProgress {
+    /// Members let apply, in order.
+    pub admitted: Vec<String>,
+    /// Members that reported having applied.
+    pub applied: Vec<String>,
+    /// Health checks so far, by member.
+    pub health: BTreeMap<String, HealthResult>,
+    /// Members that took the change back out after an abort.
+    pub reverted: Vec<String>,
+    /// The rollback's outcome, once the coordinator has waited for it.
+    pub rollback: Option<Rollback>,
+    /// Whether a coordinator is driving it now.
+    pub driven: bool,
 }
 
 /// The state of a rollout in flight.
@@ -90,12 +131,15 @@ pub struct RolloutReport {
 pub struct ActiveRollout {
     /// Its spec.
     pub spec: RolloutSpec,
-    /// `prepare`, `commit` or `abort`.
+    /// `prepare`, `rolling` (a rolling rollout past prepare), `commit` or `abort`.
     pub phase: String,
     /// Verdicts so far.
     pub prepared: BTreeMap<String, PrepareVerdict>,
     /// Done reports so far.
     pub done: BTreeMap<String, Done>,
+    /// A rolling rollout's progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolling: Option<RollingProgress>,
 }
 
 /// A fleet as `hotpatch fleet status` shows it.
@@ -120,6 +164,22 @@ pub struct HistoryEntry {
     pub decision: Option<Decision>,
     /// Members that reported `done`.
     pub done: usize,
+    /// A rolling rollout's progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolling: Option<RollingProgress>,
+}
+
+/// The lease under which a coordinator drives a rolling rollout, kept alive by a task
+/// until it is released (or the process dies, and the lease expires).
+struct Claim {
+    lease: i64,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
 }
 
 /// A fleet, seen from a coordinator.
@@ -138,10 +198,15 @@ enum Verdicts {
 impl Fleet {
     /// The fleet `name` on the etcd cluster at `endpoints` (nothing is contacted yet).
     pub fn new(name: &str, endpoints: &[String]) -> Result<Fleet> {
+        Fleet::with_tls(name, endpoints, &EtcdTls::default())
+    }
+
+    /// The fleet `name` on the etcd cluster at `endpoints`, over TLS as `tls` says.
+    pub fn with_tls(name: &str, endpoints: &[String], tls: &EtcdTls) -> Result<Fleet> {
         super::check_name("fleet", name)?;
         Ok(Fleet {
             name: name.to_owned(),
-            client: Arc::new(EtcdClient::new(endpoints)?),
+            client: Arc::new(EtcdClient::with_tls(endpoints, tls)?),
         })
     }
 
@@ -185,7 +250,9 @@ impl Fleet {
                         })?;
                 let decision: Option<Decision> =
                     mirror.record(&format!("rollouts/{id}/decision"))?;
+                let rolling = self.progress(&mirror, &spec)?;
                 let phase = match decision {
+                    None if rolling.as_ref().is_some_and(|p| !p.admitted.is_empty()) => "rolling",
                     None => "prepare",
                     Some(Decision::Commit { .. }) => "commit",
                     Some(Decision::Abort { .. }) => "abort",
@@ -194,6 +261,7 @@ impl Fleet {
                     phase: phase.into(),
                     prepared: self.records(&mirror, &format!("rollouts/{id}/prepare/"))?,
                     done: self.records(&mirror, &format!("rollouts/{id}/done/"))?,
+                    rolling,
                     spec,
                 })
             }
@@ -217,10 +285,12 @@ impl Fleet {
             let spec: RolloutSpec = super::parse(&self.name, &format!("rollouts/{rest}"), value)?;
             let decision = mirror.record(&format!("rollouts/{id}/decision"))?;
             let done = mirror.under(&format!("rollouts/{id}/done/")).count();
+            let rolling = self.progress(&mirror, &spec)?;
             entries.push(HistoryEntry {
                 spec,
                 decision,
                 done,
+                rolling,
             });
         }
         entries.sort_by_key(|e| e.spec.created_ms);
@@ -239,6 +309,40 @@ impl Fleet {
                     .map(|record| (replica.to_owned(), record))
             })
             .collect()
+    }
+
+    /// A rolling rollout's progress as the keys say (`None` for one that is not rolling).
+    fn progress(&self, mirror: &Mirror, spec: &RolloutSpec) -> Result<Option<RollingProgress>> {
+        if spec.rolling.is_none() {
+            return Ok(None);
+        }
+        let id = &spec.id;
+        let has = |what: &str, m: &str| mirror.get(&format!("rollouts/{id}/{what}/{m}")).is_some();
+        let mut admitted: Vec<(usize, String)> = Vec::new();
+        for (replica, value) in mirror.under(&format!("rollouts/{id}/wave/")) {
+            let step: WaveStep =
+                super::parse(&self.name, &format!("rollouts/{id}/wave/{replica}"), value)?;
+            admitted.push((step.position, replica.to_owned()));
+        }
+        admitted.sort();
+        Ok(Some(RollingProgress {
+            applied: spec
+                .members
+                .iter()
+                .filter(|m| has("done", m))
+                .cloned()
+                .collect(),
+            reverted: spec
+                .members
+                .iter()
+                .filter(|m| has("reverted", m))
+                .cloned()
+                .collect(),
+            admitted: admitted.into_iter().map(|(_, m)| m).collect(),
+            health: self.records(mirror, &format!("rollouts/{id}/health/"))?,
+            rollback: mirror.record(&format!("rollouts/{id}/rollback"))?,
+            driven: mirror.get(&format!("rollouts/{id}/coordinator")).is_some(),
+        }))
     }
 
     fn malformed(&self, key: &str, message: String) -> Error {
@@ -303,9 +407,17 @@ impl Fleet {
         action: impl FnOnce(&DesiredState) -> Result<RolloutKind>,
         options: &RolloutOptions,
     ) -> Result<RolloutReport> {
+        if let Some(check) = &options.rolling {
+            check.validate().map_err(|m| self.refused(m))?;
+        }
         let requests_before = self.client.requests();
         let mut follower = Follower::start(Arc::clone(&self.client), &self.name).await?;
         let settled_first = self.settle(&mut follower, options).await?;
+        if settled_first.is_some() {
+            // The settled rollout's last writes (its decision and desired state) may not
+            // have come through the watch yet: read everything again.
+            follower = Follower::start(Arc::clone(&self.client), &self.name).await?;
+        }
         let mirror = &follower.mirror;
         let desired = mirror.desired()?;
         let desired_bytes = mirror.get("desired").map(<[u8]>::to_vec);
@@ -354,22 +466,42 @@ impl Fleet {
             created_ms,
             deadline_ms: created_ms
                 + u64::try_from(options.prepare_timeout.as_millis()).unwrap_or(u64::MAX / 2),
+            rolling: options.rolling.as_ref().map(|health| RollingSpec {
+                health: health.clone(),
+                step_timeout_ms: u64::try_from(options.apply_timeout.as_millis())
+                    .unwrap_or(u64::MAX / 2),
+            }),
         };
         let guard = match &desired_bytes {
             Some(bytes) => Compare::Value(self.key("desired"), bytes.clone()),
             None => Compare::Absent(self.key("desired")),
         };
-        let (recorded, _) = self
+        let mut ops = vec![
+            Op::put(self.key("active"), id.clone()),
+            Op::put(self.key(&format!("rollouts/{id}/spec")), to_json(&spec)),
+        ];
+        // A rolling rollout is recorded together with its coordinator's claim, so that
+        // no other call takes it over while this one lives.
+        let mut claim = if spec.rolling.is_some() {
+            let claim = self.claim_lease().await?;
+            ops.push(Op::Put {
+                key: self.key(&format!("rollouts/{id}/coordinator")),
+                value: std::process::id().to_string().into_bytes(),
+                lease: claim.lease,
+            });
+            Some(claim)
+        } else {
+            None
+        };
+        let recorded = self
             .client
-            .txn(
-                &[Compare::Absent(self.key("active")), guard],
-                &[
-                    Op::put(self.key("active"), id.clone()),
-                    Op::put(self.key(&format!("rollouts/{id}/spec")), to_json(&spec)),
-                ],
-            )
-            .await?;
-        if !recorded {
+            .txn(&[Compare::Absent(self.key("active")), guard], &ops)
+            .await
+            .map(|(recorded, _)| recorded);
+        if !matches!(recorded, Ok(true)) {
+            self.release(claim.take()).await;
+        }
+        if !recorded? {
             let fresh = Mirror::load(&self.client, &self.name).await?;
             if let Some(other) = fresh.get("active") {
                 return Err(Error::RolloutInFlight {
@@ -380,10 +512,39 @@ impl Fleet {
             }
             return Err(self.refused("the desired state changed while the rollout was being recorded; nothing was changed, run it again"));
         }
-        let mut report = self.drive(&mut follower, &spec, options).await?;
+        let driven = self.drive(&mut follower, &spec, options).await;
+        self.release(claim).await;
+        let mut report = driven?;
         report.settled_first = settled_first;
         report.etcd_requests = self.client.requests() - requests_before;
         Ok(report)
+    }
+
+    /// A lease for a rolling rollout's coordinator key, renewed by a task of its own.
+    async fn claim_lease(&self) -> Result<Claim> {
+        let lease = self.client.grant(COORDINATOR_LEASE_TTL_SECS).await?;
+        let client = Arc::clone(&self.client);
+        let period = Duration::from_millis(
+            u64::try_from(COORDINATOR_LEASE_TTL_SECS).unwrap_or(5) * 1000 / 3,
+        );
+        let keeper = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                // A failed renewal is tried again next period; a lease that lapsed
+                // lets the next call take the rollout over, which is the point.
+                let _ = client.keep_alive_once(lease).await;
+            }
+        });
+        Ok(Claim { lease, keeper })
+    }
+
+    /// Revokes a claim's lease (its coordinator key goes with it).
+    async fn release(&self, claim: Option<Claim>) {
+        if let Some(claim) = claim {
+            claim.keeper.abort();
+            // Unreachable etcd: the lease expires on its own.
+            let _ = self.client.revoke(claim.lease).await;
+        }
     }
 
     /// Finishes or aborts a rollout left in flight; errors when it may still be
@@ -405,19 +566,48 @@ impl Fleet {
             })?;
         let decision: Option<Decision> =
             follower.mirror.record(&format!("rollouts/{id}/decision"))?;
-        if decision.is_none()
-            && matches!(self.verdicts(&follower.mirror, &spec), Verdicts::Pending)
-            && now_ms() < spec.deadline_ms
-        {
-            return Err(Error::RolloutInFlight {
-                fleet: self.name.clone(),
-                rollout: id,
-                phase: "prepare".into(),
-            });
+        let coordinator_key = format!("rollouts/{id}/coordinator");
+        let pending = matches!(self.verdicts(&follower.mirror, &spec), Verdicts::Pending);
+        let in_flight = |phase: &str| Error::RolloutInFlight {
+            fleet: self.name.clone(),
+            rollout: id.clone(),
+            phase: phase.into(),
+        };
+        if spec.rolling.is_some() && follower.mirror.get(&coordinator_key).is_some() {
+            return Err(in_flight(if pending { "prepare" } else { "rolling" }));
         }
-        let outcome = match self.drive(follower, &spec, options).await {
+        if decision.is_none() && pending && now_ms() < spec.deadline_ms {
+            return Err(in_flight("prepare"));
+        }
+        // A rolling rollout whose coordinator is gone: take it over, so that no other
+        // call drives it at the same time.
+        let claim = if spec.rolling.is_some() {
+            let claim = self.claim_lease().await?;
+            let (taken, _) = self
+                .client
+                .txn(
+                    &[Compare::Absent(self.key(&coordinator_key))],
+                    &[Op::Put {
+                        key: self.key(&coordinator_key),
+                        value: std::process::id().to_string().into_bytes(),
+                        lease: claim.lease,
+                    }],
+                )
+                .await?;
+            if !taken {
+                self.release(Some(claim)).await;
+                return Err(in_flight("rolling"));
+            }
+            Some(claim)
+        } else {
+            None
+        };
+        let driven = self.drive(follower, &spec, options).await;
+        self.release(claim).await;
+        let outcome = match driven {
             Ok(report) => format!("rollout {id} committed at revision {}", report.revision),
             Err(Error::RolloutAborted { reason, .. }) => format!("rollout {id} aborted: {reason}"),
+            Err(error @ Error::RolloutRolledBack { .. }) => error.to_string(),
             Err(error) => return Err(error),
         };
         Ok(Some(outcome))
@@ -488,6 +678,10 @@ impl Fleet {
                         ));
                     }
                 };
+                let verdict = match (verdict, &spec.rolling) {
+                    (Ok(()), Some(rolling)) => self.wave(follower, spec, rolling).await?,
+                    (verdict, _) => verdict,
+                };
                 match verdict {
                     Ok(()) => {
                         byte_tier::failpoint("fleet-coordinator-before-commit");
@@ -501,6 +695,23 @@ impl Fleet {
         let revision = match decision {
             Decision::Commit { revision, .. } => revision,
             Decision::Abort { reason, .. } => {
+                if spec.rolling.is_some()
+                    && follower
+                        .mirror
+                        .under(&format!("rollouts/{id}/wave/"))
+                        .next()
+                        .is_some()
+                {
+                    let rollback = self.roll_back(follower, spec, options).await?;
+                    self.clear_active(id).await?;
+                    return Err(Error::RolloutRolledBack {
+                        fleet: self.name.clone(),
+                        rollout: id.clone(),
+                        reason,
+                        reverted: rollback.reverted,
+                        pending: rollback.pending,
+                    });
+                }
                 self.clear_active(id).await?;
                 return Err(Error::RolloutAborted {
                     fleet: self.name.clone(),
@@ -512,11 +723,16 @@ impl Fleet {
         // Committed: wait for every member that is still registered to apply.
         let deadline = tokio::time::Instant::now() + options.apply_timeout;
         loop {
+            // A rolling rollout's health results were written before the commit; the
+            // mirror shows them once the watch has delivered them.
             let waiting = spec.members.iter().any(|m| {
-                follower
-                    .mirror
-                    .get(&format!("rollouts/{id}/done/{m}"))
-                    .is_none()
+                let missing = |what: &str| {
+                    follower
+                        .mirror
+                        .get(&format!("rollouts/{id}/{what}/{m}"))
+                        .is_none()
+                };
+                (missing("done") || (spec.rolling.is_some() && missing("health")))
                     && follower.mirror.get(&format!("members/{m}")).is_some()
             });
             if !waiting || !follower.next(deadline).await.unwrap_or(true) {
@@ -539,10 +755,15 @@ impl Fleet {
                 Some(d) => done_times.push(d.at_ms),
                 None => pending.push(replica.clone()),
             }
+            let health = follower
+                .mirror
+                .record(&format!("rollouts/{id}/health/{replica}"))
+                .unwrap_or(None);
             members.push(MemberOutcome {
                 replica: replica.clone(),
                 prepared,
                 done,
+                health,
             });
         }
         self.clear_active(id).await?;
@@ -560,7 +781,148 @@ impl Fleet {
             skew_ms: last - first,
             etcd_requests: 0,
             settled_first: None,
+            rolling: spec.rolling.is_some(),
         })
+    }
+
+    /// The rolling phase: lets each member apply in turn and checks it; `Ok(Err)` with
+    /// the reason to abort. Picks up where the keys say it stands (a resumed rollout).
+    async fn wave(
+        &self,
+        follower: &mut Follower,
+        spec: &RolloutSpec,
+        rolling: &RollingSpec,
+    ) -> Result<std::result::Result<(), String>> {
+        let id = &spec.id;
+        let step = Duration::from_millis(rolling.step_timeout_ms);
+        for (position, replica) in spec.members.iter().enumerate() {
+            let health_key = format!("rollouts/{id}/health/{replica}");
+            if let Some(result) = follower.mirror.record::<HealthResult>(&health_key)? {
+                if result.passed {
+                    continue;
+                }
+                return Ok(Err(format!(
+                    "the health check failed on {replica}: {}",
+                    result.detail
+                )));
+            }
+            let wave_key = format!("rollouts/{id}/wave/{replica}");
+            if follower.mirror.get(&wave_key).is_none() {
+                if follower.mirror.get(&format!("members/{replica}")).is_none() {
+                    return Ok(Err(format!(
+                        "member {replica} left the fleet (its lease expired) before its turn"
+                    )));
+                }
+                let admitted = WaveStep {
+                    position,
+                    at_ms: now_ms(),
+                };
+                self.client
+                    .put(&self.key(&wave_key), &to_json(&admitted), 0)
+                    .await?;
+            }
+            let deadline = tokio::time::Instant::now() + step;
+            let record = loop {
+                let record: Option<MemberRecord> =
+                    follower.mirror.record(&format!("members/{replica}"))?;
+                let done = follower
+                    .mirror
+                    .get(&format!("rollouts/{id}/done/{replica}"))
+                    .is_some();
+                match record {
+                    None => {
+                        return Ok(Err(format!(
+                            "member {replica} left the fleet (its lease expired) during its turn"
+                        )));
+                    }
+                    Some(record) if done => break record,
+                    Some(MemberRecord {
+                        error: Some(error), ..
+                    }) => {
+                        return Ok(Err(format!("member {replica} could not apply: {error}")));
+                    }
+                    Some(_) => {}
+                }
+                if !follower.next(deadline).await.unwrap_or(true) {
+                    return Ok(Err(format!(
+                        "member {replica} did not apply within {} s",
+                        step.as_secs()
+                    )));
+                }
+            };
+            let result = probe(&rolling.health, &record.listen).await;
+            self.client
+                .put(&self.key(&health_key), &to_json(&result), 0)
+                .await?;
+            if !result.passed {
+                return Ok(Err(format!(
+                    "the health check failed on {replica}: {}",
+                    result.detail
+                )));
+            }
+            byte_tier::failpoint("fleet-coordinator-after-health");
+        }
+        Ok(Ok(()))
+    }
+
+    /// After an aborted rolling rollout: waits for every member that was let apply to
+    /// take the change back out (its `reverted` key), and records the outcome.
+    async fn roll_back(
+        &self,
+        follower: &mut Follower,
+        spec: &RolloutSpec,
+        options: &RolloutOptions,
+    ) -> Result<Rollback> {
+        let id = &spec.id;
+        let rollback_key = format!("rollouts/{id}/rollback");
+        if let Some(rollback) = follower.mirror.record::<Rollback>(&rollback_key)? {
+            return Ok(rollback);
+        }
+        let admitted: Vec<String> = spec
+            .members
+            .iter()
+            .filter(|m| {
+                follower
+                    .mirror
+                    .get(&format!("rollouts/{id}/wave/{m}"))
+                    .is_some()
+            })
+            .cloned()
+            .collect();
+        let deadline = tokio::time::Instant::now() + options.apply_timeout;
+        let pending = loop {
+            let pending: Vec<String> = admitted
+                .iter()
+                .filter(|m| {
+                    follower
+                        .mirror
+                        .get(&format!("rollouts/{id}/reverted/{m}"))
+                        .is_none()
+                })
+                .cloned()
+                .collect();
+            // A member that is gone reverts when it converges again; waiting for it
+            // would only wait for the deadline.
+            let reachable = pending
+                .iter()
+                .any(|m| follower.mirror.get(&format!("members/{m}")).is_some());
+            if !reachable || !follower.next(deadline).await.unwrap_or(true) {
+                break pending;
+            }
+        };
+        let rollback = Rollback {
+            reverted: admitted
+                .iter()
+                .filter(|m| !pending.contains(m))
+                .cloned()
+                .collect(),
+            pending,
+            at_ms: now_ms(),
+        };
+        self.client
+            .put(&self.key(&rollback_key), &to_json(&rollback), 0)
+            .await?;
+        Ok(rollback)
     }
 
     /// Writes `commit` and the new desired state, guarded on no decision and on the
@@ -654,5 +1016,37 @@ impl Fleet {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// Sends a health check to the proxy at `listen` and judges its answer.
+async fn probe(check: &HealthCheck, listen: &str) -> HealthResult {
+    let check = check.clone();
+    let url = format!("http://{listen}{}", check.path);
+    let started = Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_millis(check.timeout_ms.max(1))))
+            .build()
+            .into();
+        let mut response = agent
+            .post(&url)
+            .send_json(check.request_body())
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("POST {url}: reading the answer: {e}"))?;
+        check.judge(status, &body)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the health check's task failed: {e}")));
+    HealthResult {
+        passed: outcome.is_ok(),
+        detail: outcome.err().unwrap_or_default(),
+        latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        at_ms: now_ms(),
     }
 }

@@ -13,12 +13,13 @@
 //! retries; a watch or keep-alive stream on a killed member just ends, so its owner
 //! opens it again on another endpoint (a watch from the last revision seen plus one).
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_prost::ProstCodec;
 
 use crate::error::{Error, Result};
@@ -448,10 +449,70 @@ pub struct EtcdClient {
     requests: AtomicUsize,
 }
 
+/// TLS for the connection to etcd (`https://` endpoints): the CA that vouches for the
+/// members' certificates (the system's roots when none is given), and the client
+/// certificate and key a cluster started with `--client-cert-auth` asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// PEM file of the CA that signed the members' certificates.
+    pub ca: Option<PathBuf>,
+    /// PEM file of this client's certificate.
+    pub cert: Option<PathBuf>,
+    /// PEM file of this client's private key.
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdTls {
+    /// Whether any TLS option is set.
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// tonic's client TLS configuration, with every file read and checked.
+    fn client_config(&self, endpoints: &str) -> Result<ClientTlsConfig> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).map_err(|e| Error::Etcd {
+                endpoints: endpoints.to_owned(),
+                message: format!("read the {what} {}: {e}", path.display()),
+            })
+        };
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca, "etcd CA")?)),
+            None => config.with_native_roots(),
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(
+                    read(cert, "etcd client certificate")?,
+                    read(key, "etcd client key")?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::Etcd {
+                    endpoints: endpoints.to_owned(),
+                    message:
+                        "a client certificate and its key go together (--etcd-cert and --etcd-key)"
+                            .into(),
+                });
+            }
+        }
+        Ok(config)
+    }
+}
+
 impl EtcdClient {
     /// A client of the cluster at `endpoints` (`http://host:port`, comma-separated or
     /// one per element). Nothing is connected until the first call.
     pub fn new(endpoints: &[String]) -> Result<EtcdClient> {
+        EtcdClient::with_tls(endpoints, &EtcdTls::default())
+    }
+
+    /// A client of the cluster at `endpoints`, speaking TLS to its `https://` endpoints
+    /// as `tls` says. TLS options with an `http://` endpoint are refused rather than
+    /// ignored: the operator asked for an encrypted, authenticated connection.
+    pub fn with_tls(endpoints: &[String], tls: &EtcdTls) -> Result<EtcdClient> {
         let endpoints: Vec<String> = endpoints
             .iter()
             .flat_map(|e| e.split(','))
@@ -473,7 +534,7 @@ impl EtcdClient {
         }
         let mut channels = Vec::with_capacity(endpoints.len());
         for url in &endpoints {
-            let endpoint = Endpoint::from_shared(url.clone())
+            let mut endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|e| Error::Etcd {
                     endpoints: url.clone(),
                     message: format!("not an endpoint URL: {e}"),
@@ -481,6 +542,22 @@ impl EtcdClient {
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(5))
                 .tcp_nodelay(true);
+            if url.starts_with("https://") {
+                endpoint =
+                    endpoint
+                        .tls_config(tls.client_config(url)?)
+                        .map_err(|e| Error::Etcd {
+                            endpoints: url.clone(),
+                            message: format!("TLS configuration: {e}"),
+                        })?;
+            } else if tls.is_set() {
+                return Err(Error::Etcd {
+                    endpoints: url.clone(),
+                    message:
+                        "TLS options were given for a plain http:// endpoint; name it https://"
+                            .into(),
+                });
+            }
             channels.push(endpoint.connect_lazy());
         }
         Ok(EtcdClient {

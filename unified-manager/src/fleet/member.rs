@@ -12,6 +12,10 @@
 //!   tier runs before a byte moves (`LiveModel::plan`, nothing written) and checks the
 //!   rules, then writes `ready` or `refused` with the reason.
 //! - done: once a committed rollout is applied here, it writes `done` with its epoch.
+//! - rolling: a rolling rollout's `wave/MEMBER` key lets this member apply before the
+//!   decision; it converges to the desired state with the rollout's change made and
+//!   writes `done`. An abort then takes the change back out by the same convergence,
+//!   and it writes `reverted`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,7 +24,7 @@ use std::time::Duration;
 use memory_tier::MemoryPatch;
 use server_tier::{Control, FleetGauges, RuleSet};
 
-use super::etcd::EtcdClient;
+use super::etcd::{EtcdClient, EtcdTls};
 use super::{
     Decision, DesiredState, Done, Follower, MemberRecord, PrepareVerdict, RolloutKind, RolloutSpec,
     SCHEMA, fleet_patch_name, model_header_sha256, now_ms, prefix, rollout_of, to_json,
@@ -37,6 +41,8 @@ pub struct MemberOptions {
     pub replica: String,
     /// The etcd endpoints.
     pub endpoints: Vec<String>,
+    /// TLS for the etcd connection.
+    pub tls: EtcdTls,
     /// The upstream it fronts (recorded for operators).
     pub upstream: String,
     /// The proxy's address (recorded for operators).
@@ -59,6 +65,9 @@ struct Member {
     converged_once: std::sync::atomic::AtomicBool,
     /// The desired revision this member last converged to.
     applied_revision: std::sync::atomic::AtomicU64,
+    /// The rollout records this member has written (keys without the fleet's prefix),
+    /// for the rollout in flight.
+    written: std::sync::Mutex<BTreeSet<String>>,
 }
 
 /// Runs a member until the future is dropped. The proxy must have been started with
@@ -71,7 +80,7 @@ pub async fn run_member(options: MemberOptions, control: Control) -> Result<()> 
         fleet: options.fleet.clone(),
         message: "a fleet member needs --model (the file its upstream serves)".into(),
     })?;
-    let client = Arc::new(EtcdClient::new(&options.endpoints)?);
+    let client = Arc::new(EtcdClient::with_tls(&options.endpoints, &options.tls)?);
     let member = Arc::new(Member {
         model_sha256: model_header_sha256(&model),
         client,
@@ -80,6 +89,7 @@ pub async fn run_member(options: MemberOptions, control: Control) -> Result<()> 
         last_record: std::sync::Mutex::new(Vec::new()),
         converged_once: std::sync::atomic::AtomicBool::new(false),
         applied_revision: std::sync::atomic::AtomicU64::new(0),
+        written: std::sync::Mutex::new(BTreeSet::new()),
         options,
     });
     // The lease is kept alive by its own task, so that slow work here never lets it
@@ -216,6 +226,26 @@ impl Member {
         Ok(())
     }
 
+    /// Writes one of this member's rollout records (`prepare`, `done`, `reverted`) once.
+    /// The mirror shows the write only when the watch delivers it, and every other
+    /// member's write wakes this member meanwhile: without this, each wake-up would write
+    /// the record again, and each write would wake every member, so the writes of a
+    /// fleet grew with the square of its size (tens of thousands of puts per rollout
+    /// at 50 members, enough to push etcd past its request timeouts and the members past
+    /// their lease TTL).
+    async fn put_once(&self, suffix: String, value: Vec<u8>) -> Result<()> {
+        let seen = |written: &BTreeSet<String>| written.contains(&suffix);
+        if seen(&self.written.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(());
+        }
+        self.client.put(&self.key(&suffix), &value, 0).await?;
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(suffix);
+        Ok(())
+    }
+
     fn applied_revision(&self) -> u64 {
         self.applied_revision
             .load(std::sync::atomic::Ordering::Acquire)
@@ -236,6 +266,15 @@ impl Member {
             Some(id) => mirror.record(&format!("rollouts/{id}/decision"))?,
             None => None,
         };
+        // Records of rollouts no longer in flight are never written again.
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key| {
+                active
+                    .as_ref()
+                    .is_some_and(|id| key.starts_with(&format!("rollouts/{id}/")))
+            });
         let phase = match (&spec, &decision) {
             (None, _) => 0,
             (Some(_), None) => 1,
@@ -243,13 +282,32 @@ impl Member {
             (Some(_), Some(Decision::Abort { .. })) => 3,
         };
 
+        // A rolling rollout that has let this member apply (and is not decided yet) is
+        // part of what it converges to; once decided, the desired state says all: a
+        // commit carries the rollout, an abort leaves it out, so a member that applied
+        // reverts.
+        let in_wave = match (&active, &spec, &decision) {
+            (Some(id), Some(spec), None) => {
+                spec.rolling.is_some()
+                    && spec.base_revision == desired.revision
+                    && mirror
+                        .get(&format!("rollouts/{id}/wave/{}", self.options.replica))
+                        .is_some()
+            }
+            _ => false,
+        };
+        let target = match &spec {
+            Some(spec) if in_wave => spec.applied_to(&desired),
+            _ => desired.clone(),
+        };
         // Converge first: a commit shows up as a new desired state. A committed rollout
         // that asked for a drain is applied with one.
-        let drain = matches!(
-            (&spec, &decision),
-            (Some(spec), Some(Decision::Commit { .. })) if spec.drain
-        );
-        self.converge(&desired, drain).await?;
+        let drain = match (&spec, &decision) {
+            (Some(spec), Some(Decision::Commit { .. })) => spec.drain,
+            (Some(spec), None) => in_wave && spec.drain,
+            _ => false,
+        };
+        self.converge(&target, drain).await?;
         self.applied_revision
             .store(desired.revision, std::sync::atomic::Ordering::Release);
         if !self
@@ -270,9 +328,29 @@ impl Member {
                         Ok(()) => PrepareVerdict::Ready,
                         Err(reason) => PrepareVerdict::Refused { reason },
                     };
-                    self.client
-                        .put(&self.key(&mine("prepare")), &to_json(&verdict), 0)
-                        .await?;
+                    self.put_once(mine("prepare"), to_json(&verdict)).await?;
+                }
+                None if in_wave && mirror.get(&mine("done")).is_none() => {
+                    let done = Done {
+                        revision: target.revision + 1,
+                        epoch: self.control.epoch(),
+                        at_ms: now_ms(),
+                    };
+                    self.put_once(mine("done"), to_json(&done)).await?;
+                }
+                Some(Decision::Abort { .. })
+                    if spec.rolling.is_some()
+                        && mirror.get(&mine("wave")).is_some()
+                        && mirror.get(&mine("reverted")).is_none() =>
+                {
+                    // Converged to a desired state without the rollout just above: the
+                    // change it applied in its turn is out again.
+                    let reverted = Done {
+                        revision: desired.revision,
+                        epoch: self.control.epoch(),
+                        at_ms: now_ms(),
+                    };
+                    self.put_once(mine("reverted"), to_json(&reverted)).await?;
                 }
                 Some(Decision::Commit { revision, .. })
                     if *revision == desired.revision && mirror.get(&mine("done")).is_none() =>
@@ -282,9 +360,7 @@ impl Member {
                         epoch: self.control.epoch(),
                         at_ms: now_ms(),
                     };
-                    self.client
-                        .put(&self.key(&mine("done")), &to_json(&done), 0)
-                        .await?;
+                    self.put_once(mine("done"), to_json(&done)).await?;
                 }
                 _ => {}
             }

@@ -18,6 +18,12 @@
 //! - `rollouts/ID/spec`: its [`RolloutSpec`]; `rollouts/ID/prepare/MEMBER`: a
 //!   [`PrepareVerdict`]; `rollouts/ID/decision`: a [`Decision`];
 //!   `rollouts/ID/done/MEMBER`: a [`Done`]. Rollouts stay: they are the history.
+//! - A rolling rollout adds `rollouts/ID/wave/MEMBER` (a [`WaveStep`]: the member may
+//!   apply now), `rollouts/ID/health/MEMBER` (a [`HealthResult`]),
+//!   `rollouts/ID/reverted/MEMBER` (a [`Done`]: it took the change back out after an
+//!   abort), `rollouts/ID/rollback` (a [`Rollback`], after a failed step) and `rollouts/ID/coordinator`, bound to the
+//!   lease of the coordinator driving it (absent: nobody is, and the next call resumes
+//!   it).
 
 pub mod coordinator;
 pub mod etcd;
@@ -34,6 +40,7 @@ use crate::preset::Preset;
 use etcd::{EtcdClient, Event, WatchItem};
 
 pub use coordinator::{Fleet, RolloutOptions, RolloutReport};
+pub use etcd::EtcdTls;
 pub use member::{MemberOptions, run_member};
 
 /// The version of the records this code writes.
@@ -144,6 +151,214 @@ pub struct RolloutSpec {
     pub created_ms: u64,
     /// When prepare gives up (ms since the Unix epoch).
     pub deadline_ms: u64,
+    /// Apply one member at a time, each checked before the next (absent: all at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling: Option<RollingSpec>,
+}
+
+impl RolloutSpec {
+    /// The desired state a member holds while it takes part in this rolling rollout:
+    /// `desired` with the rollout's change made.
+    pub fn applied_to(&self, desired: &DesiredState) -> DesiredState {
+        let mut next = desired.clone();
+        match &self.action {
+            RolloutKind::Apply { preset } => {
+                if !next.rollouts.iter().any(|r| r.id == self.id) {
+                    next.rollouts.push(DesiredRollout {
+                        id: self.id.clone(),
+                        preset: preset.clone(),
+                    });
+                }
+            }
+            RolloutKind::Revert { target } => next.rollouts.retain(|r| &r.id != target),
+        }
+        next
+    }
+}
+
+/// How a rolling rollout checks each member before it goes on to the next.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollingSpec {
+    /// The check run against each member's proxy once it has applied.
+    pub health: HealthCheck,
+    /// How long a member has to apply, in milliseconds.
+    pub step_timeout_ms: u64,
+}
+
+/// A deterministic request sent to a member's proxy, and what its answer must satisfy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// The request's path (`/completion`, `/v1/chat/completions`).
+    pub path: String,
+    /// The JSON body (an object; sent with `temperature` 0 and `cache_prompt` false).
+    pub body: serde_json::Value,
+    /// What the answer must satisfy.
+    pub expect: HealthExpect,
+    /// How long the answer may take, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// What a health check's answer must satisfy (besides a 2xx status).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HealthExpect {
+    /// The generated text contains this text.
+    Contains {
+        /// The text.
+        text: String,
+    },
+    /// The generated text matches this regular expression.
+    Regex {
+        /// The expression (Rust `regex` syntax).
+        pattern: String,
+    },
+    /// The JSON value at this pointer (RFC 6901) of the answer equals this value.
+    Pointer {
+        /// The pointer (`/choices/0/finish_reason`).
+        pointer: String,
+        /// The value.
+        equals: serde_json::Value,
+    },
+}
+
+/// Where the generated text is in an answer: `/completion`'s `content`, the chat API's
+/// `choices[0].message.content`, the completions API's `choices[0].text`.
+const TEXT_POINTERS: [&str; 3] = ["/content", "/choices/0/message/content", "/choices/0/text"];
+
+impl HealthCheck {
+    /// Checks the request and the expectation (the regular expression compiles, the
+    /// pointer is one, the body is an object); the reason when they are not usable.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !self.path.starts_with('/') {
+            return Err(format!(
+                "health request path {:?} does not start with /",
+                self.path
+            ));
+        }
+        if !self.body.is_object() {
+            return Err("the health request's body is not a JSON object".into());
+        }
+        match &self.expect {
+            HealthExpect::Contains { .. } => Ok(()),
+            HealthExpect::Regex { pattern } => regex::Regex::new(pattern)
+                .map(|_| ())
+                .map_err(|e| format!("health regex: {e}")),
+            HealthExpect::Pointer { pointer, .. } => {
+                if pointer.is_empty() || pointer.starts_with('/') {
+                    Ok(())
+                } else {
+                    Err(format!("health pointer {pointer:?} does not start with /"))
+                }
+            }
+        }
+    }
+
+    /// The body sent: the one given, with `temperature` 0 and `cache_prompt` false (so
+    /// the answer depends only on the weights and rules).
+    pub fn request_body(&self) -> serde_json::Value {
+        let mut body = self.body.clone();
+        if let Some(object) = body.as_object_mut() {
+            object.insert("temperature".into(), serde_json::json!(0.0));
+            object.insert("cache_prompt".into(), serde_json::json!(false));
+        }
+        body
+    }
+
+    /// Judges an answer: `Err` with what was wrong.
+    pub fn judge(&self, status: u16, body: &str) -> std::result::Result<(), String> {
+        let excerpt = |text: &str| {
+            let cut: String = text.chars().take(200).collect();
+            if cut.len() < text.len() {
+                format!("{cut:?}…")
+            } else {
+                format!("{cut:?}")
+            }
+        };
+        if !(200..300).contains(&status) {
+            return Err(format!("answered {status}: {}", excerpt(body)));
+        }
+        let json: Option<serde_json::Value> = serde_json::from_str(body).ok();
+        let text = json
+            .as_ref()
+            .and_then(|j| {
+                TEXT_POINTERS
+                    .iter()
+                    .find_map(|p| j.pointer(p).and_then(serde_json::Value::as_str))
+            })
+            .unwrap_or(body);
+        match &self.expect {
+            HealthExpect::Contains { text: wanted } => {
+                if text.contains(wanted.as_str()) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the answer {} does not contain {wanted:?}",
+                        excerpt(text)
+                    ))
+                }
+            }
+            HealthExpect::Regex { pattern } => {
+                let re = regex::Regex::new(pattern).map_err(|e| format!("health regex: {e}"))?;
+                if re.is_match(text) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the answer {} does not match /{pattern}/",
+                        excerpt(text)
+                    ))
+                }
+            }
+            HealthExpect::Pointer { pointer, equals } => {
+                let json =
+                    json.ok_or_else(|| format!("the answer is not JSON: {}", excerpt(body)))?;
+                match json.pointer(pointer) {
+                    Some(found) if found == equals => Ok(()),
+                    Some(found) => Err(format!("{pointer} is {found}, not {equals}")),
+                    None => Err(format!("the answer has no {pointer}")),
+                }
+            }
+        }
+    }
+}
+
+/// The coordinator let a member of a rolling rollout apply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaveStep {
+    /// Its place in the order (0 first).
+    pub position: usize,
+    /// When (ms since the Unix epoch).
+    pub at_ms: u64,
+}
+
+/// A member's health check in a rolling rollout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthResult {
+    /// Whether the answer satisfied the check.
+    pub passed: bool,
+    /// What was wrong (empty when it passed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// How long the request took, in milliseconds.
+    pub latency_ms: u64,
+    /// When (ms since the Unix epoch).
+    pub at_ms: u64,
+}
+
+/// What a failed rolling rollout took back.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollback {
+    /// Members that had applied and no longer hold the rollout.
+    pub reverted: Vec<String>,
+    /// Members that had applied and still held it when the wait ended (they revert when
+    /// they converge: down, or slow).
+    pub pending: Vec<String>,
+    /// When the wait ended (ms since the Unix epoch).
+    pub at_ms: u64,
 }
 
 /// A member's prepare verdict.
@@ -425,6 +640,103 @@ mod tests {
         let name = fleet_patch_name("r1-ab", "halve");
         assert_eq!(rollout_of(&name), Some("r1-ab"));
         assert_eq!(rollout_of("halve"), None);
+    }
+
+    fn check(expect: HealthExpect) -> HealthCheck {
+        HealthCheck {
+            path: "/completion".into(),
+            body: serde_json::json!({"prompt": "p", "temperature": 0.8}),
+            expect,
+            timeout_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn a_health_check_judges_the_generated_text_and_json_pointers() {
+        let contains = check(HealthExpect::Contains {
+            text: "Paris".into(),
+        });
+        assert_eq!(contains.judge(200, r#"{"content": " Paris."}"#), Ok(()));
+        let refused = contains
+            .judge(200, r#"{"content": " ****.", "model": "Paris"}"#)
+            .expect_err("the text is only the generated content");
+        assert!(refused.contains("does not contain"), "{refused}");
+        let status = contains
+            .judge(503, r#"{"content": "Paris"}"#)
+            .expect_err("a 503 fails");
+        assert!(status.contains("503"), "{status}");
+        let chat = check(HealthExpect::Regex {
+            pattern: "^[A-Z][a-z]+$".into(),
+        });
+        assert_eq!(
+            chat.judge(200, r#"{"choices": [{"message": {"content": "Paris"}}]}"#),
+            Ok(())
+        );
+        assert!(
+            chat.judge(200, r#"{"choices": [{"text": "paris"}]}"#)
+                .is_err()
+        );
+        let pointer = check(HealthExpect::Pointer {
+            pointer: "/stop_type".into(),
+            equals: serde_json::json!("limit"),
+        });
+        assert_eq!(pointer.judge(200, r#"{"stop_type": "limit"}"#), Ok(()));
+        let wrong = pointer
+            .judge(200, r#"{"stop_type": "eos"}"#)
+            .expect_err("another value");
+        assert!(wrong.contains("\"eos\""), "{wrong}");
+        assert!(pointer.judge(200, "not json").is_err());
+    }
+
+    #[test]
+    fn a_health_request_is_sent_deterministic_and_bad_checks_are_refused() {
+        let body = check(HealthExpect::Contains { text: "x".into() }).request_body();
+        assert_eq!(body["temperature"], serde_json::json!(0.0));
+        assert_eq!(body["cache_prompt"], serde_json::json!(false));
+        assert_eq!(body["prompt"], "p");
+        let bad_regex = check(HealthExpect::Regex {
+            pattern: "(".into(),
+        });
+        assert!(bad_regex.validate().is_err());
+        let mut not_object = check(HealthExpect::Contains { text: "x".into() });
+        not_object.body = serde_json::json!([1]);
+        assert!(not_object.validate().is_err());
+        let mut no_slash = not_object.clone();
+        no_slash.body = serde_json::json!({});
+        no_slash.path = "completion".into();
+        assert!(no_slash.validate().is_err());
+    }
+
+    #[test]
+    fn a_rolling_spec_adds_or_removes_its_rollout_from_a_desired_state() {
+        let preset = Preset::from_toml("p", "name = \"p\"\nversion = 1\n").expect("preset");
+        let desired = DesiredState {
+            schema: SCHEMA,
+            revision: 4,
+            rollouts: vec![DesiredRollout {
+                id: "old".into(),
+                preset: preset.clone(),
+            }],
+        };
+        let mut spec = RolloutSpec {
+            schema: SCHEMA,
+            id: "new".into(),
+            action: RolloutKind::Apply { preset },
+            members: vec!["a".into()],
+            model_sha256: String::new(),
+            base_revision: 4,
+            drain: false,
+            created_ms: 0,
+            deadline_ms: 0,
+            rolling: None,
+        };
+        let ids = |d: &DesiredState| d.rollouts.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&spec.applied_to(&desired)), ["old", "new"]);
+        assert_eq!(spec.applied_to(&desired).revision, 4);
+        spec.action = RolloutKind::Revert {
+            target: "old".into(),
+        };
+        assert!(ids(&spec.applied_to(&desired)).is_empty());
     }
 
     #[test]

@@ -113,6 +113,19 @@ fn start_sidecar(
     ttl_secs: u32,
     env: &[(&str, &str)],
 ) -> Sidecar {
+    start_sidecar_with(etcd, replica, model, upstream, ttl_secs, env, &[])
+}
+
+/// [`start_sidecar`] with more `hotpatch serve` arguments.
+fn start_sidecar_with(
+    etcd: &str,
+    replica: &str,
+    model: &Path,
+    upstream: Option<u16>,
+    ttl_secs: u32,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> Sidecar {
     let port = tests::free_port();
     let upstream_port = upstream.unwrap_or_else(tests::free_port);
     let mut command = Command::new(HOTPATCH);
@@ -127,6 +140,7 @@ fn start_sidecar(
         .arg(model)
         .args(["--fleet", FLEET, "--etcd", etcd, "--replica", replica])
         .args(["--fleet-lease-ttl-secs", &ttl_secs.to_string()])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if upstream.is_none() {
@@ -511,4 +525,304 @@ fn faults_and_bad_input_abort_rollouts_and_leave_every_model_byte_identical() {
     assert!(message.contains("malformed desired"), "{message}");
     std::thread::sleep(Duration::from_millis(300));
     unchanged(&models[..2]);
+}
+
+/// The health check of the rolling tests: four greedy tokens of a fixed prompt.
+const HEALTH_REQUEST: &str =
+    r#"{"path": "/completion", "body": {"prompt": "The capital of France is", "n_predict": 4}}"#;
+
+/// The text a sidecar generates for [`HEALTH_REQUEST`].
+fn generated(port: u16) -> String {
+    let body = json!({"prompt": "The capital of France is", "n_predict": 4,
+        "temperature": 0.0, "cache_prompt": false})
+    .to_string();
+    let (status, text) = tests::http_request(port, "POST", "/completion", Some(&body)).unwrap();
+    assert_eq!(status, 200, "{text}");
+    let reply: Json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    reply["content"].as_str().unwrap().to_owned()
+}
+
+/// Three replicas on copies of the real model; `rules[i]`, when given, is a rules file
+/// of replica `i`'s own (not the fleet's).
+fn rolling_fleet(
+    dir: &Path,
+    endpoints: &str,
+    rules: &[Option<&str>],
+) -> (Vec<PathBuf>, Vec<u8>, Vec<tests::LlamaServer>, Vec<Sidecar>) {
+    let (models, original) = copies(dir, 3);
+    let servers: Vec<tests::LlamaServer> = models
+        .iter()
+        .map(|m| tests::LlamaServer::start(m, &[]))
+        .collect();
+    let sidecars = (0..3)
+        .map(|i| {
+            let mut extra = Vec::new();
+            let rules_path = dir.join(format!("rules{i}.toml"));
+            if let Some(Some(text)) = rules.get(i) {
+                std::fs::write(&rules_path, text).unwrap();
+                extra = vec!["--rules", rules_path.to_str().unwrap()];
+            }
+            start_sidecar_with(
+                endpoints,
+                &format!("r{i}"),
+                &models[i],
+                Some(servers[i].port),
+                10,
+                &[],
+                &extra,
+            )
+        })
+        .collect();
+    (models, original, servers, sidecars)
+}
+
+#[test]
+fn rolling_mode_with_a_health_check_that_fails_on_the_second_replica_leaves_the_fleet_as_it_was() {
+    let etcd = tests::EtcdCluster::start(3);
+    let endpoints = etcd.endpoint_list();
+    let dir = tempfile::tempdir().unwrap();
+    // The second replica masks every letter it generates (a rule of its own), so its
+    // answers fail a check that wants letters, with or without the patch; the first
+    // passes it (halving the final norm halves every logit and keeps the greedy tokens).
+    let masked = "[[rule]]\nname = \"mask-letters\"\naction = { type = \"redact\", pattern = \"[A-Za-z]\", regex = true, mask = \"#\" }\n";
+    let (models, original, _servers, sidecars) =
+        rolling_fleet(dir.path(), &endpoints, &[None, Some(masked), None]);
+    let letters = regex::Regex::new("[A-Za-z]").unwrap();
+    assert!(letters.is_match(&generated(sidecars[0].port)));
+    assert!(!letters.is_match(&generated(sidecars[1].port)));
+    let before: Vec<Json> = sidecars.iter().map(|s| complete(s.port).1).collect();
+    assert!(before.iter().all(|b| !b.is_null()), "{before:?}");
+    let preset = write_preset(dir.path(), "halve", HALVE_NORM);
+
+    let message = fleet_error(
+        &endpoints,
+        &[
+            "apply",
+            FLEET,
+            &preset,
+            "--rolling",
+            "--health-request",
+            HEALTH_REQUEST,
+            "--health-expect-regex",
+            "[A-Za-z]",
+            "--apply-timeout-secs",
+            "30",
+        ],
+    );
+    assert!(
+        message.contains("rolled back")
+            && message.contains("health check failed on r1")
+            && message.contains("reverted on r0, r1"),
+        "{message}"
+    );
+
+    // Every model file is byte-identical to before and every replica answers as
+    // before (the patch changes every token's probabilities, so a replica that kept
+    // it would answer otherwise).
+    for model in &models {
+        assert!(
+            std::fs::read(model).unwrap() == original,
+            "{} differs",
+            model.display()
+        );
+    }
+    for (sidecar, before) in sidecars.iter().zip(&before) {
+        assert_eq!(
+            complete(sidecar.port).1,
+            *before,
+            "replica {}",
+            sidecar.replica
+        );
+    }
+    let now = status(&endpoints);
+    assert!(now["active"].is_null(), "{now}");
+    assert_eq!(now["desired"]["revision"], 0, "{now}");
+    assert!(
+        now["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["applied_rollouts"] == json!([])),
+        "{now}"
+    );
+
+    // The history says how far it went: r0 applied and passed, r1 applied and failed,
+    // r2 never started; both took it back out.
+    let history: Json =
+        serde_json::from_str(&fleet_ok(&endpoints, &["history", FLEET, "--json"])).unwrap();
+    let entry = &history[0];
+    assert_eq!(entry["decision"]["decision"], "abort", "{history}");
+    let rolling = &entry["rolling"];
+    assert_eq!(rolling["admitted"], json!(["r0", "r1"]), "{history}");
+    assert_eq!(rolling["applied"], json!(["r0", "r1"]), "{history}");
+    assert_eq!(rolling["health"]["r0"]["passed"], true, "{history}");
+    assert_eq!(rolling["health"]["r1"]["passed"], false, "{history}");
+    assert_eq!(rolling["reverted"], json!(["r0", "r1"]), "{history}");
+    assert_eq!(rolling["rollback"]["pending"], json!([]), "{history}");
+    let text = fleet_ok(&endpoints, &["history", FLEET]);
+    assert!(
+        text.contains("(rolling)") && text.contains("r1: health failed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_passing_rolling_rollout_reaches_every_replica_one_at_a_time() {
+    let etcd = tests::EtcdCluster::start(3);
+    let endpoints = etcd.endpoint_list();
+    let dir = tempfile::tempdir().unwrap();
+    let (models, original, _servers, sidecars) = rolling_fleet(dir.path(), &endpoints, &[]);
+    let before: Vec<Json> = sidecars.iter().map(|s| complete(s.port).1).collect();
+    assert!(
+        before.iter().all(|b| *b == before[0] && !b.is_null()),
+        "{before:?}"
+    );
+    let preset = write_preset(dir.path(), "halve", HALVE_NORM);
+    let report = fleet_ok(
+        &endpoints,
+        &[
+            "apply",
+            FLEET,
+            &preset,
+            "--json",
+            "--rolling",
+            "--health-request",
+            HEALTH_REQUEST,
+            "--health-expect-pointer",
+            "/stop=true",
+        ],
+    );
+    let report: Json = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["rolling"], true, "{report}");
+    assert_eq!(report["revision"], 1, "{report}");
+    assert_eq!(report["pending"], json!([]), "{report}");
+    // One at a time: each replica applied after the previous one passed its check.
+    let members = report["members"].as_array().unwrap();
+    let mut last_check = 0;
+    for member in members {
+        assert_eq!(member["health"]["passed"], true, "{report}");
+        let applied = member["done"]["at_ms"].as_u64().unwrap();
+        let checked = member["health"]["at_ms"].as_u64().unwrap();
+        assert!(
+            last_check <= applied && applied <= checked,
+            "{} applied before its turn: {report}",
+            member["replica"]
+        );
+        last_check = checked;
+    }
+    for sidecar in &sidecars {
+        let answer = complete(sidecar.port).1;
+        assert_ne!(
+            answer, before[0],
+            "replica {} is unpatched",
+            sidecar.replica
+        );
+        assert_eq!(answer, complete(sidecars[0].port).1);
+    }
+    let patched = std::fs::read(&models[0]).unwrap();
+    assert!(patched != original, "the model file did not change");
+    for model in &models[1..] {
+        assert!(std::fs::read(model).unwrap() == patched);
+    }
+    let history = fleet_ok(&endpoints, &["history", FLEET]);
+    assert!(
+        history.contains("(rolling)") && history.contains("committed (revision 1)"),
+        "{history}"
+    );
+    // Every rollout record was written once: a member that wrote its verdict or its
+    // `done` does not write it again on the events that follow (each write wakes every
+    // member, so repeats would grow with the square of the fleet).
+    let etcdctl = tests::etcd_binary().with_file_name("etcdctl");
+    let listed = Command::new(etcdctl)
+        .args(["--endpoints", &endpoints, "get", "--prefix", "-w", "json"])
+        .arg(format!("/hotpatch/fleet/{FLEET}/rollouts/"))
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    let listed: Json = serde_json::from_slice(&listed.stdout).unwrap();
+    let kvs = listed["kvs"].as_array().unwrap();
+    // spec, decision, coordinator gone with its lease; per member: prepare, wave,
+    // done, health.
+    assert_eq!(kvs.len(), 2 + 3 * 4, "{listed}");
+    assert!(kvs.iter().all(|kv| kv["version"] == 1), "{listed}");
+}
+
+#[test]
+fn a_rolling_rollout_whose_coordinator_dies_is_resumed_by_the_next_call() {
+    let etcd = tests::EtcdCluster::start(3);
+    let endpoints = etcd.endpoint_list();
+    let dir = tempfile::tempdir().unwrap();
+    let (models, original, _servers, sidecars) = rolling_fleet(dir.path(), &endpoints, &[]);
+    let before = complete(sidecars[0].port).1;
+    assert!(!before.is_null());
+    let preset = write_preset(dir.path(), "halve", HALVE_NORM);
+
+    // The coordinator dies (as a SIGKILL would) once the first replica has passed.
+    let crashed = Command::new(HOTPATCH)
+        .args([
+            "fleet",
+            "apply",
+            FLEET,
+            &preset,
+            "--etcd",
+            &endpoints,
+            "--rolling",
+        ])
+        .args(["--health-request", HEALTH_REQUEST])
+        .args(["--health-expect-pointer", "/stop=true"])
+        .env("HOTPATCH_FAILPOINT", "fleet-coordinator-after-health")
+        .output()
+        .unwrap();
+    assert!(!crashed.status.success());
+    let left = status(&endpoints);
+    assert_eq!(left["active"]["phase"], "rolling", "{left}");
+    assert_eq!(
+        left["active"]["rolling"]["admitted"],
+        json!(["r0"]),
+        "{left}"
+    );
+    assert_ne!(complete(sidecars[0].port).1, before, "r0 did not apply");
+    assert_eq!(
+        complete(sidecars[1].port).1,
+        before,
+        "r1 applied out of turn"
+    );
+    assert_eq!(std::fs::read(&models[2]).unwrap(), original);
+
+    // Its lease expires; the next call takes the rollout over, checks the other two
+    // replicas and commits it, then does its own work: here, reverting it.
+    wait_until("the dead coordinator's lease to expire", || {
+        status(&endpoints)["active"]["rolling"]["driven"] == false
+    });
+    let text = fleet_ok(&endpoints, &["status", FLEET]);
+    assert!(text.contains("resumes it"), "{text}");
+    let reverted = fleet_ok(&endpoints, &["revert", FLEET]);
+    assert!(
+        reverted.contains("first settled") && reverted.contains("committed at revision 1"),
+        "{reverted}"
+    );
+    let history: Json =
+        serde_json::from_str(&fleet_ok(&endpoints, &["history", FLEET, "--json"])).unwrap();
+    let rolling = &history[0]["rolling"];
+    assert_eq!(history[0]["decision"]["decision"], "commit", "{history}");
+    assert_eq!(rolling["admitted"], json!(["r0", "r1", "r2"]), "{history}");
+    for replica in ["r0", "r1", "r2"] {
+        assert_eq!(rolling["health"][replica]["passed"], true, "{history}");
+    }
+    for sidecar in &sidecars {
+        assert_eq!(
+            complete(sidecar.port).1,
+            before,
+            "replica {}",
+            sidecar.replica
+        );
+    }
+    for model in &models {
+        assert!(
+            std::fs::read(model).unwrap() == original,
+            "{}",
+            model.display()
+        );
+    }
 }

@@ -1,0 +1,246 @@
+//! `hotpatch requantize --imatrix` against `llama-quantize --imatrix`, byte for byte per
+//! tensor, with importance matrices that `llama-imatrix` computes in both of its formats;
+//! and matrices that do not fit (truncated, of another model) refused with nothing
+//! written.
+//!
+//! The model is the real one cut to its first block with its weight matrices in F16
+//! (`hotpatch optimize`), so that llama-imatrix and llama-quantize run in seconds.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use byte_tier::{GgmlType, MappedFile};
+
+const HOTPATCH: &str = env!("CARGO_BIN_EXE_hotpatch");
+
+/// The weight matrices of a block.
+const MATRICES: &str = r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight";
+/// The matrices whose rows (1024 and 2048 values) are whole 256-value super-blocks;
+/// the others (640) are not, and llama-quantize gives them a fallback type.
+const SUPER_BLOCK_ROWS: &str = r"blk\.\d+\.(attn_output|ffn_down)\.weight";
+
+fn run(program: &Path, args: &[&OsStr]) -> Output {
+    Command::new(program).args(args).output().unwrap()
+}
+
+fn run_ok(program: &Path, args: &[&OsStr]) -> String {
+    let output = run(program, args);
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed: {}{}",
+        program.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn os<'a>(items: &[&'a str]) -> Vec<&'a OsStr> {
+    items.iter().map(|s| OsStr::new(*s)).collect()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    model: PathBuf,
+    gguf_matrix: PathBuf,
+    dat_matrix: PathBuf,
+}
+
+/// The one-block F16 model and its importance matrices in both formats, made once.
+fn setup() -> &'static Setup {
+    static SETUP: OnceLock<Setup> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let model = dir.join("small.gguf");
+        let real = tests::real_model();
+        let prune: Vec<String> = (1..18).map(|i| i.to_string()).collect();
+        let prune = prune.join(",");
+        let mut args = vec![OsStr::new("optimize"), real.as_os_str()];
+        args.extend(os(&[
+            "--prune",
+            &prune,
+            "--tensors",
+            MATRICES,
+            "--to",
+            "F16",
+            "-o",
+        ]));
+        args.push(model.as_os_str());
+        run_ok(Path::new(HOTPATCH), &args);
+        // A short text of common words: two chunks of 128 tokens.
+        let words = "the quick brown fox jumps over a lazy dog while seven wizards quietly \
+                     hex jolly bright zebras near the old river bank and every morning";
+        let text: Vec<&str> = words.split_whitespace().cycle().take(700).collect();
+        let text_path = dir.join("text.txt");
+        std::fs::write(&text_path, text.join(" ")).unwrap();
+        let imatrix = tests::llama_tool("llama-imatrix");
+        let gguf_matrix = dir.join("imatrix.gguf");
+        let dat_matrix = dir.join("imatrix.dat");
+        for (out, format) in [(&gguf_matrix, "gguf"), (&dat_matrix, "dat")] {
+            let mut args = vec![OsStr::new("-m"), model.as_os_str(), "-f".as_ref()];
+            args.push(text_path.as_os_str());
+            args.extend(os(&["-c", "128", "--chunks", "2", "-t", "2", "--no-ppl"]));
+            args.extend(os(&["--output-format", format, "-o"]));
+            args.push(out.as_os_str());
+            run_ok(&imatrix, &args);
+        }
+        Setup {
+            _dir: tmp,
+            dir,
+            model,
+            gguf_matrix,
+            dat_matrix,
+        }
+    })
+}
+
+/// Tensors of `ours` converted to `ggml_type`, each compared with the same tensor of
+/// `theirs`; returns the names that are identical, and panics naming any that is not.
+fn same_tensors(ours: &Path, theirs: &Path, ggml_type: GgmlType) -> Vec<String> {
+    let (a, b) = (
+        MappedFile::open(ours).unwrap(),
+        MappedFile::open(theirs).unwrap(),
+    );
+    let (a, b) = (a.parse().unwrap(), b.parse().unwrap());
+    let mut same = Vec::new();
+    for t in a.tensors().iter().filter(|t| t.ggml_type == ggml_type) {
+        let u = b.require_tensor(&t.name).unwrap();
+        assert_eq!(
+            u.ggml_type, ggml_type,
+            "{}: llama-quantize chose another type",
+            t.name
+        );
+        let (x, y) = (a.tensor_data(t), b.tensor_data(u));
+        let first = x.iter().zip(y).position(|(p, q)| p != q);
+        assert!(
+            x.len() == y.len() && first.is_none(),
+            "{} ({ggml_type}) differs from llama-quantize's at byte {first:?} of {}",
+            t.name,
+            x.len()
+        );
+        same.push(t.name.clone());
+    }
+    same
+}
+
+#[test]
+fn requantize_with_an_imatrix_gives_llama_quantize_bytes_for_every_weighted_type() {
+    let s = setup();
+    let quantize = tests::llama_tool("llama-quantize");
+    let types = [
+        "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS",
+    ];
+    for (i, name) in types.into_iter().enumerate() {
+        let ggml_type = GgmlType::from_name(name).unwrap();
+        let theirs = s.dir.join(format!("theirs-{name}.gguf"));
+        let ours = s.dir.join(format!("ours-{name}.gguf"));
+        let mut args = os(&["--imatrix"]);
+        args.push(s.gguf_matrix.as_os_str());
+        args.extend(os(&["--pure", "--token-embedding-type", "q8_0"]));
+        args.extend([s.model.as_os_str(), theirs.as_os_str()]);
+        args.extend(os(&[name, "2"]));
+        run_ok(&quantize, &args);
+        // Both of llama-imatrix's formats give the same weights: alternate them.
+        let matrix = if i % 2 == 0 {
+            &s.gguf_matrix
+        } else {
+            &s.dat_matrix
+        };
+        let super_block = ggml_type.block_len() == 256;
+        let select = if super_block {
+            SUPER_BLOCK_ROWS
+        } else {
+            MATRICES
+        };
+        let mut args = vec![OsStr::new("requantize"), s.model.as_os_str()];
+        args.extend(os(&["--tensors", select, "--type", name, "--imatrix"]));
+        args.extend([matrix.as_os_str(), "-o".as_ref(), ours.as_os_str()]);
+        let stdout = run_ok(Path::new(HOTPATCH), &args);
+        assert!(stdout.contains("importance-weighted"), "{stdout}");
+        let same = same_tensors(&ours, &theirs, ggml_type);
+        assert_eq!(
+            same.len(),
+            if super_block { 2 } else { 7 },
+            "{name}: {same:?}"
+        );
+    }
+}
+
+#[test]
+fn weights_change_the_bytes_and_unweighted_requantize_is_unchanged() {
+    let s = setup();
+    let plain = s.dir.join("plain-q4_k.gguf");
+    let weighted = s.dir.join("weighted-q4_k.gguf");
+    for (out, matrix) in [(&plain, None), (&weighted, Some(&s.gguf_matrix))] {
+        let mut args = vec![OsStr::new("requantize"), s.model.as_os_str()];
+        args.extend(os(&["--tensors", SUPER_BLOCK_ROWS, "--type", "Q4_K", "-o"]));
+        args.push(out.as_os_str());
+        if let Some(m) = matrix {
+            args.extend([OsStr::new("--imatrix"), m.as_os_str()]);
+        }
+        run_ok(Path::new(HOTPATCH), &args);
+    }
+    let (a, b) = (
+        MappedFile::open(&plain).unwrap(),
+        MappedFile::open(&weighted).unwrap(),
+    );
+    let (a, b) = (a.parse().unwrap(), b.parse().unwrap());
+    let t = a.require_tensor("blk.0.ffn_down.weight").unwrap();
+    let u = b.require_tensor("blk.0.ffn_down.weight").unwrap();
+    assert_ne!(a.tensor_data(t), b.tensor_data(u));
+    // Without a matrix the bytes are ggml's reference quantizer's, as before.
+    let source = MappedFile::open(&s.model).unwrap();
+    let source = source.parse().unwrap();
+    let f16 = source.require_tensor("blk.0.ffn_down.weight").unwrap();
+    let values = byte_tier::codec::dequantize(f16.ggml_type, source.tensor_data(f16)).unwrap();
+    let reference = byte_tier::codec::quantize(GgmlType::Q4_K, &values).unwrap();
+    assert_eq!(a.tensor_data(t), reference.as_slice());
+}
+
+/// Runs a requantization that must fail; checks that it names `expected` and that the
+/// output was not written.
+fn refused(s: &Setup, matrix: &Path, expected: &str) {
+    let out = s.dir.join("refused.gguf");
+    let mut args = vec![OsStr::new("requantize"), s.model.as_os_str()];
+    args.extend(os(&["--tensors", MATRICES, "--type", "Q4_0", "--imatrix"]));
+    args.extend([matrix.as_os_str(), "-o".as_ref(), out.as_os_str()]);
+    let output = run(Path::new(HOTPATCH), &args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+    assert!(!out.exists(), "{} was written", out.display());
+}
+
+#[test]
+fn truncated_and_foreign_imatrices_are_refused_and_nothing_is_written() {
+    let s = setup();
+    for source in [&s.gguf_matrix, &s.dat_matrix] {
+        let bytes = std::fs::read(source).unwrap();
+        let cut = s.dir.join("cut");
+        std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        refused(s, &cut, "");
+    }
+    // A legacy matrix whose entry has the wrong number of columns for the tensor.
+    let legacy = |name: &str, n: i32| {
+        let mut b = 1i32.to_le_bytes().to_vec();
+        b.extend((name.len() as i32).to_le_bytes());
+        b.extend(name.as_bytes());
+        b.extend(1i32.to_le_bytes());
+        b.extend(n.to_le_bytes());
+        for _ in 0..n {
+            b.extend(1.0f32.to_le_bytes());
+        }
+        b
+    };
+    let foreign = s.dir.join("foreign.dat");
+    std::fs::write(&foreign, legacy("blk.0.attn_q.weight", 4096)).unwrap();
+    refused(s, &foreign, "does not fit the model");
+    std::fs::write(&foreign, legacy("blk.40.attn_q.weight", 640)).unwrap();
+    refused(s, &foreign, "the model has no tensor of that name");
+    // The model itself is GGUF but no importance matrix.
+    refused(s, &s.model, "imatrix.datasets is missing");
+}
