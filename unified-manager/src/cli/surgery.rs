@@ -195,6 +195,10 @@ pub enum LoraCommand {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Print the writes the unmerge would make (the merge transaction's revert) and
+        /// change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -284,8 +288,38 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
             file,
             adapter,
             json,
+            dry_run,
         } => {
             let identity = file_identity(adapter)?;
+            if *dry_run {
+                let journal = byte_tier::Journal::open_read_only(file)?;
+                let id = unified_manager::surgery::find_merge(&journal, &identity).with_context(
+                    || {
+                        format!(
+                            "the journal of {} records no merge of {} that is still applied",
+                            file.display(),
+                            adapter.display()
+                        )
+                    },
+                )?;
+                let bytes = journal
+                    .transaction(id)
+                    .map_or(0, byte_tier::Transaction::bytes);
+                // The merge is a live transaction: its revert goes through a live model
+                // (which knows what lies over what), so the plan is that transaction's
+                // live patches.
+                let model = memory_tier::LiveModel::attach(file, memory_tier::AttachMode::Shared)?;
+                let live = model.patches_of_transaction(id).len();
+                let plan = json!({
+                    "kind": "unmerge",
+                    "file": file,
+                    "merge_transaction": id,
+                    "live_patches": live,
+                    "bytes": bytes,
+                });
+                super::plan::report(&plan, live == 0, *json)?;
+                return Ok(());
+            }
             let done = unmerge(file, &identity)?;
             if *json {
                 println!("{}", serde_json::to_string(&done)?);

@@ -245,6 +245,22 @@ fn a_lora_merge_keeps_every_type_and_size_and_unmerge_restores_the_original_byte
     assert!(String::from_utf8_lossy(&output.stderr).contains("records no merge"));
     assert!(std::fs::read(&model).unwrap() == merged);
 
+    // A dry run plans the merge's revert and changes nothing.
+    let journal_before = std::fs::read(byte_tier::journal_path(&model)).unwrap();
+    let planned: Json = serde_json::from_str(&ok(&[
+        "lora",
+        "unmerge",
+        s(&model),
+        s(&adapter),
+        "--dry-run",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(planned["dry_run"], true, "{planned}");
+    assert_eq!(planned["changes_nothing"], false, "{planned}");
+    assert!(std::fs::read(&model).unwrap() == merged);
+    assert!(std::fs::read(byte_tier::journal_path(&model)).unwrap() == journal_before);
+
     ok(&["lora", "unmerge", s(&model), s(&adapter)]);
     assert!(
         std::fs::read(&model).unwrap() == original,
