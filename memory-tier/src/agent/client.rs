@@ -81,8 +81,16 @@ impl AgentClient {
 
     /// Sends one request and reads its reply; an error reply becomes `Err`.
     fn call(&mut self, request: &Request, data: &[&[u8]]) -> Result<(Reply, Vec<u8>)> {
-        proto::write_frame(&mut self.stream, request, data)
-            .map_err(|e| frame_error(&self.socket, e))?;
+        if let Err(write) = proto::write_frame(&mut self.stream, request, data) {
+            // An agent that refuses a peer answers at once and closes, so the request may
+            // meet a closed socket: its answer, when there is one, says why.
+            if let Ok(Some(head)) = proto::read_head(&mut self.stream)
+                && let Ok(Reply::Error(e)) = head.parse()
+            {
+                return Err(Error::AgentRefused(e));
+            }
+            return Err(frame_error(&self.socket, write));
+        }
         let head = proto::read_head(&mut self.stream)
             .map_err(|e| frame_error(&self.socket, e))?
             .ok_or_else(|| frame_error(&self.socket, FrameError::Truncated { got: 0, want: 12 }))?;
@@ -184,6 +192,39 @@ impl AgentClient {
         match self.call(&Request::Records, &[])? {
             (Reply::Records { records }, _) => Ok(records),
             (other, _) => Err(self.unexpected(&other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent that refuses a peer answers before reading anything and closes; the
+    /// client's request then meets a closed socket, and the answer must still come
+    /// through as the refusal, never as a broken pipe (which the CLI treats as a closed
+    /// stdout, exit 0).
+    #[test]
+    fn a_refusal_sent_before_the_request_is_read_is_reported_as_the_refusal() {
+        let (client_end, mut agent_end) = UnixStream::pair().unwrap();
+        let refusal = Reply::Error(proto::AgentError::new(
+            proto::AgentErrorKind::PeerRefused,
+            "the peer's user 65534 is not the server's user 0",
+        ));
+        proto::write_frame(&mut agent_end, &refusal, &[]).unwrap();
+        drop(agent_end);
+        let mut client = AgentClient {
+            stream: client_end,
+            socket: PathBuf::from("agent.sock"),
+        };
+        let request = Request::Hello {
+            protocol: proto::PROTOCOL,
+        };
+        match client.call(&request, &[]) {
+            Err(Error::AgentRefused(e)) => {
+                assert_eq!(e.kind, proto::AgentErrorKind::PeerRefused);
+            }
+            other => panic!("expected the refusal, got {other:?}"),
         }
     }
 }

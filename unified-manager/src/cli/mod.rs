@@ -24,11 +24,17 @@ pub mod view;
 /// Whether the error is a write to a closed pipe (`hotpatch inspect | head`), which is
 /// not a failure of the command.
 pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    // Only the command's own output: a broken pipe met on a socket (an agent that
+    // refused the peer and closed, an upstream that went away) sits inside a typed
+    // error and is a failure like any other.
+    let broken = Some(std::io::ErrorKind::BrokenPipe);
+    error
+        .downcast_ref::<std::io::Error>()
+        .map(std::io::Error::kind)
+        == broken
+        || error
+            .downcast_ref::<serde_json::Error>()
+            .is_some_and(|e| e.io_error_kind() == broken)
 }
 
 /// Makes a write past the file-size limit (`ulimit -f`) fail with EFBIG, which byte-tier
