@@ -152,6 +152,36 @@ pub fn agent_library(hotpatch: &std::path::Path) -> PathBuf {
     library
 }
 
+/// Writes a random (seeded) rank-`rank` LoRA adapter for `model`'s attention tensors
+/// (`attn_q`, `attn_k`, `attn_v`, `attn_output`) with gguf-py's writer, in llama.cpp's
+/// adapter format (`adapter.lora.alpha` = 2·rank, `NAME.lora_a` and `NAME.lora_b`).
+pub fn write_lora_adapter(model: &std::path::Path, out: &std::path::Path, rank: u32) {
+    const SCRIPT: &str = r#"
+import sys, numpy as np, gguf
+base, out, rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
+r = gguf.GGUFReader(base)
+w = gguf.GGUFWriter(out, "gemma3")
+w.add_string("general.type", "adapter")
+w.add_string("adapter.type", "lora")
+w.add_float32("adapter.lora.alpha", float(2 * rank))
+rng = np.random.default_rng(7)
+for t in r.tensors:
+    if t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")):
+        n_in, n_out = int(t.shape[0]), int(t.shape[1])
+        w.add_tensor(t.name + ".lora_a", (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32))
+        w.add_tensor(t.name + ".lora_b", (rng.standard_normal((n_out, rank)) * 0.02).astype(np.float32))
+w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+"#;
+    run_python(
+        SCRIPT,
+        &[
+            model.as_os_str(),
+            out.as_os_str(),
+            rank.to_string().as_ref(),
+        ],
+    );
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

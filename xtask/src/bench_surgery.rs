@@ -95,23 +95,6 @@ for t in reader.tensors:
 reader.data.flush()
 "#;
 
-const WRITE_ADAPTER: &str = r#"
-import sys, numpy as np, gguf
-base, out, rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
-r = gguf.GGUFReader(base)
-w = gguf.GGUFWriter(out, "gemma3")
-w.add_string("general.type", "adapter")
-w.add_string("adapter.type", "lora")
-w.add_float32("adapter.lora.alpha", float(2 * rank))
-rng = np.random.default_rng(7)
-for t in r.tensors:
-    if t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")):
-        n_in, n_out = int(t.shape[0]), int(t.shape[1])
-        w.add_tensor(t.name + ".lora_a", (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32))
-        w.add_tensor(t.name + ".lora_b", (rng.standard_normal((n_out, rank)) * 0.02).astype(np.float32))
-w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-"#;
-
 pub fn run() -> Result<()> {
     if crate::rerun_in_release("bench-surgery")? {
         return Ok(());
@@ -158,13 +141,7 @@ fn bench(
         .collect();
     byte_tier::codec::write_tensor_npy(&direction, &[n_embd], &values)?;
     let adapter = dir.join("adapter.gguf");
-    crate::run(
-        Command::new(python)
-            .args(["-c", WRITE_ADAPTER])
-            .arg(model)
-            .arg(&adapter)
-            .arg("8"),
-    )?;
+    tests::write_lora_adapter(model, &adapter, 8);
 
     let copy = |name: &str| -> Result<std::path::PathBuf> {
         let path = dir.join(name);

@@ -169,41 +169,12 @@ fn duplicated_and_grafted_models_read_back_in_gguf_py_with_every_tensor_agreeing
     assert_eq!(read, original);
 }
 
-/// Writes a random low-rank adapter for the model's attention tensors with gguf-py's
-/// writer.
-fn write_adapter(model: &Path, out: &Path, rank: u32) {
-    let script = r#"
-import sys, numpy as np, gguf
-base, out, rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
-r = gguf.GGUFReader(base)
-w = gguf.GGUFWriter(out, "gemma3")
-w.add_string("general.type", "adapter")
-w.add_string("adapter.type", "lora")
-w.add_float32("adapter.lora.alpha", float(2 * rank))
-rng = np.random.default_rng(7)
-for t in r.tensors:
-    if t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")):
-        n_in, n_out = int(t.shape[0]), int(t.shape[1])
-        w.add_tensor(t.name + ".lora_a", (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32))
-        w.add_tensor(t.name + ".lora_b", (rng.standard_normal((n_out, rank)) * 0.02).astype(np.float32))
-w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-"#;
-    tests::run_python(
-        script,
-        &[
-            model.as_os_str(),
-            out.as_os_str(),
-            rank.to_string().as_ref(),
-        ],
-    );
-}
-
 #[test]
 fn a_lora_merge_keeps_every_type_and_size_and_unmerge_restores_the_original_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let model = copy_model(dir.path(), "model.gguf");
     let adapter = dir.path().join("adapter.gguf");
-    write_adapter(&model, &adapter, 4);
+    tests::write_lora_adapter(&model, &adapter, 4);
     let original = std::fs::read(&model).unwrap();
     let types_before = original_tensors(&model);
 
@@ -239,7 +210,7 @@ fn a_lora_merge_keeps_every_type_and_size_and_unmerge_restores_the_original_byte
 
     // Another adapter was never merged: its unmerge is refused and changes nothing.
     let other = dir.path().join("other.gguf");
-    write_adapter(&model, &other, 2);
+    tests::write_lora_adapter(&model, &other, 2);
     let output = run(&["lora", "unmerge", s(&model), s(&other)]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("records no merge"));
@@ -643,7 +614,7 @@ fn llama_server_with_the_adapter_and_with_our_merged_model_agree_within_the_requ
     let base = copy_model(dir.path(), "base.gguf");
     let merged = copy_model(dir.path(), "merged.gguf");
     let adapter = dir.path().join("adapter.gguf");
-    write_adapter(&base, &adapter, 8);
+    tests::write_lora_adapter(&base, &adapter, 8);
     ok(&["lora", "merge", s(&merged), s(&adapter), "--scale", "0.5"]);
     let prompts = [
         "The capital of France is",
@@ -677,7 +648,7 @@ fn a_running_llama_server_sees_a_merge_at_once_and_its_unmerge_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let model = copy_model(dir.path(), "model.gguf");
     let adapter = dir.path().join("adapter.gguf");
-    write_adapter(&model, &adapter, 8);
+    tests::write_lora_adapter(&model, &adapter, 8);
     let server = tests::LlamaServer::start(&model, &[]);
     let prompt = "The capital of France is";
     let before = top_logprobs(&server, prompt);
