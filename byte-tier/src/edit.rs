@@ -115,11 +115,23 @@ pub fn prune_layers(
     writer: &mut GgufWriter<'_>,
     layers: &[u64],
 ) -> Result<PruneReport> {
-    let arch = gguf
+    prune_layers_of_set(gguf, std::slice::from_mut(writer), layers)
+}
+
+/// [`prune_layers`] over the shards of a set: `first` is the first shard, which holds the
+/// architecture, the block count and the per-layer arrays; `writers` are the rewrites of
+/// every shard, in order, whose `blk.N.*` tensors are dropped or renumbered wherever they
+/// are.
+pub fn prune_layers_of_set(
+    first: &Gguf<'_>,
+    writers: &mut [GgufWriter<'_>],
+    layers: &[u64],
+) -> Result<PruneReport> {
+    let arch = first
         .architecture()
         .ok_or_else(|| Error::InvalidEdit("the file has no general.architecture".into()))?;
     let block_key = format!("{arch}.block_count");
-    let blocks = gguf.get_u64(&block_key)?;
+    let blocks = first.get_u64(&block_key)?;
     let removed: BTreeSet<u64> = layers.iter().copied().collect();
     if let Some(&bad) = removed.iter().find(|&&l| l >= blocks) {
         return Err(Error::InvalidEdit(format!(
@@ -138,28 +150,33 @@ pub fn prune_layers(
     };
     let new_index = |old: u64| old - removed.range(..old).count() as u64;
 
-    writer
-        .tensors_mut()
-        .retain(|t| match split_block_name(&t.name) {
-            Some((index, _)) if removed.contains(&index) => {
-                report.tensors_removed.push(t.name.clone());
-                false
-            }
-            _ => true,
-        });
-    for t in writer.tensors_mut() {
-        if let Some((index, tail)) = split_block_name(&t.name) {
-            let renamed = format!("blk.{}.{tail}", new_index(index));
-            if renamed != t.name {
-                report
-                    .tensors_renamed
-                    .push((t.name.clone(), renamed.clone()));
-                t.name = renamed;
+    for writer in writers.iter_mut() {
+        writer
+            .tensors_mut()
+            .retain(|t| match split_block_name(&t.name) {
+                Some((index, _)) if removed.contains(&index) => {
+                    report.tensors_removed.push(t.name.clone());
+                    false
+                }
+                _ => true,
+            });
+        for t in writer.tensors_mut() {
+            if let Some((index, tail)) = split_block_name(&t.name) {
+                let renamed = format!("blk.{}.{tail}", new_index(index));
+                if renamed != t.name {
+                    report
+                        .tensors_renamed
+                        .push((t.name.clone(), renamed.clone()));
+                    t.name = renamed;
+                }
             }
         }
     }
 
     let prefix = format!("{arch}.");
+    let Some(writer) = writers.first_mut() else {
+        return Ok(report);
+    };
     for (key, value) in writer.metadata_mut().iter_mut() {
         if *key == block_key {
             *value = match value {
@@ -478,6 +495,19 @@ pub fn requantize_tensors_weighted<'a>(
     if let Some(imatrix) = imatrix {
         imatrix.check_model(gguf)?;
     }
+    requantize_tensors_of_shard(gguf, writer, select, target, imatrix)
+}
+
+/// [`requantize_tensors_weighted`] on one shard of a set, whose importance matrix the
+/// caller has checked against the whole set
+/// ([`ImportanceMatrix::check_shards`](crate::imatrix::ImportanceMatrix::check_shards)).
+pub fn requantize_tensors_of_shard<'a>(
+    gguf: &Gguf<'a>,
+    writer: &mut GgufWriter<'a>,
+    select: &dyn Fn(&str) -> bool,
+    target: crate::types::GgmlType,
+    imatrix: Option<&crate::imatrix::ImportanceMatrix>,
+) -> Result<Vec<Requantized>> {
     if !crate::codec::can_quantize(target) {
         return Err(Error::UnsupportedType {
             ggml_type: target,

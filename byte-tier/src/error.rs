@@ -584,6 +584,24 @@ pub enum Error {
         /// The file.
         path: PathBuf,
     },
+    /// A rewrite of this shard set was interrupted after its new shards were complete:
+    /// `hotpatch recover` finishes it.
+    #[error(
+        "a rewrite of this shard set was interrupted ({} is there): run `hotpatch recover` on any shard to finish it",
+        marker.display()
+    )]
+    InterruptedSetRewrite {
+        /// The marker the interrupted rewrite left.
+        marker: PathBuf,
+    },
+    /// A set rewrite's marker cannot be read.
+    #[error("{}: not a valid set rewrite marker: {reason}", path.display())]
+    CorruptSetRewriteMarker {
+        /// The marker.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A shard of a set is missing: a gap in the set.
     #[error("shard {} of {count} is missing: {}", index + 1, path.display())]
     ShardMissing {

@@ -120,8 +120,14 @@ impl ImportanceMatrix {
     /// Checks that the matrix was made for this model: every entry names a tensor of
     /// it, with as many weights as [`weights_for`](Self::weights_for) needs.
     pub fn check_model(&self, gguf: &Gguf<'_>) -> Result<()> {
+        self.check_shards(std::slice::from_ref(gguf))
+    }
+
+    /// [`check_model`](Self::check_model) for a model stored as a shard set: each entry
+    /// must name a tensor of one of the shards.
+    pub fn check_shards(&self, shards: &[Gguf<'_>]) -> Result<()> {
         for (name, weights) in &self.entries {
-            let Some(tensor) = gguf.tensor(name) else {
+            let Some(tensor) = shards.iter().find_map(|g| g.tensor(name)) else {
                 return Err(Error::ImatrixMismatch {
                     tensor: name.clone(),
                     reason: "the model has no tensor of that name".into(),

@@ -648,16 +648,8 @@ impl<R> RewritePlan<'_, R> {
     /// removes the journal, or moves it aside when it has transactions, whose offsets
     /// describe the old layout.
     pub fn write(mut self) -> Result<RewriteOutcome<R>> {
-        let journal = journal_path(&self.input);
-        let held = if self.output.is_none() && journal.exists() {
-            let held = Journal::open(&self.input)?;
-            if held.unfinished().is_some() {
-                return Err(Error::StalePlan {
-                    path: self.input.clone(),
-                    what: "its journal has an unfinished transaction".to_owned(),
-                });
-            }
-            Some(held)
+        let held = if self.output.is_none() {
+            hold_journal(&self.input)?
         } else {
             None
         };
@@ -670,25 +662,10 @@ impl<R> RewritePlan<'_, R> {
             }
         };
         let bytes_written = self.writer.write_to_path_reporting(&target, &mut report)?;
-        let mut archived_journal = None;
-        if let Some(held) = held {
-            let empty = held.transactions().is_empty();
-            drop(held);
-            if empty {
-                std::fs::remove_file(&journal)
-                    .map_err(|e| Error::io("remove empty journal", &journal, e))?;
-            } else {
-                let mut archived = journal.clone().into_os_string();
-                let stamp = std::time::SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis());
-                archived.push(format!(".before-rewrite-{stamp}"));
-                let archived = PathBuf::from(archived);
-                std::fs::rename(&journal, &archived)
-                    .map_err(|e| Error::io("archive journal", &journal, e))?;
-                archived_journal = Some(archived);
-            }
-        }
+        let archived_journal = match held {
+            Some(held) => retire_journal(held, &self.input)?,
+            None => None,
+        };
         Ok(RewriteOutcome {
             result: self.details,
             output: target,
@@ -697,6 +674,45 @@ impl<R> RewritePlan<'_, R> {
             archived_journal,
         })
     }
+}
+
+/// Holds the journal of `input`, which a rewrite is about to replace, when it has one: no
+/// other writer works on the old file meanwhile. An unfinished transaction there makes
+/// the plan stale.
+pub(crate) fn hold_journal(input: &Path) -> Result<Option<Journal>> {
+    if !journal_path(input).exists() {
+        return Ok(None);
+    }
+    let held = Journal::open(input)?;
+    if held.unfinished().is_some() {
+        return Err(Error::StalePlan {
+            path: input.to_owned(),
+            what: "its journal has an unfinished transaction".to_owned(),
+        });
+    }
+    Ok(Some(held))
+}
+
+/// After `input` was replaced by a rewrite: removes its held journal, or moves it aside
+/// when it has transactions, whose offsets describe the old layout. Returns where it
+/// was moved.
+pub(crate) fn retire_journal(held: Journal, input: &Path) -> Result<Option<PathBuf>> {
+    let journal = journal_path(input);
+    let empty = held.transactions().is_empty();
+    drop(held);
+    if empty {
+        std::fs::remove_file(&journal)
+            .map_err(|e| Error::io("remove empty journal", &journal, e))?;
+        return Ok(None);
+    }
+    let mut archived = journal.clone().into_os_string();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    archived.push(format!(".before-rewrite-{stamp}"));
+    let archived = PathBuf::from(archived);
+    std::fs::rename(&journal, &archived).map_err(|e| Error::io("archive journal", &journal, e))?;
+    Ok(Some(archived))
 }
 
 /// One file a [`NewFilesPlan`] writes.

@@ -128,6 +128,10 @@ impl ShardSet {
         let name = parse_shard_name(any_shard).ok_or_else(|| Error::NotAShardName {
             path: any_shard.to_owned(),
         })?;
+        let marker = set_rewrite_marker(&name.prefix);
+        if marker.exists() {
+            return Err(Error::InterruptedSetRewrite { marker });
+        }
         let mut files = Vec::with_capacity(name.count as usize);
         let mut seen: HashMap<String, u32> = HashMap::new();
         let mut set_tensors = None;
@@ -794,6 +798,12 @@ impl Plan for MergeFiles<'_> {
         merge(self.set, &self.files[0].path)
     }
 }
+
+mod rewrite;
+pub use rewrite::{
+    SetRewriteOutcome, SetRewritePlan, SetRewriteRecovery, ShardWritten, finish_set_rewrite,
+    interrupted_set_rewrite, output_prefix, set_rewrite_marker,
+};
 
 #[cfg(test)]
 mod tests;

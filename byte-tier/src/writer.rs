@@ -325,6 +325,22 @@ impl<'a> GgufWriter<'a> {
         path: &Path,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64> {
+        let (temp, written) = self.write_to_temp_beside(path, progress)?;
+        temp.persist(path)
+            .map_err(|e| Error::io("rename over", path, e.error))?;
+        sync_dir(parent_dir(path))?;
+        Ok(written)
+    }
+
+    /// Writes the file, complete and synced, to a temporary file in `path`'s directory
+    /// with the permissions of `path` (rw-r--r-- when it does not exist), and returns it
+    /// unrenamed with the number of bytes written: for callers that rename several
+    /// files only once all of them are written.
+    pub fn write_to_temp_beside(
+        &mut self,
+        path: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(tempfile::NamedTempFile, u64)> {
         let dir = parent_dir(path);
         let mut temp = tempfile::Builder::new()
             .prefix(".hotpatch-")
@@ -350,10 +366,7 @@ impl<'a> GgufWriter<'a> {
         temp.as_file()
             .sync_all()
             .map_err(|e| Error::io("sync", temp.path(), e))?;
-        temp.persist(path)
-            .map_err(|e| Error::io("rename over", path, e.error))?;
-        sync_dir(dir)?;
-        Ok(written)
+        Ok((temp, written))
     }
 }
 

@@ -343,3 +343,163 @@ fn a_file_without_split_keys_or_a_shard_name_is_not_a_set() {
         "{err}"
     );
 }
+
+/// The tensors of every shard of the set, and `split.tensors.count` as each shard says it.
+fn set_contents(first: &Path) -> (Vec<Vec<String>>, Vec<u64>) {
+    let set = ShardSet::open(first).unwrap();
+    let parsed = set.parse_all().unwrap();
+    (
+        parsed
+            .iter()
+            .map(|g| g.tensors().iter().map(|t| t.name.clone()).collect())
+            .collect(),
+        parsed
+            .iter()
+            .map(|g| g.get(SPLIT_TENSORS_COUNT_KEY).unwrap().as_u64().unwrap())
+            .collect(),
+    )
+}
+
+#[test]
+fn removing_a_tensor_from_a_set_in_place_updates_the_count_in_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "m");
+    let data_before = std::fs::read(&shards[0]).unwrap();
+    let set = ShardSet::open(&shards[1]).unwrap();
+    let parsed = set.parse_all().unwrap();
+    let plan = SetRewritePlan::new(&set, &parsed, None, |_, writers| {
+        let holder = writers
+            .iter_mut()
+            .find(|w| w.tensors().iter().any(|t| t.name == "t3"))
+            .unwrap();
+        crate::edit::remove_tensor(holder, "t3")
+    })
+    .unwrap();
+    let report = serde_json::to_value(&plan).unwrap();
+    assert_eq!(report["kind"], "set_rewrite");
+    assert_eq!(report["files"][1]["tensors_removed"][0], "t3");
+    assert_eq!(
+        report["files"][0]["keys_changed"][0],
+        SPLIT_TENSORS_COUNT_KEY
+    );
+    // Planning wrote nothing.
+    assert_eq!(std::fs::read(&shards[0]).unwrap(), data_before);
+    drop(parsed);
+    let outcome = plan.apply().unwrap();
+    drop(set);
+    assert!(outcome.shards.iter().all(|s| s.rewritten));
+    let (tensors, counts) = set_contents(&shards[2]);
+    assert_eq!(tensors, vec![vec!["t0", "t1"], vec!["t2"], vec!["t4"]]);
+    assert_eq!(counts, vec![4, 4, 4]);
+    assert!(!set_rewrite_marker(&dir.path().join("m")).exists());
+    // The tensor data of the shards untouched by the removal is what it was.
+    let merged = dir.path().join("merged.gguf");
+    merge(&ShardSet::open(&shards[0]).unwrap(), &merged).unwrap();
+    let file = MappedFile::open(&merged).unwrap();
+    let gguf = file.parse().unwrap();
+    for (t, name) in [(0u32, "t0"), (4, "t4")] {
+        let bytes = gguf.tensor_data(gguf.tensor(name).unwrap());
+        let expected: Vec<u8> = (0..8 * (t + 1))
+            .flat_map(|i| ((t * 100 + i) as f32).to_le_bytes())
+            .collect();
+        assert_eq!(bytes, &expected[..], "{name}");
+    }
+}
+
+#[test]
+fn a_set_rewritten_into_a_new_prefix_leaves_the_old_set_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "m");
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let set = ShardSet::open(&shards[0]).unwrap();
+    let parsed = set.parse_all().unwrap();
+    let out = dir.path().join("renamed.gguf");
+    let plan = SetRewritePlan::new(&set, &parsed, Some(&out), |_, writers| {
+        crate::edit::rename_tensor(&mut writers[0], "t0", "first")
+    })
+    .unwrap();
+    let outcome = plan.apply().unwrap();
+    let after: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    assert_eq!(before, after);
+    let first = dir.path().join("renamed-00001-of-00003.gguf");
+    assert_eq!(outcome.shards[0].output, first);
+    let (tensors, counts) = set_contents(&first);
+    assert_eq!(tensors[0], vec!["first", "t1"]);
+    assert_eq!(counts, vec![5, 5, 5]);
+    // The unchanged shards are copied byte for byte.
+    assert_eq!(
+        std::fs::read(dir.path().join("renamed-00003-of-00003.gguf")).unwrap(),
+        before[2]
+    );
+}
+
+#[test]
+fn an_interrupted_set_rewrite_is_refused_until_it_is_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "m");
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = three_shards(&other_dir, "m");
+    // A crash after the marker: shard 1 renamed already, shards 2 and 3 still temporary.
+    std::fs::copy(&other[1], dir.path().join(".hotpatch-a.gguf.tmp")).unwrap();
+    std::fs::copy(&other[2], dir.path().join(".hotpatch-b.gguf.tmp")).unwrap();
+    let marker = set_rewrite_marker(&dir.path().join("m"));
+    std::fs::write(
+        &marker,
+        r#"{"renames": [[".hotpatch-gone.gguf.tmp", "m-00001-of-00003.gguf"],
+            [".hotpatch-a.gguf.tmp", "m-00002-of-00003.gguf"],
+            [".hotpatch-b.gguf.tmp", "m-00003-of-00003.gguf"]]}"#,
+    )
+    .unwrap();
+    let err = ShardSet::open(&shards[2]).unwrap_err();
+    assert!(
+        matches!(&err, Error::InterruptedSetRewrite { marker: m } if *m == marker),
+        "{err}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let temp_inode = std::fs::metadata(dir.path().join(".hotpatch-a.gguf.tmp"))
+        .unwrap()
+        .ino();
+    let recovery = interrupted_set_rewrite(&shards[0]).unwrap().unwrap();
+    assert_eq!(recovery.renames.len(), 2);
+    finish_set_rewrite(&recovery).unwrap();
+    assert!(!marker.exists());
+    ShardSet::open(&shards[0]).unwrap();
+    // The temporary file became the shard.
+    assert_eq!(std::fs::metadata(&shards[1]).unwrap().ino(), temp_inode);
+    assert!(!dir.path().join(".hotpatch-b.gguf.tmp").exists());
+    assert!(interrupted_set_rewrite(&shards[0]).unwrap().is_none());
+    // A marker naming paths outside its directory is refused, not followed.
+    std::fs::write(
+        &marker,
+        r#"{"renames": [["../x", "m-00001-of-00003.gguf"]]}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        interrupted_set_rewrite(&shards[0]).unwrap_err(),
+        Error::CorruptSetRewriteMarker { .. }
+    ));
+    std::fs::write(&marker, b"{").unwrap();
+    assert!(matches!(
+        interrupted_set_rewrite(&shards[0]).unwrap_err(),
+        Error::CorruptSetRewriteMarker { .. }
+    ));
+}
+
+#[test]
+fn output_prefixes_follow_the_name_given() {
+    assert_eq!(
+        output_prefix(Path::new("d/new.gguf"), 3),
+        Path::new("d/new")
+    );
+    assert_eq!(output_prefix(Path::new("d/new"), 3), Path::new("d/new"));
+    assert_eq!(
+        output_prefix(Path::new("d/new-00001-of-00003.gguf"), 3),
+        Path::new("d/new")
+    );
+    // A shard name of another count is a plain name.
+    assert_eq!(
+        output_prefix(Path::new("d/new-00001-of-00002.gguf"), 3),
+        Path::new("d/new-00001-of-00002")
+    );
+}

@@ -337,6 +337,24 @@ fn revert_through_server(args: &RevertArgs, server: &str) -> anyhow::Result<()> 
 }
 
 pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
+    // A shard set's interrupted rewrite is finished first: until then the set does not
+    // open. A dry run reports only that step.
+    let mut finished_set = None;
+    if let Some(recovery) = byte_tier::split::interrupted_set_rewrite(&args.file)? {
+        let marker = recovery.marker.clone();
+        match super::plan::run(recovery, args.dry_run, args.json)? {
+            None => return Ok(()),
+            Some(renamed) => {
+                if !args.json {
+                    println!(
+                        "finished the interrupted rewrite of a shard set: {renamed} shard(s) renamed into place, {} removed",
+                        marker.display()
+                    );
+                }
+                finished_set = Some(renamed);
+            }
+        }
+    }
     let plan = byte_tier::plan::RecoveryPlan::new(&args.file)?;
     let Some(report) = super::plan::run(plan, args.dry_run, args.json)
         .map_err(|e| super::patch::with_server_hint(e, &args.file))?
@@ -347,7 +365,8 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({"dry_run": false, "rolled_back": report.as_ref().map(|r| r.transaction),
-                "bytes": report.as_ref().map_or(0, |r| r.bytes)})
+                "bytes": report.as_ref().map_or(0, |r| r.bytes),
+                "finished_set_rewrite": finished_set})
         );
         return Ok(());
     }

@@ -15,6 +15,7 @@ pub mod plan;
 pub mod preset;
 pub mod progress;
 pub mod serve;
+pub mod sets;
 pub mod split;
 pub mod structure;
 pub mod surgery;

@@ -47,6 +47,8 @@ const SHOWN: &[&str] = &[
     "removes",
     "dry_run",
     "changes_nothing",
+    "marker",
+    "renames",
     "keys_added",
     "keys_removed",
     "keys_changed",
@@ -108,6 +110,45 @@ fn text(plan: &Value, noop: bool) -> String {
                 out.push_str(&format!("dry run: would remove {}\n", show(path.clone())));
             }
         }
+        Some("set_rewrite") => {
+            let files = field("files");
+            let files = files.as_array().map_or(&[][..], Vec::as_slice);
+            out.push_str(&format!(
+                "dry run: would rewrite the {} shards of the set of {file}{} ({} -> {} bytes)\n",
+                files.len(),
+                match field("output").as_str() {
+                    Some(prefix) => format!(" into {prefix}-*"),
+                    None => " in place".to_owned(),
+                },
+                show(field("size_before")),
+                show(field("size_after")),
+            ));
+            for f in files {
+                if f["rewritten"] != true {
+                    out.push_str(&format!("  {}: unchanged\n", show(f["file"].clone())));
+                    continue;
+                }
+                out.push_str(&format!(
+                    "  {} -> {} ({} -> {} bytes)\n",
+                    show(f["file"].clone()),
+                    show(f["output"].clone()),
+                    show(f["size_before"].clone()),
+                    show(f["size_after"].clone()),
+                ));
+                for key in ["keys_changed", "tensors_added", "tensors_removed", "tensors_changed"] {
+                    if let Some(items) = f.get(key).and_then(Value::as_array)
+                        && !items.is_empty()
+                    {
+                        out.push_str(&format!("    {}: {}\n", key.replace('_', " "), list(items)));
+                    }
+                }
+            }
+        }
+        Some("set_recovery") => out.push_str(&format!(
+            "dry run: would finish the interrupted rewrite of a shard set ({}): {} rename(s) left\n",
+            show(field("marker")),
+            field("renames").as_array().map_or(0, Vec::len),
+        )),
         Some("rewrite") => out.push_str(&format!(
             "dry run: would rewrite {file} into {} ({} -> {} bytes)\n",
             show(field("output")),

@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use byte_tier::MappedFile;
-use byte_tier::edit::{prune_layers, remove_tensor, rename_tensor};
+use byte_tier::edit::{prune_layers, prune_layers_of_set, remove_tensor, rename_tensor};
 use byte_tier::plan::{NoDetails, RewritePlan};
+use byte_tier::split::SetRewritePlan;
 use serde_json::json;
 
 use super::meta::{Output, note_recovered, print_rewrite, run_rewrite};
@@ -23,6 +24,25 @@ pub struct PruneArgs {
 }
 
 pub fn prune(args: &PruneArgs) -> anyhow::Result<()> {
+    if let Some(set) = super::sets::open_for_rewrite(&args.file, args.output.dry_run)? {
+        let parsed = set.parse_all()?;
+        let plan = SetRewritePlan::new(
+            &set,
+            &parsed,
+            args.output.output.as_deref(),
+            |parsed, writers| prune_layers_of_set(&parsed[0], writers, &args.layers),
+        )?;
+        let Some(outcome) = super::sets::run(plan, &args.output)? else {
+            return Ok(());
+        };
+        if args.output.json {
+            println!("{}", super::sets::outcome_json(&outcome));
+        } else {
+            print_pruned(&args.layers, &outcome.result);
+            super::sets::print("", &outcome, false);
+        }
+        return Ok(());
+    }
     note_recovered(super::plan::prepare(&args.file, args.output.dry_run)?);
     let map = MappedFile::open(&args.file)?;
     let gguf = map.parse()?;
@@ -44,22 +64,26 @@ pub fn prune(args: &PruneArgs) -> anyhow::Result<()> {
                 "arrays_trimmed": report.arrays_trimmed, "bytes_before": outcome.input_len, "bytes_after": outcome.bytes_written})
         );
     } else {
-        println!(
-            "pruned layers {:?}: blocks {} -> {}, {} tensors removed, {} renumbered, per-layer arrays trimmed: {}",
-            args.layers,
-            report.blocks_before,
-            report.blocks_after,
-            report.tensors_removed.len(),
-            report.tensors_renamed.len(),
-            if report.arrays_trimmed.is_empty() {
-                "none".to_owned()
-            } else {
-                report.arrays_trimmed.join(", ")
-            }
-        );
+        print_pruned(&args.layers, report);
         print_rewrite("", &outcome, false);
     }
     Ok(())
+}
+
+fn print_pruned(layers: &[u64], report: &byte_tier::edit::PruneReport) {
+    println!(
+        "pruned layers {:?}: blocks {} -> {}, {} tensors removed, {} renumbered, per-layer arrays trimmed: {}",
+        layers,
+        report.blocks_before,
+        report.blocks_after,
+        report.tensors_removed.len(),
+        report.tensors_renamed.len(),
+        if report.arrays_trimmed.is_empty() {
+            "none".to_owned()
+        } else {
+            report.arrays_trimmed.join(", ")
+        }
+    );
 }
 
 /// A structural tensor command.
@@ -168,6 +192,38 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
             return super::surgery::copy(source, name, destination, as_name.as_deref(), output);
         }
     };
+    if let Some(set) = super::sets::open_for_rewrite(file, output.dry_run)? {
+        let parsed = set.parse_all()?;
+        let plan = SetRewritePlan::new(&set, &parsed, output.output.as_deref(), |_, writers| {
+            let (name, to) = match command {
+                StructureCommand::Rename { from, to, .. } => (from, Some(to)),
+                StructureCommand::Remove { name, .. } => (name, None),
+                _ => unreachable!("handled above"),
+            };
+            if let Some(to) = to
+                && writers
+                    .iter()
+                    .any(|w| w.tensors().iter().any(|t| t.name == *to))
+            {
+                return Err(byte_tier::Error::InvalidEdit(format!(
+                    "a tensor named {to:?} already exists in the set"
+                )));
+            }
+            let holder = writers
+                .iter_mut()
+                .find(|w| w.tensors().iter().any(|t| t.name == *name))
+                .ok_or_else(|| byte_tier::Error::NoSuchTensor(name.clone()))?;
+            match to {
+                Some(to) => rename_tensor(holder, name, to),
+                None => remove_tensor(holder, name),
+            }
+            .map(|()| NoDetails {})
+        })?;
+        if let Some(outcome) = super::sets::run(plan, output)? {
+            super::sets::print("", &outcome, output.json);
+        }
+        return Ok(());
+    }
     note_recovered(super::plan::prepare(file, output.dry_run)?);
     let map = MappedFile::open(file)?;
     let gguf = map.parse()?;
@@ -222,6 +278,41 @@ pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
         Some(path) => Some(byte_tier::imatrix::ImportanceMatrix::read(path)?),
         None => None,
     };
+    if let Some(set) = super::sets::open_for_rewrite(&args.file, args.output.dry_run)? {
+        let parsed = set.parse_all()?;
+        let plan = SetRewritePlan::new(
+            &set,
+            &parsed,
+            args.output.output.as_deref(),
+            |parsed, writers| {
+                if let Some(imatrix) = &imatrix {
+                    imatrix.check_shards(parsed)?;
+                }
+                let mut converted = Vec::new();
+                for (gguf, writer) in parsed.iter().zip(writers) {
+                    converted.extend(byte_tier::edit::requantize_tensors_of_shard(
+                        gguf,
+                        writer,
+                        &select,
+                        args.target,
+                        imatrix.as_ref(),
+                    )?);
+                }
+                Ok(Converted {
+                    target: args.target,
+                    converted,
+                })
+            },
+        )?;
+        let Some(outcome) = super::sets::run(plan, &args.output)? else {
+            return Ok(());
+        };
+        if !args.output.json {
+            print_converted(args, &outcome.result.converted);
+        }
+        super::sets::print("", &outcome, args.output.json);
+        return Ok(());
+    }
     note_recovered(super::plan::prepare(&args.file, args.output.dry_run)?);
     let map = MappedFile::open(&args.file)?;
     let gguf = map.parse()?;
@@ -263,22 +354,26 @@ pub fn requantize(args: &RequantizeArgs) -> anyhow::Result<()> {
                 "bytes_before": outcome.input_len, "bytes_after": outcome.bytes_written})
         );
     } else {
-        for r in converted {
-            println!(
-                "{}: {} -> {} ({} -> {} bytes{})",
-                r.name,
-                r.from,
-                args.target,
-                r.bytes_before,
-                r.bytes_after,
-                if r.weighted {
-                    ", importance-weighted"
-                } else {
-                    ""
-                }
-            );
-        }
+        print_converted(args, converted);
         print_rewrite("", &outcome, false);
     }
     Ok(())
+}
+
+fn print_converted(args: &RequantizeArgs, converted: &[byte_tier::edit::Requantized]) {
+    for r in converted {
+        println!(
+            "{}: {} -> {} ({} -> {} bytes{})",
+            r.name,
+            r.from,
+            args.target,
+            r.bytes_before,
+            r.bytes_after,
+            if r.weighted {
+                ", importance-weighted"
+            } else {
+                ""
+            }
+        );
+    }
 }

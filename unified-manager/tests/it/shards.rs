@@ -360,3 +360,170 @@ fn meta_on_any_shard_edits_the_first_shard_and_leaves_the_split_keys_alone() {
     );
     assert_eq!(std::fs::read(&shards[1]).unwrap(), before[1]);
 }
+
+/// Every tensor of a set (or of one file), by name: type, dimensions and data.
+fn tensor_table(
+    any: &Path,
+) -> std::collections::BTreeMap<String, (byte_tier::GgmlType, Vec<u64>, Vec<u8>)> {
+    let files: Vec<byte_tier::MappedFile> = match byte_tier::split::open_set_of(any).unwrap() {
+        Some(set) => set.into_files(),
+        None => vec![byte_tier::MappedFile::open(any).unwrap()],
+    };
+    let mut table = std::collections::BTreeMap::new();
+    for file in &files {
+        let gguf = file.parse().unwrap();
+        for t in gguf.tensors() {
+            table.insert(
+                t.name.clone(),
+                (t.ggml_type, t.dims.clone(), gguf.tensor_data(t).to_vec()),
+            );
+        }
+    }
+    table
+}
+
+/// `split.tensors.count` as each shard of the set says it.
+fn split_counts(shards: &[PathBuf]) -> Vec<u64> {
+    shards
+        .iter()
+        .map(|s| {
+            let file = byte_tier::MappedFile::open(s).unwrap();
+            let gguf = file.parse().unwrap();
+            gguf.get("split.tensors.count").unwrap().as_u64().unwrap()
+        })
+        .collect()
+}
+
+fn os(args: &[&str]) -> Vec<std::ffi::OsString> {
+    args.iter().map(Into::into).collect()
+}
+
+fn hotpatch(args: &[std::ffi::OsString]) -> String {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    run(Path::new(HOTPATCH), &args)
+}
+
+#[test]
+fn prune_and_requantize_of_a_set_equal_the_same_edit_of_the_single_file_and_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let model = tests::real_model();
+    let p = |name: &str| dir.path().join(name).into_os_string();
+
+    // A dry run on the middle shard plans every shard and writes nothing.
+    let mut args = vec!["prune".into(), shards[1].clone().into_os_string()];
+    args.extend(os(&["--layers", "3,7", "--dry-run", "--json"]));
+    let plan: serde_json::Value = serde_json::from_str(&hotpatch(&args)).unwrap();
+    assert_eq!(plan["kind"], "set_rewrite");
+    assert_eq!(plan["files"].as_array().unwrap().len(), 3);
+    let after: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    assert!(before == after, "a dry run changed a shard");
+
+    // Prune into a new set, and the same prune of the single file.
+    args.truncate(4);
+    args.extend(["-o".into(), p("pruned.gguf")]);
+    hotpatch(&args);
+    hotpatch(&[
+        "prune".into(),
+        model.clone().into_os_string(),
+        "--layers".into(),
+        "3,7".into(),
+        "-o".into(),
+        p("single.gguf"),
+    ]);
+    let pruned = shards_of(&dir.path().join("pruned"));
+    assert_eq!(pruned.len(), 3);
+    assert_eq!(split_counts(&pruned), vec![210, 210, 210]);
+    assert!(tensor_table(&pruned[2]) == tensor_table(&dir.path().join("single.gguf")));
+    let after: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    assert!(
+        before == after,
+        "a rewrite into a new set changed the old one"
+    );
+
+    // Requantize in place, given the last shard, and the same of the single file.
+    let regex = "ffn_down";
+    hotpatch(&[
+        "requantize".into(),
+        shards[2].clone().into_os_string(),
+        "--tensors".into(),
+        regex.into(),
+        "--type".into(),
+        "Q8_0".into(),
+    ]);
+    hotpatch(&[
+        "requantize".into(),
+        model.into_os_string(),
+        "--tensors".into(),
+        regex.into(),
+        "--type".into(),
+        "Q8_0".into(),
+        "-o".into(),
+        p("single-q8.gguf"),
+    ]);
+    assert!(tensor_table(&shards[0]) == tensor_table(&dir.path().join("single-q8.gguf")));
+    assert_eq!(split_counts(&shards), vec![236, 236, 236]);
+
+    // llama-server loads both new sets from their first shard and generates.
+    for first in [&pruned[0], &shards[0]] {
+        let server = tests::LlamaServer::start(first, &[]);
+        let body = r#"{"prompt": "Once upon a time", "n_predict": 4, "temperature": 0}"#;
+        let (status, answer) =
+            tests::http_request(server.port, "POST", "/completion", Some(body)).unwrap();
+        assert_eq!(status, 200, "{}: {answer}", first.display());
+        let json: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert!(!json["content"].as_str().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn a_set_rewrite_killed_between_renames_is_refused_until_recover_finishes_it() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let status = Command::new(HOTPATCH)
+        .args(["tensor", "remove"])
+        .arg(&shards[0])
+        .arg("blk.0.attn_q.weight")
+        .env("HOTPATCH_FAILPOINT", "set-rewrite-renamed-first")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.signal(), Some(6), "the failpoint aborts: {status}");
+    // The first shard is new and the others are old: the set disagrees with itself, and
+    // every command refuses it, naming the way out.
+    let inspect = Command::new(HOTPATCH)
+        .arg("inspect")
+        .arg(&shards[1])
+        .output()
+        .unwrap();
+    assert_eq!(inspect.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&inspect.stderr);
+    assert!(
+        stderr.contains("interrupted") && stderr.contains("hotpatch recover"),
+        "{stderr}"
+    );
+    // A dry run of recover says what it would do and does nothing.
+    let dry = hotpatch(&[
+        "recover".into(),
+        shards[2].clone().into_os_string(),
+        "--dry-run".into(),
+        "--json".into(),
+    ]);
+    let dry: serde_json::Value = serde_json::from_str(&dry).unwrap();
+    assert_eq!(dry["kind"], "set_recovery");
+    assert_eq!(dry["renames"].as_array().unwrap().len(), 2);
+    assert!(byte_tier::split::ShardSet::open(&shards[0]).is_err());
+    hotpatch(&["recover".into(), shards[2].clone().into_os_string()]);
+    let table = tensor_table(&shards[0]);
+    assert_eq!(table.len(), 235);
+    assert!(!table.contains_key("blk.0.attn_q.weight"));
+    assert_eq!(split_counts(&shards), vec![235, 235, 235]);
+    let stray: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".hotpatch-"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
