@@ -289,6 +289,43 @@ fn in_place_commands_plan_then_apply_the_same_writes() {
     );
     assert_eq!(plan["tensors"][0]["name"], "blk.0.attn_output.weight");
     assert!(plan["tensors"][0]["requantization"]["rms"].is_number());
+
+    // A live patch: planned once on a private view (which lists the patches the
+    // journal records, as the shared attach does), applied on the shared mapping as the
+    // same writes, with the codec's cost and the ablation it lies over.
+    let refused = Command::new(HOTPATCH)
+        .current_dir(d)
+        .args(["patch", "m.gguf", "--tensor", "blk.0.attn_output.weight"])
+        .args(["--scale", "1.5", "--dry-run", "--json"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a conflicting dry run passed");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("conflicts"));
+    let plan = plan_then_apply(
+        d,
+        &[
+            "patch",
+            "m.gguf",
+            "--tensor",
+            "blk.0.attn_output.weight",
+            "--scale",
+            "1.5",
+            "--priority",
+            "1",
+        ],
+    );
+    assert_eq!(plan["displaces"], 1, "{plan}");
+    assert_eq!(plan["writes"][0]["tensor"], "blk.0.attn_output.weight");
+    assert_eq!(plan["tensor"], "blk.0.attn_output.weight");
+    assert_eq!(plan["patches"][0]["tensor"], "blk.0.attn_output.weight");
+    assert!(plan["rms_error"].is_number(), "{plan}");
+    assert!(plan["stamp"]["sha256"].is_string(), "{plan}");
+    assert_eq!(
+        plan["bytes"].as_u64(),
+        plan["writes"]
+            .as_array()
+            .map(|w| w.iter().map(|w| w["len"].as_u64().unwrap()).sum()),
+    );
 }
 
 #[test]
