@@ -566,3 +566,48 @@ fn configuration_writes_plan_then_apply_the_same_files() {
     let plan = plan_then_apply(d, &["preset", "delete", "quiet", "--config-dir", "config"]);
     assert_eq!(plan["removes"][0], "config/presets/quiet.toml");
 }
+
+#[test]
+fn live_patch_sets_plan_then_apply_the_same_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    copy_model(d);
+    std::fs::create_dir(d.join("config")).unwrap();
+    std::fs::write(
+        d.join("quiet.toml"),
+        "name = \"quiet\"\nversion = 2\n\n[[memory_patch]]\nname = \"halve\"\n\
+         tensor = \"output_norm.weight\"\ntransform = { scale = 0.5 }\n\n\
+         [[memory_patch]]\nname = \"halve first\"\ntensor = \"blk.0.attn_norm.weight\"\n\
+         transform = { scale = 0.5 }\n",
+    )
+    .unwrap();
+    ok(
+        d,
+        &["preset", "save", "quiet.toml", "--config-dir", "config"],
+    );
+
+    // A preset: its memory patches as one planned transaction, with the report's own
+    // fields (the receipts it would give, the bytes it would write).
+    let plan = plan_then_apply(
+        d,
+        &[
+            "preset",
+            "apply",
+            "quiet",
+            "m.gguf",
+            "--config-dir",
+            "config",
+        ],
+    );
+    assert_eq!(plan["preset"], "quiet");
+    assert_eq!(plan["patches"].as_array().unwrap().len(), 2, "{plan}");
+    assert_eq!(plan["applied"][1]["name"], "halve first");
+    assert_eq!(plan["bytes_written"], plan["bytes"]);
+    let tensors: Vec<&str> = plan["writes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["tensor"].as_str().unwrap())
+        .collect();
+    assert!(tensors.contains(&"output_norm.weight") && tensors.contains(&"blk.0.attn_norm.weight"));
+}
