@@ -31,4 +31,4 @@ pub use manager::{Manager, ManagerStats, ModelId, Patch, Receipt};
 pub use optimize::OptimizeOptions;
 pub use preset::{ConfigDir, MemoryPatchSpec, Preset, Settings, TransformSpec};
 pub use report::{PipelineReport, Step, StepResult, Tier, Undo};
-pub use safety::{Repair, SafetyOptions, ServerDefaults};
+pub use safety::{BoundSafetyPlan, Repair, SafetyOptions, SafetyPlan, ServerDefaults};

@@ -79,6 +79,11 @@ const SHOWN: &[&str] = &[
     "tensors_removed",
     "tensors_changed",
     "patches",
+    // A pipeline's report, which its command prints as a table after the plan.
+    "pipeline",
+    "target",
+    "steps",
+    "undo",
 ];
 
 /// Lines of a list, at most this many items each.
@@ -202,6 +207,7 @@ fn text(plan: &Value, noop: bool) -> String {
                         out.push_str(&format!("  {key}.{field}: {value}\n"));
                     }
                 }
+                Value::Array(items) if items.is_empty() => {}
                 Value::Array(items) => out.push_str(&format!("  {key}: {}\n", list(items))),
                 other => out.push_str(&format!("  {key}: {}\n", show(other.clone()))),
             }

@@ -610,4 +610,55 @@ fn live_patch_sets_plan_then_apply_the_same_writes() {
         .map(|w| w["tensor"].as_str().unwrap())
         .collect();
     assert!(tensors.contains(&"output_norm.weight") && tensors.contains(&"blk.0.attn_norm.weight"));
+
+    // The safety pipeline: its repairs of planted non-finite values are one planned
+    // transaction; the report keeps its steps beside the plan.
+    {
+        use std::os::unix::fs::FileExt;
+        let map = MappedFile::open(d.join("m.gguf")).unwrap();
+        let gguf = map.parse().unwrap();
+        let t = gguf.require_tensor("blk.1.attn_norm.weight").unwrap();
+        assert_eq!(t.ggml_type, byte_tier::GgmlType::F32);
+        let at = t.data_range().start;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("m.gguf"))
+            .unwrap();
+        file.write_all_at(&f32::NAN.to_le_bytes(), at + 8).unwrap();
+        file.write_all_at(&f32::INFINITY.to_le_bytes(), at + 64)
+            .unwrap();
+    }
+    let plan = plan_then_apply(
+        d,
+        &[
+            "safety",
+            "m.gguf",
+            "--repair",
+            "zero",
+            "--config-dir",
+            "config",
+        ],
+    );
+    assert_eq!(plan["pipeline"], "safety");
+    assert!(
+        plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["step"] == "scan"),
+        "{plan}"
+    );
+    assert!(
+        plan["writes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["tensor"] == "blk.1.attn_norm.weight"),
+        "{plan}"
+    );
+    let map = MappedFile::open(d.join("m.gguf")).unwrap();
+    let gguf = map.parse().unwrap();
+    let t = gguf.require_tensor("blk.1.attn_norm.weight").unwrap();
+    let values = codec::dequantize_tensor(&gguf, t, 0..t.n_elements).unwrap();
+    assert!(values.iter().all(|v| v.is_finite()));
 }
