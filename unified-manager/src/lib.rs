@@ -28,7 +28,7 @@ pub use boost::BoostOptions;
 pub use config::{ConfigExport, SCHEMA_VERSION};
 pub use error::{Error, Result};
 pub use manager::{Manager, ManagerStats, ModelId, Patch, Receipt};
-pub use optimize::OptimizeOptions;
+pub use optimize::{OptimizeOptions, OptimizePlan};
 pub use preset::{ConfigDir, MemoryPatchSpec, Preset, Settings, TransformSpec};
 pub use report::{PipelineReport, Step, StepResult, Tier, Undo};
 pub use safety::{BoundSafetyPlan, Repair, SafetyOptions, SafetyPlan, ServerDefaults};

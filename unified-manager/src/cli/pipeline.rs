@@ -294,10 +294,26 @@ pub fn optimize(args: &OptimizeArgs) -> anyhow::Result<()> {
         },
     };
     let manager = Manager::new();
-    let bar = bytes_bar("optimizing", std::fs::metadata(&args.file)?.len());
-    let report = manager.optimize(&args.file, &options, &mut reporter(&bar));
+    // The requantization and the prune run once, into a rewrite plan: what a dry run
+    // reports, and what is written otherwise (refused if the input changed since).
+    let map = byte_tier::MappedFile::open(&args.file)?;
+    let gguf = map.parse()?;
+    let bar = bytes_bar("optimizing", gguf.file_len());
+    let plan = manager
+        .plan_optimize(&args.file, &gguf, &options)?
+        .with_progress(reporter(&bar));
+    let planned = plan.report().clone();
+    let applied = super::plan::run(plan, args.dry_run, args.json);
     bar.finish_and_clear();
-    print_report(&report?, args.json)
+    match applied? {
+        Some(report) => print_report(&report, args.json),
+        None => {
+            if !args.json {
+                print_report(&planned, false)?;
+            }
+            check_report(&planned)
+        }
+    }
 }
 
 /// Arguments of `hotpatch boost`.

@@ -662,3 +662,48 @@ fn live_patch_sets_plan_then_apply_the_same_writes() {
     let values = codec::dequantize_tensor(&gguf, t, 0..t.n_elements).unwrap();
     assert!(values.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn the_optimize_pipeline_plans_then_applies_one_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    copy_model(d);
+    let plan = plan_then_apply(
+        d,
+        &[
+            "optimize",
+            "m.gguf",
+            "--prune",
+            "3",
+            "--tensors",
+            "blk\\.0\\.ffn_down",
+            "--to",
+            "Q8_0",
+            "-o",
+            "small.gguf",
+        ],
+    );
+    // The pipeline's report (its steps) beside the rewrite plan.
+    assert_eq!(plan["pipeline"], "optimize");
+    let steps: Vec<&str> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["prune", "requantize", "write"]);
+    // Block 3 goes and the blocks after it are renumbered: the last block's names go.
+    let removed = strings(&plan["tensors_removed"]);
+    assert!(
+        !removed.is_empty() && removed.iter().all(|n| n.starts_with("blk.")),
+        "{plan}"
+    );
+    assert!(
+        plan["tensors_changed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "blk.0.ffn_down.weight"),
+        "{plan}"
+    );
+}
