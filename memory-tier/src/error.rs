@@ -210,6 +210,15 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The model changed between a plan and its apply: the plan no longer says what
+    /// applying it would do, so it is refused (plan again).
+    #[error("{model}: the model changed since the plan was made ({what}); plan again")]
+    StalePlan {
+        /// The model's file, or "the model".
+        model: String,
+        /// What changed: its length, its applied patches or the bytes the plan read.
+        what: String,
+    },
 }
 
 /// The result type of memory-tier.

@@ -23,8 +23,9 @@ mod sys;
 pub use agent::{AgentClient, AgentModel};
 pub use error::{Error, Result};
 pub use live::{
-    Action, AppliedPatch, AttachMode, ConflictReport, Event, HistoryEntry, LiveModel,
-    MemoryPatcher, PatchReport, RangeView, ReadGuard, Stats, WindowPolicy,
+    Action, AppliedPatch, AttachMode, ConflictReport, Event, HistoryEntry, LiveModel, LivePlan,
+    MemoryPatcher, PatchPlan, PatchReport, PatchStamp, PlannedPatch, RangeView, ReadGuard, Stats,
+    WindowPolicy,
 };
 pub use ops::{LayerSkipSet, block_tensors};
 pub use patch::{MemoryPatch, PatchKind, PatchTarget, Payload, ValueTransform};

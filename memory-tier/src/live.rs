@@ -20,7 +20,9 @@ use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use byte_tier::codec::{self, TransformReport};
+use byte_tier::plan::PlannedWrite;
 use byte_tier::{ByteWrite, Gguf, Journal, TensorInfo, TransactionState};
+use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -351,6 +353,7 @@ pub struct AppliedPatch {
 type Target = (Range<u64>, Option<usize>, Option<Range<u64>>);
 
 /// A patch planned against the bytes as they are: every check done, nothing written.
+#[derive(Debug)]
 struct Plan {
     range: Range<u64>,
     writes: Vec<ByteWrite>,
@@ -360,6 +363,169 @@ struct Plan {
     changed: u64,
     /// Indices (into `State::applied`) of the patches it lies over.
     displaces: Vec<usize>,
+}
+
+/// One patch of a [`PatchPlan`]: what applying it would do.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlannedPatch {
+    /// The patch's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its priority.
+    pub priority: i32,
+    /// The tensor it changes, if it targets one.
+    pub tensor: Option<String>,
+    /// The absolute byte range it owns.
+    pub range: Range<u64>,
+    /// Bytes whose value it changes.
+    pub bytes_changed: u64,
+    /// Bytes it writes.
+    pub bytes_written: u64,
+    /// Separate runs written.
+    pub runs: usize,
+    /// The codec's path for a value transform (`scales`, `elementwise`, `requantized`).
+    pub path: Option<String>,
+    /// RMS error against the intended values, for a value transform.
+    pub rms_error: Option<f64>,
+    /// Largest absolute error against the intended values, for a value transform.
+    pub max_abs_error: Option<f64>,
+    /// Ids of the applied patches it would lie over.
+    pub displaces: Vec<String>,
+}
+
+/// What a [`PatchPlan`] was made from, checked again before it is applied: the
+/// region's length, the patches applied then (a plan computes a displacing patch's
+/// values from their undo bytes) and a SHA-256 of the bytes it read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PatchStamp {
+    /// The region's length.
+    pub len: u64,
+    /// Ids of the applied patches, oldest first.
+    pub applied: Vec<String>,
+    /// The ranges the digest covers: every planned patch's range.
+    pub ranges: Vec<Range<u64>>,
+    /// SHA-256 (hex) of the bytes of `ranges`, one after another.
+    pub sha256: String,
+}
+
+impl PatchStamp {
+    fn take(bytes: &[u8], state: &State, ranges: Vec<Range<u64>>) -> PatchStamp {
+        PatchStamp {
+            len: bytes.len() as u64,
+            applied: state
+                .applied
+                .iter()
+                .map(|a| a.patch.id.to_string())
+                .collect(),
+            sha256: digest(bytes, &ranges),
+            ranges,
+        }
+    }
+
+    /// What differs between the model the plan was made from and `bytes` and `state`.
+    fn differs(&self, bytes: &[u8], state: &State) -> Option<&'static str> {
+        if self.len != bytes.len() as u64 {
+            return Some("its length changed");
+        }
+        let applied: Vec<String> = state
+            .applied
+            .iter()
+            .map(|a| a.patch.id.to_string())
+            .collect();
+        if self.applied != applied {
+            return Some("its applied patches changed");
+        }
+        if self.sha256 != digest(bytes, &self.ranges) {
+            return Some("the bytes the plan read changed");
+        }
+        None
+    }
+}
+
+/// SHA-256 (hex) of `ranges` of `bytes` (ranges were checked to lie inside them).
+fn digest(bytes: &[u8], ranges: &[Range<u64>]) -> String {
+    let mut all = Vec::new();
+    for r in ranges {
+        all.extend_from_slice(&bytes[r.start as usize..r.end as usize]);
+    }
+    byte_tier::ops::to_hex(&byte_tier::ops::sha256(&all))
+}
+
+/// A transaction of patches planned once against the model as it is, with every check
+/// done and every value computed: serialized, it says what applying would write
+/// (`kind` `in_place`, as byte-tier's write plans); [`LiveModel::apply_planned`]
+/// writes exactly that, or refuses with [`Error::StalePlan`] when the model changed
+/// since. Making one writes nothing, not even a journal.
+#[derive(Debug, Serialize)]
+pub struct PatchPlan {
+    /// `"in_place"`.
+    pub kind: &'static str,
+    /// The model's file, when it maps one.
+    pub file: Option<PathBuf>,
+    /// The journal transaction's name.
+    pub name: String,
+    /// The region's length (unchanged).
+    pub size_before: u64,
+    /// The region's length afterwards.
+    pub size_after: u64,
+    /// The writes, sorted, only bytes that change (or a snapshot patch's whole range).
+    pub writes: Vec<PlannedWrite>,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Each patch.
+    pub patches: Vec<PlannedPatch>,
+    /// What it was made from.
+    pub stamp: PatchStamp,
+    #[serde(skip)]
+    items: Vec<(MemoryPatch, Plan, PatchReport)>,
+}
+
+impl PatchPlan {
+    /// Whether applying would change no byte.
+    pub fn is_noop(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// The report each patch would give (no journal transaction yet).
+    pub fn reports(&self) -> Vec<PatchReport> {
+        self.items.iter().map(|(_, _, r)| r.clone()).collect()
+    }
+
+    /// Binds the plan to the model it applies to, as a `byte_tier::plan::Plan`.
+    pub fn on(self, model: &LiveModel) -> LivePlan<'_> {
+        LivePlan { model, plan: self }
+    }
+}
+
+/// A [`PatchPlan`] with the model it applies to: reported as the plan, applied by
+/// [`LiveModel::apply_planned`].
+#[derive(Debug, Serialize)]
+pub struct LivePlan<'a> {
+    #[serde(skip)]
+    model: &'a LiveModel,
+    #[serde(flatten)]
+    plan: PatchPlan,
+}
+
+impl LivePlan<'_> {
+    /// The plan.
+    pub fn plan(&self) -> &PatchPlan {
+        &self.plan
+    }
+}
+
+impl byte_tier::plan::Plan for LivePlan<'_> {
+    type Applied = Vec<PatchReport>;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.plan.is_noop()
+    }
+
+    fn apply(self) -> Result<Vec<PatchReport>> {
+        self.model.apply_planned(self.plan)
+    }
 }
 
 /// A live model region.
@@ -503,7 +669,8 @@ fn image_with(bytes: &[u8], range: &Range<u64>, overlays: &[&[(u64, Vec<u8>)]]) 
 impl LiveModel {
     /// Attaches to the GGUF file at `path`. A shared attach rolls back an unfinished
     /// transaction first, then lists again the live patches the file's journal records
-    /// as applied (by this process before, or by another one that stopped or crashed).
+    /// as applied (by this process before, or by another one that stopped or crashed);
+    /// a private view lists them from the journal read under a shared lock.
     pub fn attach(path: impl AsRef<Path>, mode: AttachMode) -> Result<LiveModel> {
         let path = path.as_ref();
         let writable = mode == AttachMode::Shared;
@@ -539,7 +706,17 @@ impl LiveModel {
             }
         };
         let model = LiveModel::with_mapping(mapping, Some(path.to_owned()), journal, None)?;
-        model.list_journaled_patches()?;
+        match &model.journal {
+            Some(journal) => {
+                model.list_journaled_patches(&journal.lock().unwrap_or_else(|e| e.into_inner()))?
+            }
+            // A private view lists them too, from the journal read under a shared lock
+            // (nothing is written): what it plans is what a shared attach would apply.
+            None if mode == AttachMode::Private && byte_tier::journal_path(path).exists() => {
+                model.list_journaled_patches(&Journal::open_read_only(path)?)?
+            }
+            None => {}
+        }
         Ok(model)
     }
 
@@ -611,11 +788,7 @@ impl LiveModel {
     /// Rebuilds the applied patches from the journal's notes: each live apply that no
     /// later live revert undid, with its undo bytes from the journal and the bytes that
     /// later reverts handed to it.
-    fn list_journaled_patches(&self) -> Result<()> {
-        let Some(journal) = &self.journal else {
-            return Ok(());
-        };
-        let journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+    fn list_journaled_patches(&self, journal: &Journal) -> Result<()> {
         let mut region = self.region.write();
         let (bytes, state) = region.parts();
         let committed =
@@ -1054,16 +1227,70 @@ impl LiveModel {
     }
 
     /// Plans `patches` as one transaction without writing anything: the report each
-    /// would give, and the first error any of them meets. Applying then is
-    /// [`LiveModel::apply_reported`], which plans again under its lock.
+    /// would give, and the first error any of them meets.
     pub fn plan(&self, patches: &[MemoryPatch]) -> Result<Vec<PatchReport>> {
+        Ok(self.plan_transaction(patches.to_vec())?.reports())
+    }
+
+    /// Plans `patches` as one transaction without writing anything (no byte, no
+    /// journal): a [`PatchPlan`] that says what would be written and that
+    /// [`LiveModel::apply_planned`] applies as it is, without planning again.
+    pub fn plan_transaction(&self, patches: Vec<MemoryPatch>) -> Result<PatchPlan> {
         let region = self.region.read();
-        let plans = self.plan_batch(region.bytes(), &region, patches)?;
-        Ok(patches
+        let bytes = region.bytes();
+        let plans = self.plan_batch(bytes, &region, &patches)?;
+        let mut writes: Vec<PlannedWrite> = plans
             .iter()
-            .zip(plans)
-            .map(|(patch, plan)| self.report(patch, &plan, &region, None))
-            .collect())
+            .flat_map(|plan| {
+                let tensor = plan.tensor.map(|t| self.tensors[t].name.clone());
+                plan.writes.iter().map(move |w| PlannedWrite {
+                    offset: w.offset,
+                    len: w.bytes.len() as u64,
+                    tensor: tensor.clone(),
+                    key: None,
+                })
+            })
+            .collect();
+        writes.sort_by_key(|w| w.offset);
+        let stamp = PatchStamp::take(
+            bytes,
+            &region,
+            plans.iter().map(|p| p.range.clone()).collect(),
+        );
+        let mut items = Vec::with_capacity(plans.len());
+        let mut planned = Vec::with_capacity(plans.len());
+        for (patch, plan) in patches.into_iter().zip(plans) {
+            let report = self.report(&patch, &plan, &region, None);
+            let transform = report.transform.as_ref();
+            planned.push(PlannedPatch {
+                id: patch.id.to_string(),
+                name: patch.name.clone(),
+                priority: patch.priority,
+                tensor: report.tensor.clone(),
+                range: report.range.clone(),
+                bytes_changed: report.bytes_changed,
+                bytes_written: report.bytes_written,
+                runs: report.runs,
+                path: transform.map(|t| format!("{:?}", t.path).to_lowercase()),
+                rms_error: transform.map(|t| t.rms_error),
+                max_abs_error: transform.map(|t| t.max_abs_error),
+                displaces: report.displaces.iter().map(Uuid::to_string).collect(),
+            });
+            items.push((patch, plan, report));
+        }
+        let names: Vec<&str> = items.iter().map(|(p, _, _)| p.name.as_str()).collect();
+        Ok(PatchPlan {
+            kind: "in_place",
+            file: self.path.clone(),
+            name: format!("live {}", names.join(", ")),
+            size_before: bytes.len() as u64,
+            size_after: bytes.len() as u64,
+            bytes: writes.iter().map(|w| w.len).sum(),
+            writes,
+            patches: planned,
+            stamp,
+            items,
+        })
     }
 
     fn report(
@@ -1269,6 +1496,47 @@ impl LiveModel {
                 return Err(error);
             }
         };
+        self.write_planned(region, patches, plans, started)
+    }
+
+    /// Applies `plan` as it was made by [`LiveModel::plan_transaction`] (on this model,
+    /// or on another view of the same file), without computing any value again: refused
+    /// with [`Error::StalePlan`] when the model's length, its applied patches or the
+    /// bytes the plan read changed since.
+    pub fn apply_planned(&self, plan: PatchPlan) -> Result<Vec<PatchReport>> {
+        let started = Instant::now();
+        let region = self.region.write();
+        let (patches, plans): (Vec<MemoryPatch>, Vec<Plan>) =
+            plan.items.into_iter().map(|(p, plan, _)| (p, plan)).unzip();
+        let what = if plan.file.is_some() && plan.file != self.path {
+            Some("it was made for another file")
+        } else {
+            plan.stamp.differs(region.bytes(), &region)
+        };
+        if let Some(what) = what {
+            let mut region = region;
+            let error = Error::StalePlan {
+                model: self
+                    .path
+                    .as_ref()
+                    .map_or_else(|| "the model".to_owned(), |p| p.display().to_string()),
+                what: what.to_owned(),
+            };
+            LiveModel::record_failure(&mut region, &patches, &error, started);
+            return Err(error);
+        }
+        self.write_planned(region, patches, plans, started)
+    }
+
+    /// Writes planned patches as one journal transaction and records them as applied.
+    fn write_planned(
+        &self,
+        mut region: RegionWrite<'_, State>,
+        patches: Vec<MemoryPatch>,
+        plans: Vec<Plan>,
+        started: Instant,
+    ) -> Result<Vec<PatchReport>> {
+        let (bytes, state) = region.parts();
         // What each patch replaces, taken before the first byte moves.
         let mut undos = Vec::with_capacity(plans.len());
         let mut all_writes = Vec::new();

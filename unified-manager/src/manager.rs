@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use byte_tier::named::BytePatch;
-use memory_tier::{AttachMode, LiveModel, MemoryPatch, PatchTarget, Payload};
+use memory_tier::{AttachMode, LiveModel, MemoryPatch, PatchPlan, PatchTarget, Payload};
+use serde::Serialize;
 use uuid::Uuid;
 
 use crate::boost::HeldBoost;
@@ -65,6 +66,83 @@ pub struct Receipt {
     pub memory_patch: Option<Uuid>,
     /// The file journal's transaction (shared file attachments).
     pub journal_transaction: Option<u64>,
+}
+
+/// Patches planned as one unit by [`Manager::plan_all`]: the memory and byte patches as
+/// one memory-tier transaction plan (its writes, codec costs and stamp), then the server
+/// rules. Reported as it is serialized; [`UnitPlan::on`] binds it to the manager that
+/// applies it, unchanged.
+#[derive(Debug, Serialize)]
+pub struct UnitPlan {
+    /// The memory and byte patches' transaction.
+    #[serde(flatten)]
+    pub memory: PatchPlan,
+    /// The server rules added after it, by name.
+    pub rules: Vec<String>,
+    #[serde(skip)]
+    model: ModelId,
+    #[serde(skip)]
+    rule_data: Vec<Rule>,
+    #[serde(skip)]
+    order: Vec<(Tier, String)>,
+}
+
+impl UnitPlan {
+    /// What applying would give back, before any journal transaction exists.
+    pub fn receipts(&self) -> Vec<Receipt> {
+        let mut ids = self.memory.reports().into_iter().map(|r| r.id);
+        self.order
+            .iter()
+            .map(|(tier, name)| Receipt {
+                tier: *tier,
+                name: name.clone(),
+                memory_patch: if *tier == Tier::Server {
+                    None
+                } else {
+                    ids.next()
+                },
+                journal_transaction: None,
+            })
+            .collect()
+    }
+
+    /// Binds the plan to the manager that applies it, as a `byte_tier::plan::Plan`.
+    pub fn on(self, manager: &Manager) -> BoundUnitPlan<'_> {
+        BoundUnitPlan {
+            manager,
+            plan: self,
+        }
+    }
+}
+
+/// A [`UnitPlan`] with its manager: reported as the plan, applied by
+/// [`Manager::apply_planned`].
+#[derive(Debug, Serialize)]
+pub struct BoundUnitPlan<'a> {
+    #[serde(skip)]
+    manager: &'a Manager,
+    #[serde(flatten)]
+    plan: UnitPlan,
+}
+
+impl BoundUnitPlan<'_> {
+    /// The plan.
+    pub fn plan(&self) -> &UnitPlan {
+        &self.plan
+    }
+}
+
+impl byte_tier::plan::Plan for BoundUnitPlan<'_> {
+    type Applied = Vec<Receipt>;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.plan.memory.is_noop() && self.plan.rules.is_empty()
+    }
+
+    fn apply(self) -> Result<Vec<Receipt>> {
+        self.manager.apply_planned(self.plan)
+    }
 }
 
 /// Counters across the tiers.
@@ -250,6 +328,73 @@ impl Manager {
             .map(|mut receipts| receipts.remove(0))
     }
 
+    /// Plans patches as one unit without writing anything: the memory and byte patches
+    /// as one memory-tier transaction plan, the server rules after it (refused now when
+    /// there are rules and no server).
+    pub fn plan_all(&self, id: ModelId, patches: Vec<Patch>) -> Result<UnitPlan> {
+        let live = self.model(id)?;
+        let mut order = Vec::with_capacity(patches.len());
+        let mut memory = Vec::new();
+        let mut rules = Vec::new();
+        {
+            let guard = live.read();
+            for patch in patches {
+                order.push((patch.tier(), patch.name().to_owned()));
+                match patch {
+                    Patch::Memory(p) => memory.push(p),
+                    Patch::Byte(p) => memory.push(byte_patch_as_memory(&p, guard.bytes())?),
+                    Patch::Rule(rule) => rules.push(*rule),
+                }
+            }
+        }
+        if !rules.is_empty() && self.server().is_none() {
+            return Err(Error::Refused(
+                "server rules need an attached server".to_owned(),
+            ));
+        }
+        Ok(UnitPlan {
+            memory: live.plan_transaction(memory)?,
+            rules: rules.iter().map(|r| r.name.clone()).collect(),
+            model: id,
+            rule_data: rules,
+            order,
+        })
+    }
+
+    /// Applies a [`UnitPlan`] as it was made: the memory transaction without planning
+    /// it again (refused when the model changed since), then the server rules; if a
+    /// rule is refused, everything applied before it is reverted.
+    pub fn apply_planned(&self, plan: UnitPlan) -> Result<Vec<Receipt>> {
+        let UnitPlan {
+            memory,
+            model: id,
+            rule_data: rules,
+            order,
+            ..
+        } = plan;
+        let server =
+            if rules.is_empty() {
+                None
+            } else {
+                Some(self.server().ok_or_else(|| {
+                    Error::Refused("server rules need an attached server".to_owned())
+                })?)
+            };
+        let ids: Vec<Uuid> = if memory.patches.is_empty() {
+            Vec::new()
+        } else {
+            self.change(id, |live| {
+                Ok(live
+                    .apply_planned(memory)?
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect())
+            })?
+            .0
+        };
+        self.finish_unit(id, ids, rules, server, order)
+    }
+
     /// Applies patches as one unit: the memory and byte patches in one memory-tier
     /// transaction (all or none, one journal transaction for a shared file), then the
     /// server rules; if a rule is refused, everything applied before it is reverted.
@@ -282,6 +427,20 @@ impl Manager {
         } else {
             self.change(id, |live| Ok(live.apply_all(memory)?))?
         };
+        self.finish_unit(id, ids, rules, server, order)
+    }
+
+    /// After the memory transaction `ids` of model `id`: adds the server rules (undoing
+    /// everything on a refusal) and makes the receipts in the patches' order.
+    fn finish_unit(
+        &self,
+        id: ModelId,
+        ids: Vec<Uuid>,
+        rules: Vec<Rule>,
+        server: Option<Arc<dyn ServerLink>>,
+        order: Vec<(Tier, String)>,
+    ) -> Result<Vec<Receipt>> {
+        let live = self.model(id)?;
         let mut added: Vec<String> = Vec::new();
         if let Some(server) = &server {
             for rule in rules {

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use byte_tier::edit::{
-    PruneReport, Requantized, prune_layers, requantize_tensors_weighted, rewrite_file,
-};
+use byte_tier::edit::{PruneReport, Requantized, prune_layers, requantize_tensors_weighted};
 use byte_tier::imatrix::ImportanceMatrix;
-use byte_tier::{GgmlType, GgufWriter, MappedFile};
+use byte_tier::plan::RewritePlan;
+use byte_tier::{GgmlType, Gguf, GgufWriter, MappedFile};
 use regex::Regex;
+use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::manager::Manager;
@@ -58,6 +58,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// What the edit did, for the report.
+#[derive(Debug, Serialize)]
 struct Edits {
     pruned: Option<PruneReport>,
     removed_bytes: u64,
@@ -105,6 +106,95 @@ fn edit<'a>(
     Ok(edits)
 }
 
+/// An optimize run planned by [`Manager::plan_optimize`]: the rewrite into the output
+/// (a `RewritePlan`, made once: requantized data included) and the report of the prune
+/// and requantize steps. Serialized, it is the report's fields and the plan's.
+pub struct OptimizePlan<'a> {
+    manager: &'a Manager,
+    report: PipelineReport,
+    rewrite: RewritePlan<'a, Edits>,
+}
+
+impl std::fmt::Debug for OptimizePlan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OptimizePlan")
+            .field("report", &self.report)
+            .field("rewrite", &self.rewrite)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serialize for OptimizePlan<'_> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Both<'p, 'a> {
+            #[serde(flatten)]
+            report: &'p PipelineReport,
+            #[serde(flatten)]
+            rewrite: &'p RewritePlan<'a, Edits>,
+        }
+        Both {
+            report: &self.report,
+            rewrite: &self.rewrite,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'a> OptimizePlan<'a> {
+    /// The report of the planned steps.
+    pub fn report(&self) -> &PipelineReport {
+        &self.report
+    }
+
+    /// Reports progress (bytes written, total) while the output is written.
+    pub fn with_progress(mut self, progress: impl FnMut(u64, u64) + 'a) -> Self {
+        self.rewrite = self.rewrite.with_progress(progress);
+        self
+    }
+}
+
+impl byte_tier::plan::Plan for OptimizePlan<'_> {
+    type Applied = PipelineReport;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.rewrite.is_noop()
+    }
+
+    /// Writes the output as planned (refused when the input changed since), then
+    /// records how to undo the run.
+    fn apply(self) -> Result<PipelineReport> {
+        let OptimizePlan {
+            manager,
+            mut report,
+            rewrite,
+        } = self;
+        let started = Instant::now();
+        let outcome = rewrite.write()?;
+        let (before, after) = (outcome.input_len, outcome.bytes_written);
+        let sha256 = hex_sha256(&outcome.output)?;
+        report.undo.output = Some((outcome.output, sha256));
+        report.push(
+            "write",
+            Tier::Byte,
+            started,
+            StepOutcome::ok(
+                format!(
+                    "wrote the output: {before} -> {after} bytes ({:+.1}%)",
+                    (after as f64 / before.max(1) as f64 - 1.0) * 100.0
+                ),
+                after,
+            ),
+        );
+        manager.completed(&report);
+        Ok(report)
+    }
+}
+
 impl Manager {
     /// Runs the optimize pipeline on `input`: one rewrite into `options.output` that
     /// prunes the listed layers and requantizes the selected tensors. `progress` gets
@@ -115,6 +205,25 @@ impl Manager {
         options: &OptimizeOptions,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<PipelineReport> {
+        let map = MappedFile::open(input)?;
+        let gguf = map.parse()?;
+        let plan = self
+            .plan_optimize(input, &gguf, options)?
+            .with_progress(progress);
+        if options.dry_run {
+            return Ok(plan.report);
+        }
+        byte_tier::plan::Plan::apply(plan)
+    }
+
+    /// The planning steps of [`Manager::optimize`] on `input`, parsed as `gguf`: the
+    /// prune and the requantization run once, into a rewrite plan; nothing is written.
+    pub fn plan_optimize<'a>(
+        &'a self,
+        input: &Path,
+        gguf: &Gguf<'a>,
+        options: &OptimizeOptions,
+    ) -> Result<OptimizePlan<'a>> {
         if same_file(input, &options.output) {
             return Err(Error::Refused(
                 "optimize writes a new file: give an output other than the input (a running server maps the input, and a rewrite under it is never safe)".to_owned(),
@@ -127,19 +236,11 @@ impl Manager {
         }
         let mut report = PipelineReport::new("optimize", input.to_owned(), options.dry_run);
         let started = Instant::now();
-        let (edits, bytes_before, bytes_after) = if options.dry_run {
-            let map = MappedFile::open(input)?;
-            let gguf = map.parse()?;
-            let mut writer = GgufWriter::from_gguf(&gguf);
-            let edits = edit(&gguf, &mut writer, options)?;
-            let after = edits.planned_len;
-            (edits, gguf.file_len(), after)
-        } else {
-            let outcome = rewrite_file(input, Some(&options.output), progress, |gguf, writer| {
-                edit(gguf, writer, options)
-            })?;
-            (outcome.result, outcome.input_len, outcome.bytes_written)
-        };
+        let rewrite = RewritePlan::new(input, Some(&options.output), gguf, |gguf, writer| {
+            edit(gguf, writer, options)
+        })?;
+        let (bytes_before, bytes_after) = (gguf.file_len(), rewrite.size_after());
+        let edits = rewrite.details();
         let elapsed = started;
         let outcome = match &edits.pruned {
             None => StepOutcome::skipped("no layers listed"),
@@ -180,27 +281,21 @@ impl Manager {
             }
         };
         report.push("requantize", Tier::Byte, elapsed, outcome);
-        let started = Instant::now();
-        let outcome = if options.dry_run {
-            StepOutcome::skipped(format!(
-                "dry run: {} would be {bytes_after} bytes (from {bytes_before})",
-                options.output.display()
-            ))
-        } else {
-            let sha256 = hex_sha256(&options.output)?;
-            report.undo.output = Some((options.output.clone(), sha256));
-            StepOutcome::ok(
-                format!(
-                    "wrote the output: {bytes_before} -> {bytes_after} bytes ({:+.1}%)",
-                    (bytes_after as f64 / bytes_before.max(1) as f64 - 1.0) * 100.0
-                ),
-                bytes_after,
-            )
-        };
-        report.push("write", Tier::Byte, started, outcome);
-        if !options.dry_run {
-            self.completed(&report);
+        if options.dry_run {
+            report.push(
+                "write",
+                Tier::Byte,
+                Instant::now(),
+                StepOutcome::skipped(format!(
+                    "dry run: {} would be {bytes_after} bytes (from {bytes_before})",
+                    options.output.display()
+                )),
+            );
         }
-        Ok(report)
+        Ok(OptimizePlan {
+            manager: self,
+            report,
+            rewrite,
+        })
     }
 }

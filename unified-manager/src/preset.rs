@@ -428,6 +428,12 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 impl Manager {
+    /// Plans `preset` on model `id` as one unit ([`Manager::plan_all`]), writing nothing.
+    pub fn plan_preset(&self, id: ModelId, preset: &Preset) -> Result<crate::manager::UnitPlan> {
+        preset.validate(&preset.name)?;
+        self.plan_all(id, preset.patches()?)
+    }
+
     /// Applies a preset to the model attached as `id` as one unit (memory and byte
     /// patches in one transaction, then the server rules; all or none).
     pub fn apply_preset(&self, id: ModelId, preset: &Preset) -> Result<Vec<Receipt>> {

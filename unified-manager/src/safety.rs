@@ -8,7 +8,7 @@ use std::time::Instant;
 use byte_tier::codec::{self, NonFiniteReport};
 use byte_tier::verify::Manifest;
 use byte_tier::{Gguf, TensorInfo};
-use memory_tier::{MemoryPatch, PatchKind, PatchTarget, Payload};
+use memory_tier::{MemoryPatch, PatchKind, PatchPlan, PatchTarget, Payload};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -316,14 +316,15 @@ impl<'a> FixPlanner<'a> {
     }
 }
 
-/// The integrity, scan, repair, clamp and write steps, with the model's writers held
-/// off: the repairs are planned on exactly the bytes they replace. Returns whether the
-/// run goes on (false when the integrity check failed).
-fn plan_and_write(
+/// The integrity, scan, repair and clamp steps, with the model's writers held off: the
+/// repairs are planned on exactly the bytes they replace, as one transaction plan.
+/// Writes nothing. Returns the plan and whether the run goes on (false when the
+/// integrity check failed; the plan is then empty).
+fn plan_repairs(
     live: &memory_tier::LiveModel,
     options: &SafetyOptions,
     report: &mut PipelineReport,
-) -> Result<bool> {
+) -> Result<(PatchPlan, bool)> {
     let patches;
     {
         let guard = live.read();
@@ -364,7 +365,8 @@ fn plan_and_write(
         };
         report.push("integrity", Tier::Byte, started, outcome);
         if !report.succeeded() {
-            return Ok(false);
+            drop(guard);
+            return Ok((live.plan_transaction(Vec::new())?, false));
         }
 
         let started = Instant::now();
@@ -462,38 +464,68 @@ fn plan_and_write(
             .collect::<Vec<_>>();
     }
 
-    let started = Instant::now();
-    let planned: u64 = report
-        .steps
-        .iter()
-        .filter(|s| s.step == "repair" || s.step == "outlier_clamp")
-        .map(|s| s.bytes)
-        .sum();
-    let outcome = if patches.is_empty() {
-        StepOutcome::skipped("nothing to write")
-    } else if options.dry_run {
-        StepOutcome::skipped(format!(
-            "dry run: {} patches would change {planned} bytes",
-            patches.len()
-        ))
-    } else {
-        let count = patches.len();
-        let ids = live.apply_all(patches)?;
-        report.undo.journal_transaction = ids.first().and_then(|id| live.journal_transaction(*id));
-        report.undo.memory_patches = ids;
-        StepOutcome::ok(
-            format!(
-                "{count} patches in one transaction{}",
-                report
-                    .undo
-                    .journal_transaction
-                    .map_or(String::new(), |t| format!(" (journal transaction {t})"))
-            ),
-            planned,
-        )
-    };
-    report.push("write", Tier::Memory, started, outcome);
-    Ok(true)
+    Ok((live.plan_transaction(patches)?, true))
+}
+
+/// A safety run planned by [`Manager::plan_safety`]: the report of the steps that plan
+/// (integrity, scan, repair, clamp) and the repairs as one memory-tier transaction plan.
+/// Serialized, it is the report's fields and the plan's.
+#[derive(Debug, Serialize)]
+pub struct SafetyPlan {
+    /// The report so far.
+    #[serde(flatten)]
+    pub report: PipelineReport,
+    /// The repairs.
+    #[serde(flatten)]
+    pub memory: PatchPlan,
+    #[serde(skip)]
+    proceed: bool,
+    #[serde(skip)]
+    model: ModelId,
+}
+
+impl SafetyPlan {
+    /// Binds the plan to the manager and options that apply it, as a
+    /// `byte_tier::plan::Plan`.
+    pub fn on<'a>(self, manager: &'a Manager, options: &'a SafetyOptions) -> BoundSafetyPlan<'a> {
+        BoundSafetyPlan {
+            manager,
+            options,
+            plan: self,
+        }
+    }
+}
+
+/// A [`SafetyPlan`] with what applies it: reported as the plan, applied by
+/// [`Manager::apply_safety`].
+#[derive(Debug, Serialize)]
+pub struct BoundSafetyPlan<'a> {
+    #[serde(skip)]
+    manager: &'a Manager,
+    #[serde(skip)]
+    options: &'a SafetyOptions,
+    #[serde(flatten)]
+    plan: SafetyPlan,
+}
+
+impl BoundSafetyPlan<'_> {
+    /// The plan.
+    pub fn plan(&self) -> &SafetyPlan {
+        &self.plan
+    }
+}
+
+impl byte_tier::plan::Plan for BoundSafetyPlan<'_> {
+    type Applied = PipelineReport;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.plan.memory.is_noop()
+    }
+
+    fn apply(self) -> Result<PipelineReport> {
+        self.manager.apply_safety(self.plan, self.options)
+    }
 }
 
 impl Manager {
@@ -503,14 +535,80 @@ impl Manager {
     /// memory-tier transaction), then the default server rules when a server is
     /// attached. A failed step undoes the steps before it.
     pub fn safety(&self, id: ModelId, options: &SafetyOptions) -> Result<PipelineReport> {
+        let plan = self.plan_safety(id, options)?;
+        self.apply_safety(plan, options)
+    }
+
+    /// The planning steps of [`Manager::safety`] (integrity, scan, repair, clamp): the
+    /// report so far and the repairs as one transaction plan; nothing is written.
+    pub fn plan_safety(&self, id: ModelId, options: &SafetyOptions) -> Result<SafetyPlan> {
         let (path, _) = self.source(id)?;
         let mut report = PipelineReport::new("safety", path.unwrap_or_default(), options.dry_run);
-        let proceed = self
-            .change(id, |live| plan_and_write(live, options, &mut report))?
+        let (memory, proceed) = self
+            .change(id, |live| plan_repairs(live, options, &mut report))?
             .0;
+        Ok(SafetyPlan {
+            report,
+            memory,
+            proceed,
+            model: id,
+        })
+    }
+
+    /// The write and server steps of [`Manager::safety`]: writes the plan's repairs as
+    /// they were planned (refused when the model changed since; nothing in a dry run),
+    /// then adds the server rules. A failed step undoes the steps before it.
+    pub fn apply_safety(
+        &self,
+        plan: SafetyPlan,
+        options: &SafetyOptions,
+    ) -> Result<PipelineReport> {
+        let SafetyPlan {
+            mut report,
+            memory,
+            proceed,
+            model: id,
+        } = plan;
         if !proceed {
             return Ok(report);
         }
+        let started = Instant::now();
+        let planned: u64 = report
+            .steps
+            .iter()
+            .filter(|s| s.step == "repair" || s.step == "outlier_clamp")
+            .map(|s| s.bytes)
+            .sum();
+        let count = memory.patches.len();
+        let outcome = if count == 0 {
+            StepOutcome::skipped("nothing to write")
+        } else if options.dry_run {
+            StepOutcome::skipped(format!(
+                "dry run: {count} patches would change {planned} bytes"
+            ))
+        } else {
+            let (ids, transaction) = self
+                .change(id, |live| {
+                    let ids: Vec<_> = live
+                        .apply_planned(memory)?
+                        .into_iter()
+                        .map(|r| r.id)
+                        .collect();
+                    let transaction = ids.first().and_then(|id| live.journal_transaction(*id));
+                    Ok((ids, transaction))
+                })?
+                .0;
+            report.undo.journal_transaction = transaction;
+            report.undo.memory_patches = ids;
+            StepOutcome::ok(
+                format!(
+                    "{count} patches in one transaction{}",
+                    transaction.map_or(String::new(), |t| format!(" (journal transaction {t})"))
+                ),
+                planned,
+            )
+        };
+        report.push("write", Tier::Memory, started, outcome);
 
         let started = Instant::now();
         let outcome = match (self.server(), &options.server) {

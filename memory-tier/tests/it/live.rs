@@ -665,3 +665,84 @@ fn an_applied_transform_is_planned_once_and_its_report_is_the_written_one() {
     assert_eq!(report.path, byte_tier::codec::TransformPath::Requantized);
     assert!(report.rms_error > 0.0);
 }
+
+#[test]
+fn a_transaction_plan_is_applied_as_planned_and_writes_nothing_until_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_model(dir.path());
+    let original = std::fs::read(&path).unwrap();
+    let model = LiveModel::attach(&path, AttachMode::Shared).unwrap();
+    let patch = MemoryPatch::transform("offset q", "q", ValueTransform::Offset(0.25));
+    let plan = model.plan_transaction(vec![patch]).unwrap();
+    // Planning wrote nothing, and the plan names its writes inside the tensor.
+    assert_eq!(std::fs::read(&path).unwrap(), original);
+    assert!(!plan.is_noop());
+    let q = model.tensor("q").unwrap().data_range();
+    assert!(
+        plan.writes
+            .iter()
+            .all(|w| w.offset >= q.start && w.offset + w.len <= q.end)
+    );
+    assert_eq!(plan.patches[0].path.as_deref(), Some("requantized"));
+    let writes: Vec<(u64, u64)> = plan.writes.iter().map(|w| (w.offset, w.len)).collect();
+    // Applying computes no value again.
+    let before = byte_tier::codec::transforms_run();
+    let reports = model.apply_planned(plan).unwrap();
+    assert_eq!(byte_tier::codec::transforms_run() - before, 0);
+    assert!(reports[0].journal_transaction.is_some());
+    // The file changed exactly inside the planned writes.
+    let after = std::fs::read(&path).unwrap();
+    let mut at = 0usize;
+    for (offset, len) in writes {
+        let (start, end) = (offset as usize, (offset + len) as usize);
+        assert_eq!(original[at..start], after[at..start]);
+        assert_ne!(original[start..end], after[start..end]);
+        at = end;
+    }
+    assert_eq!(original[at..], after[at..]);
+}
+
+#[test]
+fn a_plan_applied_after_the_model_changed_is_refused_as_stale() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = small_model(dir.path());
+    let model = LiveModel::attach(&path, AttachMode::Shared).unwrap();
+    let q = model.tensor("q").unwrap().data_range();
+
+    // The bytes the plan read change behind the model's back (another writer of the
+    // file): the plan no longer says what applying it does.
+    let plan = model
+        .plan_transaction(vec![MemoryPatch::transform(
+            "scale q",
+            "q",
+            ValueTransform::Scale(2.0),
+        )])
+        .unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&[0x55; 8], q.start + 2).unwrap();
+    let changed = std::fs::read(&path).unwrap();
+    match model.apply_planned(plan) {
+        Err(Error::StalePlan { what, .. }) => assert!(what.contains("bytes"), "{what}"),
+        other => panic!("a stale plan was not refused: {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        changed,
+        "a refused plan wrote"
+    );
+
+    // A patch applied between the plan and its apply changes what it would displace.
+    let plan = model
+        .plan_transaction(vec![
+            MemoryPatch::transform("zero a", "a", ValueTransform::Zero).with_priority(1),
+        ])
+        .unwrap();
+    let a = model.tensor("a").unwrap().data_range();
+    model.apply(raw("under", a.start..a.start + 32, 7)).unwrap();
+    match model.apply_planned(plan) {
+        Err(Error::StalePlan { what, .. }) => assert!(what.contains("applied"), "{what}"),
+        other => panic!("a stale plan was not refused: {other:?}"),
+    }
+    assert_eq!(model.applied().len(), 1);
+}

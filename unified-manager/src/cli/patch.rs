@@ -205,16 +205,7 @@ pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
         Payload::Transform(transform),
     )
     .with_priority(args.priority);
-    if args.dry_run {
-        // A private copy-on-write view: the same plan as the real apply, nothing written.
-        let model = LiveModel::attach(&args.file, AttachMode::Private)
-            .with_context(|| format!("map {}", args.file.display()))?;
-        let reports = model.plan(std::slice::from_ref(&patch))?;
-        let outcome = Outcome::from_report(&reports[0], elements);
-        print_outcome(args.json, &outcome, true);
-        return Ok(());
-    }
-    if let Some(socket) = &args.agent {
+    if let Some(socket) = args.agent.as_ref().filter(|_| !args.dry_run) {
         let (report, delivery) = super::agent::apply(&args.file, socket, args.persist, patch)?;
         let outcome = Outcome::from_report(&report, elements);
         if args.json {
@@ -256,19 +247,46 @@ pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
     }
     // The write goes through a shared writable mapping of the file, under page
     // protection and through the journal: a llama-server that maps the file (on CPU,
-    // with --no-repack) computes its next token with the new values. The transform is
-    // planned once, under the model's lock, and that plan is what is written and shown.
-    let model = LiveModel::attach(&args.file, AttachMode::Shared)
+    // with --no-repack) computes its next token with the new values. A dry run plans on
+    // a private copy-on-write view instead (no journal is opened). The transform is
+    // planned once, under the model's lock; that plan is what is shown, and what is
+    // written, unchanged (refused if the file changed in between).
+    let mode = if args.dry_run {
+        AttachMode::Private
+    } else {
+        AttachMode::Shared
+    };
+    let model = LiveModel::attach(&args.file, mode)
         .with_context(|| format!("attach to {}", args.file.display()))
         .map_err(|e| with_server_hint(e, &args.file))?;
-    let reports = model.apply_reported(vec![patch])?;
+    let plan = model.plan_transaction(vec![patch])?;
+    let planned = Outcome::from_report(&plan.reports()[0], elements.clone());
+    let plan = super::plan::Detailed {
+        details: outcome_details(&planned),
+        plan: plan.on(&model),
+    };
+    let Some(reports) = super::plan::run(plan, args.dry_run, args.json)? else {
+        return Ok(());
+    };
     let outcome = Outcome::from_report(&reports[0], elements);
-    print_outcome(args.json, &outcome, false);
+    print_outcome(args.json, &outcome);
     // No silent no-op: say which servers that map the file hold the tensor as a copy.
     if let Ok(tensor) = model.tensor(&args.tensor) {
         super::agent::report_reach(&args.file, tensor);
     }
     Ok(())
+}
+
+/// The fields a patch's report adds to its plan (`writes` and `bytes` are the plan's).
+fn outcome_details(outcome: &Outcome) -> serde_json::Value {
+    let report = outcome.transform.as_ref();
+    json!({"transaction": outcome.transaction, "tensor": outcome.tensor,
+        "elements": [outcome.elements.start, outcome.elements.end],
+        "changed_bytes": outcome.changed_bytes, "runs": outcome.runs,
+        "displaces": outcome.displaces,
+        "path": report.map(|r| format!("{:?}", r.path).to_lowercase()),
+        "rms_error": report.map(|r| r.rms_error),
+        "max_abs_error": report.map(|r| r.max_abs_error)})
 }
 
 /// When another writer holds the file, the way through it: its admin API.
@@ -355,7 +373,7 @@ fn patch_through_server(
             .and_then(|v| v.as_array())
             .map_or(0, Vec::len),
     };
-    print_outcome(args.json, &outcome, false);
+    print_outcome(args.json, &outcome);
     if !args.json {
         if let Some(id) = reply.get("id").and_then(|v| v.as_str()) {
             println!("applied through {server} as live patch {id}");
@@ -367,19 +385,14 @@ fn patch_through_server(
     Ok(())
 }
 
-fn print_outcome(json: bool, outcome: &Outcome, dry_run: bool) {
+fn print_outcome(json: bool, outcome: &Outcome) {
     let report = outcome.transform.as_ref();
     if json {
-        println!(
-            "{}",
-            json!({"dry_run": dry_run, "transaction": outcome.transaction, "tensor": outcome.tensor,
-                "elements": [outcome.elements.start, outcome.elements.end],
-                "bytes": outcome.written_bytes, "changed_bytes": outcome.changed_bytes,
-                "writes": outcome.runs, "displaces": outcome.displaces,
-                "path": report.map(|r| format!("{:?}", r.path).to_lowercase()),
-                "rms_error": report.map(|r| r.rms_error),
-                "max_abs_error": report.map(|r| r.max_abs_error)})
-        );
+        let mut value = outcome_details(outcome);
+        value["dry_run"] = json!(false);
+        value["bytes"] = json!(outcome.written_bytes);
+        value["writes"] = json!(outcome.runs);
+        println!("{value}");
         return;
     }
     let text = describe_parts(
@@ -390,10 +403,9 @@ fn print_outcome(json: bool, outcome: &Outcome, dry_run: bool) {
         outcome.runs,
         report,
     );
-    match (dry_run, outcome.transaction) {
-        (true, _) => println!("dry run: {text}"),
-        (false, Some(id)) => println!("patch id {id}: {text}"),
-        (false, None) => println!("nothing changed: {text}"),
+    match outcome.transaction {
+        Some(id) => println!("patch id {id}: {text}"),
+        None => println!("nothing changed: {text}"),
     }
     if outcome.displaces > 0 {
         println!(

@@ -123,6 +123,11 @@ pub fn print_report(report: &PipelineReport, json: bool) -> anyhow::Result<()> {
             println!("undo: remove {}", path.display());
         }
     }
+    check_report(report)
+}
+
+/// Fails when a step failed or a problem was left unresolved.
+fn check_report(report: &PipelineReport) -> anyhow::Result<()> {
     if !report.succeeded() {
         anyhow::bail!(
             "the {} pipeline stopped at a failed step; what it did was undone",
@@ -213,11 +218,23 @@ pub fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
         "safety: scanning and planning",
         std::fs::metadata(&args.file)?.len(),
     );
-    let report = manager.safety(id, &options);
+    // Planned once (on a private view for a dry run: no journal is opened); the plan
+    // is what a dry run reports, and what is written otherwise.
+    let plan = manager.plan_safety(id, &options);
     spinner.finish_and_clear();
-    let report = report?;
+    let plan = plan?;
+    let planned = plan.report.clone();
+    let applied = super::plan::run(plan.on(&manager, &options), args.dry_run, args.json);
     manager.detach_all(false)?;
-    print_report(&report, args.json)
+    match applied? {
+        Some(report) => print_report(&report, args.json),
+        None => {
+            if !args.json {
+                print_report(&planned, false)?;
+            }
+            check_report(&planned)
+        }
+    }
 }
 
 /// Arguments of `hotpatch optimize`.
@@ -277,10 +294,26 @@ pub fn optimize(args: &OptimizeArgs) -> anyhow::Result<()> {
         },
     };
     let manager = Manager::new();
-    let bar = bytes_bar("optimizing", std::fs::metadata(&args.file)?.len());
-    let report = manager.optimize(&args.file, &options, &mut reporter(&bar));
+    // The requantization and the prune run once, into a rewrite plan: what a dry run
+    // reports, and what is written otherwise (refused if the input changed since).
+    let map = byte_tier::MappedFile::open(&args.file)?;
+    let gguf = map.parse()?;
+    let bar = bytes_bar("optimizing", gguf.file_len());
+    let plan = manager
+        .plan_optimize(&args.file, &gguf, &options)?
+        .with_progress(reporter(&bar));
+    let planned = plan.report().clone();
+    let applied = super::plan::run(plan, args.dry_run, args.json);
     bar.finish_and_clear();
-    print_report(&report?, args.json)
+    match applied? {
+        Some(report) => print_report(&report, args.json),
+        None => {
+            if !args.json {
+                print_report(&planned, false)?;
+            }
+            check_report(&planned)
+        }
+    }
 }
 
 /// Arguments of `hotpatch boost`.

@@ -15,6 +15,31 @@ pub fn run<P: Plan>(plan: P, dry_run: bool, json: bool) -> anyhow::Result<Option
     Ok(Some(plan.apply()?))
 }
 
+/// A plan with what the command adds to its report (the fields of a JSON object, beside
+/// the plan's own): reported and applied as the plan.
+#[derive(Serialize)]
+pub struct Detailed<P> {
+    /// The plan.
+    #[serde(flatten)]
+    pub plan: P,
+    /// The command's fields.
+    #[serde(flatten)]
+    pub details: Value,
+}
+
+impl<P: Plan> Plan for Detailed<P> {
+    type Applied = P::Applied;
+    type Error = P::Error;
+
+    fn is_noop(&self) -> bool {
+        self.plan.is_noop()
+    }
+
+    fn apply(self) -> Result<P::Applied, P::Error> {
+        self.plan.apply()
+    }
+}
+
 /// Prints what `plan` would do: its JSON with `"dry_run": true` added, or text.
 pub fn report(plan: &impl Serialize, noop: bool, json: bool) -> anyhow::Result<()> {
     let mut value = serde_json::to_value(plan)?;
@@ -55,6 +80,12 @@ const SHOWN: &[&str] = &[
     "tensors_added",
     "tensors_removed",
     "tensors_changed",
+    "patches",
+    // A pipeline's report, which its command prints as a table after the plan.
+    "pipeline",
+    "target",
+    "steps",
+    "undo",
 ];
 
 /// Lines of a list, at most this many items each.
@@ -188,6 +219,22 @@ fn text(plan: &Value, noop: bool) -> String {
             out.push_str(&format!("  {}: {}\n", key.replace('_', " "), list(items)));
         }
     }
+    // Live patches: one line each, with the codec's cost of a value transform.
+    for p in field("patches").as_array().map_or(&[][..], Vec::as_slice) {
+        let cost = match (p["path"].as_str(), p["rms_error"].as_f64()) {
+            (Some(path), Some(rms)) => format!(", {path}, rms error {rms:.3e}"),
+            _ => String::new(),
+        };
+        let over = match p["displaces"].as_array().map_or(0, Vec::len) {
+            0 => String::new(),
+            n => format!(", over {n} applied patch(es)"),
+        };
+        out.push_str(&format!(
+            "  patch {:?}: {} bytes change{cost}{over}\n",
+            show(p["name"].clone()),
+            show(p["bytes_changed"].clone()),
+        ));
+    }
     if let Value::Object(map) = plan {
         for (key, value) in map.iter().filter(|(k, _)| !SHOWN.contains(&k.as_str())) {
             match value {
@@ -201,6 +248,7 @@ fn text(plan: &Value, noop: bool) -> String {
                         out.push_str(&format!("  {key}.{field}: {value}\n"));
                     }
                 }
+                Value::Array(items) if items.is_empty() => {}
                 Value::Array(items) => out.push_str(&format!("  {key}: {}\n", list(items))),
                 other => out.push_str(&format!("  {key}: {}\n", show(other.clone()))),
             }

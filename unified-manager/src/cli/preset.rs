@@ -169,33 +169,43 @@ pub fn preset(command: &PresetCommand) -> anyhow::Result<()> {
             let id = manager
                 .attach(file, mode)
                 .with_context(|| format!("attach {}", file.display()))?;
-            let receipts = manager.apply_preset(id, &preset)?;
-            let bytes = manager.stats().bytes_modified;
-            manager.detach_all(false)?;
-            let transaction = receipts.iter().find_map(|r| r.journal_transaction);
-            if *json {
-                let list: Vec<_> = receipts
+            // Planned once (on a private view for a dry run: no journal is opened), and
+            // that plan is what is reported or applied.
+            let plan = manager.plan_preset(id, &preset)?;
+            let list = |receipts: &[unified_manager::manager::Receipt]| -> Vec<serde_json::Value> {
+                receipts
                     .iter()
                     .map(|r| json!({"name": r.name, "tier": format!("{:?}", r.tier).to_lowercase(),
                         "memory_patch": r.memory_patch.map(|u| u.to_string()), "journal_transaction": r.journal_transaction}))
-                    .collect();
+                    .collect()
+            };
+            let details = json!({"preset": preset.name, "version": preset.version,
+                "applied": list(&plan.receipts()), "bytes_written": plan.memory.bytes,
+                "rules_not_added": skipped_rules.iter().map(|r| &r.name).collect::<Vec<_>>()});
+            let plan = super::plan::Detailed {
+                plan: plan.on(&manager),
+                details,
+            };
+            let applied = super::plan::run(plan, *dry_run, *json);
+            let bytes = manager.stats().bytes_modified;
+            manager.detach_all(false)?;
+            let Some(receipts) = applied? else {
+                return Ok(());
+            };
+            let transaction = receipts.iter().find_map(|r| r.journal_transaction);
+            if *json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
                         &json!({"preset": preset.name, "version": preset.version,
-                        "dry_run": dry_run, "applied": list, "bytes_written": bytes,
+                        "dry_run": false, "applied": list(&receipts), "bytes_written": bytes,
                         "rules_not_added": skipped_rules.iter().map(|r| &r.name).collect::<Vec<_>>()})
                     )?
                 );
                 return Ok(());
             }
-            let verb = if *dry_run {
-                "dry run: would apply"
-            } else {
-                "applied"
-            };
             println!(
-                "{verb} preset {} v{} to {}",
+                "applied preset {} v{} to {}",
                 preset.name,
                 preset.version,
                 file.display()
@@ -203,17 +213,7 @@ pub fn preset(command: &PresetCommand) -> anyhow::Result<()> {
             for r in &receipts {
                 println!("  {:<7} {}", format!("{:?}", r.tier).to_lowercase(), r.name);
             }
-            for r in &skipped_rules {
-                println!("  {:<7} {} (not added in a dry run)", "server", r.name);
-            }
-            println!(
-                "{bytes} bytes {}",
-                if *dry_run {
-                    "would be written"
-                } else {
-                    "written"
-                }
-            );
+            println!("{bytes} bytes written");
             if let Some(t) = transaction {
                 println!("undo: hotpatch revert {} {t}", file.display());
             }

@@ -289,6 +289,43 @@ fn in_place_commands_plan_then_apply_the_same_writes() {
     );
     assert_eq!(plan["tensors"][0]["name"], "blk.0.attn_output.weight");
     assert!(plan["tensors"][0]["requantization"]["rms"].is_number());
+
+    // A live patch: planned once on a private view (which lists the patches the
+    // journal records, as the shared attach does), applied on the shared mapping as the
+    // same writes, with the codec's cost and the ablation it lies over.
+    let refused = Command::new(HOTPATCH)
+        .current_dir(d)
+        .args(["patch", "m.gguf", "--tensor", "blk.0.attn_output.weight"])
+        .args(["--scale", "1.5", "--dry-run", "--json"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a conflicting dry run passed");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("conflicts"));
+    let plan = plan_then_apply(
+        d,
+        &[
+            "patch",
+            "m.gguf",
+            "--tensor",
+            "blk.0.attn_output.weight",
+            "--scale",
+            "1.5",
+            "--priority",
+            "1",
+        ],
+    );
+    assert_eq!(plan["displaces"], 1, "{plan}");
+    assert_eq!(plan["writes"][0]["tensor"], "blk.0.attn_output.weight");
+    assert_eq!(plan["tensor"], "blk.0.attn_output.weight");
+    assert_eq!(plan["patches"][0]["tensor"], "blk.0.attn_output.weight");
+    assert!(plan["rms_error"].is_number(), "{plan}");
+    assert!(plan["stamp"]["sha256"].is_string(), "{plan}");
+    assert_eq!(
+        plan["bytes"].as_u64(),
+        plan["writes"]
+            .as_array()
+            .map(|w| w.iter().map(|w| w["len"].as_u64().unwrap()).sum()),
+    );
 }
 
 #[test]
@@ -528,4 +565,145 @@ fn configuration_writes_plan_then_apply_the_same_files() {
     assert_eq!(plan["files"].as_array().unwrap().len(), 2);
     let plan = plan_then_apply(d, &["preset", "delete", "quiet", "--config-dir", "config"]);
     assert_eq!(plan["removes"][0], "config/presets/quiet.toml");
+}
+
+#[test]
+fn live_patch_sets_plan_then_apply_the_same_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    copy_model(d);
+    std::fs::create_dir(d.join("config")).unwrap();
+    std::fs::write(
+        d.join("quiet.toml"),
+        "name = \"quiet\"\nversion = 2\n\n[[memory_patch]]\nname = \"halve\"\n\
+         tensor = \"output_norm.weight\"\ntransform = { scale = 0.5 }\n\n\
+         [[memory_patch]]\nname = \"halve first\"\ntensor = \"blk.0.attn_norm.weight\"\n\
+         transform = { scale = 0.5 }\n",
+    )
+    .unwrap();
+    ok(
+        d,
+        &["preset", "save", "quiet.toml", "--config-dir", "config"],
+    );
+
+    // A preset: its memory patches as one planned transaction, with the report's own
+    // fields (the receipts it would give, the bytes it would write).
+    let plan = plan_then_apply(
+        d,
+        &[
+            "preset",
+            "apply",
+            "quiet",
+            "m.gguf",
+            "--config-dir",
+            "config",
+        ],
+    );
+    assert_eq!(plan["preset"], "quiet");
+    assert_eq!(plan["patches"].as_array().unwrap().len(), 2, "{plan}");
+    assert_eq!(plan["applied"][1]["name"], "halve first");
+    assert_eq!(plan["bytes_written"], plan["bytes"]);
+    let tensors: Vec<&str> = plan["writes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["tensor"].as_str().unwrap())
+        .collect();
+    assert!(tensors.contains(&"output_norm.weight") && tensors.contains(&"blk.0.attn_norm.weight"));
+
+    // The safety pipeline: its repairs of planted non-finite values are one planned
+    // transaction; the report keeps its steps beside the plan.
+    {
+        use std::os::unix::fs::FileExt;
+        let map = MappedFile::open(d.join("m.gguf")).unwrap();
+        let gguf = map.parse().unwrap();
+        let t = gguf.require_tensor("blk.1.attn_norm.weight").unwrap();
+        assert_eq!(t.ggml_type, byte_tier::GgmlType::F32);
+        let at = t.data_range().start;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("m.gguf"))
+            .unwrap();
+        file.write_all_at(&f32::NAN.to_le_bytes(), at + 8).unwrap();
+        file.write_all_at(&f32::INFINITY.to_le_bytes(), at + 64)
+            .unwrap();
+    }
+    let plan = plan_then_apply(
+        d,
+        &[
+            "safety",
+            "m.gguf",
+            "--repair",
+            "zero",
+            "--config-dir",
+            "config",
+        ],
+    );
+    assert_eq!(plan["pipeline"], "safety");
+    assert!(
+        plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["step"] == "scan"),
+        "{plan}"
+    );
+    assert!(
+        plan["writes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["tensor"] == "blk.1.attn_norm.weight"),
+        "{plan}"
+    );
+    let map = MappedFile::open(d.join("m.gguf")).unwrap();
+    let gguf = map.parse().unwrap();
+    let t = gguf.require_tensor("blk.1.attn_norm.weight").unwrap();
+    let values = codec::dequantize_tensor(&gguf, t, 0..t.n_elements).unwrap();
+    assert!(values.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn the_optimize_pipeline_plans_then_applies_one_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    copy_model(d);
+    let plan = plan_then_apply(
+        d,
+        &[
+            "optimize",
+            "m.gguf",
+            "--prune",
+            "3",
+            "--tensors",
+            "blk\\.0\\.ffn_down",
+            "--to",
+            "Q8_0",
+            "-o",
+            "small.gguf",
+        ],
+    );
+    // The pipeline's report (its steps) beside the rewrite plan.
+    assert_eq!(plan["pipeline"], "optimize");
+    let steps: Vec<&str> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["prune", "requantize", "write"]);
+    // Block 3 goes and the blocks after it are renumbered: the last block's names go.
+    let removed = strings(&plan["tensors_removed"]);
+    assert!(
+        !removed.is_empty() && removed.iter().all(|n| n.starts_with("blk.")),
+        "{plan}"
+    );
+    assert!(
+        plan["tensors_changed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "blk.0.ffn_down.weight"),
+        "{plan}"
+    );
 }
