@@ -128,8 +128,12 @@ pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     for t in &tensors {
+        let along = match &t.post_norm {
+            Some(norm) => format!("{norm} ⊙ r (its post-norm)"),
+            None => "r".to_owned(),
+        };
         println!(
-            "{} ({}): component along r {:.4e} -> {:.4e} exact, {:.4e} stored (noise floor {:.4e}); requantization rms {:.3e}, max {:.3e}; {} bytes change",
+            "{} ({}): component along {along} {:.4e} -> {:.4e} exact, {:.4e} stored (noise floor {:.4e}); requantization rms {:.3e}, max {:.3e}; {} bytes change",
             t.name,
             t.ggml_type,
             t.component_before,
