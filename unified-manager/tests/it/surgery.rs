@@ -701,3 +701,136 @@ fn a_running_llama_server_sees_a_merge_at_once_and_its_unmerge_exactly() {
     ok(&["lora", "unmerge", s(&model), s(&adapter)]);
     assert_eq!(top_logprobs(&server, prompt), before);
 }
+
+#[test]
+fn a_tensor_grafted_into_a_shard_set_reads_back_in_gguf_py_and_the_new_set_generates_in_llama_server()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tests::real_model();
+    let d = |name: &str| dir.path().join(name);
+    // The destination: the real model without output_norm.weight, split into 3 shards;
+    // the source: the real model split into 3 shards, named by a shard that does not
+    // hold the tensor.
+    ok(&[
+        "tensor",
+        "remove",
+        s(&model),
+        "output_norm.weight",
+        "-o",
+        s(&d("removed.gguf")),
+    ]);
+    for (file, prefix) in [("removed.gguf", "dst"), (s(&model), "src")] {
+        let input = if prefix == "dst" {
+            d(file)
+        } else {
+            model.clone()
+        };
+        ok(&[
+            "split",
+            s(&input),
+            s(&d(prefix)),
+            "--split-max-tensors",
+            "100",
+        ]);
+    }
+    let shard = |prefix: &str, k: u32| d(&format!("{prefix}-{k:05}-of-00003.gguf"));
+    assert!(shard("dst", 3).exists() && !d("dst-00001-of-00004.gguf").exists());
+    let (from, into, out) = (shard("src", 2), shard("dst", 2), d("new"));
+    let graft = |extra: &[&str]| {
+        let mut args = vec![
+            "tensor",
+            "copy",
+            s(&from),
+            "output_norm.weight",
+            s(&into),
+            "-o",
+            s(&out),
+        ];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    // A dry run names the three new shards and the one that receives the tensor, and
+    // writes nothing.
+    let plan: Json = serde_json::from_str(&graft(&["--dry-run", "--json"])).unwrap();
+    let files: Vec<&str> = plan["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        [1, 2, 3].map(|k| s(&shard("new", k)).to_owned()),
+        "{plan}"
+    );
+    assert_eq!(plan["target"], s(&shard("new", 3)), "{plan}");
+    assert!(!shard("new", 1).exists() && !shard("new", 3).exists());
+    graft(&[]);
+
+    // gguf-py reads every shard: each has its place, the set's count and the new total
+    // of tensors; model metadata only in the first; the tensor, in the last shard, has
+    // the original's bytes.
+    let script = r#"
+import sys, json, numpy as np, gguf
+original = {t.name: t for t in gguf.GGUFReader(sys.argv[1]).tensors}
+out = []
+for path in sys.argv[2:]:
+    r = gguf.GGUFReader(path)
+    key = lambda k: int(r.fields[k].parts[-1][0])
+    grafted = [t for t in r.tensors if t.name == "output_norm.weight"]
+    out.append({"no": key("split.no"), "count": key("split.count"),
+        "total": key("split.tensors.count"), "tensors": len(r.tensors),
+        "architecture": "general.architecture" in r.fields,
+        "grafted": bool(grafted) and bool(np.array_equal(
+            grafted[0].data.view(np.uint8), original["output_norm.weight"].data.view(np.uint8)))})
+print(json.dumps({"original": len(original), "shards": out}))
+"#;
+    let shards = [1, 2, 3].map(|k| shard("new", k));
+    let mut args = vec![model.as_os_str()];
+    args.extend(shards.iter().map(|p| p.as_os_str()));
+    let read: Json = serde_json::from_slice(&tests::run_python(script, &args)).unwrap();
+    let total: u64 = read["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tensors"].as_u64().unwrap())
+        .sum();
+    assert_eq!(Some(total), read["original"].as_u64(), "{read}");
+    for (i, shard) in read["shards"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(shard["no"], i, "{read}");
+        assert_eq!(shard["count"], 3, "{read}");
+        assert_eq!(shard["total"], total, "{read}");
+        assert_eq!(shard["architecture"], i == 0, "{read}");
+        assert_eq!(shard["grafted"], i == 2, "{read}");
+    }
+    // llama-server loads the new set from its first shard and answers as the original.
+    assert_eq!(generates(&shards[0]), generates(&model));
+
+    // Into a set: no -o, a shard that does not exist, or a name the set has are refused.
+    let refused = |args: &[&str], needle: &str| {
+        let output = run(args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert!(error.contains(needle), "{args:?}: {error}");
+    };
+    let (src, dst, other) = (shard("src", 1), shard("dst", 1), d("other"));
+    let base = ["tensor", "copy", s(&src), "output_norm.weight", s(&dst)];
+    refused(&base, "give -o OUT");
+    refused(
+        &[&base[..], &["--shard", "4", "-o", s(&other)]].concat(),
+        "shard 4 does not exist",
+    );
+    refused(
+        &[
+            "tensor",
+            "copy",
+            s(&src),
+            "token_embd.weight",
+            s(&dst),
+            "-o",
+            s(&other),
+        ],
+        "token_embd.weight",
+    );
+    assert!(!shard("other", 1).exists());
+}
