@@ -450,10 +450,10 @@ fn ablation_on_the_real_model_removes_the_component_before_requantization() {
         let noise = t["noise_floor"].as_f64().unwrap();
         // Before requantization the component (along post_*_norm.weight ⊙ r, Gemma 3
         // having post-norms) is gone (at least 100x smaller). After it, 4-bit K-quants
-        // keep part of it: for this direction the worst Q4_K tensor is 4.0x smaller and
-        // 5.9x its noise floor after error feedback (Q6_K: 45x, 1.9x).
+        // keep part of it: for this direction the worst Q4_K tensor is 9.0x smaller and
+        // 4.1x its noise floor after error feedback (Q6_K: 45x, 1.9x).
         assert!(before > 100.0 * exact, "{t}");
-        assert!(before > 2.5 * after, "{t}");
+        assert!(before > 6.0 * after, "{t}");
         let entry = worst
             .entry(t["ggml_type"].as_str().unwrap().to_owned())
             .or_insert((f64::INFINITY, 0.0));
