@@ -84,6 +84,7 @@ import sys, numpy as np, gguf
 path, d = sys.argv[1], np.load(sys.argv[2]).astype(np.float64)
 r = (d / np.sqrt(np.sum(d * d))).astype(np.float32)
 reader = gguf.GGUFReader(path, "r+")
+norms = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors if t.name.endswith(("post_attention_norm.weight", "post_ffw_norm.weight"))}
 for t in reader.tensors:
     if not t.name.endswith(("attn_output.weight", "ffn_down.weight")) and t.name != "token_embd.weight":
         continue
@@ -91,7 +92,11 @@ for t in reader.tensors:
     if t.name == "token_embd.weight":
         w -= np.outer(w @ r, r)  # each embedding row e becomes e - (e.r) r
     else:
-        w -= np.outer(r, r @ w)  # each output column loses its component along r
+        # behind a post-norm with weight g the output loses its component along g*r
+        post = t.name.replace("attn_output", "post_attention_norm").replace("ffn_down", "post_ffw_norm")
+        u = r if post not in norms else norms[post] * r
+        u = (u / np.sqrt(np.sum(u.astype(np.float64) ** 2))).astype(np.float32)
+        w -= np.outer(u, u @ w)  # each output column loses its component along u
 reader.data.flush()
 "#;
 

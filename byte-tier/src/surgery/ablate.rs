@@ -21,8 +21,27 @@
 //! stream: each column of a writer (`‖W'[·, i]‖ = ‖W[·, i]‖`, by scaling the column, so
 //! it stays orthogonal to `r`), each row of `token_embd`.
 //!
-//! The component along `r` of a tensor is `‖rᵀ·M‖`, the norm of the projections onto
-//! `r` of the vectors it writes (the `c[i]` of a writer, the `e·r` of each embedding).
+//! Post-norm architectures (Gemma 2 and 3, OLMo 2) multiply a writer's output by an
+//! RMSNorm with a per-channel weight `g` before adding it to the residual stream
+//! (`blk.N.post_attention_norm.weight` after `attn_output`,
+//! `blk.N.post_ffw_norm.weight` after `ffn_down` and its MoE forms). What reaches the
+//! residual is `g ⊙ y / rms(y)` for the writer's output `y`, so removing `r` from `y`
+//! would not remove it from the residual write. llama.cpp multiplies by the stored
+//! weight as it is (`ggml_mul` after `ggml_rms_norm`; Gemma's `1 + w` is folded into
+//! the GGUF at conversion), so for such a writer the direction removed from `y` is
+//! `u = (g ⊙ r)/‖g ⊙ r‖`: then `(g ⊙ y')·r = y'·(g ⊙ r) = 0`, and the RMS scaling, a
+//! positive scalar per token, keeps it zero. Writers without a post-norm use `r`.
+//!
+//! `token_embd` is used twice by a model with tied embeddings (no `output.weight`):
+//! as the input embedding, added to the residual stream without a per-channel norm
+//! (Gemma only scales it by `√n_embd`), and as the output head, which reads
+//! `output_norm.weight ⊙ norm(h)`. The rows are made orthogonal to `r`, which is right
+//! for the input path; the head then still reads the part of `r` that
+//! `output_norm.weight` turns into other directions, and the report's note says so.
+//!
+//! The component along the removal direction `d` (`r` or `u`) of a tensor is `‖dᵀ·M‖`,
+//! the norm of the projections onto `d` of the vectors it writes (the `c[i]` of a
+//! writer, the `e·r` of each embedding).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -48,7 +67,7 @@ pub const RESIDUAL_WRITERS: &[&str] = &[
 ];
 
 /// Most rounds of error feedback after the plain requantization of a residual writer.
-const MAX_CORRECTIONS: u32 = 4;
+const MAX_CORRECTIONS: u32 = 6;
 
 /// A stored component above this many times the noise floor starts another round.
 const CORRECTION_NOISE: f64 = 3.0;
@@ -210,6 +229,10 @@ pub struct AblatedTensor {
     pub ggml_type: GgmlType,
     /// The layer whose direction was used (`None` for the single direction).
     pub direction_layer: Option<u64>,
+    /// The post-norm weight `g` that multiplies this writer's output before the
+    /// residual stream, when the block has one: the direction removed from the output
+    /// is then `(g ⊙ r)/‖g ⊙ r‖`, and the components below are along it. `None`: `r`.
+    pub post_norm: Option<String>,
     /// Vectors it writes into the residual stream (columns of a writer, rows of the
     /// embeddings).
     pub vectors: u64,
@@ -404,26 +427,72 @@ pub fn plan_ablation(
             )));
             continue;
         }
-        let (report, rewrite) = if embeddings {
-            ablate_rows(gguf, info, r, options)?
-        } else {
-            ablate_writer(gguf, info, r, options)?
+        let post_norm = match block {
+            Some(b) => post_norm_of(gguf, kind, b, n_embd)?,
+            None => None,
+        };
+        let (report, rewrite) = match (&post_norm, embeddings) {
+            (_, true) => ablate_rows(gguf, info, r, options)?,
+            (None, false) => ablate_writer(gguf, info, r, options)?,
+            (Some((norm_name, g)), false) => {
+                let u = unit(
+                    format!(
+                        "{norm_name} ⊙ the direction of layer {}",
+                        block.unwrap_or(0)
+                    ),
+                    g.iter().zip(r).map(|(&g, &r)| g * r).collect(),
+                    n_embd,
+                )?;
+                ablate_writer(gguf, info, &u, options)?
+            }
         };
         plan.tensors.push(AblatedTensor {
             kind: kind.to_owned(),
             direction_layer,
+            post_norm: post_norm.map(|(name, _)| name),
             ..report
         });
         plan.rewrites.push(rewrite);
         if embeddings && gguf.tensor("output.weight").is_none() {
             plan.notes.push(
                 "the model has no output.weight: its output head is token_embd (tied \
-                 embeddings), so the output logits change too"
+                 embeddings), so the output logits change too; the rows are made \
+                 orthogonal to r, as the input path needs, and the head reads the \
+                 residual through output_norm.weight, so it still sees the part of r \
+                 that norm turns into other directions"
                     .into(),
             );
         }
     }
     Ok(plan)
+}
+
+/// The post-norm after a residual writer of block `block`, with its weights: the
+/// tensor llama.cpp multiplies the writer's normalized output by before adding it to
+/// the residual stream. `None` when the block has none (pre-norm architectures).
+fn post_norm_of(
+    gguf: &Gguf<'_>,
+    kind: &str,
+    block: u64,
+    n_embd: u64,
+) -> Result<Option<(String, Vec<f32>)>> {
+    let norm_kind = match kind {
+        "attn_output" => "post_attention_norm",
+        "ffn_down" | "ffn_down_exps" | "ffn_down_shexp" => "post_ffw_norm",
+        _ => return Ok(None),
+    };
+    let name = format!("blk.{block}.{norm_kind}.weight");
+    let Some(info) = gguf.tensor(&name) else {
+        return Ok(None);
+    };
+    if info.n_elements != n_embd {
+        return Err(Error::InvalidEdit(format!(
+            "{name} has {} values, not n_embd {n_embd}",
+            info.n_elements
+        )));
+    }
+    let g = codec::dequantize_tensor(gguf, info, 0..info.n_elements)?;
+    Ok(Some((name, g)))
 }
 
 fn norm(sum_sq: f64) -> f64 {
@@ -446,6 +515,7 @@ fn finish(
         kind: String::new(),
         ggml_type: info.ggml_type,
         direction_layer: None,
+        post_norm: None,
         vectors,
         component_before: norm(components[0]),
         component_exact: norm(components[1]),
@@ -580,10 +650,17 @@ fn ablate_writer(
     // round most of them back (a 4-bit K-quant step is larger than the change), which
     // leaves much of the component in place. When the stored component is above
     // CORRECTION_NOISE times the noise floor, the next round pushes every column
-    // further along -r by what was left (error feedback on the projection), so that
-    // more values cross a rounding boundary; the best round is kept. The requantization
-    // error is always measured against the exact ablated values.
+    // further along -r by what the best round so far left, times a gain (error feedback
+    // on the projection), so that more values cross a rounding boundary. A round that
+    // does no better halves the gain and the next starts again from the best round (a
+    // full push can overshoot as the block scales move; on the real model's Q4_K
+    // tensors half pushes take the worst stored component from 4x to about 9x below
+    // the original). The best round is kept. The requantization error is always
+    // measured against the exact ablated values.
     let mut push = vec![0f64; columns];
+    let mut best_push = push.clone();
+    let mut best_left = Vec::new();
+    let mut gain = 1.0;
     let mut best: Option<(f64, f64, RewrittenTensor, u32)> = None;
     for round in 0..=MAX_CORRECTIONS {
         let mut c_exact = vec![0f64; columns];
@@ -647,13 +724,18 @@ fn ablate_writer(
         let noise = rewrite.requantization.rms * (columns as f64).sqrt();
         let better = best.as_ref().is_none_or(|(_, a, _, _)| after < *a);
         if better {
+            if after.sqrt() <= CORRECTION_NOISE * noise {
+                best = Some((exact, after, rewrite, round));
+                break;
+            }
             best = Some((exact, after, rewrite, round));
+            best_push.clone_from(&push);
+            best_left = c_after;
+        } else {
+            gain *= 0.5;
         }
-        if !better || after.sqrt() <= CORRECTION_NOISE * noise {
-            break;
-        }
-        for (p, a) in push.iter_mut().zip(&c_after) {
-            *p += a;
+        for ((p, b), a) in push.iter_mut().zip(&best_push).zip(&best_left) {
+            *p = b + gain * a;
         }
     }
     let Some((exact, after, rewrite, rounds)) = best else {

@@ -21,7 +21,10 @@ pub use ablate::{
     AblatedTensor, AblationOptions, AblationPlan, Directions, RESIDUAL_WRITERS, SkippedTensor,
     directions_from_gguf, plan_ablation, read_directions,
 };
-pub use graft::{GraftReport, copy_tensor};
+pub use graft::{
+    GraftReport, GraftSource, SetGraftPlan, copy_tensor, copy_tensor_from, copy_tensor_into_set,
+    set_output_prefix,
+};
 pub use layers::{DuplicateReport, duplicate_layers};
 pub use lora::{
     LoraMergePlan, LoraTensorReport, merge_label, plan_lora_merge, plan_lora_merge_weighted,

@@ -136,17 +136,24 @@ pub enum StructureCommand {
     /// rewrite).
     Requantize(RequantizeArgs),
     /// Add a tensor of another model (rope_freqs, an MTP / nextn head) with a shape
-    /// check, keeping its type (a rewrite of DST).
+    /// check, keeping its type (a rewrite of DST). SRC and DST may be any shard of a
+    /// set: a set DST is written as a new set (-o OUT is its prefix, or its first
+    /// shard's name), the tensor in its last shard (or --shard K) and
+    /// split.tensors.count one more in every shard.
     Copy {
-        /// The model to take the tensor from.
+        /// The model to take the tensor from (a file, or any shard of a set).
         source: PathBuf,
         /// The tensor's name there.
         name: String,
-        /// The model to add it to.
+        /// The model to add it to (a file, or any shard of a set).
         destination: PathBuf,
         /// Its name in DST (its own name by default).
         #[arg(long = "as", value_name = "NEW")]
         as_name: Option<String>,
+        /// Into a shard set: the shard that receives the tensor, numbered from 1 as in
+        /// the file names (the last by default).
+        #[arg(long, value_name = "K")]
+        shard: Option<u32>,
         #[command(flatten)]
         output: Output,
     },
@@ -187,9 +194,17 @@ pub fn run(command: &StructureCommand) -> anyhow::Result<()> {
             name,
             destination,
             as_name,
+            shard,
             output,
         } => {
-            return super::surgery::copy(source, name, destination, as_name.as_deref(), output);
+            return super::surgery::copy(
+                source,
+                name,
+                destination,
+                as_name.as_deref(),
+                *shard,
+                output,
+            );
         }
     };
     if let Some(set) = super::sets::open_for_rewrite(file, output.dry_run)? {

@@ -8,8 +8,9 @@ use anyhow::Context;
 use byte_tier::MappedFile;
 use byte_tier::plan::RewritePlan;
 use byte_tier::surgery::{
-    AblationOptions, AblationPlan, LoraMergePlan, copy_tensor, duplicate_layers, merge_label,
-    plan_ablation, plan_lora_merge_weighted, read_directions,
+    AblationOptions, AblationPlan, GraftReport, GraftSource, LoraMergePlan, SetGraftPlan,
+    copy_tensor_from, duplicate_layers, merge_label, plan_ablation, plan_lora_merge_weighted,
+    read_directions, set_output_prefix,
 };
 use serde_json::json;
 use unified_manager::surgery::{SurgeryPlan, file_identity, unmerge};
@@ -128,8 +129,12 @@ pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     for t in &tensors {
+        let along = match &t.post_norm {
+            Some(norm) => format!("{norm} ⊙ r (its post-norm)"),
+            None => "r".to_owned(),
+        };
         println!(
-            "{} ({}): component along r {:.4e} -> {:.4e} exact, {:.4e} stored (noise floor {:.4e}); requantization rms {:.3e}, max {:.3e}; {} bytes change",
+            "{} ({}): component along {along} {:.4e} -> {:.4e} exact, {:.4e} stored (noise floor {:.4e}); requantization rms {:.3e}, max {:.3e}; {} bytes change",
             t.name,
             t.ggml_type,
             t.component_before,
@@ -397,18 +402,42 @@ pub fn layers(command: &LayersCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `hotpatch tensor copy SRC NAME DST [--as NEW] [-o OUT]`.
+/// `hotpatch tensor copy SRC NAME DST [--as NEW] [--shard K] [-o OUT]`. SRC and DST
+/// may be shards of sets: the tensor is read from the shard of SRC's set that holds
+/// it, and a set DST gets a new set written (see [`copy_into_set`]).
 pub fn copy(
     source: &Path,
     name: &str,
     destination: &Path,
     as_name: Option<&str>,
+    shard: Option<u32>,
     output: &Output,
 ) -> anyhow::Result<()> {
-    let source_map = MappedFile::open(source)?;
+    let holder = byte_tier::split::file_holding_tensor(source, name)?;
+    let source_set = byte_tier::split::open_set_of(source)?;
+    let first_source = match &source_set {
+        Some(set) => set.files()[0].path().to_owned(),
+        None => source.to_owned(),
+    };
+    let first_map = MappedFile::open(&first_source)?;
+    let first_gguf = first_map
+        .parse()
+        .with_context(|| format!("source {}", first_source.display()))?;
+    let source_map = MappedFile::open(&holder)?;
     let source_gguf = source_map
         .parse()
-        .with_context(|| format!("source {}", source.display()))?;
+        .with_context(|| format!("source {}", holder.display()))?;
+    let graft_source = GraftSource::new(&source_gguf, &holder, &first_gguf);
+    if let Some(set) = byte_tier::split::open_set_of(destination)? {
+        return copy_into_set(&set, &graft_source, name, as_name, shard, output);
+    }
+    if shard.is_some() {
+        return Err(byte_tier::Error::InvalidEdit(format!(
+            "--shard is for a shard set, and {} is a single file",
+            destination.display()
+        ))
+        .into());
+    }
     note_recovered(super::plan::prepare(destination, output.dry_run)?);
     let map = MappedFile::open(destination)?;
     let gguf = map.parse()?;
@@ -416,7 +445,7 @@ pub fn copy(
         destination,
         output.output.as_deref(),
         &gguf,
-        |gguf, writer| copy_tensor(&source_gguf, source, name, gguf, writer, as_name),
+        |gguf, writer| copy_tensor_from(&graft_source, name, gguf, writer, as_name),
     )?;
     let Some(outcome) = run_rewrite(plan, output)? else {
         return Ok(());
@@ -426,6 +455,12 @@ pub fn copy(
         return Ok(());
     }
     let report = &outcome.result;
+    print_graft(report);
+    print_rewrite("", &outcome, false);
+    Ok(())
+}
+
+fn print_graft(report: &GraftReport) {
     println!(
         "grafted {} as {} ({}, dims {:?}, {} bytes){}",
         report.source_name,
@@ -442,6 +477,63 @@ pub fn copy(
     for note in &report.notes {
         println!("note: {note}");
     }
-    print_rewrite("", &outcome, false);
+}
+
+/// A graft into the shard set `set`: a new set is written with OUT (`-o`, required) as
+/// its prefix or its first shard's name, the tensor in shard `shard` (1-based; the
+/// last by default), every shard's `split.tensors.count` one more.
+fn copy_into_set(
+    set: &byte_tier::split::ShardSet,
+    source: &GraftSource<'_>,
+    name: &str,
+    as_name: Option<&str>,
+    shard: Option<u32>,
+    output: &Output,
+) -> anyhow::Result<()> {
+    let Some(out) = &output.output else {
+        return Err(byte_tier::Error::InvalidEdit(format!(
+            "{} is a shard set: the graft writes a new set, so give -o OUT (its prefix, \
+             or its first shard's name)",
+            set.files()[0].path().display()
+        ))
+        .into());
+    };
+    let count = set.files().len() as u32;
+    let target = match shard {
+        Some(0) => {
+            return Err(byte_tier::Error::InvalidEdit(
+                "--shard counts from 1, as the file names do".into(),
+            )
+            .into());
+        }
+        Some(k) => Some(k as usize - 1),
+        None => None,
+    };
+    for file in set.files() {
+        note_recovered(super::plan::prepare(file.path(), output.dry_run)?);
+    }
+    let shards = set.parse_all()?;
+    let prefix = set_output_prefix(out, count)?;
+    let plan = SetGraftPlan::new(set, &shards, source, name, as_name, target, &prefix)?;
+    let report = plan.report().clone();
+    let Some(files) = super::plan::run(plan, output.dry_run, output.json)? else {
+        return Ok(());
+    };
+    if output.json {
+        println!(
+            "{}",
+            json!({"dry_run": false, "graft": report, "files": files})
+        );
+        return Ok(());
+    }
+    print_graft(&report);
+    for file in &files {
+        println!(
+            "wrote {} ({} tensors, {} bytes)",
+            file.path.display(),
+            file.n_tensors,
+            file.n_bytes
+        );
+    }
     Ok(())
 }
