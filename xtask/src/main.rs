@@ -18,6 +18,7 @@ mod bench_live;
 mod bench_parse;
 mod bench_proxy;
 mod bench_surgery;
+mod cross_check;
 mod env;
 mod etcd;
 mod gpu_check;
@@ -42,6 +43,8 @@ tasks:
                 against the file mapping, under load, same run
   bench-proxy   latency hotpatch serve adds (p50, p99) against calling the upstream directly,
                 same run, and cache-hit throughput
+  cross-check   byte-tier's codec tests for aarch64 (the NEON kernels) under qemu-user,
+                installing the target, cross linker and qemu when missing [FILTER...]
   gpu-check     the agent on a CUDA llama-server with every layer offloaded (-ngl 99):
                 here when nvcc is, or --bundle [DIR] for a GPU machine without network
   bench-surgery ablation and LoRA merge on the real model against llama-quantize + numpy
@@ -82,6 +85,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("iq-grids") => iq_grids::run(&args[1..]),
+        Some("cross-check") => cross_check::run(&args[1..]),
         Some("gpu-check") => gpu_check::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");

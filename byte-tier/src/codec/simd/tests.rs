@@ -221,7 +221,7 @@ fn levels_are_named_as_the_environment_variable_spells_them() {
         assert_eq!(SimdLevel::from_name(level.name()), Some(level));
     }
     assert_eq!(SimdLevel::from_name("AVX2"), None);
-    assert_eq!(SimdLevel::from_name("neon"), None);
+    assert_eq!(SimdLevel::from_name("sse4"), None);
 }
 
 #[test]
@@ -237,12 +237,37 @@ fn the_process_runs_at_a_supported_level_and_scalar_always_is() {
 }
 
 #[test]
+fn a_requested_level_is_capped_to_a_supported_one_at_or_below_it() {
+    for &level in SimdLevel::ALL {
+        let capped = level.capped();
+        assert!(
+            capped.is_supported(),
+            "{level} caps to unsupported {capped}"
+        );
+        assert!(capped <= level, "{level} caps up to {capped}");
+        if level.is_supported() {
+            assert_eq!(capped, level);
+        }
+    }
+    // The highest level caps to the best this CPU has; the other architecture's levels
+    // never run here.
+    assert_eq!(SimdLevel::Avx512.capped(), SimdLevel::detect());
+    if cfg!(target_arch = "aarch64") {
+        assert_eq!(SimdLevel::detect(), SimdLevel::Neon);
+        assert!(!SimdLevel::Avx2.is_supported());
+    } else {
+        assert!(!SimdLevel::Neon.is_supported());
+        assert_eq!(SimdLevel::Neon.capped(), SimdLevel::Scalar);
+    }
+}
+
+#[test]
 fn an_unknown_level_name_is_an_error_naming_the_value() {
     let err = Error::UnknownSimdLevel {
         value: "sse9".into(),
     };
     assert_eq!(
         err.to_string(),
-        "HOTPATCH_SIMD=\"sse9\" is not a SIMD level: expected scalar, avx2 or avx512"
+        "HOTPATCH_SIMD=\"sse9\" is not a SIMD level: expected scalar, neon, avx2 or avx512"
     );
 }

@@ -139,7 +139,7 @@ pub(super) fn dequant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<De
         return None;
     }
     match (level, ggml_type) {
-        (SimdLevel::Scalar, _) => None,
+        (SimdLevel::Scalar | SimdLevel::Neon, _) => None,
         // Q8_0's AVX-512 kernel was slower than its AVX2 one: both levels take that.
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q8_0) => Some(q8_0_avx2),
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q4_0) => Some(q4_0_avx2),
@@ -183,7 +183,7 @@ pub(super) fn quant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<Quan
         return None;
     }
     match (level, ggml_type) {
-        (SimdLevel::Scalar, _) => None,
+        (SimdLevel::Scalar | SimdLevel::Neon, _) => None,
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q8_0) => Some(quant_q8_0_avx2),
         (SimdLevel::Avx2, _) => avx2::quant_kernel(ggml_type),
         (SimdLevel::Avx512, _) => {
