@@ -54,5 +54,5 @@ pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
         command
     };
     crate::run(&mut apt(&["update", "-qq"]))?;
-    crate::run(&mut apt(&["install", "-y", "-qq"]).args(packages))
+    crate::run(apt(&["install", "-y", "-qq"]).args(packages))
 }

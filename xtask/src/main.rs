@@ -17,6 +17,7 @@ mod bench_fleet;
 mod bench_live;
 mod bench_parse;
 mod bench_proxy;
+mod bench_simd;
 mod bench_surgery;
 mod cross_check;
 mod env;
@@ -37,6 +38,8 @@ tasks:
   bench-parse   time parsing the real model against gguf-py's GGUFReader, same run
   bench-codecs  dequantize throughput per type on the real model against ggml's to_float
                 and gguf-py, same run
+  bench-simd    quantization, NaN/Inf scan and block-scale transform at each SIMD level
+                against the scalar kernels, same run
   bench-edit    in-place meta set and tensor scale against gguf-py's tools, same run
   bench-live    live patch latency under page protection, batched and not
   bench-agent   live patch latency through the agent (partial write, whole-tensor re-set)
@@ -80,6 +83,7 @@ fn main() -> Result<()> {
         Some("bench-surgery") => bench_surgery::run(),
         Some("bench-fleet") => bench_fleet::run(),
         Some("bench-codecs") => bench_codecs::run(),
+        Some("bench-simd") => bench_simd::run(&args[1..]),
         Some("llama-server") => {
             println!("{}", llama_server::llama_server()?.display());
             Ok(())

@@ -2,6 +2,7 @@
 //! with AVX-512, and hand-written kernels for the hottest types.
 
 use super::{SimdLevel, intrinsics};
+use crate::codec::kquants::{self, K4Search, QK_K};
 use crate::codec::{DequantKernel, QuantKernel};
 use crate::types::GgmlType;
 
@@ -185,6 +186,8 @@ pub(super) fn quant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<Quan
     match (level, ggml_type) {
         (SimdLevel::Scalar | SimdLevel::Neon, _) => None,
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q8_0) => Some(quant_q8_0_avx2),
+        (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q4_K) => Some(quant_q4_k_avx2),
+        (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q5_K) => Some(quant_q5_k_avx2),
         (SimdLevel::Avx2, _) => avx2::quant_kernel(ggml_type),
         (SimdLevel::Avx512, _) => {
             avx512::quant_kernel(ggml_type).or_else(|| quant_kernel(SimdLevel::Avx2, ggml_type))
@@ -196,4 +199,25 @@ fn quant_q8_0_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::Bloc
     // SAFETY: handed out by `quant_kernel` only after `is_supported` confirmed AVX2 and
     // FMA (which the AVX-512 level includes).
     unsafe { intrinsics::quant_q8_0_avx2(src, dst) }
+}
+
+/// The Q4_K / Q5_K sub-block search with AVX2, behind a safe function.
+fn k4_search_avx2(
+    x: &[f32; QK_K],
+    search: K4Search,
+    codes: &mut [u8; QK_K],
+    scales: &mut [f32; 8],
+    mins: &mut [f32; 8],
+) {
+    // SAFETY: only reached through `quant_q4_k_avx2` and `quant_q5_k_avx2`, which
+    // `quant_kernel` hands out only after `is_supported` confirmed AVX2 and FMA.
+    unsafe { intrinsics::k4_search_avx2(x, search, codes, scales, mins) }
+}
+
+fn quant_q4_k_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::BlockOverflow> {
+    kquants::quant_q4_k_with(src, dst, k4_search_avx2)
+}
+
+fn quant_q5_k_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::BlockOverflow> {
+    kquants::quant_q5_k_with(src, dst, k4_search_avx2)
 }
