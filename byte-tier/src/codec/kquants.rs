@@ -590,16 +590,36 @@ fn make_qx_quants(nmax: i32, x: &[f32; 16], codes: &mut [u8; 16]) -> f32 {
 
 #[inline(always)]
 pub(super) fn quant_q6_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
+    quant_q6_k_with(src, dst, q6_k_search_scalar)
+}
+
+/// The search of the sixteen groups of a Q6_K super-block: their codes and scales.
+pub(super) type Q6KSearchFn = fn(&[f32; QK_K], &mut [u8; QK_K], &mut [f32; 16]);
+
+/// The scalar search: `make_qx_quants` on each group in turn.
+#[inline(always)]
+pub(super) fn q6_k_search_scalar(x: &[f32; QK_K], codes: &mut [u8; QK_K], scales: &mut [f32; 16]) {
+    let (groups, _) = x.as_chunks::<16>();
+    let (cs, _) = codes.as_chunks_mut::<16>();
+    for ((g, c), s) in groups.iter().zip(cs.iter_mut()).zip(scales.iter_mut()) {
+        *s = make_qx_quants(32, g, c);
+    }
+}
+
+/// Q6_K quantization with the given group search (the scalar one or a vector one that
+/// gives the same bits).
+#[inline(always)]
+pub(super) fn quant_q6_k_with(
+    src: &[f32],
+    dst: &mut [u8],
+    groups: Q6KSearchFn,
+) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<210>();
     for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
         let mut codes = [0u8; QK_K];
         let mut scales = [0f32; 16];
-        let (groups, _) = x.as_chunks::<16>();
-        let (cs, _) = codes.as_chunks_mut::<16>();
-        for ((g, c), s) in groups.iter().zip(cs.iter_mut()).zip(scales.iter_mut()) {
-            *s = make_qx_quants(32, g, c);
-        }
+        groups(x, &mut codes, &mut scales);
         finish_q6_k(x, &scales, &mut codes, b, i)?;
     }
     Ok(())

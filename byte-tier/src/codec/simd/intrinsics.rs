@@ -10,9 +10,9 @@
 use std::arch::x86_64::*;
 
 use crate::codec::BlockOverflow;
-use crate::codec::f16_at;
-use crate::codec::kquants::{K4Search, QK_K, k4_weights, scales_mins_k4};
+use crate::codec::kquants::{GROUP_MAX_EPS, K4Search, QK_K, k4_weights, scales_mins_k4};
 use crate::codec::legacy::{inverse, scale_bits};
+use crate::codec::{f16_at, signed_abs_max};
 
 /// Reads 8 values.
 #[target_feature(enable = "avx2")]
@@ -404,4 +404,90 @@ pub(super) fn k4_search_avx2(
 fn store_8_i32(out: &mut [i32; 8], values: __m256i) {
     // SAFETY: the array holds the 32 bytes written, and `storeu` needs no alignment.
     unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), values) }
+}
+
+/// The Q6_K group search with AVX2: `make_qx_quants` (top code 32) on eight of the
+/// sixteen 16-value groups at once, one per lane, twice. As in [`k4_search_avx2`], each
+/// lane keeps the scalar order of its group's sums, and the branches become selects.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn q6_k_search_avx2(x: &[f32; QK_K], codes: &mut [u8; QK_K], scales: &mut [f32; 16]) {
+    const NMAX: i32 = 32;
+    let (groups, _) = x.as_chunks::<16>();
+    let (group_codes, _) = codes.as_chunks_mut::<16>();
+    let (halves, _) = groups.as_chunks::<8>();
+    let (code_halves, _) = group_codes.as_chunks_mut::<8>();
+    let (scale_halves, _) = scales.as_chunks_mut::<8>();
+    let zero = _mm256_setzero_ps();
+    let low = _mm256_set1_epi32(-NMAX);
+    let high = _mm256_set1_epi32(NMAX - 1);
+    let nmax_f = NMAX as f32;
+    for ((half, half_codes), half_scales) in halves.iter().zip(code_halves).zip(scale_halves) {
+        let mut xt = [[0f32; 8]; 16];
+        let mut maxes = [0f32; 8];
+        let mut amaxes = [0f32; 8];
+        for (j, g) in half.iter().enumerate() {
+            (maxes[j], amaxes[j]) = signed_abs_max(g);
+            for i in 0..16 {
+                xt[i][j] = g[i];
+            }
+        }
+        let xv: [__m256; 16] = std::array::from_fn(|i| load_8(&xt[i]));
+        let max = load_8(&maxes);
+        let flat = _mm256_cmp_ps::<_CMP_LT_OQ>(load_8(&amaxes), _mm256_set1_ps(GROUP_MAX_EPS));
+        let code = |iscale: __m256, v: __m256| {
+            _mm256_min_epi32(
+                _mm256_max_epi32(nearest_int_8(_mm256_mul_ps(iscale, v)), low),
+                high,
+            )
+        };
+        let sums = |iscale: __m256| {
+            let (mut sumlx, mut suml2) = (zero, zero);
+            for &v in &xv {
+                let l = _mm256_cvtepi32_ps(code(iscale, v));
+                let w = _mm256_mul_ps(v, v);
+                sumlx = _mm256_add_ps(sumlx, _mm256_mul_ps(_mm256_mul_ps(w, v), l));
+                suml2 = _mm256_add_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(w, l), l));
+            }
+            (sumlx, suml2)
+        };
+        let mut iscale = _mm256_div_ps(_mm256_set1_ps(-nmax_f), max);
+        let mut best_codes: [__m256i; 16] = std::array::from_fn(|i| code(iscale, xv[i]));
+        let (sumlx, suml2) = sums(iscale);
+        let nonzero = _mm256_cmp_ps::<_CMP_NEQ_UQ>(suml2, zero);
+        let mut scale = _mm256_and_ps(_mm256_div_ps(sumlx, suml2), nonzero);
+        let mut best = _mm256_mul_ps(scale, sumlx);
+        for is in (-9..=9).filter(|&is| is != 0) {
+            let numerator = -(nmax_f + 0.1 * is as f32);
+            iscale = _mm256_div_ps(_mm256_set1_ps(numerator), max);
+            let (sumlx, suml2) = sums(iscale);
+            let better = _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_GT_OQ>(suml2, zero),
+                _mm256_cmp_ps::<_CMP_GT_OQ>(
+                    _mm256_mul_ps(sumlx, sumlx),
+                    _mm256_mul_ps(best, suml2),
+                ),
+            );
+            let better_i = _mm256_castps_si256(better);
+            for (b, &v) in best_codes.iter_mut().zip(&xv) {
+                *b = _mm256_blendv_epi8(*b, code(iscale, v), better_i);
+            }
+            scale = _mm256_blendv_ps(scale, _mm256_div_ps(sumlx, suml2), better);
+            best = _mm256_blendv_ps(best, _mm256_mul_ps(scale, sumlx), better);
+        }
+        // Groups below the threshold give zero codes (stored as 0, not as `0 + 32`) and a
+        // zero scale.
+        let flat_i = _mm256_castps_si256(flat);
+        let offset = _mm256_set1_epi32(NMAX);
+        let mut lanes = [0i32; 8];
+        for (i, b) in best_codes.iter().enumerate() {
+            store_8_i32(
+                &mut lanes,
+                _mm256_andnot_si256(flat_i, _mm256_add_epi32(*b, offset)),
+            );
+            for (c, &l) in half_codes.iter_mut().zip(&lanes) {
+                c[i] = l as u8;
+            }
+        }
+        store_8(half_scales, _mm256_andnot_ps(flat, scale));
+    }
 }
