@@ -1,5 +1,8 @@
 //! Hand-written kernels: Q8_0, Q4_0 (AVX2) and Q4_K (AVX2, AVX-512) dequantization,
-//! whose compiler-vectorized kernels gain little or nothing, and Q8_0 quantization (AVX2).
+//! whose compiler-vectorized kernels gain little or nothing, Q8_0 quantization (AVX2),
+//! and the scale searches of Q4_K, Q5_K and Q6_K quantization (AVX2), which the
+//! compiler cannot vectorize at all: their sums run over a sub-block's elements in
+//! order. Those run eight sub-blocks side by side, one per lane, each in that order.
 //!
 //! Each one computes what the scalar kernel computes, operation for operation: the
 //! block's scales come from the same scalar code, and every value is `d * q` (Q8_0) or
