@@ -213,6 +213,17 @@ pub(crate) fn quant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<Quan
     }
 }
 
+/// The NaN/Inf test at `level`: whether any value is NaN or infinite. The scalar one
+/// where the level has none of its own or the CPU does not support it.
+pub(crate) fn any_non_finite_kernel(level: SimdLevel) -> fn(&[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(kernel) = x86::any_non_finite_kernel(level) {
+        return kernel;
+    }
+    let _ = level;
+    crate::codec::any_non_finite
+}
+
 /// The NEON level's dequantization kernels (the kernels need no CPU check: NEON is part
 /// of the aarch64 baseline).
 #[cfg(target_arch = "aarch64")]

@@ -216,6 +216,38 @@ fn every_supported_level_quantizes_zero_and_subnormal_blocks_as_scalar() {
 }
 
 #[test]
+fn every_supported_level_finds_nan_and_infinity_as_scalar() {
+    let mut random = Random(0x6e61_6e73);
+    let planted = [
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7f80_0001),
+        f32::from_bits(0xffff_ffff),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ];
+    for level in levels_above_scalar() {
+        let vector = any_non_finite_kernel(level);
+        for n in [0, 1, 7, 8, 15, 16, 33, 64, 255, 1000] {
+            let clean = values(n, &mut random);
+            assert!(!vector(&clean), "{level}, {n} finite values");
+            assert_eq!(vector(&clean), crate::codec::any_non_finite(&clean));
+            for at in [0, n / 2, n.saturating_sub(1)]
+                .into_iter()
+                .filter(|&at| at < n)
+            {
+                for bad in planted {
+                    let mut x = clean.clone();
+                    x[at] = bad;
+                    assert!(vector(&x), "{level}: {bad:?} at {at} of {n} missed");
+                    assert_eq!(vector(&x), crate::codec::any_non_finite(&x));
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn levels_are_named_as_the_environment_variable_spells_them() {
     for &level in SimdLevel::ALL {
         assert_eq!(SimdLevel::from_name(level.name()), Some(level));

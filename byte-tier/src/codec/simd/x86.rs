@@ -233,3 +233,37 @@ fn q6_k_search_avx2(x: &[f32; QK_K], codes: &mut [u8; QK_K], scales: &mut [f32; 
 fn quant_q6_k_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::BlockOverflow> {
     kquants::quant_q6_k_with(src, dst, q6_k_search_avx2)
 }
+
+#[target_feature(enable = "avx2,fma")]
+fn any_non_finite_avx2_compiled(values: &[f32]) -> bool {
+    crate::codec::any_non_finite(values)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+fn any_non_finite_avx512_compiled(values: &[f32]) -> bool {
+    crate::codec::any_non_finite(values)
+}
+
+fn any_non_finite_avx2(values: &[f32]) -> bool {
+    // SAFETY: handed out by `any_non_finite_kernel` only after `is_supported` confirmed
+    // AVX2 and FMA.
+    unsafe { any_non_finite_avx2_compiled(values) }
+}
+
+fn any_non_finite_avx512(values: &[f32]) -> bool {
+    // SAFETY: handed out by `any_non_finite_kernel` only after `is_supported` confirmed
+    // the AVX-512 level's features.
+    unsafe { any_non_finite_avx512_compiled(values) }
+}
+
+/// The NaN/Inf test of `level` (the scalar fold compiled for its features), or `None`.
+pub(super) fn any_non_finite_kernel(level: SimdLevel) -> Option<fn(&[f32]) -> bool> {
+    if !level.is_supported() {
+        return None;
+    }
+    match level {
+        SimdLevel::Avx2 => Some(any_non_finite_avx2),
+        SimdLevel::Avx512 => Some(any_non_finite_avx512),
+        SimdLevel::Scalar | SimdLevel::Neon => None,
+    }
+}
