@@ -389,7 +389,7 @@ pub enum Error {
     #[error("invalid edit: {0}")]
     InvalidEdit(String),
     /// `HOTPATCH_SIMD` names no SIMD level of the codecs.
-    #[error("{SIMD_ENV}={value:?} is not a SIMD level: expected scalar, avx2 or avx512", SIMD_ENV = crate::codec::SIMD_ENV)]
+    #[error("{SIMD_ENV}={value:?} is not a SIMD level: expected scalar, neon, avx2 or avx512", SIMD_ENV = crate::codec::SIMD_ENV)]
     UnknownSimdLevel {
         /// The variable's value.
         value: String,

@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::{Result, bail};
 
 /// Where a binary is on `PATH`, if it is.
-fn on_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
@@ -20,12 +20,24 @@ pub fn etcd() -> Result<PathBuf> {
     if let Some(etcd) = on_path("etcd").filter(|_| on_path("etcdctl").is_some()) {
         return Ok(etcd);
     }
+    apt_install(&["etcd-server", "etcd-client"]).map_err(|e| {
+        e.context("etcd is not installed: install etcd 3.4 or later (etcd and etcdctl on PATH)")
+    })?;
+    match on_path("etcd") {
+        Some(etcd) => Ok(etcd),
+        None => bail!("apt-get installed etcd-server, but no etcd is on PATH"),
+    }
+}
+
+/// Installs Debian packages with apt-get (after `apt-get update`), as root directly or
+/// through sudo.
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
     if on_path("apt-get").is_none() {
         bail!(
-            "etcd is not installed and this machine has no apt-get: install etcd 3.4 or later (etcd and etcdctl on PATH)"
+            "this machine has no apt-get to install {}",
+            packages.join(", ")
         );
     }
-    // As root directly; otherwise through sudo when there is one.
     let root = Command::new("id")
         .arg("-u")
         .output()
@@ -42,15 +54,5 @@ pub fn etcd() -> Result<PathBuf> {
         command
     };
     crate::run(&mut apt(&["update", "-qq"]))?;
-    crate::run(&mut apt(&[
-        "install",
-        "-y",
-        "-qq",
-        "etcd-server",
-        "etcd-client",
-    ]))?;
-    match on_path("etcd") {
-        Some(etcd) => Ok(etcd),
-        None => bail!("apt-get installed etcd-server, but no etcd is on PATH"),
-    }
+    crate::run(apt(&["install", "-y", "-qq"]).args(packages))
 }

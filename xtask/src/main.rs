@@ -18,7 +18,9 @@ mod bench_live;
 mod bench_parse;
 mod bench_proxy;
 mod bench_scale;
+mod bench_simd;
 mod bench_surgery;
+mod cross_check;
 mod env;
 mod etcd;
 mod gpu_check;
@@ -37,12 +39,16 @@ tasks:
   bench-parse   time parsing the real model against gguf-py's GGUFReader, same run
   bench-codecs  dequantize throughput per type on the real model against ggml's to_float
                 and gguf-py, same run
+  bench-simd    quantization, NaN/Inf scan and block-scale transform at each SIMD level
+                against the scalar kernels, same run
   bench-edit    in-place meta set and tensor scale against gguf-py's tools, same run
   bench-live    live patch latency under page protection, batched and not
   bench-agent   live patch latency through the agent (partial write, whole-tensor re-set)
                 against the file mapping, under load, same run
   bench-proxy   latency hotpatch serve adds (p50, p99) against calling the upstream directly,
                 same run, and cache-hit throughput
+  cross-check   byte-tier's codec tests for aarch64 (the NEON kernels) under qemu-user,
+                installing the target, cross linker and qemu when missing [FILTER...]
   gpu-check     the agent on a CUDA llama-server with every layer offloaded (-ngl 99):
                 here when nvcc is, or --bundle [DIR] for a GPU machine without network
   bench-surgery ablation and LoRA merge on the real model against llama-quantize + numpy
@@ -82,11 +88,13 @@ fn main() -> Result<()> {
         Some("bench-fleet") => bench_fleet::run(),
         Some("bench-scale") => bench_scale::run(&args[1..]),
         Some("bench-codecs") => bench_codecs::run(),
+        Some("bench-simd") => bench_simd::run(&args[1..]),
         Some("llama-server") => {
             println!("{}", llama_server::llama_server()?.display());
             Ok(())
         }
         Some("iq-grids") => iq_grids::run(&args[1..]),
+        Some("cross-check") => cross_check::run(&args[1..]),
         Some("gpu-check") => gpu_check::run(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             println!("{USAGE}");

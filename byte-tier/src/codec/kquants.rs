@@ -21,7 +21,7 @@
 use super::{BlockOverflow, f16_at, f16_bits, signed_abs_max};
 
 /// Elements in a super-block.
-const QK_K: usize = 256;
+pub(super) const QK_K: usize = 256;
 
 /// Below this magnitude a group counts as all zeros (ggml's `GROUP_MAX_EPS`).
 pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
@@ -315,35 +315,80 @@ pub(super) struct K4Parts {
     pub(super) codes: [u8; QK_K],
 }
 
-/// The common part of ggml's Q4_K and Q5_K reference quantizers: sub-block scales and
-/// mins, the packed scale bytes, the two f16 super-block scales and the final codes.
-fn quant_k4_common(
+/// The weights of a Q4_K / Q5_K sub-block's search: `sqrt(mean(x^2)) + |x|`.
+#[inline(always)]
+pub(super) fn k4_weights(xj: &[f32; 32]) -> [f32; 32] {
+    let mut sum_x2 = 0.0f32;
+    for v in xj {
+        sum_x2 += v * v;
+    }
+    let av_x = (sum_x2 / 32.0).sqrt();
+    let mut weights = [0f32; 32];
+    for (w, v) in weights.iter_mut().zip(xj) {
+        *w = av_x + v.abs();
+    }
+    weights
+}
+
+/// The parameters of the Q4_K / Q5_K sub-block search: the top code, and `rmin` and
+/// `nstep` of `make_qkx2_quants` (whose `rdelta` is 0.1 for both).
+#[derive(Clone, Copy)]
+pub(super) struct K4Search {
+    pub(super) nmax: i32,
+    pub(super) rmin: f32,
+    pub(super) nstep: i32,
+}
+
+/// The search of the eight sub-blocks of a super-block: their codes, scales and mins.
+pub(super) type K4SearchFn =
+    fn(&[f32; QK_K], K4Search, &mut [u8; QK_K], &mut [f32; 8], &mut [f32; 8]);
+
+/// The scalar search: `make_qkx2_quants` on each sub-block in turn.
+#[inline(always)]
+pub(super) fn k4_search_scalar(
     x: &[f32; QK_K],
-    nmax: i32,
-    rmin: f32,
-    nstep: i32,
-    block: usize,
-) -> Result<K4Parts, BlockOverflow> {
-    let mut codes = [0u8; QK_K];
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
-    let mut max_scale = 0.0f32;
-    let mut max_min = 0.0f32;
+    search: K4Search,
+    codes: &mut [u8; QK_K],
+    scales: &mut [f32; 8],
+    mins: &mut [f32; 8],
+) {
     let (xs, _) = x.as_chunks::<32>();
     let (cs, _) = codes.as_chunks_mut::<32>();
     for (j, (xj, cj)) in xs.iter().zip(cs.iter_mut()).enumerate() {
-        let mut sum_x2 = 0.0f32;
-        for v in xj {
-            sum_x2 += v * v;
-        }
-        let av_x = (sum_x2 / 32.0).sqrt();
-        let mut weights = [0f32; 32];
-        for (w, v) in weights.iter_mut().zip(xj) {
-            *w = av_x + v.abs();
-        }
-        let (scale, min) = make_qkx2_quants(nmax, xj, &weights, cj, rmin, 0.1, nstep, false);
+        let weights = k4_weights(xj);
+        let (scale, min) = make_qkx2_quants(
+            search.nmax,
+            xj,
+            &weights,
+            cj,
+            search.rmin,
+            0.1,
+            search.nstep,
+            false,
+        );
         scales[j] = scale;
         mins[j] = min;
+    }
+}
+
+/// The common part of ggml's Q4_K and Q5_K reference quantizers: sub-block scales and
+/// mins (found by `sub_blocks`), the packed scale bytes, the two f16 super-block scales
+/// and the final codes.
+#[inline(always)]
+pub(super) fn quant_k4_common(
+    x: &[f32; QK_K],
+    search: K4Search,
+    sub_blocks: K4SearchFn,
+    block: usize,
+) -> Result<K4Parts, BlockOverflow> {
+    let nmax = search.nmax;
+    let mut codes = [0u8; QK_K];
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    sub_blocks(x, search, &mut codes, &mut scales, &mut mins);
+    let mut max_scale = 0.0f32;
+    let mut max_min = 0.0f32;
+    for (&scale, &min) in scales.iter().zip(&mins) {
         if scale > max_scale {
             max_scale = scale;
         }
@@ -351,6 +396,8 @@ fn quant_k4_common(
             max_min = min;
         }
     }
+    let (xs, _) = x.as_chunks::<32>();
+    let (cs, _) = codes.as_chunks_mut::<32>();
     let inv_scale = if max_scale > 0.0 {
         63.0 / max_scale
     } else {
@@ -400,13 +447,38 @@ fn quant_k4_common(
 
 #[inline(always)]
 pub(super) fn quant_q4_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
+    quant_q4_k_with(src, dst, k4_search_scalar)
+}
+
+/// Q4_K quantization with the given sub-block search (the scalar one or a vector one
+/// that gives the same bits).
+#[inline(always)]
+pub(super) fn quant_q4_k_with(
+    src: &[f32],
+    dst: &mut [u8],
+    sub_blocks: K4SearchFn,
+) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<144>();
     for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
-        store_q4_k(&quant_k4_common(x, 15, -1.0, 20, i)?, b);
+        store_q4_k(&quant_k4_common(x, Q4_K_SEARCH, sub_blocks, i)?, b);
     }
     Ok(())
 }
+
+/// Q4_K's sub-block search.
+pub(super) const Q4_K_SEARCH: K4Search = K4Search {
+    nmax: 15,
+    rmin: -1.0,
+    nstep: 20,
+};
+
+/// Q5_K's sub-block search.
+pub(super) const Q5_K_SEARCH: K4Search = K4Search {
+    nmax: 31,
+    rmin: -0.5,
+    nstep: 15,
+};
 
 /// Writes the parts of a Q4_K block into its 144 bytes.
 #[inline(always)]
@@ -425,10 +497,20 @@ pub(super) fn store_q4_k(parts: &K4Parts, b: &mut [u8]) {
 
 #[inline(always)]
 pub(super) fn quant_q5_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
+    quant_q5_k_with(src, dst, k4_search_scalar)
+}
+
+/// Q5_K quantization with the given sub-block search, as [`quant_q4_k_with`].
+#[inline(always)]
+pub(super) fn quant_q5_k_with(
+    src: &[f32],
+    dst: &mut [u8],
+    sub_blocks: K4SearchFn,
+) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<176>();
     for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
-        store_q5_k(&quant_k4_common(x, 31, -0.5, 15, i)?, b);
+        store_q5_k(&quant_k4_common(x, Q5_K_SEARCH, sub_blocks, i)?, b);
     }
     Ok(())
 }
@@ -508,16 +590,36 @@ fn make_qx_quants(nmax: i32, x: &[f32; 16], codes: &mut [u8; 16]) -> f32 {
 
 #[inline(always)]
 pub(super) fn quant_q6_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
+    quant_q6_k_with(src, dst, q6_k_search_scalar)
+}
+
+/// The search of the sixteen groups of a Q6_K super-block: their codes and scales.
+pub(super) type Q6KSearchFn = fn(&[f32; QK_K], &mut [u8; QK_K], &mut [f32; 16]);
+
+/// The scalar search: `make_qx_quants` on each group in turn.
+#[inline(always)]
+pub(super) fn q6_k_search_scalar(x: &[f32; QK_K], codes: &mut [u8; QK_K], scales: &mut [f32; 16]) {
+    let (groups, _) = x.as_chunks::<16>();
+    let (cs, _) = codes.as_chunks_mut::<16>();
+    for ((g, c), s) in groups.iter().zip(cs.iter_mut()).zip(scales.iter_mut()) {
+        *s = make_qx_quants(32, g, c);
+    }
+}
+
+/// Q6_K quantization with the given group search (the scalar one or a vector one that
+/// gives the same bits).
+#[inline(always)]
+pub(super) fn quant_q6_k_with(
+    src: &[f32],
+    dst: &mut [u8],
+    groups: Q6KSearchFn,
+) -> Result<(), BlockOverflow> {
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<210>();
     for (i, (x, b)) in xs.iter().zip(blocks.iter_mut()).enumerate() {
         let mut codes = [0u8; QK_K];
         let mut scales = [0f32; 16];
-        let (groups, _) = x.as_chunks::<16>();
-        let (cs, _) = codes.as_chunks_mut::<16>();
-        for ((g, c), s) in groups.iter().zip(cs.iter_mut()).zip(scales.iter_mut()) {
-            *s = make_qx_quants(32, g, c);
-        }
+        groups(x, &mut codes, &mut scales);
         finish_q6_k(x, &scales, &mut codes, b, i)?;
     }
     Ok(())

@@ -496,14 +496,23 @@ pub(crate) fn signed_abs_max(x: &[f32]) -> (f32, f32) {
     (max, amax)
 }
 
+/// Whether any value is NaN or infinite (an exponent of all ones), written as a fold
+/// over the bits so that the compiler vectorizes it for whatever the build allows.
+#[inline(always)]
+pub(crate) fn any_non_finite(values: &[f32]) -> bool {
+    values.iter().fold(0u32, |acc, v| {
+        acc | u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+    }) != 0
+}
+
 /// Index of the first value that is NaN or infinite.
 pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
-    // A fold over chunks lets the compiler vectorize the test; the exact index is then
+    // A test over whole chunks at the process's SIMD level; the exact index is then
     // found in the one chunk that failed.
+    let any_non_finite = simd::any_non_finite_kernel(simd_level());
     let mut base = 0;
     for chunk in values.chunks(4096) {
-        let bad = chunk.iter().fold(false, |acc, v| acc | !v.is_finite());
-        if bad {
+        if any_non_finite(chunk) {
             return chunk.iter().position(|v| !v.is_finite()).map(|i| base + i);
         }
         base += chunk.len();

@@ -244,8 +244,7 @@ fn scan_decoded(
         }
     }
     kernel(chunk, values);
-    let any_bad = values.iter().fold(false, |acc, v| acc | !v.is_finite());
-    if any_bad {
+    if super::simd::any_non_finite_kernel(super::simd_level())(values) {
         let first_element = first_block * block_len;
         for (i, v) in values.iter().enumerate() {
             if v.is_finite() {

@@ -104,6 +104,9 @@ impl TransformReport {
     }
 }
 
+/// Running sums of [`ErrorSums::add`].
+const LANES: usize = 8;
+
 /// Error sums of one chunk.
 #[derive(Clone, Copy, Debug, Default)]
 struct ErrorSums {
@@ -113,11 +116,31 @@ struct ErrorSums {
 
 impl ErrorSums {
     fn add(&mut self, stored: &[f32], intended: &[f32]) {
-        for (s, i) in stored.iter().zip(intended) {
-            let e = (f64::from(*s) - f64::from(*i)).abs();
-            self.sum_sq += e * e;
-            if e > self.max_abs {
-                self.max_abs = e;
+        // Eight running sums, one per element index modulo 8, added together in a fixed
+        // order at the end: the compiler vectorizes them (one sum would be a chain of
+        // dependent f64 adds, the transform's slowest part), and the result is the same
+        // at every SIMD level.
+        let mut sum_sq = [0f64; LANES];
+        let mut max_abs = [0f64; LANES];
+        let mut lane = |k: usize, s: f32, i: f32| {
+            let e = (f64::from(s) - f64::from(i)).abs();
+            sum_sq[k] += e * e;
+            max_abs[k] = if e > max_abs[k] { e } else { max_abs[k] };
+        };
+        let (stored_chunks, stored_rest) = stored.as_chunks::<LANES>();
+        let (intended_chunks, intended_rest) = intended.as_chunks::<LANES>();
+        for (s, i) in stored_chunks.iter().zip(intended_chunks) {
+            for k in 0..LANES {
+                lane(k, s[k], i[k]);
+            }
+        }
+        for (k, (s, i)) in stored_rest.iter().zip(intended_rest).enumerate() {
+            lane(k, *s, *i);
+        }
+        for k in 0..LANES {
+            self.sum_sq += sum_sq[k];
+            if max_abs[k] > self.max_abs {
+                self.max_abs = max_abs[k];
             }
         }
     }

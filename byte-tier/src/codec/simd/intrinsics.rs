@@ -1,5 +1,8 @@
 //! Hand-written kernels: Q8_0, Q4_0 (AVX2) and Q4_K (AVX2, AVX-512) dequantization,
-//! whose compiler-vectorized kernels gain little or nothing, and Q8_0 quantization (AVX2).
+//! whose compiler-vectorized kernels gain little or nothing, Q8_0 quantization (AVX2),
+//! and the scale searches of Q4_K, Q5_K and Q6_K quantization (AVX2), which the
+//! compiler cannot vectorize at all: their sums run over a sub-block's elements in
+//! order. Those run eight sub-blocks side by side, one per lane, each in that order.
 //!
 //! Each one computes what the scalar kernel computes, operation for operation: the
 //! block's scales come from the same scalar code, and every value is `d * q` (Q8_0) or
@@ -10,9 +13,9 @@
 use std::arch::x86_64::*;
 
 use crate::codec::BlockOverflow;
-use crate::codec::f16_at;
-use crate::codec::kquants::scales_mins_k4;
+use crate::codec::kquants::{GROUP_MAX_EPS, K4Search, QK_K, k4_weights, scales_mins_k4};
 use crate::codec::legacy::{inverse, scale_bits};
+use crate::codec::{f16_at, signed_abs_max};
 
 /// Reads 8 values.
 #[target_feature(enable = "avx2")]
@@ -259,4 +262,235 @@ pub(super) fn quant_q8_0_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOv
         store_256(&mut codes[0], bytes);
     }
     Ok(())
+}
+
+/// `nearest_int` of eight values, as the scalar code computes it: the low mantissa bits
+/// of `x + 1.5 * 2^23`, less 2^22.
+#[target_feature(enable = "avx2,fma")]
+fn nearest_int_8(x: __m256) -> __m256i {
+    let bits = _mm256_castps_si256(_mm256_add_ps(x, _mm256_set1_ps(12_582_912.0)));
+    _mm256_sub_epi32(
+        _mm256_and_si256(bits, _mm256_set1_epi32(0x007f_ffff)),
+        _mm256_set1_epi32(0x0040_0000),
+    )
+}
+
+/// The Q4_K / Q5_K sub-block search with AVX2: `make_qkx2_quants` on the eight
+/// sub-blocks at once, one per lane. Each lane does its sub-block's operations in the
+/// scalar order (the sums run over the sub-block's elements one after another), so
+/// every lane ends with the scalar search's bits; the branches become per-lane selects.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn k4_search_avx2(
+    x: &[f32; QK_K],
+    search: K4Search,
+    codes: &mut [u8; QK_K],
+    scales: &mut [f32; 8],
+    mins: &mut [f32; 8],
+) {
+    // Transposed: lane j of `xt[i]` is element i of sub-block j.
+    let mut xt = [[0f32; 8]; 32];
+    let mut wt = [[0f32; 8]; 32];
+    let (xs, _) = x.as_chunks::<32>();
+    for (j, xj) in xs.iter().enumerate() {
+        let weights = k4_weights(xj);
+        for i in 0..32 {
+            xt[i][j] = xj[i];
+            wt[i][j] = weights[i];
+        }
+    }
+    let xv: [__m256; 32] = std::array::from_fn(|i| load_8(&xt[i]));
+    let wv: [__m256; 32] = std::array::from_fn(|i| load_8(&wt[i]));
+    let zero = _mm256_setzero_ps();
+    let nmax = _mm256_set1_epi32(search.nmax);
+    let nmax_f = search.nmax as f32;
+    let code = |scaled: __m256| {
+        _mm256_min_epi32(
+            _mm256_max_epi32(nearest_int_8(scaled), _mm256_setzero_si256()),
+            nmax,
+        )
+    };
+
+    let mut min = xv[0];
+    let mut max = xv[0];
+    let mut sum_w = wv[0];
+    let mut sum_x = _mm256_mul_ps(sum_w, xv[0]);
+    for i in 1..32 {
+        // `x < min ? x : min` and `x > max ? x : max`, as the scalar comparisons.
+        min = _mm256_min_ps(xv[i], min);
+        max = _mm256_max_ps(xv[i], max);
+        sum_w = _mm256_add_ps(sum_w, wv[i]);
+        sum_x = _mm256_add_ps(sum_x, _mm256_mul_ps(wv[i], xv[i]));
+    }
+    min = _mm256_blendv_ps(min, zero, _mm256_cmp_ps::<_CMP_GT_OQ>(min, zero));
+    // Lanes whose values are all equal return (0, -min) with zero codes; the rest of the
+    // search runs on them too, and its results are dropped at the end.
+    let flat = _mm256_cmp_ps::<_CMP_EQ_OQ>(max, min);
+    let flat_min = min;
+    let mut iscale = _mm256_div_ps(_mm256_set1_ps(nmax_f), _mm256_sub_ps(max, min));
+    let mut scale = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
+    let mut best_error = zero;
+    let mut best = [_mm256_setzero_si256(); 32];
+    for i in 0..32 {
+        let l = code(_mm256_mul_ps(iscale, _mm256_sub_ps(xv[i], min)));
+        best[i] = l;
+        let lf = _mm256_cvtepi32_ps(l);
+        let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, lf), min), xv[i]);
+        best_error = _mm256_add_ps(best_error, _mm256_mul_ps(wv[i], _mm256_mul_ps(diff, diff)));
+    }
+    let mut aux = [_mm256_setzero_si256(); 32];
+    for is in 0..=search.nstep {
+        let numerator = search.rmin + 0.1 * is as f32 + nmax_f;
+        // `min` moves with each better candidate, and the next scale is taken against
+        // it, as the scalar search does.
+        iscale = _mm256_div_ps(_mm256_set1_ps(numerator), _mm256_sub_ps(max, min));
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
+        for i in 0..32 {
+            let l = code(_mm256_mul_ps(iscale, _mm256_sub_ps(xv[i], min)));
+            aux[i] = l;
+            let lf = _mm256_cvtepi32_ps(l);
+            let wl = _mm256_mul_ps(wv[i], lf);
+            sum_l = _mm256_add_ps(sum_l, wl);
+            sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(wl, lf));
+            sum_xl = _mm256_add_ps(sum_xl, _mm256_mul_ps(wl, xv[i]));
+        }
+        let det = _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_l2), _mm256_mul_ps(sum_l, sum_l));
+        let mut this_scale = _mm256_div_ps(
+            _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_xl), _mm256_mul_ps(sum_x, sum_l)),
+            det,
+        );
+        let mut this_min = _mm256_div_ps(
+            _mm256_sub_ps(_mm256_mul_ps(sum_l2, sum_x), _mm256_mul_ps(sum_l, sum_xl)),
+            det,
+        );
+        let positive_min = _mm256_cmp_ps::<_CMP_GT_OQ>(this_min, zero);
+        this_min = _mm256_blendv_ps(this_min, zero, positive_min);
+        this_scale = _mm256_blendv_ps(this_scale, _mm256_div_ps(sum_xl, sum_l2), positive_min);
+        let mut cur_error = zero;
+        for i in 0..32 {
+            let lf = _mm256_cvtepi32_ps(aux[i]);
+            let diff = _mm256_sub_ps(
+                _mm256_add_ps(_mm256_mul_ps(this_scale, lf), this_min),
+                xv[i],
+            );
+            cur_error = _mm256_add_ps(cur_error, _mm256_mul_ps(wv[i], _mm256_mul_ps(diff, diff)));
+        }
+        let better = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GT_OQ>(det, zero),
+            _mm256_cmp_ps::<_CMP_LT_OQ>(cur_error, best_error),
+        );
+        let better_i = _mm256_castps_si256(better);
+        for i in 0..32 {
+            best[i] = _mm256_blendv_epi8(best[i], aux[i], better_i);
+        }
+        best_error = _mm256_blendv_ps(best_error, cur_error, better);
+        scale = _mm256_blendv_ps(scale, this_scale, better);
+        min = _mm256_blendv_ps(min, this_min, better);
+    }
+    scale = _mm256_blendv_ps(scale, zero, flat);
+    min = _mm256_blendv_ps(min, flat_min, flat);
+    let flat_i = _mm256_castps_si256(flat);
+    let mut lanes = [0i32; 8];
+    let (cs, _) = codes.as_chunks_mut::<32>();
+    for (i, b) in best.iter().enumerate() {
+        store_8_i32(&mut lanes, _mm256_andnot_si256(flat_i, *b));
+        for (cj, &l) in cs.iter_mut().zip(&lanes) {
+            cj[i] = l as u8;
+        }
+    }
+    store_8(scales, scale);
+    // `-min`: the sign flipped, so that a zero min gives -0.0 as the scalar negation does.
+    store_8(mins, _mm256_xor_ps(min, _mm256_set1_ps(-0.0)));
+}
+
+/// Writes 8 i32 lanes.
+#[target_feature(enable = "avx2")]
+fn store_8_i32(out: &mut [i32; 8], values: __m256i) {
+    // SAFETY: the array holds the 32 bytes written, and `storeu` needs no alignment.
+    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), values) }
+}
+
+/// The Q6_K group search with AVX2: `make_qx_quants` (top code 32) on eight of the
+/// sixteen 16-value groups at once, one per lane, twice. As in [`k4_search_avx2`], each
+/// lane keeps the scalar order of its group's sums, and the branches become selects.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn q6_k_search_avx2(x: &[f32; QK_K], codes: &mut [u8; QK_K], scales: &mut [f32; 16]) {
+    const NMAX: i32 = 32;
+    let (groups, _) = x.as_chunks::<16>();
+    let (group_codes, _) = codes.as_chunks_mut::<16>();
+    let (halves, _) = groups.as_chunks::<8>();
+    let (code_halves, _) = group_codes.as_chunks_mut::<8>();
+    let (scale_halves, _) = scales.as_chunks_mut::<8>();
+    let zero = _mm256_setzero_ps();
+    let low = _mm256_set1_epi32(-NMAX);
+    let high = _mm256_set1_epi32(NMAX - 1);
+    let nmax_f = NMAX as f32;
+    for ((half, half_codes), half_scales) in halves.iter().zip(code_halves).zip(scale_halves) {
+        let mut xt = [[0f32; 8]; 16];
+        let mut maxes = [0f32; 8];
+        let mut amaxes = [0f32; 8];
+        for (j, g) in half.iter().enumerate() {
+            (maxes[j], amaxes[j]) = signed_abs_max(g);
+            for i in 0..16 {
+                xt[i][j] = g[i];
+            }
+        }
+        let xv: [__m256; 16] = std::array::from_fn(|i| load_8(&xt[i]));
+        let max = load_8(&maxes);
+        let flat = _mm256_cmp_ps::<_CMP_LT_OQ>(load_8(&amaxes), _mm256_set1_ps(GROUP_MAX_EPS));
+        let code = |iscale: __m256, v: __m256| {
+            _mm256_min_epi32(
+                _mm256_max_epi32(nearest_int_8(_mm256_mul_ps(iscale, v)), low),
+                high,
+            )
+        };
+        let sums = |iscale: __m256| {
+            let (mut sumlx, mut suml2) = (zero, zero);
+            for &v in &xv {
+                let l = _mm256_cvtepi32_ps(code(iscale, v));
+                let w = _mm256_mul_ps(v, v);
+                sumlx = _mm256_add_ps(sumlx, _mm256_mul_ps(_mm256_mul_ps(w, v), l));
+                suml2 = _mm256_add_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(w, l), l));
+            }
+            (sumlx, suml2)
+        };
+        let mut iscale = _mm256_div_ps(_mm256_set1_ps(-nmax_f), max);
+        let mut best_codes: [__m256i; 16] = std::array::from_fn(|i| code(iscale, xv[i]));
+        let (sumlx, suml2) = sums(iscale);
+        let nonzero = _mm256_cmp_ps::<_CMP_NEQ_UQ>(suml2, zero);
+        let mut scale = _mm256_and_ps(_mm256_div_ps(sumlx, suml2), nonzero);
+        let mut best = _mm256_mul_ps(scale, sumlx);
+        for is in (-9..=9).filter(|&is| is != 0) {
+            let numerator = -(nmax_f + 0.1 * is as f32);
+            iscale = _mm256_div_ps(_mm256_set1_ps(numerator), max);
+            let (sumlx, suml2) = sums(iscale);
+            let better = _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_GT_OQ>(suml2, zero),
+                _mm256_cmp_ps::<_CMP_GT_OQ>(
+                    _mm256_mul_ps(sumlx, sumlx),
+                    _mm256_mul_ps(best, suml2),
+                ),
+            );
+            let better_i = _mm256_castps_si256(better);
+            for (b, &v) in best_codes.iter_mut().zip(&xv) {
+                *b = _mm256_blendv_epi8(*b, code(iscale, v), better_i);
+            }
+            scale = _mm256_blendv_ps(scale, _mm256_div_ps(sumlx, suml2), better);
+            best = _mm256_blendv_ps(best, _mm256_mul_ps(scale, sumlx), better);
+        }
+        // Groups below the threshold give zero codes (stored as 0, not as `0 + 32`) and a
+        // zero scale.
+        let flat_i = _mm256_castps_si256(flat);
+        let offset = _mm256_set1_epi32(NMAX);
+        let mut lanes = [0i32; 8];
+        for (i, b) in best_codes.iter().enumerate() {
+            store_8_i32(
+                &mut lanes,
+                _mm256_andnot_si256(flat_i, _mm256_add_epi32(*b, offset)),
+            );
+            for (c, &l) in half_codes.iter_mut().zip(&lanes) {
+                c[i] = l as u8;
+            }
+        }
+        store_8(half_scales, _mm256_andnot_ps(flat, scale));
+    }
 }

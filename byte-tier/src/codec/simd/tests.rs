@@ -216,12 +216,44 @@ fn every_supported_level_quantizes_zero_and_subnormal_blocks_as_scalar() {
 }
 
 #[test]
+fn every_supported_level_finds_nan_and_infinity_as_scalar() {
+    let mut random = Random(0x6e61_6e73);
+    let planted = [
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7f80_0001),
+        f32::from_bits(0xffff_ffff),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ];
+    for level in levels_above_scalar() {
+        let vector = any_non_finite_kernel(level);
+        for n in [0, 1, 7, 8, 15, 16, 33, 64, 255, 1000] {
+            let clean = values(n, &mut random);
+            assert!(!vector(&clean), "{level}, {n} finite values");
+            assert_eq!(vector(&clean), crate::codec::any_non_finite(&clean));
+            for at in [0, n / 2, n.saturating_sub(1)]
+                .into_iter()
+                .filter(|&at| at < n)
+            {
+                for bad in planted {
+                    let mut x = clean.clone();
+                    x[at] = bad;
+                    assert!(vector(&x), "{level}: {bad:?} at {at} of {n} missed");
+                    assert_eq!(vector(&x), crate::codec::any_non_finite(&x));
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn levels_are_named_as_the_environment_variable_spells_them() {
     for &level in SimdLevel::ALL {
         assert_eq!(SimdLevel::from_name(level.name()), Some(level));
     }
     assert_eq!(SimdLevel::from_name("AVX2"), None);
-    assert_eq!(SimdLevel::from_name("neon"), None);
+    assert_eq!(SimdLevel::from_name("sse4"), None);
 }
 
 #[test]
@@ -237,12 +269,37 @@ fn the_process_runs_at_a_supported_level_and_scalar_always_is() {
 }
 
 #[test]
+fn a_requested_level_is_capped_to_a_supported_one_at_or_below_it() {
+    for &level in SimdLevel::ALL {
+        let capped = level.capped();
+        assert!(
+            capped.is_supported(),
+            "{level} caps to unsupported {capped}"
+        );
+        assert!(capped <= level, "{level} caps up to {capped}");
+        if level.is_supported() {
+            assert_eq!(capped, level);
+        }
+    }
+    // The highest level caps to the best this CPU has; the other architecture's levels
+    // never run here.
+    assert_eq!(SimdLevel::Avx512.capped(), SimdLevel::detect());
+    if cfg!(target_arch = "aarch64") {
+        assert_eq!(SimdLevel::detect(), SimdLevel::Neon);
+        assert!(!SimdLevel::Avx2.is_supported());
+    } else {
+        assert!(!SimdLevel::Neon.is_supported());
+        assert_eq!(SimdLevel::Neon.capped(), SimdLevel::Scalar);
+    }
+}
+
+#[test]
 fn an_unknown_level_name_is_an_error_naming_the_value() {
     let err = Error::UnknownSimdLevel {
         value: "sse9".into(),
     };
     assert_eq!(
         err.to_string(),
-        "HOTPATCH_SIMD=\"sse9\" is not a SIMD level: expected scalar, avx2 or avx512"
+        "HOTPATCH_SIMD=\"sse9\" is not a SIMD level: expected scalar, neon, avx2 or avx512"
     );
 }

@@ -2,6 +2,7 @@
 //! with AVX-512, and hand-written kernels for the hottest types.
 
 use super::{SimdLevel, intrinsics};
+use crate::codec::kquants::{self, K4Search, QK_K};
 use crate::codec::{DequantKernel, QuantKernel};
 use crate::types::GgmlType;
 
@@ -139,7 +140,7 @@ pub(super) fn dequant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<De
         return None;
     }
     match (level, ggml_type) {
-        (SimdLevel::Scalar, _) => None,
+        (SimdLevel::Scalar | SimdLevel::Neon, _) => None,
         // Q8_0's AVX-512 kernel was slower than its AVX2 one: both levels take that.
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q8_0) => Some(q8_0_avx2),
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q4_0) => Some(q4_0_avx2),
@@ -183,8 +184,11 @@ pub(super) fn quant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<Quan
         return None;
     }
     match (level, ggml_type) {
-        (SimdLevel::Scalar, _) => None,
+        (SimdLevel::Scalar | SimdLevel::Neon, _) => None,
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q8_0) => Some(quant_q8_0_avx2),
+        (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q4_K) => Some(quant_q4_k_avx2),
+        (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q5_K) => Some(quant_q5_k_avx2),
+        (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q6_K) => Some(quant_q6_k_avx2),
         (SimdLevel::Avx2, _) => avx2::quant_kernel(ggml_type),
         (SimdLevel::Avx512, _) => {
             avx512::quant_kernel(ggml_type).or_else(|| quant_kernel(SimdLevel::Avx2, ggml_type))
@@ -196,4 +200,70 @@ fn quant_q8_0_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::Bloc
     // SAFETY: handed out by `quant_kernel` only after `is_supported` confirmed AVX2 and
     // FMA (which the AVX-512 level includes).
     unsafe { intrinsics::quant_q8_0_avx2(src, dst) }
+}
+
+/// The Q4_K / Q5_K sub-block search with AVX2, behind a safe function.
+fn k4_search_avx2(
+    x: &[f32; QK_K],
+    search: K4Search,
+    codes: &mut [u8; QK_K],
+    scales: &mut [f32; 8],
+    mins: &mut [f32; 8],
+) {
+    // SAFETY: only reached through `quant_q4_k_avx2` and `quant_q5_k_avx2`, which
+    // `quant_kernel` hands out only after `is_supported` confirmed AVX2 and FMA.
+    unsafe { intrinsics::k4_search_avx2(x, search, codes, scales, mins) }
+}
+
+fn quant_q4_k_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::BlockOverflow> {
+    kquants::quant_q4_k_with(src, dst, k4_search_avx2)
+}
+
+fn quant_q5_k_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::BlockOverflow> {
+    kquants::quant_q5_k_with(src, dst, k4_search_avx2)
+}
+
+/// The Q6_K group search with AVX2, behind a safe function.
+fn q6_k_search_avx2(x: &[f32; QK_K], codes: &mut [u8; QK_K], scales: &mut [f32; 16]) {
+    // SAFETY: only reached through `quant_q6_k_avx2`, which `quant_kernel` hands out only
+    // after `is_supported` confirmed AVX2 and FMA.
+    unsafe { intrinsics::q6_k_search_avx2(x, codes, scales) }
+}
+
+fn quant_q6_k_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::BlockOverflow> {
+    kquants::quant_q6_k_with(src, dst, q6_k_search_avx2)
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn any_non_finite_avx2_compiled(values: &[f32]) -> bool {
+    crate::codec::any_non_finite(values)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+fn any_non_finite_avx512_compiled(values: &[f32]) -> bool {
+    crate::codec::any_non_finite(values)
+}
+
+fn any_non_finite_avx2(values: &[f32]) -> bool {
+    // SAFETY: handed out by `any_non_finite_kernel` only after `is_supported` confirmed
+    // AVX2 and FMA.
+    unsafe { any_non_finite_avx2_compiled(values) }
+}
+
+fn any_non_finite_avx512(values: &[f32]) -> bool {
+    // SAFETY: handed out by `any_non_finite_kernel` only after `is_supported` confirmed
+    // the AVX-512 level's features.
+    unsafe { any_non_finite_avx512_compiled(values) }
+}
+
+/// The NaN/Inf test of `level` (the scalar fold compiled for its features), or `None`.
+pub(super) fn any_non_finite_kernel(level: SimdLevel) -> Option<fn(&[f32]) -> bool> {
+    if !level.is_supported() {
+        return None;
+    }
+    match level {
+        SimdLevel::Avx2 => Some(any_non_finite_avx2),
+        SimdLevel::Avx512 => Some(any_non_finite_avx512),
+        SimdLevel::Scalar | SimdLevel::Neon => None,
+    }
 }
