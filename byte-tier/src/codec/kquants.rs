@@ -707,6 +707,41 @@ pub(super) fn pack_2bit(codes: &[u8; QK_K], qs: &mut [u8]) {
 
 #[inline(always)]
 pub(super) fn quant_q2_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflow> {
+    quant_q2_k_with(src, dst, q2_k_search_scalar)
+}
+
+/// The search of the sixteen groups of a Q2_K super-block: codes, scales and mins.
+pub(super) type Q2KSearchFn = fn(&[f32; QK_K], &mut [u8; QK_K], &mut [f32; 16], &mut [f32; 16]);
+
+/// The scalar search: `make_qkx2_quants` on each group in turn.
+#[inline(always)]
+pub(super) fn q2_k_search_scalar(
+    x: &[f32; QK_K],
+    codes: &mut [u8; QK_K],
+    scales: &mut [f32; 16],
+    mins: &mut [f32; 16],
+) {
+    let (groups, _) = x.as_chunks::<16>();
+    let (cs, _) = codes.as_chunks_mut::<16>();
+    for (j, (g, c)) in groups.iter().zip(cs.iter_mut()).enumerate() {
+        let mut weights = [0f32; 16];
+        for (w, v) in weights.iter_mut().zip(g) {
+            *w = v.abs();
+        }
+        let (scale, min) = make_qkx2_quants(3, g, &weights, c, -0.5, 0.1, 15, true);
+        scales[j] = scale;
+        mins[j] = min;
+    }
+}
+
+/// Q2_K quantization with the given group search (the scalar one or a vector one that
+/// gives the same bits).
+#[inline(always)]
+pub(super) fn quant_q2_k_with(
+    src: &[f32],
+    dst: &mut [u8],
+    search: Q2KSearchFn,
+) -> Result<(), BlockOverflow> {
     const Q4SCALE: f32 = 15.0;
     let (xs, _) = src.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<84>();
@@ -714,18 +749,10 @@ pub(super) fn quant_q2_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
         let mut codes = [0u8; QK_K];
         let mut scales = [0f32; 16];
         let mut mins = [0f32; 16];
+        search(x, &mut codes, &mut scales, &mut mins);
         let mut max_scale = 0.0f32;
         let mut max_min = 0.0f32;
-        let (groups, _) = x.as_chunks::<16>();
-        let (cs, _) = codes.as_chunks_mut::<16>();
-        for (j, (g, c)) in groups.iter().zip(cs.iter_mut()).enumerate() {
-            let mut weights = [0f32; 16];
-            for (w, v) in weights.iter_mut().zip(g) {
-                *w = v.abs();
-            }
-            let (scale, min) = make_qkx2_quants(3, g, &weights, c, -0.5, 0.1, 15, true);
-            scales[j] = scale;
-            mins[j] = min;
+        for (&scale, &min) in scales.iter().zip(&mins) {
             if scale > max_scale {
                 max_scale = scale;
             }
@@ -761,6 +788,8 @@ pub(super) fn quant_q2_k(src: &[f32], dst: &mut [u8]) -> Result<(), BlockOverflo
         })?;
         let d_super = half::f16::from_bits(d_bits).to_f32();
         let dmin_super = half::f16::from_bits(dmin_bits).to_f32();
+        let (groups, _) = x.as_chunks::<16>();
+        let (cs, _) = codes.as_chunks_mut::<16>();
         for (j, (g, c)) in groups.iter().zip(cs.iter_mut()).enumerate() {
             let d = d_super * f32::from(packed[j] & 0x0f);
             if d == 0.0 {

@@ -275,38 +275,38 @@ fn nearest_int_8(x: __m256) -> __m256i {
     )
 }
 
-/// The Q4_K / Q5_K sub-block search with AVX2: `make_qkx2_quants` on the eight
-/// sub-blocks at once, one per lane. Each lane does its sub-block's operations in the
-/// scalar order (the sums run over the sub-block's elements one after another), so
-/// every lane ends with the scalar search's bits; the branches become per-lane selects.
+/// `make_qkx2_quants` on eight `N`-value sub-blocks at once, one per lane, given
+/// transposed (lane j of `xv[i]` is element i of sub-block j) with their weights.
+/// Returns each lane's codes (as i32), scale and `-min`. Each lane does its sub-block's
+/// operations in the scalar order (the sums run over the sub-block's elements one after
+/// another), so every lane ends with the scalar search's bits; the branches become
+/// per-lane selects.
 #[target_feature(enable = "avx2,fma")]
-pub(super) fn k4_search_avx2(
-    x: &[f32; QK_K],
-    search: K4Search,
-    codes: &mut [u8; QK_K],
-    scales: &mut [f32; 8],
-    mins: &mut [f32; 8],
-) {
-    // Transposed: lane j of `xt[i]` is element i of sub-block j.
-    let mut xt = [[0f32; 8]; 32];
-    let mut wt = [[0f32; 8]; 32];
-    let (xs, _) = x.as_chunks::<32>();
-    for (j, xj) in xs.iter().enumerate() {
-        let weights = k4_weights(xj);
-        for i in 0..32 {
-            xt[i][j] = xj[i];
-            wt[i][j] = weights[i];
-        }
-    }
-    let xv: [__m256; 32] = std::array::from_fn(|i| load_8(&xt[i]));
-    let wv: [__m256; 32] = std::array::from_fn(|i| load_8(&wt[i]));
+#[allow(clippy::too_many_arguments)]
+fn qkx2_lanes<const N: usize>(
+    xv: &[__m256; N],
+    wv: &[__m256; N],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+) -> ([__m256i; N], __m256, __m256) {
     let zero = _mm256_setzero_ps();
-    let nmax = _mm256_set1_epi32(search.nmax);
-    let nmax_f = search.nmax as f32;
+    let sign = _mm256_set1_ps(-0.0);
+    let error = |diff: __m256| {
+        if use_mad {
+            _mm256_andnot_ps(sign, diff)
+        } else {
+            _mm256_mul_ps(diff, diff)
+        }
+    };
+    let nmax_v = _mm256_set1_epi32(nmax);
+    let nmax_f = nmax as f32;
     let code = |scaled: __m256| {
         _mm256_min_epi32(
             _mm256_max_epi32(nearest_int_8(scaled), _mm256_setzero_si256()),
-            nmax,
+            nmax_v,
         )
     };
 
@@ -314,7 +314,7 @@ pub(super) fn k4_search_avx2(
     let mut max = xv[0];
     let mut sum_w = wv[0];
     let mut sum_x = _mm256_mul_ps(sum_w, xv[0]);
-    for i in 1..32 {
+    for i in 1..N {
         // `x < min ? x : min` and `x > max ? x : max`, as the scalar comparisons.
         min = _mm256_min_ps(xv[i], min);
         max = _mm256_max_ps(xv[i], max);
@@ -329,22 +329,22 @@ pub(super) fn k4_search_avx2(
     let mut iscale = _mm256_div_ps(_mm256_set1_ps(nmax_f), _mm256_sub_ps(max, min));
     let mut scale = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
     let mut best_error = zero;
-    let mut best = [_mm256_setzero_si256(); 32];
-    for i in 0..32 {
+    let mut best = [_mm256_setzero_si256(); N];
+    for i in 0..N {
         let l = code(_mm256_mul_ps(iscale, _mm256_sub_ps(xv[i], min)));
         best[i] = l;
         let lf = _mm256_cvtepi32_ps(l);
         let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, lf), min), xv[i]);
-        best_error = _mm256_add_ps(best_error, _mm256_mul_ps(wv[i], _mm256_mul_ps(diff, diff)));
+        best_error = _mm256_add_ps(best_error, _mm256_mul_ps(wv[i], error(diff)));
     }
-    let mut aux = [_mm256_setzero_si256(); 32];
-    for is in 0..=search.nstep {
-        let numerator = search.rmin + 0.1 * is as f32 + nmax_f;
+    let mut aux = [_mm256_setzero_si256(); N];
+    for is in 0..=nstep {
+        let numerator = rmin + rdelta * is as f32 + nmax_f;
         // `min` moves with each better candidate, and the next scale is taken against
         // it, as the scalar search does.
         iscale = _mm256_div_ps(_mm256_set1_ps(numerator), _mm256_sub_ps(max, min));
         let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
-        for i in 0..32 {
+        for i in 0..N {
             let l = code(_mm256_mul_ps(iscale, _mm256_sub_ps(xv[i], min)));
             aux[i] = l;
             let lf = _mm256_cvtepi32_ps(l);
@@ -366,20 +366,20 @@ pub(super) fn k4_search_avx2(
         this_min = _mm256_blendv_ps(this_min, zero, positive_min);
         this_scale = _mm256_blendv_ps(this_scale, _mm256_div_ps(sum_xl, sum_l2), positive_min);
         let mut cur_error = zero;
-        for i in 0..32 {
+        for i in 0..N {
             let lf = _mm256_cvtepi32_ps(aux[i]);
             let diff = _mm256_sub_ps(
                 _mm256_add_ps(_mm256_mul_ps(this_scale, lf), this_min),
                 xv[i],
             );
-            cur_error = _mm256_add_ps(cur_error, _mm256_mul_ps(wv[i], _mm256_mul_ps(diff, diff)));
+            cur_error = _mm256_add_ps(cur_error, _mm256_mul_ps(wv[i], error(diff)));
         }
         let better = _mm256_and_ps(
             _mm256_cmp_ps::<_CMP_GT_OQ>(det, zero),
             _mm256_cmp_ps::<_CMP_LT_OQ>(cur_error, best_error),
         );
         let better_i = _mm256_castps_si256(better);
-        for i in 0..32 {
+        for i in 0..N {
             best[i] = _mm256_blendv_epi8(best[i], aux[i], better_i);
         }
         best_error = _mm256_blendv_ps(best_error, cur_error, better);
@@ -389,17 +389,94 @@ pub(super) fn k4_search_avx2(
     scale = _mm256_blendv_ps(scale, zero, flat);
     min = _mm256_blendv_ps(min, flat_min, flat);
     let flat_i = _mm256_castps_si256(flat);
+    for b in &mut best {
+        *b = _mm256_andnot_si256(flat_i, *b);
+    }
+    // `-min`: the sign flipped, so that a zero min gives -0.0 as the scalar negation does.
+    (best, scale, _mm256_xor_ps(min, sign))
+}
+
+/// Lane j of the codes in `best` into `codes[j]`.
+#[target_feature(enable = "avx2")]
+fn store_lane_codes<const N: usize>(best: &[__m256i; N], codes: &mut [&mut [u8; N]; 8]) {
     let mut lanes = [0i32; 8];
-    let (cs, _) = codes.as_chunks_mut::<32>();
     for (i, b) in best.iter().enumerate() {
-        store_8_i32(&mut lanes, _mm256_andnot_si256(flat_i, *b));
-        for (cj, &l) in cs.iter_mut().zip(&lanes) {
+        store_8_i32(&mut lanes, *b);
+        for (cj, &l) in codes.iter_mut().zip(&lanes) {
             cj[i] = l as u8;
         }
     }
+}
+
+/// The Q4_K / Q5_K sub-block search with AVX2: `make_qkx2_quants` on the eight
+/// sub-blocks at once, one per lane ([`qkx2_lanes`]).
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn k4_search_avx2(
+    x: &[f32; QK_K],
+    search: K4Search,
+    codes: &mut [u8; QK_K],
+    scales: &mut [f32; 8],
+    mins: &mut [f32; 8],
+) {
+    let mut xt = [[0f32; 8]; 32];
+    let mut wt = [[0f32; 8]; 32];
+    let (xs, _) = x.as_chunks::<32>();
+    for (j, xj) in xs.iter().enumerate() {
+        let weights = k4_weights(xj);
+        for i in 0..32 {
+            xt[i][j] = xj[i];
+            wt[i][j] = weights[i];
+        }
+    }
+    let xv: [__m256; 32] = std::array::from_fn(|i| load_8(&xt[i]));
+    let wv: [__m256; 32] = std::array::from_fn(|i| load_8(&wt[i]));
+    let (best, scale, min) =
+        qkx2_lanes(&xv, &wv, search.nmax, search.rmin, 0.1, search.nstep, false);
+    let (cs, _) = codes.as_chunks_mut::<32>();
+    let [c0, c1, c2, c3, c4, c5, c6, c7] = cs else {
+        return;
+    };
+    store_lane_codes(&best, &mut [c0, c1, c2, c3, c4, c5, c6, c7]);
     store_8(scales, scale);
-    // `-min`: the sign flipped, so that a zero min gives -0.0 as the scalar negation does.
-    store_8(mins, _mm256_xor_ps(min, _mm256_set1_ps(-0.0)));
+    store_8(mins, min);
+}
+
+/// The Q2_K group search with AVX2: `make_qkx2_quants` (top code 3, absolute error,
+/// weights `|x|`) on eight of the sixteen 16-value groups at once, twice.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn q2_k_search_avx2(
+    x: &[f32; QK_K],
+    codes: &mut [u8; QK_K],
+    scales: &mut [f32; 16],
+    mins: &mut [f32; 16],
+) {
+    let (groups, _) = x.as_chunks::<16>();
+    let (group_codes, _) = codes.as_chunks_mut::<16>();
+    let (halves, _) = groups.as_chunks::<8>();
+    let (code_halves, _) = group_codes.as_chunks_mut::<8>();
+    let (scale_halves, _) = scales.as_chunks_mut::<8>();
+    let (min_halves, _) = mins.as_chunks_mut::<8>();
+    let sign = _mm256_set1_ps(-0.0);
+    for (((half, half_codes), half_scales), half_mins) in halves
+        .iter()
+        .zip(code_halves)
+        .zip(scale_halves)
+        .zip(min_halves)
+    {
+        let mut xt = [[0f32; 8]; 16];
+        for (j, g) in half.iter().enumerate() {
+            for i in 0..16 {
+                xt[i][j] = g[i];
+            }
+        }
+        let xv: [__m256; 16] = std::array::from_fn(|i| load_8(&xt[i]));
+        let wv: [__m256; 16] = std::array::from_fn(|i| _mm256_andnot_ps(sign, xv[i]));
+        let (best, scale, min) = qkx2_lanes(&xv, &wv, 3, -0.5, 0.1, 15, true);
+        let [c0, c1, c2, c3, c4, c5, c6, c7] = half_codes;
+        store_lane_codes(&best, &mut [c0, c1, c2, c3, c4, c5, c6, c7]);
+        store_8(half_scales, scale);
+        store_8(half_mins, min);
+    }
 }
 
 /// Writes 8 i32 lanes.

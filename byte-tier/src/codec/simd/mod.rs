@@ -5,7 +5,7 @@
 //! whatever the build allows. On x86-64 this module compiles those kernels again with
 //! AVX2 and FMA, and with AVX-512 (F, BW, DQ, VL) enabled, for the types where that was
 //! measured to pay, and hand-writes Q8_0, Q4_0 and Q4_K dequantization, Q8_0
-//! quantization and the scale searches of Q4_K, Q5_K and Q6_K quantization with
+//! quantization and the scale searches of Q2_K, Q4_K, Q5_K and Q6_K quantization with
 //! intrinsics (AVX2, used at the AVX-512 level too). On aarch64 the [`SimdLevel::Neon`] level hand-writes the
 //! same four kernels with NEON intrinsics (NEON is part of aarch64's baseline, so the
 //! level needs no CPU check). Every other type keeps its scalar kernel at every level.

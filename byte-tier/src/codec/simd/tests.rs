@@ -184,6 +184,56 @@ fn every_supported_level_quantizes_every_type_bit_for_bit_as_scalar() {
 }
 
 #[test]
+fn k_quant_searches_agree_with_scalar_on_many_super_blocks() {
+    // The vector scale searches take a branch per lane where the scalar search takes it
+    // per sub-block; many super-blocks of mixed magnitudes, with flat, one-signed and
+    // sparse sub-blocks, exercise every combination of those branches.
+    let mut random = Random(0x6b5f_7175);
+    let n_blocks = 400;
+    let mut x = values(n_blocks * 256, &mut random);
+    for (b, block) in x.chunks_exact_mut(256).enumerate() {
+        // At most 1e4 in magnitude: every super-block's scales fit their f16 fields.
+        let magnitude = [1e-3f32, 1.0, 30.0, 100.0][b % 4];
+        for (i, v) in block.iter_mut().enumerate() {
+            let sub = i / 16;
+            *v = match (b / 4 + sub) % 6 {
+                0 => 0.25 * magnitude,
+                1 => v.abs().min(100.0) * magnitude,
+                2 if i % 5 != 0 => 0.0,
+                _ => v.clamp(-100.0, 100.0) * magnitude,
+            };
+        }
+    }
+    for level in levels_above_scalar() {
+        for t in [
+            GgmlType::Q2_K,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            let (Some(scalar), Some(vector)) = (scalar_quant_kernel(t), quant_kernel_at(level, t))
+            else {
+                continue;
+            };
+            let bytes = n_blocks * t.block_bytes() as usize;
+            let (mut want, mut got) = (vec![0u8; bytes], vec![1u8; bytes]);
+            let want_result = scalar(&x, &mut want).map_err(|e| (e.block, e.value.to_bits()));
+            let got_result = vector(&x, &mut got).map_err(|e| (e.block, e.value.to_bits()));
+            assert_eq!(got_result, want_result, "{t} at {level}");
+            assert!(want_result.is_ok(), "{t}: {want_result:?}");
+            let block_bytes = t.block_bytes() as usize;
+            for (b, (w, g)) in want
+                .chunks_exact(block_bytes)
+                .zip(got.chunks_exact(block_bytes))
+                .enumerate()
+            {
+                assert_eq!(g, w, "{t} at {level}: super-block {b}");
+            }
+        }
+    }
+}
+
+#[test]
 fn every_supported_level_quantizes_zero_and_subnormal_blocks_as_scalar() {
     // A block of subnormals has a scale whose inverse overflows to infinity, and a
     // block of zeros a zero scale: the codes then come from the rounding's edge cases.

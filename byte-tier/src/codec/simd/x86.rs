@@ -189,6 +189,7 @@ pub(super) fn quant_kernel(level: SimdLevel, ggml_type: GgmlType) -> Option<Quan
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q4_K) => Some(quant_q4_k_avx2),
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q5_K) => Some(quant_q5_k_avx2),
         (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q6_K) => Some(quant_q6_k_avx2),
+        (SimdLevel::Avx2 | SimdLevel::Avx512, GgmlType::Q2_K) => Some(quant_q2_k_avx2),
         (SimdLevel::Avx2, _) => avx2::quant_kernel(ggml_type),
         (SimdLevel::Avx512, _) => {
             avx512::quant_kernel(ggml_type).or_else(|| quant_kernel(SimdLevel::Avx2, ggml_type))
@@ -232,6 +233,22 @@ fn q6_k_search_avx2(x: &[f32; QK_K], codes: &mut [u8; QK_K], scales: &mut [f32; 
 
 fn quant_q6_k_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::BlockOverflow> {
     kquants::quant_q6_k_with(src, dst, q6_k_search_avx2)
+}
+
+/// The Q2_K group search with AVX2, behind a safe function.
+fn q2_k_search_avx2(
+    x: &[f32; QK_K],
+    codes: &mut [u8; QK_K],
+    scales: &mut [f32; 16],
+    mins: &mut [f32; 16],
+) {
+    // SAFETY: only reached through `quant_q2_k_avx2`, which `quant_kernel` hands out only
+    // after `is_supported` confirmed AVX2 and FMA.
+    unsafe { intrinsics::q2_k_search_avx2(x, codes, scales, mins) }
+}
+
+fn quant_q2_k_avx2(src: &[f32], dst: &mut [u8]) -> Result<(), crate::codec::BlockOverflow> {
+    kquants::quant_q2_k_with(src, dst, q2_k_search_avx2)
 }
 
 #[target_feature(enable = "avx2,fma")]
