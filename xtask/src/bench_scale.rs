@@ -199,7 +199,9 @@ impl Quants {
 
 impl Read for Quants {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        let n = out.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = out
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         for byte in &mut out[..n] {
             *byte = match self.at {
                 0 | 1 => self.scale[self.at],
@@ -212,7 +214,12 @@ impl Read for Quants {
     }
 }
 
-fn q_tensor(name: String, dims: [u64; 2], ggml_type: GgmlType, seed: u64) -> Result<TensorSpec<'static>> {
+fn q_tensor(
+    name: String,
+    dims: [u64; 2],
+    ggml_type: GgmlType,
+    seed: u64,
+) -> Result<TensorSpec<'static>> {
     let n_bytes = ggml_type
         .bytes_for(dims[0] * dims[1])
         .context("a whole number of blocks")?;
@@ -234,7 +241,9 @@ fn generate(path: &Path, size_gb: f64) -> Result<u64> {
     let q8 = |n: u64| n / 32 * 34;
     let per_block = q8(4 * N_EMBD * N_EMBD + 3 * N_EMBD * N_FF);
     let fixed = q8(2 * N_EMBD * N_VOCAB);
-    let blocks = ((size_gb * 1e9 - fixed as f64) / per_block as f64).ceil().max(1.0) as u64;
+    let blocks = ((size_gb * 1e9 - fixed as f64) / per_block as f64)
+        .ceil()
+        .max(1.0) as u64;
     let mut w = GgufWriter::new();
     w.set("general.architecture", "llama")
         .set("general.name", "hotpatch bench-scale")
@@ -252,12 +261,22 @@ fn generate(path: &Path, size_gb: f64) -> Result<u64> {
         seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
         seed
     };
-    w.add_tensor(q_tensor("token_embd.weight".into(), [N_EMBD, N_VOCAB], GgmlType::Q8_0, next_seed())?);
+    w.add_tensor(q_tensor(
+        "token_embd.weight".into(),
+        [N_EMBD, N_VOCAB],
+        GgmlType::Q8_0,
+        next_seed(),
+    )?);
     for b in 0..blocks {
         let t = |kind: &str| format!("blk.{b}.{kind}.weight");
         w.add_tensor(norm(t("attn_norm")));
         for kind in ["attn_q", "attn_k", "attn_v", "attn_output"] {
-            w.add_tensor(q_tensor(t(kind), [N_EMBD, N_EMBD], GgmlType::Q8_0, next_seed())?);
+            w.add_tensor(q_tensor(
+                t(kind),
+                [N_EMBD, N_EMBD],
+                GgmlType::Q8_0,
+                next_seed(),
+            )?);
         }
         w.add_tensor(norm(t("ffn_norm")));
         let (gate, up) = if b == 0 {
@@ -267,24 +286,41 @@ fn generate(path: &Path, size_gb: f64) -> Result<u64> {
         };
         w.add_tensor(q_tensor(t("ffn_gate"), [N_EMBD, N_FF], gate, next_seed())?);
         w.add_tensor(q_tensor(t("ffn_up"), [N_EMBD, N_FF], up, next_seed())?);
-        w.add_tensor(q_tensor(t("ffn_down"), [N_FF, N_EMBD], GgmlType::Q8_0, next_seed())?);
+        w.add_tensor(q_tensor(
+            t("ffn_down"),
+            [N_FF, N_EMBD],
+            GgmlType::Q8_0,
+            next_seed(),
+        )?);
     }
     w.add_tensor(norm("output_norm.weight".into()));
-    w.add_tensor(q_tensor("output.weight".into(), [N_EMBD, N_VOCAB], GgmlType::Q8_0, next_seed())?);
+    w.add_tensor(q_tensor(
+        "output.weight".into(),
+        [N_EMBD, N_VOCAB],
+        GgmlType::Q8_0,
+        next_seed(),
+    )?);
     w.write_to_path(path)?;
     Ok(blocks)
 }
 
 /// The shards `prefix-*-of-*.gguf`, in order.
 fn shards(prefix: &Path) -> Result<Vec<PathBuf>> {
-    let set = byte_tier::split::ShardSet::open(&byte_tier::split::shard_path(prefix, 0, count_of(prefix)?))?;
+    let set = byte_tier::split::ShardSet::open(&byte_tier::split::shard_path(
+        prefix,
+        0,
+        count_of(prefix)?,
+    ))?;
     Ok(set.files().iter().map(|f| f.path().to_owned()).collect())
 }
 
 /// How many shards the set with this prefix has, read from its first shard's name.
 fn count_of(prefix: &Path) -> Result<u32> {
     let dir = prefix.parent().context("a prefix in a folder")?;
-    let stem = prefix.file_name().and_then(|n| n.to_str()).context("a UTF-8 prefix")?;
+    let stem = prefix
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("a UTF-8 prefix")?;
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if let Some(name) = byte_tier::split::parse_shard_name(&path)
@@ -298,10 +334,7 @@ fn count_of(prefix: &Path) -> Result<u32> {
 }
 
 fn total_len(files: &[PathBuf]) -> Result<u64> {
-    files
-        .iter()
-        .map(|f| Ok(std::fs::metadata(f)?.len()))
-        .sum()
+    files.iter().map(|f| Ok(std::fs::metadata(f)?.len())).sum()
 }
 
 fn remove(files: &[PathBuf]) -> Result<()> {
@@ -321,7 +354,9 @@ fn same_bytes(a: &Path, b: &Path) -> Result<bool> {
 }
 
 /// Every tensor's data of a set, by name.
-fn tensor_digests(first: &Path) -> Result<std::collections::BTreeMap<String, (GgmlType, [u8; 32])>> {
+fn tensor_digests(
+    first: &Path,
+) -> Result<std::collections::BTreeMap<String, (GgmlType, [u8; 32])>> {
     use sha2::{Digest, Sha256};
     let set = byte_tier::split::ShardSet::open(first)?;
     let mut table = std::collections::BTreeMap::new();
@@ -382,7 +417,12 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
     // Split and merge, against llama-gguf-split.
     let ours = dir.join("ours");
     let theirs = dir.join("theirs");
-    let split_ours = measure(hp().arg("split").arg(&big).arg(&ours).args(["--split-max-size", SHARD_SIZE]))?;
+    let split_ours = measure(
+        hp().arg("split")
+            .arg(&big)
+            .arg(&ours)
+            .args(["--split-max-size", SHARD_SIZE]),
+    )?;
     let split_theirs = measure(
         Command::new(&tools.gguf_split)
             .args(["--split", "--split-max-size", SHARD_SIZE])
@@ -391,11 +431,24 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
     )?;
     let set = shards(&ours)?;
     let their_set = shards(&theirs)?;
-    ensure!(set.len() == their_set.len(), "the tools split into different counts");
+    ensure!(
+        set.len() == their_set.len(),
+        "the tools split into different counts"
+    );
     for (a, b) in set.iter().zip(&their_set) {
-        ensure!(same_bytes(a, b)?, "{} and {} differ", a.display(), b.display());
+        ensure!(
+            same_bytes(a, b)?,
+            "{} and {} differ",
+            a.display(),
+            b.display()
+        );
     }
-    line("split", size, split_ours, Some(("llama-gguf-split", split_theirs)));
+    line(
+        "split",
+        size,
+        split_ours,
+        Some(("llama-gguf-split", split_theirs)),
+    );
     remove(&their_set)?;
     std::fs::remove_file(&big)?;
     let merged_ours = dir.join("merged-ours.gguf");
@@ -407,20 +460,41 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
             .arg(&set[0])
             .arg(&merged_theirs),
     )?;
-    ensure!(same_bytes(&merged_ours, &merged_theirs)?, "the merged files differ");
-    line("merge", size, merge_ours, Some(("llama-gguf-split", merge_theirs)));
+    ensure!(
+        same_bytes(&merged_ours, &merged_theirs)?,
+        "the merged files differ"
+    );
+    line(
+        "merge",
+        size,
+        merge_ours,
+        Some(("llama-gguf-split", merge_theirs)),
+    );
     remove(&[merged_ours, merged_theirs])?;
-    println!("  {} shards, byte-identical to llama-gguf-split's; merged files identical", set.len());
+    println!(
+        "  {} shards, byte-identical to llama-gguf-split's; merged files identical",
+        set.len()
+    );
 
     // Verify (a manifest of every tensor, and a NaN scan), against sha256sum.
     let manifest = dir.join("set.sha256");
-    let verify = measure(hp().arg("verify").arg(&set[0]).arg("--write-manifest").arg(&manifest))?;
+    let verify = measure(
+        hp().arg("verify")
+            .arg(&set[0])
+            .arg("--write-manifest")
+            .arg(&manifest),
+    )?;
     let sha = measure(Command::new("sha256sum").args(&set))?;
     line("verify", size, verify, Some(("sha256sum", sha)));
 
     // Prune one block: a rewrite of the whole set, against copying it.
     let pruned = dir.join("pruned.gguf");
-    let prune = measure(hp().arg("prune").arg(&set[0]).args(["--layers", "1", "-o"]).arg(&pruned))?;
+    let prune = measure(
+        hp().arg("prune")
+            .arg(&set[0])
+            .args(["--layers", "1", "-o"])
+            .arg(&pruned),
+    )?;
     let pruned_set = shards(&dir.join("pruned"))?;
     remove(&pruned_set)?;
     let copy_dir = dir.join("copies");
@@ -430,7 +504,8 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
     line("prune (rewrite)", size, prune, Some(("cp", cp_cost)));
 
     // Requantize every matrix to Q4_K, against llama-quantize on the same threads.
-    let matrices = r"^(token_embd|output|blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)))\.weight$";
+    let matrices =
+        r"^(token_embd|output|blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)))\.weight$";
     let ours_q = dir.join("rq-ours.gguf");
     let theirs_q = dir.join("rq-theirs.gguf");
     let rq_ours = measure(
@@ -449,16 +524,33 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
     )?;
     let ours_rq_set = shards(&dir.join("rq-ours"))?;
     let theirs_rq_set = shards(&dir.join("rq-theirs"))?;
-    let (a, b) = (tensor_digests(&ours_rq_set[0])?, tensor_digests(&theirs_rq_set[0])?);
-    ensure!(a.len() == b.len(), "the requantized sets hold different tensors");
+    let (a, b) = (
+        tensor_digests(&ours_rq_set[0])?,
+        tensor_digests(&theirs_rq_set[0])?,
+    );
+    ensure!(
+        a.len() == b.len(),
+        "the requantized sets hold different tensors"
+    );
     let differing: Vec<&String> = a
         .iter()
         .filter(|(name, v)| b.get(*name) != Some(v))
         .map(|(name, _)| name)
         .collect();
-    ensure!(differing.is_empty(), "tensors differ from llama-quantize's: {differing:?}");
-    line("requantize Q4_K", size, rq_ours, Some(("llama-quantize", rq_theirs)));
-    println!("  every tensor's bytes equal llama-quantize's ({} tensors)", a.len());
+    ensure!(
+        differing.is_empty(),
+        "tensors differ from llama-quantize's: {differing:?}"
+    );
+    line(
+        "requantize Q4_K",
+        size,
+        rq_ours,
+        Some(("llama-quantize", rq_theirs)),
+    );
+    println!(
+        "  every tensor's bytes equal llama-quantize's ({} tensors)",
+        a.len()
+    );
     remove(&theirs_rq_set)?;
 
     // Diff of the set against its requantized copy (every tensor decoded on both sides).
@@ -490,7 +582,12 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
             .arg(&holder)
             .args(iq_names),
     )?;
-    line("IQ dequantize (export)", iq_bytes, export, Some(("gguf-py", py)));
+    line(
+        "IQ dequantize (export)",
+        iq_bytes,
+        export,
+        Some(("gguf-py", py)),
+    );
     println!("  anon: peak RssAnon; rss: peak resident set, mapped model pages included");
     Ok(())
 }
