@@ -445,11 +445,10 @@ impl PatchStamp {
 
 /// SHA-256 (hex) of `ranges` of `bytes` (ranges were checked to lie inside them).
 fn digest(bytes: &[u8], ranges: &[Range<u64>]) -> String {
-    let mut all = Vec::new();
-    for r in ranges {
-        all.extend_from_slice(&bytes[r.start as usize..r.end as usize]);
-    }
-    byte_tier::ops::to_hex(&byte_tier::ops::sha256(&all))
+    let parts = ranges
+        .iter()
+        .map(|r| &bytes[r.start as usize..r.end as usize]);
+    byte_tier::ops::to_hex(&byte_tier::ops::sha256_of_parts(parts))
 }
 
 /// A transaction of patches planned once against the model as it is, with every check
