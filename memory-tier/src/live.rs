@@ -1194,14 +1194,22 @@ impl LiveModel {
                     ));
                 };
                 let info = &self.tensors[t];
+                let in_tensor = |e: byte_tier::Error| Error::Bytes(e.in_tensor(&info.name));
+                let importance = patch
+                    .importance
+                    .as_deref()
+                    .map(|w| codec::Importance::new(info.ggml_type, w, &info.dims, elements.start))
+                    .transpose()
+                    .map_err(in_tensor)?;
                 let mut new = base;
-                let report = codec::transform_range(
+                let report = codec::transform_range_weighted(
                     info.ggml_type,
                     &mut new,
                     0..elements.end - elements.start,
                     &transform.as_codec(),
+                    importance.as_ref(),
                 )
-                .map_err(|e| Error::Bytes(e.in_tensor(&info.name)))?;
+                .map_err(in_tensor)?;
                 (new, Some(report))
             }
         };

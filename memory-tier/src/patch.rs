@@ -236,6 +236,11 @@ pub struct MemoryPatch {
     /// When a temporary patch is to be reverted. The journal records it, so that whoever
     /// attaches after a restart can revert it on time; the model itself keeps no timer.
     pub expires_at: Option<std::time::SystemTime>,
+    /// Importance weights for a value transform that requantizes (an importance
+    /// matrix's entry for the target tensor: one weight per column, per expert), applied
+    /// as `llama-quantize --imatrix` applies them. Ignored by byte payloads and by
+    /// transforms that do not requantize.
+    pub importance: Option<std::sync::Arc<[f32]>>,
 }
 
 impl MemoryPatch {
@@ -251,7 +256,15 @@ impl MemoryPatch {
             enabled: true,
             snapshot: false,
             expires_at: None,
+            importance: None,
         }
+    }
+
+    /// The same patch, requantizing with these importance weights (see
+    /// [`MemoryPatch::importance`]).
+    pub fn with_importance(mut self, weights: impl Into<std::sync::Arc<[f32]>>) -> MemoryPatch {
+        self.importance = Some(weights.into());
+        self
     }
 
     /// The same patch with another priority.

@@ -61,7 +61,10 @@ pub use npy::{
 };
 pub use scan::{MAX_REPORTED_OFFSETS, NonFiniteReport, scan_non_finite, scan_non_finite_into};
 pub use simd::{SIMD_ENV, SimdLevel, requested_simd_level, simd_level};
-pub use transform::{Transform, TransformPath, TransformReport, transform_range, transforms_run};
+pub use transform::{
+    Importance, Transform, TransformPath, TransformReport, transform_range,
+    transform_range_weighted, transforms_run,
+};
 
 /// Dequantizes the elements `range` of a tensor of a parsed file; errors name the
 /// tensor.

@@ -1075,3 +1075,114 @@ fn weighted_quantization_refuses_bad_shapes_and_weights() {
         Err(Error::NonFiniteInput { index: 300, .. })
     ));
 }
+
+#[test]
+fn a_weighted_transform_requantizes_as_weighted_quantization_of_the_intended_values() {
+    // Three experts of four rows of 512 values: a transform over any block-aligned range
+    // gives, block for block, the bytes of quantizing the intended values row by row with
+    // the row's expert's weights.
+    let (n_per_row, rows_per_expert, experts) = (512usize, 4usize, 3usize);
+    let dims = [n_per_row as u64, rows_per_expert as u64, experts as u64];
+    let n = n_per_row * rows_per_expert * experts;
+    let weights: Vec<f32> = (0..n_per_row * experts)
+        .map(|i| {
+            if i % 7 == 0 {
+                40.0
+            } else {
+                0.05 + (i % 3) as f32
+            }
+        })
+        .collect();
+    for t in [
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::IQ4_NL,
+        GgmlType::Q5_0,
+    ] {
+        let original = quantize(t, &wavy(n, 5)).unwrap();
+        let old = dequantize(t, &original).unwrap();
+        let intended: Vec<f32> = old.iter().map(|v| v + 0.125).collect();
+        let expected: Vec<u8> = intended
+            .chunks(n_per_row)
+            .enumerate()
+            .flat_map(|(row, values)| {
+                let e = row / rows_per_expert;
+                quantize_weighted(t, values, n_per_row, &weights[e * n_per_row..][..n_per_row])
+                    .unwrap()
+            })
+            .collect();
+        let unweighted = quantize(t, &intended).unwrap();
+        assert_ne!(expected, unweighted, "{t}: the weights changed nothing");
+        let block = t.block_len() as usize;
+        let bytes_per = |elements: usize| elements / block * t.block_bytes() as usize;
+        // The whole tensor, whole rows across an expert's end, and (per-block types only)
+        // a range that starts and ends inside rows.
+        let mut ranges = vec![0..n, 3 * n_per_row..6 * n_per_row];
+        if t != GgmlType::Q5_0 {
+            ranges.push(n_per_row + 256..5 * n_per_row - 256);
+        }
+        for range in ranges {
+            // The data handed over is just the range's blocks, as a patch plans it.
+            let mut data = original[bytes_per(range.start)..bytes_per(range.end)].to_vec();
+            let importance = Importance::new(t, &weights, &dims, range.start as u64).unwrap();
+            let len = (range.end - range.start) as u64;
+            let report = transform_range_weighted(
+                t,
+                &mut data,
+                0..len,
+                &Transform::Offset(0.125),
+                Some(&importance),
+            )
+            .unwrap();
+            assert_eq!(report.path, TransformPath::Requantized);
+            assert_eq!(
+                data,
+                expected[bytes_per(range.start)..bytes_per(range.end)],
+                "{t} over {range:?}"
+            );
+        }
+    }
+    // Q5_0 weighs each value by its row's mean square: part of a row is refused, with
+    // nothing written.
+    let t = GgmlType::Q5_0;
+    let original = quantize(t, &wavy(n, 6)).unwrap();
+    let mut data = original.clone();
+    let importance = Importance::new(t, &weights, &dims, 0).unwrap();
+    let result = transform_range_weighted(
+        t,
+        &mut data,
+        32..n as u64,
+        &Transform::Offset(0.5),
+        Some(&importance),
+    );
+    assert!(
+        matches!(result, Err(Error::InvalidTransform { .. })),
+        "{result:?}"
+    );
+    assert_eq!(data, original);
+    // Weights that do not fit the shape, or are negative, are refused.
+    assert!(matches!(
+        Importance::new(t, &weights[..n_per_row], &dims, 0),
+        Err(Error::LengthMismatch { .. })
+    ));
+    let mut bad = weights.clone();
+    bad[3] = -1.0;
+    assert!(matches!(
+        Importance::new(t, &bad, &dims, 0),
+        Err(Error::BadImportance { column: 3, .. })
+    ));
+    // A block-scale transform ignores the weights: scaling a Q4_K tensor is exact.
+    let t = GgmlType::Q4_K;
+    let original = quantize(t, &wavy(n, 7)).unwrap();
+    let mut data = original.clone();
+    let importance = Importance::new(t, &weights, &dims, 0).unwrap();
+    let report = transform_range_weighted(
+        t,
+        &mut data,
+        0..n as u64,
+        &Transform::Scale(0.5),
+        Some(&importance),
+    )
+    .unwrap();
+    assert_eq!(report.path, TransformPath::Scales);
+}

@@ -178,6 +178,95 @@ pub fn transform_range(
     range: Range<u64>,
     transform: &Transform<'_>,
 ) -> Result<TransformReport> {
+    transform_range_weighted(ggml_type, data, range, transform, None)
+}
+
+/// Importance weights for a transform that requantizes, applied as ggml's quantizers
+/// apply `quant_weights` (and so `llama-quantize --imatrix`): one weight per column of
+/// the tensor's rows, one set per expert for a 3-D tensor (an importance matrix's entry,
+/// see [`crate::imatrix::ImportanceMatrix::weights_for`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Importance<'a> {
+    weights: &'a [f32],
+    n_per_row: usize,
+    rows_per_expert: usize,
+    first_element: usize,
+}
+
+impl<'a> Importance<'a> {
+    /// The weights of a tensor of type `ggml_type` and shape `dims` (`ne0 * ne2` of
+    /// them), for data whose first element is element `first_element` of the tensor.
+    /// An error when their number does not fit the shape, a row is not whole blocks, or
+    /// a weight is negative or not finite.
+    pub fn new(
+        ggml_type: GgmlType,
+        weights: &'a [f32],
+        dims: &[u64],
+        first_element: u64,
+    ) -> Result<Importance<'a>> {
+        let ne0 = dims.first().copied().unwrap_or(1);
+        let ne1 = dims.get(1).copied().unwrap_or(1);
+        let ne2 = dims.get(2).copied().unwrap_or(1);
+        let block_len = ggml_type.block_len();
+        if dims.len() > 3 || ne0 == 0 || ne1 == 0 || !ne0.is_multiple_of(block_len) {
+            return Err(Error::UnalignedRange {
+                ggml_type,
+                start: 0,
+                end: ne0,
+                block_len,
+            });
+        }
+        let expected = ne0.checked_mul(ne2);
+        if expected != Some(weights.len() as u64) {
+            return Err(Error::LengthMismatch {
+                what: "importance weights (one per column, per expert)",
+                expected: expected.unwrap_or(u64::MAX),
+                found: weights.len() as u64,
+                start: 0,
+                end: weights.len() as u64,
+            });
+        }
+        if let Some(i) = weights.iter().position(|w| !w.is_finite() || *w < 0.0) {
+            return Err(Error::BadImportance {
+                column: i as u64,
+                value: weights[i],
+            });
+        }
+        // ne0 * ne2 weights are in memory, so ne0 fits a usize; ne1 and the first
+        // element are bounded by the tensor the caller holds.
+        Ok(Importance {
+            weights,
+            n_per_row: ne0 as usize,
+            rows_per_expert: usize::try_from(ne1).unwrap_or(usize::MAX),
+            first_element: usize::try_from(first_element).unwrap_or(usize::MAX),
+        })
+    }
+
+    /// The weights of the `len` elements from tensor element `element` on (inside one
+    /// row).
+    fn slice(&self, element: usize, len: usize) -> &'a [f32] {
+        let row = element / self.n_per_row;
+        let column = element % self.n_per_row;
+        let start = row / self.rows_per_expert % (self.weights.len() / self.n_per_row)
+            * self.n_per_row
+            + column;
+        &self.weights[start..start + len]
+    }
+}
+
+/// [`transform_range`] with importance weights for the requantization, when the
+/// transform requantizes and the type's quantizer takes weights
+/// ([`super::uses_importance`]); transforms that work on block scales or values alone
+/// ignore them. Q4_0, Q4_1, Q5_0 and Q5_1 weigh each value by its row's mean square, so
+/// with weights their range must cover whole rows (else
+/// [`Error::InvalidTransform`]).
+pub fn transform_range_weighted(
+    ggml_type: GgmlType,
+    data: &mut [u8],
+    range: Range<u64>,
+    transform: &Transform<'_>,
+    importance: Option<&Importance<'_>>,
+) -> Result<TransformReport> {
     TRANSFORMS_RUN.with(|n| n.set(n.get() + 1));
     let span = check_range(ggml_type, data.len(), &range)?;
     check_transform(&span, transform)?;
@@ -209,7 +298,13 @@ pub fn transform_range(
             } else {
                 TransformPath::Requantized
             };
-            (path, requantize(&span, old, transform)?)
+            let weighted =
+                importance.and_then(|imp| Some((imp, super::weighted::row_kernel(ggml_type)?)));
+            let new = match weighted {
+                Some((imp, kernel)) => requantize_weighted(&span, old, transform, imp, kernel)?,
+                None => requantize(&span, old, transform)?,
+            };
+            (path, new)
         }
     };
     let sums = measure(&span, dequant, old, &new, transform);
@@ -319,6 +414,84 @@ fn requantize(span: &Span, old: &[u8], transform: &Transform<'_>) -> Result<Vec<
             quant(&values, dst).map_err(|e| Error::ScaleOverflow {
                 ggml_type,
                 block: (span.first_block() + c * blocks + e.block) as u64,
+                value: e.value,
+            })
+        })
+        .collect();
+    for r in results {
+        r?;
+    }
+    Ok(new)
+}
+
+/// [`requantize`] with importance weights: the range is cut at the tensor's row ends
+/// (a weighted quantizer reads one row's weights), and each piece is quantized by the
+/// type's weighted row kernel, pieces in parallel.
+fn requantize_weighted(
+    span: &Span,
+    old: &[u8],
+    transform: &Transform<'_>,
+    importance: &Importance<'_>,
+    kernel: super::weighted::RowKernel,
+) -> Result<Vec<u8>> {
+    let ggml_type = span.ggml_type;
+    let dequant = dequant_kernel(ggml_type).ok_or(Error::UnsupportedType {
+        ggml_type,
+        operation: "dequantize",
+    })?;
+    let block_len = ggml_type.block_len() as usize;
+    let block_bytes = ggml_type.block_bytes() as usize;
+    let whole_rows = matches!(
+        ggml_type,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1
+    );
+    // Pieces: (first element in the range, length), none crossing a row's end.
+    let n_per_row = importance.n_per_row;
+    let mut pieces = Vec::new();
+    let mut at = 0usize;
+    while at < span.len() {
+        let element = importance.first_element + span.elements.start + at;
+        let column = element % n_per_row;
+        let len = (n_per_row - column).min(span.len() - at);
+        if whole_rows && (column != 0 || len != n_per_row) {
+            return Err(Error::InvalidTransform {
+                ggml_type,
+                reason: "importance weights for this type need whole rows (its quantizer \
+                         weighs each value by the mean square of its row)",
+            });
+        }
+        pieces.push((at, len));
+        at += len;
+    }
+    let mut new = vec![0u8; old.len()];
+    let mut outputs: Vec<&mut [u8]> = Vec::with_capacity(pieces.len());
+    let mut rest = new.as_mut_slice();
+    for &(_, len) in &pieces {
+        let (piece, tail) = rest.split_at_mut(len / block_len * block_bytes);
+        outputs.push(piece);
+        rest = tail;
+    }
+    let results: Vec<Result<()>> = pieces
+        .par_iter()
+        .zip(outputs.into_par_iter())
+        .map(|(&(first, len), dst)| {
+            let src_start = first / block_len * block_bytes;
+            let src = &old[src_start..src_start + dst.len()];
+            let mut values = vec![0f32; len];
+            dequant(src, &mut values);
+            for (i, v) in values.iter_mut().enumerate() {
+                *v = intended(transform, first + i, *v);
+            }
+            if let Some(i) = first_non_finite(&values) {
+                return Err(Error::NonFiniteInput {
+                    index: (span.elements.start + first + i) as u64,
+                    value: values[i],
+                });
+            }
+            let element = importance.first_element + span.elements.start + first;
+            kernel(&values, importance.slice(element, len), dst).map_err(|e| Error::ScaleOverflow {
+                ggml_type,
+                block: (span.first_block() + first / block_len + e.block) as u64,
                 value: e.value,
             })
         })

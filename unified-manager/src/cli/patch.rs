@@ -42,6 +42,11 @@ pub struct PatchArgs {
     /// by default.
     #[arg(long, value_parser = parse_range)]
     pub range: Option<Range<u64>>,
+    /// An importance matrix (llama-imatrix's GGUF or legacy .dat output): a transform
+    /// that requantizes weighs each value with the matrix's entry for the tensor, as
+    /// llama-quantize --imatrix does (block-scale transforms ignore it).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["server", "agent"])]
+    pub imatrix: Option<PathBuf>,
     /// Its priority: a patch of higher priority lies over applied ones it overlaps
     /// (reverting it brings them back); one of equal or lower priority is refused.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
@@ -184,13 +189,28 @@ pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
         file,
         ..args.clone()
     };
-    let (elements, transform) = {
+    let (elements, transform, importance) = {
         let map = MappedFile::open(&args.file)?;
         let gguf = map.parse()?;
         let tensor = gguf.require_tensor(&args.tensor)?;
         let elements = args.range.clone().unwrap_or(0..tensor.n_elements);
         let transform = transform(args, elements.end.saturating_sub(elements.start))?;
-        (elements, transform)
+        let importance = match &args.imatrix {
+            Some(path) => {
+                let matrix = byte_tier::imatrix::ImportanceMatrix::read(path)?;
+                let Some(weights) = matrix.weights_for(tensor)? else {
+                    bail!(
+                        "{} has no importance weights for {} (llama-imatrix records the \
+                         matrices its text multiplies; this tensor is not one of them)",
+                        path.display(),
+                        args.tensor
+                    );
+                };
+                Some(std::sync::Arc::<[f32]>::from(weights))
+            }
+            None => None,
+        };
+        (elements, transform, importance)
     };
     let name = format!("patch {} {}", args.tensor, transform.describe());
     if let Some(server) = &args.server {
@@ -205,6 +225,10 @@ pub fn patch(args: &PatchArgs) -> anyhow::Result<()> {
         Payload::Transform(transform),
     )
     .with_priority(args.priority);
+    let patch = match importance {
+        Some(weights) => patch.with_importance(weights),
+        None => patch,
+    };
     if let Some(socket) = args.agent.as_ref().filter(|_| !args.dry_run) {
         let (report, delivery) = super::agent::apply(&args.file, socket, args.persist, patch)?;
         let outcome = Outcome::from_report(&report, elements);

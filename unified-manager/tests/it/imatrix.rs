@@ -244,3 +244,86 @@ fn truncated_and_foreign_imatrices_are_refused_and_nothing_is_written() {
     // The model itself is GGUF but no importance matrix.
     refused(s, &s.model, "imatrix.datasets is missing");
 }
+
+#[test]
+fn patch_with_an_imatrix_requantizes_as_llama_quantize_does() {
+    // A Q4_K tensor set to the F16 model's values through `hotpatch patch --imatrix`
+    // gets llama-quantize --imatrix's bytes for that tensor; the same patch without the
+    // matrix gets llama-quantize's bytes without it.
+    let s = setup();
+    let quantize = tests::llama_tool("llama-quantize");
+    let name = "blk.0.ffn_down.weight";
+    let quantized = |label: &str, matrix: Option<&PathBuf>| {
+        let out = s.dir.join(format!("patch-theirs-{label}.gguf"));
+        let mut args = Vec::new();
+        if let Some(m) = matrix {
+            args.extend([OsStr::new("--imatrix"), m.as_os_str()]);
+        }
+        args.extend(os(&["--pure", "--token-embedding-type", "q8_0"]));
+        args.extend([s.model.as_os_str(), out.as_os_str()]);
+        args.extend(os(&["Q4_K", "2"]));
+        run_ok(&quantize, &args);
+        out
+    };
+    let weighted = quantized("weighted", Some(&s.gguf_matrix));
+    let plain = quantized("plain", None);
+    let tensor_bytes = |path: &Path| {
+        let file = MappedFile::open(path).unwrap();
+        let gguf = file.parse().unwrap();
+        let t = gguf.require_tensor(name).unwrap();
+        assert_eq!(t.ggml_type, GgmlType::Q4_K);
+        gguf.tensor_data(t).to_vec()
+    };
+    assert_ne!(tensor_bytes(&weighted), tensor_bytes(&plain));
+
+    let values = s.dir.join("ffn_down.npy");
+    {
+        let file = MappedFile::open(&s.model).unwrap();
+        let gguf = file.parse().unwrap();
+        let t = gguf.require_tensor(name).unwrap();
+        let decoded = byte_tier::codec::dequantize(t.ggml_type, gguf.tensor_data(t)).unwrap();
+        byte_tier::codec::write_tensor_npy(&values, &t.dims, &decoded).unwrap();
+    }
+    // Start from the other side's file each time, so that the bytes must change.
+    for (start, matrix, want) in [
+        (&plain, Some(&s.dat_matrix), &weighted),
+        (&weighted, None, &plain),
+    ] {
+        let ours = s.dir.join("patch-ours.gguf");
+        std::fs::copy(start, &ours).unwrap();
+        let mut args = vec![OsStr::new("patch"), ours.as_os_str()];
+        args.extend(os(&["--tensor", name, "--set-npy"]));
+        args.push(values.as_os_str());
+        if let Some(m) = matrix {
+            args.extend([OsStr::new("--imatrix"), m.as_os_str()]);
+        }
+        run_ok(Path::new(HOTPATCH), &args);
+        assert!(
+            tensor_bytes(&ours) == tensor_bytes(want),
+            "patch with matrix {matrix:?} differs from llama-quantize"
+        );
+        let _ = std::fs::remove_file(byte_tier::journal_path(&ours));
+    }
+
+    // A tensor the matrix has no weights for is refused, naming it, and nothing changes.
+    let ours = s.dir.join("patch-refused.gguf");
+    std::fs::copy(&plain, &ours).unwrap();
+    let before = std::fs::read(&ours).unwrap();
+    let mut args = vec![OsStr::new("patch"), ours.as_os_str()];
+    args.extend(os(&[
+        "--tensor",
+        "token_embd.weight",
+        "--offset",
+        "0.01",
+        "--imatrix",
+    ]));
+    args.push(s.gguf_matrix.as_os_str());
+    let output = run(Path::new(HOTPATCH), &args);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no importance weights for token_embd.weight"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&ours).unwrap(), before);
+}
