@@ -5,7 +5,7 @@
 //!    prompt files (the same prompts with a happy and a sad mood).
 //! 2. `hotpatch ablate` removes that vector's direction from a copy of the model.
 //! 3. llama-server serves the original and the ablated model, each without and with
-//!    `--control-vector-scaled VECTOR SCALE`, and answers the same prompts with the
+//!    `--control-vector-scaled VECTOR:SCALE`, and answers the same prompts with the
 //!    top-20 next-token probabilities (`n_probs`, greedy, no prompt cache).
 //!
 //! The report gives, per model and scale, how far steering moves the next-token
@@ -171,8 +171,7 @@ fn answers(model: &Path, steer: Option<(&Path, f64)>) -> Result<Vec<Answer>> {
     let steer_args = steer.map(|(vector, scale)| {
         [
             "--control-vector-scaled".to_owned(),
-            vector.to_string_lossy().into_owned(),
-            scale.to_string(),
+            format!("{}:{scale}", vector.to_string_lossy()),
         ]
     });
     let extra: Vec<&str> = steer_args
