@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::codec;
 use crate::gguf::{Gguf, TensorInfo};
+use crate::types::GgmlType;
 use crate::value::ValueRef;
 
 /// How one tensor present in both files differs.
@@ -151,6 +152,46 @@ fn all_tensors<'s>(set: &'s [Gguf<'_>]) -> Vec<(usize, &'s TensorInfo)> {
         .collect()
 }
 
+/// Elements decoded at a time when comparing values: a multiple of every block length,
+/// so that a window is whole blocks of either type, and small enough that memory stays
+/// flat whatever the tensor's size.
+const WINDOW_ELEMENTS: usize = 1 << 16;
+
+/// Sums over the values of two tensors of the same element count.
+struct Moments {
+    max_abs: f64,
+    sum_sq: f64,
+    sum_sq_a: f64,
+}
+
+/// The largest difference, the sum of squared differences and the sum of squares of `a`
+/// over the values of `a` and `b`, decoded window by window; `None` when a type cannot
+/// be decoded.
+fn value_moments(type_a: GgmlType, a: &[u8], type_b: GgmlType, b: &[u8]) -> Option<Moments> {
+    let n = codec::element_count(type_a, a.len()).ok()? as usize;
+    let bytes =
+        |t: GgmlType, elements: usize| elements / t.block_len() as usize * t.block_bytes() as usize;
+    let mut m = Moments {
+        max_abs: 0.0,
+        sum_sq: 0.0,
+        sum_sq_a: 0.0,
+    };
+    let mut at = 0;
+    while at < n {
+        let end = (at + WINDOW_ELEMENTS).min(n);
+        let va = codec::dequantize(type_a, a.get(bytes(type_a, at)..bytes(type_a, end))?).ok()?;
+        let vb = codec::dequantize(type_b, b.get(bytes(type_b, at)..bytes(type_b, end))?).ok()?;
+        for (x, y) in va.iter().zip(&vb) {
+            let delta = f64::from(*y) - f64::from(*x);
+            m.max_abs = m.max_abs.max(delta.abs());
+            m.sum_sq += delta * delta;
+            m.sum_sq_a += f64::from(*x) * f64::from(*x);
+        }
+        at = end;
+    }
+    Some(m)
+}
+
 fn compare_tensor(
     a: &Gguf<'_>,
     b: &Gguf<'_>,
@@ -162,11 +203,9 @@ fn compare_tensor(
     if same_layout && da == db {
         return None;
     }
+    // Counted in place: a list of the differing runs could be as large as the tensor.
     let bytes_changed = if same_layout {
-        crate::ops::differences(da, db)
-            .iter()
-            .map(|r| r.end - r.start)
-            .sum()
+        da.iter().zip(db).filter(|(x, y)| x != y).count() as u64
     } else {
         0
     };
@@ -179,22 +218,12 @@ fn compare_tensor(
         rms_a: None,
     };
     if ta.n_elements == tb.n_elements
-        && let (Ok(va), Ok(vb)) = (
-            codec::dequantize(ta.ggml_type, da),
-            codec::dequantize(tb.ggml_type, db),
-        )
+        && let Some(moments) = value_moments(ta.ggml_type, da, tb.ggml_type, db)
     {
-        let (mut max_abs, mut sum_sq, mut sum_sq_a) = (0f64, 0f64, 0f64);
-        for (x, y) in va.iter().zip(&vb) {
-            let delta = f64::from(*y) - f64::from(*x);
-            max_abs = max_abs.max(delta.abs());
-            sum_sq += delta * delta;
-            sum_sq_a += f64::from(*x) * f64::from(*x);
-        }
-        let n = va.len().max(1) as f64;
-        change.max_abs = Some(max_abs);
-        change.rms = Some((sum_sq / n).sqrt());
-        change.rms_a = Some((sum_sq_a / n).sqrt());
+        let n = ta.n_elements.max(1) as f64;
+        change.max_abs = Some(moments.max_abs);
+        change.rms = Some((moments.sum_sq / n).sqrt());
+        change.rms_a = Some((moments.sum_sq_a / n).sqrt());
     }
     Some(change)
 }
