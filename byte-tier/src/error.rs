@@ -727,7 +727,7 @@ impl Error {
 
     /// An operating-system error on a file; one that says a space limit was met becomes
     /// [`Error::SpaceLimit`], naming the limit.
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
         match SpaceLimit::of(&source) {
             Some(limit) => Error::SpaceLimit {
                 action,

@@ -722,17 +722,40 @@ pub struct NewFile {
     pub path: PathBuf,
     /// Its length.
     pub n_bytes: u64,
-    /// SHA-256 (hex) of its content.
-    pub sha256: String,
+    /// SHA-256 (hex) of its content; in a plan, `None` for content that is computed as
+    /// it is written (a tensor export, too large to hold), whose source's stamp
+    /// determines it; the applied file always has it.
+    pub sha256: Option<String>,
     /// The file it replaces, when there is one: replacing it is refused if it changed
     /// since the plan was made.
     pub replaces: Option<FileStamp>,
 }
 
-/// Whole files whose content is computed when the plan is made (a manifest, a `.npy`,
-/// a preset), each written atomically (temporary file in the same directory, fsync,
-/// rename) when it is applied. `stamp` is the file they were computed from, if any.
-#[derive(Clone, Debug, Serialize)]
+/// Writes a streamed file's content, in order, to the writer it is given.
+pub type ContentWriter = Box<dyn FnOnce(&mut dyn std::io::Write) -> Result<()>>;
+
+/// The content of one file of a [`NewFilesPlan`].
+enum NewContent {
+    /// Computed when the plan was made.
+    Bytes(Vec<u8>),
+    /// Computed as it is written, in bounded memory.
+    Streamed(ContentWriter),
+}
+
+impl std::fmt::Debug for NewContent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NewContent::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            NewContent::Streamed(_) => f.write_str("Streamed(..)"),
+        }
+    }
+}
+
+/// Whole files whose content is computed when the plan is made (a manifest, a preset)
+/// or as it is written (a `.npy` export, [`NewFilesPlan::streamed`]), each written
+/// atomically (temporary file in the same directory, fsync, rename) when it is applied.
+/// `stamp` is the file they were computed from, if any.
+#[derive(Debug, Serialize)]
 pub struct NewFilesPlan<D = NoDetails> {
     /// `"new_files"`.
     pub kind: &'static str,
@@ -746,7 +769,7 @@ pub struct NewFilesPlan<D = NoDetails> {
     #[serde(flatten)]
     pub details: D,
     #[serde(skip)]
-    contents: Vec<Vec<u8>>,
+    contents: Vec<NewContent>,
 }
 
 impl<D> NewFilesPlan<D> {
@@ -765,10 +788,10 @@ impl<D> NewFilesPlan<D> {
             planned.push(NewFile {
                 path,
                 n_bytes: content.len() as u64,
-                sha256: to_hex(&Sha256::digest(&content)),
+                sha256: Some(to_hex(&Sha256::digest(&content))),
                 replaces,
             });
-            contents.push(content);
+            contents.push(NewContent::Bytes(content));
         }
         Ok(NewFilesPlan {
             kind: "new_files",
@@ -777,6 +800,34 @@ impl<D> NewFilesPlan<D> {
             stamp,
             details,
             contents,
+        })
+    }
+}
+
+impl<D> NewFilesPlan<D> {
+    /// Plans writing one file of `n_bytes` whose content `write` produces when the plan
+    /// is applied (the source `source` stamps determines it): for content too large to
+    /// hold in memory. Applying refuses a writer that writes another length.
+    pub fn streamed(
+        source: Option<FileStamp>,
+        path: PathBuf,
+        n_bytes: u64,
+        write: ContentWriter,
+        details: D,
+    ) -> Result<NewFilesPlan<D>> {
+        let replaces = FileStamp::of_metadata(&path)?;
+        Ok(NewFilesPlan {
+            kind: "new_files",
+            file: source.as_ref().map(|s| s.path.clone()),
+            files: vec![NewFile {
+                path,
+                n_bytes,
+                sha256: None,
+                replaces,
+            }],
+            stamp: source,
+            details,
+            contents: vec![NewContent::Streamed(write)],
         })
     }
 }
@@ -800,25 +851,86 @@ impl<D: Serialize> Plan for NewFilesPlan<D> {
         for file in &self.files {
             FileStamp::check_path(&file.path, file.replaces.as_ref())?;
         }
-        for (file, content) in self.files.iter().zip(&self.contents) {
-            write_atomically(&file.path, content)?;
+        let mut written = Vec::with_capacity(self.files.len());
+        for (mut file, content) in self.files.into_iter().zip(self.contents) {
+            let digest = match content {
+                NewContent::Bytes(bytes) => write_atomically(&file.path, file.n_bytes, |out| {
+                    out.write_all(&bytes)
+                        .map_err(|e| Error::io("write", &file.path, e))
+                })?,
+                NewContent::Streamed(write) => write_atomically(&file.path, file.n_bytes, write)?,
+            };
+            file.sha256 = Some(digest.sha256);
+            written.push(file);
         }
-        Ok(self.files)
+        Ok(written)
     }
 }
 
-/// Writes `content` to `path` through a temporary file in the same directory, fsynced
-/// and renamed over it (permissions 0644).
-fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
+/// What [`write_atomically`] wrote.
+struct Written {
+    sha256: String,
+}
+
+/// A writer that counts and hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    n_bytes: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.n_bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes what `write` produces to `path` through a temporary file in the same
+/// directory, fsynced and renamed over it (permissions 0644); on error, or when it wrote
+/// other than `n_bytes` bytes, the temporary file is removed and `path` is untouched.
+fn write_atomically(
+    path: &Path,
+    expected: u64,
+    write: impl FnOnce(&mut dyn std::io::Write) -> Result<()>,
+) -> Result<Written> {
     use std::io::Write as _;
     let dir = crate::writer::parent_dir(path);
-    let mut temp = tempfile::Builder::new()
+    let temp = tempfile::Builder::new()
         .prefix(".hotpatch-")
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| Error::io("create a temporary file in", dir, e))?;
-    temp.write_all(content)
-        .map_err(|e| Error::io("write", path, e))?;
+    let mut out = Hashing {
+        inner: std::io::BufWriter::with_capacity(1 << 20, temp),
+        hasher: Sha256::new(),
+        n_bytes: 0,
+    };
+    write(&mut out)?;
+    out.flush().map_err(|e| Error::io("write", path, e))?;
+    let Hashing {
+        inner,
+        hasher,
+        n_bytes,
+    } = out;
+    if n_bytes != expected {
+        return Err(Error::LengthMismatch {
+            what: "bytes written for a new file",
+            expected,
+            found: n_bytes,
+            start: 0,
+            end: expected,
+        });
+    }
+    let temp = inner
+        .into_inner()
+        .map_err(|e| Error::io("write", path, e.into_error()))?;
     temp.as_file()
         .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .map_err(|e| Error::io("set permissions of", path, e))?;
@@ -827,7 +939,10 @@ fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
         .map_err(|e| Error::io("sync", path, e))?;
     temp.persist(path)
         .map_err(|e| Error::io("rename into", path, e.error))?;
-    crate::writer::sync_dir(dir)
+    crate::writer::sync_dir(dir)?;
+    Ok(Written {
+        sha256: to_hex(&hasher.finalize()),
+    })
 }
 
 #[cfg(test)]

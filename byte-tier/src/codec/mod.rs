@@ -56,7 +56,7 @@ use crate::error::{Error, Result};
 use crate::types::GgmlType;
 
 pub use npy::{
-    NpyArray, npy_shape, parse_npy, read_npy_file, tensor_npy_bytes, write_npy_f32,
+    NpyArray, npy_f32_header, npy_shape, parse_npy, read_npy_file, tensor_npy_bytes, write_npy_f32,
     write_tensor_npy,
 };
 pub use scan::{MAX_REPORTED_OFFSETS, NonFiniteReport, scan_non_finite, scan_non_finite_into};

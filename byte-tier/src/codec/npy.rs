@@ -118,6 +118,20 @@ pub fn write_npy_f32(
     Ok(())
 }
 
+/// The header of a `.npy` file of little-endian float32 values of numpy `shape`: the
+/// data follows it, `4 * product(shape)` bytes.
+pub fn npy_f32_header(path: &Path, shape: &[u64]) -> Result<Vec<u8>> {
+    header(shape).ok_or_else(|| {
+        npy_error(
+            path,
+            format!(
+                "a shape of {} dimensions does not fit the header",
+                shape.len()
+            ),
+        )
+    })
+}
+
 /// Writes the values of a tensor with GGUF dimensions `dims` to a new `.npy` file at
 /// `path` (numpy shape = `dims` reversed).
 pub fn write_tensor_npy(path: &Path, dims: &[u64], values: &[f32]) -> Result<()> {

@@ -450,39 +450,69 @@ pub fn export(
     let file = &byte_tier::split::file_holding_tensor(file, name)?;
     let map = MappedFile::open(file)?;
     let gguf = map.parse()?;
-    let tensor = gguf.require_tensor(name)?;
-    let values = codec::dequantize_tensor(&gguf, tensor, 0..tensor.n_elements)?;
-    let npy = codec::tensor_npy_bytes(&tensor.dims, &values)?;
-    let details = json!({"tensor": name, "ggml_type": tensor.ggml_type,
-        "numpy_shape": codec::npy_shape(&tensor.dims), "values": values.len()});
-    let plan = NewFilesPlan::new(
-        Some(FileStamp::take(
-            file,
-            map.bytes(),
-            std::iter::once(tensor.data_range()),
-        )?),
-        vec![(output.to_owned(), npy)],
-        details,
-    )?;
+    let tensor = gguf.require_tensor(name)?.clone();
+    if !codec::can_dequantize(tensor.ggml_type) {
+        return Err(byte_tier::Error::UnsupportedType {
+            ggml_type: tensor.ggml_type,
+            operation: "export",
+        }
+        .in_tensor(name)
+        .into());
+    }
+    let ggml_type = tensor.ggml_type;
+    let shape = codec::npy_shape(&tensor.dims);
+    let header = codec::npy_f32_header(output, &shape)?;
+    let n_values = tensor.n_elements;
+    let n_bytes = n_values
+        .checked_mul(4)
+        .and_then(|n| n.checked_add(header.len() as u64))
+        .context("the tensor is too large for a .npy file")?;
+    let details = json!({"tensor": name, "ggml_type": ggml_type,
+        "numpy_shape": shape, "values": n_values});
+    let stamp = FileStamp::take(file, map.bytes(), std::iter::once(tensor.data_range()))?;
+    drop(gguf);
+    // The values are decoded and written window by window when the plan is applied, so
+    // memory stays flat whatever the tensor's size.
+    let path = output.to_owned();
+    let write: byte_tier::plan::ContentWriter = Box::new(move |out| {
+        let io = |e| byte_tier::Error::io("write", &path, e);
+        out.write_all(&header).map_err(io)?;
+        let gguf = map.parse()?;
+        let block = tensor.ggml_type.block_len();
+        let window = EXPORT_WINDOW.next_multiple_of(block);
+        let mut bytes = Vec::new();
+        let mut at = 0;
+        while at < n_values {
+            let end = (at + window).min(n_values);
+            let values = codec::dequantize_tensor(&gguf, &tensor, at..end)?;
+            bytes.clear();
+            bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            out.write_all(&bytes).map_err(io)?;
+            at = end;
+        }
+        Ok(())
+    });
+    let plan = NewFilesPlan::streamed(Some(stamp), output.to_owned(), n_bytes, write, details)?;
     if super::plan::run(plan, dry_run, json)?.is_none() {
         return Ok(());
     }
     if json {
         println!(
             "{}",
-            json!({"dry_run": false, "output": output, "tensor": name, "values": values.len()})
+            json!({"dry_run": false, "output": output, "tensor": name, "values": n_values})
         );
         return Ok(());
     }
     println!(
-        "wrote {} ({} {} values, numpy shape {:?})",
+        "wrote {} ({n_values} {} values, numpy shape {shape:?})",
         output.display(),
-        values.len(),
-        tensor.ggml_type,
-        codec::npy_shape(&tensor.dims)
+        ggml_type,
     );
     Ok(())
 }
+
+/// Values decoded at a time by `tensor export` (rounded up to whole blocks).
+const EXPORT_WINDOW: u64 = 1 << 20;
 
 /// Replaces a tensor's values from a .npy of its shape, quantizing to its type, in place
 /// through the journal.
