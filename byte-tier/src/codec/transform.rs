@@ -400,17 +400,8 @@ fn requantize(span: &Span, old: &[u8], transform: &Transform<'_>) -> Result<Vec<
         .enumerate()
         .map(|(c, (src, dst))| {
             let first = c * blocks * block_len;
-            let mut values = vec![0f32; dst.len() / block_bytes * block_len];
-            dequant(src, &mut values);
-            for (i, v) in values.iter_mut().enumerate() {
-                *v = intended(transform, first + i, *v);
-            }
-            if let Some(i) = first_non_finite(&values) {
-                return Err(Error::NonFiniteInput {
-                    index: (span.elements.start + first + i) as u64,
-                    value: values[i],
-                });
-            }
+            let len = dst.len() / block_bytes * block_len;
+            let values = intended_values(span, dequant, src, first, len, transform)?;
             quant(&values, dst).map_err(|e| Error::ScaleOverflow {
                 ggml_type,
                 block: (span.first_block() + c * blocks + e.block) as u64,
@@ -422,6 +413,31 @@ fn requantize(span: &Span, old: &[u8], transform: &Transform<'_>) -> Result<Vec<
         r?;
     }
     Ok(new)
+}
+
+/// The intended values of the `len` elements from `first` on (relative to the span)
+/// whose blocks are `src`: decoded and transformed; an error naming the first that is not
+/// finite.
+fn intended_values(
+    span: &Span,
+    dequant: super::DequantKernel,
+    src: &[u8],
+    first: usize,
+    len: usize,
+    transform: &Transform<'_>,
+) -> Result<Vec<f32>> {
+    let mut values = vec![0f32; len];
+    dequant(src, &mut values);
+    for (i, v) in values.iter_mut().enumerate() {
+        *v = intended(transform, first + i, *v);
+    }
+    match first_non_finite(&values) {
+        Some(i) => Err(Error::NonFiniteInput {
+            index: (span.elements.start + first + i) as u64,
+            value: values[i],
+        }),
+        None => Ok(values),
+    }
 }
 
 /// [`requantize`] with importance weights: the range is cut at the tensor's row ends
@@ -477,17 +493,7 @@ fn requantize_weighted(
         .map(|(&(first, len), dst)| {
             let src_start = first / block_len * block_bytes;
             let src = &old[src_start..src_start + dst.len()];
-            let mut values = vec![0f32; len];
-            dequant(src, &mut values);
-            for (i, v) in values.iter_mut().enumerate() {
-                *v = intended(transform, first + i, *v);
-            }
-            if let Some(i) = first_non_finite(&values) {
-                return Err(Error::NonFiniteInput {
-                    index: (span.elements.start + first + i) as u64,
-                    value: values[i],
-                });
-            }
+            let values = intended_values(span, dequant, src, first, len, transform)?;
             let element = importance.first_element + span.elements.start + first;
             kernel(&values, importance.slice(element, len), dst).map_err(|e| Error::ScaleOverflow {
                 ggml_type,
