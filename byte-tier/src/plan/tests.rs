@@ -268,3 +268,58 @@ fn a_journal_left_empty_by_a_writer_stopped_at_its_creation_has_nothing_to_recov
         Err(Error::NoSuchTransaction(1))
     ));
 }
+
+#[test]
+fn a_streamed_file_is_written_as_planned_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.bin");
+    let content: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let writer = |bytes: Vec<u8>| -> ContentWriter {
+        Box::new(move |out| {
+            for chunk in bytes.chunks(4096) {
+                out.write_all(chunk)
+                    .map_err(|e| Error::io("write", "out.bin", e))?;
+            }
+            Ok(())
+        })
+    };
+    // The plan has the length but no digest; the applied file has both, and the digest
+    // is the content's.
+    let plan = NewFilesPlan::streamed(
+        None,
+        path.clone(),
+        content.len() as u64,
+        writer(content.clone()),
+        NoDetails {},
+    )
+    .unwrap();
+    let json = serde_json::to_value(&plan).unwrap();
+    assert_eq!(json["files"][0]["sha256"], serde_json::Value::Null);
+    assert!(!path.exists(), "planning wrote the file");
+    let written = plan.apply().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), content);
+    assert_eq!(
+        written[0].sha256.as_deref(),
+        Some(to_hex(&Sha256::digest(&content)).as_str())
+    );
+    // A writer that writes another length than planned replaces nothing and leaves no
+    // temporary file.
+    let other = path.with_extension("other");
+    let plan = NewFilesPlan::streamed(
+        None,
+        other.clone(),
+        content.len() as u64 + 1,
+        writer(content.clone()),
+        NoDetails {},
+    )
+    .unwrap();
+    assert!(matches!(
+        plan.apply(),
+        Err(Error::LengthMismatch { found: 100_000, .. })
+    ));
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("out.bin")]);
+}
