@@ -184,6 +184,7 @@ fn parse_repair(text: &str) -> Result<Repair, String> {
 }
 
 pub fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
+    super::sets::refuse_shard(&args.file, "safety")?;
     let config = args.config.open()?;
     let settings = config.settings()?;
     let manager = Manager::new();
@@ -274,6 +275,7 @@ fn default_output(file: &Path) -> PathBuf {
 }
 
 pub fn optimize(args: &OptimizeArgs) -> anyhow::Result<()> {
+    super::sets::refuse_shard(&args.file, "optimize")?;
     let requantize = match (&args.tensors, args.to) {
         (Some(pattern), Some(to)) => Some((regex::Regex::new(pattern)?, to)),
         _ => None,

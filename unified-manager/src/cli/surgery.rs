@@ -71,6 +71,7 @@ pub struct AblateArgs {
 }
 
 pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
+    super::sets::refuse_shard(&args.file, "ablate")?;
     note_recovered(super::plan::prepare(&args.file, args.dry_run)?);
     let plan = {
         let map = MappedFile::open(&args.file)?;
@@ -238,6 +239,7 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
             dry_run,
             json,
         } => {
+            super::sets::refuse_shard(file, "lora merge")?;
             note_recovered(super::plan::prepare(file, *dry_run)?);
             let LoraMergePlan {
                 adapter_sha256,
@@ -365,6 +367,7 @@ pub fn layers(command: &LayersCommand) -> anyhow::Result<()> {
         at,
         output,
     } = command;
+    super::sets::refuse_shard(file, "layers duplicate")?;
     note_recovered(super::plan::prepare(file, output.dry_run)?);
     let map = MappedFile::open(file)?;
     let gguf = map.parse()?;

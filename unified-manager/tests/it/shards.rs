@@ -527,3 +527,59 @@ fn a_set_rewrite_killed_between_renames_is_refused_until_recover_finishes_it() {
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
 }
+
+#[test]
+fn single_file_edits_on_a_shard_are_refused_naming_the_set_and_write_nothing() {
+    // Run on one shard, these would change only that shard's tensors: each is refused,
+    // saying which shard it is and how to go on, and no shard changes.
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let direction = dir.path().join("r.npy");
+    byte_tier::codec::write_tensor_npy(&direction, &[640], &vec![1.0f32; 640]).unwrap();
+    let adapter = dir.path().join("adapter.gguf");
+    tests::write_lora_adapter(&tests::real_model(), &adapter, 4);
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let shard = shards[1].to_str().unwrap();
+    let (r, a) = (direction.to_str().unwrap(), adapter.to_str().unwrap());
+    let out = dir.path().join("out.gguf");
+    let out = out.to_str().unwrap();
+    for (command, args) in [
+        ("safety", vec!["safety", shard, "--outlier-sigmas", "6"]),
+        (
+            "optimize",
+            vec!["optimize", shard, "--prune", "3", "-o", out],
+        ),
+        ("ablate", vec!["ablate", shard, "--direction", r]),
+        ("lora merge", vec!["lora", "merge", shard, a]),
+        (
+            "layers duplicate",
+            vec![
+                "layers",
+                "duplicate",
+                shard,
+                "--layers",
+                "1..2",
+                "--at",
+                "2",
+                "-o",
+                out,
+            ],
+        ),
+    ] {
+        let output = Command::new(HOTPATCH).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command} succeeded on a shard");
+        assert!(
+            stderr.contains("is shard 2 of 3 of a set") && stderr.contains("hotpatch merge"),
+            "{command}: {stderr}"
+        );
+    }
+    for (shard, bytes) in shards.iter().zip(&before) {
+        assert!(
+            &std::fs::read(shard).unwrap() == bytes,
+            "{}",
+            shard.display()
+        );
+    }
+    assert!(!Path::new(out).exists());
+}
