@@ -2,6 +2,8 @@
 //! serve` admin API, and the default rules the safety pipeline adds.
 
 use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -61,7 +63,9 @@ pub fn default_safety_rules(defaults: &ServerDefaults) -> Vec<Rule> {
 }
 
 /// A client of a running proxy's admin API (`/admin/...`), authenticated with a bearer
-/// token. Plain HTTP: the admin API listens on loopback.
+/// token: plain HTTP on loopback, or HTTPS (rustls) to a `hotpatch serve --tls-cert`,
+/// trusting the system's root certificates and, with [`AdminClient::with_ca`], a
+/// private CA's.
 pub struct AdminClient {
     base: String,
     token: Option<String>,
@@ -78,16 +82,62 @@ impl fmt::Debug for AdminClient {
 }
 
 impl AdminClient {
-    /// A client of the proxy at `base` (`http://127.0.0.1:8080`).
+    /// A client of the proxy at `base` (`http://127.0.0.1:8081`, or `https://...`
+    /// with a certificate the system's roots vouch for).
     pub fn new(base: &str, token: Option<String>) -> AdminClient {
-        let config = ureq::Agent::config_builder()
+        AdminClient::build(base, token, Vec::new())
+    }
+
+    /// A client of the proxy at `base` that also trusts the CA certificates (PEM) in
+    /// `ca`: for a proxy serving HTTPS with a certificate a private CA signed.
+    pub fn with_ca(base: &str, token: Option<String>, ca: &Path) -> Result<AdminClient> {
+        let unreadable =
+            |reason: String| Error::Server(format!("CA file {}: {reason}", ca.display()));
+        let pem = std::fs::read(ca).map_err(|e| unreadable(e.to_string()))?;
+        let mut certs = Vec::new();
+        for item in ureq::tls::parse_pem(&pem) {
+            if let ureq::tls::PemItem::Certificate(cert) =
+                item.map_err(|e| unreadable(e.to_string()))?
+            {
+                certs.push(cert);
+            }
+        }
+        if certs.is_empty() {
+            return Err(unreadable("it holds no PEM certificate".into()));
+        }
+        Ok(AdminClient::build(base, token, certs))
+    }
+
+    fn build(
+        base: &str,
+        token: Option<String>,
+        extra_roots: Vec<ureq::tls::Certificate<'static>>,
+    ) -> AdminClient {
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build();
+            .timeout_global(Some(Duration::from_secs(30)));
+        // The system's roots are read only for an HTTPS proxy; a certificate that does
+        // not load is skipped, as rustls-native-certs reports it and others do.
+        if base.starts_with("https://") {
+            let mut roots: Vec<ureq::tls::Certificate<'static>> =
+                rustls_native_certs::load_native_certs()
+                    .certs
+                    .iter()
+                    .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
+                    .collect();
+            roots.extend(extra_roots);
+            let tls = ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
+                .unversioned_rustls_crypto_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .build();
+            config = config.tls_config(tls);
+        }
         AdminClient {
             base: base.trim_end_matches('/').to_owned(),
             token,
-            agent: config.into(),
+            agent: config.build().into(),
         }
     }
 

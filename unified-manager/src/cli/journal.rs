@@ -42,6 +42,10 @@ pub struct RevertArgs {
     /// A file holding that proxy's admin token.
     #[arg(long, value_name = "FILE", requires = "server")]
     pub admin_token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the system's, when the proxy
+    /// serves HTTPS (`hotpatch serve --tls-cert`) with a certificate a private CA signed.
+    #[arg(long, value_name = "FILE", requires = "server")]
+    pub admin_ca: Option<PathBuf>,
     /// Revert through the agent at SOCKET (see `hotpatch launch`).
     #[arg(long, value_name = "SOCKET", conflicts_with = "server")]
     pub agent: Option<PathBuf>,
@@ -302,7 +306,11 @@ fn revert_through_server(args: &RevertArgs, server: &str) -> anyhow::Result<()> 
         .context("--server needs --admin-token-file")?;
     let token = std::fs::read_to_string(path)
         .with_context(|| format!("read the admin token from {}", path.display()))?;
-    let client = unified_manager::server::AdminClient::new(server, Some(token.trim().to_owned()));
+    let client = super::admin_client(
+        server,
+        Some(token.trim().to_owned()),
+        args.admin_ca.as_deref(),
+    )?;
     let patches = client.patches()?;
     let chosen: Vec<&serde_json::Value> = match args.id {
         Some(id) => patches

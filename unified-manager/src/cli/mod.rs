@@ -52,3 +52,16 @@ pub fn report_file_size_limit_as_error() -> anyhow::Result<()> {
     .map(drop)
     .map_err(|e| anyhow::anyhow!("install a SIGXFSZ handler: {e}"))
 }
+
+/// The admin API client of the proxy at `url`, trusting the CA certificates in `ca`
+/// besides the system's when given.
+pub fn admin_client(
+    url: &str,
+    token: Option<String>,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<unified_manager::server::AdminClient> {
+    Ok(match ca {
+        Some(ca) => unified_manager::server::AdminClient::with_ca(url, token, ca)?,
+        None => unified_manager::server::AdminClient::new(url, token),
+    })
+}

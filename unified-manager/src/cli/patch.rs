@@ -65,6 +65,10 @@ pub struct PatchArgs {
     /// A file holding that proxy's admin token.
     #[arg(long, value_name = "FILE", requires = "server")]
     pub admin_token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the system's, when the proxy
+    /// serves HTTPS (`hotpatch serve --tls-cert`) with a certificate a private CA signed.
+    #[arg(long, value_name = "FILE", requires = "server")]
+    pub admin_ca: Option<PathBuf>,
     /// Patch the weights of the llama-server running under `hotpatch launch` with the
     /// agent at SOCKET: its copies (repacked, GPU, remote) as well as the file mapping.
     #[arg(long, value_name = "SOCKET", conflicts_with = "server")]
@@ -358,7 +362,7 @@ fn patch_through_server(
         bail!("--dry-run plans on the file; without --server it writes nothing either");
     }
     let token = read_token(args.admin_token_file.as_deref().context("no token file")?)?;
-    let client = unified_manager::server::AdminClient::new(server, Some(token));
+    let client = super::admin_client(server, Some(token), args.admin_ca.as_deref())?;
     let reply = client.apply_patch(json!({
         "name": name,
         "tensor": args.tensor,

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use memory_tier::AttachMode;
-use unified_manager::server::AdminClient;
 use unified_manager::{
     BoostOptions, ConfigDir, Manager, OptimizeOptions, PipelineReport, Repair, SafetyOptions,
     StepResult,
@@ -23,6 +22,10 @@ pub struct ServerArgs {
     /// The file holding the admin API's bearer token.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust, besides the system's, when the proxy
+    /// serves HTTPS with a certificate a private CA signed.
+    #[arg(long, value_name = "FILE")]
+    pub admin_ca: Option<PathBuf>,
 }
 
 /// The configuration directory option.
@@ -74,7 +77,11 @@ pub fn attach_server(
         ),
         None => None,
     };
-    manager.attach_server(Arc::new(AdminClient::new(&url, token)));
+    manager.attach_server(Arc::new(super::admin_client(
+        &url,
+        token,
+        server.admin_ca.as_deref(),
+    )?));
     Ok(())
 }
 

@@ -26,15 +26,15 @@ transform = { scale = 0.5 }
 
 /// PEM files: a CA, a server certificate it signed for 127.0.0.1, and a client
 /// certificate it signed.
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
+pub(crate) struct Pki {
+    pub(crate) ca: PathBuf,
+    pub(crate) server_cert: PathBuf,
+    pub(crate) server_key: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
 }
 
-fn make_pki(dir: &Path) -> Pki {
+pub(crate) fn make_pki(dir: &Path) -> Pki {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
