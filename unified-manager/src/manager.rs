@@ -333,25 +333,12 @@ impl Manager {
     /// there are rules and no server).
     pub fn plan_all(&self, id: ModelId, patches: Vec<Patch>) -> Result<UnitPlan> {
         let live = self.model(id)?;
-        let mut order = Vec::with_capacity(patches.len());
-        let mut memory = Vec::new();
-        let mut rules = Vec::new();
-        {
-            let guard = live.read();
-            for patch in patches {
-                order.push((patch.tier(), patch.name().to_owned()));
-                match patch {
-                    Patch::Memory(p) => memory.push(p),
-                    Patch::Byte(p) => memory.push(byte_patch_as_memory(&p, guard.bytes())?),
-                    Patch::Rule(rule) => rules.push(*rule),
-                }
-            }
-        }
-        if !rules.is_empty() && self.server().is_none() {
-            return Err(Error::Refused(
-                "server rules need an attached server".to_owned(),
-            ));
-        }
+        let Unit {
+            order,
+            memory,
+            rules,
+        } = Unit::of(patches, live.read().bytes())?;
+        self.rule_server(&rules)?;
         Ok(UnitPlan {
             memory: live.plan_transaction(memory)?,
             rules: rules.iter().map(|r| r.name.clone()).collect(),
@@ -372,14 +359,7 @@ impl Manager {
             order,
             ..
         } = plan;
-        let server =
-            if rules.is_empty() {
-                None
-            } else {
-                Some(self.server().ok_or_else(|| {
-                    Error::Refused("server rules need an attached server".to_owned())
-                })?)
-            };
+        let server = self.rule_server(&rules)?;
         let ids: Vec<Uuid> = if memory.patches.is_empty() {
             Vec::new()
         } else {
@@ -400,34 +380,29 @@ impl Manager {
     /// server rules; if a rule is refused, everything applied before it is reverted.
     pub fn apply_all(&self, id: ModelId, patches: Vec<Patch>) -> Result<Vec<Receipt>> {
         let live = self.model(id)?;
-        let mut order = Vec::with_capacity(patches.len());
-        let mut memory = Vec::new();
-        let mut rules = Vec::new();
-        {
-            let guard = live.read();
-            for patch in patches {
-                order.push((patch.tier(), patch.name().to_owned()));
-                match patch {
-                    Patch::Memory(p) => memory.push(p),
-                    Patch::Byte(p) => memory.push(byte_patch_as_memory(&p, guard.bytes())?),
-                    Patch::Rule(rule) => rules.push(*rule),
-                }
-            }
-        }
-        let server =
-            if rules.is_empty() {
-                None
-            } else {
-                Some(self.server().ok_or_else(|| {
-                    Error::Refused("server rules need an attached server".to_owned())
-                })?)
-            };
+        let Unit {
+            order,
+            memory,
+            rules,
+        } = Unit::of(patches, live.read().bytes())?;
+        let server = self.rule_server(&rules)?;
         let (ids, _) = if memory.is_empty() {
             (Vec::new(), 0)
         } else {
             self.change(id, |live| Ok(live.apply_all(memory)?))?
         };
         self.finish_unit(id, ids, rules, server, order)
+    }
+
+    /// The server that takes `rules`: `None` when there are none, refused when there
+    /// are rules and no attached server.
+    fn rule_server(&self, rules: &[Rule]) -> Result<Option<Arc<dyn ServerLink>>> {
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        self.server()
+            .map(Some)
+            .ok_or_else(|| Error::Refused("server rules need an attached server".to_owned()))
     }
 
     /// After the memory transaction `ids` of model `id`: adds the server rules (undoing
@@ -604,6 +579,33 @@ impl Manager {
 
 /// A byte patch as a memory patch: its range resolved in the region's bytes, its
 /// expected bytes checked, its new bytes computed; priority and name carried over.
+/// Patches of one unit, split by where they go: byte patches become memory patches
+/// against `bytes`, rules wait for the server; `order` keeps the receipts' order.
+struct Unit {
+    order: Vec<(Tier, String)>,
+    memory: Vec<MemoryPatch>,
+    rules: Vec<Rule>,
+}
+
+impl Unit {
+    fn of(patches: Vec<Patch>, bytes: &[u8]) -> Result<Unit> {
+        let mut unit = Unit {
+            order: Vec::with_capacity(patches.len()),
+            memory: Vec::new(),
+            rules: Vec::new(),
+        };
+        for patch in patches {
+            unit.order.push((patch.tier(), patch.name().to_owned()));
+            match patch {
+                Patch::Memory(p) => unit.memory.push(p),
+                Patch::Byte(p) => unit.memory.push(byte_patch_as_memory(&p, bytes)?),
+                Patch::Rule(rule) => unit.rules.push(*rule),
+            }
+        }
+        Ok(unit)
+    }
+}
+
 fn byte_patch_as_memory(patch: &BytePatch, bytes: &[u8]) -> Result<MemoryPatch> {
     let range = patch.resolve(bytes)?;
     let current = &bytes[range.start as usize..range.end as usize];
