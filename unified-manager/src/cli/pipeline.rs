@@ -85,6 +85,24 @@ pub fn attach_server(
     Ok(())
 }
 
+/// The end of a planned pipeline: the applied report, or with --dry-run (nothing
+/// applied) the planned one, whose table follows the plan in text mode.
+fn report_planned(
+    applied: Option<PipelineReport>,
+    planned: &PipelineReport,
+    json: bool,
+) -> anyhow::Result<()> {
+    match applied {
+        Some(report) => print_report(&report, json),
+        None => {
+            if !json {
+                print_report(planned, false)?;
+            }
+            check_report(planned)
+        }
+    }
+}
+
 /// Prints a pipeline report as a table (or JSON) and fails when a step failed.
 pub fn print_report(report: &PipelineReport, json: bool) -> anyhow::Result<()> {
     if json {
@@ -234,15 +252,7 @@ pub fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
     let planned = plan.report.clone();
     let applied = super::plan::run(plan.on(&manager, &options), args.dry_run, args.json);
     manager.detach_all(false)?;
-    match applied? {
-        Some(report) => print_report(&report, args.json),
-        None => {
-            if !args.json {
-                print_report(&planned, false)?;
-            }
-            check_report(&planned)
-        }
-    }
+    report_planned(applied?, &planned, args.json)
 }
 
 /// Arguments of `hotpatch optimize`.
@@ -314,15 +324,7 @@ pub fn optimize(args: &OptimizeArgs) -> anyhow::Result<()> {
     let planned = plan.report().clone();
     let applied = super::plan::run(plan, args.dry_run, args.json);
     bar.finish_and_clear();
-    match applied? {
-        Some(report) => print_report(&report, args.json),
-        None => {
-            if !args.json {
-                print_report(&planned, false)?;
-            }
-            check_report(&planned)
-        }
-    }
+    report_planned(applied?, &planned, args.json)
 }
 
 /// Arguments of `hotpatch boost`.
