@@ -389,6 +389,17 @@ pub fn uses_importance(ggml_type: GgmlType) -> bool {
     weighted::row_kernel(ggml_type).is_some()
 }
 
+/// Refuses importance weights that are negative or not finite, naming the first.
+pub(crate) fn check_importance(weights: &[f32]) -> Result<()> {
+    match weights.iter().position(|w| !w.is_finite() || *w < 0.0) {
+        Some(i) => Err(Error::BadImportance {
+            column: i as u64,
+            value: weights[i],
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Quantizes rows of `n_per_row` values with one importance weight per column, as
 /// ggml's `quantize_*` functions do with non-null `quant_weights` (and so
 /// `llama-quantize --imatrix`), into new bytes. `weights` holds `n_per_row` values (one
@@ -432,12 +443,7 @@ pub fn quantize_weighted(
             end: n_per_row as u64,
         });
     }
-    if let Some(i) = weights.iter().position(|w| !w.is_finite() || *w < 0.0) {
-        return Err(Error::BadImportance {
-            column: i as u64,
-            value: weights[i],
-        });
-    }
+    check_importance(weights)?;
     let Some(kernel) = weighted::row_kernel(ggml_type) else {
         return quantize(ggml_type, values);
     };

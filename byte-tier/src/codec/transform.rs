@@ -226,12 +226,7 @@ impl<'a> Importance<'a> {
                 end: weights.len() as u64,
             });
         }
-        if let Some(i) = weights.iter().position(|w| !w.is_finite() || *w < 0.0) {
-            return Err(Error::BadImportance {
-                column: i as u64,
-                value: weights[i],
-            });
-        }
+        super::check_importance(weights)?;
         // ne0 * ne2 weights are in memory, so ne0 fits a usize; ne1 and the first
         // element are bounded by the tensor the caller holds.
         Ok(Importance {
