@@ -552,6 +552,9 @@ pub fn requantize_tensors_of_shard<'a>(
             _ => None,
         };
         let weighted = weights.is_some();
+        if !weighted && crate::codec::needs_importance(target) {
+            return Err(Error::ImportanceRequired { ggml_type: target }.in_tensor(&info.name));
+        }
         spec.ggml_type = target;
         spec.data = crate::writer::TensorData::Reader(Box::new(RequantizeReader {
             source: gguf.tensor_data(info),

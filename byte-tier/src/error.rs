@@ -402,6 +402,16 @@ pub enum Error {
         /// What was asked ("dequantize", "quantize", ...).
         operation: &'static str,
     },
+    /// ggml quantizes this type only with importance weights (its quantizer asserts
+    /// them, and llama-quantize refuses the type without an importance matrix).
+    #[error(
+        "ggml quantizes {ggml_type} only with importance weights: give an importance matrix \
+         from llama-imatrix (--imatrix FILE) that covers this tensor"
+    )]
+    ImportanceRequired {
+        /// The type to quantize to.
+        ggml_type: GgmlType,
+    },
     /// Tensor data is not a whole number of blocks of its type.
     #[error("{len} bytes of {ggml_type} data are not a whole number of {block_bytes}-byte blocks")]
     PartialBlock {

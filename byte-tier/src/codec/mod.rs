@@ -206,9 +206,30 @@ pub fn can_dequantize(ggml_type: GgmlType) -> bool {
     dequant_kernel(ggml_type).is_some()
 }
 
-/// Whether [`quantize_range`] handles this type.
+/// Whether this type can be quantized to: by [`quantize_range`], or, for the types
+/// ggml quantizes only with importance weights ([`needs_importance`]), by
+/// [`quantize_weighted`] and the weighted transforms.
 pub fn can_quantize(ggml_type: GgmlType) -> bool {
-    quant_kernel(ggml_type).is_some()
+    quant_kernel(ggml_type).is_some() || weighted::row_kernel(ggml_type).is_some()
+}
+
+/// Whether ggml quantizes this type only with importance weights: its quantizer has no
+/// unweighted form. Quantizing to it without weights fails with
+/// [`Error::ImportanceRequired`].
+pub fn needs_importance(ggml_type: GgmlType) -> bool {
+    quant_kernel(ggml_type).is_none() && weighted::row_kernel(ggml_type).is_some()
+}
+
+/// The quantization kernel of a type, or the error that says why there is none.
+fn plain_quant_kernel(ggml_type: GgmlType, operation: &'static str) -> Result<QuantKernel> {
+    quant_kernel(ggml_type).ok_or(if needs_importance(ggml_type) {
+        Error::ImportanceRequired { ggml_type }
+    } else {
+        Error::UnsupportedType {
+            ggml_type,
+            operation,
+        }
+    })
 }
 
 /// A checked element range of a tensor, with its byte range.
@@ -533,10 +554,7 @@ pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
 /// written anywhere.
 pub(crate) fn quantize_span(span: &Span, values: &[f32]) -> Result<Vec<u8>> {
     let ggml_type = span.ggml_type;
-    let kernel = quant_kernel(ggml_type).ok_or(Error::UnsupportedType {
-        ggml_type,
-        operation: "quantize",
-    })?;
+    let kernel = plain_quant_kernel(ggml_type, "quantize")?;
     if let Some(i) = first_non_finite(values) {
         return Err(Error::NonFiniteInput {
             index: (span.elements.start + i) as u64,

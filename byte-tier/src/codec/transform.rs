@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use super::scan::{ScaleFields, scale_fields};
 use super::{
     Span, check_len, check_range, chunk_blocks, dequant_kernel, f16_bits, first_non_finite,
-    quant_kernel,
+    plain_quant_kernel,
 };
 use crate::error::{Error, Result};
 use crate::types::GgmlType;
@@ -282,19 +282,16 @@ pub fn transform_range_weighted(
             scale_fields_of(&span, old, fields, *factor)?,
         ),
         _ => {
-            if quant_kernel(ggml_type).is_none() {
-                return Err(Error::UnsupportedType {
-                    ggml_type,
-                    operation: "transform (requantize)",
-                });
+            let weighted =
+                importance.and_then(|imp| Some((imp, super::weighted::row_kernel(ggml_type)?)));
+            if weighted.is_none() {
+                plain_quant_kernel(ggml_type, "transform (requantize)")?;
             }
             let path = if plain {
                 TransformPath::Elementwise
             } else {
                 TransformPath::Requantized
             };
-            let weighted =
-                importance.and_then(|imp| Some((imp, super::weighted::row_kernel(ggml_type)?)));
             let new = match weighted {
                 Some((imp, kernel)) => requantize_weighted(&span, old, transform, imp, kernel)?,
                 None => requantize(&span, old, transform)?,
@@ -380,10 +377,7 @@ fn requantize(span: &Span, old: &[u8], transform: &Transform<'_>) -> Result<Vec<
         ggml_type,
         operation: "dequantize",
     })?;
-    let quant = quant_kernel(ggml_type).ok_or(Error::UnsupportedType {
-        ggml_type,
-        operation: "quantize",
-    })?;
+    let quant = plain_quant_kernel(ggml_type, "quantize")?;
     let blocks = chunk_blocks(ggml_type);
     let block_len = ggml_type.block_len() as usize;
     let block_bytes = ggml_type.block_bytes() as usize;
