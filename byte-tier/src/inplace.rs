@@ -21,8 +21,12 @@ pub struct RecoveryReport {
     pub name: String,
     /// Writes restored.
     pub writes: usize,
-    /// Bytes restored.
+    /// Bytes restored (or, when `completed`, kept).
     pub bytes: u64,
+    /// The transaction was the part of a shard-set transaction that committed (see
+    /// [`crate::split::transaction`]): its new bytes were already written and synced, so
+    /// recovery marked it committed instead of rolling it back.
+    pub completed: bool,
 }
 
 /// A file opened for in-place editing: reads go through a read-only shared map (which
@@ -63,6 +67,16 @@ fn recover_with(path: &Path, file: &File, journal: &mut Journal) -> Result<Optio
     let Some(txn) = journal.unfinished().cloned() else {
         return Ok(None);
     };
+    if crate::split::transaction::part_committed(path, &txn)? {
+        journal.commit(txn.id)?;
+        return Ok(Some(RecoveryReport {
+            transaction: txn.id,
+            name: txn.name.clone(),
+            writes: txn.writes.len(),
+            bytes: txn.bytes(),
+            completed: true,
+        }));
+    }
     // Restore in reverse order; writing original bytes is idempotent, so a crash here is
     // recovered by the next open.
     for (i, entry) in txn.writes.iter().enumerate().rev() {
@@ -80,7 +94,24 @@ fn recover_with(path: &Path, file: &File, journal: &mut Journal) -> Result<Optio
         name: txn.name.clone(),
         writes: txn.writes.len(),
         bytes: txn.bytes(),
+        completed: false,
     }))
+}
+
+/// A transaction whose undo information is durable in the journal and whose bytes are
+/// not written yet: one shard's part of a set transaction, between its steps.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    id: u64,
+    writes: Vec<ByteWrite>,
+    originals: Vec<Vec<u8>>,
+}
+
+impl Prepared {
+    /// Bytes it writes.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.writes.iter().map(|w| w.bytes.len() as u64).sum()
+    }
 }
 
 impl InPlaceFile {
@@ -136,13 +167,48 @@ impl InPlaceFile {
         &mut self,
         name: &str,
         reverts: Option<u64>,
-        mut writes: Vec<ByteWrite>,
+        writes: Vec<ByteWrite>,
     ) -> Result<EditReceipt> {
-        let bytes = self.map.bytes();
-        check_and_drop_unchanged(&mut writes, bytes)?;
+        let writes = self.changed_writes(writes)?;
         if writes.is_empty() {
             return Ok(receipt(None, std::iter::empty()));
         }
+        let prepared = self.prepare(name, reverts, writes, &[])?;
+        failpoint("after-journal-sync");
+        if let Err(error) = self.write_prepared(&prepared) {
+            // Put back what may have been written, then record the rollback; if even
+            // that fails, the next open recovers from the journal.
+            let _ = self.undo_prepared(&prepared);
+            return Err(error);
+        }
+        failpoint("after-file-sync");
+        let ranges: Vec<(u64, u64)> = prepared
+            .writes
+            .iter()
+            .map(|w| (w.offset, w.bytes.len() as u64))
+            .collect();
+        let id = self.commit_prepared(prepared)?;
+        failpoint("after-commit");
+        Ok(receipt(Some(id), ranges.into_iter()))
+    }
+
+    /// `writes` checked against the file (inside it, not overlapping) with those that
+    /// change nothing dropped.
+    pub(crate) fn changed_writes(&self, mut writes: Vec<ByteWrite>) -> Result<Vec<ByteWrite>> {
+        check_and_drop_unchanged(&mut writes, self.map.bytes())?;
+        Ok(writes)
+    }
+
+    /// Makes the undo information of `writes` (checked by [`Self::changed_writes`])
+    /// durable as a new transaction, writing nothing to the file yet.
+    pub(crate) fn prepare(
+        &mut self,
+        name: &str,
+        reverts: Option<u64>,
+        writes: Vec<ByteWrite>,
+        note: &[u8],
+    ) -> Result<Prepared> {
+        let bytes = self.map.bytes();
         let originals: Vec<Vec<u8>> = writes
             .iter()
             .map(|w| bytes[w.offset as usize..w.range().end as usize].to_vec())
@@ -152,31 +218,38 @@ impl InPlaceFile {
             .zip(&originals)
             .map(|(w, o)| (w.offset, o.as_slice(), w.bytes.as_slice()))
             .collect();
-        let id = self.journal.begin(name, reverts, &undo)?;
-        failpoint("after-journal-sync");
-        if let Err(error) = self.write_all(&writes) {
-            // Put back what may have been written, then record the rollback; if even
-            // that fails, the next open recovers from the journal.
-            let restore: Vec<ByteWrite> = writes
-                .iter()
-                .zip(originals)
-                .map(|(w, o)| ByteWrite {
-                    offset: w.offset,
-                    bytes: o,
-                })
-                .collect();
-            if self.write_all(&restore).is_ok() {
-                let _ = self.journal.mark_rolled_back(id);
-            }
-            return Err(error);
-        }
-        failpoint("after-file-sync");
-        self.journal.commit(id)?;
-        failpoint("after-commit");
-        Ok(receipt(
-            Some(id),
-            writes.iter().map(|w| (w.offset, w.bytes.len() as u64)),
-        ))
+        let id = self.journal.begin_with_note(name, reverts, &undo, note)?;
+        Ok(Prepared {
+            id,
+            writes,
+            originals,
+        })
+    }
+
+    /// Writes a prepared transaction's bytes and syncs the file.
+    pub(crate) fn write_prepared(&self, prepared: &Prepared) -> Result<()> {
+        self.write_all(&prepared.writes)
+    }
+
+    /// Puts a prepared transaction's original bytes back and records its rollback.
+    pub(crate) fn undo_prepared(&mut self, prepared: &Prepared) -> Result<()> {
+        let restore: Vec<ByteWrite> = prepared
+            .writes
+            .iter()
+            .zip(&prepared.originals)
+            .map(|(w, o)| ByteWrite {
+                offset: w.offset,
+                bytes: o.clone(),
+            })
+            .collect();
+        self.write_all(&restore)?;
+        self.journal.mark_rolled_back(prepared.id)
+    }
+
+    /// Commits a prepared transaction whose bytes are written; returns its id.
+    pub(crate) fn commit_prepared(&mut self, prepared: Prepared) -> Result<u64> {
+        self.journal.commit(prepared.id)?;
+        Ok(prepared.id)
     }
 
     fn write_all(&self, writes: &[ByteWrite]) -> Result<()> {
@@ -230,6 +303,17 @@ pub(crate) fn revert_writes(
     if !txn.note.is_empty() {
         return Err(Error::NotedTransaction(transaction));
     }
+    undo_writes(journal, bytes, txn)
+}
+
+/// The writes that put back the original bytes of committed transaction `txn` of
+/// `journal`, after checking that the bytes it wrote are still in `bytes`.
+pub(crate) fn undo_writes(
+    journal: &Journal,
+    bytes: &[u8],
+    txn: &Transaction,
+) -> Result<Vec<ByteWrite>> {
+    let transaction = txn.id;
     let mut writes = Vec::with_capacity(txn.writes.len());
     for entry in &txn.writes {
         let current = bytes

@@ -310,6 +310,9 @@ impl WritePlan {
 pub struct RollBack {
     /// The unfinished transaction, or `None` when there is nothing to recover.
     pub rolls_back: Option<u64>,
+    /// The unfinished transaction when it is the part of a shard-set transaction that
+    /// committed: recovery keeps its bytes and marks it committed (no write).
+    pub completes: Option<u64>,
 }
 
 /// The rollback of the unfinished transaction of a file's journal, planned from the
@@ -329,9 +332,22 @@ impl RecoveryPlan {
         let mut writes = Vec::new();
         let mut name = "nothing to roll back".to_owned();
         let mut rolls_back = None;
+        let completes = None;
         if journal_path(path).exists() {
             let journal = Journal::open_read_only(path)?;
             if let Some(txn) = journal.unfinished() {
+                if crate::split::transaction::part_committed(path, txn)? {
+                    let name = format!(
+                        "complete {} ({}): its shard-set transaction committed",
+                        txn.id, txn.name
+                    );
+                    let details = RollBack {
+                        rolls_back: None,
+                        completes: Some(txn.id),
+                    };
+                    let plan = WritePlan::build(path, map.bytes(), name, None, vec![], details)?;
+                    return Ok(RecoveryPlan { plan });
+                }
                 for entry in &txn.writes {
                     writes.push(ByteWrite {
                         offset: entry.offset,
@@ -348,7 +364,10 @@ impl RecoveryPlan {
             name,
             None,
             writes,
-            RollBack { rolls_back },
+            RollBack {
+                rolls_back,
+                completes,
+            },
         )?;
         Ok(RecoveryPlan { plan })
     }
@@ -357,6 +376,11 @@ impl RecoveryPlan {
     pub fn rolls_back(&self) -> Option<u64> {
         self.plan.details.rolls_back
     }
+
+    /// The unfinished transaction it completes instead (see [`RollBack::completes`]).
+    pub fn completes(&self) -> Option<u64> {
+        self.plan.details.completes
+    }
 }
 
 impl Plan for RecoveryPlan {
@@ -364,11 +388,11 @@ impl Plan for RecoveryPlan {
     type Error = Error;
 
     fn is_noop(&self) -> bool {
-        self.rolls_back().is_none()
+        self.rolls_back().or(self.completes()).is_none()
     }
 
     fn apply(self) -> Result<Self::Applied> {
-        let Some(id) = self.rolls_back() else {
+        let Some(id) = self.rolls_back().or(self.completes()) else {
             return Ok(None);
         };
         {

@@ -799,6 +799,7 @@ impl Plan for MergeFiles<'_> {
     }
 }
 
+pub mod transaction;
 mod rewrite;
 pub use rewrite::{
     SetRewriteOutcome, SetRewritePlan, SetRewriteRecovery, ShardWritten, finish_set_rewrite,

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::split::transaction::ShardWrites;
 use crate::types::GgmlType;
 use crate::value::Value;
 use crate::writer::{GgufWriter, TensorSpec};
@@ -502,4 +503,143 @@ fn output_prefixes_follow_the_name_given() {
         output_prefix(Path::new("d/new-00001-of-00002.gguf"), 3),
         Path::new("d/new-00001-of-00002")
     );
+}
+
+/// The data offset of tensor `name` in `shard`, and its bytes.
+fn tensor_bytes(shard: &Path, name: &str) -> (u64, Vec<u8>) {
+    let file = MappedFile::open(shard).unwrap();
+    let gguf = file.parse().unwrap();
+    let t = gguf.require_tensor(name).unwrap();
+    (t.data_range().start, gguf.tensor_data(t).to_vec())
+}
+
+/// New bytes for tensor `name` of `shard`: every f32 negated.
+fn negated(shard: &Path, name: &str) -> ShardWrites {
+    let (offset, bytes) = tensor_bytes(shard, name);
+    let bytes = bytes
+        .chunks(4)
+        .flat_map(|c| (-f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+        .collect();
+    ShardWrites {
+        shard: shard.to_owned(),
+        writes: vec![crate::patcher::ByteWrite { offset, bytes }],
+        reverts: None,
+    }
+}
+
+#[test]
+fn a_set_transaction_writes_every_shard_and_reverts_as_one() {
+    use transaction::*;
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "tx");
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let parts = vec![negated(&shards[2], "t4"), negated(&shards[0], "t1")];
+    let receipt = run_set_transaction(&shards[1], "negate t1 and t4", None, parts).unwrap();
+    let id = receipt.transaction.unwrap();
+    assert_eq!(receipt.parts.len(), 2);
+    assert_eq!(receipt.parts[0].shard, shards[0]);
+    assert_eq!(receipt.bytes(), 4 * (16 + 40));
+    assert_eq!(std::fs::read(&shards[1]).unwrap(), before[1]);
+    assert_eq!(tensor_bytes(&shards[2], "t4").1[..4], (-400f32).to_le_bytes());
+    // One decision in the set's journal; a part in each shard, naming it.
+    let prefix = dir.path().join("tx");
+    let set = crate::Journal::open_read_only(&set_journal_target(&prefix)).unwrap();
+    assert!(matches!(
+        set.transaction(id).unwrap().state,
+        crate::TransactionState::Committed(_)
+    ));
+    let parts = set_parts(&shards[0], id).unwrap();
+    assert_eq!(parts.len(), 2);
+    // A part alone is not reverted by its shard: the set is.
+    let shard_journal = crate::Journal::open_read_only(&shards[2]).unwrap();
+    let part = shard_journal.transaction(parts[1].1).unwrap();
+    assert_eq!(part_of(&shards[2], part).unwrap().1, id);
+    let file = MappedFile::open(&shards[2]).unwrap();
+    assert!(matches!(
+        crate::inplace::revert_writes(&shard_journal, file.bytes(), part.id),
+        Err(Error::NotedTransaction(_))
+    ));
+    let reverted = revert_set_transaction(&shards[2], id).unwrap();
+    assert_eq!(reverted.parts.len(), 2);
+    for (shard, original) in shards.iter().zip(&before) {
+        assert_eq!(&std::fs::read(shard).unwrap(), original);
+    }
+    assert!(matches!(
+        revert_set_transaction(&shards[0], id),
+        Err(Error::AlreadyReverted(_))
+    ));
+    // Writes that change nothing make no transaction.
+    let same = tensor_bytes(&shards[1], "t2");
+    let noop = ShardWrites {
+        shard: shards[1].clone(),
+        writes: vec![crate::patcher::ByteWrite {
+            offset: same.0,
+            bytes: same.1,
+        }],
+        reverts: None,
+    };
+    let receipt = run_set_transaction(&shards[0], "nothing", None, vec![noop]).unwrap();
+    assert_eq!(receipt.transaction, None);
+}
+
+/// Stops a set transaction as a crash would, after its shards' bytes are written and,
+/// when `decided`, after the set's journal recorded the commit: journals and files are
+/// dropped with the parts unfinished.
+fn crash_mid_set_transaction(shards: &[PathBuf], decided: bool) {
+    use crate::inplace::InPlaceFile;
+    let prefix = parse_shard_name(&shards[0]).unwrap().prefix;
+    let target = transaction::set_journal_target(&prefix);
+    let mut set = crate::Journal::open(&target).unwrap();
+    let id = set.begin_with_note("crash", None, &[], b"{}").unwrap();
+    let note = serde_json::json!({"format": "hotpatch-set-part/1",
+        "set": target.file_name().unwrap().to_str().unwrap(), "transaction": id});
+    let note = note.to_string();
+    let mut open = Vec::new();
+    for (shard, name) in [(&shards[0], "t1"), (&shards[2], "t4")] {
+        let mut file = InPlaceFile::open(shard).unwrap();
+        let writes = file.changed_writes(negated(shard, name).writes).unwrap();
+        let prepared = file.prepare("crash", None, writes, note.as_bytes()).unwrap();
+        file.write_prepared(&prepared).unwrap();
+        open.push((file, prepared));
+    }
+    if decided {
+        set.commit(id).unwrap();
+    }
+}
+
+#[test]
+fn a_set_transaction_cut_after_its_decision_is_completed_in_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "done");
+    let before = tensor_bytes(&shards[2], "t4").1;
+    crash_mid_set_transaction(&shards, true);
+    // The last shard alone first: its part is completed, not rolled back.
+    let report = crate::inplace::recover(&shards[2]).unwrap().unwrap();
+    assert!(report.completed);
+    assert_ne!(tensor_bytes(&shards[2], "t4").1, before);
+    let reports = transaction::recover_set(&shards[1]).unwrap();
+    assert_eq!(reports.len(), 1);
+    assert!(reports[0].completed);
+    assert_eq!(tensor_bytes(&shards[0], "t1").1[..4], (-100f32).to_le_bytes());
+}
+
+#[test]
+fn a_set_transaction_cut_before_its_decision_is_rolled_back_in_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = three_shards(dir.path(), "undone");
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    crash_mid_set_transaction(&shards, false);
+    assert_ne!(std::fs::read(&shards[2]).unwrap(), before[2]);
+    let plan = crate::plan::RecoveryPlan::new(&shards[2]).unwrap();
+    assert!(plan.rolls_back().is_some() && plan.completes().is_none());
+    let reports = transaction::recover_set(&shards[0]).unwrap();
+    assert_eq!(reports.len(), 2);
+    assert!(reports.iter().all(|r| !r.completed));
+    for (shard, original) in shards.iter().zip(&before) {
+        assert_eq!(&std::fs::read(shard).unwrap(), original);
+    }
+    // The undecided set transaction is closed, so the next one can begin.
+    let parts = vec![negated(&shards[2], "t4")];
+    let receipt = transaction::run_set_transaction(&shards[0], "again", None, parts).unwrap();
+    assert_eq!(receipt.transaction, Some(2));
 }
