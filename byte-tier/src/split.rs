@@ -799,8 +799,8 @@ impl Plan for MergeFiles<'_> {
     }
 }
 
-pub mod transaction;
 mod rewrite;
+pub mod transaction;
 pub use rewrite::{
     SetRewriteOutcome, SetRewritePlan, SetRewriteRecovery, ShardWritten, finish_set_rewrite,
     interrupted_set_rewrite, output_prefix, set_rewrite_marker,

@@ -2,12 +2,16 @@
 //! written in place as one journal transaction through a shared writable mapping, so a
 //! llama-server that maps the file (CPU, `--no-repack`) computes with them at once; and
 //! the LoRA unmerge, which finds its merge in the journal by the adapter's identity and
-//! reverts it byte for byte.
+//! reverts it byte for byte. Into a shard set, the same edits go in as one set
+//! transaction over the shards ([`SetSurgeryPlan`], [`unmerge_set`]).
 
 use std::path::{Path, PathBuf};
 
 use byte_tier::TransactionState;
 use byte_tier::plan::{FileStamp, Plan};
+use byte_tier::split::transaction::{
+    ShardWrites, revert_set_transaction, run_set_transaction, set_journal_target,
+};
 use byte_tier::surgery::{RewrittenTensor, merge_label};
 use memory_tier::{AttachMode, LiveModel, MemoryPatch, PatchTarget, Payload};
 
@@ -190,5 +194,146 @@ pub fn unmerge(path: &Path, adapter_sha256: &str) -> Result<Unmerged> {
         merge_transaction: id,
         revert_transaction,
         bytes,
+    })
+}
+
+/// [`SurgeryPlan`] for a shard set: new bytes for whole tensors that lie in several
+/// shards, applied as one set transaction
+/// ([`byte_tier::split::transaction::run_set_transaction`]): every shard or none, each
+/// shard's part journaled beside it, the decision in the set's journal. A llama-server
+/// that maps the shards (CPU, `--no-repack`) computes with the new bytes at once, as for
+/// a single file.
+#[derive(Debug, serde::Serialize)]
+pub struct SetSurgeryPlan<D> {
+    /// `"in_place_set"`.
+    pub kind: &'static str,
+    /// Every shard of the set, in order.
+    pub shards: Vec<PathBuf>,
+    /// The label of the set transaction.
+    pub name: String,
+    /// Bytes of the tensors rewritten (only those that change are journaled).
+    pub bytes: u64,
+    /// What the plan was made from: each shard it writes, with its header and the data
+    /// of its rewritten tensors.
+    pub stamps: Vec<FileStamp>,
+    /// What the planner reported.
+    #[serde(flatten)]
+    pub details: D,
+    #[serde(skip)]
+    writes: Vec<ShardWrites>,
+}
+
+impl<D> SetSurgeryPlan<D> {
+    /// Plans writing `rewrites` into the set of `any_shard`, each tensor into the shard
+    /// that holds it, as a set transaction labelled `label`.
+    pub fn new(
+        any_shard: &Path,
+        label: impl Into<String>,
+        rewrites: Vec<RewrittenTensor>,
+        details: D,
+    ) -> Result<SetSurgeryPlan<D>> {
+        let set = byte_tier::split::ShardSet::open(any_shard)?;
+        let shards = set.parse_all()?;
+        let mut writes = Vec::new();
+        let mut stamps = Vec::new();
+        let mut placed = 0;
+        for (file, gguf) in set.files().iter().zip(&shards) {
+            let mut ranges = Vec::with_capacity(rewrites.len() + 1);
+            ranges.push(0..gguf.data_offset());
+            let mut shard_writes = Vec::new();
+            for r in &rewrites {
+                if let Some(t) = gguf.tensor(&r.name) {
+                    ranges.push(t.data_range());
+                    shard_writes.push(byte_tier::ByteWrite {
+                        offset: t.data_range().start,
+                        bytes: r.bytes.clone(),
+                    });
+                }
+            }
+            if shard_writes.is_empty() {
+                continue;
+            }
+            placed += shard_writes.len();
+            stamps.push(FileStamp::take(file.path(), file.bytes(), ranges)?);
+            writes.push(ShardWrites {
+                shard: file.path().to_owned(),
+                writes: shard_writes,
+                reverts: None,
+            });
+        }
+        if placed != rewrites.len() {
+            return Err(Error::Refused(format!(
+                "{} of the {} tensors to rewrite are in no shard of the set of {}",
+                rewrites.len() - placed,
+                rewrites.len(),
+                any_shard.display()
+            )));
+        }
+        Ok(SetSurgeryPlan {
+            kind: "in_place_set",
+            shards: set.files().iter().map(|f| f.path().to_owned()).collect(),
+            name: label.into(),
+            bytes: rewrites.iter().map(|r| r.bytes.len() as u64).sum(),
+            stamps,
+            details,
+            writes,
+        })
+    }
+}
+
+impl<D: serde::Serialize> Plan for SetSurgeryPlan<D> {
+    /// The set transaction, `None` when no byte changes.
+    type Applied = Option<u64>;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    fn apply(self) -> Result<Option<u64>> {
+        for (stamp, part) in self.stamps.iter().zip(&self.writes) {
+            let map = byte_tier::MappedFile::open(&part.shard)?;
+            stamp.check(map.bytes())?;
+        }
+        let receipt = run_set_transaction(&self.shards[0], &self.name, None, self.writes)?;
+        Ok(receipt.transaction)
+    }
+}
+
+/// The journal of `any_shard`'s set, read-only, when it has one.
+fn set_journal_of(any_shard: &Path) -> Result<Option<byte_tier::Journal>> {
+    let Some(name) = byte_tier::split::parse_shard_name(any_shard) else {
+        return Ok(None);
+    };
+    let target = set_journal_target(&name.prefix);
+    if !byte_tier::journal_path(&target).exists() {
+        return Ok(None);
+    }
+    Ok(Some(byte_tier::Journal::open_read_only(&target)?))
+}
+
+/// The last merge of the adapter whose SHA-256 is `adapter_sha256` into `any_shard`'s
+/// set that is committed and not reverted, as a transaction of the set's journal.
+pub fn find_set_merge(any_shard: &Path, adapter_sha256: &str) -> Result<u64> {
+    set_journal_of(any_shard)?
+        .and_then(|journal| find_merge(&journal, adapter_sha256))
+        .ok_or_else(|| {
+            Error::Refused(format!(
+                "the set of {} records no merge of the adapter with sha256 {adapter_sha256} \
+                 that is still applied",
+                any_shard.display()
+            ))
+        })
+}
+
+/// [`unmerge`] for a shard set: reverts the set transaction of the last merge of the
+/// adapter, in every shard it wrote, as one set transaction.
+pub fn unmerge_set(any_shard: &Path, adapter_sha256: &str) -> Result<Unmerged> {
+    let id = find_set_merge(any_shard, adapter_sha256)?;
+    let receipt = revert_set_transaction(any_shard, id)?;
+    Ok(Unmerged {
+        merge_transaction: id,
+        revert_transaction: receipt.transaction,
+        bytes: receipt.bytes(),
     })
 }

@@ -540,7 +540,10 @@ fn a_set_transaction_writes_every_shard_and_reverts_as_one() {
     assert_eq!(receipt.parts[0].shard, shards[0]);
     assert_eq!(receipt.bytes(), 4 * (16 + 40));
     assert_eq!(std::fs::read(&shards[1]).unwrap(), before[1]);
-    assert_eq!(tensor_bytes(&shards[2], "t4").1[..4], (-400f32).to_le_bytes());
+    assert_eq!(
+        tensor_bytes(&shards[2], "t4").1[..4],
+        (-400f32).to_le_bytes()
+    );
     // One decision in the set's journal; a part in each shard, naming it.
     let prefix = dir.path().join("tx");
     let set = crate::Journal::open_read_only(&set_journal_target(&prefix)).unwrap();
@@ -598,7 +601,9 @@ fn crash_mid_set_transaction(shards: &[PathBuf], decided: bool) {
     for (shard, name) in [(&shards[0], "t1"), (&shards[2], "t4")] {
         let mut file = InPlaceFile::open(shard).unwrap();
         let writes = file.changed_writes(negated(shard, name).writes).unwrap();
-        let prepared = file.prepare("crash", None, writes, note.as_bytes()).unwrap();
+        let prepared = file
+            .prepare("crash", None, writes, note.as_bytes())
+            .unwrap();
         file.write_prepared(&prepared).unwrap();
         open.push((file, prepared));
     }
@@ -619,8 +624,12 @@ fn a_set_transaction_cut_after_its_decision_is_completed_in_every_shard() {
     assert_ne!(tensor_bytes(&shards[2], "t4").1, before);
     let reports = transaction::recover_set(&shards[1]).unwrap();
     assert_eq!(reports.len(), 1);
-    assert!(reports[0].completed);
-    assert_eq!(tensor_bytes(&shards[0], "t1").1[..4], (-100f32).to_le_bytes());
+    assert!(reports[0].1.completed);
+    assert_eq!(reports[0].0, shards[0]);
+    assert_eq!(
+        tensor_bytes(&shards[0], "t1").1[..4],
+        (-100f32).to_le_bytes()
+    );
 }
 
 #[test]
@@ -634,7 +643,7 @@ fn a_set_transaction_cut_before_its_decision_is_rolled_back_in_every_shard() {
     assert!(plan.rolls_back().is_some() && plan.completes().is_none());
     let reports = transaction::recover_set(&shards[0]).unwrap();
     assert_eq!(reports.len(), 2);
-    assert!(reports.iter().all(|r| !r.completed));
+    assert!(reports.iter().all(|(_, r)| !r.completed));
     for (shard, original) in shards.iter().zip(&before) {
         assert_eq!(&std::fs::read(shard).unwrap(), original);
     }

@@ -127,13 +127,20 @@ impl SetReceipt {
     }
 }
 
+/// Every shard of a set opened for in-place editing, what their recovery did (per
+/// shard), the set's journal, and its target.
+type OpenSet = (
+    Vec<InPlaceFile>,
+    Vec<(PathBuf, RecoveryReport)>,
+    Journal,
+    PathBuf,
+);
+
 /// The set of `any_shard`, with every shard opened for in-place editing (journals locked
 /// and recovered, in shard order), and the set's journal opened with any set transaction
 /// left without a decision marked rolled back. Returns the shards, what their recovery
 /// did, and the set's journal.
-fn open_set_for_writing(
-    any_shard: &Path,
-) -> Result<(Vec<InPlaceFile>, Vec<RecoveryReport>, Journal, PathBuf)> {
+fn open_set_for_writing(any_shard: &Path) -> Result<OpenSet> {
     let name = parse_shard_name(any_shard).ok_or_else(|| Error::NotAShardName {
         path: any_shard.to_owned(),
     })?;
@@ -144,7 +151,9 @@ fn open_set_for_writing(
     let mut recovered = Vec::new();
     for index in 0..name.count {
         let file = InPlaceFile::open(shard_path(&name.prefix, index, name.count))?;
-        recovered.extend(file.recovered().cloned());
+        if let Some(report) = file.recovered() {
+            recovered.push((file.path().to_owned(), report.clone()));
+        }
         shards.push(file);
     }
     let target = set_journal_target(&name.prefix);
@@ -158,8 +167,9 @@ fn open_set_for_writing(
 
 /// Recovers every shard of `any_shard`'s set, as a set: each shard's unfinished part is
 /// completed or rolled back as the set's journal decides, then a set transaction left
-/// without a decision is marked rolled back. Returns what each shard's recovery did.
-pub fn recover_set(any_shard: &Path) -> Result<Vec<RecoveryReport>> {
+/// without a decision is marked rolled back. Returns each shard that had an unfinished
+/// transaction, with what its recovery did.
+pub fn recover_set(any_shard: &Path) -> Result<Vec<(PathBuf, RecoveryReport)>> {
     let (_shards, recovered, _journal, _) = open_set_for_writing(any_shard)?;
     Ok(recovered)
 }

@@ -74,6 +74,8 @@ pub struct LoraMergePlan {
 /// One target of an adapter and its two matrices.
 #[derive(Debug)]
 struct Pair<'g> {
+    /// The shard that holds the target (0 for a single file).
+    shard: usize,
     target: &'g TensorInfo,
     a: &'g TensorInfo,
     b: &'g TensorInfo,
@@ -112,8 +114,30 @@ pub fn plan_lora_merge_weighted(
     scale: f32,
     imatrix: Option<&crate::imatrix::ImportanceMatrix>,
 ) -> Result<LoraMergePlan> {
+    plan_lora_merge_into_shards(
+        std::slice::from_ref(base),
+        adapter,
+        adapter_sha256,
+        scale,
+        imatrix,
+    )
+}
+
+/// [`plan_lora_merge_weighted`] into a shard set, given every shard parsed in order: the
+/// first shard's metadata is the model's, each target is found in the shard that holds
+/// it, and the matrix is checked against the whole set.
+pub fn plan_lora_merge_into_shards(
+    shards: &[Gguf<'_>],
+    adapter: &Gguf<'_>,
+    adapter_sha256: &str,
+    scale: f32,
+    imatrix: Option<&crate::imatrix::ImportanceMatrix>,
+) -> Result<LoraMergePlan> {
+    let Some(base) = shards.first() else {
+        return Err(Error::InvalidEdit("a shard set of no shard".into()));
+    };
     if let Some(m) = imatrix {
-        m.check_model(base)?;
+        m.check_shards(shards)?;
     }
     if !scale.is_finite() {
         return Err(Error::InvalidEdit(format!("scale {scale} is not finite")));
@@ -184,7 +208,11 @@ pub fn plan_lora_merge_weighted(
                 });
             }
         };
-        let Some(weight) = base.tensor(target) else {
+        let Some((shard, weight)) = shards
+            .iter()
+            .enumerate()
+            .find_map(|(i, g)| Some((i, g.tensor(target)?)))
+        else {
             return Err(Error::AdapterMismatch(format!(
                 "the model has no tensor {target:?}"
             )));
@@ -207,6 +235,7 @@ pub fn plan_lora_merge_weighted(
             .in_tensor(&weight.name));
         }
         pairs.push(Pair {
+            shard,
             target: weight,
             a,
             b,
@@ -220,7 +249,8 @@ pub fn plan_lora_merge_weighted(
             Some(m) => m.weights_for(pair.target)?,
             None => None,
         };
-        let (report, rewrite) = merge_one(base, adapter, &pair, alpha, scale, weights)?;
+        let (report, rewrite) =
+            merge_one(&shards[pair.shard], adapter, &pair, alpha, scale, weights)?;
         tensors.push(report);
         rewrites.push(rewrite);
     }

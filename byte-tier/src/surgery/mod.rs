@@ -27,6 +27,7 @@ pub use graft::{
 };
 pub use layers::{DuplicateReport, duplicate_layers};
 pub use lora::{
-    LoraMergePlan, LoraTensorReport, merge_label, plan_lora_merge, plan_lora_merge_weighted,
+    LoraMergePlan, LoraTensorReport, merge_label, plan_lora_merge, plan_lora_merge_into_shards,
+    plan_lora_merge_weighted,
 };
 pub use rows::{RequantizationError, RewrittenTensor, can_rewrite};

@@ -363,6 +363,9 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if !args.dry_run && byte_tier::split::open_set_of(&args.file)?.is_some() {
+        return recover_set(args, finished_set);
+    }
     let plan = byte_tier::plan::RecoveryPlan::new(&args.file)?;
     let Some(report) = super::plan::run(plan, args.dry_run, args.json)
         .map_err(|e| super::patch::with_server_hint(e, &args.file))?
@@ -379,11 +382,58 @@ pub fn recover(args: &RecoverArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     match report {
-        Some(report) => println!(
-            "rolled back unfinished transaction {} ({}): restored {} bytes in {} writes",
-            report.transaction, report.name, report.bytes, report.writes
-        ),
+        Some(report) => print_recovered(&args.file, &report),
         None => println!("nothing to recover: no unfinished transaction"),
+    }
+    Ok(())
+}
+
+fn print_recovered(file: &std::path::Path, report: &byte_tier::RecoveryReport) {
+    if report.completed {
+        println!(
+            "{}: completed unfinished transaction {} ({}): its shard-set transaction had committed, {} bytes kept",
+            file.display(),
+            report.transaction,
+            report.name,
+            report.bytes
+        );
+    } else {
+        println!(
+            "{}: rolled back unfinished transaction {} ({}): restored {} bytes in {} writes",
+            file.display(),
+            report.transaction,
+            report.name,
+            report.bytes,
+            report.writes
+        );
+    }
+}
+
+/// `hotpatch recover` on a shard of several: every shard is recovered as the set's
+/// journal decides (a part of a committed set transaction is completed, any other
+/// unfinished one rolled back), so the shards end on the same side.
+fn recover_set(args: &RecoverArgs, finished_set: Option<usize>) -> anyhow::Result<()> {
+    let reports = byte_tier::split::transaction::recover_set(&args.file)
+        .map_err(|e| super::patch::with_server_hint(e.into(), &args.file))?;
+    if args.json {
+        let shards: Vec<serde_json::Value> = reports
+            .iter()
+            .map(|(shard, r)| {
+                json!({"shard": shard, "transaction": r.transaction,
+                "completed": r.completed, "bytes": r.bytes})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"dry_run": false, "shards": shards, "finished_set_rewrite": finished_set})
+        );
+        return Ok(());
+    }
+    if reports.is_empty() {
+        println!("nothing to recover: no shard of the set has an unfinished transaction");
+    }
+    for (shard, report) in &reports {
+        print_recovered(shard, report);
     }
     Ok(())
 }

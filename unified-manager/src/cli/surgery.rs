@@ -9,11 +9,13 @@ use byte_tier::MappedFile;
 use byte_tier::plan::RewritePlan;
 use byte_tier::surgery::{
     AblationOptions, AblationPlan, GraftReport, GraftSource, LoraMergePlan, SetGraftPlan,
-    copy_tensor_from, duplicate_layers, merge_label, plan_ablation, plan_lora_merge_weighted,
+    copy_tensor_from, duplicate_layers, merge_label, plan_ablation, plan_lora_merge_into_shards,
     read_directions, set_output_prefix,
 };
 use serde_json::json;
-use unified_manager::surgery::{SurgeryPlan, file_identity, unmerge};
+use unified_manager::surgery::{
+    SetSurgeryPlan, SurgeryPlan, file_identity, find_set_merge, unmerge, unmerge_set,
+};
 
 use super::meta::{Output, note_recovered, print_rewrite, run_rewrite};
 
@@ -167,7 +169,8 @@ pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
 #[derive(Debug, clap::Subcommand)]
 pub enum LoraCommand {
     /// Merge a LoRA adapter into the model in place, each target requantized to its own
-    /// type (journaled, revertible, seen live by a server that maps the file).
+    /// type (journaled, revertible, seen live by a server that maps the file). Given any
+    /// shard of a set, the whole set, as one set transaction.
     Merge {
         /// The model.
         file: PathBuf,
@@ -208,8 +211,11 @@ pub enum LoraCommand {
     },
 }
 
+/// Plans the merge of `adapter` into `file`, or into every shard of `set` when `file` is
+/// one shard of several.
 fn merge_plan(
     file: &Path,
+    set: Option<&byte_tier::split::ShardSet>,
     adapter: &Path,
     scale: f32,
     imatrix: Option<&Path>,
@@ -218,14 +224,20 @@ fn merge_plan(
         Some(path) => Some(byte_tier::imatrix::ImportanceMatrix::read(path)?),
         None => None,
     };
-    let map = MappedFile::open(file)?;
-    let base = map.parse()?;
+    let map;
+    let shards = match set {
+        Some(set) => set.parse_all()?,
+        None => {
+            map = MappedFile::open(file)?;
+            vec![map.parse()?]
+        }
+    };
     let adapter_map = MappedFile::open(adapter)?;
     let adapter_gguf = adapter_map
         .parse()
         .with_context(|| format!("adapter {}", adapter.display()))?;
     let identity = file_identity(adapter)?;
-    plan_lora_merge_weighted(&base, &adapter_gguf, &identity, scale, imatrix.as_ref())
+    plan_lora_merge_into_shards(&shards, &adapter_gguf, &identity, scale, imatrix.as_ref())
         .with_context(|| format!("adapter {}", adapter.display()))
 }
 
@@ -239,8 +251,12 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
             dry_run,
             json,
         } => {
-            super::sets::refuse_shard(file, "lora merge")?;
-            note_recovered(super::plan::prepare(file, *dry_run)?);
+            // Into a shard set, the merge is one set transaction over the shards that
+            // hold the targets.
+            let set = super::sets::open_for_rewrite(file, *dry_run)?;
+            if set.is_none() {
+                note_recovered(super::plan::prepare(file, *dry_run)?);
+            }
             let LoraMergePlan {
                 adapter_sha256,
                 alpha,
@@ -248,13 +264,19 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
                 tensors,
                 ignored,
                 rewrites,
-            } = merge_plan(file, adapter, *scale, imatrix.as_deref())?;
+            } = merge_plan(file, set.as_ref(), adapter, *scale, imatrix.as_deref())?;
+            drop(set);
             let label = format!("{} scale {scale}", merge_label(&adapter_sha256));
             let details = json!({"adapter_sha256": adapter_sha256, "alpha": alpha,
                 "scale": scale, "tensors": tensors, "ignored": ignored});
-            let plan = SurgeryPlan::new(file, label, rewrites, details)?;
-            let details = plan.details.clone();
-            let Some(transaction) = super::plan::run(plan, *dry_run, *json)? else {
+            let applied = if byte_tier::split::open_set_of(file)?.is_some() {
+                let plan = SetSurgeryPlan::new(file, label, rewrites, details.clone())?;
+                super::plan::run(plan, *dry_run, *json)?
+            } else {
+                let plan = SurgeryPlan::new(file, label, rewrites, details.clone())?;
+                super::plan::run(plan, *dry_run, *json)?
+            };
+            let Some(transaction) = applied else {
                 return Ok(());
             };
             if *json {
@@ -298,6 +320,9 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
             dry_run,
         } => {
             let identity = file_identity(adapter)?;
+            if byte_tier::split::open_set_of(file)?.is_some() {
+                return unmerge_shards(file, adapter, &identity, *dry_run, *json);
+            }
             if *dry_run {
                 let journal = byte_tier::Journal::open_read_only(file)?;
                 let id = unified_manager::surgery::find_merge(&journal, &identity).with_context(
@@ -339,6 +364,43 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `hotpatch lora unmerge` on a shard of several: the merge was a set transaction, and
+/// its revert is one too (a dry run reports its writes).
+fn unmerge_shards(
+    file: &Path,
+    adapter: &Path,
+    identity: &str,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    if dry_run {
+        let id = find_set_merge(file, identity)?;
+        let parts = byte_tier::split::transaction::plan_set_revert(file, id)?;
+        let plan = json!({
+            "kind": "unmerge",
+            "set": file,
+            "merge_transaction": id,
+            "shards": parts.iter().map(|p| json!({"shard": p.shard, "reverts": p.reverts,
+                "writes": p.writes.len(),
+                "bytes": p.writes.iter().map(|w| w.bytes.len()).sum::<usize>()}))
+                .collect::<Vec<_>>(),
+        });
+        super::plan::report(&plan, parts.is_empty(), json)?;
+        return Ok(());
+    }
+    let done =
+        unmerge_set(file, identity).with_context(|| format!("unmerge {}", adapter.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&done)?);
+    } else {
+        println!(
+            "reverted merge transaction {} of the set ({} bytes restored)",
+            done.merge_transaction, done.bytes
+        );
+    }
+    Ok(())
 }
 
 /// `hotpatch layers`.

@@ -536,11 +536,9 @@ fn single_file_edits_on_a_shard_are_refused_naming_the_set_and_write_nothing() {
     let shards = real_model_in_three_shards(dir.path());
     let direction = dir.path().join("r.npy");
     byte_tier::codec::write_tensor_npy(&direction, &[640], &vec![1.0f32; 640]).unwrap();
-    let adapter = dir.path().join("adapter.gguf");
-    tests::write_lora_adapter(&tests::real_model(), &adapter, 4);
     let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
     let shard = shards[1].to_str().unwrap();
-    let (r, a) = (direction.to_str().unwrap(), adapter.to_str().unwrap());
+    let r = direction.to_str().unwrap();
     let out = dir.path().join("out.gguf");
     let out = out.to_str().unwrap();
     for (command, args) in [
@@ -550,7 +548,6 @@ fn single_file_edits_on_a_shard_are_refused_naming_the_set_and_write_nothing() {
             vec!["optimize", shard, "--prune", "3", "-o", out],
         ),
         ("ablate", vec!["ablate", shard, "--direction", r]),
-        ("lora merge", vec!["lora", "merge", shard, a]),
         (
             "layers duplicate",
             vec![
@@ -582,4 +579,144 @@ fn single_file_edits_on_a_shard_are_refused_naming_the_set_and_write_nothing() {
         );
     }
     assert!(!Path::new(out).exists());
+}
+
+/// Every tensor's data over the files given, by name.
+fn tensor_data(files: &[PathBuf]) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    for file in files {
+        let map = byte_tier::MappedFile::open(file).unwrap();
+        let gguf = map.parse().unwrap();
+        for t in gguf.tensors() {
+            out.insert(t.name.clone(), gguf.tensor_data(t).to_vec());
+        }
+    }
+    out
+}
+
+/// Runs hotpatch stopped on purpose at `failpoint`, as a kill there would stop it.
+fn killed_at(failpoint: &str, args: &[&std::ffi::OsStr]) {
+    let output = Command::new(HOTPATCH)
+        .args(args)
+        .env("HOTPATCH_FAILPOINT", failpoint)
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "{failpoint}: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+#[test]
+fn a_lora_merge_into_a_set_is_one_transaction_that_a_kill_leaves_on_one_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let adapter = dir.path().join("adapter.gguf");
+    tests::write_lora_adapter(&tests::real_model(), &adapter, 4);
+    // The same merge into the single file is what the set must hold afterwards.
+    let single = dir.path().join("single.gguf");
+    std::fs::copy(tests::real_model(), &single).unwrap();
+    let merge = |file: &Path| -> Vec<std::ffi::OsString> {
+        os(&[
+            "lora",
+            "merge",
+            file.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+        ])
+    };
+    hotpatch(&merge(&single));
+    let merged_single = tensor_data(std::slice::from_ref(&single));
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let args = merge(&shards[1]);
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+
+    // Killed after the first shard's new bytes are written, before the set's decision:
+    // a shard is half-merged until recovery rolls every shard back.
+    killed_at("set-between-shards", &args);
+    let changed = shards
+        .iter()
+        .zip(&before)
+        .filter(|(s, b)| &&std::fs::read(s).unwrap() != b)
+        .count();
+    assert_eq!(changed, 1, "one shard written before the kill");
+    let recovered = hotpatch(&os(&["recover", shards[2].to_str().unwrap()]));
+    assert!(recovered.contains("rolled back"), "{recovered}");
+    for (shard, bytes) in shards.iter().zip(&before) {
+        assert!(
+            &std::fs::read(shard).unwrap() == bytes,
+            "{}",
+            shard.display()
+        );
+    }
+
+    // Killed after the decision: every shard has its bytes, and recovery completes the
+    // parts, whichever shard it is given.
+    killed_at("set-after-decision", &args);
+    let recovered = hotpatch(&os(&["recover", shards[0].to_str().unwrap()]));
+    assert!(recovered.contains("completed"), "{recovered}");
+    let merged_set = tensor_data(&shards);
+    assert_eq!(merged_set.len(), merged_single.len());
+    for (name, data) in &merged_single {
+        assert!(
+            &merged_set[name] == data,
+            "{name} differs from the single-file merge"
+        );
+    }
+    let written: Vec<usize> = (0..shards.len())
+        .filter(|&i| std::fs::read(&shards[i]).unwrap() != before[i])
+        .collect();
+    assert!(
+        written.len() >= 2,
+        "the adapter's targets span shards: {written:?}"
+    );
+
+    // The unmerge is a set transaction too, and restores every shard byte for byte.
+    let unmerged = hotpatch(&os(&[
+        "lora",
+        "unmerge",
+        shards[2].to_str().unwrap(),
+        adapter.to_str().unwrap(),
+    ]));
+    assert!(unmerged.contains("of the set"), "{unmerged}");
+    for (shard, bytes) in shards.iter().zip(&before) {
+        assert!(
+            &std::fs::read(shard).unwrap() == bytes,
+            "{}",
+            shard.display()
+        );
+    }
+}
+
+#[test]
+fn a_llama_server_that_loaded_the_set_sees_a_patch_to_its_last_shard_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let last = tensor_data(std::slice::from_ref(&shards[2]));
+    let tensor = last
+        .keys()
+        .find(|name| name.ends_with("ffn_down.weight"))
+        .expect("a ffn_down tensor in the last shard")
+        .clone();
+    let server = tests::LlamaServer::start(&shards[0], &[]);
+    let ask = || {
+        let body = r#"{"prompt": "The capital of France is", "n_predict": 1, "n_probs": 5,
+            "temperature": 0, "cache_prompt": false}"#;
+        let (status, answer) =
+            tests::http_request(server.port, "POST", "/completion", Some(body)).unwrap();
+        assert_eq!(status, 200, "{answer}");
+        let json: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        json["completion_probabilities"][0]["top_logprobs"].clone()
+    };
+    let before = ask();
+    let first = shards[0].to_str().unwrap();
+    let patched = hotpatch(&os(&["patch", first, "--tensor", &tensor, "--zero"]));
+    assert!(patched.contains(&tensor), "{patched}");
+    assert!(
+        ask() != before,
+        "the server did not see the patch to {tensor}"
+    );
+    // The patch is the first transaction of the last shard's journal.
+    hotpatch(&os(&["revert", shards[2].to_str().unwrap(), "1"]));
+    assert_eq!(ask(), before);
 }
