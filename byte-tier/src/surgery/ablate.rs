@@ -304,6 +304,20 @@ pub fn plan_ablation(
     directions: &Directions,
     options: &AblationOptions,
 ) -> Result<AblationPlan> {
+    plan_ablation_in_shards(std::slice::from_ref(gguf), directions, options)
+}
+
+/// [`plan_ablation`] over a shard set, given every shard parsed in order: the first
+/// shard's metadata is the model's, each tensor is read from (and rewritten into) the
+/// shard that holds it, and a post-norm is found in whichever shard holds it.
+pub fn plan_ablation_in_shards(
+    shards: &[Gguf<'_>],
+    directions: &Directions,
+    options: &AblationOptions,
+) -> Result<AblationPlan> {
+    let Some(gguf) = shards.first() else {
+        return Err(Error::InvalidEdit("a shard set of no shard".into()));
+    };
     let arch = gguf
         .architecture()
         .ok_or_else(|| Error::InvalidEdit("the file has no general.architecture".into()))?;
@@ -316,7 +330,7 @@ pub fn plan_ablation(
         )));
     }
     if let Some(m) = &options.imatrix {
-        m.check_model(gguf)?;
+        m.check_shards(shards)?;
     }
     let check_len = |which: String, v: &[f32]| {
         if v.len() as u64 == n_embd {
@@ -352,9 +366,9 @@ pub fn plan_ablation(
     };
     if let Some(k) = &options.kinds {
         for kind in k {
-            if !gguf
-                .tensors()
+            if !shards
                 .iter()
+                .flat_map(|g| g.tensors())
                 .any(|t| kind_of(&t.name).is_some_and(|(tk, _)| tk == kind))
             {
                 return Err(Error::InvalidEdit(format!(
@@ -372,7 +386,11 @@ pub fn plan_ablation(
         notes: Vec::new(),
         rewrites: Vec::new(),
     };
-    for info in gguf.tensors() {
+    let tied = shards.iter().all(|g| g.tensor("output.weight").is_none());
+    for (gguf, info) in shards
+        .iter()
+        .flat_map(|g| g.tensors().iter().map(move |t| (g, t)))
+    {
         let Some((kind, block)) = kind_of(&info.name) else {
             continue;
         };
@@ -428,7 +446,7 @@ pub fn plan_ablation(
             continue;
         }
         let post_norm = match block {
-            Some(b) => post_norm_of(gguf, kind, b, n_embd)?,
+            Some(b) => post_norm_of(shards, kind, b, n_embd)?,
             None => None,
         };
         let (report, rewrite) = match (&post_norm, embeddings) {
@@ -453,7 +471,7 @@ pub fn plan_ablation(
             ..report
         });
         plan.rewrites.push(rewrite);
-        if embeddings && gguf.tensor("output.weight").is_none() {
+        if embeddings && tied {
             plan.notes.push(
                 "the model has no output.weight: its output head is token_embd (tied \
                  embeddings), so the output logits change too; the rows are made \
@@ -471,7 +489,7 @@ pub fn plan_ablation(
 /// tensor llama.cpp multiplies the writer's normalized output by before adding it to
 /// the residual stream. `None` when the block has none (pre-norm architectures).
 fn post_norm_of(
-    gguf: &Gguf<'_>,
+    shards: &[Gguf<'_>],
     kind: &str,
     block: u64,
     n_embd: u64,
@@ -482,7 +500,7 @@ fn post_norm_of(
         _ => return Ok(None),
     };
     let name = format!("blk.{block}.{norm_kind}.weight");
-    let Some(info) = gguf.tensor(&name) else {
+    let Some((gguf, info)) = shards.iter().find_map(|g| Some((g, g.tensor(&name)?))) else {
         return Ok(None);
     };
     if info.n_elements != n_embd {

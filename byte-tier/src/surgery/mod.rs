@@ -19,7 +19,7 @@ mod tests;
 
 pub use ablate::{
     AblatedTensor, AblationOptions, AblationPlan, Directions, RESIDUAL_WRITERS, SkippedTensor,
-    directions_from_gguf, plan_ablation, read_directions,
+    directions_from_gguf, plan_ablation, plan_ablation_in_shards, read_directions,
 };
 pub use graft::{
     GraftReport, GraftSource, SetGraftPlan, copy_tensor, copy_tensor_from, copy_tensor_into_set,

@@ -29,6 +29,11 @@ pub struct RevertArgs {
     /// Revert the last transaction that is not reverted yet.
     #[arg(long)]
     pub last: bool,
+    /// FILE is a shard of a set and ID (or --last) a transaction of the set's journal (a
+    /// set transaction: `ablate` or `lora merge` into a set), reverted in every shard as
+    /// one set transaction.
+    #[arg(long, conflicts_with_all = ["server", "agent"])]
+    pub set: bool,
     /// Say what would be restored and write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -181,6 +186,9 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if args.set {
+        return revert_set(args);
+    }
     // Without a journal there is nothing to revert (and attaching would create one).
     if !byte_tier::journal_path(&args.file).exists() {
         bail!("nothing to revert: {} has no journal", args.file.display());
@@ -235,6 +243,67 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
     }
     drop(model);
     revert_transaction_in_place(args, id)
+}
+
+/// `hotpatch revert --set`: a set transaction reverted in every shard it wrote, as one
+/// set transaction.
+fn revert_set(args: &RevertArgs) -> anyhow::Result<()> {
+    use byte_tier::split::transaction;
+    let name = byte_tier::split::parse_shard_name(&args.file)
+        .with_context(|| format!("{} is not named as a shard", args.file.display()))?;
+    let target = transaction::set_journal_target(&name.prefix);
+    if !byte_tier::journal_path(&target).exists() {
+        bail!(
+            "nothing to revert: the set of {} has no set journal",
+            args.file.display()
+        );
+    }
+    let id = match args.id {
+        Some(id) => id,
+        None => {
+            let journal = Journal::open_read_only(&target)?;
+            journal
+                .transactions()
+                .iter()
+                .rev()
+                .find(|t| {
+                    matches!(t.state, TransactionState::Committed(_))
+                        && t.reverts.is_none()
+                        && journal.reverted_by(t.id).is_none()
+                })
+                .map(|t| t.id)
+                .context("nothing to revert: no set transaction is left unreverted")?
+        }
+    };
+    let parts = transaction::plan_set_revert(&args.file, id)?;
+    let bytes: usize = parts
+        .iter()
+        .flat_map(|p| &p.writes)
+        .map(|w| w.bytes.len())
+        .sum();
+    if args.dry_run {
+        let plan = json!({"kind": "revert_set", "set_transaction": id,
+            "shards": parts.iter().map(|p| json!({"shard": p.shard, "reverts": p.reverts,
+                "writes": p.writes.len()})).collect::<Vec<_>>(),
+            "bytes": bytes});
+        return super::plan::report(&plan, parts.is_empty(), args.json);
+    }
+    let receipt =
+        transaction::run_set_transaction(&args.file, &format!("revert {id}"), Some(id), parts)?;
+    if args.json {
+        println!(
+            "{}",
+            json!({"dry_run": false, "reverted": id, "transaction": receipt.transaction,
+                "bytes": receipt.bytes()})
+        );
+    } else {
+        println!(
+            "reverted set transaction {id} in {} shard(s): {} bytes restored",
+            receipt.parts.len(),
+            receipt.bytes()
+        );
+    }
+    Ok(())
 }
 
 /// Reverts a transaction byte for byte (no live model: the file is not a GGUF, or the

@@ -9,8 +9,8 @@ use byte_tier::MappedFile;
 use byte_tier::plan::RewritePlan;
 use byte_tier::surgery::{
     AblationOptions, AblationPlan, GraftReport, GraftSource, LoraMergePlan, SetGraftPlan,
-    copy_tensor_from, duplicate_layers, merge_label, plan_ablation, plan_lora_merge_into_shards,
-    read_directions, set_output_prefix,
+    copy_tensor_from, duplicate_layers, merge_label, plan_ablation_in_shards,
+    plan_lora_merge_into_shards, read_directions, set_output_prefix,
 };
 use serde_json::json;
 use unified_manager::surgery::{
@@ -73,11 +73,21 @@ pub struct AblateArgs {
 }
 
 pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
-    super::sets::refuse_shard(&args.file, "ablate")?;
-    note_recovered(super::plan::prepare(&args.file, args.dry_run)?);
+    // Into a shard set, the ablation is one set transaction over the shards.
+    let set = super::sets::open_for_rewrite(&args.file, args.dry_run)?;
+    if set.is_none() {
+        note_recovered(super::plan::prepare(&args.file, args.dry_run)?);
+    }
     let plan = {
-        let map = MappedFile::open(&args.file)?;
-        let gguf = map.parse()?;
+        let map;
+        let shards = match &set {
+            Some(set) => set.parse_all()?,
+            None => {
+                map = MappedFile::open(&args.file)?;
+                vec![map.parse()?]
+            }
+        };
+        let gguf = &shards[0];
         let arch = gguf
             .architecture()
             .context("the model has no general.architecture")?;
@@ -96,7 +106,7 @@ pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
                 None => None,
             },
         };
-        plan_ablation(&gguf, &directions, &options)?
+        plan_ablation_in_shards(&shards, &directions, &options)?
     };
     let identity = file_identity(&args.direction)?;
     let label = format!(
@@ -119,9 +129,20 @@ pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
     let details = json!({"weight": weight, "norm_preserve": norm_preserve, "tensors": tensors,
         "skipped": skipped, "notes": notes});
     let n_tensors = tensors.len();
-    let plan = SurgeryPlan::new(&args.file, label, rewrites, details)?;
-    let details = plan.details.clone();
-    let Some(transaction) = super::plan::run(plan, args.dry_run, args.json)? else {
+    let revert = if set.is_some() {
+        "revert --set"
+    } else {
+        "revert"
+    };
+    let applied = if set.is_some() {
+        drop(set);
+        let plan = SetSurgeryPlan::new(&args.file, label, rewrites, details.clone())?;
+        super::plan::run(plan, args.dry_run, args.json)?
+    } else {
+        let plan = SurgeryPlan::new(&args.file, label, rewrites, details.clone())?;
+        super::plan::run(plan, args.dry_run, args.json)?
+    };
+    let Some(transaction) = applied else {
         return Ok(());
     };
     if args.json {
@@ -157,7 +178,7 @@ pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
     }
     match transaction {
         Some(id) => println!(
-            "ablated {n_tensors} tensors as transaction {id} (`hotpatch revert {} {id}` undoes it)",
+            "ablated {n_tensors} tensors as transaction {id} (`hotpatch {revert} {} {id}` undoes it)",
             args.file.display()
         ),
         None => println!("nothing changed"),
@@ -265,11 +286,11 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
                 ignored,
                 rewrites,
             } = merge_plan(file, set.as_ref(), adapter, *scale, imatrix.as_deref())?;
-            drop(set);
             let label = format!("{} scale {scale}", merge_label(&adapter_sha256));
             let details = json!({"adapter_sha256": adapter_sha256, "alpha": alpha,
                 "scale": scale, "tensors": tensors, "ignored": ignored});
-            let applied = if byte_tier::split::open_set_of(file)?.is_some() {
+            let applied = if set.is_some() {
+                drop(set);
                 let plan = SetSurgeryPlan::new(file, label, rewrites, details.clone())?;
                 super::plan::run(plan, *dry_run, *json)?
             } else {

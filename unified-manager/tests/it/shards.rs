@@ -534,11 +534,8 @@ fn single_file_edits_on_a_shard_are_refused_naming_the_set_and_write_nothing() {
     // saying which shard it is and how to go on, and no shard changes.
     let dir = tempfile::tempdir().unwrap();
     let shards = real_model_in_three_shards(dir.path());
-    let direction = dir.path().join("r.npy");
-    byte_tier::codec::write_tensor_npy(&direction, &[640], &vec![1.0f32; 640]).unwrap();
     let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
     let shard = shards[1].to_str().unwrap();
-    let r = direction.to_str().unwrap();
     let out = dir.path().join("out.gguf");
     let out = out.to_str().unwrap();
     for (command, args) in [
@@ -547,7 +544,6 @@ fn single_file_edits_on_a_shard_are_refused_naming_the_set_and_write_nothing() {
             "optimize",
             vec!["optimize", shard, "--prune", "3", "-o", out],
         ),
-        ("ablate", vec!["ablate", shard, "--direction", r]),
         (
             "layers duplicate",
             vec![
@@ -719,4 +715,61 @@ fn a_llama_server_that_loaded_the_set_sees_a_patch_to_its_last_shard_live() {
     // The patch is the first transaction of the last shard's journal.
     hotpatch(&os(&["revert", shards[2].to_str().unwrap(), "1"]));
     assert_eq!(ask(), before);
+}
+
+#[test]
+fn an_ablation_of_a_set_equals_the_single_file_ablation_and_reverts_as_a_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let single = dir.path().join("single.gguf");
+    std::fs::copy(tests::real_model(), &single).unwrap();
+    let direction = dir.path().join("r.npy");
+    let r: Vec<f32> = (0..640)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect();
+    byte_tier::codec::write_tensor_npy(&direction, &[640], &r).unwrap();
+    let ablate = |file: &Path| {
+        hotpatch(&os(&[
+            "ablate",
+            file.to_str().unwrap(),
+            "--direction",
+            direction.to_str().unwrap(),
+            "--tensors",
+            "attn_output,ffn_down",
+            "--layers",
+            "10..18",
+        ]))
+    };
+    ablate(&single);
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let report = ablate(&shards[0]);
+    assert!(report.contains("revert --set"), "{report}");
+    let (ours, theirs) = (
+        tensor_data(&shards),
+        tensor_data(std::slice::from_ref(&single)),
+    );
+    for (name, data) in &theirs {
+        assert!(
+            &ours[name] == data,
+            "{name} differs from the single-file ablation"
+        );
+    }
+    let written = (0..3)
+        .filter(|&i| std::fs::read(&shards[i]).unwrap() != before[i])
+        .count();
+    assert!(written >= 2, "layers 10..18 lie in more than one shard");
+    let reverted = hotpatch(&os(&[
+        "revert",
+        "--set",
+        shards[1].to_str().unwrap(),
+        "--last",
+    ]));
+    assert!(reverted.contains("reverted set transaction"), "{reverted}");
+    for (shard, bytes) in shards.iter().zip(&before) {
+        assert!(
+            &std::fs::read(shard).unwrap() == bytes,
+            "{}",
+            shard.display()
+        );
+    }
 }
