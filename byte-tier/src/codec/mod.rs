@@ -49,6 +49,8 @@ mod weighted;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_iq3;
 
 use std::ops::Range;
 
