@@ -33,6 +33,10 @@
 //!   nibbles, the f16 super-block scale.
 //!
 //! Arithmetic follows gguf-py's `dequantize_blocks` operation for operation in `f32`.
+//!
+//! IQ3_XXS and IQ3_S also quantize, in `iq3_quant`, which builds its grid lookups from
+//! the IQ3 grids here: each of their coordinates takes eight values, one per 3-bit
+//! level, and the quantizer searches the levels.
 
 use super::f16_at;
 
@@ -66,8 +70,10 @@ const fn grid<const POINTS: usize, const WIDTH: usize>(
 static IQ2XXS_GRID: [[f32; 8]; 256] = grid(include_bytes!("grids/iq2xxs_grid.bin"), false);
 static IQ2XS_GRID: [[f32; 8]; 512] = grid(include_bytes!("grids/iq2xs_grid.bin"), false);
 static IQ2S_GRID: [[f32; 8]; 1024] = grid(include_bytes!("grids/iq2s_grid.bin"), false);
-static IQ3XXS_GRID: [[f32; 4]; 256] = grid(include_bytes!("grids/iq3xxs_grid.bin"), false);
-static IQ3S_GRID: [[f32; 4]; 512] = grid(include_bytes!("grids/iq3s_grid.bin"), false);
+/// The IQ3 grids, also read by the IQ3 quantizers (`iq3_quant`).
+pub(super) static IQ3XXS_GRID: [[f32; 4]; 256] =
+    grid(include_bytes!("grids/iq3xxs_grid.bin"), false);
+pub(super) static IQ3S_GRID: [[f32; 4]; 512] = grid(include_bytes!("grids/iq3s_grid.bin"), false);
 static IQ1S_GRID: [[f32; 8]; 2048] = grid(include_bytes!("grids/iq1s_grid.bin"), true);
 
 /// Sign bytes for a 7-bit sign index: the index's bits, and bit 7 set when the index has

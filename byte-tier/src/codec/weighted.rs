@@ -1,6 +1,8 @@
 //! Quantization with importance weights (an importance matrix, as llama-imatrix
 //! computes it): ggml's `quantize_q{2,3,4,5,6}_K`, `quantize_q{4,5}_{0,1}`,
-//! `quantize_iq4_nl` and `quantize_iq4_xs` with non-null `quant_weights`.
+//! `quantize_iq4_nl` and `quantize_iq4_xs` with non-null `quant_weights`; the row
+//! kernels of IQ3_XXS and IQ3_S (`quantize_iq3_xxs`, `quantize_iq3_s`) live with their
+//! grid search in `iq3_quant`.
 //!
 //! Each kernel quantizes one row of `n_per_row` values with one weight per column, in
 //! the same float operations and order as ggml (which its CPU build compiles without
@@ -51,6 +53,8 @@ pub(super) fn row_kernel(ggml_type: crate::types::GgmlType) -> Option<RowKernel>
         T::Q5_1 => q5_1_row,
         T::IQ4_NL => iq4_nl_row,
         T::IQ4_XS => iq4_xs_row,
+        T::IQ3_XXS => super::iq3_quant::iq3_xxs_row,
+        T::IQ3_S => super::iq3_quant::iq3_s_row,
         _ => return None,
     })
 }
