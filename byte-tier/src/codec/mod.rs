@@ -36,6 +36,9 @@
 
 mod float;
 mod grid;
+// Used by the grid quantizers that follow.
+#[allow(dead_code)]
+mod grid_index;
 mod kquants;
 mod legacy;
 mod lut;
