@@ -33,6 +33,10 @@
 //!   nibbles, the f16 super-block scale.
 //!
 //! Arithmetic follows gguf-py's `dequantize_blocks` operation for operation in `f32`.
+//!
+//! This module only decodes. IQ1_S and IQ1_M are also quantized, bit for bit as ggml, in
+//! `iq1_quant.rs`: IQ1_M with or without importance weights, IQ1_S only with them (ggml
+//! has no unweighted IQ1_S quantizer).
 
 use super::f16_at;
 
