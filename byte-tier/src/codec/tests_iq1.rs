@@ -152,3 +152,42 @@ fn iq1_weights_whose_errors_overflow_are_refused_as_an_overflow() {
         );
     }
 }
+
+#[test]
+fn a_weighted_transform_of_iq1_requantizes_as_weighted_quantization() {
+    // Two rows of 1024: an offset transform with the rows' importance gives the bytes
+    // of quantizing the intended values with those weights; without weights IQ1_S asks
+    // for them and is left as it was.
+    let weights = iq1_weights();
+    let dims = [IQ1_ROW as u64, 2, 1];
+    let input = &iq1_input()[..2 * IQ1_ROW];
+    for t in [GgmlType::IQ1_S, GgmlType::IQ1_M] {
+        let original = quantize_weighted(t, input, IQ1_ROW, &weights).unwrap();
+        let intended: Vec<f32> = dequantize(t, &original)
+            .unwrap()
+            .iter()
+            .map(|v| v + 0.125)
+            .collect();
+        let expected = quantize_weighted(t, &intended, IQ1_ROW, &weights).unwrap();
+        let importance = Importance::new(t, &weights, &dims, 0).unwrap();
+        let mut data = original.clone();
+        let n = input.len() as u64;
+        let offset = Transform::Offset(0.125);
+        let report =
+            transform_range_weighted(t, &mut data, 0..n, &offset, Some(&importance)).unwrap();
+        assert_eq!(report.path, transform::TransformPath::Requantized, "{t}");
+        check_blocks("weighted transform", t, &data, &expected);
+
+        let mut data = original.clone();
+        let result = transform_range(t, &mut data, 0..n, &offset);
+        if t == GgmlType::IQ1_S {
+            assert!(
+                matches!(result, Err(Error::ImportanceRequired { .. })),
+                "{result:?}"
+            );
+            assert_eq!(data, original);
+        } else {
+            assert_eq!(data, quantize(t, &intended).unwrap(), "{t}");
+        }
+    }
+}
