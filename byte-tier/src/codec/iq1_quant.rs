@@ -21,9 +21,9 @@
 //!
 //! Every float operation keeps ggml's order in `f32`, and every comparison its strictness,
 //! so that ties resolve the same way. Where ggml would store a NaN or infinite scale, or
-//! stop on an assertion (a sub-block scale that is NaN, a group no neighbour of which has a
-//! finite error: both only from inputs or weights whose squares overflow `f32`), the block
-//! is refused as an overflow.
+//! stop on an assertion (a sub-block scale that is NaN, a group none of whose neighbours
+//! has an error below `f32::MAX`: both only from inputs or weights whose products
+//! overflow `f32`), the block is refused as an overflow.
 
 use std::cmp::Ordering;
 
@@ -61,18 +61,25 @@ const IQ1_M_SCALE_FACTOR: f32 = 1.1125;
 /// How ggml weighs each value of a sub-block.
 #[derive(Clone, Copy)]
 enum Weighting<'a> {
-    /// The super-block's importance weights: `qw · sqrt(sigma2 + x²)`.
-    Importance(&'a [f32; QK_K], f32),
+    /// The super-block's importance weights `qw`, each value weighted by
+    /// `qw · sqrt(sigma2 + x²)` with `sigma2` twice the super-block's mean square.
+    Importance { qw: &'a [f32; QK_K], sigma2: f32 },
     /// No importance weights (IQ1_M only): `x²`.
     Squares,
 }
 
-impl Weighting<'_> {
+impl<'a> Weighting<'a> {
+    /// The importance weighting of super-block `x`.
+    fn importance(x: &[f32; QK_K], qw: &'a [f32; QK_K]) -> Self {
+        let sigma2 = 2.0 * sum_squares(x) / QK_K as f32;
+        Weighting::Importance { qw, sigma2 }
+    }
+
     /// The weights of sub-block `ib` (`x`, its values) of `N` values.
     #[inline]
     fn of<const N: usize>(self, x: &[f32; N], ib: usize) -> [f32; N] {
         match self {
-            Weighting::Importance(qw, sigma2) => {
+            Weighting::Importance { qw, sigma2 } => {
                 let (sub_weights, _) = qw.as_chunks::<N>();
                 element_weights(x, &sub_weights[ib], sigma2)
             }
@@ -98,6 +105,15 @@ impl Delta {
         match self {
             Delta::Plus => &PLUS,
             Delta::Minus => &MINUS,
+        }
+    }
+
+    /// Position in a pair of `[plus, minus]` sums.
+    #[inline(always)]
+    fn index(self) -> usize {
+        match self {
+            Delta::Plus => 0,
+            Delta::Minus => 1,
         }
     }
 
@@ -271,7 +287,7 @@ fn search_iq1_m(
                 ];
             }
             for deltas in IQ1_M_DELTAS {
-                let (first, second) = (deltas[0] as usize, deltas[1] as usize);
+                let (first, second) = (deltas[0].index(), deltas[1].index());
                 let sumqx = qx[0][first] + qx[1][second];
                 let sumq2 = q2[0][first] + q2[1][second];
                 let candidate = (low_end, mid_end, deltas);
@@ -310,8 +326,8 @@ fn best_neighbour(
     best
 }
 
-/// A sub-block of `N` values coded on the grid: a grid index per group, the delta sign
-/// of each group and the sub-block scale (not negative).
+/// A sub-block coded on the grid: a grid index and a delta sign for each of its `G`
+/// groups, and the sub-block scale (not negative, finite).
 struct SubBlock<const G: usize> {
     indices: [u16; G],
     deltas: [Delta; G],
@@ -320,7 +336,8 @@ struct SubBlock<const G: usize> {
 
 /// Codes the sub-block `x` (weights `w`) from the winning split: mirrors the levels if
 /// the scale came out negative, moves each group onto the grid and, if any group moved,
-/// fits the scale again. Fails (with the scale) where ggml would stop on an assertion.
+/// fits the scale again. Fails (with the scale) where ggml would stop on an assertion
+/// or store an infinite scale.
 fn code_on_grid<const N: usize, const G: usize>(
     grid: &GridIndex,
     x: &[f32; N],
@@ -392,6 +409,7 @@ fn iq1_grid() -> &'static GridIndex {
     grid_index(GgmlType::IQ1_S).expect("IQ1_S has a grid index")
 }
 
+/// The error of block `block` for a scale that cannot be stored.
 fn overflow(block: usize) -> impl Fn(f32) -> BlockOverflow {
     move |value| BlockOverflow { block, value }
 }
@@ -407,8 +425,7 @@ fn iq1_s_block(
 ) -> Result<(), BlockOverflow> {
     const N: usize = IQ1_S_SUB_BLOCK;
     out.fill(0);
-    let sigma2 = 2.0 * sum_squares(x) / QK_K as f32;
-    let weighting = Weighting::Importance(qw, sigma2);
+    let weighting = Weighting::importance(x, qw);
     let mut scales = [0f32; QK_K / N];
     let mut deltas = [Delta::Plus; QK_K / N];
     let mut high = [0u16; QK_K / N];
@@ -558,8 +575,7 @@ pub(super) fn iq1_m_row(x: &[f32], qw: &[f32], dst: &mut [u8]) -> Result<(), Blo
     let (ws, _) = qw.as_chunks::<QK_K>();
     let (blocks, _) = dst.as_chunks_mut::<IQ1_M_BLOCK_BYTES>();
     for (i, ((x, qw), b)) in xs.iter().zip(ws).zip(blocks.iter_mut()).enumerate() {
-        let sigma2 = 2.0 * sum_squares(x) / QK_K as f32;
-        iq1_m_block(grid, x, Weighting::Importance(qw, sigma2), b, i)?;
+        iq1_m_block(grid, x, Weighting::importance(x, qw), b, i)?;
     }
     Ok(())
 }
