@@ -37,6 +37,10 @@
 //! IQ3_XXS and IQ3_S also quantize, in `iq3_quant`, which builds its grid lookups from
 //! the IQ3 grids here: each of their coordinates takes eight values, one per 3-bit
 //! level, and the quantizer searches the levels.
+//!
+//! IQ1_S and IQ1_M are also quantized, bit for bit as ggml, in
+//! `iq1_quant.rs`: IQ1_M with or without importance weights, IQ1_S only with them (ggml
+//! has no unweighted IQ1_S quantizer).
 
 use super::f16_at;
 

@@ -300,6 +300,16 @@ fn non_finite_input_is_refused_and_nothing_is_written() {
     }
 }
 
+/// [`quantize`], or for a type quantized only with importance weights, weighted
+/// quantization in rows of 256 with every weight 1.
+fn quantize_unit_weighted_if_needed(t: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
+    if needs_importance(t) {
+        quantize_weighted(t, values, 256, &[1.0; 256])
+    } else {
+        quantize(t, values)
+    }
+}
+
 #[test]
 fn scales_that_overflow_f16_are_refused() {
     let mut q = [1i8; 32];
@@ -331,7 +341,7 @@ fn scales_that_overflow_f16_are_refused() {
     extreme[0] = f32::MAX;
     extreme[1] = -f32::MAX;
     for &t in GgmlType::ALL.iter().filter(|t| can_quantize(**t)) {
-        match quantize(t, &extreme) {
+        match quantize_unit_weighted_if_needed(t, &extreme) {
             Err(Error::ScaleOverflow { block: 0, .. }) => {}
             Err(other) => panic!("{t}: {other}"),
             Ok(bytes) => {
@@ -788,7 +798,7 @@ proptest! {
                 prop_assert_eq!(report.nan_count + report.inf_count, bad);
             }
             if can_quantize(t) {
-                match quantize(t, &values) {
+                match quantize_unit_weighted_if_needed(t, &values) {
                     Ok(bytes) => {
                         let report = scan_non_finite(t, &bytes, 0..512).unwrap();
                         prop_assert!(report.nan_scales == 0 && report.inf_scales == 0, "{}", t);
@@ -929,17 +939,24 @@ fn grid_types_scale_and_zero_on_block_scales_and_refuse_other_transforms() {
 
         let mut offset = data.clone();
         let result = transform_range(t, &mut offset, 0..1024, &Transform::Offset(1.0));
-        if can_quantize(t) {
-            // The grid types with a quantizer requantize instead.
+        if can_quantize(t) && !needs_importance(t) {
+            // The grid types with an unweighted quantizer requantize instead.
             assert_eq!(result.unwrap().path, TransformPath::Requantized, "{t}");
             continue;
         }
         let err = result.unwrap_err();
-        assert!(
-            matches!(err, Error::UnsupportedType { ggml_type, operation: "transform (requantize)" }
-                if ggml_type == t),
-            "{t}: {err}"
-        );
+        if needs_importance(t) {
+            assert!(
+                matches!(err, Error::ImportanceRequired { ggml_type } if ggml_type == t),
+                "{t}: {err}"
+            );
+        } else {
+            assert!(
+                matches!(err, Error::UnsupportedType { ggml_type, operation: "transform (requantize)" }
+                    if ggml_type == t),
+                "{t}: {err}"
+            );
+        }
         assert_eq!(offset, data, "{t}: a refused transform wrote");
     }
 }

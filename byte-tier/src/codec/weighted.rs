@@ -1,8 +1,8 @@
 //! Quantization with importance weights (an importance matrix, as llama-imatrix
 //! computes it): ggml's `quantize_q{2,3,4,5,6}_K`, `quantize_q{4,5}_{0,1}`,
-//! `quantize_iq4_nl` and `quantize_iq4_xs` with non-null `quant_weights`; the row
-//! kernels of IQ3_XXS and IQ3_S (`quantize_iq3_xxs`, `quantize_iq3_s`) live with their
-//! grid search in `iq3_quant`.
+//! `quantize_iq4_nl`, `quantize_iq4_xs`, `quantize_iq1_s` and `quantize_iq1_m` with
+//! non-null `quant_weights`; the row kernels of IQ3_XXS and IQ3_S (`quantize_iq3_xxs`,
+//! `quantize_iq3_s`) live with their grid search in `iq3_quant`.
 //!
 //! Each kernel quantizes one row of `n_per_row` values with one weight per column, in
 //! the same float operations and order as ggml (which its CPU build compiles without
@@ -15,11 +15,13 @@
 //! - Q3_K, Q4_0, Q5_0: `make_qx_quants` with the same weights, and for Q3_K the group
 //!   scales again by `make_qx_quants` weighted by group totals;
 //! - Q6_K: `make_qx_quants` weighted by the raw importance;
-//! - IQ4_NL, IQ4_XS: the scale search of `quantize_row_iq4_nl_impl` with 7 tries.
+//! - IQ4_NL, IQ4_XS: the scale search of `quantize_row_iq4_nl_impl` with 7 tries;
+//! - IQ1_S, IQ1_M: the split search of `quantize_iq1_s` / `quantize_iq1_m` weighted by
+//!   `w * sqrt(sigma2 + x²)` (in `iq1_quant.rs`; IQ1_S has no unweighted form).
 //!
 //! `sigma2` is the mean square of the row (Q4_0, Q5_0, Q4_1, Q5_1), of the super-block
-//! (Q2_K), twice it (Q3_K, Q4_K, Q5_K, IQ4_XS), or twice that of the 32-value block
-//! (IQ4_NL).
+//! (Q2_K), twice it (Q3_K, Q4_K, Q5_K, IQ4_XS, IQ1_S, IQ1_M), or twice that of the
+//! 32-value block (IQ4_NL).
 
 use super::BlockOverflow;
 use super::f16_bits;
@@ -55,11 +57,13 @@ pub(super) fn row_kernel(ggml_type: crate::types::GgmlType) -> Option<RowKernel>
         T::IQ4_XS => iq4_xs_row,
         T::IQ3_XXS => super::iq3_quant::iq3_xxs_row,
         T::IQ3_S => super::iq3_quant::iq3_s_row,
+        T::IQ1_S => super::iq1_quant::iq1_s_row,
+        T::IQ1_M => super::iq1_quant::iq1_m_row,
         _ => return None,
     })
 }
 
-fn sum_squares(x: &[f32]) -> f32 {
+pub(super) fn sum_squares(x: &[f32]) -> f32 {
     let mut sum = 0.0f32;
     for v in x {
         sum += v * v;
@@ -69,7 +73,11 @@ fn sum_squares(x: &[f32]) -> f32 {
 
 /// `qw * sqrt(sigma2 + x²)`, ggml's weight of each element of a weighted block.
 #[inline(always)]
-fn element_weights<const N: usize>(x: &[f32; N], qw: &[f32; N], sigma2: f32) -> [f32; N] {
+pub(super) fn element_weights<const N: usize>(
+    x: &[f32; N],
+    qw: &[f32; N],
+    sigma2: f32,
+) -> [f32; N] {
     let mut w = [0f32; N];
     for ((w, &v), &q) in w.iter_mut().zip(x).zip(qw) {
         *w = q * (sigma2 + v * v).sqrt();
