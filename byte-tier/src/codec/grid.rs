@@ -33,6 +33,10 @@
 //!   nibbles, the f16 super-block scale.
 //!
 //! Arithmetic follows gguf-py's `dequantize_blocks` operation for operation in `f32`.
+//!
+//! IQ2_XXS, IQ2_XS and IQ2_S also quantize, bit-exact with ggml, in `iq2_quant.rs`
+//! (IQ2_XXS and IQ2_XS only with importance weights, as ggml requires), searching the
+//! grids through the index of `grid_index.rs`; the other grid types only decode.
 
 use super::f16_at;
 

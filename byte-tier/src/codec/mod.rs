@@ -24,9 +24,11 @@
 //!   IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0, and the grid types IQ1_S, IQ1_M, IQ2_XXS,
 //!   IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S ([`can_dequantize`]);
 //! - quantize (and so every transform): the same but the integer types and the grid
-//!   types ([`can_quantize`]);
-//! - the grid types, which have no quantizer here, still take the transforms that work
-//!   on their block scales alone (scale, zero); any other transform of them fails with
+//!   types IQ1_S, IQ1_M, IQ3_XXS and IQ3_S ([`can_quantize`]); of the grid types,
+//!   IQ2_S quantizes with or without importance weights, IQ2_XXS and IQ2_XS, as in
+//!   ggml, only with them ([`needs_importance`], [`quantize_weighted`]);
+//! - the grid types without a quantizer here still take the transforms that work on
+//!   their block scales alone (scale, zero); any other transform of them fails with
 //!   [`Error::UnsupportedType`] naming the type and "transform (requantize)";
 //! - not handled: the activation types Q8_1 and Q8_K, and NVFP4, Q1_0, Q2_0: every
 //!   operation on them fails with [`Error::UnsupportedType`] naming the type.
@@ -36,9 +38,8 @@
 
 mod float;
 mod grid;
-// Used by the grid quantizers that follow.
-#[allow(dead_code)]
 mod grid_index;
+mod iq2_quant;
 mod kquants;
 mod legacy;
 mod lut;
@@ -200,6 +201,7 @@ pub(crate) fn scalar_quant_kernel(ggml_type: GgmlType) -> Option<QuantKernel> {
         T::MXFP4 => lut::quant_mxfp4,
         T::TQ1_0 => lut::quant_tq1_0,
         T::TQ2_0 => lut::quant_tq2_0,
+        T::IQ2_S => iq2_quant::quant_iq2_s,
         _ => return None,
     })
 }
@@ -377,7 +379,7 @@ fn run_dequant(kernel: DequantKernel, ggml_type: GgmlType, src: &[u8], dst: &mut
 /// Bytes are identical to gguf-py's `gguf.quants.quantize` for the types it quantizes
 /// (BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, TQ1_0, TQ2_0), and to ggml's
 /// `quantize_row_*_ref` (no importance matrix, built without fused multiply-add) for
-/// Q2_K..Q6_K, IQ4_NL and IQ4_XS. F16 rounds to nearest even, as numpy does.
+/// Q2_K..Q6_K, IQ4_NL, IQ4_XS and IQ2_S. F16 rounds to nearest even, as numpy does.
 pub fn quantize_range(
     ggml_type: GgmlType,
     values: &[f32],
@@ -407,8 +409,8 @@ pub fn quantize(ggml_type: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
 }
 
 /// Whether ggml's quantizer of this type uses importance weights (an importance
-/// matrix) when given them: Q2_K..Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL and IQ4_XS.
-/// Every other type quantizes the same with or without them.
+/// matrix) when given them: Q2_K..Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS,
+/// IQ2_XXS, IQ2_XS and IQ2_S. Every other type quantizes the same with or without them.
 pub fn uses_importance(ggml_type: GgmlType) -> bool {
     weighted::row_kernel(ggml_type).is_some()
 }

@@ -13,7 +13,8 @@
 //! - Q3_K, Q4_0, Q5_0: `make_qx_quants` with the same weights, and for Q3_K the group
 //!   scales again by `make_qx_quants` weighted by group totals;
 //! - Q6_K: `make_qx_quants` weighted by the raw importance;
-//! - IQ4_NL, IQ4_XS: the scale search of `quantize_row_iq4_nl_impl` with 7 tries.
+//! - IQ4_NL, IQ4_XS: the scale search of `quantize_row_iq4_nl_impl` with 7 tries;
+//! - IQ2_XXS, IQ2_XS, IQ2_S: the grid searches of `iq2_quant.rs`.
 //!
 //! `sigma2` is the mean square of the row (Q4_0, Q5_0, Q4_1, Q5_1), of the super-block
 //! (Q2_K), twice it (Q3_K, Q4_K, Q5_K, IQ4_XS), or twice that of the 32-value block
@@ -51,6 +52,9 @@ pub(super) fn row_kernel(ggml_type: crate::types::GgmlType) -> Option<RowKernel>
         T::Q5_1 => q5_1_row,
         T::IQ4_NL => iq4_nl_row,
         T::IQ4_XS => iq4_xs_row,
+        T::IQ2_XXS => super::iq2_quant::iq2_xxs_row,
+        T::IQ2_XS => super::iq2_quant::iq2_xs_row,
+        T::IQ2_S => super::iq2_quant::iq2_s_row,
         _ => return None,
     })
 }
@@ -174,7 +178,7 @@ fn make_qkx3_quants<const N: usize>(
 /// values (sub-block scales or mins), chosen among nine candidates by weighted squared
 /// error and refined by up to five passes that move single codes. ggml keeps its codes
 /// in bytes, so a negative code wraps as it does there.
-fn make_qp_quants<const N: usize>(
+pub(super) fn make_qp_quants<const N: usize>(
     nmax: i32,
     x: &[f32; N],
     codes: &mut [u8; N],
