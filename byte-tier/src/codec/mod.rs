@@ -51,6 +51,8 @@ mod weighted;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_iq2;
 
 use std::ops::Range;
 
