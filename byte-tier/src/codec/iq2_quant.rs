@@ -457,8 +457,8 @@ pub(super) fn iq2_xs_row(x: &[f32], qw: &[f32], dst: &mut [u8]) -> Result<(), Bl
     Ok(())
 }
 
-/// Quantizes IQ2_S blocks given each value's search weight by `weights_of(block values,
-/// sub-block values, sub-block index)`.
+/// Quantizes IQ2_S blocks, the element weights of each 16-value sub-block given by
+/// `weights_of(sigma2, sub-block values, offset of the sub-block in x)`.
 fn iq2_s_blocks(
     x: &[f32],
     dst: &mut [u8],
