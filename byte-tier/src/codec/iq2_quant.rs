@@ -74,8 +74,9 @@ fn best_neighbour(
     scale: f32,
 ) -> u16 {
     let mut best_d2 = f32::MAX;
-    // ggml has no answer when no distance is below f32::MAX (it asserts); values that
-    // large never reach here from finite input, and the first candidate is a safe pick.
+    // ggml asserts when no distance is below f32::MAX, which takes values whose squares
+    // overflow; the first candidate keeps the search defined for them (their block's
+    // scale overflows f16 and is refused anyway).
     let mut best = neighbours[0];
     for &candidate in neighbours {
         let point = grid.point(candidate);
