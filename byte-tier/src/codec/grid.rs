@@ -34,13 +34,13 @@
 //!
 //! Arithmetic follows gguf-py's `dequantize_blocks` operation for operation in `f32`.
 //!
-//! IQ3_XXS and IQ3_S also quantize, in `iq3_quant`, which builds its grid lookups from
-//! the IQ3 grids here: each of their coordinates takes eight values, one per 3-bit
-//! level, and the quantizer searches the levels.
-//!
-//! IQ1_S and IQ1_M are also quantized, bit for bit as ggml, in
-//! `iq1_quant.rs`: IQ1_M with or without importance weights, IQ1_S only with them (ggml
-//! has no unweighted IQ1_S quantizer).
+//! Every grid type also quantizes, bit for bit as ggml: IQ3_XXS and IQ3_S in
+//! `iq3_quant.rs`, which builds its grid lookups from the IQ3 grids here (each of their
+//! coordinates takes eight values, one per 3-bit level, and the quantizer searches the
+//! levels); IQ2_XXS, IQ2_XS and IQ2_S in `iq2_quant.rs` and IQ1_S and IQ1_M in
+//! `iq1_quant.rs`, searching their grids through the index of `grid_index.rs`. IQ1_S,
+//! IQ2_XXS and IQ2_XS quantize only with importance weights, as ggml requires (it has no
+//! unweighted quantizer for them); the others with or without.
 
 use super::f16_at;
 

@@ -355,10 +355,21 @@ mod tests {
 
     #[test]
     fn a_point_looks_up_as_itself_and_other_types_have_no_index() {
-        let index = grid_index(GgmlType::IQ2_S).unwrap();
-        for (i, _) in index.points().iter().enumerate() {
-            let key = grid_key(&index.levels(i as u16));
-            assert_eq!(index.lookup(key), Lookup::Point(i as u16));
+        for t in [
+            GgmlType::IQ2_XXS,
+            GgmlType::IQ2_XS,
+            GgmlType::IQ2_S,
+            GgmlType::IQ1_S,
+        ] {
+            let index = grid_index(t).unwrap();
+            for (i, _) in index.points().iter().enumerate() {
+                let key = grid_key(&index.levels(i as u16));
+                assert_eq!(index.lookup(key), Lookup::Point(i as u16), "{t}");
+            }
+        }
+        // The IQ2 quantizers start from all-lowest levels, which they store as point 0.
+        for t in [GgmlType::IQ2_XXS, GgmlType::IQ2_XS, GgmlType::IQ2_S] {
+            assert_eq!(grid_index(t).unwrap().lookup(0), Lookup::Point(0), "{t}");
         }
         assert!(grid_index(GgmlType::IQ3_XXS).is_none());
         assert!(grid_index(GgmlType::Q4_K).is_none());

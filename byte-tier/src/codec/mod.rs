@@ -23,13 +23,13 @@
 //! - dequantize: F32, F16, BF16, F64, I8..I64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K,
 //!   IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0, and the grid types IQ1_S, IQ1_M, IQ2_XXS,
 //!   IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S ([`can_dequantize`]);
-//! - quantize (and so every transform): the same but the integer types and the grid
-//!   types ([`can_quantize`]), except the grid types without a quantizer here; the grid
-//!   types IQ3_XXS, IQ3_S and IQ1_M quantize as ggml does, with or without importance
-//!   weights, IQ1_S only with them, as in ggml ([`needs_importance`]);
-//! - the grid types without a quantizer here still take the transforms that work on
-//!   their block scales alone (scale, zero); any other transform of them fails with
-//!   [`Error::UnsupportedType`] naming the type and "transform (requantize)";
+//! - quantize (and so every transform): the same but the integer types
+//!   ([`can_quantize`]); the grid types as ggml does, IQ1_M, IQ2_S, IQ3_XXS and IQ3_S
+//!   with or without importance weights, IQ1_S, IQ2_XXS and IQ2_XS only with them
+//!   ([`needs_importance`], [`quantize_weighted`], [`transform_range_weighted`]);
+//! - the grid types take the transforms that work on their block scales alone (scale,
+//!   zero) exactly, without requantizing; without weights, any other transform of
+//!   IQ1_S, IQ2_XXS or IQ2_XS fails with [`Error::ImportanceRequired`];
 //! - not handled: the activation types Q8_1 and Q8_K, and NVFP4, Q1_0, Q2_0: every
 //!   operation on them fails with [`Error::UnsupportedType`] naming the type.
 //!
@@ -40,6 +40,7 @@ mod float;
 mod grid;
 mod grid_index;
 mod iq1_quant;
+mod iq2_quant;
 mod iq3_quant;
 mod kquants;
 mod legacy;
@@ -54,6 +55,8 @@ mod weighted;
 mod tests;
 #[cfg(test)]
 mod tests_iq1;
+#[cfg(test)]
+mod tests_iq2;
 #[cfg(test)]
 mod tests_iq3;
 
@@ -209,6 +212,7 @@ pub(crate) fn scalar_quant_kernel(ggml_type: GgmlType) -> Option<QuantKernel> {
         T::TQ1_0 => lut::quant_tq1_0,
         T::TQ2_0 => lut::quant_tq2_0,
         T::IQ1_M => iq1_quant::quant_iq1_m,
+        T::IQ2_S => iq2_quant::quant_iq2_s,
         _ => return None,
     })
 }
@@ -386,9 +390,8 @@ fn run_dequant(kernel: DequantKernel, ggml_type: GgmlType, src: &[u8], dst: &mut
 /// Bytes are identical to gguf-py's `gguf.quants.quantize` for the types it quantizes
 /// (BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, TQ1_0, TQ2_0), and to ggml's
 /// `quantize_row_*_ref` (no importance matrix, built without fused multiply-add) for
-/// Q2_K..Q6_K, IQ4_NL and IQ4_XS, and to ggml's `quantize_iq3_xxs`, `quantize_iq3_s` and
-/// `quantize_iq1_m` (no importance matrix) for IQ3_XXS, IQ3_S and IQ1_M. F16 rounds to
-/// nearest even, as numpy does.
+/// Q2_K..Q6_K, IQ4_NL and IQ4_XS, and to ggml's `quantize_iq*` (no importance matrix)
+/// for IQ1_M, IQ2_S, IQ3_XXS and IQ3_S. F16 rounds to nearest even, as numpy does.
 pub fn quantize_range(
     ggml_type: GgmlType,
     values: &[f32],
@@ -419,8 +422,8 @@ pub fn quantize(ggml_type: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
 
 /// Whether ggml's quantizer of this type uses importance weights (an importance
 /// matrix) when given them: Q2_K..Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS,
-/// IQ3_XXS, IQ3_S, IQ1_S and IQ1_M.
-/// Every other type quantizes the same with or without them.
+/// IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S. Every other type quantizes
+/// the same with or without them.
 pub fn uses_importance(ggml_type: GgmlType) -> bool {
     weighted::row_kernel(ggml_type).is_some()
 }

@@ -18,6 +18,7 @@
 //! - IQ4_NL, IQ4_XS: the scale search of `quantize_row_iq4_nl_impl` with 7 tries;
 //! - IQ1_S, IQ1_M: the split search of `quantize_iq1_s` / `quantize_iq1_m` weighted by
 //!   `w * sqrt(sigma2 + x²)` (in `iq1_quant.rs`; IQ1_S has no unweighted form).
+//! - IQ2_XXS, IQ2_XS, IQ2_S: the grid searches of `iq2_quant.rs`.
 //!
 //! `sigma2` is the mean square of the row (Q4_0, Q5_0, Q4_1, Q5_1), of the super-block
 //! (Q2_K), twice it (Q3_K, Q4_K, Q5_K, IQ4_XS, IQ1_S, IQ1_M), or twice that of the
@@ -59,6 +60,9 @@ pub(super) fn row_kernel(ggml_type: crate::types::GgmlType) -> Option<RowKernel>
         T::IQ3_S => super::iq3_quant::iq3_s_row,
         T::IQ1_S => super::iq1_quant::iq1_s_row,
         T::IQ1_M => super::iq1_quant::iq1_m_row,
+        T::IQ2_XXS => super::iq2_quant::iq2_xxs_row,
+        T::IQ2_XS => super::iq2_quant::iq2_xs_row,
+        T::IQ2_S => super::iq2_quant::iq2_s_row,
         _ => return None,
     })
 }
@@ -186,7 +190,7 @@ fn make_qkx3_quants<const N: usize>(
 /// values (sub-block scales or mins), chosen among nine candidates by weighted squared
 /// error and refined by up to five passes that move single codes. ggml keeps its codes
 /// in bytes, so a negative code wraps as it does there.
-fn make_qp_quants<const N: usize>(
+pub(super) fn make_qp_quants<const N: usize>(
     nmax: i32,
     x: &[f32; N],
     codes: &mut [u8; N],

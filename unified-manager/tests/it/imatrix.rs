@@ -327,3 +327,112 @@ fn patch_with_an_imatrix_requantizes_as_llama_quantize_does() {
     );
     assert_eq!(std::fs::read(&ours).unwrap(), before);
 }
+
+/// gguf-py's values of every tensor of type `type_name` in `file`, each compared with
+/// the `.npy` that `hotpatch tensor export` wrote to `dir/NAME.npy`, bit for bit; prints
+/// the names compared.
+const EXPORTS_MATCH_GGUF_PY: &str = r#"
+import sys, numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+path, type_name, folder = sys.argv[1], sys.argv[2], sys.argv[3]
+for t in GGUFReader(path).tensors:
+    if t.tensor_type.name != type_name:
+        continue
+    theirs = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
+    ours = np.load(f"{folder}/{t.name}.npy").reshape(-1)
+    if theirs.view(np.uint32).tobytes() != ours.view(np.uint32).tobytes():
+        bad = int(np.argmax(theirs.view(np.uint32) != ours.view(np.uint32)))
+        sys.exit(f"{t.name}: value {bad} is {ours[bad]!r} here, {theirs[bad]!r} in gguf-py")
+    print(t.name)
+"#;
+
+#[test]
+fn grid_iq_files_made_by_llama_quantize_export_as_gguf_py_requantize_to_its_bytes_and_load() {
+    let s = setup();
+    let quantize = tests::llama_tool("llama-quantize");
+    for name in [
+        "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+    ] {
+        let ggml_type = GgmlType::from_name(name).unwrap();
+        let theirs = s.dir.join(format!("theirs-{name}.gguf"));
+        let mut args = os(&["--imatrix"]);
+        args.push(s.gguf_matrix.as_os_str());
+        args.extend(os(&["--pure", "--token-embedding-type", "q8_0"]));
+        args.extend([s.model.as_os_str(), theirs.as_os_str()]);
+        args.extend(os(&[name, "2"]));
+        run_ok(&quantize, &args);
+
+        // Every tensor llama-quantize wrote in the type exports as gguf-py decodes it.
+        let exports = s.dir.join(format!("export-{name}"));
+        std::fs::create_dir_all(&exports).unwrap();
+        let names: Vec<String> = {
+            let map = MappedFile::open(&theirs).unwrap();
+            let gguf = map.parse().unwrap();
+            gguf.tensors()
+                .iter()
+                .filter(|t| t.ggml_type == ggml_type)
+                .map(|t| t.name.clone())
+                .collect()
+        };
+        assert!(
+            !names.is_empty(),
+            "{name}: llama-quantize wrote no tensor of it"
+        );
+        for tensor in &names {
+            let npy = exports.join(format!("{tensor}.npy"));
+            let mut args = vec![OsStr::new("tensor"), "export".as_ref(), theirs.as_os_str()];
+            args.extend([OsStr::new(tensor.as_str()), "-o".as_ref(), npy.as_os_str()]);
+            run_ok(Path::new(HOTPATCH), &args);
+        }
+        let checked = tests::run_python(
+            EXPORTS_MATCH_GGUF_PY,
+            &[theirs.as_os_str(), OsStr::new(name), exports.as_os_str()],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&checked).lines().count(),
+            names.len(),
+            "{name}"
+        );
+
+        // Requantized from the F16 model with the same matrix, our bytes are theirs.
+        let ours = s.dir.join(format!("ours-{name}.gguf"));
+        let mut args = vec![OsStr::new("requantize"), s.model.as_os_str()];
+        args.extend(os(&[
+            "--tensors",
+            SUPER_BLOCK_ROWS,
+            "--type",
+            name,
+            "--imatrix",
+        ]));
+        args.extend([s.dat_matrix.as_os_str(), "-o".as_ref(), ours.as_os_str()]);
+        run_ok(Path::new(HOTPATCH), &args);
+        assert_eq!(same_tensors(&ours, &theirs, ggml_type).len(), 2, "{name}");
+
+        // And the result loads and answers in llama-server.
+        let server = tests::LlamaServer::start(&ours, &[]);
+        let body = r#"{"prompt": "Once upon a time", "n_predict": 4, "temperature": 0}"#;
+        let (status, answer) =
+            tests::http_request(server.port, "POST", "/completion", Some(body)).unwrap();
+        assert_eq!(status, 200, "{name}: {answer}");
+    }
+}
+
+#[test]
+fn the_types_ggml_quantizes_only_with_weights_are_refused_without_a_matrix() {
+    let s = setup();
+    for name in ["IQ1_S", "IQ2_XXS", "IQ2_XS"] {
+        let out = s.dir.join(format!("unweighted-{name}.gguf"));
+        let mut args = vec![OsStr::new("requantize"), s.model.as_os_str()];
+        args.extend(os(&["--tensors", SUPER_BLOCK_ROWS, "--type", name, "-o"]));
+        args.push(out.as_os_str());
+        let output = run(Path::new(HOTPATCH), &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name}");
+        assert!(
+            stderr.contains("only with importance weights") && stderr.contains("--imatrix"),
+            "{name}: {stderr}"
+        );
+        assert!(!out.exists(), "{name}: wrote {}", out.display());
+    }
+}
