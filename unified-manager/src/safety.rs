@@ -191,6 +191,12 @@ fn skipped_or_nothing(
             "{} has no quantizer to write fixed values",
             tensor.ggml_type.name()
         ));
+    } else if wanted && codec::needs_importance(tensor.ggml_type) {
+        fix.skipped = Some(format!(
+            "ggml quantizes {} only with importance weights, which safety repairs do not \
+             take: the tensor is left as it is",
+            tensor.ggml_type.name()
+        ));
     }
     fix
 }
@@ -220,7 +226,9 @@ impl<'a> FixPlanner<'a> {
         sigmas: Option<f32>,
     ) -> Result<Option<FixPlanner<'a>>> {
         let repairing = repair.is_some() && !scan.is_clean();
-        if (!repairing && sigmas.is_none()) || !codec::can_quantize(tensor.ggml_type) {
+        let writable =
+            codec::can_quantize(tensor.ggml_type) && !codec::needs_importance(tensor.ggml_type);
+        if (!repairing && sigmas.is_none()) || !writable {
             return Ok(None);
         }
         Ok(Some(FixPlanner {

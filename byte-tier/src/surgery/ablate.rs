@@ -432,6 +432,14 @@ pub fn plan_ablation_in_shards(
             )));
             continue;
         }
+        if codec::needs_importance(info.ggml_type) && importance(options, info)?.is_none() {
+            plan.skipped.push(skip(format!(
+                "ggml quantizes {} only with importance weights: give --imatrix with \
+                 weights for this tensor; the tensor is left as it is",
+                info.ggml_type
+            )));
+            continue;
+        }
         let embeddings = block.is_none();
         let residual_dim = if embeddings {
             info.dims.first().copied()

@@ -234,6 +234,16 @@ pub fn plan_lora_merge_into_shards(
             }
             .in_tensor(&weight.name));
         }
+        let weighted = match imatrix {
+            Some(m) => m.weights_for(weight)?.is_some(),
+            None => false,
+        };
+        if codec::needs_importance(weight.ggml_type) && !weighted {
+            return Err(Error::ImportanceRequired {
+                ggml_type: weight.ggml_type,
+            }
+            .in_tensor(&weight.name));
+        }
         pairs.push(Pair {
             shard,
             target: weight,
