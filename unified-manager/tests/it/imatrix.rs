@@ -351,8 +351,16 @@ for t in GGUFReader(path).tensors:
 fn grid_iq_files_made_by_llama_quantize_export_as_gguf_py_requantize_to_its_bytes_and_load() {
     let s = setup();
     let quantize = tests::llama_tool("llama-quantize");
-    for name in [
-        "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+    // Each type, and the llama-quantize file type whose tensors are all of it with
+    // --pure (its IQ2_S file type is made of IQ2_XS tensors; IQ2_M's are IQ2_S).
+    for (name, file_type) in [
+        ("IQ1_S", "IQ1_S"),
+        ("IQ1_M", "IQ1_M"),
+        ("IQ2_XXS", "IQ2_XXS"),
+        ("IQ2_XS", "IQ2_XS"),
+        ("IQ2_S", "IQ2_M"),
+        ("IQ3_XXS", "IQ3_XXS"),
+        ("IQ3_S", "IQ3_S"),
     ] {
         let ggml_type = GgmlType::from_name(name).unwrap();
         let theirs = s.dir.join(format!("theirs-{name}.gguf"));
@@ -360,7 +368,7 @@ fn grid_iq_files_made_by_llama_quantize_export_as_gguf_py_requantize_to_its_byte
         args.push(s.gguf_matrix.as_os_str());
         args.extend(os(&["--pure", "--token-embedding-type", "q8_0"]));
         args.extend([s.model.as_os_str(), theirs.as_os_str()]);
-        args.extend(os(&[name, "2"]));
+        args.extend(os(&[file_type, "2"]));
         run_ok(&quantize, &args);
 
         // Every tensor llama-quantize wrote in the type exports as gguf-py decodes it.
