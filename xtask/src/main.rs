@@ -14,6 +14,7 @@ mod bench_agent;
 mod bench_codecs;
 mod bench_edit;
 mod bench_fleet;
+mod bench_iq_quant;
 mod bench_live;
 mod bench_parse;
 mod bench_proxy;
@@ -40,6 +41,8 @@ tasks:
   bench-parse   time parsing the real model against gguf-py's GGUFReader, same run
   bench-codecs  dequantize throughput per type on the real model against ggml's to_float
                 and gguf-py, same run
+  bench-iq-quant  grid IQ quantization (with and without an importance matrix) against
+                ggml's ggml_quantize_chunk on one thread, same run, bytes compared
   bench-simd    quantization, NaN/Inf scan and block-scale transform at each SIMD level
                 against the scalar kernels, same run
   bench-edit    in-place meta set and tensor scale against gguf-py's tools, same run
@@ -93,6 +96,7 @@ fn main() -> Result<()> {
         Some("bench-scale") => bench_scale::run(&args[1..]),
         Some("cvector-check") => cvector_check::run(&args[1..]),
         Some("bench-codecs") => bench_codecs::run(),
+        Some("bench-iq-quant") => bench_iq_quant::run(),
         Some("bench-simd") => bench_simd::run(&args[1..]),
         Some("llama-server") => {
             println!("{}", llama_server::llama_server()?.display());

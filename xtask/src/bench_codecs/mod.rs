@@ -124,6 +124,13 @@ const TO_FLOAT_C: &str = include_str!("to_float.c");
 /// Compiles the `to_float` program in `dir` against the cached llama.cpp build (its
 /// `ggml.h` and `libggml-base`), building llama.cpp first if it is missing.
 fn build_to_float(dir: &Path) -> Result<PathBuf> {
+    compile_against_ggml(dir, "to_float", TO_FLOAT_C)
+}
+
+/// Compiles the C program `source` as `dir/name` against the cached llama.cpp build (its
+/// `ggml.h` and `libggml-base`, found at run time through an rpath), building llama.cpp
+/// first if it is missing.
+pub(crate) fn compile_against_ggml(dir: &Path, name: &str, source: &str) -> Result<PathBuf> {
     let server = crate::llama_server::llama_server()?;
     let lib_dir = server
         .parent()
@@ -132,9 +139,10 @@ fn build_to_float(dir: &Path) -> Result<PathBuf> {
     let include = crate::llama_server::source_dir()?
         .join("ggml")
         .join("include");
-    let source = dir.join("to_float.c");
-    std::fs::write(&source, TO_FLOAT_C).with_context(|| format!("write {}", source.display()))?;
-    let binary = dir.join("to_float");
+    let source_path = dir.join(format!("{name}.c"));
+    std::fs::write(&source_path, source)
+        .with_context(|| format!("write {}", source_path.display()))?;
+    let binary = dir.join(name);
     let mut rpath = std::ffi::OsString::from("-Wl,-rpath,");
     rpath.push(&lib_dir);
     crate::run(
@@ -142,7 +150,7 @@ fn build_to_float(dir: &Path) -> Result<PathBuf> {
             .arg("-O2")
             .arg("-I")
             .arg(&include)
-            .arg(&source)
+            .arg(&source_path)
             .arg("-L")
             .arg(&lib_dir)
             .arg("-lggml-base")
