@@ -292,11 +292,13 @@ fn default_output(file: &Path) -> PathBuf {
 }
 
 pub fn optimize(args: &OptimizeArgs) -> anyhow::Result<()> {
-    super::sets::refuse_shard(&args.file, "optimize")?;
     let requantize = match (&args.tensors, args.to) {
         (Some(pattern), Some(to)) => Some((regex::Regex::new(pattern)?, to)),
         _ => None,
     };
+    if let Some(set) = super::sets::open_for_rewrite(&args.file, args.dry_run)? {
+        return optimize_set(args, &set, requantize);
+    }
     let options = OptimizeOptions {
         output: args
             .output
@@ -381,4 +383,107 @@ pub fn boost(args: &BoostArgs) -> anyhow::Result<()> {
         manager.release_boost(id)?;
     }
     printed
+}
+
+/// What `optimize` did to a shard set.
+#[derive(Debug, serde::Serialize)]
+struct OptimizedSet {
+    pruned: Option<byte_tier::edit::PruneReport>,
+    requantized: Vec<byte_tier::edit::Requantized>,
+}
+
+/// `hotpatch optimize` given a shard of several: the requantization and the prune as one
+/// rewrite of the whole set into a new set (`-o OUT`, by default `PREFIX.optimized`),
+/// all shards or none, as `requantize` and `prune` do on a set.
+fn optimize_set(
+    args: &OptimizeArgs,
+    set: &byte_tier::split::ShardSet,
+    requantize: Option<(regex::Regex, byte_tier::GgmlType)>,
+) -> anyhow::Result<()> {
+    if args.prune.is_empty() && requantize.is_none() {
+        anyhow::bail!("nothing to do: ask for a requantization, a prune, or both");
+    }
+    let output = match &args.output {
+        Some(out) => out.clone(),
+        None => {
+            let mut name = set.prefix().as_os_str().to_owned();
+            name.push(".optimized");
+            PathBuf::from(name)
+        }
+    };
+    let count = set.files().len() as u32;
+    if byte_tier::split::output_prefix(&output, count) == set.prefix() {
+        anyhow::bail!(
+            "optimize writes a new set: give an output other than the input (a running \
+             server maps the input, and a rewrite under it is never safe)"
+        );
+    }
+    let imatrix = match &args.imatrix {
+        Some(path) => Some(byte_tier::imatrix::ImportanceMatrix::read(path)?),
+        None => None,
+    };
+    let parsed = set.parse_all()?;
+    let plan =
+        byte_tier::split::SetRewritePlan::new(set, &parsed, Some(&output), |parsed, writers| {
+            if let Some(m) = &imatrix {
+                m.check_shards(parsed)?;
+            }
+            // Requantize first, under the input's names (which the matrix uses), then prune.
+            let mut requantized = Vec::new();
+            if let Some((pattern, target)) = &requantize {
+                let select = |name: &str| pattern.is_match(name);
+                for (gguf, writer) in parsed.iter().zip(writers.iter_mut()) {
+                    requantized.extend(byte_tier::edit::requantize_tensors_of_shard(
+                        gguf,
+                        writer,
+                        &select,
+                        *target,
+                        imatrix.as_ref(),
+                    )?);
+                }
+            }
+            let pruned = if args.prune.is_empty() {
+                None
+            } else {
+                let report =
+                    byte_tier::edit::prune_layers_of_set(&parsed[0], writers, &args.prune)?;
+                requantized.retain(|r| !report.tensors_removed.contains(&r.name));
+                Some(report)
+            };
+            Ok(OptimizedSet {
+                pruned,
+                requantized,
+            })
+        })?;
+    let output_args = super::meta::Output {
+        output: Some(output),
+        dry_run: args.dry_run,
+        json: args.json,
+    };
+    let Some(outcome) = super::sets::run(plan, &output_args)? else {
+        return Ok(());
+    };
+    if !args.json {
+        let report = &outcome.result;
+        if let Some(p) = &report.pruned {
+            println!(
+                "prune: blocks {} -> {}: {} tensors removed, {} renumbered",
+                p.blocks_before,
+                p.blocks_after,
+                p.tensors_removed.len(),
+                p.tensors_renamed.len()
+            );
+        }
+        if let Some((_, target)) = &requantize {
+            let before: u64 = report.requantized.iter().map(|r| r.bytes_before).sum();
+            let after: u64 = report.requantized.iter().map(|r| r.bytes_after).sum();
+            println!(
+                "requantize: {} tensors to {}: {before} -> {after} bytes",
+                report.requantized.len(),
+                target.name()
+            );
+        }
+    }
+    super::sets::print("optimize: ", &outcome, args.json);
+    Ok(())
 }

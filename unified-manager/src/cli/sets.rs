@@ -1,7 +1,8 @@
-//! Rewrites of shard sets: `prune`, `requantize`, `tensor rename` and `tensor remove`
-//! given any shard of a set work on the whole set, through one
+//! Rewrites of shard sets: `prune`, `requantize`, `optimize`, `tensor rename` and
+//! `tensor remove` given any shard of a set work on the whole set, through one
 //! `byte_tier::split::SetRewritePlan` (all shards or none, `split.tensors.count` kept
-//! right in every shard).
+//! right in every shard). In-place edits of a set (`ablate`, `lora merge`) are set
+//! transactions instead (`unified_manager::surgery::SetSurgeryPlan`).
 
 use std::path::Path;
 

@@ -541,10 +541,6 @@ fn single_file_edits_on_a_shard_are_refused_naming_the_set_and_write_nothing() {
     for (command, args) in [
         ("safety", vec!["safety", shard, "--outlier-sigmas", "6"]),
         (
-            "optimize",
-            vec!["optimize", shard, "--prune", "3", "-o", out],
-        ),
-        (
             "layers duplicate",
             vec![
                 "layers",
@@ -765,6 +761,52 @@ fn an_ablation_of_a_set_equals_the_single_file_ablation_and_reverts_as_a_set() {
         "--last",
     ]));
     assert!(reverted.contains("reverted set transaction"), "{reverted}");
+    for (shard, bytes) in shards.iter().zip(&before) {
+        assert!(
+            &std::fs::read(shard).unwrap() == bytes,
+            "{}",
+            shard.display()
+        );
+    }
+}
+
+#[test]
+fn optimize_of_a_set_writes_a_new_set_equal_to_the_single_file_optimize() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let single_out = dir.path().join("single-optimized.gguf");
+    let optimize = |input: &Path, out: &Path| {
+        hotpatch(&os(&[
+            "optimize",
+            input.to_str().unwrap(),
+            "--prune",
+            "3,12",
+            "--tensors",
+            r"ffn_down\.weight",
+            "--to",
+            "Q8_0",
+            "-o",
+            out.to_str().unwrap(),
+        ]))
+    };
+    optimize(&tests::real_model(), &single_out);
+    let printed = optimize(&shards[1], &dir.path().join("opt.gguf"));
+    assert!(
+        printed.contains("requantize:") && printed.contains("prune:"),
+        "{printed}"
+    );
+    let new_set = shards_of(&dir.path().join("opt"));
+    assert_eq!(new_set.len(), 3, "{new_set:?}");
+    let (ours, theirs) = (tensor_data(&new_set), tensor_data(&[single_out]));
+    assert_eq!(ours.len(), theirs.len());
+    for (name, data) in &theirs {
+        assert!(
+            &ours[name] == data,
+            "{name} differs from the single-file optimize"
+        );
+    }
+    assert_eq!(split_counts(&new_set), vec![theirs.len() as u64; 3]);
     for (shard, bytes) in shards.iter().zip(&before) {
         assert!(
             &std::fs::read(shard).unwrap() == bytes,
