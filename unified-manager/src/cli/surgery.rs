@@ -129,19 +129,18 @@ pub fn ablate(args: &AblateArgs) -> anyhow::Result<()> {
     let details = json!({"weight": weight, "norm_preserve": norm_preserve, "tensors": tensors,
         "skipped": skipped, "notes": notes});
     let n_tensors = tensors.len();
-    let revert = if set.is_some() {
-        "revert --set"
-    } else {
-        "revert"
-    };
-    let applied = if set.is_some() {
-        drop(set);
-        let plan = SetSurgeryPlan::new(&args.file, label, rewrites, details.clone())?;
-        super::plan::run(plan, args.dry_run, args.json)?
-    } else {
-        let plan = SurgeryPlan::new(&args.file, label, rewrites, details.clone())?;
-        super::plan::run(plan, args.dry_run, args.json)?
-    };
+    let into_set = set.is_some();
+    drop(set);
+    let revert = if into_set { "revert --set" } else { "revert" };
+    let applied = run_surgery(
+        &args.file,
+        into_set,
+        label,
+        rewrites,
+        &details,
+        args.dry_run,
+        args.json,
+    )?;
     let Some(transaction) = applied else {
         return Ok(());
     };
@@ -232,6 +231,28 @@ pub enum LoraCommand {
     },
 }
 
+/// Reports (with `dry_run`) or applies the in-place rewrite of whole tensors an
+/// ablation or a merge planned: one journal transaction in `file`, or, `into_set`, one
+/// set transaction over the shards of `file`'s set. `None` for a dry run; otherwise the
+/// transaction (itself `None` when no byte changed).
+fn run_surgery(
+    file: &Path,
+    into_set: bool,
+    label: String,
+    rewrites: Vec<byte_tier::surgery::RewrittenTensor>,
+    details: &serde_json::Value,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<Option<Option<u64>>> {
+    if into_set {
+        let plan = SetSurgeryPlan::new(file, label, rewrites, details.clone())?;
+        super::plan::run(plan, dry_run, json)
+    } else {
+        let plan = SurgeryPlan::new(file, label, rewrites, details.clone())?;
+        super::plan::run(plan, dry_run, json)
+    }
+}
+
 /// Plans the merge of `adapter` into `file`, or into every shard of `set` when `file` is
 /// one shard of several.
 fn merge_plan(
@@ -289,14 +310,9 @@ pub fn lora(command: &LoraCommand) -> anyhow::Result<()> {
             let label = format!("{} scale {scale}", merge_label(&adapter_sha256));
             let details = json!({"adapter_sha256": adapter_sha256, "alpha": alpha,
                 "scale": scale, "tensors": tensors, "ignored": ignored});
-            let applied = if set.is_some() {
-                drop(set);
-                let plan = SetSurgeryPlan::new(file, label, rewrites, details.clone())?;
-                super::plan::run(plan, *dry_run, *json)?
-            } else {
-                let plan = SurgeryPlan::new(file, label, rewrites, details.clone())?;
-                super::plan::run(plan, *dry_run, *json)?
-            };
+            let into_set = set.is_some();
+            drop(set);
+            let applied = run_surgery(file, into_set, label, rewrites, &details, *dry_run, *json)?;
             let Some(transaction) = applied else {
                 return Ok(());
             };
