@@ -430,8 +430,42 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 impl Manager {
     /// Plans `preset` on model `id` as one unit ([`Manager::plan_all`]), writing nothing.
     pub fn plan_preset(&self, id: ModelId, preset: &Preset) -> Result<crate::manager::UnitPlan> {
+        self.plan_preset_weighted(id, preset, None)
+    }
+
+    /// [`Manager::plan_preset`] with an importance matrix (checked against the model
+    /// first): a memory patch whose transform requantizes a tensor the matrix names is
+    /// requantized with that tensor's weights, as `hotpatch patch --imatrix` does; a
+    /// tensor the matrix does not name is requantized without weights, as llama-quantize
+    /// does.
+    pub fn plan_preset_weighted(
+        &self,
+        id: ModelId,
+        preset: &Preset,
+        imatrix: Option<&byte_tier::imatrix::ImportanceMatrix>,
+    ) -> Result<crate::manager::UnitPlan> {
         preset.validate(&preset.name)?;
-        self.plan_all(id, preset.patches()?)
+        let mut patches = preset.patches()?;
+        if let Some(matrix) = imatrix {
+            let live = self.model(id)?;
+            {
+                let view = live.read();
+                let gguf = byte_tier::Gguf::parse(view.bytes())?;
+                matrix.check_model(&gguf)?;
+            }
+            for patch in &mut patches {
+                let Patch::Memory(memory) = patch else {
+                    continue;
+                };
+                let PatchTarget::Tensor { name, .. } = &memory.target else {
+                    continue;
+                };
+                if let Some(weights) = matrix.weights_for(live.tensor(name)?)? {
+                    memory.importance = Some(weights.into());
+                }
+            }
+        }
+        self.plan_all(id, patches)
     }
 
     /// Applies a preset to the model attached as `id` as one unit (memory and byte

@@ -64,6 +64,10 @@ pub enum PresetCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// An importance matrix (llama-imatrix's output): transforms that requantize a
+        /// tensor it names use its weights, as llama-quantize --imatrix does.
+        #[arg(long, value_name = "FILE")]
+        imatrix: Option<PathBuf>,
     },
     /// Delete a stored preset.
     Delete {
@@ -151,7 +155,12 @@ pub fn preset(command: &PresetCommand) -> anyhow::Result<()> {
             config,
             dry_run,
             json,
+            imatrix,
         } => {
+            let imatrix = match imatrix {
+                Some(path) => Some(byte_tier::imatrix::ImportanceMatrix::read(path)?),
+                None => None,
+            };
             let config = config.open()?;
             let mut preset = config.load_preset(name)?;
             let manager = Manager::new();
@@ -171,7 +180,7 @@ pub fn preset(command: &PresetCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("attach {}", file.display()))?;
             // Planned once (on a private view for a dry run: no journal is opened), and
             // that plan is what is reported or applied.
-            let plan = manager.plan_preset(id, &preset)?;
+            let plan = manager.plan_preset_weighted(id, &preset, imatrix.as_ref())?;
             let list = |receipts: &[unified_manager::manager::Receipt]| -> Vec<serde_json::Value> {
                 receipts
                     .iter()

@@ -444,3 +444,62 @@ fn the_types_ggml_quantizes_only_with_weights_are_refused_without_a_matrix() {
         assert!(!out.exists(), "{name}: wrote {}", out.display());
     }
 }
+
+#[test]
+fn preset_apply_with_an_imatrix_requantizes_as_patch_with_it_does() {
+    let s = setup();
+    let name = "blk.0.ffn_down.weight";
+    let base = s.dir.join("preset-base.gguf");
+    let mut args = vec![OsStr::new("requantize"), s.model.as_os_str()];
+    args.extend(os(&["--tensors", SUPER_BLOCK_ROWS, "--type", "Q4_K", "-o"]));
+    args.push(base.as_os_str());
+    run_ok(Path::new(HOTPATCH), &args);
+    let config = s.dir.join("preset-config");
+    let preset = s.dir.join("nudge.toml");
+    std::fs::write(
+        &preset,
+        format!(
+            "name = \"nudge\"\nversion = 1\n\n[[memory_patch]]\nname = \"nudge-down\"\n\
+             tensor = \"{name}\"\ntransform = {{ offset = 0.001 }}\n"
+        ),
+    )
+    .unwrap();
+    let mut args = os(&["preset", "save"]);
+    args.extend([
+        preset.as_os_str(),
+        "--config-dir".as_ref(),
+        config.as_os_str(),
+    ]);
+    run_ok(Path::new(HOTPATCH), &args);
+    let tensor_bytes = |path: &Path| {
+        let file = MappedFile::open(path).unwrap();
+        let gguf = file.parse().unwrap();
+        let t = gguf.require_tensor(name).unwrap();
+        gguf.tensor_data(t).to_vec()
+    };
+    let copy = |label: &str| {
+        let path = s.dir.join(format!("preset-{label}.gguf"));
+        std::fs::copy(&base, &path).unwrap();
+        path
+    };
+    let (patched, weighted, plain) = (copy("patched"), copy("weighted"), copy("plain"));
+    let mut args = vec![OsStr::new("patch"), patched.as_os_str()];
+    args.extend(os(&["--tensor", name, "--offset", "0.001", "--imatrix"]));
+    args.push(s.gguf_matrix.as_os_str());
+    run_ok(Path::new(HOTPATCH), &args);
+    for (file, matrix) in [(&weighted, Some(&s.dat_matrix)), (&plain, None)] {
+        let mut args = os(&["preset", "apply", "nudge"]);
+        args.extend([
+            file.as_os_str(),
+            "--config-dir".as_ref(),
+            config.as_os_str(),
+        ]);
+        if let Some(m) = matrix {
+            args.extend([OsStr::new("--imatrix"), m.as_os_str()]);
+        }
+        run_ok(Path::new(HOTPATCH), &args);
+    }
+    assert!(tensor_bytes(&weighted) == tensor_bytes(&patched));
+    assert!(tensor_bytes(&plain) != tensor_bytes(&weighted));
+    assert!(tensor_bytes(&plain) != tensor_bytes(&base));
+}
