@@ -614,16 +614,23 @@ fn f16_conversion_matches_half_for_every_bit_pattern() {
     }
 }
 
-/// The inputs of the K-quant reference vectors: eight super-blocks of weight-like,
-/// uniform, all-zero, constant, outlier and tiny values from a fixed-seed generator.
-fn golden_input() -> Vec<f32> {
-    let mut state = 0x853c_49e6_748f_ea9bu64;
-    let mut unit = move || {
+/// A fixed-seed stream of values in `[-1, 1)` (a 64-bit LCG's top 24 bits): the source
+/// of every reference vector's input, so that the committed ggml outputs stay
+/// reproducible.
+pub(super) fn unit_stream(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed;
+    move || {
         state = state
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
         ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    }
+}
+
+/// The inputs of the K-quant reference vectors: eight super-blocks of weight-like,
+/// uniform, all-zero, constant, outlier and tiny values from a fixed-seed generator.
+fn golden_input() -> Vec<f32> {
+    let mut unit = unit_stream(0x853c_49e6_748f_ea9bu64);
     let mut values = Vec::with_capacity(8 * 256);
     for _ in 0..512 {
         values.push((unit() + unit() + unit()) * 0.02);

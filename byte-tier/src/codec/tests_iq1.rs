@@ -1,5 +1,6 @@
 //! IQ1_S and IQ1_M quantization against ggml's output.
 
+use super::tests::unit_stream;
 use super::*;
 
 /// The inputs of the IQ1 reference vectors: sixteen super-blocks of weight-like,
@@ -7,13 +8,7 @@ use super::*;
 /// IQ1_S's), tied, half-zero, constant, heavy-tailed and sparse values from a fixed-seed
 /// generator.
 fn iq1_input() -> Vec<f32> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut unit = move || {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut unit = unit_stream(0x9e37_79b9_7f4a_7c15u64);
     let mut values = Vec::with_capacity(16 * 256);
     for _ in 0..1024 {
         values.push((unit() + unit() + unit()) * 0.02);

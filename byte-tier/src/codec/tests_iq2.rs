@@ -2,6 +2,7 @@
 
 use proptest::prelude::*;
 
+use super::tests::unit_stream;
 use super::*;
 
 /// Values per row of the weighted reference vectors: two super-blocks, so that each
@@ -12,13 +13,7 @@ const ROW: usize = 512;
 /// all-zero, negative-only, small-with-one-outlier, tiny (down to below IQ2_S's
 /// all-zero threshold), sparse and heavy-tailed values from a fixed-seed generator.
 fn iq2_input() -> Vec<f32> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut unit = move || {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut unit = unit_stream(0x2545_f491_4f6c_dd1du64);
     let mut values = Vec::with_capacity(8 * 256);
     for _ in 0..256 {
         values.push((unit() + unit() + unit()) * 0.02);

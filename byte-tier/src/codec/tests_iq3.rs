@@ -1,6 +1,7 @@
 //! IQ3_XXS and IQ3_S quantization: byte for byte against ggml's output, and the
 //! properties that hold whatever the input.
 
+use super::tests::unit_stream;
 use super::*;
 
 /// Super-blocks in [`iq3_input`].
@@ -14,13 +15,7 @@ const N_PER_ROW: usize = 512;
 /// threshold), partly zero (whole zero sub-blocks between others), stepped (many ties),
 /// heavy-tailed, constant and sign-alternating super-blocks.
 fn iq3_input() -> Vec<f32> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut unit = move || {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut unit = unit_stream(0x2545_f491_4f6c_dd1du64);
     let mut values = Vec::with_capacity(SUPER_BLOCKS * 256);
     for _ in 0..512 {
         values.push((unit() + unit() + unit()) * 0.02);

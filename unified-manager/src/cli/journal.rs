@@ -208,17 +208,7 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
                 .filter_map(|a| a.journal_transaction)
                 .max();
             let journal = Journal::open_read_only(&args.file)?;
-            let plain_last = journal
-                .transactions()
-                .iter()
-                .rev()
-                .find(|t| {
-                    matches!(t.state, TransactionState::Committed(_))
-                        && t.reverts.is_none()
-                        && t.note.is_empty()
-                        && journal.reverted_by(t.id).is_none()
-                })
-                .map(|t| t.id);
+            let plain_last = last_unreverted(&journal, |t| t.note.is_empty());
             match plain_last.max(live_last) {
                 Some(id) => id,
                 None => bail!("nothing to revert: no committed transaction is left unreverted"),
@@ -245,6 +235,25 @@ pub fn revert(args: &RevertArgs) -> anyhow::Result<()> {
     revert_transaction_in_place(args, id)
 }
 
+/// The last transaction of `journal` that committed, is not a revert, was not reverted,
+/// and that `keep` accepts.
+fn last_unreverted(
+    journal: &Journal,
+    keep: impl Fn(&byte_tier::Transaction) -> bool,
+) -> Option<u64> {
+    journal
+        .transactions()
+        .iter()
+        .rev()
+        .find(|t| {
+            matches!(t.state, TransactionState::Committed(_))
+                && t.reverts.is_none()
+                && journal.reverted_by(t.id).is_none()
+                && keep(t)
+        })
+        .map(|t| t.id)
+}
+
 /// `hotpatch revert --set`: a set transaction reverted in every shard it wrote, as one
 /// set transaction.
 fn revert_set(args: &RevertArgs) -> anyhow::Result<()> {
@@ -262,16 +271,7 @@ fn revert_set(args: &RevertArgs) -> anyhow::Result<()> {
         Some(id) => id,
         None => {
             let journal = Journal::open_read_only(&target)?;
-            journal
-                .transactions()
-                .iter()
-                .rev()
-                .find(|t| {
-                    matches!(t.state, TransactionState::Committed(_))
-                        && t.reverts.is_none()
-                        && journal.reverted_by(t.id).is_none()
-                })
-                .map(|t| t.id)
+            last_unreverted(&journal, |_| true)
                 .context("nothing to revert: no set transaction is left unreverted")?
         }
     };
@@ -316,19 +316,7 @@ fn revert_in_place(args: &RevertArgs) -> anyhow::Result<()> {
                 .exists()
                 .then(|| Journal::open_read_only(&args.file))
                 .transpose()?
-                .and_then(|journal| {
-                    journal
-                        .transactions()
-                        .iter()
-                        .rev()
-                        .find(|t| {
-                            matches!(t.state, TransactionState::Committed(_))
-                                && t.reverts.is_none()
-                                && t.note.is_empty()
-                                && journal.reverted_by(t.id).is_none()
-                        })
-                        .map(|t| t.id)
-                });
+                .and_then(|journal| last_unreverted(&journal, |t| t.note.is_empty()));
             match last {
                 Some(id) => id,
                 None => {

@@ -563,14 +563,19 @@ fn single_file_edits_on_a_shard_are_refused_naming_the_set_and_write_nothing() {
             "{command}: {stderr}"
         );
     }
-    for (shard, bytes) in shards.iter().zip(&before) {
+    assert_unchanged(&shards, &before);
+    assert!(!Path::new(out).exists());
+}
+
+/// Fails naming the first of `shards` whose bytes are not `before`'s.
+fn assert_unchanged(shards: &[PathBuf], before: &[Vec<u8>]) {
+    for (shard, bytes) in shards.iter().zip(before) {
         assert!(
             &std::fs::read(shard).unwrap() == bytes,
-            "{}",
+            "{} changed",
             shard.display()
         );
     }
-    assert!(!Path::new(out).exists());
 }
 
 /// Every tensor's data over the files given, by name.
@@ -634,13 +639,7 @@ fn a_lora_merge_into_a_set_is_one_transaction_that_a_kill_leaves_on_one_side() {
     assert_eq!(changed, 1, "one shard written before the kill");
     let recovered = hotpatch(&os(&["recover", shards[2].to_str().unwrap()]));
     assert!(recovered.contains("rolled back"), "{recovered}");
-    for (shard, bytes) in shards.iter().zip(&before) {
-        assert!(
-            &std::fs::read(shard).unwrap() == bytes,
-            "{}",
-            shard.display()
-        );
-    }
+    assert_unchanged(&shards, &before);
 
     // Killed after the decision: every shard has its bytes, and recovery completes the
     // parts, whichever shard it is given.
@@ -671,13 +670,7 @@ fn a_lora_merge_into_a_set_is_one_transaction_that_a_kill_leaves_on_one_side() {
         adapter.to_str().unwrap(),
     ]));
     assert!(unmerged.contains("of the set"), "{unmerged}");
-    for (shard, bytes) in shards.iter().zip(&before) {
-        assert!(
-            &std::fs::read(shard).unwrap() == bytes,
-            "{}",
-            shard.display()
-        );
-    }
+    assert_unchanged(&shards, &before);
 }
 
 #[test]
@@ -761,13 +754,7 @@ fn an_ablation_of_a_set_equals_the_single_file_ablation_and_reverts_as_a_set() {
         "--last",
     ]));
     assert!(reverted.contains("reverted set transaction"), "{reverted}");
-    for (shard, bytes) in shards.iter().zip(&before) {
-        assert!(
-            &std::fs::read(shard).unwrap() == bytes,
-            "{}",
-            shard.display()
-        );
-    }
+    assert_unchanged(&shards, &before);
 }
 
 #[test]
@@ -807,11 +794,5 @@ fn optimize_of_a_set_writes_a_new_set_equal_to_the_single_file_optimize() {
         );
     }
     assert_eq!(split_counts(&new_set), vec![theirs.len() as u64; 3]);
-    for (shard, bytes) in shards.iter().zip(&before) {
-        assert!(
-            &std::fs::read(shard).unwrap() == bytes,
-            "{}",
-            shard.display()
-        );
-    }
+    assert_unchanged(&shards, &before);
 }
