@@ -16,6 +16,8 @@ use crate::gguf::Gguf;
 pub struct MappedFile {
     path: PathBuf,
     bytes: Bytes,
+    /// The open file behind the mapping (for copies the kernel makes from it).
+    file: File,
 }
 
 #[derive(Debug)]
@@ -47,6 +49,7 @@ impl MappedFile {
         Ok(MappedFile {
             path: path.to_owned(),
             bytes,
+            file,
         })
     }
 
@@ -65,7 +68,7 @@ impl MappedFile {
 
     /// Parses and checks the file.
     pub fn parse(&self) -> Result<Gguf<'_>> {
-        Gguf::parse(self.bytes())
+        Ok(Gguf::parse(self.bytes())?.with_source(&self.file))
     }
 
     fn map(&self) -> Option<&Mmap> {

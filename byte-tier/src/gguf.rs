@@ -240,9 +240,25 @@ pub struct Gguf<'a> {
     tensor_infos_end: u64,
     diagnostics: Vec<LayoutDiagnostic>,
     first_name_not_utf8: Option<String>,
+    /// The file the bytes are a mapping of, when they are (see [`Gguf::source_file`]).
+    source: Option<&'a std::fs::File>,
 }
 
 impl<'a> Gguf<'a> {
+    /// The same parse, noting that its bytes are a mapping of the whole of `file` (as
+    /// [`crate::MappedFile::parse`] makes it), so that writers can have the kernel copy
+    /// tensor data from the file instead of through the mapping.
+    pub(crate) fn with_source(mut self, file: &'a std::fs::File) -> Gguf<'a> {
+        self.source = Some(file);
+        self
+    }
+
+    /// The file whose mapping the parsed bytes are, when the parse came from a
+    /// [`crate::MappedFile`]: byte offset `n` of the bytes is offset `n` of the file.
+    pub fn source_file(&self) -> Option<&'a std::fs::File> {
+        self.source
+    }
+
     /// Parses and checks a whole GGUF file.
     pub fn parse(bytes: &'a [u8]) -> Result<Gguf<'a>> {
         Parser::new(bytes).parse()
@@ -782,6 +798,7 @@ impl<'a> Parser<'a> {
             tensor_infos_end,
             diagnostics,
             first_name_not_utf8: self.lenience.first_name_not_utf8,
+            source: None,
         })
     }
 

@@ -24,6 +24,18 @@ const COPY_CHUNK: usize = 4 << 20;
 pub enum TensorData<'a> {
     /// Bytes in memory (borrowed from a mapped file, or owned).
     Bytes(Cow<'a, [u8]>),
+    /// The mapped bytes of a file at `offset` (as [`GgufWriter::from_gguf`] takes them
+    /// from a parse of a [`crate::MappedFile`]). Written into a file, they are copied by
+    /// the kernel (`copy_file_range`) where both files allow it, so the data never
+    /// passes through this process; anywhere else, from the mapping.
+    Mapped {
+        /// The mapping's view of the data.
+        bytes: &'a [u8],
+        /// The file mapped.
+        file: &'a File,
+        /// Absolute offset of the data in it.
+        offset: u64,
+    },
     /// A byte range of an open file, read in chunks with positioned reads.
     FileRange {
         /// The file.
@@ -39,6 +51,9 @@ impl std::fmt::Debug for TensorData<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TensorData::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            TensorData::Mapped { bytes, offset, .. } => {
+                write!(f, "Mapped({} bytes at {offset})", bytes.len())
+            }
             TensorData::FileRange { offset, .. } => write!(f, "FileRange(at {offset})"),
             TensorData::Reader(_) => f.write_str("Reader"),
         }
@@ -143,7 +158,14 @@ impl<'a> GgufWriter<'a> {
                 name: t.name.clone(),
                 dims: t.dims.clone(),
                 ggml_type: t.ggml_type,
-                data: TensorData::Bytes(Cow::Borrowed(gguf.tensor_data(t))),
+                data: match gguf.source_file() {
+                    Some(file) => TensorData::Mapped {
+                        bytes: gguf.tensor_data(t),
+                        file,
+                        offset: t.data_range().start,
+                    },
+                    None => TensorData::Bytes(Cow::Borrowed(gguf.tensor_data(t))),
+                },
             })
             .collect();
         GgufWriter {
@@ -293,6 +315,14 @@ impl<'a> GgufWriter<'a> {
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64> {
+        self.write_out(&mut AnyOutput(out), progress)
+    }
+
+    fn write_out(
+        &mut self,
+        out: &mut dyn Output,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64> {
         let layout = self.layout()?;
         let alignment = self.alignment()?;
         let io_error = |e: io::Error| Error::io("write", "<output>", e);
@@ -342,15 +372,18 @@ impl<'a> GgufWriter<'a> {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(tempfile::NamedTempFile, u64)> {
         let dir = parent_dir(path);
-        let mut temp = tempfile::Builder::new()
+        let temp = tempfile::Builder::new()
             .prefix(".hotpatch-")
             .suffix(".gguf.tmp")
             .tempfile_in(dir)
             .map_err(|e| Error::io("create a temporary file in", dir, e))?;
         let written = {
-            let mut out = BufWriter::with_capacity(1 << 20, temp.as_file_mut());
+            let mut out = FileOutput {
+                out: BufWriter::with_capacity(1 << 20, temp.as_file()),
+                kernel_copy: true,
+            };
             let written = self
-                .write_reporting(&mut out, progress)
+                .write_out(&mut out, progress)
                 .map_err(|e| with_path(e, path))?;
             out.flush().map_err(|e| Error::io("write", path, e))?;
             written
@@ -407,7 +440,97 @@ fn write_zeros(out: &mut dyn Write, n: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn copy_tensor_data(tensor: &mut TensorSpec<'_>, n_bytes: u64, out: &mut dyn Write) -> Result<()> {
+/// Where a file is written: any writer, or a file, which can also take tensor data
+/// straight from another file.
+trait Output: Write {
+    /// Appends `len` bytes of `source` at `offset`, copied by the kernel; `Ok(false)`
+    /// (nothing copied) when the file systems do not allow it.
+    fn copy_range(&mut self, source: &File, offset: u64, len: u64) -> io::Result<bool>;
+}
+
+/// Any writer: every byte goes through `write`.
+struct AnyOutput<'w>(&'w mut dyn Write);
+
+impl Write for AnyOutput<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Output for AnyOutput<'_> {
+    fn copy_range(&mut self, _source: &File, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+}
+
+/// A file written from its start, through a buffer, which tensor data from another file
+/// reaches by `copy_file_range` (in-kernel, and shared extents where the file system
+/// has them) until the kernel refuses it once.
+struct FileOutput<'f> {
+    out: BufWriter<&'f File>,
+    kernel_copy: bool,
+}
+
+impl Write for FileOutput<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.out.write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl Output for FileOutput<'_> {
+    fn copy_range(&mut self, source: &File, offset: u64, len: u64) -> io::Result<bool> {
+        if !self.kernel_copy || len == 0 {
+            return Ok(false);
+        }
+        self.out.flush()?;
+        let target = *self.out.get_ref();
+        let mut from = offset;
+        let mut done = 0u64;
+        while done < len {
+            let chunk = (len - done).min(1 << 30) as usize;
+            match rustix::fs::copy_file_range(source, Some(&mut from), target, None, chunk) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => done += n as u64,
+                // Across file systems that cannot, or on a kernel without it: nothing
+                // was copied, so the caller writes the bytes itself, now and after.
+                Err(e)
+                    if done == 0
+                        && [
+                            rustix::io::Errno::XDEV,
+                            rustix::io::Errno::INVAL,
+                            rustix::io::Errno::NOSYS,
+                            rustix::io::Errno::OPNOTSUPP,
+                            rustix::io::Errno::BADF,
+                        ]
+                        .contains(&e) =>
+                {
+                    self.kernel_copy = false;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn copy_tensor_data(tensor: &mut TensorSpec<'_>, n_bytes: u64, out: &mut dyn Output) -> Result<()> {
     let name = tensor.name.clone();
     let short = |got: u64| {
         Error::InvalidWrite(format!(
@@ -419,6 +542,19 @@ fn copy_tensor_data(tensor: &mut TensorSpec<'_>, n_bytes: u64, out: &mut dyn Wri
         TensorData::Bytes(bytes) => {
             if bytes.len() as u64 != n_bytes {
                 return Err(short(bytes.len() as u64));
+            }
+            out.write_all(bytes).map_err(io_error)
+        }
+        TensorData::Mapped {
+            bytes,
+            file,
+            offset,
+        } => {
+            if bytes.len() as u64 != n_bytes {
+                return Err(short(bytes.len() as u64));
+            }
+            if out.copy_range(file, *offset, n_bytes).map_err(io_error)? {
+                return Ok(());
             }
             out.write_all(bytes).map_err(io_error)
         }

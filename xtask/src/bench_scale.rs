@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `hotpatch split` / `merge` | `llama-gguf-split --split` / `--merge` (outputs compared byte for byte) |
 //! | `hotpatch verify --write-manifest` | `sha256sum` of the shards |
-//! | `hotpatch prune -o` (a rewrite of the set) | `cp` of the shards |
+//! | `hotpatch prune -o` (a rewrite of the set) | `cp` of the shards, and `cp` then `sync` of the copies (a rewrite syncs its files) |
 //! | `hotpatch requantize -o` to Q4_K | `llama-quantize --pure --keep-split` (same thread count; tensor data compared) |
 //! | `hotpatch tensor export` of IQ3_S and IQ2_XXS tensors | gguf-py's `dequantize` |
 //!
@@ -500,8 +500,26 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
     let copy_dir = dir.join("copies");
     std::fs::create_dir_all(&copy_dir)?;
     let cp_cost = measure(Command::new("cp").args(&set).arg(&copy_dir))?;
+    // A rewrite is synced before it is renamed in; `cp` leaves its copy in the page
+    // cache. The second anchor makes the copy as durable.
+    let copies: Vec<PathBuf> = set
+        .iter()
+        .filter_map(|s| s.file_name().map(|n| copy_dir.join(n)))
+        .collect();
+    let sync_cost = measure(Command::new("sync").args(&copies))?;
+    let durable_cp = Cost {
+        wall: cp_cost.wall + sync_cost.wall,
+        peak_anon: cp_cost.peak_anon.max(sync_cost.peak_anon),
+        peak_rss: cp_cost.peak_rss.max(sync_cost.peak_rss),
+    };
     std::fs::remove_dir_all(&copy_dir)?;
     line("prune (rewrite)", size, prune, Some(("cp", cp_cost)));
+    line(
+        "prune (rewrite)",
+        size,
+        prune,
+        Some(("cp, then sync", durable_cp)),
+    );
 
     // Requantize every matrix to Q4_K, against llama-quantize on the same threads.
     let matrices =
