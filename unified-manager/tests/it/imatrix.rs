@@ -9,7 +9,6 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 use byte_tier::{GgmlType, MappedFile};
 
@@ -49,53 +48,52 @@ struct Setup {
     dat_matrix: PathBuf,
 }
 
-/// The one-block F16 model and its importance matrices in both formats, made once.
-fn setup() -> &'static Setup {
-    static SETUP: OnceLock<Setup> = OnceLock::new();
-    SETUP.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_owned();
-        let model = dir.join("small.gguf");
-        let real = tests::real_model();
-        let prune: Vec<String> = (1..18).map(|i| i.to_string()).collect();
-        let prune = prune.join(",");
-        let mut args = vec![OsStr::new("optimize"), real.as_os_str()];
-        args.extend(os(&[
-            "--prune",
-            &prune,
-            "--tensors",
-            MATRICES,
-            "--to",
-            "F16",
-            "-o",
-        ]));
-        args.push(model.as_os_str());
-        run_ok(Path::new(HOTPATCH), &args);
-        // A short text of common words: two chunks of 128 tokens.
-        let words = "the quick brown fox jumps over a lazy dog while seven wizards quietly \
+/// The one-block F16 model and its importance matrices in both formats, made for each
+/// test (the test runner gives each test its own process, so nothing would be shared;
+/// owned, the folder is removed when the test ends, where a static one never was).
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let model = dir.join("small.gguf");
+    let real = tests::real_model();
+    let prune: Vec<String> = (1..18).map(|i| i.to_string()).collect();
+    let prune = prune.join(",");
+    let mut args = vec![OsStr::new("optimize"), real.as_os_str()];
+    args.extend(os(&[
+        "--prune",
+        &prune,
+        "--tensors",
+        MATRICES,
+        "--to",
+        "F16",
+        "-o",
+    ]));
+    args.push(model.as_os_str());
+    run_ok(Path::new(HOTPATCH), &args);
+    // A short text of common words: two chunks of 128 tokens.
+    let words = "the quick brown fox jumps over a lazy dog while seven wizards quietly \
                      hex jolly bright zebras near the old river bank and every morning";
-        let text: Vec<&str> = words.split_whitespace().cycle().take(700).collect();
-        let text_path = dir.join("text.txt");
-        std::fs::write(&text_path, text.join(" ")).unwrap();
-        let imatrix = tests::llama_tool("llama-imatrix");
-        let gguf_matrix = dir.join("imatrix.gguf");
-        let dat_matrix = dir.join("imatrix.dat");
-        for (out, format) in [(&gguf_matrix, "gguf"), (&dat_matrix, "dat")] {
-            let mut args = vec![OsStr::new("-m"), model.as_os_str(), "-f".as_ref()];
-            args.push(text_path.as_os_str());
-            args.extend(os(&["-c", "128", "--chunks", "2", "-t", "2", "--no-ppl"]));
-            args.extend(os(&["--output-format", format, "-o"]));
-            args.push(out.as_os_str());
-            run_ok(&imatrix, &args);
-        }
-        Setup {
-            _dir: tmp,
-            dir,
-            model,
-            gguf_matrix,
-            dat_matrix,
-        }
-    })
+    let text: Vec<&str> = words.split_whitespace().cycle().take(700).collect();
+    let text_path = dir.join("text.txt");
+    std::fs::write(&text_path, text.join(" ")).unwrap();
+    let imatrix = tests::llama_tool("llama-imatrix");
+    let gguf_matrix = dir.join("imatrix.gguf");
+    let dat_matrix = dir.join("imatrix.dat");
+    for (out, format) in [(&gguf_matrix, "gguf"), (&dat_matrix, "dat")] {
+        let mut args = vec![OsStr::new("-m"), model.as_os_str(), "-f".as_ref()];
+        args.push(text_path.as_os_str());
+        args.extend(os(&["-c", "128", "--chunks", "2", "-t", "2", "--no-ppl"]));
+        args.extend(os(&["--output-format", format, "-o"]));
+        args.push(out.as_os_str());
+        run_ok(&imatrix, &args);
+    }
+    Setup {
+        _dir: tmp,
+        dir,
+        model,
+        gguf_matrix,
+        dat_matrix,
+    }
 }
 
 /// Tensors of `ours` converted to `ggml_type`, each compared with the same tensor of
@@ -222,7 +220,7 @@ fn truncated_and_foreign_imatrices_are_refused_and_nothing_is_written() {
         let bytes = std::fs::read(source).unwrap();
         let cut = s.dir.join("cut");
         std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
-        refused(s, &cut, "");
+        refused(&s, &cut, "");
     }
     // A legacy matrix whose entry has the wrong number of columns for the tensor.
     let legacy = |name: &str, n: i32| {
@@ -238,11 +236,11 @@ fn truncated_and_foreign_imatrices_are_refused_and_nothing_is_written() {
     };
     let foreign = s.dir.join("foreign.dat");
     std::fs::write(&foreign, legacy("blk.0.attn_q.weight", 4096)).unwrap();
-    refused(s, &foreign, "does not fit the model");
+    refused(&s, &foreign, "does not fit the model");
     std::fs::write(&foreign, legacy("blk.40.attn_q.weight", 640)).unwrap();
-    refused(s, &foreign, "the model has no tensor of that name");
+    refused(&s, &foreign, "the model has no tensor of that name");
     // The model itself is GGUF but no importance matrix.
-    refused(s, &s.model, "imatrix.datasets is missing");
+    refused(&s, &s.model, "imatrix.datasets is missing");
 }
 
 #[test]
