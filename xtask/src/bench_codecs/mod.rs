@@ -193,10 +193,18 @@ fn time_ggml(
     if output.status.code() == Some(3) {
         return Ok(None);
     }
+    Ok(Some(ggml_time(
+        &output,
+        &format!("ggml's to_float for {}", t.name()),
+    )?))
+}
+
+/// The best time a timing program built by [`compile_against_ggml`] printed (seconds on
+/// its standard output), or its failure, naming `what` it ran.
+pub(crate) fn ggml_time(output: &std::process::Output, what: &str) -> Result<Duration> {
     if !output.status.success() {
         bail!(
-            "ggml's to_float for {} failed ({}):\n{}",
-            t.name(),
+            "{what} failed ({}):\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
@@ -205,8 +213,8 @@ fn time_ggml(
     let secs: f64 = text
         .trim()
         .parse()
-        .with_context(|| format!("bad time {text:?} from to_float"))?;
-    Ok(Some(Duration::from_secs_f64(secs)))
+        .with_context(|| format!("bad time {text:?} from {what}"))?;
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// A ratio cell, or `-` when the other side has no time.

@@ -79,21 +79,10 @@ fn time_ggml(
         .arg(&out)
         .output()
         .with_context(|| format!("start {}", program.display()))?;
-    if !output.status.success() {
-        bail!(
-            "ggml's quantization to {} failed ({}):\n{}",
-            t.name(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&output.stdout);
-    let secs: f64 = text
-        .trim()
-        .parse()
-        .with_context(|| format!("bad time {text:?} from the quantize program"))?;
+    let time =
+        crate::bench_codecs::ggml_time(&output, &format!("ggml's quantization to {}", t.name()))?;
     let bytes = std::fs::read(&out).with_context(|| format!("read {}", out.display()))?;
-    Ok((Duration::from_secs_f64(secs), bytes))
+    Ok((time, bytes))
 }
 
 /// Our best time on one thread and our bytes.
