@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::file::MappedFile;
 use crate::gguf::{Gguf, MAGIC, align_up};
 use crate::plan::{FileStamp, Plan};
-use crate::writer::sync_dir;
+use crate::writer::{FileOutput, TensorSpec, copy_tensor_data, parent_dir, sync_dir};
 use serde::Serialize;
 
 /// The 0-based number of a shard in its set (u16).
@@ -462,11 +462,9 @@ impl SplitPlan {
         for (index, tensors) in self.shards.iter().enumerate() {
             let path = shard_path(&self.prefix, index as u32, count);
             let meta = self.shard_meta(gguf, index)?;
-            let runs = tensors.iter().map(|&t| {
-                let tensor = &gguf.tensors()[t];
-                let range = tensor.data_range();
-                &gguf.bytes()[range.start as usize..range.end as usize]
-            });
+            let runs = tensors
+                .iter()
+                .map(|&t| TensorSpec::of(gguf, &gguf.tensors()[t]));
             let alignment = self.shard_alignment(gguf, index);
             let (temp, n_bytes) = write_temp(&path, &meta, runs, alignment)?;
             pending.push((temp, path, tensors.len() as u64, n_bytes));
@@ -482,7 +480,7 @@ impl SplitPlan {
             });
         }
         if let Some(dir) = written.first().map(|o| parent_dir(&o.path)) {
-            sync_dir(&dir)?;
+            sync_dir(dir)?;
         }
         Ok(written)
     }
@@ -548,16 +546,15 @@ pub fn merge(set: &ShardSet, out: &Path) -> Result<OutputFile> {
     let parsed = parse_all(set)?;
     let meta = merged_meta(set, &parsed)?;
     let runs = parsed.iter().flat_map(|gguf| {
-        gguf.tensors().iter().map(move |tensor| {
-            let range = tensor.data_range();
-            &gguf.bytes()[range.start as usize..range.end as usize]
-        })
+        gguf.tensors()
+            .iter()
+            .map(move |tensor| TensorSpec::of(gguf, tensor))
     });
     let (temp, n_bytes) = write_temp(out, &meta, runs, merged_alignment(&parsed))?;
     // A file that appeared at `out` meanwhile is not replaced.
     temp.persist_noclobber(out)
         .map_err(|e| Error::io("create", out, e.error))?;
-    sync_dir(&parent_dir(out))?;
+    sync_dir(parent_dir(out))?;
     Ok(OutputFile {
         path: out.to_owned(),
         n_tensors: set.n_tensors(),
@@ -569,13 +566,6 @@ pub fn merge(set: &ShardSet, out: &Path) -> Result<OutputFile> {
 /// checked, or the default); sizes come from parsed files, far from overflowing.
 fn padded(n_bytes: u64, alignment: u64) -> u64 {
     n_bytes.div_ceil(alignment) * alignment
-}
-
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    }
 }
 
 /// Metadata entries in writing order, each as its encoded bytes, with the writer's
@@ -662,36 +652,34 @@ fn encode_meta<'t>(
 }
 
 /// Writes `meta` and then each run padded to `alignment` to a synced temporary file
-/// beside `path`.
+/// beside `path`. Data from a mapped file is copied by the kernel where the file
+/// systems allow it, as a rewrite copies it.
 fn write_temp<'r>(
     path: &Path,
     meta: &[u8],
-    runs: impl Iterator<Item = &'r [u8]>,
+    runs: impl Iterator<Item = TensorSpec<'r>>,
     alignment: u64,
 ) -> Result<(tempfile::NamedTempFile, u64)> {
     let dir = parent_dir(path);
-    let mut temp = tempfile::Builder::new()
+    let temp = tempfile::Builder::new()
         .prefix(".hotpatch-")
         .suffix(".gguf.tmp")
-        .tempfile_in(&dir)
-        .map_err(|e| Error::io("create a temporary file in", &dir, e))?;
+        .tempfile_in(dir)
+        .map_err(|e| Error::io("create a temporary file in", dir, e))?;
     let zeros = vec![0u8; alignment as usize];
-    let mut written = 0u64;
-    {
-        let file = temp.as_file_mut();
-        let mut put = |bytes: &[u8]| -> Result<()> {
-            file.write_all(bytes)
-                .map_err(|e| Error::io("write", path, e))?;
-            written += bytes.len() as u64;
-            Ok(())
-        };
-        put(meta)?;
-        for run in runs {
-            put(run)?;
-            let pad = padded(run.len() as u64, alignment) - run.len() as u64;
-            put(&zeros[..pad as usize])?;
-        }
+    let write_error = |e| Error::io("write", path, e);
+    let mut out = FileOutput::new(temp.as_file());
+    out.write_all(meta).map_err(write_error)?;
+    let mut written = meta.len() as u64;
+    for mut run in runs {
+        let len = run.n_bytes()?;
+        copy_tensor_data(&mut run, len, &mut out).map_err(|e| e.with_path(path))?;
+        let pad = padded(len, alignment) - len;
+        out.write_all(&zeros[..pad as usize]).map_err(write_error)?;
+        written += len + pad;
     }
+    out.flush().map_err(write_error)?;
+    drop(out);
     temp.as_file()
         .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .map_err(|e| Error::io("set permissions of", temp.path(), e))?;

@@ -89,6 +89,24 @@ impl<'a> TensorSpec<'a> {
         }
     }
 
+    /// `tensor` of `gguf` as it is: its data borrowed from the mapping, and copied by
+    /// the kernel from the mapped file when `gguf` knows it.
+    pub fn of(gguf: &Gguf<'a>, tensor: &crate::TensorInfo) -> TensorSpec<'a> {
+        TensorSpec {
+            name: tensor.name.clone(),
+            dims: tensor.dims.clone(),
+            ggml_type: tensor.ggml_type,
+            data: match gguf.source_file() {
+                Some(file) => TensorData::Mapped {
+                    bytes: gguf.tensor_data(tensor),
+                    file,
+                    offset: tensor.data_range().start,
+                },
+                None => TensorData::Bytes(Cow::Borrowed(gguf.tensor_data(tensor))),
+            },
+        }
+    }
+
     /// Bytes the tensor takes, checked for a whole number of blocks and overflow.
     pub fn n_bytes(&self) -> Result<u64> {
         let invalid = |why: &str| Error::InvalidWrite(format!("tensor {:?}: {why}", self.name));
@@ -154,19 +172,7 @@ impl<'a> GgufWriter<'a> {
         let tensors = gguf
             .tensors()
             .iter()
-            .map(|t| TensorSpec {
-                name: t.name.clone(),
-                dims: t.dims.clone(),
-                ggml_type: t.ggml_type,
-                data: match gguf.source_file() {
-                    Some(file) => TensorData::Mapped {
-                        bytes: gguf.tensor_data(t),
-                        file,
-                        offset: t.data_range().start,
-                    },
-                    None => TensorData::Bytes(Cow::Borrowed(gguf.tensor_data(t))),
-                },
-            })
+            .map(|t| TensorSpec::of(gguf, t))
             .collect();
         GgufWriter {
             metadata,
@@ -378,10 +384,7 @@ impl<'a> GgufWriter<'a> {
             .tempfile_in(dir)
             .map_err(|e| Error::io("create a temporary file in", dir, e))?;
         let written = {
-            let mut out = FileOutput {
-                out: BufWriter::with_capacity(1 << 20, temp.as_file()),
-                kernel_copy: true,
-            };
+            let mut out = FileOutput::new(temp.as_file());
             let written = self
                 .write_out(&mut out, progress)
                 .map_err(|e| with_path(e, path))?;
@@ -442,7 +445,7 @@ fn write_zeros(out: &mut dyn Write, n: u64) -> io::Result<()> {
 
 /// Where a file is written: any writer, or a file, which can also take tensor data
 /// straight from another file.
-trait Output: Write {
+pub(crate) trait Output: Write {
     /// Appends `len` bytes of `source` at `offset`, copied by the kernel; `Ok(false)`
     /// (nothing copied) when the file systems do not allow it.
     fn copy_range(&mut self, source: &File, offset: u64, len: u64) -> io::Result<bool>;
@@ -474,9 +477,19 @@ impl Output for AnyOutput<'_> {
 /// A file written from its start, through a buffer, which tensor data from another file
 /// reaches by `copy_file_range` (in-kernel, and shared extents where the file system
 /// has them) until the kernel refuses it once.
-struct FileOutput<'f> {
+pub(crate) struct FileOutput<'f> {
     out: BufWriter<&'f File>,
     kernel_copy: bool,
+}
+
+impl<'f> FileOutput<'f> {
+    /// Writes `file` from its current position through a 1 MiB buffer.
+    pub(crate) fn new(file: &'f File) -> FileOutput<'f> {
+        FileOutput {
+            out: BufWriter::with_capacity(1 << 20, file),
+            kernel_copy: true,
+        }
+    }
 }
 
 impl Write for FileOutput<'_> {
@@ -530,7 +543,11 @@ impl Output for FileOutput<'_> {
     }
 }
 
-fn copy_tensor_data(tensor: &mut TensorSpec<'_>, n_bytes: u64, out: &mut dyn Output) -> Result<()> {
+pub(crate) fn copy_tensor_data(
+    tensor: &mut TensorSpec<'_>,
+    n_bytes: u64,
+    out: &mut dyn Output,
+) -> Result<()> {
     let name = tensor.name.clone();
     let short = |got: u64| {
         Error::InvalidWrite(format!(

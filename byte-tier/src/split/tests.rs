@@ -162,6 +162,31 @@ fn a_split_by_tensor_count_makes_a_set_that_merges_back() {
 }
 
 #[test]
+fn a_split_copied_by_the_kernel_equals_one_written_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = five_tensors(dir.path());
+    let options = SplitOptions {
+        limit: SplitLimit::Tensors(2),
+        no_tensor_first_split: false,
+    };
+    let mapped = split_into(&source, &dir.path().join("mapped"), &options);
+    let bytes = std::fs::read(&source).unwrap();
+    let in_memory = Gguf::parse(&bytes).unwrap();
+    assert!(in_memory.source_file().is_none());
+    let written = SplitPlan::new(&in_memory, &dir.path().join("memory"), &options)
+        .unwrap()
+        .write(&in_memory, &source)
+        .unwrap();
+    assert_eq!(mapped.len(), written.len());
+    for (a, b) in mapped.iter().zip(&written) {
+        assert_eq!(
+            std::fs::read(&a.path).unwrap(),
+            std::fs::read(&b.path).unwrap()
+        );
+    }
+}
+
+#[test]
 fn a_split_by_size_starts_a_shard_before_the_padded_size_passes_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let source = five_tensors(dir.path());
