@@ -2,7 +2,6 @@
 //! at another place, every block renumbered, `block_count` and the per-layer arrays
 //! updated. Tensors keep their types and bytes.
 
-use std::borrow::Cow;
 use std::ops::Range;
 
 use serde::Serialize;
@@ -11,7 +10,7 @@ use crate::edit::split_block_name;
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::value::Value;
-use crate::writer::{GgufWriter, TensorData, TensorSpec};
+use crate::writer::{GgufWriter, TensorSpec};
 
 /// What a layer duplication changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -52,11 +51,31 @@ pub fn duplicate_layers<'a>(
     layers: Range<u64>,
     at: u64,
 ) -> Result<DuplicateReport> {
-    let arch = gguf
+    duplicate_layers_of_set(
+        std::slice::from_ref(gguf),
+        std::slice::from_mut(writer),
+        layers,
+        at,
+    )
+}
+
+/// [`duplicate_layers`] over the shards of a set, each parsed in `parsed` with its
+/// writer in `writers`: the metadata is the first shard's, and each copy goes into the
+/// shard that holds its original.
+pub fn duplicate_layers_of_set<'a>(
+    parsed: &[Gguf<'a>],
+    writers: &mut [GgufWriter<'a>],
+    layers: Range<u64>,
+    at: u64,
+) -> Result<DuplicateReport> {
+    let Some(first) = parsed.first() else {
+        return Err(Error::InvalidEdit("a set without shards".into()));
+    };
+    let arch = first
         .architecture()
         .ok_or_else(|| Error::InvalidEdit("the file has no general.architecture".into()))?;
     let block_key = format!("{arch}.block_count");
-    let blocks = gguf.get_u64(&block_key)?;
+    let blocks = first.get_u64(&block_key)?;
     if layers.start >= layers.end || layers.end > blocks {
         return Err(Error::LayersOutOfRange {
             start: layers.start,
@@ -79,14 +98,33 @@ pub fn duplicate_layers<'a>(
         at,
         ..DuplicateReport::default()
     };
+    for (gguf, writer) in parsed.iter().zip(writers.iter_mut()) {
+        renumber_blocks(gguf, writer, &layers, at, blocks, &mut report)?;
+    }
+    if let Some(writer) = writers.first_mut() {
+        extend_block_arrays(writer, arch, &layers, at, blocks, &mut report);
+    }
+    Ok(report)
+}
 
-    // Tensors: those before the first block tensor, then every block in the new order
-    // (within a block, the original order), then the rest. llama.cpp finds tensors by
-    // name, so the order is for people reading the file.
+/// Adds the copies of `layers`' tensors found in `writer` (from `gguf`) and renumbers
+/// its blocks. Tensors: those before the first block tensor, then every block in the
+/// new order (within a block, the original order), then the rest. llama.cpp finds
+/// tensors by name, so the order is for people reading the file.
+fn renumber_blocks<'a>(
+    gguf: &Gguf<'a>,
+    writer: &mut GgufWriter<'a>,
+    layers: &Range<u64>,
+    at: u64,
+    blocks: u64,
+    report: &mut DuplicateReport,
+) -> Result<()> {
+    let count = layers.end - layers.start;
     let specs = std::mem::take(writer.tensors_mut());
     let mut head = Vec::new();
     let mut tail = Vec::new();
-    let mut by_block: Vec<Vec<TensorSpec<'a>>> = (0..blocks_after).map(|_| Vec::new()).collect();
+    let mut by_block: Vec<Vec<TensorSpec<'a>>> =
+        (0..report.blocks_after).map(|_| Vec::new()).collect();
     for spec in specs {
         let Some((index, rest)) = split_block_name(&spec.name) else {
             if by_block.iter().all(Vec::is_empty) {
@@ -105,15 +143,10 @@ pub fn duplicate_layers<'a>(
         let rest = rest.to_owned();
         if layers.contains(&index) {
             let copy_index = at + (index - layers.start);
-            let name = format!("blk.{copy_index}.{rest}");
-            let info = gguf.require_tensor(&spec.name)?;
-            report.tensors_added.push(name.clone());
-            by_block[copy_index as usize].push(TensorSpec {
-                name,
-                dims: info.dims.clone(),
-                ggml_type: info.ggml_type,
-                data: TensorData::Bytes(Cow::Borrowed(gguf.tensor_data(info))),
-            });
+            let mut copy = TensorSpec::of(gguf, gguf.require_tensor(&spec.name)?);
+            copy.name = format!("blk.{copy_index}.{rest}");
+            report.tensors_added.push(copy.name.clone());
+            by_block[copy_index as usize].push(copy);
         }
         let new_index = shifted(index, at, count);
         let mut spec = spec;
@@ -130,7 +163,21 @@ pub fn duplicate_layers<'a>(
     tensors.extend(head);
     tensors.extend(by_block.into_iter().flatten());
     tensors.extend(tail);
+    Ok(())
+}
 
+/// Sets `{arch}.block_count` to the new count and gives every `{arch}.*` array with one
+/// entry per block the copied blocks' entries at the insertion point.
+fn extend_block_arrays(
+    writer: &mut GgufWriter<'_>,
+    arch: &str,
+    layers: &Range<u64>,
+    at: u64,
+    blocks: u64,
+    report: &mut DuplicateReport,
+) {
+    let block_key = format!("{arch}.block_count");
+    let blocks_after = report.blocks_after;
     let prefix = format!("{arch}.");
     for (key, value) in writer.metadata_mut().iter_mut() {
         if *key == block_key {
@@ -151,7 +198,6 @@ pub fn duplicate_layers<'a>(
             report.arrays_extended.push(key.clone());
         }
     }
-    Ok(report)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub use graft::{
     GraftReport, GraftSource, SetGraftPlan, copy_tensor, copy_tensor_from, copy_tensor_into_set,
     set_output_prefix,
 };
-pub use layers::{DuplicateReport, duplicate_layers};
+pub use layers::{DuplicateReport, duplicate_layers, duplicate_layers_of_set};
 pub use lora::{
     LoraMergePlan, LoraTensorReport, merge_label, plan_lora_merge, plan_lora_merge_into_shards,
     plan_lora_merge_weighted,

@@ -9,8 +9,8 @@ use byte_tier::MappedFile;
 use byte_tier::plan::RewritePlan;
 use byte_tier::surgery::{
     AblationOptions, AblationPlan, GraftReport, GraftSource, LoraMergePlan, SetGraftPlan,
-    copy_tensor_from, duplicate_layers, merge_label, plan_ablation_in_shards,
-    plan_lora_merge_into_shards, read_directions, set_output_prefix,
+    copy_tensor_from, duplicate_layers, duplicate_layers_of_set, merge_label,
+    plan_ablation_in_shards, plan_lora_merge_into_shards, read_directions, set_output_prefix,
 };
 use serde_json::json;
 use unified_manager::surgery::{
@@ -466,7 +466,25 @@ pub fn layers(command: &LayersCommand) -> anyhow::Result<()> {
         at,
         output,
     } = command;
-    super::sets::refuse_shard(file, "layers duplicate")?;
+    if let Some(set) = super::sets::open_for_rewrite(file, output.dry_run)? {
+        let parsed = set.parse_all()?;
+        let plan = byte_tier::split::SetRewritePlan::new(
+            &set,
+            &parsed,
+            output.output.as_deref(),
+            |parsed, writers| duplicate_layers_of_set(parsed, writers, layers.clone(), *at),
+        )?;
+        let Some(outcome) = super::sets::run(plan, output)? else {
+            return Ok(());
+        };
+        if output.json {
+            println!("{}", super::sets::outcome_json(&outcome));
+        } else {
+            print_duplicated(&outcome.result);
+            super::sets::print("", &outcome, false);
+        }
+        return Ok(());
+    }
     note_recovered(super::plan::prepare(file, output.dry_run)?);
     let map = MappedFile::open(file)?;
     let gguf = map.parse()?;
@@ -484,24 +502,28 @@ pub fn layers(command: &LayersCommand) -> anyhow::Result<()> {
                 "bytes_before": outcome.input_len, "bytes_after": outcome.bytes_written})
         );
     } else {
-        println!(
-            "copied blocks {}..{} to {}: blocks {} -> {}, {} tensors added, {} renumbered, per-layer arrays extended: {}",
-            report.copied.start,
-            report.copied.end,
-            report.at,
-            report.blocks_before,
-            report.blocks_after,
-            report.tensors_added.len(),
-            report.tensors_renamed.len(),
-            if report.arrays_extended.is_empty() {
-                "none".to_owned()
-            } else {
-                report.arrays_extended.join(", ")
-            }
-        );
+        print_duplicated(report);
         print_rewrite("", &outcome, false);
     }
     Ok(())
+}
+
+fn print_duplicated(report: &byte_tier::surgery::DuplicateReport) {
+    println!(
+        "copied blocks {}..{} to {}: blocks {} -> {}, {} tensors added, {} renumbered, per-layer arrays extended: {}",
+        report.copied.start,
+        report.copied.end,
+        report.at,
+        report.blocks_before,
+        report.blocks_after,
+        report.tensors_added.len(),
+        report.tensors_renamed.len(),
+        if report.arrays_extended.is_empty() {
+            "none".to_owned()
+        } else {
+            report.arrays_extended.join(", ")
+        }
+    );
 }
 
 /// `hotpatch tensor copy SRC NAME DST [--as NEW] [--shard K] [-o OUT]`. SRC and DST

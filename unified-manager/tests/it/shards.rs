@@ -529,42 +529,91 @@ fn a_set_rewrite_killed_between_renames_is_refused_until_recover_finishes_it() {
 }
 
 #[test]
-fn single_file_edits_on_a_shard_are_refused_naming_the_set_and_write_nothing() {
-    // Run on one shard, these would change only that shard's tensors: each is refused,
+fn safety_on_a_shard_is_refused_naming_the_set_and_writes_nothing() {
+    // Run on one shard, it would change only that shard's tensors: it is refused,
     // saying which shard it is and how to go on, and no shard changes.
     let dir = tempfile::tempdir().unwrap();
     let shards = real_model_in_three_shards(dir.path());
     let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
     let shard = shards[1].to_str().unwrap();
-    let out = dir.path().join("out.gguf");
-    let out = out.to_str().unwrap();
-    for (command, args) in [
-        ("safety", vec!["safety", shard, "--outlier-sigmas", "6"]),
-        (
-            "layers duplicate",
-            vec![
-                "layers",
-                "duplicate",
-                shard,
-                "--layers",
-                "1..2",
-                "--at",
-                "2",
-                "-o",
-                out,
-            ],
-        ),
-    ] {
-        let output = Command::new(HOTPATCH).args(&args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{command} succeeded on a shard");
+    let output = Command::new(HOTPATCH)
+        .args(["safety", shard, "--outlier-sigmas", "6"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "safety succeeded on a shard");
+    assert!(
+        stderr.contains("is shard 2 of 3 of a set") && stderr.contains("hotpatch merge"),
+        "{stderr}"
+    );
+    assert_unchanged(&shards, &before);
+}
+
+#[test]
+fn layers_duplicate_of_a_set_writes_a_new_set_equal_to_the_single_file_duplication() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let duplicate = |input: &Path, out: &Path| {
+        hotpatch(&os(&[
+            "layers",
+            "duplicate",
+            input.to_str().unwrap(),
+            "--layers",
+            "2..5",
+            "--at",
+            "12",
+            "-o",
+            out.to_str().unwrap(),
+        ]))
+    };
+    let single_out = dir.path().join("single-dup.gguf");
+    duplicate(&tests::real_model(), &single_out);
+    let printed = duplicate(&shards[2], &dir.path().join("dup.gguf"));
+    assert!(printed.contains("blocks 18 -> 21"), "{printed}");
+    let new_set = shards_of(&dir.path().join("dup"));
+    assert_eq!(new_set.len(), 3, "{new_set:?}");
+    let (ours, theirs) = (
+        tensor_data(&new_set),
+        tensor_data(std::slice::from_ref(&single_out)),
+    );
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    for (name, data) in &theirs {
         assert!(
-            stderr.contains("is shard 2 of 3 of a set") && stderr.contains("hotpatch merge"),
-            "{command}: {stderr}"
+            &ours[name] == data,
+            "{name} differs from the single-file duplication"
         );
     }
+    assert_eq!(split_counts(&new_set), vec![theirs.len() as u64; 3]);
+    // The first shard holds the model's metadata, as the single file does.
+    let metadata = |path: &Path| {
+        let map = byte_tier::MappedFile::open(path).unwrap();
+        let gguf = map.parse().unwrap();
+        gguf.metadata()
+            .iter()
+            .filter(|e| !e.key.to_string_lossy().starts_with("split."))
+            .map(|e| {
+                (
+                    e.key.to_string_lossy().into_owned(),
+                    format!("{:?}", e.value),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(metadata(&new_set[0]), metadata(&single_out));
     assert_unchanged(&shards, &before);
-    assert!(!Path::new(out).exists());
+
+    // llama-server loads the new set from its first shard and generates.
+    let server = tests::LlamaServer::start(&new_set[0], &[]);
+    let body = r#"{"prompt": "Once upon a time", "n_predict": 4, "temperature": 0}"#;
+    let (status, answer) =
+        tests::http_request(server.port, "POST", "/completion", Some(body)).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let json: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(!json["content"].as_str().unwrap().is_empty());
 }
 
 /// Fails naming the first of `shards` whose bytes are not `before`'s.
