@@ -57,6 +57,9 @@ pub struct Undo {
     /// The file journal's transaction that recorded them, for shared file attachments
     /// (`hotpatch revert FILE --transaction N` undoes it from another process).
     pub journal_transaction: Option<u64>,
+    /// The set journal's transaction that wrote a shard set in place
+    /// (`hotpatch revert --set SHARD N` undoes it).
+    pub set_transaction: Option<u64>,
     /// Server rules added, by name.
     pub server_rules: Vec<String>,
     /// The server's response-cache setting before the run, when the run changed it.

@@ -1,11 +1,15 @@
 //! The `safety` pipeline: an integrity check against a manifest, a NaN/infinity scan with
 //! optional repair, an opt-in outlier clamp, and (with a server attached) a default rule
-//! set. Every write goes through the live region as one memory-tier transaction.
+//! set. Every write of a single file goes through the live region as one memory-tier
+//! transaction; the writes to a shard set are one set transaction over its shards.
 
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use byte_tier::codec::{self, NonFiniteReport};
+use byte_tier::plan::FileStamp;
+use byte_tier::split::transaction::{ShardWrites, revert_set_transaction, run_set_transaction};
 use byte_tier::verify::Manifest;
 use byte_tier::{Gguf, TensorInfo};
 use memory_tier::{MemoryPatch, PatchKind, PatchPlan, PatchTarget, Payload};
@@ -76,7 +80,9 @@ struct TensorFix {
     clamp_bytes: u64,
     /// Why the tensor could not be fixed.
     skipped: Option<String>,
-    patch: Option<MemoryPatch>,
+    /// The fix: new bytes at an absolute offset in the file, over the span of the
+    /// changed blocks.
+    write: Option<(u64, Vec<u8>)>,
 }
 
 /// Finite-value statistics of a tensor.
@@ -301,7 +307,7 @@ impl<'a> FixPlanner<'a> {
         Ok(())
     }
 
-    /// The fix: one patch over the span of the changed blocks.
+    /// The fix: one write over the span of the changed blocks.
     fn finish(self) -> Result<TensorFix> {
         let mut fix = self.fix;
         let block_bytes = self.tensor.ggml_type.block_bytes() as usize;
@@ -311,17 +317,22 @@ impl<'a> FixPlanner<'a> {
             for (offset, bytes) in &self.blocks {
                 new[offset - span.start..offset - span.start + block_bytes].copy_from_slice(bytes);
             }
-            let base = self.tensor.data_offset;
-            let mut patch = MemoryPatch::new(
-                format!("safety:{}", self.tensor.name),
-                PatchTarget::Raw(base + span.start as u64..base + span.end as u64),
-                Payload::Bytes(new),
-            );
-            patch.kind = PatchKind::WeightModification;
-            fix.patch = Some(patch.with_priority(SAFETY_PRIORITY));
+            fix.write = Some((self.tensor.data_offset + span.start as u64, new));
         }
         Ok(fix)
     }
+}
+
+/// A planned write of the tensor `name` as a memory patch of the pipeline.
+fn repair_patch(name: &str, offset: u64, bytes: Vec<u8>) -> MemoryPatch {
+    let end = offset + bytes.len() as u64;
+    let mut patch = MemoryPatch::new(
+        format!("safety:{name}"),
+        PatchTarget::Raw(offset..end),
+        Payload::Bytes(bytes),
+    );
+    patch.kind = PatchKind::WeightModification;
+    patch.with_priority(SAFETY_PRIORITY)
 }
 
 /// The integrity, scan, repair and clamp steps, with the model's writers held off: the
@@ -333,146 +344,182 @@ fn plan_repairs(
     options: &SafetyOptions,
     report: &mut PipelineReport,
 ) -> Result<(PatchPlan, bool)> {
-    let patches;
-    {
+    let fixes = {
         let guard = live.read();
         let gguf = Gguf::parse(guard.bytes())?;
+        plan_fixes(std::slice::from_ref(&gguf), options, report)?
+    };
+    let Some(fixes) = fixes else {
+        return Ok((live.plan_transaction(Vec::new())?, false));
+    };
+    let patches = fixes
+        .into_iter()
+        .map(|f| repair_patch(&f.name, f.offset, f.bytes))
+        .collect();
+    Ok((live.plan_transaction(patches)?, true))
+}
 
-        let started = Instant::now();
-        let outcome = match &options.manifest {
-            None => StepOutcome::skipped("no manifest given"),
-            Some(text) => {
-                let check = Manifest::of(&gguf).check(text)?;
-                let examined = gguf.tensors().iter().map(|t| t.n_bytes).sum();
-                if check.is_ok() {
-                    StepOutcome::ok(
-                        format!("{} tensors match the manifest", check.matched),
-                        examined,
-                    )
-                } else {
-                    StepOutcome::failed(
-                        format!(
-                            "{} match, {} differ, {} missing, {} unlisted",
-                            check.matched,
-                            check.mismatched.len(),
-                            check.missing.len(),
-                            check.unlisted.len()
-                        ),
-                        format!(
-                            "the model does not match the manifest (first differing: {})",
-                            check
-                                .mismatched
-                                .first()
-                                .or(check.missing.first())
-                                .or(check.unlisted.first())
-                                .map_or("the whole-file digest", String::as_str)
-                        ),
-                    )
-                }
-            }
-        };
-        report.push("integrity", Tier::Byte, started, outcome);
-        if !report.succeeded() {
-            drop(guard);
-            return Ok((live.plan_transaction(Vec::new())?, false));
-        }
+/// One tensor's planned repair in a model of one file or several shards.
+struct PlannedFix {
+    /// The shard that holds the tensor (0 for a single file).
+    shard: usize,
+    name: String,
+    /// Absolute offset of the new bytes in the shard.
+    offset: u64,
+    bytes: Vec<u8>,
+}
 
-        let started = Instant::now();
-        let tensors: Vec<&TensorInfo> = gguf
-            .tensors()
-            .iter()
-            .filter(|t| codec::can_dequantize(t.ggml_type))
-            .collect();
-        // One pass per tensor: the scan, the statistics and the fix plan share its decode.
-        let (scans, fixes): (Vec<NonFiniteReport>, Vec<(&TensorInfo, TensorFix)>) = tensors
-            .par_iter()
-            .map(|t| {
-                examine(
-                    &gguf,
-                    t,
-                    options.repair,
-                    options.outlier_sigmas,
-                    ONE_PASS_VALUES,
+/// The integrity, scan, repair and clamp steps over a model given as its files (one, or
+/// every shard of a set in order), reported once for the whole model. Writes nothing.
+/// Returns the repairs, or `None` when the integrity check failed.
+fn plan_fixes(
+    shards: &[Gguf<'_>],
+    options: &SafetyOptions,
+    report: &mut PipelineReport,
+) -> Result<Option<Vec<PlannedFix>>> {
+    let all_tensors = || shards.iter().flat_map(|g| g.tensors());
+    let started = Instant::now();
+    let outcome = match &options.manifest {
+        None => StepOutcome::skipped("no manifest given"),
+        Some(text) => {
+            let check = Manifest::of_set(shards).check(text)?;
+            let examined = all_tensors().map(|t| t.n_bytes).sum();
+            if check.is_ok() {
+                StepOutcome::ok(
+                    format!("{} tensors match the manifest", check.matched),
+                    examined,
                 )
-                .map(|(scan, fix)| (scan, (*t, fix)))
-            })
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .unzip();
-        let (nan, inf): (u64, u64) = scans
-            .iter()
-            .fold((0, 0), |(n, i), s| (n + s.nan_count, i + s.inf_count));
-        let dirty = scans.iter().filter(|s| !s.is_clean()).count();
-        let unscanned = gguf.tensors().len() - tensors.len();
-        report.push(
-            "scan",
-            Tier::Memory,
-            started,
-            StepOutcome::ok(
-                format!(
-                    "{} tensors scanned ({unscanned} of types without a decoder left out): {nan} NaN and {inf} infinite values in {dirty} tensors",
-                    tensors.len()
-                ),
-                tensors.iter().map(|t| t.n_bytes).sum(),
-            ),
-        );
-
-        let started = Instant::now();
-        let skipped: Vec<String> = fixes
-            .iter()
-            .filter_map(|(t, f)| f.skipped.as_ref().map(|why| format!("{}: {why}", t.name)))
-            .collect();
-        let sum = |f: &dyn Fn(&TensorFix) -> u64| fixes.iter().map(|(_, x)| f(x)).sum::<u64>();
-        if options.repair.is_none() && nan + inf > 0 {
-            report.unresolved.push(format!(
-                "{} NaN and {} infinite values in {dirty} tensors (no repair asked for)",
-                nan, inf
-            ));
+            } else {
+                StepOutcome::failed(
+                    format!(
+                        "{} match, {} differ, {} missing, {} unlisted",
+                        check.matched,
+                        check.mismatched.len(),
+                        check.missing.len(),
+                        check.unlisted.len()
+                    ),
+                    format!(
+                        "the model does not match the manifest (first differing: {})",
+                        check
+                            .mismatched
+                            .first()
+                            .or(check.missing.first())
+                            .or(check.unlisted.first())
+                            .map_or("the whole-file digest", String::as_str)
+                    ),
+                )
+            }
         }
-        report
-            .unresolved
-            .extend(skipped.iter().map(|s| format!("not fixable: {s}")));
-        let outcome = match options.repair {
-            None if nan + inf > 0 => StepOutcome::skipped(format!(
-                "repair not asked for: {} non-finite values left as they are",
-                nan + inf
-            )),
-            None => StepOutcome::skipped("no repair asked for"),
-            Some(_) if nan + inf == 0 => StepOutcome::skipped("nothing to repair"),
-            Some(mode) => StepOutcome::ok(
-                format!(
-                    "{} values set ({mode:?}) in {} tensors{}",
-                    sum(&|f| f.repaired_values),
-                    fixes.iter().filter(|(_, f)| f.repaired_values > 0).count(),
-                    if skipped.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; not fixable: {}", skipped.join(", "))
-                    }
-                ),
-                sum(&|f| f.repair_bytes),
-            ),
-        };
-        report.push("repair", Tier::Memory, started, outcome);
-        let outcome = match options.outlier_sigmas {
-            None => StepOutcome::skipped("no outlier clamp asked for"),
-            Some(k) => StepOutcome::ok(
-                format!(
-                    "{} values beyond mean +/- {k} sd clamped in {} tensors",
-                    sum(&|f| f.clamped_values),
-                    fixes.iter().filter(|(_, f)| f.clamped_values > 0).count()
-                ),
-                sum(&|f| f.clamp_bytes),
-            ),
-        };
-        report.push("outlier_clamp", Tier::Memory, started, outcome);
-        patches = fixes
-            .into_iter()
-            .filter_map(|(_, f)| f.patch)
-            .collect::<Vec<_>>();
+    };
+    report.push("integrity", Tier::Byte, started, outcome);
+    if !report.succeeded() {
+        return Ok(None);
     }
 
-    Ok((live.plan_transaction(patches)?, true))
+    let started = Instant::now();
+    let tensors: Vec<(usize, &TensorInfo)> = shards
+        .iter()
+        .enumerate()
+        .flat_map(|(shard, g)| g.tensors().iter().map(move |t| (shard, t)))
+        .filter(|(_, t)| codec::can_dequantize(t.ggml_type))
+        .collect();
+    // One pass per tensor: the scan, the statistics and the fix plan share its decode.
+    let (scans, fixes): (Vec<NonFiniteReport>, Vec<(usize, &TensorInfo, TensorFix)>) = tensors
+        .par_iter()
+        .map(|&(shard, t)| {
+            examine(
+                &shards[shard],
+                t,
+                options.repair,
+                options.outlier_sigmas,
+                ONE_PASS_VALUES,
+            )
+            .map(|(scan, fix)| (scan, (shard, t, fix)))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    let (nan, inf): (u64, u64) = scans
+        .iter()
+        .fold((0, 0), |(n, i), s| (n + s.nan_count, i + s.inf_count));
+    let dirty = scans.iter().filter(|s| !s.is_clean()).count();
+    let unscanned = all_tensors().count() - tensors.len();
+    report.push(
+        "scan",
+        Tier::Memory,
+        started,
+        StepOutcome::ok(
+            format!(
+                "{} tensors scanned ({unscanned} of types without a decoder left out): {nan} NaN and {inf} infinite values in {dirty} tensors",
+                tensors.len()
+            ),
+            tensors.iter().map(|(_, t)| t.n_bytes).sum(),
+        ),
+    );
+
+    let started = Instant::now();
+    let skipped: Vec<String> = fixes
+        .iter()
+        .filter_map(|(_, t, f)| f.skipped.as_ref().map(|why| format!("{}: {why}", t.name)))
+        .collect();
+    let sum = |f: &dyn Fn(&TensorFix) -> u64| fixes.iter().map(|(_, _, x)| f(x)).sum::<u64>();
+    let count = |f: &dyn Fn(&TensorFix) -> bool| fixes.iter().filter(|(_, _, x)| f(x)).count();
+    if options.repair.is_none() && nan + inf > 0 {
+        report.unresolved.push(format!(
+            "{} NaN and {} infinite values in {dirty} tensors (no repair asked for)",
+            nan, inf
+        ));
+    }
+    report
+        .unresolved
+        .extend(skipped.iter().map(|s| format!("not fixable: {s}")));
+    let outcome = match options.repair {
+        None if nan + inf > 0 => StepOutcome::skipped(format!(
+            "repair not asked for: {} non-finite values left as they are",
+            nan + inf
+        )),
+        None => StepOutcome::skipped("no repair asked for"),
+        Some(_) if nan + inf == 0 => StepOutcome::skipped("nothing to repair"),
+        Some(mode) => StepOutcome::ok(
+            format!(
+                "{} values set ({mode:?}) in {} tensors{}",
+                sum(&|f| f.repaired_values),
+                count(&|f| f.repaired_values > 0),
+                if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not fixable: {}", skipped.join(", "))
+                }
+            ),
+            sum(&|f| f.repair_bytes),
+        ),
+    };
+    report.push("repair", Tier::Memory, started, outcome);
+    let outcome = match options.outlier_sigmas {
+        None => StepOutcome::skipped("no outlier clamp asked for"),
+        Some(k) => StepOutcome::ok(
+            format!(
+                "{} values beyond mean +/- {k} sd clamped in {} tensors",
+                sum(&|f| f.clamped_values),
+                count(&|f| f.clamped_values > 0)
+            ),
+            sum(&|f| f.clamp_bytes),
+        ),
+    };
+    report.push("outlier_clamp", Tier::Memory, started, outcome);
+    Ok(Some(
+        fixes
+            .into_iter()
+            .filter_map(|(shard, t, f)| {
+                f.write.map(|(offset, bytes)| PlannedFix {
+                    shard,
+                    name: t.name.clone(),
+                    offset,
+                    bytes,
+                })
+            })
+            .collect(),
+    ))
 }
 
 /// A safety run planned by [`Manager::plan_safety`]: the report of the steps that plan
@@ -533,6 +580,93 @@ impl byte_tier::plan::Plan for BoundSafetyPlan<'_> {
 
     fn apply(self) -> Result<PipelineReport> {
         self.manager.apply_safety(self.plan, self.options)
+    }
+}
+
+/// The runs of `new`, to be written at `offset` over `file`, that change its bytes, as
+/// writes: a repair's span holds many unchanged blocks, which are neither written nor
+/// journaled. Runs closer than a journal record's overhead are written as one.
+fn changed_runs(file: &[u8], offset: u64, new: &[u8]) -> Vec<byte_tier::ByteWrite> {
+    const JOIN_GAP: u64 = 32;
+    let old = &file[offset as usize..offset as usize + new.len()];
+    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+    for run in byte_tier::ops::differences(old, new) {
+        match runs.last_mut() {
+            Some(last) if run.start - last.end < JOIN_GAP => last.end = run.end,
+            _ => runs.push(run),
+        }
+    }
+    runs.into_iter()
+        .map(|r| byte_tier::ByteWrite {
+            offset: offset + r.start,
+            bytes: new[r.start as usize..r.end as usize].to_vec(),
+        })
+        .collect()
+}
+
+/// A safety run over a shard set, planned by [`Manager::plan_safety_of_set`]: the report
+/// of the planning steps and the repairs, each in the shard that holds its tensor, to be
+/// written as one set transaction (all shards or none, recovered as a unit).
+#[derive(Debug, Serialize)]
+pub struct SetSafetyPlan {
+    /// The report so far.
+    #[serde(flatten)]
+    pub report: PipelineReport,
+    /// `"in_place_set"`.
+    pub kind: &'static str,
+    /// Every shard of the set, in order.
+    pub shards: Vec<PathBuf>,
+    /// The tensors repaired, by name.
+    pub tensors: Vec<String>,
+    /// Bytes the repairs write: those that change.
+    pub bytes: u64,
+    /// What the plan was made from: each shard it writes, with its header and the
+    /// ranges it rewrites.
+    pub stamps: Vec<FileStamp>,
+    #[serde(skip)]
+    writes: Vec<ShardWrites>,
+    #[serde(skip)]
+    proceed: bool,
+}
+
+impl SetSafetyPlan {
+    /// Binds the plan to the manager (for its server) and options that apply it, as a
+    /// `byte_tier::plan::Plan`.
+    pub fn on<'a>(
+        self,
+        manager: &'a Manager,
+        options: &'a SafetyOptions,
+    ) -> BoundSetSafetyPlan<'a> {
+        BoundSetSafetyPlan {
+            manager,
+            options,
+            plan: self,
+        }
+    }
+}
+
+/// A [`SetSafetyPlan`] with what applies it: reported as the plan, applied by
+/// [`Manager::apply_safety_of_set`].
+#[derive(Debug, Serialize)]
+pub struct BoundSetSafetyPlan<'a> {
+    #[serde(skip)]
+    manager: &'a Manager,
+    #[serde(skip)]
+    options: &'a SafetyOptions,
+    #[serde(flatten)]
+    plan: SetSafetyPlan,
+}
+
+impl byte_tier::plan::Plan for BoundSetSafetyPlan<'_> {
+    type Applied = PipelineReport;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.plan.writes.is_empty()
+    }
+
+    fn apply(self) -> Result<PipelineReport> {
+        self.manager.apply_safety_of_set(self.plan, self.options)
     }
 }
 
@@ -618,6 +752,150 @@ impl Manager {
         };
         report.push("write", Tier::Memory, started, outcome);
 
+        self.push_server_rules(options, &mut report);
+        if !report.succeeded() {
+            let patches = std::mem::take(&mut report.undo.memory_patches);
+            self.change(id, |live| {
+                for patch in patches.iter().rev() {
+                    live.revert(*patch)?;
+                }
+                Ok(())
+            })?;
+            report.undo = Default::default();
+            return Ok(report);
+        }
+        self.completed(&report);
+        Ok(report)
+    }
+
+    /// The planning steps of [`Manager::safety`] over the shard set `any_shard` belongs
+    /// to, reported once for the whole model (the manifest is the set's, as `verify`
+    /// writes it): the repairs, each in its shard, as one set transaction. Nothing is
+    /// written.
+    pub fn plan_safety_of_set(
+        &self,
+        any_shard: &Path,
+        options: &SafetyOptions,
+    ) -> Result<SetSafetyPlan> {
+        let set = byte_tier::split::ShardSet::open(any_shard)?;
+        let parsed = set.parse_all()?;
+        let shards: Vec<PathBuf> = set.files().iter().map(|f| f.path().to_owned()).collect();
+        let mut report = PipelineReport::new(
+            "safety",
+            shards.first().cloned().unwrap_or_default(),
+            options.dry_run,
+        );
+        let fixes = plan_fixes(&parsed, options, &mut report)?;
+        let proceed = fixes.is_some();
+        let fixes = fixes.unwrap_or_default();
+        let mut writes = Vec::new();
+        let mut stamps = Vec::new();
+        for (index, (file, gguf)) in set.files().iter().zip(&parsed).enumerate() {
+            let part: Vec<&PlannedFix> = fixes.iter().filter(|f| f.shard == index).collect();
+            if part.is_empty() {
+                continue;
+            }
+            let ranges = std::iter::once(0..gguf.data_offset()).chain(
+                part.iter()
+                    .map(|f| f.offset..f.offset + f.bytes.len() as u64),
+            );
+            stamps.push(FileStamp::take(file.path(), file.bytes(), ranges)?);
+            writes.push(ShardWrites {
+                shard: file.path().to_owned(),
+                writes: part
+                    .iter()
+                    .flat_map(|f| changed_runs(gguf.bytes(), f.offset, &f.bytes))
+                    .collect(),
+                reverts: None,
+            });
+        }
+        Ok(SetSafetyPlan {
+            report,
+            kind: "in_place_set",
+            shards,
+            tensors: fixes.iter().map(|f| f.name.clone()).collect(),
+            bytes: writes
+                .iter()
+                .flat_map(|w| &w.writes)
+                .map(|w| w.bytes.len() as u64)
+                .sum(),
+            stamps,
+            writes,
+            proceed,
+        })
+    }
+
+    /// The write and server steps of a set's safety run: the repairs as one set
+    /// transaction, as they were planned (refused when a shard changed since; nothing in
+    /// a dry run), then the server rules. A failed step undoes the steps before it.
+    pub fn apply_safety_of_set(
+        &self,
+        plan: SetSafetyPlan,
+        options: &SafetyOptions,
+    ) -> Result<PipelineReport> {
+        let SetSafetyPlan {
+            mut report,
+            shards,
+            tensors,
+            stamps,
+            writes,
+            proceed,
+            ..
+        } = plan;
+        if !proceed {
+            return Ok(report);
+        }
+        let Some(first) = shards.first() else {
+            return Ok(report);
+        };
+        let started = Instant::now();
+        let count = tensors.len();
+        let planned: u64 = writes
+            .iter()
+            .flat_map(|w| &w.writes)
+            .map(|w| w.bytes.len() as u64)
+            .sum();
+        let outcome = if count == 0 {
+            StepOutcome::skipped("nothing to write")
+        } else if options.dry_run {
+            StepOutcome::skipped(format!(
+                "dry run: repairs of {count} tensors in {} shards would write {planned} bytes",
+                writes.len()
+            ))
+        } else {
+            for (stamp, part) in stamps.iter().zip(&writes) {
+                let map = byte_tier::MappedFile::open(&part.shard)?;
+                stamp.check(map.bytes())?;
+            }
+            let parts = writes.len();
+            let receipt = run_set_transaction(first, "safety", None, writes)?;
+            report.undo.set_transaction = receipt.transaction;
+            StepOutcome::ok(
+                format!(
+                    "repairs of {count} tensors in {parts} shards, one set transaction{}",
+                    receipt
+                        .transaction
+                        .map_or(String::new(), |t| format!(" ({t} in the set's journal)"))
+                ),
+                planned,
+            )
+        };
+        report.push("write", Tier::Byte, started, outcome);
+        self.push_server_rules(options, &mut report);
+        if !report.succeeded() {
+            if let Some(id) = report.undo.set_transaction.take() {
+                revert_set_transaction(first, id)?;
+            }
+            report.undo = Default::default();
+            return Ok(report);
+        }
+        self.completed(&report);
+        Ok(report)
+    }
+
+    /// The pipeline's last step: the default server rules, added to an attached server
+    /// unless this is a dry run.
+    fn push_server_rules(&self, options: &SafetyOptions, report: &mut PipelineReport) {
         let started = Instant::now();
         let outcome = match (self.server(), &options.server) {
             (None, _) => StepOutcome::skipped("no server attached"),
@@ -650,19 +928,6 @@ impl Manager {
             }
         };
         report.push("server_rules", Tier::Server, started, outcome);
-        if !report.succeeded() {
-            let patches = std::mem::take(&mut report.undo.memory_patches);
-            self.change(id, |live| {
-                for patch in patches.iter().rev() {
-                    live.revert(*patch)?;
-                }
-                Ok(())
-            })?;
-            report.undo = Default::default();
-            return Ok(report);
-        }
-        self.completed(&report);
-        Ok(report)
     }
 
     /// Adds rules to a server, leaving those whose name it already has; on a refusal the

@@ -141,6 +141,12 @@ pub fn print_report(report: &PipelineReport, json: bool) -> anyhow::Result<()> {
                 report.target.display()
             );
         }
+        if let Some(t) = undo.set_transaction {
+            println!(
+                "undo the writes: hotpatch revert --set {} {t}",
+                report.target.display()
+            );
+        }
         if !undo.server_rules.is_empty() {
             println!("server rules added: {}", undo.server_rules.join(", "));
         }
@@ -209,7 +215,6 @@ fn parse_repair(text: &str) -> Result<Repair, String> {
 }
 
 pub fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
-    super::sets::refuse_shard(&args.file, "safety")?;
     let config = args.config.open()?;
     let settings = config.settings()?;
     let manager = Manager::new();
@@ -232,6 +237,19 @@ pub fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
         server: Some(server),
         dry_run: args.dry_run,
     };
+    if let Some(set) = super::sets::open_for_rewrite(&args.file, args.dry_run)? {
+        // A shard of several (each shard's unfinished transaction recovered first): the
+        // whole set is scanned, and repaired as one set transaction.
+        let size = set.files().iter().map(|f| f.bytes().len() as u64).sum();
+        drop(set);
+        let spinner = spinner("safety: scanning and planning the set", size);
+        let plan = manager.plan_safety_of_set(&args.file, &options);
+        spinner.finish_and_clear();
+        let plan = plan?;
+        let planned = plan.report.clone();
+        let applied = super::plan::run(plan.on(&manager, &options), args.dry_run, args.json);
+        return report_planned(applied?, &planned, args.json);
+    }
     let mode = if args.dry_run {
         AttachMode::Private
     } else {

@@ -1,12 +1,13 @@
-//! Rewrites of shard sets: `prune`, `requantize`, `optimize`, `tensor rename` and
-//! `tensor remove` given any shard of a set work on the whole set, through one
-//! `byte_tier::split::SetRewritePlan` (all shards or none, `split.tensors.count` kept
-//! right in every shard). In-place edits of a set (`ablate`, `lora merge`) are set
-//! transactions instead (`unified_manager::surgery::SetSurgeryPlan`).
+//! Rewrites of shard sets: `prune`, `requantize`, `optimize`, `layers duplicate`,
+//! `tensor rename` and `tensor remove` given any shard of a set work on the whole set,
+//! through one `byte_tier::split::SetRewritePlan` (all shards or none,
+//! `split.tensors.count` kept right in every shard). In-place edits of
+//! a set (`ablate`, `lora merge`, `safety`) are set transactions instead
+//! (`unified_manager::surgery::SetSurgeryPlan`, `unified_manager::safety::SetSafetyPlan`).
 
 use std::path::Path;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use byte_tier::split::{self, SetRewriteOutcome, SetRewritePlan, ShardSet};
 use serde::Serialize;
 use serde_json::json;
@@ -28,25 +29,6 @@ pub fn open_for_rewrite(file: &Path, dry_run: bool) -> anyhow::Result<Option<Sha
         }
     }
     Ok(Some(ShardSet::open(file)?))
-}
-
-/// Refuses `file` when it is one shard of several, for a command that works on a single
-/// file: run there, it would change only that shard's tensors and leave the model half
-/// edited. The error says how to go on.
-pub fn refuse_shard(file: &Path, command: &str) -> anyhow::Result<()> {
-    if let Some(name) = split::parse_shard_name(file).filter(|n| n.count > 1) {
-        bail!(
-            "{} is shard {} of {} of a set, and `hotpatch {command}` works on a single file \
-             (here it would change only this shard's tensors): merge the set first \
-             (`hotpatch merge {} MERGED.gguf`), and split the result again with \
-             `hotpatch split` if you need shards",
-            file.display(),
-            name.index + 1,
-            name.count,
-            split::shard_path(&name.prefix, 0, name.count).display()
-        );
-    }
-    Ok(())
 }
 
 /// Reports a set rewrite's plan with --dry-run, or applies it with a progress bar; shard

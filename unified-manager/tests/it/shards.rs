@@ -528,24 +528,111 @@ fn a_set_rewrite_killed_between_renames_is_refused_until_recover_finishes_it() {
     assert!(stray.is_empty(), "{stray:?}");
 }
 
+/// The first F32 tensor of `shard`: its name and the absolute offset of its data.
+fn first_f32_tensor(shard: &Path) -> (String, u64) {
+    let map = byte_tier::MappedFile::open(shard).unwrap();
+    let gguf = map.parse().unwrap();
+    let t = gguf
+        .tensors()
+        .iter()
+        .find(|t| t.ggml_type == byte_tier::GgmlType::F32)
+        .unwrap();
+    (t.name.clone(), t.data_range().start)
+}
+
 #[test]
-fn safety_on_a_shard_is_refused_naming_the_set_and_writes_nothing() {
-    // Run on one shard, it would change only that shard's tensors: it is refused,
-    // saying which shard it is and how to go on, and no shard changes.
+fn safety_on_a_set_repairs_every_shard_as_one_transaction() {
+    use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let shards = real_model_in_three_shards(dir.path());
+    // A NaN in the first shard and an infinity in the last.
+    let planted = [(0, f32::NAN), (2, f32::INFINITY)].map(|(index, value)| {
+        let (name, offset) = first_f32_tensor(&shards[index]);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&shards[index])
+            .unwrap();
+        file.write_all_at(&value.to_le_bytes(), offset).unwrap();
+        (index, name, offset)
+    });
     let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
-    let shard = shards[1].to_str().unwrap();
-    let output = Command::new(HOTPATCH)
-        .args(["safety", shard, "--outlier-sigmas", "6"])
+    let manifest = dir.path().join("set.manifest");
+    // verify writes the set's manifest, and fails on the planted values.
+    let verified = Command::new(HOTPATCH)
+        .args(["verify", shards[0].to_str().unwrap(), "--write-manifest"])
+        .arg(&manifest)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "safety succeeded on a shard");
+    let printed = String::from_utf8_lossy(&verified.stdout);
     assert!(
-        stderr.contains("is shard 2 of 3 of a set") && stderr.contains("hotpatch merge"),
-        "{stderr}"
+        !verified.status.success() && printed.contains("wrote 236 tensor digests"),
+        "{printed}"
     );
+    let args = [
+        "safety",
+        shards[1].to_str().unwrap(),
+        "--repair",
+        "zero",
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ];
+
+    // The dry run plans both repairs, in their shards, and writes nothing.
+    let dry: serde_json::Value =
+        serde_json::from_str(&hotpatch(&os(
+            &[&args[..], &["--dry-run", "--json"]].concat()
+        )))
+        .unwrap();
+    assert_eq!(dry["kind"], "in_place_set");
+    let mut planned: Vec<&str> = dry["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    planned.sort_unstable();
+    let mut expected: Vec<&str> = planted.iter().map(|(_, n, _)| n.as_str()).collect();
+    expected.sort_unstable();
+    assert_eq!(planned, expected);
+    assert_unchanged(&shards, &before);
+
+    // Killed after the first shard's bytes: recovery puts every shard back.
+    let args_os = os(&args);
+    let args_os: Vec<&std::ffi::OsStr> = args_os.iter().map(|a| a.as_os_str()).collect();
+    killed_at("set-between-shards", &args_os);
+    hotpatch(&os(&["recover", shards[2].to_str().unwrap()]));
+    assert_unchanged(&shards, &before);
+
+    // Applied: the manifest matches, both values are zero, the middle shard is untouched,
+    // and the set transaction reverts byte for byte.
+    let report: serde_json::Value =
+        serde_json::from_str(&hotpatch(&os(&[&args[..], &["--json"]].concat()))).unwrap();
+    let step = |name: &str| {
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["step"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(step("integrity")["result"]["status"], "ok", "{report}");
+    assert_eq!(step("write")["result"]["status"], "ok", "{report}");
+    for (index, _, offset) in &planted {
+        let bytes = std::fs::read(&shards[*index]).unwrap();
+        assert_eq!(
+            &bytes[*offset as usize..*offset as usize + 4],
+            &[0, 0, 0, 0]
+        );
+    }
+    assert!(std::fs::read(&shards[1]).unwrap() == before[1]);
+    let transaction = report["undo"]["set_transaction"].as_u64().unwrap();
+    hotpatch(&os(&[
+        "revert",
+        "--set",
+        shards[2].to_str().unwrap(),
+        &transaction.to_string(),
+    ]));
     assert_unchanged(&shards, &before);
 }
 
