@@ -67,6 +67,10 @@ pub struct SafetyOptions {
     pub manifest: Option<String>,
     /// Rules for an attached server (`None`: add none).
     pub server: Option<ServerDefaults>,
+    /// Importance weights for the requantization of fixed rows, applied as
+    /// llama-quantize --imatrix does; the types ggml quantizes only with weights
+    /// (IQ1_S, IQ2_XXS, IQ2_XS) are fixed only where the matrix names the tensor.
+    pub imatrix: Option<std::sync::Arc<byte_tier::imatrix::ImportanceMatrix>>,
     /// Plan and report, write nothing.
     pub dry_run: bool,
 }
@@ -120,10 +124,10 @@ impl Moments {
 /// window of this size: scan and statistics, then fix.
 const ONE_PASS_VALUES: u64 = 16 << 20;
 
-/// Element windows of a tensor: whole blocks, about `size` elements each.
-fn windows(tensor: &TensorInfo, size: u64) -> impl Iterator<Item = Range<u64>> {
-    let block = tensor.ggml_type.block_len();
-    let step = size.div_ceil(block) * block;
+/// Element windows of a tensor: whole units (blocks, or rows when the fix requantizes
+/// whole rows), about `size` elements each.
+fn windows(tensor: &TensorInfo, size: u64, unit: u64) -> impl Iterator<Item = Range<u64>> {
+    let step = size.div_ceil(unit) * unit;
     let n = tensor.n_elements;
     (0..n.div_ceil(step)).map(move |i| i * step..((i + 1) * step).min(n))
 }
@@ -136,6 +140,7 @@ fn examine(
     tensor: &TensorInfo,
     repair: Option<Repair>,
     sigmas: Option<f32>,
+    weights: Option<&[f32]>,
     one_pass_values: u64,
 ) -> Result<(NonFiniteReport, TensorFix)> {
     if repair.is_none() && sigmas.is_none() {
@@ -148,13 +153,13 @@ fn examine(
     if n <= one_pass_values {
         let mut values = vec![0f32; n as usize];
         let scan = codec::scan_non_finite_into(ty, data, 0..n, &mut values).map_err(in_tensor)?;
-        let mut planner = FixPlanner::new(tensor, data, &scan, repair, sigmas)?;
+        let mut planner = FixPlanner::new(tensor, data, &scan, repair, sigmas, weights)?;
         if let Some(planner) = &mut planner {
             planner.moments.add(&values);
             planner.add_values(0, &values)?;
         }
         let fix = planner.map_or_else(
-            || Ok(skipped_or_nothing(tensor, &scan, repair, sigmas)),
+            || Ok(skipped_or_nothing(tensor, &scan, repair, sigmas, weights)),
             FixPlanner::finish,
         )?;
         return Ok((scan, fix));
@@ -162,20 +167,24 @@ fn examine(
     let mut values = Vec::new();
     let mut scan = NonFiniteReport::default();
     let mut moments = Moments::default();
-    for window in windows(tensor, one_pass_values) {
+    let unit = match weights {
+        Some(_) => tensor.dims.first().copied().unwrap_or(1),
+        None => ty.block_len(),
+    };
+    for window in windows(tensor, one_pass_values, unit) {
         values.resize((window.end - window.start) as usize, 0.0);
         let part = codec::scan_non_finite_into(ty, data, window, &mut values).map_err(in_tensor)?;
         scan = scan.merge(part);
         moments.add(&values);
     }
-    let Some(mut planner) = FixPlanner::new(tensor, data, &scan, repair, sigmas)? else {
+    let Some(mut planner) = FixPlanner::new(tensor, data, &scan, repair, sigmas, weights)? else {
         return Ok((
             scan.clone(),
-            skipped_or_nothing(tensor, &scan, repair, sigmas),
+            skipped_or_nothing(tensor, &scan, repair, sigmas, weights),
         ));
     };
     planner.moments = moments;
-    for window in windows(tensor, one_pass_values) {
+    for window in windows(tensor, one_pass_values, unit) {
         values.resize((window.end - window.start) as usize, 0.0);
         codec::dequantize_range(ty, data, window.clone(), &mut values).map_err(in_tensor)?;
         planner.add_values(window.start, &values)?;
@@ -189,6 +198,7 @@ fn skipped_or_nothing(
     scan: &NonFiniteReport,
     repair: Option<Repair>,
     sigmas: Option<f32>,
+    weights: Option<&[f32]>,
 ) -> TensorFix {
     let wanted = (repair.is_some() && !scan.is_clean()) || sigmas.is_some();
     let mut fix = TensorFix::default();
@@ -197,10 +207,10 @@ fn skipped_or_nothing(
             "{} has no quantizer to write fixed values",
             tensor.ggml_type.name()
         ));
-    } else if wanted && codec::needs_importance(tensor.ggml_type) {
+    } else if wanted && codec::needs_importance(tensor.ggml_type) && weights.is_none() {
         fix.skipped = Some(format!(
-            "ggml quantizes {} only with importance weights, which safety repairs do not \
-             take: the tensor is left as it is",
+            "ggml quantizes {} only with importance weights, and no importance matrix \
+             (--imatrix) names the tensor: it is left as it is",
             tensor.ggml_type.name()
         ));
     }
@@ -208,17 +218,24 @@ fn skipped_or_nothing(
 }
 
 /// Plans a tensor's repair and outlier clamp block by block from its decoded values.
+/// Without importance weights each fixed block is requantized alone (every quantizer
+/// without weights works block by block). With them, each row holding a fixed block is
+/// requantized whole with its weights, as llama-quantize --imatrix quantizes it (some
+/// of ggml's weighted quantizers use row statistics), and only its fixed blocks are
+/// written.
 struct FixPlanner<'a> {
     tensor: &'a TensorInfo,
     data: &'a [u8],
     repair: Option<Repair>,
     sigmas: Option<f32>,
+    /// The tensor's importance weights: one per column, per expert.
+    weights: Option<&'a [f32]>,
     /// Statistics of the finite values, complete before the first `add_values`.
     moments: Moments,
     fix: TensorFix,
     /// (byte offset in the tensor, new bytes) of each changed block.
     blocks: Vec<(usize, Vec<u8>)>,
-    /// One block's values, reused.
+    /// One block's (or row's) values, reused.
     fixed: Vec<f32>,
 }
 
@@ -230,10 +247,11 @@ impl<'a> FixPlanner<'a> {
         scan: &NonFiniteReport,
         repair: Option<Repair>,
         sigmas: Option<f32>,
+        weights: Option<&'a [f32]>,
     ) -> Result<Option<FixPlanner<'a>>> {
         let repairing = repair.is_some() && !scan.is_clean();
-        let writable =
-            codec::can_quantize(tensor.ggml_type) && !codec::needs_importance(tensor.ggml_type);
+        let writable = codec::can_quantize(tensor.ggml_type)
+            && (weights.is_some() || !codec::needs_importance(tensor.ggml_type));
         if (!repairing && sigmas.is_none()) || !writable {
             return Ok(None);
         }
@@ -242,6 +260,7 @@ impl<'a> FixPlanner<'a> {
             data,
             repair,
             sigmas,
+            weights,
             moments: Moments::default(),
             fix: TensorFix::default(),
             blocks: Vec::new(),
@@ -249,61 +268,121 @@ impl<'a> FixPlanner<'a> {
         }))
     }
 
-    /// Plans the blocks of `values`, the decoded elements from `first_element` on (whole
-    /// blocks).
-    fn add_values(&mut self, first_element: u64, values: &[f32]) -> Result<()> {
-        let ty = self.tensor.ggml_type;
-        let in_tensor = |e: byte_tier::Error| e.in_tensor(&self.tensor.name);
+    /// Fixes `values` (one block) in place: the counts of values repaired and clamped,
+    /// or `None` when the block holds NaN or infinity and no repair was asked for (it
+    /// cannot be written back, and is left as it is; the scan counts it).
+    fn fix_block(&self, values: &mut [f32]) -> Option<(u64, u64)> {
+        if self.repair.is_none() && values.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
         let outlier_bounds = self.sigmas.and_then(|k| self.moments.bounds(k));
+        let (mut repaired, mut clamped) = (0u64, 0u64);
+        for v in values {
+            if !v.is_finite() {
+                match self.repair {
+                    Some(Repair::Zero) => *v = 0.0,
+                    Some(Repair::Clamp) if v.is_nan() => *v = 0.0,
+                    Some(Repair::Clamp) => *v = self.moments.max_abs.copysign(*v),
+                    None => continue,
+                }
+                repaired += 1;
+            } else if let Some((lo, hi)) = outlier_bounds
+                && (*v < lo || *v > hi)
+            {
+                *v = v.clamp(lo, hi);
+                clamped += 1;
+            }
+        }
+        Some((repaired, clamped))
+    }
+
+    /// Counts a fixed block and keeps its new bytes when they differ from the old.
+    fn record(&mut self, offset: usize, (repaired, clamped): (u64, u64), new: &[u8]) {
+        let old = &self.data[offset..offset + new.len()];
+        let changed: u64 = byte_tier::ops::differences(old, new)
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum();
+        self.fix.repaired_values += repaired;
+        self.fix.clamped_values += clamped;
+        if repaired > 0 {
+            self.fix.repair_bytes += changed;
+        } else {
+            self.fix.clamp_bytes += changed;
+        }
+        if changed > 0 {
+            self.blocks.push((offset, new.to_vec()));
+        }
+    }
+
+    /// Plans the blocks of `values`, the decoded elements from `first_element` on (whole
+    /// blocks; whole rows with importance weights).
+    fn add_values(&mut self, first_element: u64, values: &[f32]) -> Result<()> {
+        if let Some(weights) = self.weights {
+            return self.add_rows(first_element, values, weights);
+        }
+        let ty = self.tensor.ggml_type;
         let block_len = ty.block_len() as usize;
         let block_bytes = ty.block_bytes() as usize;
         let first_block = (first_element / ty.block_len()) as usize;
+        let mut fixed = std::mem::take(&mut self.fixed);
         for (b, old) in values.chunks(block_len).enumerate() {
-            if self.repair.is_none() && old.iter().any(|v| !v.is_finite()) {
-                // Without a repair, a block holding NaN or infinity cannot be written
-                // back; it is left as it is (and counted by the scan).
+            fixed.clear();
+            fixed.extend_from_slice(old);
+            let Some(counts) = self.fix_block(&mut fixed).filter(|(r, c)| r + c > 0) else {
                 continue;
-            }
-            let (mut repaired, mut clamped) = (0u64, 0u64);
-            self.fixed.clear();
-            self.fixed.extend_from_slice(old);
-            for v in &mut self.fixed {
-                if !v.is_finite() {
-                    match self.repair {
-                        Some(Repair::Zero) => *v = 0.0,
-                        Some(Repair::Clamp) if v.is_nan() => *v = 0.0,
-                        Some(Repair::Clamp) => *v = self.moments.max_abs.copysign(*v),
-                        None => continue,
-                    }
-                    repaired += 1;
-                } else if let Some((lo, hi)) = outlier_bounds
-                    && (*v < lo || *v > hi)
-                {
-                    *v = v.clamp(lo, hi);
-                    clamped += 1;
+            };
+            let new = codec::quantize(ty, &fixed).map_err(|e| e.in_tensor(&self.tensor.name))?;
+            self.record((first_block + b) * block_bytes, counts, &new);
+        }
+        self.fixed = fixed;
+        Ok(())
+    }
+
+    /// [`add_values`](Self::add_values) with importance weights: `values` are whole rows.
+    /// A row with a block that cannot be written back (NaN or infinity, no repair) is
+    /// left as it is, since its row statistics cannot be computed.
+    fn add_rows(&mut self, first_element: u64, values: &[f32], weights: &[f32]) -> Result<()> {
+        let ty = self.tensor.ggml_type;
+        let in_tensor = |e: byte_tier::Error| e.in_tensor(&self.tensor.name);
+        let dims = &self.tensor.dims;
+        let row_len = dims.first().copied().unwrap_or(1);
+        let rows_per_expert = dims.get(1).copied().unwrap_or(1).max(1);
+        let block_len = ty.block_len() as usize;
+        let block_bytes = ty.block_bytes() as usize;
+        let row_bytes = (row_len as usize / block_len) * block_bytes;
+        let mut fixed = std::mem::take(&mut self.fixed);
+        for (r, old) in values.chunks(row_len as usize).enumerate() {
+            let row = first_element / row_len + r as u64;
+            fixed.clear();
+            fixed.extend_from_slice(old);
+            let counts: Option<Vec<(u64, u64)>> = fixed
+                .chunks_mut(block_len)
+                .map(|block| self.fix_block(block))
+                .collect();
+            let Some(counts) = counts.filter(|c| c.iter().any(|(r, c)| r + c > 0)) else {
+                continue;
+            };
+            let expert = (row / rows_per_expert) as usize;
+            let row_weights = weights
+                .get(expert * row_len as usize..(expert + 1) * row_len as usize)
+                .ok_or_else(|| {
+                    Error::Refused(format!(
+                        "the importance weights of {} do not cover row {row}",
+                        self.tensor.name
+                    ))
+                })?;
+            let new = codec::quantize_weighted(ty, &fixed, row_len as usize, row_weights)
+                .map_err(in_tensor)?;
+            for (b, &block_counts) in counts.iter().enumerate() {
+                if block_counts.0 + block_counts.1 > 0 {
+                    let at = b * block_bytes;
+                    let offset = row as usize * row_bytes + at;
+                    self.record(offset, block_counts, &new[at..at + block_bytes]);
                 }
             }
-            if repaired + clamped == 0 {
-                continue;
-            }
-            let offset = (first_block + b) * block_bytes;
-            let new = codec::quantize(ty, &self.fixed).map_err(in_tensor)?;
-            let old_bytes = &self.data[offset..offset + block_bytes];
-            let changed: u64 = byte_tier::ops::differences(old_bytes, &new)
-                .iter()
-                .map(|r| r.end - r.start)
-                .sum();
-            self.fix.repaired_values += repaired;
-            self.fix.clamped_values += clamped;
-            if repaired > 0 {
-                self.fix.repair_bytes += changed;
-            } else {
-                self.fix.clamp_bytes += changed;
-            }
-            if changed > 0 {
-                self.blocks.push((offset, new));
-            }
         }
+        self.fixed = fixed;
         Ok(())
     }
 
@@ -416,6 +495,9 @@ fn plan_fixes(
         return Ok(None);
     }
 
+    if let Some(imatrix) = &options.imatrix {
+        imatrix.check_shards(shards)?;
+    }
     let started = Instant::now();
     let tensors: Vec<(usize, &TensorInfo)> = shards
         .iter()
@@ -427,11 +509,16 @@ fn plan_fixes(
     let (scans, fixes): (Vec<NonFiniteReport>, Vec<(usize, &TensorInfo, TensorFix)>) = tensors
         .par_iter()
         .map(|&(shard, t)| {
+            let weights = match &options.imatrix {
+                Some(imatrix) => imatrix.weights_for(t)?,
+                None => None,
+            };
             examine(
                 &shards[shard],
                 t,
                 options.repair,
                 options.outlier_sigmas,
+                weights,
                 ONE_PASS_VALUES,
             )
             .map(|(scan, fix)| (scan, (shard, t, fix)))

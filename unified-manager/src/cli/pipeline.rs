@@ -188,6 +188,11 @@ pub struct SafetyArgs {
     /// match before anything is written.
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
+    /// An importance matrix (llama-imatrix's GGUF or legacy .dat output): fixed rows
+    /// are requantized with its weights, as llama-quantize --imatrix does, and the
+    /// types ggml quantizes only with weights (IQ1_S, IQ2_XXS, IQ2_XS) can be fixed.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
     /// With a server: the token cap of the default rules.
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<u64>,
@@ -235,6 +240,13 @@ pub fn safety(args: &SafetyArgs) -> anyhow::Result<()> {
         outlier_sigmas: args.outlier_sigmas.or(settings.safety.outlier_sigmas),
         manifest,
         server: Some(server),
+        imatrix: match &args.imatrix {
+            Some(path) => Some(std::sync::Arc::new(
+                byte_tier::imatrix::ImportanceMatrix::read(path)
+                    .with_context(|| format!("read {}", path.display()))?,
+            )),
+            None => None,
+        },
         dry_run: args.dry_run,
     };
     if let Some(set) = super::sets::open_for_rewrite(&args.file, args.dry_run)? {

@@ -501,3 +501,72 @@ fn preset_apply_with_an_imatrix_requantizes_as_patch_with_it_does() {
     assert!(tensor_bytes(&plain) != tensor_bytes(&weighted));
     assert!(tensor_bytes(&plain) != tensor_bytes(&base));
 }
+
+#[test]
+fn safety_repairs_a_type_ggml_quantizes_only_with_weights_given_the_imatrix() {
+    use std::os::unix::fs::FileExt;
+    let s = setup();
+    let file = s.dir.join("iq2_xxs.gguf");
+    let mut args = os(&["--imatrix"]);
+    args.push(s.gguf_matrix.as_os_str());
+    args.extend(os(&["--pure", "--token-embedding-type", "q8_0"]));
+    args.extend([s.model.as_os_str(), file.as_os_str()]);
+    args.extend(os(&["IQ2_XXS", "2"]));
+    run_ok(&tests::llama_tool("llama-quantize"), &args);
+
+    // A NaN scale (f16 0x7e00) in the first block of row 1 of the first ffn_down.
+    let (name, dims, row_at) = {
+        let map = MappedFile::open(&file).unwrap();
+        let gguf = map.parse().unwrap();
+        let t = gguf
+            .tensors()
+            .iter()
+            .find(|t| t.name.ends_with("ffn_down.weight"))
+            .unwrap();
+        assert_eq!(t.ggml_type, GgmlType::IQ2_XXS);
+        let row_bytes = GgmlType::IQ2_XXS.bytes_for(t.dims[0]).unwrap();
+        (t.name.clone(), t.dims.clone(), t.data_offset + row_bytes)
+    };
+    let handle = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    handle.write_all_at(&[0x00, 0x7e], row_at).unwrap();
+    drop(handle);
+    let planted = std::fs::read(&file).unwrap();
+    let path = file.to_str().unwrap();
+
+    // Without the matrix the tensor cannot be written back: it is reported, and kept.
+    let output = run(
+        Path::new(HOTPATCH),
+        &os(&["safety", path, "--repair", "zero"]),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("--imatrix"), "{stdout}");
+    assert!(std::fs::read(&file).unwrap() == planted);
+
+    // With it, the row is requantized with its weights, and only the fixed block moves.
+    let mut args = os(&["safety", path, "--repair", "zero", "--json", "--imatrix"]);
+    args.push(s.dat_matrix.as_os_str());
+    let report: serde_json::Value =
+        serde_json::from_str(&run_ok(Path::new(HOTPATCH), &args)).unwrap();
+    let repaired = std::fs::read(&file).unwrap();
+    let block = GgmlType::IQ2_XXS.block_bytes() as usize;
+    let row_len = dims[0] as usize;
+    let row_bytes = GgmlType::IQ2_XXS.bytes_for(dims[0]).unwrap() as usize;
+    let at = row_at as usize;
+    let mut row =
+        byte_tier::codec::dequantize(GgmlType::IQ2_XXS, &planted[at..at + row_bytes]).unwrap();
+    row.iter_mut().filter(|v| v.is_nan()).for_each(|v| *v = 0.0);
+    let matrix = byte_tier::imatrix::ImportanceMatrix::read(&s.dat_matrix).unwrap();
+    let weights = matrix.get(&name).unwrap();
+    let expected =
+        byte_tier::codec::quantize_weighted(GgmlType::IQ2_XXS, &row, row_len, weights).unwrap();
+    assert_eq!(&repaired[at..at + block], &expected[..block]);
+    assert!(repaired[..at] == planted[..at] && repaired[at + block..] == planted[at + block..]);
+
+    let transaction = report["undo"]["journal_transaction"].as_u64().unwrap();
+    run_ok(
+        Path::new(HOTPATCH),
+        &os(&["revert", path, &transaction.to_string()]),
+    );
+    assert!(std::fs::read(&file).unwrap() == planted);
+}
