@@ -1,6 +1,7 @@
 //! The `boost` pipeline: warm the model's pages into the page cache, optionally lock
 //! them in memory and advise huge pages, and turn the attached server's response cache
-//! on; the report gives the time of a first full read before and after.
+//! on; the report gives the time of a first full read before and after. A shard of a
+//! set stands for its whole set: every shard is warmed, advised and locked.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -28,28 +29,50 @@ pub struct BoostOptions {
     pub dry_run: bool,
 }
 
-/// A boost the manager holds: the mapping that carries the advice and the page lock.
+/// A boost the manager holds: the mappings (one per file of the model) that carry the
+/// advice and the page lock.
 #[derive(Debug)]
 pub(crate) struct HeldBoost {
     id: u32,
-    map: MappedFile,
+    maps: Vec<MappedFile>,
     locked: bool,
 }
 
 static NEXT_BOOST: AtomicU32 = AtomicU32::new(1);
 
-/// Reads one byte of every page of a fresh mapping of `path`; returns the seconds it
+/// Reads one byte of every page of fresh mappings of `paths`; returns the seconds it
 /// took (every page fault of a first reader, as a server loading the model sees them).
-fn time_full_read(path: &Path) -> Result<f64> {
-    let map = MappedFile::open(path)?;
+fn time_full_read(paths: &[PathBuf]) -> Result<f64> {
+    let maps = paths
+        .iter()
+        .map(MappedFile::open)
+        .collect::<byte_tier::Result<Vec<_>>>()?;
     let page = memory_tier::page_size();
     let started = Instant::now();
     let mut sum = 0u8;
-    for byte in map.bytes().iter().step_by(page) {
-        sum = sum.wrapping_add(*byte);
+    for map in &maps {
+        for byte in map.bytes().iter().step_by(page) {
+            sum = sum.wrapping_add(*byte);
+        }
     }
     std::hint::black_box(sum);
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// The files of the model at `path`: every shard of its set when it is one shard of
+/// several (the set checked), else the file itself.
+fn model_files(path: &Path) -> Result<Vec<PathBuf>> {
+    Ok(match byte_tier::split::open_set_of(path)? {
+        Some(set) => set.files().iter().map(|f| f.path().to_owned()).collect(),
+        None => vec![path.to_owned()],
+    })
+}
+
+fn evict_all(paths: &[PathBuf]) -> Result<()> {
+    for path in paths {
+        evict_from_page_cache(path)?;
+    }
+    Ok(())
 }
 
 fn rate(bytes: u64, seconds: f64) -> String {
@@ -69,14 +92,18 @@ impl Manager {
     /// is held by the manager until [`Manager::release_boost`] or
     /// [`Manager::revert_pipeline`]; a refused page lock fails the run and undoes it.
     pub fn boost(&self, path: &Path, options: &BoostOptions) -> Result<PipelineReport> {
-        let len = std::fs::metadata(path)
-            .map_err(|e| Error::io("stat", path, e))?
-            .len();
+        let files = model_files(path)?;
+        let mut len = 0u64;
+        for file in &files {
+            len += std::fs::metadata(file)
+                .map_err(|e| Error::io("stat", file, e))?
+                .len();
+        }
         let mut report = PipelineReport::new("boost", path.to_owned(), options.dry_run);
         let started = Instant::now();
         let cold = if options.measure_cold && !options.dry_run {
-            evict_from_page_cache(path)?;
-            let seconds = time_full_read(path)?;
+            evict_all(&files)?;
+            let seconds = time_full_read(&files)?;
             report.push(
                 "cold_read",
                 Tier::Os,
@@ -91,7 +118,7 @@ impl Manager {
                 ),
             );
             // The timing read warmed the cache: drop it again so the boost starts cold.
-            evict_from_page_cache(path)?;
+            evict_all(&files)?;
             Some(seconds)
         } else {
             report.push(
@@ -125,13 +152,26 @@ impl Manager {
         }
 
         let started = Instant::now();
-        let map = MappedFile::open(path)?;
-        map.advise_will_need()?;
+        let maps = files
+            .iter()
+            .map(MappedFile::open)
+            .collect::<byte_tier::Result<Vec<_>>>()?;
+        for map in &maps {
+            map.advise_will_need()?;
+        }
+        let of_files = if maps.len() > 1 {
+            format!(" in {} shards", maps.len())
+        } else {
+            String::new()
+        };
         report.push(
             "will_need",
             Tier::Os,
             started,
-            StepOutcome::ok(format!("asked the kernel to read {len} bytes ahead"), len),
+            StepOutcome::ok(
+                format!("asked the kernel to read {len} bytes ahead{of_files}"),
+                len,
+            ),
         );
 
         let started = Instant::now();
@@ -139,7 +179,7 @@ impl Manager {
             StepOutcome::skipped("not asked for")
         } else {
             let mode = thp_mode().unwrap_or_else(|| "unknown".to_owned());
-            match map.advise_huge_pages() {
+            match maps.iter().try_for_each(MappedFile::advise_huge_pages) {
                 Ok(()) => StepOutcome::ok(
                     format!(
                         "advised (kernel THP mode: {mode}; a file mapping gets huge pages only where the kernel supports read-only file THP)"
@@ -158,22 +198,23 @@ impl Manager {
         let outcome = if !options.mlock {
             StepOutcome::skipped("not asked for")
         } else {
-            match map.lock_resident() {
+            // Unmapping unlocks: a refusal part way drops every mapping below.
+            match maps.iter().try_for_each(MappedFile::lock_resident) {
                 Ok(()) => {
                     locked = true;
-                    StepOutcome::ok(format!("{len} bytes locked in memory"), len)
+                    StepOutcome::ok(format!("{len} bytes locked in memory{of_files}"), len)
                 }
                 Err(error) => StepOutcome::failed("nothing locked", error.to_string()),
             }
         };
         report.push("mlock", Tier::Os, started, outcome);
         if !report.succeeded() {
-            drop(map);
+            drop(maps);
             return Ok(report);
         }
 
         let started = Instant::now();
-        let seconds = time_full_read(path)?;
+        let seconds = time_full_read(&files)?;
         report.push(
             "warm_read",
             Tier::Os,
@@ -196,7 +237,7 @@ impl Manager {
         self.boosts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(HeldBoost { id, map, locked });
+            .push(HeldBoost { id, maps, locked });
         report.undo.boost = Some(id);
 
         let started = Instant::now();
@@ -243,20 +284,22 @@ impl Manager {
                 .ok_or_else(|| Error::Refused(format!("no boost #{id} is held")))?;
             boosts.remove(index)
         };
-        if held.locked {
-            held.map.unlock()?;
+        for map in &held.maps {
+            if held.locked {
+                map.unlock()?;
+            }
+            map.advise_normal()?;
         }
-        held.map.advise_normal()?;
         Ok(())
     }
 
-    /// The files boosted now.
+    /// The files boosted now, with the boost that holds each (every shard of a set).
     pub fn boosted(&self) -> Vec<(u32, PathBuf)> {
         self.boosts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|b| (b.id, b.map.path().to_owned()))
+            .flat_map(|b| b.maps.iter().map(|m| (b.id, m.path().to_owned())))
             .collect()
     }
 }

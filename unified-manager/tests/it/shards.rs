@@ -637,6 +637,41 @@ fn safety_on_a_set_repairs_every_shard_as_one_transaction() {
 }
 
 #[test]
+fn boost_on_a_shard_warms_every_shard_of_the_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let total: u64 = shards
+        .iter()
+        .map(|s| std::fs::metadata(s).unwrap().len())
+        .sum();
+    let report: serde_json::Value = serde_json::from_str(&hotpatch(&os(&[
+        "boost",
+        shards[1].to_str().unwrap(),
+        "--json",
+    ])))
+    .unwrap();
+    let step = |name: &str| {
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["step"] == name)
+            .unwrap()
+            .clone()
+    };
+    for name in ["cold_read", "will_need", "warm_read"] {
+        assert_eq!(step(name)["bytes"], total, "{name}: {report}");
+    }
+    assert!(
+        step("will_need")["changed"]
+            .as_str()
+            .unwrap()
+            .contains("in 3 shards"),
+        "{report}"
+    );
+}
+
+#[test]
 fn layers_duplicate_of_a_set_writes_a_new_set_equal_to_the_single_file_duplication() {
     let dir = tempfile::tempdir().unwrap();
     let shards = real_model_in_three_shards(dir.path());
