@@ -491,6 +491,21 @@ impl PatchPlan {
         self.items.iter().map(|(_, _, r)| r.clone()).collect()
     }
 
+    /// The writes with their bytes, in the order applying makes them, for a writer
+    /// outside this model (a transaction across the shards of a set). `None` when a
+    /// patch lies over an applied one: only this model can displace its own patches.
+    pub fn byte_writes(&self) -> Option<Vec<ByteWrite>> {
+        if self.patches.iter().any(|p| !p.displaces.is_empty()) {
+            return None;
+        }
+        Some(
+            self.items
+                .iter()
+                .flat_map(|(_, plan, _)| plan.writes.iter().cloned())
+                .collect(),
+        )
+    }
+
     /// Binds the plan to the model it applies to, as a `byte_tier::plan::Plan`.
     pub fn on(self, model: &LiveModel) -> LivePlan<'_> {
         LivePlan { model, plan: self }

@@ -46,7 +46,8 @@ impl Patch {
         }
     }
 
-    fn name(&self) -> &str {
+    /// The patch's (or rule's) name.
+    pub fn name(&self) -> &str {
         match self {
             Patch::Memory(p) => &p.name,
             Patch::Byte(p) => &p.name,
@@ -338,7 +339,7 @@ impl Manager {
             memory,
             rules,
         } = Unit::of(patches, live.read().bytes())?;
-        self.rule_server(&rules)?;
+        self.rule_server_for(&rules)?;
         Ok(UnitPlan {
             memory: live.plan_transaction(memory)?,
             rules: rules.iter().map(|r| r.name.clone()).collect(),
@@ -359,7 +360,7 @@ impl Manager {
             order,
             ..
         } = plan;
-        let server = self.rule_server(&rules)?;
+        let server = self.rule_server_for(&rules)?;
         let ids: Vec<Uuid> = if memory.patches.is_empty() {
             Vec::new()
         } else {
@@ -385,7 +386,7 @@ impl Manager {
             memory,
             rules,
         } = Unit::of(patches, live.read().bytes())?;
-        let server = self.rule_server(&rules)?;
+        let server = self.rule_server_for(&rules)?;
         let (ids, _) = if memory.is_empty() {
             (Vec::new(), 0)
         } else {
@@ -396,7 +397,7 @@ impl Manager {
 
     /// The server that takes `rules`: `None` when there are none, refused when there
     /// are rules and no attached server.
-    fn rule_server(&self, rules: &[Rule]) -> Result<Option<Arc<dyn ServerLink>>> {
+    pub(crate) fn rule_server_for(&self, rules: &[Rule]) -> Result<Option<Arc<dyn ServerLink>>> {
         if rules.is_empty() {
             return Ok(None);
         }
@@ -604,6 +605,12 @@ impl Unit {
         }
         Ok(unit)
     }
+}
+
+/// The memory and byte patches of `patches` as memory patches against `bytes` (rules
+/// are left out).
+pub(crate) fn memory_patches(patches: Vec<Patch>, bytes: &[u8]) -> Result<Vec<MemoryPatch>> {
+    Ok(Unit::of(patches, bytes)?.memory)
 }
 
 fn byte_patch_as_memory(patch: &BytePatch, bytes: &[u8]) -> Result<MemoryPatch> {

@@ -21,11 +21,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use byte_tier::named::BytePatch;
-use memory_tier::{MemoryPatch, PatchTarget, Payload, ValueTransform};
+use byte_tier::plan::FileStamp;
+use byte_tier::split::transaction::{ShardWrites, revert_set_transaction, run_set_transaction};
+use memory_tier::{MemoryPatch, PatchPlan, PatchTarget, Payload, ValueTransform};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::manager::{Manager, ModelId, Patch, Receipt};
+use crate::report::Tier;
 use crate::safety::{Repair, ServerDefaults};
 use crate::server::Rule;
 
@@ -478,5 +481,264 @@ impl Manager {
             preset.name, preset.version
         ));
         Ok(receipts)
+    }
+}
+
+/// One shard's part of a [`SetPresetPlan`]: the patches that land in it, planned on it.
+#[derive(Debug, Serialize)]
+pub struct SetPresetPart {
+    /// The shard.
+    pub shard: PathBuf,
+    /// Its patches' transaction, planned on the shard.
+    pub plan: PatchPlan,
+}
+
+/// A preset planned over the shards of a set by [`Manager::plan_preset_of_set`]: each
+/// memory or byte patch planned on the shard that holds its tensor, all of them to be
+/// written as one set transaction (all shards or none, recovered as a unit), then the
+/// server rules.
+#[derive(Debug, Serialize)]
+pub struct SetPresetPlan {
+    /// `"in_place_set"`.
+    pub kind: &'static str,
+    /// Every shard of the set, in order.
+    pub shards: Vec<PathBuf>,
+    /// The set transaction's name.
+    pub name: String,
+    /// The shards written, each with its plan.
+    pub parts: Vec<SetPresetPart>,
+    /// Bytes written, over all shards.
+    pub bytes: u64,
+    /// The server rules added after the write, by name.
+    pub rules: Vec<String>,
+    /// What the plan was made from: each shard it writes, with its header and the
+    /// ranges it writes.
+    pub stamps: Vec<FileStamp>,
+    #[serde(skip)]
+    writes: Vec<ShardWrites>,
+    #[serde(skip)]
+    rule_data: Vec<Rule>,
+    #[serde(skip)]
+    order: Vec<(Tier, String)>,
+}
+
+impl SetPresetPlan {
+    /// What applying would give back, before the set transaction exists.
+    pub fn receipts(&self) -> Vec<Receipt> {
+        set_receipts(&self.order)
+    }
+
+    /// Binds the plan to the manager that applies it (for its server), as a
+    /// `byte_tier::plan::Plan`.
+    pub fn on(self, manager: &Manager) -> BoundSetPresetPlan<'_> {
+        BoundSetPresetPlan {
+            manager,
+            plan: self,
+        }
+    }
+}
+
+fn set_receipts(order: &[(Tier, String)]) -> Vec<Receipt> {
+    order
+        .iter()
+        .map(|(tier, name)| Receipt {
+            tier: *tier,
+            name: name.clone(),
+            memory_patch: None,
+            journal_transaction: None,
+        })
+        .collect()
+}
+
+/// What applying a [`SetPresetPlan`] did.
+#[derive(Debug)]
+pub struct SetPresetApplied {
+    /// One receipt per patch and rule, in the preset's order.
+    pub receipts: Vec<Receipt>,
+    /// The set journal's transaction (`hotpatch revert --set SHARD N`), `None` when no
+    /// byte changed.
+    pub set_transaction: Option<u64>,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// A [`SetPresetPlan`] with its manager: reported as the plan, applied by
+/// [`Manager::apply_preset_of_set`].
+#[derive(Debug, Serialize)]
+pub struct BoundSetPresetPlan<'a> {
+    #[serde(skip)]
+    manager: &'a Manager,
+    #[serde(flatten)]
+    plan: SetPresetPlan,
+}
+
+impl byte_tier::plan::Plan for BoundSetPresetPlan<'_> {
+    type Applied = SetPresetApplied;
+    type Error = Error;
+
+    fn is_noop(&self) -> bool {
+        self.plan.writes.is_empty() && self.plan.rules.is_empty()
+    }
+
+    fn apply(self) -> Result<SetPresetApplied> {
+        self.manager.apply_preset_of_set(self.plan)
+    }
+}
+
+/// The tensor a patch of a preset addresses, which names the shard it goes to; patches
+/// addressed by absolute offsets name no shard of a set and are refused.
+fn tensor_of(patch: &Patch) -> Result<Option<&str>> {
+    let refuse = |name: &str| {
+        Err(Error::Refused(format!(
+            "patch {name:?} addresses absolute offsets, which name no shard of a set: give \
+             it a tensor target, or apply it to one shard file with `hotpatch patch`"
+        )))
+    };
+    match patch {
+        Patch::Memory(p) => match &p.target {
+            PatchTarget::Tensor { name, .. } => Ok(Some(name)),
+            PatchTarget::Raw(_) => refuse(&p.name),
+        },
+        Patch::Byte(p) => match &p.target {
+            byte_tier::named::PatchTarget::Tensor { tensor, .. } => Ok(Some(tensor)),
+            byte_tier::named::PatchTarget::Offset { .. } => refuse(&p.name),
+        },
+        Patch::Rule(_) => Ok(None),
+    }
+}
+
+impl Manager {
+    /// [`Manager::plan_preset_weighted`] over the shard set `any_shard` belongs to: each
+    /// shard is attached privately (nothing written, no journal opened), each patch is
+    /// planned on the shard that holds its tensor, and the writes make one set
+    /// transaction. A patch that lies over a live patch of its shard is refused (revert
+    /// that one first); so is one addressed by absolute offsets.
+    pub fn plan_preset_of_set(
+        &self,
+        any_shard: &Path,
+        preset: &Preset,
+        imatrix: Option<&byte_tier::imatrix::ImportanceMatrix>,
+    ) -> Result<SetPresetPlan> {
+        preset.validate(&preset.name)?;
+        let set = byte_tier::split::ShardSet::open(any_shard)?;
+        let parsed = set.parse_all()?;
+        if let Some(matrix) = imatrix {
+            matrix.check_shards(&parsed)?;
+        }
+        let mut per_shard: Vec<Vec<Patch>> = (0..parsed.len()).map(|_| Vec::new()).collect();
+        let mut order = Vec::new();
+        let mut rules = Vec::new();
+        for patch in preset.patches()? {
+            order.push((patch.tier(), patch.name().to_owned()));
+            let Some(tensor) = tensor_of(&patch)?.map(str::to_owned) else {
+                if let Patch::Rule(rule) = patch {
+                    rules.push(*rule);
+                }
+                continue;
+            };
+            let Some(index) = parsed.iter().position(|g| g.tensor(&tensor).is_some()) else {
+                return Err(Error::Refused(format!(
+                    "patch {:?}: no shard of the set of {} holds tensor {tensor:?}",
+                    patch.name(),
+                    any_shard.display()
+                )));
+            };
+            let mut patch = patch;
+            if let (Some(matrix), Patch::Memory(memory)) = (imatrix, &mut patch)
+                && let Some(info) = parsed[index].tensor(&tensor)
+                && let Some(weights) = matrix.weights_for(info)?
+            {
+                memory.importance = Some(weights.into());
+            }
+            per_shard[index].push(patch);
+        }
+        self.rule_server_for(&rules)?;
+        let mut parts = Vec::new();
+        let mut writes = Vec::new();
+        let mut stamps = Vec::new();
+        for ((file, gguf), patches) in set.files().iter().zip(&parsed).zip(per_shard) {
+            if patches.is_empty() {
+                continue;
+            }
+            let live =
+                memory_tier::LiveModel::attach(file.path(), memory_tier::AttachMode::Private)?;
+            let memory = crate::manager::memory_patches(patches, live.read().bytes())?;
+            let plan = live.plan_transaction(memory)?;
+            let Some(shard_writes) = plan.byte_writes() else {
+                return Err(Error::Refused(format!(
+                    "a patch of preset {} lies over a patch applied to {}: revert that one \
+                     first (`hotpatch revert`)",
+                    preset.name,
+                    file.path().display()
+                )));
+            };
+            let ranges = std::iter::once(0..gguf.data_offset()).chain(
+                shard_writes
+                    .iter()
+                    .map(|w| w.offset..w.offset + w.bytes.len() as u64),
+            );
+            stamps.push(FileStamp::take(file.path(), file.bytes(), ranges)?);
+            writes.push(ShardWrites {
+                shard: file.path().to_owned(),
+                writes: shard_writes,
+                reverts: None,
+            });
+            parts.push(SetPresetPart {
+                shard: file.path().to_owned(),
+                plan,
+            });
+        }
+        Ok(SetPresetPlan {
+            kind: "in_place_set",
+            shards: set.files().iter().map(|f| f.path().to_owned()).collect(),
+            name: format!("preset {} v{}", preset.name, preset.version),
+            bytes: parts.iter().map(|p| p.plan.bytes).sum(),
+            parts,
+            rules: rules.iter().map(|r| r.name.clone()).collect(),
+            stamps,
+            writes,
+            rule_data: rules,
+            order,
+        })
+    }
+
+    /// Applies a [`SetPresetPlan`] as it was made (refused when a shard changed since):
+    /// the writes as one set transaction, then the server rules; if a rule is refused,
+    /// the set transaction is reverted.
+    pub fn apply_preset_of_set(&self, plan: SetPresetPlan) -> Result<SetPresetApplied> {
+        let server = self.rule_server_for(&plan.rule_data)?;
+        for (stamp, part) in plan.stamps.iter().zip(&plan.writes) {
+            let map = byte_tier::MappedFile::open(&part.shard)?;
+            stamp.check(map.bytes())?;
+        }
+        let first = plan.shards.first().cloned().unwrap_or_default();
+        let set_transaction = if plan.writes.is_empty() {
+            None
+        } else {
+            run_set_transaction(&first, &plan.name, None, plan.writes)?.transaction
+        };
+        if let Some(server) = server
+            && let Err(error) = self.add_rules(server.as_ref(), plan.rule_data)
+        {
+            if let Some(id) = set_transaction
+                && let Err(e) = revert_set_transaction(&first, id)
+            {
+                return Err(Error::RollbackFailed {
+                    error: Box::new(error),
+                    rollback: vec![format!("reverting set transaction {id}: {e}")],
+                });
+            }
+            return Err(error);
+        }
+        self.record(format!(
+            "applied {} to the set of {}",
+            plan.name,
+            first.display()
+        ));
+        Ok(SetPresetApplied {
+            receipts: set_receipts(&plan.order),
+            set_transaction,
+            bytes: plan.bytes,
+        })
     }
 }

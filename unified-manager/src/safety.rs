@@ -1019,7 +1019,7 @@ impl Manager {
 
     /// Adds rules to a server, leaving those whose name it already has; on a refusal the
     /// ones added are removed again. Returns the names added and those already present.
-    fn add_rules(
+    pub(crate) fn add_rules(
         &self,
         server: &dyn crate::server::ServerLink,
         rules: Vec<Rule>,

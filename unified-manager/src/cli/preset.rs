@@ -1,6 +1,6 @@
 //! `hotpatch preset save|list|show|apply|delete` and `hotpatch config export|import`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use memory_tier::AttachMode;
@@ -170,6 +170,17 @@ pub fn preset(command: &PresetCommand) -> anyhow::Result<()> {
                 attach_server(&manager, server, &config)?;
                 Vec::new()
             };
+            if super::sets::open_for_rewrite(file, *dry_run)?.is_some() {
+                return apply_to_set(
+                    file,
+                    &manager,
+                    &preset,
+                    imatrix.as_ref(),
+                    &skipped_rules,
+                    *dry_run,
+                    *json,
+                );
+            }
             let mode = if *dry_run {
                 AttachMode::Private
             } else {
@@ -242,6 +253,73 @@ pub fn preset(command: &PresetCommand) -> anyhow::Result<()> {
                 println!("deleted preset {name}");
             }
         }
+    }
+    Ok(())
+}
+
+/// `preset apply` given a shard of several: every patch goes to the shard that holds its
+/// tensor, and all of them are written as one set transaction (`revert --set` undoes
+/// it), then the rules are added.
+fn apply_to_set(
+    file: &Path,
+    manager: &Manager,
+    preset: &unified_manager::preset::Preset,
+    imatrix: Option<&byte_tier::imatrix::ImportanceMatrix>,
+    skipped_rules: &[unified_manager::server::Rule],
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let plan = manager
+        .plan_preset_of_set(file, preset, imatrix)
+        .with_context(|| {
+            format!(
+                "plan preset {} on the set of {}",
+                preset.name,
+                file.display()
+            )
+        })?;
+    let list = |receipts: &[unified_manager::manager::Receipt]| -> Vec<serde_json::Value> {
+        receipts
+            .iter()
+            .map(|r| json!({"name": r.name, "tier": format!("{:?}", r.tier).to_lowercase()}))
+            .collect()
+    };
+    let rules_not_added: Vec<&String> = skipped_rules.iter().map(|r| &r.name).collect();
+    let details = json!({"preset": preset.name, "version": preset.version,
+        "applied": list(&plan.receipts()), "bytes_written": plan.bytes,
+        "rules_not_added": rules_not_added});
+    let plan = super::plan::Detailed {
+        plan: plan.on(manager),
+        details,
+    };
+    let Some(applied) = super::plan::run(plan, dry_run, json)? else {
+        return Ok(());
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"preset": preset.name,
+                "version": preset.version, "dry_run": false, "applied": list(&applied.receipts),
+                "bytes_written": applied.bytes, "set_transaction": applied.set_transaction,
+                "rules_not_added": rules_not_added}))?
+        );
+        return Ok(());
+    }
+    println!(
+        "applied preset {} v{} to the set of {}",
+        preset.name,
+        preset.version,
+        file.display()
+    );
+    for r in &applied.receipts {
+        println!("  {:<7} {}", format!("{:?}", r.tier).to_lowercase(), r.name);
+    }
+    println!("{} bytes written", applied.bytes);
+    if let Some(t) = applied.set_transaction {
+        println!("undo: hotpatch revert --set {} {t}", file.display());
+    }
+    if applied.receipts.iter().any(|r| r.tier == Tier::Server) {
+        println!("undo the rules: DELETE /admin/rules/NAME on the proxy");
     }
     Ok(())
 }

@@ -671,6 +671,107 @@ fn boost_on_a_shard_warms_every_shard_of_the_set() {
     );
 }
 
+/// A preset that changes a tensor in the first shard and one in the last, and writes
+/// two bytes into a third by a tensor-relative byte patch.
+const SET_PRESET: &str = r#"
+name = "reach"
+version = 1
+
+[[memory_patch]]
+name = "halve-embeddings"
+tensor = "token_embd.weight"
+transform = { scale = 0.5 }
+
+[[memory_patch]]
+name = "nudge-last-down"
+tensor = "blk.17.ffn_down.weight"
+transform = { offset = 0.001 }
+
+[[byte_patch]]
+id = "b1"
+name = "mark-last-norm"
+target = { kind = "tensor", tensor = "output_norm.weight", start = 0, end = 2 }
+operation = { op = "fill", byte = 0 }
+"#;
+
+#[test]
+fn preset_apply_on_a_shard_patches_every_shard_as_one_set_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = real_model_in_three_shards(dir.path());
+    let before: Vec<Vec<u8>> = shards.iter().map(|s| std::fs::read(s).unwrap()).collect();
+    let config = dir.path().join("config");
+    let preset = dir.path().join("reach.toml");
+    std::fs::write(&preset, SET_PRESET).unwrap();
+    let with_config = |args: &[&str]| {
+        Command::new(HOTPATCH)
+            .args(args)
+            .env("HOTPATCH_CONFIG_DIR", &config)
+            .output()
+            .unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let output = with_config(args);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    ok(&["preset", "save", preset.to_str().unwrap()]);
+
+    // The same preset on the single file, for comparison.
+    let single = dir.path().join("single.gguf");
+    std::fs::copy(tests::real_model(), &single).unwrap();
+    ok(&["preset", "apply", "reach", single.to_str().unwrap()]);
+
+    let shard = shards[1].to_str().unwrap();
+    let dry: serde_json::Value = serde_json::from_str(&ok(&[
+        "preset",
+        "apply",
+        "reach",
+        shard,
+        "--dry-run",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(dry["kind"], "in_place_set");
+    assert_eq!(dry["parts"].as_array().unwrap().len(), 2, "{dry}");
+    assert_unchanged(&shards, &before);
+
+    let applied: serde_json::Value =
+        serde_json::from_str(&ok(&["preset", "apply", "reach", shard, "--json"])).unwrap();
+    let (ours, theirs) = (
+        tensor_data(&shards),
+        tensor_data(std::slice::from_ref(&single)),
+    );
+    for (name, data) in &theirs {
+        assert!(
+            &ours[name] == data,
+            "{name} differs from the single-file preset"
+        );
+    }
+    assert!(std::fs::read(&shards[1]).unwrap() == before[1]);
+    let transaction = applied["set_transaction"].as_u64().unwrap();
+    hotpatch(&os(&["revert", "--set", shard, &transaction.to_string()]));
+    assert_unchanged(&shards, &before);
+
+    // A patch addressed by absolute offsets names no shard: refused, nothing written.
+    let offsets = dir.path().join("offsets.toml");
+    std::fs::write(
+        &offsets,
+        "name = \"offsets\"\nversion = 1\n[[byte_patch]]\nid = \"b\"\nname = \"raw\"\n\
+         target = { kind = \"offset\", offset = 64, len = 2 }\noperation = { op = \"fill\", byte = 0 }\n",
+    )
+    .unwrap();
+    ok(&["preset", "save", offsets.to_str().unwrap()]);
+    let refused = with_config(&["preset", "apply", "offsets", shard]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("name no shard of a set"), "{stderr}");
+    assert_unchanged(&shards, &before);
+}
+
 #[test]
 fn layers_duplicate_of_a_set_writes_a_new_set_equal_to_the_single_file_duplication() {
     let dir = tempfile::tempdir().unwrap();
