@@ -8,7 +8,8 @@
 //! | `hotpatch verify --write-manifest` | `sha256sum` of the shards |
 //! | `hotpatch prune -o` (a rewrite of the set) | `cp` of the shards, and `cp` then `sync` of the copies (a rewrite syncs its files) |
 //! | `hotpatch requantize -o` to Q4_K | `llama-quantize --pure --keep-split` (same thread count; tensor data compared) |
-//! | `hotpatch tensor export` of IQ3_S and IQ2_XXS tensors | gguf-py's `dequantize` |
+//! | `hotpatch tensor export` of IQ3_S and IQ2_XXS tensors | gguf-py's `dequantize` and `np.save` |
+//! | their decode alone, in memory | gguf-py's `dequantize` alone |
 //!
 //! plus `hotpatch diff` of the set against its requantized copy, without an anchor.
 //! Each command's wall time gives its throughput over the bytes it reads; its peak
@@ -370,15 +371,96 @@ fn tensor_digests(
     Ok(table)
 }
 
-const GGUF_PY_DEQUANTIZE: &str = r#"
-import sys, numpy as np, gguf
+/// gguf-py's export of tensors (argv[3:]) of a file (argv[1]) to a .npy file
+/// (argv[2]), synced as `hotpatch tensor export` syncs its output.
+const GGUF_PY_EXPORT: &str = r#"
+import os, sys, numpy as np, gguf
+from gguf.quants import dequantize
+r = gguf.GGUFReader(sys.argv[1])
+names = set(sys.argv[3:])
+for t in r.tensors:
+    if t.name in names:
+        with open(sys.argv[2], "wb") as f:
+            np.save(f, dequantize(t.data, t.tensor_type))
+            f.flush()
+            os.fsync(f.fileno())
+"#;
+
+/// The seconds gguf-py's `dequantize` takes on tensors (argv[2:]) of a file (argv[1]),
+/// their data already read into memory: the decode alone, printed.
+const GGUF_PY_DECODE_SECONDS: &str = r#"
+import sys, time, numpy as np, gguf
 from gguf.quants import dequantize
 r = gguf.GGUFReader(sys.argv[1])
 names = set(sys.argv[2:])
+total = 0.0
 for t in r.tensors:
     if t.name in names:
-        np.save("/dev/null", dequantize(t.data, t.tensor_type))
+        data = np.array(t.data)
+        start = time.perf_counter()
+        values = dequantize(data, t.tensor_type)
+        total += time.perf_counter() - start
+        del values
+print(total)
 "#;
+
+/// The decode alone, data in memory, one thread each: byte-tier's dequantization of
+/// `names`, a chunk at a time into one buffer as `tensor export` streams it, against
+/// gguf-py's `dequantize`, which returns each tensor as one new array (the export rows
+/// add the file). Prints one row.
+fn decode_line(file: &Path, names: &[&str], bytes: u64, python: &Path) -> Result<()> {
+    let map = byte_tier::MappedFile::open(file)?;
+    let gguf = map.parse()?;
+    // Ours decodes as the export does: a chunk at a time into one buffer.
+    const CHUNK: u64 = 1 << 20;
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let mut buffer = vec![0f32; CHUNK as usize];
+    let mut ours = Duration::ZERO;
+    for name in names {
+        let tensor = gguf.require_tensor(name)?;
+        let data = gguf.tensor_data(tensor).to_vec();
+        let start = Instant::now();
+        one_thread.install(|| -> Result<()> {
+            let mut at = 0;
+            while at < tensor.n_elements {
+                let end = (at + CHUNK).min(tensor.n_elements);
+                let out = &mut buffer[..(end - at) as usize];
+                byte_tier::codec::dequantize_range(tensor.ggml_type, &data, at..end, out)?;
+                std::hint::black_box(&out[0]);
+                at = end;
+            }
+            Ok(())
+        })?;
+        ours += start.elapsed();
+    }
+    let output = Command::new(python)
+        .args(["-c", GGUF_PY_DECODE_SECONDS])
+        .arg(file)
+        .args(names)
+        .output()
+        .context("run gguf-py's dequantize")?;
+    ensure!(
+        output.status.success(),
+        "gguf-py's dequantize failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let theirs: f64 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .context("gguf-py's decode time")?;
+    let gbps = |seconds: f64| bytes as f64 / 1e9 / seconds.max(1e-9);
+    println!(
+        "{:<22} {:>7.2} GB/s {:>32} | {:<18} {:>7.2} GB/s {:>16} | {:>5.2}x",
+        "IQ dequantize (decode)",
+        gbps(ours.as_secs_f64()),
+        "",
+        "gguf-py",
+        gbps(theirs),
+        "",
+        theirs / ours.as_secs_f64().max(1e-9),
+    );
+    Ok(())
+}
 
 /// One row of the report.
 fn line(what: &str, bytes: u64, ours: Cost, theirs: Option<(&str, Cost)>) {
@@ -596,8 +678,9 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
     }
     let py = measure(
         Command::new(&tools.python)
-            .args(["-c", GGUF_PY_DEQUANTIZE])
+            .args(["-c", GGUF_PY_EXPORT])
             .arg(&holder)
+            .arg(dir.join("py.npy"))
             .args(iq_names),
     )?;
     line(
@@ -606,6 +689,9 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
         export,
         Some(("gguf-py", py)),
     );
+    std::fs::remove_file(dir.join("iq.npy")).ok();
+    std::fs::remove_file(dir.join("py.npy")).ok();
+    decode_line(&holder, &iq_names, iq_bytes, &tools.python)?;
     println!("  anon: peak RssAnon; rss: peak resident set, mapped model pages included");
     Ok(())
 }
