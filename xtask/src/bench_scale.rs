@@ -371,8 +371,8 @@ fn tensor_digests(
     Ok(table)
 }
 
-/// gguf-py's export of tensors (argv[3:]) of a file (argv[1]) to a .npy file
-/// (argv[2]), synced as `hotpatch tensor export` syncs its output.
+/// gguf-py's export of tensors (`argv[3:]`) of a file (`argv[1]`) to a .npy file
+/// (`argv[2]`), synced as `hotpatch tensor export` syncs its output.
 const GGUF_PY_EXPORT: &str = r#"
 import os, sys, numpy as np, gguf
 from gguf.quants import dequantize
@@ -386,7 +386,7 @@ for t in r.tensors:
             os.fsync(f.fileno())
 "#;
 
-/// The seconds gguf-py's `dequantize` takes on tensors (argv[2:]) of a file (argv[1]),
+/// The seconds gguf-py's `dequantize` takes on tensors (`argv[2:]`) of a file (`argv[1]`),
 /// their data already read into memory: the decode alone, printed.
 const GGUF_PY_DECODE_SECONDS: &str = r#"
 import sys, time, numpy as np, gguf
