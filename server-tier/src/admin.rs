@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,6 +25,7 @@ use uuid::Uuid;
 
 use crate::proxy::{AdminAuth, Shared, read_body, require_json};
 use crate::rules::{CacheSettings, Rule};
+use crate::served::ServedModel;
 use crate::stats::RouteClass;
 use crate::{Error, Result};
 
@@ -50,6 +52,9 @@ pub(crate) struct ModelOps {
 #[derive(Clone, Debug, serde::Serialize)]
 struct Lock {
     id: u64,
+    /// The file of a shard set the range is in (absent for a single file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file: Option<PathBuf>,
     start: u64,
     end: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -248,7 +253,7 @@ async fn put_cache(State(shared): State<Arc<Shared>>, request: Request) -> Resul
 
 // ----- model -----
 
-fn model(shared: &Shared) -> Result<&Arc<LiveModel>> {
+fn model(shared: &Shared) -> Result<&Arc<ServedModel>> {
     shared.model.as_ref().ok_or_else(|| {
         Error::Conflict("no model file is attached (start the proxy with --model FILE)".into())
     })
@@ -257,14 +262,31 @@ fn model(shared: &Shared) -> Result<&Arc<LiveModel>> {
 async fn tensors(State(shared): State<Arc<Shared>>) -> Result<Response> {
     let model = model(&shared)?;
     let list: Vec<Value> = model
-        .tensors()
+        .files()
         .iter()
-        .map(|t| {
-            json!({"name": t.name, "type": t.ggml_type.name(), "dims": t.dims,
-                "n_elements": t.n_elements, "n_bytes": t.n_bytes, "data_offset": t.data_offset})
+        .flat_map(|file| {
+            let path = set_file(model, file);
+            file.tensors().iter().map(move |t| {
+                let mut entry = json!({"name": t.name, "type": t.ggml_type.name(),
+                    "dims": t.dims, "n_elements": t.n_elements, "n_bytes": t.n_bytes,
+                    "data_offset": t.data_offset});
+                if let Some(path) = &path {
+                    entry["file"] = json!(path);
+                }
+                entry
+            })
         })
         .collect();
     Ok(ok(Value::Array(list)))
+}
+
+/// The file of `file` to name in replies: its path when the model is a shard set
+/// (offsets are then the shard's), nothing for a single file.
+fn set_file(model: &ServedModel, file: &LiveModel) -> Option<PathBuf> {
+    match model.single() {
+        Some(_) => None,
+        None => file.path().map(std::path::Path::to_path_buf),
+    }
 }
 
 fn unix_seconds(at: SystemTime) -> f64 {
@@ -277,13 +299,17 @@ async fn patches(State(shared): State<Arc<Shared>>) -> Result<Response> {
     let list: Vec<Value> = model
         .applied_patches()
         .into_iter()
-        .map(|a| {
+        .map(|(file, a)| {
             let expires = a.patch.expires_at.map(unix_seconds);
             let covered_by: Vec<String> = a.covered_by.iter().map(Uuid::to_string).collect();
-            json!({"id": a.patch.id.to_string(), "name": a.patch.name,
+            let mut entry = json!({"id": a.patch.id.to_string(), "name": a.patch.name,
                 "priority": a.patch.priority, "bytes": [a.range.start, a.range.end],
                 "temporary": expires.is_some(), "expires_at": expires,
-                "journal_transaction": a.journal_transaction, "covered_by": covered_by})
+                "journal_transaction": a.journal_transaction, "covered_by": covered_by});
+            if let Some(path) = set_file(model, &model.files()[file]) {
+                entry["file"] = json!(path);
+            }
+            entry
         })
         .collect();
     Ok(ok(Value::Array(list)))
@@ -308,6 +334,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     let expiry_errors = shared.model_ops.lock().await.expiry_errors.clone();
     let model = shared.model.as_ref().map(|m| {
         let s = m.stats();
+        let m = m.as_ref();
         json!({"patches_applied": s.patches_applied, "patches_reverted": s.patches_reverted,
             "applied_now": s.applied_now, "windows_opened": s.windows_opened, "writes": s.writes,
             "protection_calls": s.protection_calls, "bytes_written": s.bytes_written,
@@ -362,10 +389,14 @@ fn byte_range(model: &LiveModel, tensor: &str, elements: Option<[u64; 2]>) -> Re
     Ok(info.data_offset + span.start..info.data_offset + span.end)
 }
 
-fn overlapping<'a>(locks: &'a [Lock], range: &Range<u64>) -> Option<&'a Lock> {
+fn overlapping<'a>(
+    locks: &'a [Lock],
+    file: Option<&std::path::Path>,
+    range: &Range<u64>,
+) -> Option<&'a Lock> {
     locks
         .iter()
-        .find(|l| l.start < range.end && range.start < l.end)
+        .find(|l| l.file.as_deref() == file && l.start < range.end && range.start < l.end)
 }
 
 /// Holds new requests and waits for in-flight ones, at most `timeout`.
@@ -395,8 +426,10 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
         return Err(Error::BadRequest("ttl_secs must be at least 1".into()));
     }
     let mut ops = shared.model_ops.lock().await;
-    let range = byte_range(&model, &body.tensor, body.range)?;
-    if let Some(lock) = overlapping(&ops.locks, &range) {
+    let holder = Arc::clone(model.holder(&body.tensor)?);
+    let range = byte_range(&holder, &body.tensor, body.range)?;
+    let file = set_file(&model, &holder);
+    if let Some(lock) = overlapping(&ops.locks, file.as_deref(), &range) {
         shared.stats.patches_refused.fetch_add(1, Ordering::Relaxed);
         return Err(Error::Conflict(format!(
             "bytes {}..{} of tensor {:?} overlap lock {} ({}..{})",
@@ -433,7 +466,7 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
         None
     };
     let applied = {
-        let model = Arc::clone(&model);
+        let model = Arc::clone(&holder);
         let agent = shared.agent.clone();
         tokio::task::spawn_blocking(move || match agent {
             Some(agent) => agent.apply_reported(vec![patch]),
@@ -469,6 +502,7 @@ async fn apply_patch(State(shared): State<Arc<Shared>>, request: Request) -> Res
         "id": id.to_string(),
         "name": body.name,
         "tensor": body.tensor,
+        "file": file,
         "bytes": [range.start, range.end],
         "bytes_changed": report.bytes_changed,
         "bytes_written": report.bytes_written,
@@ -515,7 +549,7 @@ pub(crate) async fn rearm_temporary_patches(shared: &Arc<Shared>) -> Result<()> 
         return Ok(());
     };
     let mut ops = shared.model_ops.lock().await;
-    for applied in model.applied_patches() {
+    for (_, applied) in model.applied_patches() {
         let Some(at) = applied.patch.expires_at else {
             continue;
         };
@@ -536,6 +570,7 @@ pub(crate) async fn verify_model(shared: &Shared) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let model = model(shared)?;
     let ours = model
+        .first()
         .path()
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default();
@@ -575,8 +610,7 @@ pub(crate) async fn verify_model(shared: &Shared) -> Result<()> {
                 .pointer("/data/0/meta")
                 .cloned()
                 .unwrap_or(Value::Null);
-            let n_params: u64 = model.tensors().iter().map(|t| t.n_elements).sum();
-            let size: u64 = model.tensors().iter().map(|t| t.n_bytes).sum();
+            let (n_params, size) = model.size();
             let theirs = (
                 meta.get("n_params").and_then(Value::as_u64),
                 meta.get("size").and_then(Value::as_u64),
@@ -628,7 +662,7 @@ async fn revert_patch(
 
 /// Reverts a patch; the caller holds the model-ops lock.
 async fn revert_locked(shared: &Arc<Shared>, id: Uuid) -> Result<Value> {
-    let model = Arc::clone(model(shared)?);
+    let model = Arc::clone(model(shared)?.holder_of_patch(id)?);
     let agent = shared.agent.clone();
     tokio::task::spawn_blocking(move || match agent {
         Some(agent) => agent.revert(id),
@@ -693,9 +727,24 @@ async fn list_locks(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn add_lock(State(shared): State<Arc<Shared>>, request: Request) -> Result<Response> {
     let body: LockBody = json_body(request).await?;
-    let range = match (&body.tensor, body.start, body.end) {
-        (Some(tensor), None, None) => byte_range(model(&shared)?, tensor, body.range)?,
-        (None, Some(start), Some(end)) if start < end && body.range.is_none() => start..end,
+    let (file, range) = match (&body.tensor, body.start, body.end) {
+        (Some(tensor), None, None) => {
+            let model = model(&shared)?;
+            let holder = model.holder(tensor)?;
+            (
+                set_file(model, holder),
+                byte_range(holder, tensor, body.range)?,
+            )
+        }
+        (None, Some(start), Some(end)) if start < end && body.range.is_none() => {
+            if shared.model.as_ref().is_some_and(|m| m.single().is_none()) {
+                return Err(Error::BadRequest(
+                    "the model is a shard set, where a byte range names no file: lock a tensor"
+                        .into(),
+                ));
+            }
+            (None, start..end)
+        }
         _ => {
             return Err(Error::BadRequest(
                 "a lock names a tensor (with an optional element range) or a byte range start < end"
@@ -707,6 +756,7 @@ async fn add_lock(State(shared): State<Arc<Shared>>, request: Request) -> Result
     ops.next_lock += 1;
     let lock = Lock {
         id: ops.next_lock,
+        file,
         start: range.start,
         end: range.end,
         tensor: body.tensor,

@@ -102,9 +102,18 @@ pub(crate) fn prometheus(shared: &Shared, out: &mut String) {
 }
 
 impl Control {
-    /// The live model the proxy patches, when it has one.
+    /// The live model the proxy patches, when it has one and it is one file (a fleet
+    /// rolls out to one file; a shard set is patched through the admin API).
     pub fn model(&self) -> Option<Arc<LiveModel>> {
-        self.shared.model.clone()
+        self.shared.model.as_ref()?.single().cloned()
+    }
+
+    /// Whether the proxy patches a shard set (several files).
+    pub fn serves_a_set(&self) -> bool {
+        self.shared
+            .model
+            .as_ref()
+            .is_some_and(|m| m.single().is_none())
     }
 
     /// Answers generation requests 503 with `reason` from now on; `None` serves them
@@ -127,12 +136,13 @@ impl Control {
     /// advanced and the upstream's prompt caches erased.
     pub async fn apply_live(&self, patches: Vec<MemoryPatch>, drain: bool) -> Result<LiveApplied> {
         let shared = &self.shared;
-        let model = Arc::clone(
-            shared
-                .model
-                .as_ref()
-                .ok_or_else(|| Error::Config("no model attached (start with --model)".into()))?,
-        );
+        let model = self.model().ok_or_else(|| {
+            Error::Config(if self.serves_a_set() {
+                "the proxy serves a shard set, and fleet rollouts patch one file".into()
+            } else {
+                "no model attached (start with --model)".into()
+            })
+        })?;
         let _ops = shared.model_ops.lock().await;
         let gate = if drain {
             Some(crate::admin::drain(shared, shared.limits.drain_timeout).await?)
@@ -165,12 +175,13 @@ impl Control {
     /// model, as the admin API reverts a patch; returns the epoch after it.
     pub async fn revert_live_transaction(&self, transaction: u64, drain: bool) -> Result<u64> {
         let shared = &self.shared;
-        let model = Arc::clone(
-            shared
-                .model
-                .as_ref()
-                .ok_or_else(|| Error::Config("no model attached (start with --model)".into()))?,
-        );
+        let model = self.model().ok_or_else(|| {
+            Error::Config(if self.serves_a_set() {
+                "the proxy serves a shard set, and fleet rollouts patch one file".into()
+            } else {
+                "no model attached (start with --model)".into()
+            })
+        })?;
         let _ops = shared.model_ops.lock().await;
         let gate = if drain {
             Some(crate::admin::drain(shared, shared.limits.drain_timeout).await?)

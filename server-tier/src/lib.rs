@@ -55,6 +55,7 @@ mod patcher;
 mod proxy;
 mod redact;
 pub mod rules;
+mod served;
 mod stats;
 mod tls;
 
@@ -151,7 +152,8 @@ pub struct ProxyConfig {
     pub admin_allow_plaintext: bool,
     /// Where to listen.
     pub listen: SocketAddr,
-    /// The GGUF file the upstream server maps, for live patches (attached shared).
+    /// The GGUF file the upstream server maps, for live patches (attached shared); a
+    /// shard of a set attaches every shard of it.
     pub model: Option<PathBuf>,
     /// The rules, and the cache settings when the set has them.
     pub rules: RuleSet,

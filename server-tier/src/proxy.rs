@@ -115,7 +115,7 @@ pub(crate) struct Shared {
     pub(crate) gate: Arc<RwLock<()>>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) admin: AdminAuth,
-    pub(crate) model: Option<Arc<memory_tier::LiveModel>>,
+    pub(crate) model: Option<Arc<crate::served::ServedModel>>,
     /// The patcher over the upstream's agent, when there is one: it owns `model`.
     pub(crate) agent: Option<Arc<memory_tier::AgentModel>>,
     /// Whether the model file must be checked against the one the upstream serves.
@@ -156,14 +156,20 @@ impl Shared {
         };
         let (model, agent) = match (&config.model, &config.agent) {
             (Some(path), Some(socket)) => {
+                if byte_tier::split::open_set_of(path)?.is_some() {
+                    return Err(Error::Config(format!(
+                        "{} is a shard of a set, and the agent patches one file: serve the \
+                         set without --agent (its patches reach the mapped shards), or a \
+                         single file with it",
+                        path.display()
+                    )));
+                }
                 let agent = memory_tier::AgentModel::attach(path, socket, true)?;
-                (Some(Arc::clone(agent.live())), Some(Arc::new(agent)))
+                let model = crate::served::ServedModel::one(Arc::clone(agent.live()));
+                (Some(Arc::new(model)), Some(Arc::new(agent)))
             }
             (Some(path), None) => (
-                Some(Arc::new(memory_tier::LiveModel::attach(
-                    path,
-                    memory_tier::AttachMode::Shared,
-                )?)),
+                Some(Arc::new(crate::served::ServedModel::attach(path)?)),
                 None,
             ),
             (None, Some(_)) => {

@@ -20,7 +20,9 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     /// The GGUF file the upstream llama-server maps, for live patches through the admin
     /// API (run llama-server on CPU with --no-repack, and with --slot-save-path DIR so
-    /// that its prompt caches can be erased after each patch).
+    /// that its prompt caches can be erased after each patch). A shard of a set stands
+    /// for the whole set (give the first, which llama-server loads): each patch goes to
+    /// the shard that holds its tensor.
     #[arg(long, value_name = "FILE")]
     pub model: Option<PathBuf>,
     /// Patch --model without checking that it is the file the upstream serves (its

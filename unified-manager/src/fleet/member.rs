@@ -78,7 +78,13 @@ pub async fn run_member(options: MemberOptions, control: Control) -> Result<()> 
     super::check_name("replica", &options.replica)?;
     let model = control.model().ok_or_else(|| Error::FleetRefused {
         fleet: options.fleet.clone(),
-        message: "a fleet member needs --model (the file its upstream serves)".into(),
+        message: if control.serves_a_set() {
+            "a fleet member patches one file, and --model names a shard of a set: serve \
+             the set without --fleet, or a merged file with it"
+                .into()
+        } else {
+            "a fleet member needs --model (the file its upstream serves)".into()
+        },
     })?;
     let client = Arc::new(EtcdClient::with_tls(&options.endpoints, &options.tls)?);
     let member = Arc::new(Member {

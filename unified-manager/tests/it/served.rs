@@ -389,3 +389,92 @@ fn byte_range(path: &Path, tensor: &str) -> std::ops::Range<usize> {
     let range = map.parse().unwrap().tensor(tensor).unwrap().data_range();
     range.start as usize..range.end as usize
 }
+
+#[test]
+fn a_proxy_serving_a_shard_set_patches_the_shard_that_holds_the_tensor() {
+    let s = setup();
+    let prefix = s.model.with_file_name("gemma");
+    ok(&[
+        "split",
+        s.model.to_str().unwrap(),
+        prefix.to_str().unwrap(),
+        "--split-max-tensors",
+        "100",
+    ]);
+    let shard = |n: u32| {
+        s.model
+            .with_file_name(format!("gemma-0000{n}-of-00003.gguf"))
+    };
+    let (first, last) = (shard(1), shard(3));
+    let before_bytes = std::fs::read(&last).unwrap();
+    let llama = tests::LlamaServer::start(&first, &["--slot-save-path", s.slots.to_str().unwrap()]);
+    let port = tests::free_port();
+    let serve = start_serve(llama.port, &first, &s.token, port);
+
+    // The proxy holds every shard: it lists all 236 tensors, each with its file.
+    let (status, tensors) = admin(port, "GET", "/admin/tensors", None);
+    assert_eq!(status, 200);
+    let tensors = tensors.as_array().unwrap();
+    assert_eq!(tensors.len(), 236);
+    let in_last = tensors
+        .iter()
+        .find(|t| {
+            t["file"].as_str() == last.to_str()
+                && t["name"].as_str().unwrap().ends_with("ffn_down.weight")
+        })
+        .expect("an ffn_down tensor in the last shard");
+    let tensor = in_last["name"].as_str().unwrap();
+
+    let (_, before) = complete(port);
+    let (status, reply) = admin(
+        port,
+        "POST",
+        "/admin/patches",
+        Some(json!({"name": "silence", "tensor": tensor, "transform": {"zero": true}})),
+    );
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(reply["file"].as_str(), last.to_str(), "{reply}");
+    let (_, patched) = complete(port);
+    assert_ne!(
+        patched, before,
+        "the patch to {tensor} did not reach the server"
+    );
+    let (_, listed) = admin(port, "GET", "/admin/patches", None);
+    assert_eq!(listed[0]["file"].as_str(), last.to_str(), "{listed}");
+
+    // A lock on the patched bytes of that shard refuses a second patch there.
+    let (status, lock) = admin(
+        port,
+        "POST",
+        "/admin/locks",
+        Some(json!({"tensor": tensor})),
+    );
+    assert_eq!(status, 201);
+    assert_eq!(lock["file"].as_str(), last.to_str(), "{lock}");
+    let (status, refused) = admin(
+        port,
+        "POST",
+        "/admin/patches",
+        Some(
+            json!({"name": "again", "tensor": tensor, "transform": {"scale": 0.5}, "priority": 5}),
+        ),
+    );
+    assert_eq!(status, 409, "{refused}");
+    assert!(refused.to_string().contains("overlap lock"), "{refused}");
+    // A byte-range lock names no file of a set.
+    let (status, _) = admin(
+        port,
+        "POST",
+        "/admin/locks",
+        Some(json!({"start": 0, "end": 8})),
+    );
+    assert_eq!(status, 400);
+
+    let id = reply["id"].as_str().unwrap();
+    let (status, reverted) = admin(port, "DELETE", &format!("/admin/patches/{id}"), None);
+    assert_eq!(status, 200, "{reverted}");
+    let (_, restored) = complete(port);
+    assert_eq!(restored, before, "the revert did not restore the answer");
+    drop(serve);
+    assert!(std::fs::read(&last).unwrap() == before_bytes);
+}
