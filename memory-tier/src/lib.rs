@@ -18,6 +18,7 @@ mod note;
 mod ops;
 mod patch;
 mod rcu;
+mod set;
 mod sys;
 
 pub use agent::{AgentClient, AgentModel};
@@ -30,4 +31,5 @@ pub use live::{
 pub use ops::{LayerSkipSet, block_tensors};
 pub use patch::{MemoryPatch, PatchKind, PatchTarget, Payload, ValueTransform};
 pub use rcu::{TensorData, TensorTable};
+pub use set::LiveSet;
 pub use sys::page_size;

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Method, StatusCode};
-use memory_tier::{LiveModel, MemoryPatch, PatchTarget, Payload, ValueTransform};
+use memory_tier::{LiveModel, LiveSet, MemoryPatch, PatchTarget, Payload, ValueTransform};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -25,7 +25,6 @@ use uuid::Uuid;
 
 use crate::proxy::{AdminAuth, Shared, read_body, require_json};
 use crate::rules::{CacheSettings, Rule};
-use crate::served::ServedModel;
 use crate::stats::RouteClass;
 use crate::{Error, Result};
 
@@ -253,7 +252,7 @@ async fn put_cache(State(shared): State<Arc<Shared>>, request: Request) -> Resul
 
 // ----- model -----
 
-fn model(shared: &Shared) -> Result<&Arc<ServedModel>> {
+fn model(shared: &Shared) -> Result<&Arc<LiveSet>> {
     shared.model.as_ref().ok_or_else(|| {
         Error::Conflict("no model file is attached (start the proxy with --model FILE)".into())
     })
@@ -282,7 +281,7 @@ async fn tensors(State(shared): State<Arc<Shared>>) -> Result<Response> {
 
 /// The file of `file` to name in replies: its path when the model is a shard set
 /// (offsets are then the shard's), nothing for a single file.
-fn set_file(model: &ServedModel, file: &LiveModel) -> Option<PathBuf> {
+fn set_file(model: &LiveSet, file: &LiveModel) -> Option<PathBuf> {
     match model.single() {
         Some(_) => None,
         None => file.path().map(std::path::Path::to_path_buf),

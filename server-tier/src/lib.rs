@@ -55,7 +55,6 @@ mod patcher;
 mod proxy;
 mod redact;
 pub mod rules;
-mod served;
 mod stats;
 mod tls;
 

@@ -115,7 +115,7 @@ pub(crate) struct Shared {
     pub(crate) gate: Arc<RwLock<()>>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) admin: AdminAuth,
-    pub(crate) model: Option<Arc<crate::served::ServedModel>>,
+    pub(crate) model: Option<Arc<memory_tier::LiveSet>>,
     /// The patcher over the upstream's agent, when there is one: it owns `model`.
     pub(crate) agent: Option<Arc<memory_tier::AgentModel>>,
     /// Whether the model file must be checked against the one the upstream serves.
@@ -165,11 +165,14 @@ impl Shared {
                     )));
                 }
                 let agent = memory_tier::AgentModel::attach(path, socket, true)?;
-                let model = crate::served::ServedModel::one(Arc::clone(agent.live()));
+                let model = memory_tier::LiveSet::of(Arc::clone(agent.live()));
                 (Some(Arc::new(model)), Some(Arc::new(agent)))
             }
             (Some(path), None) => (
-                Some(Arc::new(crate::served::ServedModel::attach(path)?)),
+                Some(Arc::new(memory_tier::LiveSet::attach(
+                    path,
+                    memory_tier::AttachMode::Shared,
+                )?)),
                 None,
             ),
             (None, Some(_)) => {
