@@ -12,6 +12,9 @@
 //! | their decode alone, in memory | gguf-py's `dequantize` alone |
 //!
 //! plus `hotpatch diff` of the set against its requantized copy, without an anchor.
+//! Before each command, ours or the anchor, every pending write is synced and the
+//! command's inputs are dropped from the page cache (`posix_fadvise(DONTNEED)`): each
+//! starts cold, whichever runs first, and none pays for another's writeback.
 //! Each command's wall time gives its throughput over the bytes it reads; its peak
 //! anonymous memory (`RssAnon`) and peak resident set (`VmHWM`, which counts the model's
 //! mapped pages too) are read from `/proc/PID/status` every few milliseconds.
@@ -462,6 +465,17 @@ fn decode_line(file: &Path, names: &[&str], bytes: u64, python: &Path) -> Result
     Ok(())
 }
 
+/// Syncs every pending write and drops `inputs` from the page cache, so that the next
+/// command starts cold and pays for no earlier command's writeback.
+fn settle(inputs: &[PathBuf]) -> Result<()> {
+    let status = Command::new("sync").status().context("run sync")?;
+    ensure!(status.success(), "sync failed: {status}");
+    for input in inputs {
+        byte_tier::evict_from_page_cache(input)?;
+    }
+    Ok(())
+}
+
 /// One row of the report.
 fn line(what: &str, bytes: u64, ours: Cost, theirs: Option<(&str, Cost)>) {
     let gbps = |c: Cost| bytes as f64 / 1e9 / c.wall.as_secs_f64();
@@ -499,12 +513,15 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
     // Split and merge, against llama-gguf-split.
     let ours = dir.join("ours");
     let theirs = dir.join("theirs");
+    let inputs = [big.clone()];
+    settle(&inputs)?;
     let split_ours = measure(
         hp().arg("split")
             .arg(&big)
             .arg(&ours)
             .args(["--split-max-size", SHARD_SIZE]),
     )?;
+    settle(&inputs)?;
     let split_theirs = measure(
         Command::new(&tools.gguf_split)
             .args(["--split", "--split-max-size", SHARD_SIZE])
@@ -535,7 +552,9 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
     std::fs::remove_file(&big)?;
     let merged_ours = dir.join("merged-ours.gguf");
     let merged_theirs = dir.join("merged-theirs.gguf");
+    settle(&set)?;
     let merge_ours = measure(hp().arg("merge").arg(&set[0]).arg(&merged_ours))?;
+    settle(&set)?;
     let merge_theirs = measure(
         Command::new(&tools.gguf_split)
             .arg("--merge")
@@ -560,17 +579,20 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
 
     // Verify (a manifest of every tensor, and a NaN scan), against sha256sum.
     let manifest = dir.join("set.sha256");
+    settle(&set)?;
     let verify = measure(
         hp().arg("verify")
             .arg(&set[0])
             .arg("--write-manifest")
             .arg(&manifest),
     )?;
+    settle(&set)?;
     let sha = measure(Command::new("sha256sum").args(&set))?;
     line("verify", size, verify, Some(("sha256sum", sha)));
 
     // Prune one block: a rewrite of the whole set, against copying it.
     let pruned = dir.join("pruned.gguf");
+    settle(&set)?;
     let prune = measure(
         hp().arg("prune")
             .arg(&set[0])
@@ -581,6 +603,7 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
     remove(&pruned_set)?;
     let copy_dir = dir.join("copies");
     std::fs::create_dir_all(&copy_dir)?;
+    settle(&set)?;
     let cp_cost = measure(Command::new("cp").args(&set).arg(&copy_dir))?;
     // A rewrite is synced before it is renamed in; `cp` leaves its copy in the page
     // cache. The second anchor makes the copy as durable.
@@ -608,6 +631,7 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
         r"^(token_embd|output|blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down)))\.weight$";
     let ours_q = dir.join("rq-ours.gguf");
     let theirs_q = dir.join("rq-theirs.gguf");
+    settle(&set)?;
     let rq_ours = measure(
         hp().env("RAYON_NUM_THREADS", threads.to_string())
             .arg("requantize")
@@ -615,6 +639,7 @@ fn bench(dir: &Path, tools: &Tools, size_gb: f64) -> Result<()> {
             .args(["--tensors", matrices, "--type", "Q4_K", "-o"])
             .arg(&ours_q),
     )?;
+    settle(&set)?;
     let rq_theirs = measure(
         Command::new(&tools.quantize)
             .args(["--allow-requantize", "--pure", "--keep-split"])
