@@ -108,6 +108,17 @@ impl Control {
         self.shared.model.as_ref()?.single().cloned()
     }
 
+    /// The one file rollouts patch: refused without a model, and for a shard set.
+    fn rollout_model(&self) -> Result<Arc<LiveModel>> {
+        self.model().ok_or_else(|| {
+            Error::Config(if self.serves_a_set() {
+                "the proxy serves a shard set, and fleet rollouts patch one file".into()
+            } else {
+                "no model attached (start with --model)".into()
+            })
+        })
+    }
+
     /// Whether the proxy patches a shard set (several files).
     pub fn serves_a_set(&self) -> bool {
         self.shared
@@ -136,13 +147,7 @@ impl Control {
     /// advanced and the upstream's prompt caches erased.
     pub async fn apply_live(&self, patches: Vec<MemoryPatch>, drain: bool) -> Result<LiveApplied> {
         let shared = &self.shared;
-        let model = self.model().ok_or_else(|| {
-            Error::Config(if self.serves_a_set() {
-                "the proxy serves a shard set, and fleet rollouts patch one file".into()
-            } else {
-                "no model attached (start with --model)".into()
-            })
-        })?;
+        let model = self.rollout_model()?;
         let _ops = shared.model_ops.lock().await;
         let gate = if drain {
             Some(crate::admin::drain(shared, shared.limits.drain_timeout).await?)
@@ -175,13 +180,7 @@ impl Control {
     /// model, as the admin API reverts a patch; returns the epoch after it.
     pub async fn revert_live_transaction(&self, transaction: u64, drain: bool) -> Result<u64> {
         let shared = &self.shared;
-        let model = self.model().ok_or_else(|| {
-            Error::Config(if self.serves_a_set() {
-                "the proxy serves a shard set, and fleet rollouts patch one file".into()
-            } else {
-                "no model attached (start with --model)".into()
-            })
-        })?;
+        let model = self.rollout_model()?;
         let _ops = shared.model_ops.lock().await;
         let gate = if drain {
             Some(crate::admin::drain(shared, shared.limits.drain_timeout).await?)
