@@ -58,7 +58,8 @@ pub struct Undo {
     /// (`hotpatch revert FILE --transaction N` undoes it from another process).
     pub journal_transaction: Option<u64>,
     /// The set journal's transaction that wrote a shard set in place
-    /// (`hotpatch revert --set SHARD N` undoes it).
+    /// (`hotpatch revert --set SHARD N` undoes it); left out of the JSON for a single file.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub set_transaction: Option<u64>,
     /// Server rules added, by name.
     pub server_rules: Vec<String>,
