@@ -670,27 +670,6 @@ impl byte_tier::plan::Plan for BoundSafetyPlan<'_> {
     }
 }
 
-/// The runs of `new`, to be written at `offset` over `file`, that change its bytes, as
-/// writes: a repair's span holds many unchanged blocks, which are neither written nor
-/// journaled. Runs closer than a journal record's overhead are written as one.
-fn changed_runs(file: &[u8], offset: u64, new: &[u8]) -> Vec<byte_tier::ByteWrite> {
-    const JOIN_GAP: u64 = 32;
-    let old = &file[offset as usize..offset as usize + new.len()];
-    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
-    for run in byte_tier::ops::differences(old, new) {
-        match runs.last_mut() {
-            Some(last) if run.start - last.end < JOIN_GAP => last.end = run.end,
-            _ => runs.push(run),
-        }
-    }
-    runs.into_iter()
-        .map(|r| byte_tier::ByteWrite {
-            offset: offset + r.start,
-            bytes: new[r.start as usize..r.end as usize].to_vec(),
-        })
-        .collect()
-}
-
 /// A safety run over a shard set, planned by [`Manager::plan_safety_of_set`]: the report
 /// of the planning steps and the repairs, each in the shard that holds its tensor, to be
 /// written as one set transaction (all shards or none, recovered as a unit).
@@ -891,7 +870,13 @@ impl Manager {
                 shard: file.path().to_owned(),
                 writes: part
                     .iter()
-                    .flat_map(|f| changed_runs(gguf.bytes(), f.offset, &f.bytes))
+                    .flat_map(|f| {
+                        // A repair's span holds many unchanged blocks, which are neither
+                        // written nor journaled.
+                        let start = f.offset as usize;
+                        let old = &gguf.bytes()[start..start + f.bytes.len()];
+                        byte_tier::tensor_edit::changed_runs(old, &f.bytes, f.offset)
+                    })
                     .collect(),
                 reverts: None,
             });
